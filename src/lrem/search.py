@@ -1,0 +1,97 @@
+"""Search: an LREM model over an item index, with the query modes of the paper and its ablations.
+
+    from lrem.search import Searcher
+    s = Searcher.load("runs/idx")                       # the index knows which model built it
+    [r] = s.search(["a device for pulling corks"], k=10, mode="reason")
+    r.cot, [(h.item_id, h.score) for h in r.hits]
+
+Modes: `reason` (generate a CoT, then embed), `direct` (`<think></think><emb>`, no CoT), and the
+paper's ablations with a fixed CoT: `empty-cot` (same sequence as direct), `query-cot` (the query
+repeated as its CoT) and `random-cot` (phrases from random catalog titles, seeded by the query).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+
+from .index import ItemIndex
+from .model import LREM
+from .search_types import Hit, Retriever, SearchResult
+
+MODES = ("reason", "direct", "empty-cot", "query-cot", "random-cot")
+__all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
+
+
+def random_cot(query: str, titles: list[str], n_phrases: int = 3) -> str:
+    """A CoT of `n_phrases` phrases from random catalog titles, the same for the same query.
+
+    >>> random_cot("mug", ["corkscrew, bottle screw", "spatula"], 2) == random_cot("mug", ["corkscrew, bottle screw", "spatula"], 2)
+    True
+    """
+    rng = random.Random(int(hashlib.sha1(query.encode()).hexdigest()[:12], 16))
+    picks = rng.sample(titles, min(n_phrases, len(titles)))
+    return ", ".join(t.split(",")[0].strip() for t in picks)
+
+
+class Searcher:
+    """An LREM model and the item index it built; `search` embeds queries and asks FAISS.
+
+    Args:
+        model: the LREM model that embedded the items (query and item sides must match).
+        index: the item index.
+    """
+
+    def __init__(self, model: LREM, index: ItemIndex):
+        if index.meta.get("dim") not in (None, model.dim):
+            raise ValueError(f"index dim {index.meta['dim']} != model dim {model.dim}")
+        self.model = model
+        self.index = index
+
+    @classmethod
+    def load(cls, index_dir, model: LREM | str | None = None, **model_kwargs) -> "Searcher":
+        """Load an index folder and (unless given) the model recorded in its `meta.json`."""
+        index = ItemIndex.load(index_dir)
+        if model is None:
+            model = index.meta.get("model")
+            if not model:
+                raise ValueError(f"{index_dir}/meta.json names no model; pass one")
+        if isinstance(model, str):
+            model = LREM.from_pretrained(model, **model_kwargs)
+        return cls(model, index)
+
+    def cots_for(self, queries: list[str], mode: str) -> list[str] | None:
+        """The fixed CoTs of a mode (None: `reason`, the model writes them)."""
+        if mode == "reason":
+            return None
+        if mode in ("direct", "empty-cot"):
+            return [""] * len(queries)
+        if mode == "query-cot":
+            return list(queries)
+        if mode == "random-cot":
+            return [random_cot(q, self.index.titles) for q in queries]
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+
+    def search(self, queries: list[str], k: int = 10, mode: str = "reason", cots: list[str] | None = None,
+               batch_size: int = 32, show_progress: bool = False) -> list[SearchResult]:
+        """Top-k items per query, best first, with the CoT each query was embedded after."""
+        cots = cots if cots is not None else self.cots_for(queries, mode)
+        enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
+                                        show_progress=show_progress)
+        scores, ids = self.index.search(enc.embeddings, k)
+        return [
+            SearchResult([Hit(i, float(s)) for i, s in zip(row_ids, row_scores)], cot)
+            for row_ids, row_scores, cot in zip(ids, scores, enc.cots)
+        ]
+
+    def retriever(self, mode: str) -> Retriever:
+        """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate`."""
+        self.cots_for([], mode)  # validates the mode now, not at the first query
+        return _ModeRetriever(self, mode)
+
+
+class _ModeRetriever:
+    def __init__(self, searcher: Searcher, mode: str):
+        self.searcher, self.mode = searcher, mode
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        return self.searcher.search(queries, k=k, mode=self.mode)

@@ -1,0 +1,40 @@
+"""Plain result types shared by every retriever (BM25, MiniLM, the LREM dense searcher).
+
+A retriever takes a batch of query strings and returns one `SearchResult` per query: its hits
+sorted by score, best first, plus the chain of thought it reasoned with (None when it doesn't
+reason). `lrem.evaluate` scores any object with this `search` method the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved item: its catalog id and the retriever's score (higher is better)."""
+
+    item_id: str
+    score: float
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits for one query, best first; `cot` is the reasoning used, None if none."""
+
+    hits: list[Hit] = field(default_factory=list)
+    cot: str | None = None
+
+    @property
+    def item_ids(self) -> list[str]:
+        """The ranked item ids, best first."""
+        return [h.item_id for h in self.hits]
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Anything that can rank catalog items for a batch of queries."""
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        """Return one SearchResult per query (same order), at most `k` hits each, score desc."""
+        ...

@@ -1,0 +1,90 @@
+"""End to end through the real CLI with the real default model: data -> index -> search -> eval."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORDNET = Path("/usr/share/wordnet")
+
+
+def lrem(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "lrem.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=900)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"lrem {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    if not (WORDNET / "data.noun").exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install wordnet-base (scripts/setup.sh does)")
+        pytest.skip("WordNet is not installed")
+    root = tmp_path_factory.mktemp("e2e")
+    lrem("data", "wordnet", "--out", str(root / "wordnet"))
+    lrem("data", "sample", "--data", str(root / "wordnet"), "--out", str(root / "small"), "--queries", "12",
+         "--split", "dev", "--distractors", "120")
+    return root
+
+
+@pytest.mark.slow
+def test_index_search_eval_with_the_default_model(small):
+    out = lrem("index", "--data", str(small / "small"), "--out", str(small / "idx"))
+    assert "indexed" in out.stdout
+    meta = json.loads((small / "idx" / "meta.json").read_text())
+    assert meta["model"] == "smollm2-135m-instruct" and meta["dim"] == 576 and meta["factory"] == "Flat"
+
+    res = lrem("search", "--index", str(small / "idx"), "-k", "3", "--json", "a device for pulling corks", "cheese")
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["query"] for r in rows] == ["a device for pulling corks", "cheese"]
+    for r in rows:
+        assert len(r["items"]) == 3 and isinstance(r["cot"], str)
+        assert r["items"][0]["score"] >= r["items"][2]["score"]
+    text = lrem("search", "--index", str(small / "idx"), "--mode", "direct", "mug").stdout
+    assert "cot (direct): (none)" in text and "  1. " in text
+
+    report = small / "report"
+    res = lrem("eval", "--data", str(small / "small"), "--split", "dev", "--out", str(report), "--examples", "2",
+               "-s", "bm25", "-s", "minilm", "-s", f"base-direct={small / 'idx'}:direct",
+               "-s", f"base-reason={small / 'idx'}:reason", "-s", "fresh-qcot=smollm2-135m-instruct:query-cot")
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["split"] == "dev" and metrics["n_queries"] == 12
+    assert set(metrics["systems"]) == {"bm25", "minilm", "base-direct", "base-reason", "fresh-qcot"}
+    for name, s in metrics["systems"].items():
+        for m in ("hitrate@1", "hitrate@10", "hitrate@100", "precision@10", "ndcg@10", "mrr@10"):
+            assert 0.0 <= s["overall"][m] <= 1.0, (name, m)
+        assert s["ms_per_query"] > 0 and any(k.startswith("category=") for k in s["slices"])
+    # the catalog has ~150 items, so every relevant item is within the top 100 of any ranking
+    assert metrics["systems"]["base-direct"]["overall"]["hitrate@100"] == pytest.approx(1.0)
+    # MiniLM is a trained embedder: on definition queries it beats chance by far
+    assert metrics["systems"]["minilm"]["overall"]["hitrate@10"] > 0.3
+    assert "| base-reason |" in (report / "report.md").read_text()
+    assert (report / "overall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cot:" in res.stdout and "(+ = relevant)" in res.stdout
+    runs = [json.loads(line) for line in (report / "runs.jsonl").read_text().splitlines()]
+    assert any(r["system"] == "base-reason" and r["cot"] for r in runs)
+
+
+def test_bad_input_exits_with_file_line_field(tmp_path):
+    (tmp_path / "catalog.jsonl").write_text('{"item_id": "a", "title": "mug"}\n{"item_id": "b"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (tmp_path / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "a", "relevance": 1}\n')
+    p = lrem("data", "check", str(tmp_path), ok=False)
+    assert p.returncode == 1
+    assert "catalog.jsonl:2" in p.stderr and "title" in p.stderr and "Traceback" not in p.stderr
+    p = lrem("index", "--data", str(tmp_path), "--out", str(tmp_path / "idx"), ok=False)
+    assert p.returncode == 1 and "catalog.jsonl:2" in p.stderr and not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "wordnet"], ["data", "convert"], ["data", "check"],
+                                 ["data", "sample"], ["index"], ["search"], ["eval"]])
+def test_every_command_has_help(cmd):
+    p = lrem(*cmd, "--help")
+    assert "Usage" in p.stdout

@@ -1,0 +1,220 @@
+"""Metrics by hand, slices, sampling, and an end-to-end run with the real BM25Retriever."""
+import json
+import math
+
+import pytest
+
+from lrem.baselines import BM25Retriever
+from lrem.data import Dataset, Item, Query
+from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems,
+                           format_table, query_metrics, run_system, sample_query_ids, slices_for,
+                           write_report)
+from lrem.search_types import SearchResult
+
+# ---------------------------------------------------------------- metrics by hand
+
+
+def test_hitrate_and_precision_two_of_four_relevant_in_top10():
+    rels = {"r1": 1, "r2": 2, "r3": 1, "r4": 3}
+    ranked = ["r1", "x1", "r2"] + [f"x{i}" for i in range(2, 14)] + ["r3"]  # r3 at rank 16, r4 missing
+    m = query_metrics(ranked, rels)
+    assert m["hitrate@1"] == 0.25
+    assert m["hitrate@10"] == 0.5
+    assert m["hitrate@100"] == 0.75
+    assert m["precision@1"] == 1.0
+    assert m["precision@10"] == pytest.approx(0.2)
+    assert m["precision@100"] == pytest.approx(0.03)
+    assert m["mrr@10"] == 1.0
+
+
+def test_ndcg_with_graded_gains_by_hand():
+    rels = {"a": 1, "c": 3, "d": 2, "e": 0}
+    m = query_metrics(["a", "b", "c", "e"], rels)
+    dcg = (2**1 - 1) / 1 + 0 + (2**3 - 1) / 2 + 0  # ranks 1 and 3: log2(2) = 1, log2(4) = 2
+    idcg = (2**3 - 1) / 1 + (2**2 - 1) / math.log2(3) + (2**1 - 1) / 2  # ideal order c, d, a
+    assert m["ndcg@10"] == pytest.approx(dcg / idcg)
+    assert m["ndcg@10"] == pytest.approx(0.479095, abs=1e-5)
+    assert query_metrics(["c", "d", "a"], rels)["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_mrr_and_zero_relevance_is_not_relevant():
+    rels = {"a": 0, "b": 1}
+    m = query_metrics(["a", "x", "b"], rels)
+    assert m["mrr@10"] == pytest.approx(1 / 3)
+    assert m["hitrate@1"] == 0.0 and m["precision@1"] == 0.0
+    late = query_metrics([f"x{i}" for i in range(10)] + ["b"], rels)
+    assert late["mrr@10"] == 0.0 and late["hitrate@10"] == 0.0 and late["hitrate@100"] == 1.0
+
+
+def test_duplicate_ids_count_once():
+    m = query_metrics(["a", "a", "a"], {"a": 1, "b": 1})
+    assert m["hitrate@10"] == 0.5
+    assert m["precision@10"] == pytest.approx(0.1)
+
+
+def test_evaluate_excludes_queries_without_relevant_items():
+    qrels = {"q1": {"a": 1}, "q2": {"a": 0}, "q3": {"b": 2}}
+    run = {"q1": ["a", "b"], "q2": ["a"], "q3": ["a", "b"], "q4": ["a"]}  # q2: only rel 0; q4: unjudged
+    m = evaluate(run, qrels)
+    assert m["hitrate@1"] == pytest.approx(0.5)  # mean of q1 (1) and q3 (0)
+    assert m["mrr@10"] == pytest.approx((1 + 0.5) / 2)
+    assert set(m) == {f"hitrate@{k}" for k in KS} | {f"precision@{k}" for k in KS} | {"ndcg@10", "mrr@10"}
+    assert PRIMARY_METRIC in m
+    assert evaluate({"q2": ["a"]}, qrels)["hitrate@10"] == 0.0
+
+
+def test_evaluate_slices():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"c": 1}}
+    run = {"q1": ["a"], "q2": ["x"], "q3": ["c"]}
+    out = evaluate_slices(run, qrels, {"s1": ["q1", "q2"], "s2": ["q3"], "none": ["q9"]})
+    assert out["s1"]["hitrate@1"] == 0.5 and out["s1"]["n_queries"] == 2
+    assert out["s2"]["hitrate@1"] == 1.0 and out["s2"]["n_queries"] == 1
+    assert out["none"]["n_queries"] == 0
+
+
+def test_sample_query_ids_is_deterministic_subset():
+    ids = [f"q{i}" for i in range(100)]
+    a = sample_query_ids(ids, 10, seed=3)
+    assert a == sample_query_ids(list(reversed(ids)), 10, seed=3)  # input order does not matter
+    assert len(a) == 10 and set(a) <= set(ids) and a == sorted(a)
+    assert a != sample_query_ids(ids, 10, seed=4)
+    assert set(a) <= set(sample_query_ids(ids, 30, seed=3))  # nested as limit grows
+    assert sample_query_ids(ids, None) == sorted(ids)
+    assert sample_query_ids(ids, 1000) == sorted(ids)
+
+
+def test_slices_for():
+    qs = {"a": Query("a", "t", "kitchen", "test", True), "b": Query("b", "t", "garden", "test", False),
+          "c": Query("c", "t", "kitchen", "test", None)}
+    assert slices_for(qs) == {"category=garden": ["b"], "category=kitchen": ["a", "c"],
+                              "hard": ["a"], "easy": ["b", "c"]}
+    unflagged = {"a": Query("a", "t", "kitchen", "test")}
+    assert slices_for(unflagged) == {"category=kitchen": ["a"]}
+
+
+# ---------------------------------------------------------------- end to end with BM25
+
+TITLES = {
+    "k1": ("cast iron skillet 12 inch", "kitchen"), "k2": ("enameled cast iron dutch oven", "kitchen"),
+    "k3": ("insulated stainless thermos flask", "kitchen"), "k4": ("vacuum travel mug with lid", "kitchen"),
+    "k5": ("waiter's corkscrew bottle screw", "kitchen"), "k6": ("drip coffee maker 12 cup", "kitchen"),
+    "k7": ("burr coffee grinder", "kitchen"), "k8": ("crystal wine glasses set of 4", "kitchen"),
+    "k9": ("nonstick frying pan", "kitchen"), "k10": ("bamboo cutting board", "kitchen"),
+    "k11": ("chef knife 8 inch", "kitchen"), "k12": ("electric kettle 1.7 l", "kitchen"),
+    "g1": ("expandable garden hose 50 ft", "garden"), "g2": ("hose nozzle spray with 8 patterns", "garden"),
+    "g3": ("patio lounge chair", "garden"), "g4": ("cordless leaf blower", "garden"),
+    "g5": ("raised garden bed kit", "garden"), "g6": ("solar path lights 8 pack", "garden"),
+    "g7": ("pruning shears", "garden"), "g8": ("bird feeder for outdoors", "garden"),
+    "g9": ("watering can 2 gallon", "garden"), "o1": ("ergonomic mesh office chair", "office"),
+    "o2": ("standing desk converter", "office"), "o3": ("wireless keyboard and mouse", "office"),
+    "o4": ("monitor arm dual", "office"), "o5": ("desk lamp led", "office"),
+    "o6": ("paper shredder cross cut", "office"), "o7": ("stapler heavy duty", "office"),
+    "o8": ("whiteboard 36 x 24", "office"), "o9": ("file cabinet 3 drawer", "office"),
+}
+QUERIES = [  # id, text, category, split, hard, qrels
+    ("q1", "cast iron skillet", "kitchen", "test", False, {"k1": 3, "k2": 1}),
+    ("q2", "garden hose", "garden", "test", False, {"g1": 3, "g2": 1}),
+    ("q3", "ergonomic office chair", "office", "test", False, {"o1": 3, "g3": 0}),
+    ("q4", "something to keep coffee hot", "kitchen", "test", True, {"k3": 3, "k4": 2, "k6": 0}),
+    ("q5", "device to open wine bottles", "kitchen", "test", True, {"k5": 3}),
+    ("q6", "lawn seat", "garden", "test", True, {"g3": 2}),
+    ("q7", "garden hose", "garden", "train", False, {"g1": 3}),  # other split
+    ("q8", "pruning shears", "garden", "test", False, {"g7": 0}),  # no relevant item: not scored
+]
+COTS = {"something to keep coffee hot": "thermos flask insulated travel mug",
+        "device to open wine bottles": "corkscrew bottle screw", "lawn seat": "patio lounge chair"}
+
+
+class ExpansionRetriever:
+    """A tiny 'reasoning' system: appends a fixed CoT to the query, then searches with BM25."""
+
+    def __init__(self, bm25: BM25Retriever):
+        self.bm25 = bm25
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        cots = [COTS.get(q, "") for q in queries]
+        results = self.bm25.search([f"{q} {c}" for q, c in zip(queries, cots)], k=k)
+        return [SearchResult(r.hits, cot=c or None) for r, c in zip(results, cots)]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    catalog = {i: Item(i, t, c) for i, (t, c) in TITLES.items()}
+    queries = {q: Query(q, text, cat, split, hard) for q, text, cat, split, hard, _ in QUERIES}
+    qrels = {q: rels for q, *_, rels in QUERIES}
+    return Dataset(catalog, queries, qrels, name="toy")
+
+
+@pytest.fixture(scope="module")
+def systems(toy):
+    bm25 = BM25Retriever({i: it.title for i, it in toy.catalog.items()}, show_progress=False)
+    return {"bm25": bm25, "bm25+cot": ExpansionRetriever(bm25)}
+
+
+def test_run_system_collects_run_cots_and_time(systems):
+    queries = {"a": "garden hose", "b": "lawn seat", "c": "chef knife"}
+    run, cots, seconds = run_system(systems["bm25+cot"], queries, k=5, batch_size=2)
+    assert list(run) == ["a", "b", "c"]
+    assert run["a"][0] == "g1" and run["b"][0] == "g3" and run["c"][0] == "k11"
+    assert cots == {"a": None, "b": "patio lounge chair", "c": None}
+    assert seconds > 0
+
+
+def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
+    result = evaluate_systems(toy, "test", systems, log=lambda *_: None)
+    assert result["n_queries"] == 6  # q7 is train, q8 has no relevant item
+    bm25, cot = result["systems"]["bm25"], result["systems"]["bm25+cot"]
+    assert bm25["overall"]["hitrate@10"] == pytest.approx(0.5)  # easy queries all found, hard none
+    assert bm25["slices"]["easy"]["hitrate@10"] == 1.0 and bm25["slices"]["hard"]["hitrate@10"] == 0.0
+    assert cot["slices"]["hard"]["hitrate@10"] == 1.0
+    assert bm25["slices"]["hard"]["n_queries"] == 3
+    assert set(bm25["slices"]) == {"category=garden", "category=kitchen", "category=office", "hard", "easy"}
+    assert bm25["ms_per_query"] > 0 and bm25["queries_per_s"] > 0
+    assert result["examples"]["bm25+cot"]["q6"] == {"cot": "patio lounge chair",
+                                                    "top": result["examples"]["bm25+cot"]["q6"]["top"]}
+    assert result["examples"]["bm25+cot"]["q6"]["top"][0] == "g3"
+
+    write_report(result, tmp_path, toy)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"dataset", "split", "n_queries", "systems"} and "examples" not in metrics
+    assert metrics["dataset"] == "toy" and metrics["split"] == "test"
+    assert set(metrics["systems"]["bm25"]) == {"overall", "slices", "ms_per_query", "queries_per_s"}
+
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    by_key = {(r["system"], r["query_id"]): r for r in rows}
+    assert by_key[("bm25+cot", "q5")]["cot"] == "corkscrew bottle screw"
+    assert by_key[("bm25", "q5")]["cot"] is None
+    assert by_key[("bm25", "q1")]["top"][0] == "k1" and by_key[("bm25", "q1")]["query"] == "cast iron skillet"
+
+    report = (tmp_path / "report.md").read_text()
+    for text in ("# Evaluation: toy / test", "6 queries", "| system | hitrate@1 | hitrate@10 |",
+                 "| bm25+cot |", "## Slices: hitrate@10", "## Slices: ndcg@10", "| category=kitchen |",
+                 "| hard | 3 |", "![overall](overall.png)", "![slices](slices.png)", "device to open wine bottles",
+                 "+ waiter's corkscrew bottle screw"):
+        assert text in report, text
+
+    for png in ("overall.png", "slices.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
+
+
+def test_evaluate_systems_limit_is_a_stable_sample(toy, systems):
+    a = evaluate_systems(toy, "test", {"bm25": systems["bm25"]}, limit=3, seed=1, log=lambda *_: None)
+    b = evaluate_systems(toy, "test", {"bm25": systems["bm25"]}, limit=3, seed=1, log=lambda *_: None)
+    assert a["n_queries"] == 3
+    assert list(a["examples"]["bm25"]) == list(b["examples"]["bm25"])
+    assert a["systems"]["bm25"]["overall"] == b["systems"]["bm25"]["overall"]
+
+
+def test_format_table(toy, systems):
+    result = evaluate_systems(toy, "test", systems, log=lambda *_: None)
+    table = format_table(result)
+    lines = table.splitlines()
+    assert lines[0] == "toy/test (6 queries)"
+    assert lines[1].split() == ["system", "hitrate@1", "hitrate@10", "hitrate@100", "precision@10",
+                                "ndcg@10", "mrr@10", "ms/query"]
+    assert lines[3].startswith("bm25 ") and lines[4].startswith("bm25+cot")
+    assert "0.5000" in lines[3]
+    assert len({len(line) for line in lines[1:]}) == 1  # columns aligned

@@ -1,0 +1,64 @@
+"""lrem.index: FAISS from factory strings, save/load, search parameters."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrem.index import ItemIndex, build_index, is_index_dir
+
+
+def unit_vectors(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory,params", [("Flat", ""), ("HNSW16,Flat", "efSearch=64"), ("IVF8,Flat", "nprobe=8"),
+                                            ("IVF8,PQ8", "nprobe=8")])
+def test_factories_find_the_item_itself(factory, params):
+    emb = unit_vectors(500)
+    idx = ItemIndex.from_embeddings(emb, [f"i{j}" for j in range(500)], [f"t{j}" for j in range(500)], factory, params)
+    scores, ids = idx.search(emb[:20], k=5)
+    top1 = [row[0] for row in ids]
+    hits = sum(t == f"i{j}" for j, t in enumerate(top1))
+    assert hits >= (20 if "PQ" not in factory else 15)
+    assert scores.shape == (20, 5) and np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+def test_exact_scores_are_cosine():
+    emb = unit_vectors(50)
+    idx = ItemIndex.from_embeddings(emb, [str(j) for j in range(50)], ["t"] * 50)
+    scores, ids = idx.search(emb[3:4], k=50)
+    expected = np.sort(emb @ emb[3])[::-1]
+    np.testing.assert_allclose(scores[0], expected, atol=1e-5)
+    assert ids[0][0] == "3"
+
+
+def test_save_load_round_trip(tmp_path):
+    emb = unit_vectors(100)
+    idx = ItemIndex.from_embeddings(emb, [f"i{j}" for j in range(100)], [f"title {j}" for j in range(100)],
+                                    "HNSW16,Flat", "efSearch=32", model="m")
+    idx.save(tmp_path / "idx")
+    assert is_index_dir(tmp_path / "idx")
+    back = ItemIndex.load(tmp_path / "idx")
+    assert back.meta["model"] == "m" and back.meta["factory"] == "HNSW16,Flat" and back.meta["n_items"] == 100
+    assert back.title("i7") == "title 7"
+    s1, i1 = idx.search(emb[:5], 10)
+    s2, i2 = back.search(emb[:5], 10)
+    assert i1 == i2
+    np.testing.assert_allclose(s1, s2)
+    assert [p.name for p in (tmp_path).iterdir()] == ["idx"]  # no temp leftovers
+
+
+def test_k_larger_than_catalog_and_errors(tmp_path):
+    emb = unit_vectors(3)
+    idx = ItemIndex.from_embeddings(emb, ["a", "b", "c"], ["A", "B", "C"])
+    _, ids = idx.search(emb, k=10)
+    assert all(len(r) == 3 for r in ids)
+    with pytest.raises(ValueError, match="IVF64"):
+        build_index(emb, "IVF64,Flat")  # more lists than vectors
+    with pytest.raises(ValueError, match="bad FAISS search parameter"):
+        build_index(unit_vectors(100), "HNSW8,Flat", "efSerch=3")
+    with pytest.raises(ValueError, match="embeddings for"):
+        ItemIndex.from_embeddings(emb, ["a"], ["A"])
+    with pytest.raises(FileNotFoundError, match="not an lrem index"):
+        ItemIndex.load(tmp_path)
