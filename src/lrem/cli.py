@@ -4,6 +4,7 @@
     lrem index --model smollm2-135m-instruct --data data/wordnet --out runs/idx
     lrem search --index runs/idx "a device for pulling corks"
     lrem eval --data data/wordnet --split dev --system bm25 --system base=runs/idx:reason --out runs/eval
+    lrem serve --index runs/idx --port 8000 [--config serve.yaml] [--set max_batch=32]
 """
 from __future__ import annotations
 
@@ -144,13 +145,28 @@ def search(
             typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
 
 
+@app.command()
+def serve(
+    index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port (default 8000).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of ServeConfig keys.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override one ServeConfig key: --set max_batch=32. Repeat.")] = [],
+):
+    """Serve /search and OpenAI-compatible /v1/embeddings over HTTP, with batching, a cache and a router."""
+    from lrem.serve import ServeConfig
+    from lrem.serve import serve as run_server
+
+    run_server(index_dir, ServeConfig.from_yaml(config, sets=set_, host=host, port=port), log=_echo)
+
+
 # ---------------------------------------------------------------- evaluation
 
 @app.command("eval")
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, empty-cot, query-cot, random-cot). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, auto, auto@SHARE, empty-cot, query-cot, random-cot). Repeat.")],
     split: str = "dev",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
@@ -186,6 +202,42 @@ def format_examples(result: dict, ds, n: int) -> str:
             cot = f" cot: {ex[q]['cot']!r}" if ex[q]["cot"] is not None else ""
             lines.append(f"  {name:<14}{cot}\n  {'':<14} top: {top}")
     return "\n".join(lines) + "\n(+ = relevant)"
+
+
+# ---------------------------------------------------------------- triplet construction
+
+@app.command()
+def construct(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; rerun the same command to resume.")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of ConstructConfig values (configs/construct.yaml).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to take queries from (default train).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="openai:BASE_URL#MODEL, hf:NAME_OR_PATH or file:PATH.jsonl.")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="qrels, llm, llm:TEACHER_SPEC or cross-encoder:PATH.")] = None,
+    retriever: Annotated[Optional[str], typer.Option(help="The direct retriever: bm25, minilm or MODEL:direct.")] = None,
+    hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="A fixed, seeded sample of N queries.")] = None,
+    seed: Optional[int] = None,
+    k_mine: Annotated[Optional[int], typer.Option(help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
+    mine_max_hitrate: Optional[float] = None,
+    keep_all: Annotated[Optional[bool], typer.Option("--keep-all/--mine", help="Keep every query (no mining).")] = None,
+    k_gain: Annotated[Optional[int], typer.Option(help="Depth of the two retrievals of the gain set.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Queries per step (outcomes are appended per batch).")] = None,
+):
+    """Build Query-CoT-Item triplets: mine, reason, extract, post-process, gain set, judge (resumable)."""
+    from lrem.construct import ConstructConfig, construct as run_construct, format_stats
+    from lrem.teachers import TeacherError
+
+    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, limit=limit, seed=seed,
+                 k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
+                 batch_size=batch_size)
+    try:
+        stats = run_construct(data, out, ConstructConfig.load(config, **flags), log=_echo)
+    except TeacherError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(format_stats(stats))
+    typer.echo(f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}")
 
 
 def main() -> None:

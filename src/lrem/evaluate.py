@@ -184,10 +184,14 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
             "ms_per_query": 1000.0 * seconds / n,
             "queries_per_s": len(qids) / seconds if seconds > 0 else 0.0,
         }
+        if hasattr(retriever, "reasoned_share"):  # LREM systems: the share of queries that generated a CoT
+            result["systems"][name]["reasoned_share"] = retriever.reasoned_share
         result["examples"][name] = {q: {"cot": cots[q], "top": run[q][:10]} for q in qids}
         overall = result["systems"][name]["overall"]
+        share = result["systems"][name].get("reasoned_share")
         log(f"{name}: {PRIMARY_METRIC}={overall[PRIMARY_METRIC]:.4f} "
-            f"ndcg@10={overall['ndcg@10']:.4f} ({1000.0 * seconds / n:.1f} ms/query)")
+            f"ndcg@10={overall['ndcg@10']:.4f} ({1000.0 * seconds / n:.1f} ms/query"
+            + (f", {100 * share:.0f}% reasoned)" if share is not None else ")"))
     return result
 
 
@@ -336,10 +340,13 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) ->
 
     `MODEL:MODE`: MODEL is an index folder (from `lrem index`, over this catalog) or a model
     (folder, hub name, built-in name) whose items are embedded here, once per model, however
-    many modes use it. MODE is one of `lrem.search.MODES`.
+    many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with a default
+    `lrem.router.Router`, `auto@0.3` with a reasoning budget of 30% (`Router(share=0.3)`), and
+    the report records each LREM system's share of queries reasoned.
     """
     from lrem.baselines import baseline_system
     from lrem.index import ItemIndex, is_index_dir
+    from lrem.router import Router
     from lrem.search import MODES, Searcher
 
     titles = {iid: item.title for iid, item in ds.catalog.items()}
@@ -351,8 +358,10 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) ->
             systems[name] = baseline
             continue
         model, sep, mode = spec.rpartition(":")
-        if not sep or mode not in MODES:
-            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES}")
+        mode, at, share = mode.partition("@")
+        if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
+            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
+                             f"(or auto@SHARE, SHARE in [0, 1])")
         if model not in searchers:
             if is_index_dir(model):
                 searcher = Searcher.load(model, log=log)
@@ -365,5 +374,12 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) ->
                 log(f"embedding {len(titles)} items with {model}")
                 searcher = Searcher(lrem, ItemIndex.build(lrem, titles, batch_size=batch_size))
             searchers[model] = searcher
-        systems[name] = searchers[model].retriever(mode)
+        systems[name] = searchers[model].retriever(mode, Router(share=float(share)) if at else None)
     return systems
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False

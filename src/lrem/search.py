@@ -5,7 +5,8 @@
     [r] = s.search(["a device for pulling corks"], k=10, mode="reason")
     r.cot, [(h.item_id, h.score) for h in r.hits]
 
-Modes: `reason` (generate a CoT, then embed), `direct` (`<think></think><emb>`, no CoT), and the
+Modes: `reason` (generate a CoT, then embed), `direct` (`<think></think><emb>`, no CoT), `auto`
+(direct first; `lrem.router.Router` picks the ambiguous queries and only those reason), and the
 paper's ablations with a fixed CoT: `empty-cot` (same sequence as direct), `query-cot` (the query
 repeated as its CoT) and `random-cot` (phrases from random catalog titles, seeded by the query).
 """
@@ -16,9 +17,10 @@ import random
 
 from .index import ItemIndex
 from .model import LREM
+from .router import Router
 from .search_types import Hit, Retriever, SearchResult
 
-MODES = ("reason", "direct", "empty-cot", "query-cot", "random-cot")
+MODES = ("reason", "direct", "auto", "empty-cot", "query-cot", "random-cot")
 __all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
 
 
@@ -39,13 +41,15 @@ class Searcher:
     Args:
         model: the LREM model that embedded the items (query and item sides must match).
         index: the item index.
+        router: decides which queries reason in `auto` mode (default: `Router()`).
     """
 
-    def __init__(self, model: LREM, index: ItemIndex):
+    def __init__(self, model: LREM, index: ItemIndex, router: Router | None = None):
         if index.meta.get("dim") not in (None, model.dim):
             raise ValueError(f"index dim {index.meta['dim']} != model dim {model.dim}")
         self.model = model
         self.index = index
+        self.router = router or Router()
 
     @classmethod
     def load(cls, index_dir, model: LREM | str | None = None, **model_kwargs) -> "Searcher":
@@ -74,6 +78,8 @@ class Searcher:
     def search(self, queries: list[str], k: int = 10, mode: str = "reason", cots: list[str] | None = None,
                batch_size: int = 32, show_progress: bool = False) -> list[SearchResult]:
         """Top-k items per query, best first, with the CoT each query was embedded after."""
+        if mode == "auto":
+            return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress)[0]
         cots = cots if cots is not None else self.cots_for(queries, mode)
         enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
                                         show_progress=show_progress)
@@ -83,15 +89,52 @@ class Searcher:
             for row_ids, row_scores, cot in zip(ids, scores, enc.cots)
         ]
 
-    def retriever(self, mode: str) -> Retriever:
-        """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate`."""
-        self.cots_for([], mode)  # validates the mode now, not at the first query
-        return _ModeRetriever(self, mode)
+    def search_auto(self, queries: list[str], k: int = 10, router: Router | None = None, batch_size: int = 32,
+                    show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
+        """`auto` mode: embed every query directly, search, let the router (default `self.router`)
+        pick the queries whose direct retrieval is ambiguous, and reason for those only.
+
+        Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned.
+        """
+        router = router or self.router
+        enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size)
+        scores, ids = self.index.search(enc.embeddings, max(k, router.depth))  # (n, >= depth)
+        routed = router.decide(queries, scores)
+        results = [SearchResult([Hit(i, float(s)) for i, s in zip(row_ids[:k], row_scores[:k])], "")
+                   for row_ids, row_scores in zip(ids, scores)]
+        picked = [j for j, r in enumerate(routed) if r]
+        if picked:
+            reasoned = self.search([queries[j] for j in picked], k, "reason", batch_size=batch_size,
+                                   show_progress=show_progress)
+            for j, res in zip(picked, reasoned):
+                results[j] = res
+        return results, routed
+
+    def retriever(self, mode: str, router: Router | None = None) -> Retriever:
+        """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate` (`router`: for auto)."""
+        if mode != "auto":
+            self.cots_for([], mode)  # validates the mode now, not at the first query
+        return _ModeRetriever(self, mode, router)
 
 
 class _ModeRetriever:
-    def __init__(self, searcher: Searcher, mode: str):
-        self.searcher, self.mode = searcher, mode
+    """A searcher fixed to one mode; counts how many queries it reasoned about (the cost)."""
+
+    def __init__(self, searcher: Searcher, mode: str, router: Router | None = None):
+        self.searcher, self.mode, self.router = searcher, mode, router
+        self.n_queries = self.n_reasoned = 0
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
-        return self.searcher.search(queries, k=k, mode=self.mode)
+        if self.mode == "auto":
+            results, routed = self.searcher.search_auto(queries, k, router=self.router)
+            self.n_reasoned += sum(routed)
+        else:
+            results = self.searcher.search(queries, k=k, mode=self.mode)
+            self.n_reasoned += len(queries) if self.mode == "reason" else 0
+        self.n_queries += len(queries)
+        return results
+
+    @property
+    def reasoned_share(self) -> float:
+        """Share of the queries searched so far that generated a CoT (0 to 1)."""
+        return self.n_reasoned / self.n_queries if self.n_queries else 0.0

@@ -1,0 +1,509 @@
+"""HTTP search and embedding service: `lrem serve --index runs/idx [--config serve.yaml]`.
+
+    from lrem.search import Searcher
+    from lrem.serve import ServeConfig, create_app
+    app = create_app(Searcher.load("runs/idx"), ServeConfig(max_batch=16))
+    # uvicorn.run(app, host="127.0.0.1", port=8000); then:
+    # curl -d '{"query": "a drink stronger than tea", "k": 5}' localhost:8000/search
+
+Endpoints: `POST /search`, `POST /v1/embeddings` (OpenAI's embeddings API: point an OpenAI
+client's `base_url` at `http://host:port/v1`), `GET /v1/models`, `GET /healthz`, `GET /metrics`
+(Prometheus text), and the OpenAPI schema at `/openapi.json` (browsable at `/docs`).
+
+How a query is served: the text is normalised (NFKC, lower case, single spaces) and looked up in
+an LRU cache of (kind, text) -> (CoT, embedding). Misses go to a `Batcher`: one worker drains
+up to `max_batch` pending texts (waiting at most `max_wait_ms` for company), runs them through
+the model in one call on a single model thread, and hands each caller its own row. In `auto`
+mode the direct embedding is searched first and `lrem.router.Router` decides from its score
+margin (and the query length) whether this query reasons; only those pay for generation.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import threading
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .batching import Batcher, EmbeddingCache, Overloaded
+from .router import Router
+
+EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
+                    "lrem-item": "item"}  # /v1/embeddings `model` -> what is embedded
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `lrem serve`; a YAML file of these keys (`--config`) and flags override them."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on (0.0.0.0: all)."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    # Batching
+    max_batch: int = field(default=16, metadata={"help": "Most texts run through the model in one call."})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch's first text waits for others."})
+    max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
+    # Cache
+    cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
+    cache_path: str = field(default="", metadata={"help": ".npz loaded at start, written at shutdown; '': none."})
+    # Router (mode=auto)
+    router_margin: float = field(default=0.02, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
+    router_share: float = field(default=0.0, metadata={
+        "help": "0: fixed router_margin. Else a budget: reason on about this share (0..1) of auto queries, "
+                "the margin tracking that quantile of recent margins (score scales differ between models)."})
+    router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
+    # Limits: breaking one is a 4xx with a message naming the limit
+    max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
+    max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
+    max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call."})
+    max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
+    request_timeout_s: float = field(default=30.0, metadata={"help": "Time one request may take (503 after)."})
+
+    def __post_init__(self):
+        for f in fields(self):
+            v, want = getattr(self, f.name), type(f.default)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
+            if not (isinstance(v, str) if want is str else number):
+                raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
+            if want is not str and v < 0:
+                raise ValueError(f"{f.name}={v}; must be >= 0")
+        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s={self.request_timeout_s}; must be > 0")
+        self.router()  # checks the router settings
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, sets: list[str] = (), **overrides) -> "ServeConfig":
+        """Defaults, then the YAML file's keys, then `sets` ("key=value", value read as YAML), then
+        `overrides` (None values are skipped).
+
+        >>> ServeConfig.from_yaml(sets=["max_batch=4", "cache_path=/tmp/c.npz"], port=9000).max_batch
+        4
+        """
+        import yaml
+
+        values = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of ServeConfig keys")
+            values.update(loaded)
+        for item in sets:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown serve setting(s) {', '.join(unknown)}; known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+    def router(self) -> Router:
+        return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
+
+
+def normalize_query(text: str) -> str:
+    """The cache key and the text the model sees: NFKC, lower case, runs of whitespace -> one space.
+
+    >>> normalize_query("  Ｗine   Opener\\n")
+    'wine opener'
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+# ---------------------------------------------------------------- request and response bodies
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
+                       examples=["a drink stronger than tea"])
+    k: int = Field(10, ge=1, description="Items to return (at most max_k).")
+    mode: Literal["auto", "reason", "direct"] = Field(
+        "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides.")
+
+
+class SearchItem(BaseModel):
+    item_id: str
+    title: str
+    score: float = Field(description="Cosine similarity of query and item embeddings.")
+
+
+class SearchResponse(BaseModel):
+    query: str = Field(description="The normalised query that was embedded.")
+    cot: str = Field(description="The reasoning the query was embedded after ('' when none).")
+    mode_used: Literal["reason", "direct"]
+    cached: bool = Field(description="True when every embedding came from the cache.")
+    items: list[SearchItem]
+    timings_ms: dict[str, float] = Field(description="direct, reason (embedding, incl. queueing), index, total.")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+    input: str | list[str] = Field(description="A text or a list of at most max_inputs texts.")
+    model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
+    dimensions: int | None = Field(None, description="Must equal the model's dimension when given.")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    cot: str = Field("", description="lrem extension: the reasoning a query was embedded after.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------- the service behind the endpoints
+
+class _Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can share a process)."""
+
+    def __init__(self, service: "SearchService"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lrem_http_requests", "HTTP requests by path and status.", ["path", "status"], registry=r)
+        self.latency = Histogram("lrem_http_request_seconds", "HTTP request latency by path.", ["path"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.batch_size = Histogram("lrem_batch_size", "Texts per model call, by kind (direct, reason, item).",
+                                    ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_seconds = Histogram("lrem_batch_seconds", "Time of one model call, by kind.", ["kind"], registry=r,
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.cache = Counter("lrem_cache_lookups", "Cache lookups by kind and result (hit, miss).",
+                             ["kind", "result"], registry=r)
+        self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
+                               registry=r)
+        Gauge("lrem_cache_hit_rate", "Cache hits / lookups since start.", registry=r).set_function(
+            lambda: service.cache.hit_rate)
+        Gauge("lrem_cache_entries", "Entries in the cache.", registry=r).set_function(lambda: len(service.cache))
+        Gauge("lrem_router_reason_share", "Share of mode=auto queries the router sent to reasoning.",
+              registry=r).set_function(lambda: service.reasoned_share)
+        Gauge("lrem_queue_depth", "Texts waiting for the model.", registry=r).set_function(
+            lambda: service.batcher.pending)
+
+    def observe_batch(self, kind: str, n: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(n)
+        self.batch_seconds.labels(kind).observe(seconds)
+
+
+def error_body(status: int, message: str, **extra) -> dict:
+    """Every error's JSON: FastAPI's `detail` plus OpenAI's `error` object (its clients read that)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": status}, **extra}
+
+
+def _ms(t0: float) -> float:
+    return round(1000.0 * (time.perf_counter() - t0), 3)
+
+
+class SearchService:
+    """What the endpoints call: cache, batcher, router and index around one `Searcher`."""
+
+    def __init__(self, searcher, config: ServeConfig):
+        self.searcher, self.config, self.router = searcher, config, config.router()
+        model = searcher.model
+        self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
+        self.cache = EmbeddingCache(config.cache_size)
+        self.n_auto = self.n_auto_reasoned = 0
+        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
+        self.metrics = _Metrics(self)
+        self.batcher.on_batch = self.metrics.observe_batch
+
+    @property
+    def reasoned_share(self) -> float:
+        return self.n_auto_reasoned / self.n_auto if self.n_auto else 0.0
+
+    def _encode(self, kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Runs in the model thread: one model call for a batch of texts of one kind."""
+        model = self.searcher.model
+        if kind == "item":
+            return [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
+        enc = model.encode_queries(texts, mode=kind, batch_size=len(texts))
+        return enc.cots, enc.embeddings
+
+    async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
+        """(cot, embedding, from_cache) for one normalised text."""
+        hit = self.cache.get((kind, text))
+        self.metrics.cache.labels(kind, "miss" if hit is None else "hit").inc()
+        if hit is not None:
+            return hit[0], hit[1], True
+        cot, emb = await self.batcher.submit(kind, text)
+        self.cache.put((kind, text), (cot, emb))
+        return cot, emb, False
+
+    async def query(self, text: str, mode: str, k: int) -> dict:
+        """Embed (direct, reason, or direct then routed), search; a `SearchResponse` as a dict."""
+        t_start, timings, cached, cot, mode_used = time.perf_counter(), {}, True, "", mode
+        index = self.searcher.index
+        if mode != "reason":
+            t0 = time.perf_counter()
+            cot, emb, cached = await self.embed("direct", text)
+            timings["direct"] = _ms(t0)
+            t0 = time.perf_counter()
+            scores, ids = await asyncio.to_thread(index.search, emb[None], max(k, self.router.depth))
+            timings["index"] = _ms(t0)
+            if mode == "auto":
+                mode_used = "reason" if self.router.decide([text], scores)[0] else "direct"
+                self.n_auto += 1
+                self.n_auto_reasoned += mode_used == "reason"
+        if mode_used == "reason":
+            t0 = time.perf_counter()
+            cot, emb, hit = await self.embed("reason", text)
+            cached = cached and hit
+            timings["reason"] = _ms(t0)
+            t0 = time.perf_counter()
+            scores, ids = await asyncio.to_thread(index.search, emb[None], k)
+            timings["index"] = timings.get("index", 0.0) + _ms(t0)
+        self.metrics.queries.labels(mode, mode_used).inc()
+        items = [{"item_id": i, "title": index.title(i), "score": float(s)} for i, s in zip(ids[0][:k], scores[0][:k])]
+        return {"query": text, "cot": cot, "mode_used": mode_used, "cached": cached, "items": items,
+                "embedding": emb, "timings_ms": {**timings, "total": _ms(t_start)}}
+
+    def clean(self, text: str, what: str, query: bool = True) -> str:
+        """A valid text for the model, or an HTTP 422 that names the problem and the limit."""
+        from fastapi import HTTPException
+
+        limit = self.config.max_query_chars
+        if len(text) > limit:
+            raise HTTPException(422, f"{what} has {len(text)} characters; the limit is {limit} (max_query_chars)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(422, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+        out = normalize_query(text) if query else text
+        if not out.strip():
+            raise HTTPException(422, f"{what} is empty (or only whitespace)")
+        return out
+
+
+class _Guard:
+    """ASGI middleware: rejects oversized or non-UTF-8 bodies before parsing; counts and times requests."""
+
+    PATHS = ("/search", "/v1/embeddings", "/v1/models", "/healthz", "/metrics", "/docs", "/openapi.json")
+
+    def __init__(self, app, max_body_bytes: int, metrics: _Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        t0, status = time.perf_counter(), [0]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            body, problem = await self._read_body(scope, receive)
+            if body is None:  # the client went away
+                return
+            if problem:
+                return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send_counted)
+        finally:
+            path = scope["path"] if scope["path"] in self.PATHS else "other"
+            self.metrics.requests.labels(path, str(status[0] or 500)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+    async def _read_body(self, scope, receive) -> tuple[bytes | None, tuple[int, str] | None]:
+        limit = self.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return b"", (413, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit} (max_body_bytes)")
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return b"", (413, f"request body is over {limit} bytes (max_body_bytes)")
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return b"", (400, f"request body is not valid UTF-8 (byte {e.start}); JSON must be UTF-8")
+        return body, None
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(searcher, config: ServeConfig | None = None):
+    """A FastAPI app serving `searcher` (an `lrem.search.Searcher`); the model loads nothing more.
+
+    The batcher starts and the cache file (if any) is read in the app's lifespan, so the app
+    must run under an ASGI server (uvicorn) or a lifespan-aware test client.
+    """
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = config or ServeConfig()
+    service = SearchService(searcher, cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if cfg.cache_path:
+            service.cache.load(cfg.cache_path, service.model_id)
+        service.batcher.start()
+        yield
+        await service.batcher.stop()
+        if cfg.cache_path:
+            service.cache.save(cfg.cache_path, service.model_id)
+
+    app = FastAPI(title="lrem", lifespan=lifespan, description=__doc__.split("\n\n")[-1],
+                  summary="LREM search and OpenAI-compatible embeddings: reason about a query, then embed it.")
+    app.state.service = service
+    app.add_middleware(_Guard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        return JSONResponse(error_body(422, message, errors=errors), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    async def limited(coro):
+        """Await `coro` under request_timeout_s; overload and timeouts are 503s with a message."""
+        try:
+            async with asyncio.timeout(cfg.request_timeout_s):
+                return await coro
+        except TimeoutError:
+            raise HTTPException(503, f"request took over {cfg.request_timeout_s} s (request_timeout_s)") from None
+        except Overloaded as e:
+            raise HTTPException(503, f"server busy: {e}", headers={"Retry-After": "1"}) from None
+
+    @app.post("/search", response_model=SearchResponse, responses={422: {"description": "Invalid request."}})
+    async def search(req: SearchRequest) -> dict:
+        """Top-k catalog items for a query, with the CoT it was embedded after and timings."""
+        if req.k > cfg.max_k:
+            raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
+        result = await limited(service.query(service.clean(req.query, "query"), req.mode, req.k))
+        del result["embedding"]
+        return result
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        """OpenAI-compatible embeddings: `model` picks lrem-query-reason, -direct, -auto or lrem-item."""
+        kind = EMBEDDING_MODELS.get(req.model)
+        if kind is None:
+            raise HTTPException(404, f"model {req.model!r} does not exist; use one of {', '.join(EMBEDDING_MODELS)}")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not 1 <= len(texts) <= cfg.max_inputs:
+            raise HTTPException(422, f"input has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
+        if req.dimensions not in (None, searcher.model.dim):
+            raise HTTPException(422, f"dimensions={req.dimensions}; this model only gives {searcher.model.dim}")
+        texts = [service.clean(t, f"input[{i}]", query=kind != "item") for i, t in enumerate(texts)]
+
+        async def one(text):
+            if kind == "auto":
+                r = await service.query(text, "auto", 1)
+                return r["cot"], r["embedding"]
+            return (await service.embed(kind, text))[:2]
+
+        done = await limited(asyncio.gather(*(one(t) for t in texts)))
+        n_tokens = sum(len(ids) for ids in searcher.model.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        as_b64 = req.encoding_format == "base64"
+        data = [{"index": i, "cot": cot,
+                 "embedding": base64.b64encode(emb.astype("<f4").tobytes()).decode() if as_b64 else emb.tolist()}
+                for i, (cot, emb) in enumerate(done)]
+        return {"data": data, "model": req.model, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """The embedding `model` names /v1/embeddings accepts (OpenAI's model list shape)."""
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "lrem"}
+                                           for m in EMBEDDING_MODELS]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness plus what is served: model, index size, cache, router and settings."""
+        return {"status": "ok", "model": searcher.model.source, "dim": searcher.model.dim,
+                "items": len(searcher.index.item_ids), "factory": searcher.index.meta.get("factory"),
+                "cache": {"entries": len(service.cache), "hit_rate": service.cache.hit_rate},
+                "router": service.router.describe(), "reasoned_share": service.reasoned_share,
+                "queue": service.batcher.pending, "config": asdict(cfg)}
+
+    @app.get("/metrics", response_class=PlainTextResponse, response_model=None)
+    async def metrics():
+        """Prometheus text format: requests, latency and batch-size histograms, cache hit rate,
+        share of auto queries reasoned."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 60.0):
+    """Run `app` under uvicorn in a daemon thread (port 0: a free one); yields its base URL.
+
+    >>> # with background_server(create_app(searcher)) as url: httpx.get(url + "/healthz")
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="lrem-serve")
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
+    """Load the index and its model, then serve until interrupted (what `lrem serve` runs)."""
+    import uvicorn
+
+    from .search import Searcher
+
+    searcher = Searcher.load(index_dir, log=log)
+    log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
+        f"on http://{config.host}:{config.port}  settings: {json.dumps(asdict(config))}")
+    uvicorn.run(create_app(searcher, config), host=config.host, port=config.port, log_level="info")

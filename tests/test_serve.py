@@ -1,0 +1,335 @@
+"""lrem serve: a real uvicorn server on 127.0.0.1 around a real model and FAISS index.
+
+Most tests use the tiny random model (fast); one uses the real default model. Clients are httpx
+and the `openai` package; every request goes over loopback TCP.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from lrem.batching import Batcher, EmbeddingCache
+from lrem.index import ItemIndex
+from lrem.search import Searcher
+from lrem.serve import ServeConfig, background_server, create_app, normalize_query
+
+TITLES = ["corkscrew, bottle screw", "teapot", "coffee, java", "mug", "spatula", "wine glass", "sofa, couch",
+          "floor lamp", "rug", "throw pillow", "dining chair", "coffee table", "bookcase", "bed frame", "mirror",
+          "curtain", "desk", "office chair", "saucepan", "kettle"]
+LIMITS = dict(max_query_chars=200, max_k=50, max_inputs=8, max_body_bytes=16_384)
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny):
+    return Searcher(tiny, ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def url(searcher):
+    with background_server(create_app(searcher, ServeConfig(max_batch=8, max_wait_ms=20, **LIMITS))) as base:
+        yield base
+
+
+def post(url: str, path: str, body) -> httpx.Response:
+    """POST a JSON value (dict, list) or raw bytes."""
+    if isinstance(body, bytes):
+        return httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus text (0.0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
+    found = [float(m.group(1)) for line in text.splitlines() if (m := re.match(pattern, line))]
+    return found[0] if found else 0.0
+
+
+# ---------------------------------------------------------------- endpoints
+
+@pytest.mark.parametrize("mode", ["direct", "reason", "auto"])
+def test_search_returns_what_the_library_returns(url, searcher, mode):
+    r = post(url, "/search", {"query": "  A device for PULLING corks ", "k": 5, "mode": mode})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"] == "a device for pulling corks"
+    assert body["mode_used"] in (("direct", "reason") if mode == "auto" else (mode,))
+    [expected] = searcher.search([body["query"]], k=5, mode=body["mode_used"])
+    assert [i["item_id"] for i in body["items"]] == expected.item_ids
+    assert [i["score"] for i in body["items"]] == pytest.approx([h.score for h in expected.hits], abs=1e-5)
+    assert [i["title"] for i in body["items"]] == [searcher.index.title(i) for i in expected.item_ids]
+    assert body["cot"] == expected.cot and (body["cot"] == "") == (body["mode_used"] == "direct")
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["index"] >= 0
+
+
+def test_openai_client(url, tiny):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    items = client.embeddings.create(model="lrem-item", input=["mug", "teapot"])  # base64 on the wire
+    assert [d.index for d in items.data] == [0, 1] and items.model == "lrem-item"
+    np.testing.assert_allclose([d.embedding for d in items.data], tiny.encode_items(["mug", "teapot"]), atol=1e-4)
+    assert items.usage.prompt_tokens > 0
+
+    direct = client.embeddings.create(model="lrem-query-direct", input="A  Cup", encoding_format="float")
+    np.testing.assert_allclose(direct.data[0].embedding, tiny.encode_queries(["a cup"], mode="direct").embeddings[0],
+                               atol=1e-4)
+    reason = client.embeddings.create(model="lrem-query-reason", input=["hot tea"], dimensions=tiny.dim)
+    enc = tiny.encode_queries(["hot tea"], mode="reason")
+    np.testing.assert_allclose(reason.data[0].embedding, enc.embeddings[0], atol=1e-4)
+    assert reason.data[0].model_extra["cot"] == enc.cots[0]
+    auto = client.embeddings.create(model="lrem-query-auto", input=["a", "b", "c"])
+    assert len(auto.data) == 3 and all(len(d.embedding) == tiny.dim for d in auto.data)
+
+    assert {m.id for m in client.models.list()} == {"lrem-query-reason", "lrem-query-direct", "lrem-query-auto",
+                                                   "lrem-item"}
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.embeddings.create(model="text-embedding-3-small", input="mug")
+    with pytest.raises(openai.UnprocessableEntityError, match="max_inputs"):
+        client.embeddings.create(model="lrem-item", input=["mug"] * 9)
+    with pytest.raises(openai.UnprocessableEntityError, match="dimensions"):
+        client.embeddings.create(model="lrem-item", input="mug", dimensions=8)
+
+
+def test_healthz_openapi_and_metrics(url, tiny):
+    health = httpx.get(url + "/healthz").json()
+    assert health["status"] == "ok" and health["dim"] == tiny.dim and health["items"] == len(TITLES)
+    assert health["config"]["max_k"] == 50 and health["router"]["depth"] == 10
+    schema = httpx.get(url + "/openapi.json").json()
+    assert {"/search", "/v1/embeddings", "/v1/models", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {"SearchRequest", "SearchResponse", "EmbeddingRequest", "EmbeddingResponse"} <= set(
+        schema["components"]["schemas"])
+    post(url, "/search", {"query": "kettle", "k": 3})
+    r = httpx.get(url + "/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    for name in ("lrem_http_requests_total", "lrem_http_request_seconds_bucket", "lrem_batch_size_bucket",
+                 "lrem_cache_hit_rate", "lrem_router_reason_share", "lrem_queue_depth"):
+        assert name in r.text, name
+    assert metric(r.text, "lrem_http_requests_total", path="/search", status="200") >= 1
+    assert metric(r.text, "lrem_queries_total", mode="auto", mode_used="direct") + metric(
+        r.text, "lrem_queries_total", mode="auto", mode_used="reason") >= 1
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    ("/search", b"", 422, "Field required"),
+    ("/search", {}, 422, "query: Field required"),
+    ("/search", {"query": ""}, 422, "empty"),
+    ("/search", {"query": " \n\t "}, 422, "empty"),
+    ("/search", {"query": "x" * 201}, 422, "max_query_chars"),
+    ("/search", {"query": 5}, 422, "valid string"),
+    ("/search", {"query": ["mug"]}, 422, "valid string"),
+    ("/search", {"query": None}, 422, "valid string"),
+    ("/search", {"query": "mug", "k": 0}, 422, "greater than or equal to 1"),
+    ("/search", {"query": "mug", "k": "5"}, 422, "valid integer"),
+    ("/search", {"query": "mug", "k": 5.5}, 422, "valid integer"),
+    ("/search", {"query": "mug", "k": True}, 422, "valid integer"),
+    ("/search", {"query": "mug", "k": 51}, 422, "max_k"),
+    ("/search", {"query": "mug", "mode": "fast"}, 422, "'auto', 'reason' or 'direct'"),
+    ("/search", {"query": "mug", "querry": "mug"}, 422, "Extra inputs"),
+    ("/search", [1, 2], 422, "valid dictionary"),
+    ("/search", b'{"query": "caf\xe9"}', 400, "not valid UTF-8"),
+    ("/search", b'{"query": "mug"', 422, "JSON"),
+    ("/search", b'{"query": "\\ud800"}', 422, "lone surrogate"),
+    ("/search", b'{"query": "' + b"a" * 20_000 + b'"}', 413, "max_body_bytes"),
+    ("/v1/embeddings", {"model": "lrem-item"}, 422, "input: Field required"),
+    ("/v1/embeddings", {"input": "mug"}, 422, "model: Field required"),
+    ("/v1/embeddings", {"input": [], "model": "lrem-item"}, 422, "max_inputs"),
+    ("/v1/embeddings", {"input": [1, 2], "model": "lrem-item"}, 422, "valid string"),
+    ("/v1/embeddings", {"input": ["mug", " "], "model": "lrem-item"}, 422, "input[1] is empty"),
+    ("/v1/embeddings", {"input": "x" * 201, "model": "lrem-query-direct"}, 422, "max_query_chars"),
+    ("/v1/embeddings", {"input": "mug", "model": "lrem-item", "encoding_format": "hex"}, 422, "'float' or 'base64'"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_request_gets_a_4xx_with_a_message(url, path, body, status, message):
+    r = post(url, path, body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+
+
+def test_streamed_oversized_body_and_wrong_method(url):
+    chunks = iter([b'{"query": "', b"a" * 10_000, b"a" * 10_000, b'"}'])  # chunked: no content-length
+    r = httpx.post(url + "/search", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    assert httpx.get(url + "/search").status_code == 405
+
+
+def test_server_keeps_serving_after_bad_requests(url):
+    for path, body, *_ in BAD:
+        post(url, path, body)
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    assert post(url, "/search", {"query": "mug", "k": 2}).status_code == 200
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, "lrem_http_requests_total", path="/search", status="422") >= 15
+    assert not re.search(r'lrem_http_requests_total\{[^}]*status="5\d\d"', text)  # no 5xx ever
+
+
+def test_timeout_is_a_503_and_the_server_recovers(searcher):
+    cfg = ServeConfig(request_timeout_s=0.001, max_wait_ms=50)
+    with background_server(create_app(searcher, cfg)) as base:
+        r = post(base, "/search", {"query": "a slow query", "mode": "reason"})
+        assert r.status_code == 503 and "request_timeout_s" in r.json()["detail"]
+        assert httpx.get(base + "/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------- batching and cache
+
+def test_concurrent_clients_are_batched_and_get_their_own_results(url, searcher):
+    queries = [f"something for the {room} number {i}" for i, room in
+               enumerate(["kitchen", "bedroom", "office", "hall"] * 8)]  # 32 distinct queries
+    expected = searcher.search(queries, k=5, mode="direct")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            direct = [client.post("/search", json={"query": q, "k": 5, "mode": "direct"}) for q in queries]
+            reason = [client.post("/search", json={"query": f"gift idea {i}", "k": 5, "mode": "reason"})
+                      for i in range(8)]
+            return await asyncio.gather(*direct, *reason)
+
+    before = httpx.get(url + "/metrics").text
+    responses = asyncio.run(asyncio.wait_for(run(), timeout=120))
+    assert [r.status_code for r in responses] == [200] * 40
+    for r, q, e in zip(responses, queries, expected):
+        body = r.json()
+        assert body["query"] == q and body["mode_used"] == "direct"
+        assert [i["score"] for i in body["items"]] == pytest.approx([h.score for h in e.hits], abs=1e-4)
+    assert all(r.json()["mode_used"] == "reason" for r in responses[32:])
+    after = httpx.get(url + "/metrics").text
+    for kind, n in (("direct", 32), ("reason", 8)):
+        texts = metric(after, "lrem_batch_size_sum", kind=kind) - metric(before, "lrem_batch_size_sum", kind=kind)
+        calls = metric(after, "lrem_batch_size_count", kind=kind) - metric(before, "lrem_batch_size_count", kind=kind)
+        assert texts == n and calls < n, (kind, texts, calls)  # fewer model calls than texts: batches > 1
+
+
+def test_cache_hits_and_persists_across_restarts(searcher, tmp_path):
+    cfg = ServeConfig(cache_path=str(tmp_path / "cache.npz"), cache_size=100)
+    with background_server(create_app(searcher, cfg)) as base:
+        first = post(base, "/search", {"query": "Wine Glass", "k": 3, "mode": "reason"}).json()
+        again = post(base, "/search", {"query": "  wine   glass", "k": 3, "mode": "reason"}).json()
+        assert (first["cached"], again["cached"]) == (False, True)
+        assert again["items"] == first["items"] and again["cot"] == first["cot"]
+        assert metric(httpx.get(base + "/metrics").text, "lrem_cache_hit_rate") == pytest.approx(0.5)
+    assert (tmp_path / "cache.npz").exists()
+    with background_server(create_app(searcher, cfg)) as base:
+        assert httpx.get(base + "/healthz").json()["cache"]["entries"] == 1
+        warm = post(base, "/search", {"query": "wine glass", "k": 3, "mode": "reason"}).json()
+        assert warm["cached"] is True and warm["items"] == first["items"]
+
+
+def test_batcher_groups_by_kind_and_isolates_a_failing_text():
+    calls = []
+
+    def encode(kind, texts):  # stands in for the model: fails on any batch holding "bad"
+        calls.append((kind, sorted(texts)))
+        if "bad" in texts:
+            raise ValueError("cannot embed 'bad'")
+        return [f"{kind}:{t}" for t in texts], np.array([[len(t)] for t in texts], dtype=np.float32)
+
+    async def run():
+        batcher = Batcher(encode, max_batch=16, max_wait_ms=50, max_queue=100)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(kind, text) for kind, text in
+                                          [("direct", "a"), ("direct", "bb"), ("reason", "a"), ("direct", "bad"),
+                                           ("direct", "a")]), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    a, bb, reason_a, bad, a_again = asyncio.run(run())
+    assert a[0] == "direct:a" and a[1].tolist() == [1.0] and a_again[0] == "direct:a"
+    assert bb[0] == "direct:bb" and bb[1].tolist() == [2.0] and reason_a[0] == "reason:a"
+    assert isinstance(bad, ValueError)
+    # one batch per kind ("a" once), then the failed direct batch retried text by text
+    assert calls[0] == ("direct", ["a", "bad", "bb"]) and ("reason", ["a"]) in calls
+    assert ("direct", ["a"]) in calls and ("direct", ["bb"]) in calls and ("direct", ["bad"]) in calls
+
+
+def test_cache_is_a_bounded_lru_and_ignores_another_models_file(tmp_path):
+    cache = EmbeddingCache(max_entries=2)
+    vec = lambda x: np.full(4, x, dtype=np.float32)  # noqa: E731
+    cache.put(("direct", "a"), ("", vec(1)))
+    cache.put(("direct", "b"), ("", vec(2)))
+    assert cache.get(("direct", "a")) is not None  # "a" is now the most recent
+    cache.put(("reason", "c"), ("cot c", vec(3)))
+    assert cache.get(("direct", "b")) is None and len(cache) == 2 and cache.hit_rate == 0.5
+    cache.save(tmp_path / "c.npz", "model-1")
+    fresh = EmbeddingCache(10)
+    assert fresh.load(tmp_path / "c.npz", "model-2") == 0 and len(fresh) == 0
+    assert fresh.load(tmp_path / "c.npz", "model-1") == 2
+    cot, emb = fresh.get(("reason", "c"))
+    assert cot == "cot c" and emb.tolist() == [3.0] * 4
+
+
+# ---------------------------------------------------------------- config and CLI
+
+def test_config_from_yaml_sets_and_flags(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("max_batch: 4\nrouter_share: 0.3\nport: 8100\n")
+    cfg = ServeConfig.from_yaml(path, sets=["max_wait_ms=2.5", "cache_path="], port=9001, host=None)
+    assert (cfg.max_batch, cfg.router_share, cfg.max_wait_ms, cfg.port, cfg.host) == (4, 0.3, 2.5, 9001, "127.0.0.1")
+    assert cfg.router().share == 0.3
+    for bad, match in ((["max_bacth=4"], "unknown serve setting"), (["max_batch=four"], "expected int"),
+                       (["max_batch=0"], ">= 1"), (["router_share=2"], "share"), (["port"], "KEY=VALUE")):
+        with pytest.raises(ValueError, match=match):
+            ServeConfig.from_yaml(sets=bad)
+    assert normalize_query("Ｍug\u3000 CUP ") == "mug cup"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lrem_serve_command(searcher, tmp_path):
+    searcher.index.save(tmp_path / "idx")
+    port, cache = _free_port(), tmp_path / "cache.npz"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lrem.cli", "serve", "--index", str(tmp_path / "idx"),
+                             "--port", str(port), "--set", "max_batch=4", "--set", f"cache_path={cache}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                health = httpx.get(base + "/healthz", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "lrem serve did not come up in 120 s"
+                time.sleep(0.5)
+        assert health["config"]["max_batch"] == 4 and health["items"] == len(TITLES)
+        r = post(base, "/search", {"query": "mug", "k": 2, "mode": "direct"})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert cache.exists()  # written at shutdown
+
+
+# ---------------------------------------------------------------- the real default model
+
+@pytest.mark.slow
+def test_real_model_reasons_over_http(real_model):
+    titles = {f"i{j}": t for j, t in enumerate(TITLES[:6])}
+    searcher = Searcher(real_model, ItemIndex.build(real_model, titles, show_progress=False))
+    with background_server(create_app(searcher, ServeConfig())) as base:
+        body = post(base, "/search", {"query": "a device for pulling corks", "k": 3, "mode": "reason"}).json()
+        assert body["mode_used"] == "reason" and body["cot"].strip() and len(body["items"]) == 3
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        emb = client.embeddings.create(model="lrem-query-direct", input="corkscrew").data[0].embedding
+        assert len(emb) == 576 and abs(np.linalg.norm(emb) - 1.0) < 1e-3
