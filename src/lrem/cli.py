@@ -240,6 +240,59 @@ def construct(
     typer.echo(f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}")
 
 
+# ---------------------------------------------------------------- training
+
+train_app = typer.Typer(help="Train LREM stage 1 (cold start) or the direct-embedding baseline (Accelerate; "
+                             "run under torchrun / accelerate launch for several processes).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+TrainConfig = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of SFTConfig values "
+                                                     "(configs/coldstart.yaml, configs/direct.yaml).")]
+TrainData = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder: adds the split's qrels pairs "
+                                                   "of queries without a CoT, and checks triplet ids.")]
+Model = Annotated[Optional[str], typer.Option(help="Base model (default: the config's).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT/checkpoints.")]
+Steps = Annotated[Optional[int], typer.Option(help="Stop after N steps (default: num_epochs over the data).")]
+
+
+def _train(config, out, triplets, data, split, resume, use_cot, **flags) -> None:
+    from lrem.data import load_dataset
+    from lrem.train import SFTConfig, train
+
+    defaults = {} if config else ({} if use_cot else {"use_cot": False, "sft_weight": 0.0})
+    cfg = SFTConfig.load(config, **{**defaults, **flags})
+    if cfg.use_cot != use_cot:
+        raise ValueError(f"{config}: use_cot={cfg.use_cot}; `lrem train {'coldstart' if use_cot else 'direct'}` "
+                         f"needs use_cot={use_cot}")
+    train(cfg, out, triplets=triplets, dataset=load_dataset(data) if data else None, split=split, resume=resume,
+          log=_echo)
+
+
+@train_app.command("coldstart")
+def train_coldstart(
+    out: Out,
+    triplets: Annotated[Optional[Path], typer.Option(help="triplets.jsonl from `lrem construct`.")] = None,
+    config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
+    max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
+    save_steps: Optional[int] = None, seed: Optional[int] = None, resume: Resume = False,
+):
+    """Stage 1: L = 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE (in-batch negatives)."""
+    _train(config, out, triplets, data, split, resume, True, model=model, max_steps=max_steps,
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+
+
+@train_app.command("direct")
+def train_direct(
+    out: Out,
+    pairs: Annotated[Optional[Path], typer.Option(help="A triplets.jsonl (its CoTs are ignored).")] = None,
+    config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
+    max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
+    save_steps: Optional[int] = None, seed: Optional[int] = None, resume: Resume = False,
+):
+    """The direct-embedding baseline: InfoNCE only, `<think></think><emb>`, same pairs and schedule."""
+    _train(config, out, pairs, data, split, resume, False, model=model, max_steps=max_steps,
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+
+
 def main() -> None:
     from lrem.data import DataError
 

@@ -1,0 +1,336 @@
+"""Stage 1 of LREM (cold start: SFT + InfoNCE) and the direct-embedding baseline, on Accelerate.
+
+    lrem train coldstart --triplets runs/c/triplets.jsonl --out runs/cold [--config configs/coldstart.yaml]
+    lrem train direct --pairs runs/c/triplets.jsonl --out runs/direct [--config configs/direct.yaml]
+    # two processes (CPU: gloo; GPUs: NCCL), same command:
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m lrem.cli train direct ...
+
+The output folder is an LREM model folder (`LREM.from_pretrained`, `lrem index`, `lrem eval` take
+it as is) plus `train_state.json`, `tb/` (TensorBoard) and `checkpoints/step-N/` (model,
+optimizer and scheduler, each written atomically). `--resume` continues from the last checkpoint
+to the same weights as an uninterrupted run: the batch of step s depends only on (seed, s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._io import atomic_dir, write_json
+from ..data import DataError
+from ..losses import IGNORE, LREMLoss
+from ..prompts import close_cot
+from .sft_config import SFTConfig
+
+TRAIN_STATE = "train_state.json"
+REQUIRED = ("query_id", "query", "item_id", "item_title")
+
+
+@dataclass
+class Pair:
+    """One training example: a query, a relevant item and, for cold start, the teacher CoT."""
+
+    query_id: str
+    query: str
+    item_id: str
+    item_title: str
+    cot: str | None = None  # None: no teacher CoT (embedded after an empty CoT, no SFT target)
+
+
+# ---------------------------------------------------------------- data
+
+def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) -> list[Pair]:
+    """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`).
+
+    Raises `DataError` naming file, line and field for: an empty file, a malformed line, a
+    missing or non-string field, a CoT longer than `cot_max_tokens` tokens (when `tokenizer` is
+    given), an id unknown to `dataset` (when given), or one item id with two titles.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such triplet file")
+    pairs: list[Pair] = []
+    titles: dict[str, tuple[str, int]] = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, None, f"malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, line_no, None, "expected a JSON object")
+        for f in (*REQUIRED, "cot"):
+            value = row.get(f, "" if f == "cot" else None)
+            if not isinstance(value, str) or (f != "cot" and not value.strip()):
+                raise DataError(path, line_no, f, f"expected a non-empty string, got {value!r}"
+                                if f != "cot" else f"expected a string, got {value!r}")
+        cot = row.get("cot", "").strip()
+        if tokenizer is not None and cot:
+            n = len(tokenizer(cot, add_special_tokens=False)["input_ids"])
+            if n > cot_max_tokens:
+                raise DataError(path, line_no, "cot", f"{n} tokens, more than cot_max_tokens={cot_max_tokens}")
+        if dataset is not None:
+            if row["query_id"] not in dataset.queries:
+                raise DataError(path, line_no, "query_id", f"unknown query id {row['query_id']!r}")
+            if row["item_id"] not in dataset.catalog:
+                raise DataError(path, line_no, "item_id", f"unknown item id {row['item_id']!r}")
+        seen = titles.setdefault(row["item_id"], (row["item_title"], line_no))
+        if seen[0] != row["item_title"]:
+            raise DataError(path, line_no, "item_title", f"item {row['item_id']!r} has another title on line {seen[1]}")
+        pairs.append(Pair(row["query_id"], row["query"], row["item_id"], row["item_title"], cot))
+    if not pairs:
+        raise DataError(path, None, None, "no triplets (the file is empty)")
+    return pairs
+
+
+def pairs_from_qrels(dataset, split: str = "train") -> list[Pair]:
+    """(query, relevant item) pairs of one split, in a fixed order, without CoTs."""
+    queries = dataset.split_queries(split)
+    return [Pair(qid, q.text, iid, dataset.catalog[iid].title)
+            for qid, q in sorted(queries.items()) for iid in sorted(dataset.relevant(qid))]
+
+
+def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=None, cot_max_tokens: int = 16,
+                use_cot: bool = True) -> list[Pair]:
+    """The training pairs: the triplet file's, then the split's qrels pairs of queries it lacks.
+
+    Cold start and the direct baseline call this with the same inputs, so they see the same
+    (query, item) pairs; `use_cot=False` drops the CoTs.
+    """
+    if triplets is None and dataset is None:
+        raise ValueError("give a triplet/pair file, a dataset folder and split, or both")
+    pairs = load_triplets(triplets, tokenizer, cot_max_tokens, dataset) if triplets is not None else []
+    if dataset is not None:
+        have = {p.query_id for p in pairs}
+        pairs += [p for p in pairs_from_qrels(dataset, split) if p.query_id not in have]
+    if not use_cot:
+        pairs = [Pair(p.query_id, p.query, p.item_id, p.item_title, None) for p in pairs]
+    return pairs
+
+
+def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+    """Right-padded token batches for `LREMLoss` (see its docstring for the columns).
+
+    The SFT targets are the tokens after `<think>`: the CoT, `</think>` and `<emb>`; everything
+    before (system prompt, instruction, query) is not a target. Pairs without a CoT get none.
+    """
+    tok, cfg, pad = model.tokenizer, model.config, model.tokenizer.pad_token_id
+    prompt_texts = model.query_prompts([p.query for p in pairs])
+    prompt_ids = tok(prompt_texts, add_special_tokens=False)["input_ids"]
+    q_ids = tok([t + close_cot(p.cot or "", cfg) for t, p in zip(prompt_texts, pairs)],
+                add_special_tokens=False)["input_ids"]
+    d_ids = tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"]
+    pos, tgt = [], []
+    for p, prompt, full in zip(pairs, prompt_ids, q_ids):
+        n = len(prompt)  # the prompt ends with <think>: the next token is the first target
+        if p.cot is None:
+            pos.append([0]), tgt.append([IGNORE])
+        else:
+            pos.append(list(range(n - 1, len(full) - 1))), tgt.append(full[n:])
+    qid = [p.query_id for p in pairs]
+    iid = [p.item_id for p in pairs]
+    exclude = torch.tensor([[qid[i] == qid[j] or iid[i] == iid[j] for j in range(len(pairs))]
+                            for i in range(len(pairs))])  # (B, B) other positives: not negatives
+    q, qm = _pad(q_ids, pad)
+    d, dm = _pad(d_ids, pad)
+    return {"q_ids": q, "q_mask": qm, "d_ids": d, "d_mask": dm, "exclude": exclude,
+            "sft_pos": _pad(pos, 0)[0], "sft_tgt": _pad(tgt, IGNORE)[0]}
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [value] * (width - len(s)) for s in seqs])  # (B, T)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # (B, T)
+    return ids, mask
+
+
+def batch_indices(n: int, step: int, batch_size: int, world: int, rank: int, seed: int) -> list[int]:
+    """Indices of this process's part of the global batch of `step`: a function of (seed, step) only,
+    so a resumed run sees exactly the batches an uninterrupted one would.
+
+    >>> batch_indices(8, 0, 2, 2, 0, 0) + batch_indices(8, 0, 2, 2, 1, 0) == batch_indices(8, 0, 4, 1, 0, 0)
+    True
+    """
+    per_epoch = n // (batch_size * world)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = (i * world + rank) * batch_size
+    return perm[start : start + batch_size].tolist()
+
+
+# ---------------------------------------------------------------- schedule and checkpoints
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """Multiplier of the peak lr at `step`: 1) linear warmup, 2) cosine decay to 0 (or constant)."""
+    import math
+
+    if step < warmup:  # 1) warmup
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # 2) cosine
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def last_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder under `out/checkpoints`, or None."""
+    folder = Path(out) / "checkpoints"
+    found = sorted(p for p in folder.glob("step-*") if (p / TRAIN_STATE).exists()) if folder.exists() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        write_json(tmp / TRAIN_STATE, state)
+    for old in sorted((Path(out) / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------- training
+
+def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train", resume: bool = False,
+          stop_after_step: int | None = None, log=print) -> dict:
+    """Train from `cfg.model` on the pairs of `build_pairs` and write the model folder `out`.
+
+    Args:
+        cfg: the resolved config (see `SFTConfig`).
+        out: output folder (the model; checkpoints and TensorBoard logs inside).
+        triplets: `triplets.jsonl` (query, cot, item), or for the direct baseline any such file.
+        dataset: a loaded `lrem.data.Dataset`: its `split` qrels add pairs without a CoT, and the
+            triplet ids are checked against it.
+        resume: continue from the last checkpoint in `out/checkpoints`.
+        stop_after_step: end (checkpoint and return, no final model) after this step: a time box,
+            or a simulated interruption in tests.
+    Returns the train state (also written to `out/train_state.json`).
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    from ..model import LREM
+
+    out = Path(out)
+    # Accelerate keeps its settings in a process-wide singleton: start each run (a library caller may
+    # train twice, e.g. once in float32, once in bf16) from a clean one; the process group stays.
+    AcceleratorState._reset_state()
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.sft_weight == 0)])
+    main = acc.is_main_process
+    say = log if main else (lambda *_: None)
+    torch.manual_seed(cfg.seed)
+    ckpt = last_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, or use a new --out")
+    if resume and ckpt is None:
+        say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
+    model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
+    model.source = cfg.model
+    pairs = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, cfg.use_cot)
+
+    world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
+    per_epoch = len(pairs) // (bs * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(pairs)} pairs, fewer than one global batch ({bs} x {world} processes)")
+    total = cfg.max_steps or per_epoch * cfg.num_epochs
+    warmup = int(round(cfg.warmup_ratio * total))
+    say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT), {world} process(es) x "
+        f"batch {bs}, {total} steps, warmup {warmup}, config {json.dumps(cfg.to_dict())}")
+
+    if cfg.gradient_checkpointing:
+        enable = getattr(model.lm, "activation_checkpointing_enable", None) or model.lm.gradient_checkpointing_enable
+        enable()
+    model.lm.train()
+    loss_fn = LREMLoss(model, cfg.sft_weight, cfg.infonce_weight, cfg.temperature)
+    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    start = 0
+    if ckpt is not None:
+        prev = json.loads((ckpt / TRAIN_STATE).read_text())
+        for key, now in (("world_size", world), ("total_steps", total), ("seed", cfg.seed), ("batch_size", bs),
+                         ("examples", len(pairs))):
+            if prev[key] != now:
+                raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
+                                 "same data, batch, steps, seed and processes")
+        saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        start = prev["step"]
+        say(f"resuming from {ckpt} at step {start}")
+    wrapped, optimizer = acc.prepare(loss_fn, optimizer)
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "global_batch_size": bs * world,
+             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "losses": {}}
+    end = min(total, stop_after_step or total)
+    t0, t_log, s_log = time.time(), time.time(), start
+    bar = tqdm(range(start, end), initial=start, total=total, desc="train", unit="step", disable=not main)
+    for step in bar:
+        idx = batch_indices(len(pairs), step, bs, world, rank, cfg.seed)
+        batch = {k: v.to(acc.device) for k, v in collate(model, [pairs[i] for i in idx]).items()}
+        with acc.autocast():
+            parts = wrapped(batch)
+        loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
+        acc.backward(loss)
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the lr this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == end:
+            vals = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in {**parts, "total": loss}.items()}
+            dt = max(time.time() - t_log, 1e-9)
+            speed = {"steps_per_s": (done - s_log) / dt, "samples_per_s": (done - s_log) * bs * world / dt}
+            t_log, s_log = time.time(), done
+            state["losses"] = vals
+            if writer is not None:
+                for k, v in vals.items():
+                    writer.add_scalar(f"loss/{k}", v, done)
+                writer.add_scalar("lr", lr, done)
+                for k, v in speed.items():
+                    writer.add_scalar(f"throughput/{k}", v, done)
+            bar.set_postfix(loss=f"{vals['total']:.4f}", lr=f"{lr:.2e}",
+                            it_s=f"{speed['steps_per_s']:.2f}")
+        state["step"] = done
+        if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
+    bar.close()
+    state["seconds"] = round(time.time() - t0, 2)
+    acc.wait_for_everyone()
+    if writer is not None:
+        writer.close()
+    if main and state["step"] == total:
+        _save_final(out, model, state)
+        say(f"wrote {out} ({total} steps, {state['seconds']:.0f} s)")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return state
+
+
+def _save_final(out: Path, model, state: dict) -> None:
+    """Replace `out` atomically by the model folder; checkpoints and TensorBoard logs move into it."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        write_json(tmp / TRAIN_STATE, state)
+        for sub in ("checkpoints", "tb"):
+            if (out / sub).exists():
+                os.replace(out / sub, tmp / sub)

@@ -1,0 +1,109 @@
+"""`SFTConfig`: every value of stage-1 training (cold start) and of the direct baseline.
+
+    cfg = SFTConfig.load("configs/coldstart.yaml", max_steps=200)   # defaults < YAML < overrides
+"""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class SFTConfig:
+    # Model and objective (LREM_SPEC, "Stage 1: cold start")
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Base: a built-in name, an HF folder or hub name, or an LREM folder."})
+    use_cot: bool = field(default=True, metadata={
+        "help": "Train the query side on the teacher CoT (`<think> cot </think><emb>`); false = the direct "
+                "baseline, `<think></think><emb>` for every query."})
+    sft_weight: float = field(default=0.1, metadata={"help": "Weight of L_SFT (paper: 0.1); 0 = InfoNCE only."})
+    infonce_weight: float = field(default=1.0, metadata={"help": "Weight of L_InfoNCE (paper: 1.0)."})
+    temperature: float = field(default=0.05, metadata={
+        "help": "InfoNCE temperature on cosine similarity (paper: not given). 0.05 = scale 20, the "
+                "sentence-transformers default."})
+    cot_max_tokens: int = field(default=16, metadata={
+        "help": "l in the paper: a training CoT longer than this many tokens is an input error."})
+    # Optimisation
+    learning_rate: float = field(default=2e-5, metadata={
+        "help": "Peak AdamW lr. Paper: 1e-5 for a 3B model at batch 16384; 2e-5 suits a 135M model at batch "
+                "16-64 (sentence-transformers' default)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warmup share of the steps (paper: 3%)."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or constant after warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 = off."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Pairs per process per step; in-batch negatives are the other pairs of the process."})
+    num_epochs: int = field(default=1, metadata={"help": "Passes over the data (paper: 1), unless max_steps."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps (overrides epochs)."})
+    seed: int = field(default=0, metadata={"help": "Seeds the data order (same seed -> same batches)."})
+    # Precision and memory
+    bf16: bool = field(default=False, metadata={
+        "help": "bfloat16 autocast (CUDA, AMX CPUs); on an AVX2 CPU float32 is ~6x faster."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
+    # Logging and checkpoints
+    logging_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint (model + optimizer) every N steps; 0 = off."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_epochs", "cot_max_tokens", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}; need >= 1 (or null for num_epochs)")
+        if self.sft_weight < 0 or self.infonce_weight <= 0:
+            raise ValueError(f"sft_weight={self.sft_weight}, infonce_weight={self.infonce_weight}; "
+                             "need sft_weight >= 0 and infonce_weight > 0")
+        if not self.use_cot and self.sft_weight > 0:
+            raise ValueError(f"use_cot=false with sft_weight={self.sft_weight}: there is no CoT to train on; "
+                             "set sft_weight: 0 (the direct baseline)")
+        if self.temperature <= 0 or self.learning_rate <= 0:
+            raise ValueError(f"temperature={self.temperature}, learning_rate={self.learning_rate}; need > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio}; need 0 <= warmup_ratio < 1")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected cosine or constant")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ValueError(f"save_steps={self.save_steps}, save_total_limit={self.save_total_limit}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path=None, **overrides) -> "SFTConfig":
+        """Defaults, then a YAML file of values, then `overrides` (None values are ignored).
+
+        An unknown key or a value of the wrong type raises a ValueError naming file and key.
+        """
+        import yaml
+
+        values: dict = {}
+        if path is not None:
+            try:
+                values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: malformed YAML ({e})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: expected a mapping of config keys to values")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
+        for key, value in values.items():
+            src = "flag" if key in overrides else path
+            if key not in known:
+                raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
+            if not _type_ok(value, hints[key]):
+                raise ValueError(f"{src}: key {key!r}: expected {hints[key]}, got {value!r}")
+        return cls(**values)
+
+
+def _type_ok(value, hint) -> bool:
+    for t in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+        if t is type(None) and value is None:
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t in (int, str, bool) and type(value) is t:
+            return True
+    return False

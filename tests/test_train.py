@@ -1,0 +1,182 @@
+"""lrem.train: input checks, data order, schedule, and real training runs of the tiny model
+(one process, resume, and two processes under torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lrem.data import Dataset, DataError, Item, Query
+from lrem.losses import LREMLoss
+from lrem.model import LREM
+from lrem.train import SFTConfig, build_pairs, load_triplets, train
+from lrem.train.sft import batch_indices, collate, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["corkscrew", "chair", "coffee", "teapot", "hammer", "lamp", "spoon", "blanket"]
+
+
+def _rows(n=8):
+    return [{"query_id": f"q{i}", "query": f"something like a {w}", "cot": f"{w}, {w}s",
+             "item_id": f"i{i}", "item_title": w} for i, w in enumerate(WORDS[:n])]
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def triplets(tmp_path):
+    return _write(tmp_path / "triplets.jsonl", _rows())
+
+
+def _cfg(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1,
+                save_steps=0, max_steps=4)
+    return SFTConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("lines, line, field", [
+    ([], None, None),  # empty file
+    ([json.dumps(_rows()[0]), "{not json"], 2, None),  # malformed line
+    ([{**_rows()[0], "item_title": ""}], 1, "item_title"),  # empty field
+    ([{k: v for k, v in _rows()[0].items() if k != "query"}], 1, "query"),  # missing field
+    ([_rows()[0], {**_rows()[1], "cot": " ".join(["word"] * 40)}], 2, "cot"),  # CoT over 16 tokens
+    ([_rows()[0], {**_rows()[1], "item_id": "i0"}], 2, "item_title"),  # 2 titles
+])
+def test_bad_triplets_name_file_line_field(tmp_path, tiny, lines, line, field):
+    path = _write(tmp_path / "t.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        load_triplets(path, tiny.tokenizer, cot_max_tokens=16)
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), line, field)
+    assert str(path) in str(e.value)
+
+
+def test_unknown_ids_and_pairs_from_dataset(triplets):
+    ds = Dataset(catalog={f"i{i}": Item(f"i{i}", w) for i, w in enumerate(WORDS)} | {"x": Item("x", "extra")},
+                 queries={f"q{i}": Query(f"q{i}", f"q {w}", "definition", "train") for i, w in enumerate(WORDS)}
+                 | {"q9": Query("q9", "an extra query", "definition", "train")},
+                 qrels={"q0": {"i0": 1}, "q9": {"x": 1}})
+    pairs = build_pairs(triplets, ds, "train")
+    assert len(pairs) == 9 and pairs[-1].query_id == "q9" and pairs[-1].cot is None  # qrels add q9 only
+    assert all(p.cot is None for p in build_pairs(triplets, ds, "train", use_cot=False))
+    del ds.catalog["i3"]
+    with pytest.raises(DataError, match=r"t.*jsonl:4: field 'item_id': unknown item id 'i3'"):
+        build_pairs(triplets, ds, "train")
+
+
+def test_cli_reports_bad_input_before_training(tmp_path, tiny_dir):
+    from lrem.cli import app
+
+    bad = _write(tmp_path / "bad.jsonl", [json.dumps(_rows()[0]), "[1, 2]"])
+    res = CliRunner().invoke(app, ["train", "coldstart", "--triplets", str(bad), "--model", str(tiny_dir),
+                                   "--out", str(tmp_path / "m")])
+    assert isinstance(res.exception, DataError) and f"{bad}:2:" in str(res.exception)
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------- config, data order, schedule
+
+def test_configs_load_and_checks():
+    cold = SFTConfig.load(ROOT / "configs/coldstart.yaml")
+    direct = SFTConfig.load(ROOT / "configs/direct.yaml", max_steps=10)
+    assert (cold.sft_weight, cold.infonce_weight, cold.use_cot, cold.cot_max_tokens) == (0.1, 1.0, True, 16)
+    assert (direct.sft_weight, direct.use_cot, direct.max_steps) == (0.0, False, 10)
+    assert {k: v for k, v in cold.to_dict().items() if k not in ("use_cot", "sft_weight")} == \
+           {k: v for k, v in direct.to_dict().items() if k not in ("use_cot", "sft_weight", "max_steps")} | {"max_steps": None}
+    with pytest.raises(ValueError, match="unknown key 'lr'"):
+        SFTConfig.load(None, lr=1.0)
+    with pytest.raises(ValueError, match="use_cot=false with sft_weight=0.1"):
+        SFTConfig(use_cot=False)
+
+
+def test_batch_indices_are_a_function_of_seed_and_step():
+    n, bs, world = 20, 3, 2
+    steps = n // (bs * world)  # 3 full global batches per epoch
+    epoch = [i for s in range(steps) for r in range(world) for i in batch_indices(n, s, bs, world, r, seed=7)]
+    assert len(set(epoch)) == len(epoch) == steps * bs * world  # disjoint across ranks and steps
+    assert batch_indices(n, 4, bs, world, 1, 7) == batch_indices(n, 4, bs, world, 1, 7)
+    assert batch_indices(n, 0, bs, world, 0, 7) != batch_indices(n, steps, bs, world, 0, 7)  # new epoch order
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2) == 1.0 and lr_factor(6, 10, 2) == pytest.approx(0.5)
+    assert lr_factor(9, 10, 2) < 0.05 and lr_factor(5, 10, 2, "constant") == 1.0
+
+
+# ---------------------------------------------------------------- training runs (tiny model)
+
+def _loss(model_dir, pairs):
+    m = LREM.from_pretrained(str(model_dir), dtype="float32")
+    with torch.no_grad():
+        parts = LREMLoss(m, sft_weight=0.1)(collate(m, pairs))
+    return {k: v.item() for k, v in parts.items()}
+
+
+def test_coldstart_trains_and_writes_a_model_folder(tmp_path, tiny_dir, triplets):
+    out = tmp_path / "cold"
+    pairs = load_triplets(triplets)
+    state = train(_cfg(tiny_dir, max_steps=8, save_steps=4), out, triplets=triplets, log=lambda *_: None)
+    assert state["step"] == 8 and state["world_size"] == 1 and set(state["losses"]) == {"sft", "infonce", "total"}
+    saved = json.loads((out / "train_state.json").read_text())
+    assert saved["step"] == 8 and saved["config"]["sft_weight"] == 0.1
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004"]  # step 8 is the final model
+    before, after = _loss(tiny_dir, pairs), _loss(out, pairs)
+    assert after["sft"] < before["sft"] and after["infonce"] < before["infonce"]
+    m = LREM.from_pretrained(str(out))  # an LREM folder, as index/search/eval take it
+    assert m.encode_items(["chair"]).shape == (1, m.dim)
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir, triplets):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    cfg = _cfg(tiny_dir, max_steps=6, save_steps=2)
+    sa = train(cfg, straight, triplets=triplets, log=lambda *_: None)
+    part = train(cfg, resumed, triplets=triplets, stop_after_step=3, log=lambda *_: None)  # "interrupted"
+    assert part["step"] == 3 and not (resumed / "config.json").exists()
+    assert (resumed / "checkpoints" / "step-0000003").exists()
+    sb = train(cfg, resumed, triplets=triplets, resume=True, log=lambda *_: None)
+    assert sb["step"] == sa["step"] == 6
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    assert sb["losses"]["total"] == pytest.approx(sa["losses"]["total"], abs=1e-5)
+    w0 = load_file(Path(tiny_dir) / "model.safetensors")
+    assert not torch.equal(wa["model.layers.0.mlp.down_proj.weight"], w0["model.layers.0.mlp.down_proj.weight"])
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        train(cfg, resumed, triplets=triplets, log=lambda *_: None)  # no silent restart over a run
+    with pytest.raises(ValueError, match="batch_size=4 in the checkpoint but 2 now"):
+        train(_cfg(tiny_dir, max_steps=6, batch_size=2), resumed, triplets=triplets, resume=True, log=lambda *_: None)
+
+
+def test_direct_under_torchrun_with_two_processes(tmp_path, tiny_dir, triplets):
+    out = tmp_path / "direct"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lrem.cli", "train", "direct", "--pairs", str(triplets), "--model", str(tiny_dir),
+           "--out", str(out), "--max-steps", "2", "--batch-size", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((out / "train_state.json").read_text())
+    assert (state["world_size"], state["global_batch_size"], state["step"]) == (2, 4, 2)
+    assert state["config"]["use_cot"] is False and set(state["losses"]) == {"infonce", "total"}
+    assert LREM.from_pretrained(str(out)).encode_queries(["a chair"], mode="direct").embeddings.shape[0] == 1
+
+
+def test_bf16_and_gradient_checkpointing_options(tmp_path, tiny_dir, triplets):
+    cfg = _cfg(tiny_dir, max_steps=2, bf16=True, gradient_checkpointing=True)
+    state = train(cfg, tmp_path / "bf16", triplets=triplets, log=lambda *_: None)
+    assert state["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in state["losses"].values())
+    assert LREM.from_pretrained(str(tmp_path / "bf16"), dtype="float32").lm.dtype == torch.float32
