@@ -10,12 +10,18 @@
 Query side (LREM_SPEC): chat prompt + `<think>` + CoT + `</think><emb>`; the CoT is generated
 greedily (at most `cot_max_tokens` tokens) in `reason` mode, empty in `direct` mode, or given.
 Item side: chat prompt + `<emb>`, no reasoning. Embedding = last-layer hidden state at `<emb>`.
+
+Speed: the prompt prefix every query (or item) shares is run once and its KV cache kept across
+calls; reasoning decodes greedily over a preallocated KV cache (a CUDA graph on CUDA, vLLM when
+installed on CUDA). `generate_cots(fast=False)` is the plain `lm.generate` path, same CoTs.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +188,11 @@ class LREM(torch.nn.Module):
             raise ValueError("the tokenizer lacks the LREM special tokens; use LREM.from_pretrained")
         self.think_id, self.think_end_id, self.emb_id = ids
         self.source = ""  # where it was loaded from (recorded in index metadata)
+        self._fast: dict = {}  # prefix KV caches, CUDA graphs, vLLM engine: valid for one `_weights_key`
+
+    def __getstate__(self):
+        # the speed caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
+        return {**self.__dict__, "_fast": {}}
 
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
@@ -276,12 +287,12 @@ class LREM(torch.nn.Module):
         """Embed full texts in length-sorted batches (less padding), returned in input order.
 
         With `prefix_cache`, the token prefix shared by all texts (system prompt, instruction:
-        most of a query's tokens) is run once and its KV cache reused by every batch; the
-        token sequences and positions are exactly those of the plain path.
+        most of a query's tokens) is run once and its KV cache reused by every batch (and by
+        later calls, see `_shared_prefix`); the token sequences and positions are exactly those
+        of the plain path.
         """
         seqs = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        n_prefix = common_prefix_len(seqs) if prefix_cache and len(seqs) > 1 else 0
-        prefix_kv = self._prefix_kv(seqs[0][:n_prefix]) if n_prefix else None
+        n_prefix, prefix_kv = self._shared_prefix(seqs) if prefix_cache else (0, None)
         order = np.argsort([len(s) for s in seqs], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not show_progress, unit="batch"):
@@ -289,11 +300,62 @@ class LREM(torch.nn.Module):
             out[idx] = self._embed_suffixes([seqs[i][n_prefix:] for i in idx], prefix_kv, n_prefix).cpu().numpy()
         return out
 
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (key, value) of the shared prefix, batch 1."""
+    def _prefix_kv(self, prefix: list[int], past=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (key, value) of the shared prefix, batch 1; `past` is the KV of tokens before
+        `prefix` (it is extended, not modified)."""
+        from transformers import DynamicCache
+
+        start = past[0][0].shape[2] if past else 0
         ids = torch.tensor([prefix], device=self.device)
-        cache = self.lm.get_decoder()(input_ids=ids, use_cache=True).past_key_values
+        pos = start + torch.arange(len(prefix), device=self.device)[None]  # (1, P)
+        cache = DynamicCache(ddp_cache_data=past) if past else None
+        out = self.lm.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever the weights may have: moved, cast, replaced, or updated in place
+        (every in-place update bumps a tensor's version counter)."""
+        ps = list(self.lm.parameters())
+        return ps[0].device, ps[0].dtype, ps[0].data_ptr(), sum(p._version for p in ps)
+
+    def _fast_state(self) -> dict:
+        """Caches derived from the weights (prefix KV, CUDA graphs, vLLM), dropped when they change."""
+        key = self._weights_key()
+        if self._fast.get("key") != key:
+            self._fast = {"key": key, "prefix": {}, "steps": {}}
+        return self._fast
+
+    def _template_prefixes(self) -> list[list[int]]:
+        """Token ids every query prompt, and every item text, starts with: the chat template,
+        system prompt and instruction up to where the query or title goes."""
+        out = []
+        for render in (self.query_prompts, self.item_texts):
+            a, b = self.tokenizer(render(["a", "b"]), add_special_tokens=False)["input_ids"]
+            out.append(a[: common_prefix_len([a, b])])
+        return out
+
+    def _shared_prefix(self, seqs: list[list[int]]) -> tuple[int, list | None]:
+        """(n, per-layer KV of the first n tokens): the prefix of `seqs` to run once, batch 1.
+
+        n is the batch's common prefix (each row keeps >= 1 token). Its part shared with a
+        template prefix comes from a KV cache kept across calls, so even a single query skips
+        its system prompt and instruction; the rest (e.g. one query repeated) is run here.
+        """
+        n = common_prefix_len(seqs)
+        if n == 0:
+            return 0, None
+        tpl = max(self._template_prefixes(), key=lambda t: common_prefix_len([t + [-1], seqs[0]]))
+        m = min(n, common_prefix_len([tpl + [-1], seqs[0]]))  # tokens shared with the template
+        if m == 0:
+            return (n, self._prefix_kv(seqs[0][:n])) if len(seqs) > 1 else (0, None)
+        cached = self._fast_state()["prefix"]
+        if tuple(tpl) not in cached:
+            cached[tuple(tpl)] = self._prefix_kv(tpl)
+        kv = [(k[:, :, :m], v[:, :, :m]) for k, v in cached[tuple(tpl)]]
+        if n > m and len(seqs) > 1:  # a longer common prefix than the template's: extend it
+            kv = self._prefix_kv(seqs[0][m:n], past=kv)
+        return (n if len(seqs) > 1 else m), kv
 
     def _embed_suffixes(self, suffixes: list[list[int]], prefix_kv, n_prefix: int) -> torch.Tensor:
         """Embeddings (B, D) of prefix + each suffix; suffixes are right-padded (positions stay
@@ -325,19 +387,23 @@ class LREM(torch.nn.Module):
         cots: list[str] | None = None,
         batch_size: int = 32,
         show_progress: bool = False,
+        fast: bool = True,
     ) -> QueryEncoding:
         """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`.
 
         Given `cots` (teacher CoTs, ablations), `mode` is ignored. In `reason` mode the
-        embedding equals the one `encode_queries(texts, cots=result.cots)` gives.
+        embedding equals the one `encode_queries(texts, cots=result.cots)` gives; `fast`
+        (default) embeds each query from the KV cache its reasoning left (`_reason`).
         """
         texts = list(texts)
         if cots is not None:
             if len(cots) != len(texts):
                 raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
             cots = [c.strip() for c in cots]
+        elif mode == "reason" and fast and self._vllm() is None:
+            return self._reason(texts, batch_size, show_progress)
         elif mode == "reason":
-            cots = self.generate_cots(texts, batch_size=batch_size, show_progress=show_progress)
+            cots = self.generate_cots(texts, batch_size=batch_size, show_progress=show_progress, fast=fast)
         elif mode == "direct":
             cots = [""] * len(texts)
         else:
@@ -353,27 +419,175 @@ class LREM(torch.nn.Module):
         batch_size: int = 32,
         show_progress: bool = False,
         max_new_tokens: int | None = None,
+        fast: bool = True,
     ) -> list[str]:
-        """Greedy CoTs of at most `cot_max_tokens` tokens, batched with left padding.
+        """Greedy CoTs of at most `cot_max_tokens` tokens, batched.
 
         Generation stops at `</think>`, `<emb>` or end-of-turn; whatever the model emits, the
-        caller closes the CoT with `</think><emb>` itself.
+        caller closes the CoT with `</think><emb>` itself. `fast` (default) decodes with the
+        cached prompt prefix and a preallocated KV cache (`_greedy`; vLLM instead when it is
+        installed and the model is on CUDA); `fast=False` is plain `lm.generate` on left-padded
+        prompts. Both give the same CoTs (up to float rounding on near-ties).
         """
         max_new = max_new_tokens or self.config.cot_max_tokens
         stop = [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
         prompts_ = self.query_prompts(texts)
+        engine = self._vllm() if fast else None
+        if engine is not None:
+            return [self.decode_cot(ids) for ids in self._greedy_vllm(engine, prompts_, max_new, stop)]
         cots: list[str] = []
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
-            batch = self.tokenize(prompts_[s : s + batch_size])
-            gen = self.lm.generate(
-                **batch,
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=stop,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )[:, batch["input_ids"].shape[1] :]  # (B, <= max_new)
-            cots.extend(self.decode_cot(row) for row in gen.tolist())
+            if fast:
+                seqs = self.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
+                gen = self._greedy(seqs, max_new, stop)
+            else:
+                batch = self.tokenize(prompts_[s : s + batch_size])
+                gen = self.lm.generate(
+                    **batch,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )[:, batch["input_ids"].shape[1] :].tolist()  # (B, <= max_new)
+            cots.extend(self.decode_cot(row) for row in gen)
         return cots
+
+    @torch.inference_mode()
+    def _reason(self, texts: list[str], batch_size: int, show_progress: bool) -> QueryEncoding:
+        """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache."""
+        stop = [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
+        prompts_ = self.query_prompts(texts)
+        cots, embs = [], []
+        for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
+            seqs = self.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
+            batch = texts[s : s + batch_size]
+            batch_cots, emb = self._greedy(seqs, self.config.cot_max_tokens, stop, texts=batch)
+            if emb is None:
+                embs.append(self._embed_texts(self.query_texts(batch, batch_cots), batch_size, "q", False))
+            else:
+                embs.append(emb.cpu().numpy())
+            cots += batch_cots
+        return QueryEncoding(np.concatenate(embs) if embs else np.zeros((0, self.dim), np.float32), cots)
+
+    def _greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None):
+        """Greedy continuations (B rows of max_new ids; pad after a stop id), as `lm.generate` gives.
+        Given `texts` (the queries of `seqs`), returns (CoTs, embeddings (B, D) or None) instead:
+        each query embedded after its CoT from the cache the decoding left (`_embed_after`).
+
+        The prefix shared with the prompt template (~70 of ~85 query tokens) comes from the
+        cached KV (`_shared_prefix`), expanded to the batch; each prompt's suffix follows it,
+        left-padded in the middle (mask 0, positions counted from the mask, so every token
+        sits where it would in the plain path). Then one token per step over a preallocated
+        cache, the LM head on the last position only; finished rows keep feeding pad.
+        """
+        n, kv = self._shared_prefix(seqs)
+        sufs = [x[n:] for x in seqs]
+        length = n + max(len(x) for x in sufs) + max_new
+        if self.device.type == "cuda":
+            length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
+        step = self._step(len(seqs), length)
+        with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
+            gen, used = self._greedy_run(step, n, kv, sufs, max_new, stop)
+            if texts is None:
+                return gen
+            cots = [self.decode_cot(g) for g in gen]
+            full = self.tokenizer(self.query_texts(texts, cots), add_special_tokens=False)["input_ids"]
+            if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
+                return cots, None
+            return cots, self._embed_after(step, used, seqs, gen, full)
+
+    def _greedy_run(self, step: "_GreedyStep", n: int, kv, sufs: list[list[int]], max_new: int,
+                    stop: list[int]) -> tuple[list[list[int]], int]:
+        """Decode into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W), then
+        one slot per step. Returns the generated ids and the number of cache slots filled."""
+        b, w, dev, pad = len(sufs), max(len(x) for x in sufs), self.device, self.tokenizer.pad_token_id
+        step.reset()
+        for layer, (k, v) in zip(step.cache.layers, kv or []):
+            layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))  # slots [0, n)
+        ids = torch.tensor([[pad] * (w - len(x)) + x for x in sufs], device=dev)  # (B, W)
+        mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)
+        step.mask.zero_()
+        step.mask[:, :n] = 1
+        step.mask[:, n : n + w] = mask
+        pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
+        h = self.lm.get_decoder()(input_ids=ids, attention_mask=step.mask, position_ids=pos,
+                                  past_key_values=step.cache, use_cache=True).last_hidden_state[:, -1]
+        tok = self.lm.get_output_embeddings()(h).argmax(-1)  # (B,)
+        stop_t = torch.tensor(stop, device=dev)
+        out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
+        for t in range(1, max_new):
+            if bool(done.all()):
+                break
+            p = p + 1
+            tok = torch.where(done, pad, step(tok, p, n + w + t - 1))  # (B,)
+            out.append(tok)
+            done |= torch.isin(tok, stop_t)
+        gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
+        return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
+
+    def _embed_after(self, step: "_GreedyStep", used: int, seqs: list[list[int]], gen: list[list[int]],
+                     full: list[list[int]]) -> torch.Tensor:
+        """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
+        over the first `used` cache slots `_greedy_run` filled: the prompt's KV is reused, and so
+        is that of the generated tokens each CoT starts with; the rest (at least `<emb>`) is run
+        in new slots, so each token keeps the position it has in the plain path."""
+        from transformers import DynamicCache
+
+        g0, dev, pad = max(len(x) for x in seqs), self.device, self.tokenizer.pad_token_id  # g0: first generated slot
+        keep = [common_prefix_len([f[len(x):], g[: used - g0] + [-1]]) for x, g, f in zip(seqs, gen, full)]
+        tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
+        k = max(len(t) for t in tails)
+        ids = torch.tensor([t + [pad] * (k - len(t)) for t in tails], device=dev)  # (B, K) right-padded
+        new = torch.tensor([[1] * len(t) + [0] * (k - len(t)) for t in tails], device=dev)
+        mask = torch.cat([step.mask[:, :used], new], 1)  # (B, used + K)
+        for r, j in enumerate(keep):
+            mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
+        pos = torch.tensor([[len(x) + j + i for i in range(k)] for x, j in zip(seqs, keep)], device=dev)  # (B, K)
+        kv = [(layer.keys[:, :, :used], layer.values[:, :, :used]) for layer in step.cache.layers]
+        cache = DynamicCache(ddp_cache_data=kv)
+        out = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                    use_cache=True)
+        return F.normalize(emb_hidden(out.last_hidden_state, ids, self.emb_id).float(), dim=-1)
+
+    def _step(self, batch: int, length: int) -> "_GreedyStep":
+        """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
+        `LREM_CUDA_GRAPHS=0`), kept per size."""
+        if self.device.type != "cuda":
+            return _GreedyStep(self.lm, batch, length, graph=False)
+        steps = self._fast_state()["steps"]
+        if (batch, length) not in steps:
+            graph = os.environ.get("LREM_CUDA_GRAPHS", "1") != "0"
+            steps[(batch, length)] = _GreedyStep(self.lm, batch, length, graph=graph)
+        return steps[(batch, length)]
+
+    def _vllm(self):
+        """A vLLM engine over the current weights when vLLM is installed and the model is on CUDA
+        (`LREM_VLLM=0` turns it off), else None. Built on first use (the weights are saved to a
+        temp folder for it to load) and rebuilt when the weights change."""
+        if self.device.type != "cuda" or os.environ.get("LREM_VLLM", "1") == "0":
+            return None
+        if not importlib.util.find_spec("vllm"):
+            return None
+        state = self._fast_state()
+        if state.get("vllm") is None:
+            import tempfile
+
+            from vllm import LLM
+
+            folder = Path(tempfile.mkdtemp(prefix="lrem-vllm-")) / "model"
+            self.save_pretrained(folder)
+            state["vllm"] = LLM(model=str(folder), dtype=str(self.lm.dtype).removeprefix("torch."),
+                                skip_tokenizer_init=True, seed=0,
+                                gpu_memory_utilization=float(os.environ.get("LREM_VLLM_MEMORY", "0.3")))
+        return state["vllm"]
+
+    def _greedy_vllm(self, engine, prompts_: list[str], max_new: int, stop: list[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        seqs = self.tokenizer(prompts_, add_special_tokens=False)["input_ids"]
+        params = SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=stop, detokenize=False)
+        outs = engine.generate([{"prompt_token_ids": x} for x in seqs], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def decode_cot(self, ids: list[int]) -> str:
         """Generated ids -> CoT text: cut at the first stop token (or its literal text), drop
@@ -384,3 +598,66 @@ class LREM(torch.nn.Module):
         for lit in (self.config.think_end_token, self.config.emb_token, self.config.think_token):
             text = text.split(lit)[0]
         return text.strip().split("\n")[0].strip()
+
+
+class _GreedyStep:
+    """One greedy decode step, (B,) ids -> (B,) next ids, over a preallocated `StaticCache`.
+
+    Its inputs live in fixed buffers (ids, positions, the 2-D mask over all cache slots), so on
+    CUDA the step is captured once in a CUDA graph and replayed: a 3B model's decode step is
+    hundreds of small kernels, and launching them one by one costs more than running them.
+    """
+
+    def __init__(self, lm, batch: int, length: int, graph: bool):
+        from transformers import StaticCache
+
+        cfg = lm.config.get_text_config()
+        p = next(lm.parameters())
+        self.lm = lm
+        self.cache = StaticCache(config=cfg, max_cache_len=length)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
+        self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
+        self.graph = None
+        self.lock = threading.Lock()
+        if graph:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        h = self.lm.get_decoder()(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
+                                  past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+        return self.lm.get_output_embeddings()(h).argmax(-1)  # (B,)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocations, kernel choice) off the capture
+            for _ in range(3):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.out = self._forward()
+            self.graph = graph
+        except RuntimeError as e:  # an op that cannot be captured: decode eagerly, still correct
+            warnings.warn(f"CUDA graph capture failed, decoding without it: {e}")
+            torch.cuda.synchronize()
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache (slots are overwritten, and masked until written)."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.zero_()
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,)."""
+        self.ids.copy_(ids[:, None])
+        self.pos.copy_(pos[:, None])
+        self.mask[:, slot] = 1
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.out.clone()

@@ -1,0 +1,91 @@
+"""ANN index: build time, memory, search latency and recall@100 against exact search.
+
+    .venv/bin/python benchmarks/index.py [--sizes 100000] [--million] [--data clustered|uniform] [--threads 2]
+
+Items and queries are random unit vectors of the model's dimension (576). `clustered` (default)
+draws them around 1,000 random centres, as real embeddings bunch by topic; `uniform` spreads them
+evenly, the worst case for any ANN index (every point is almost equally far from a query).
+Indexes are built with `lrem.index.build_index` from factory strings, inner product metric.
+Latency is per query (batch 1, p50/p99 over the queries); recall@100 is the share of Flat's top
+100 that the index returns in its top 100.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import faiss
+import numpy as np
+
+from _common import machine, table, write
+from lrem.index import build_index
+
+# factory, search parameters: HNSW with M=32 and a wide beam; IVF with ~4 sqrt(n) lists and 64
+# 4-bit PQ codes (fast-scan; 8-bit "PQ64" trains 64 k-means of 9-d points, which takes faiss
+# minutes per 20k vectors on 2 cores)
+INDEXES = [("Flat", ""), ("HNSW32,Flat", "efSearch=128"), ("IVF{nlist},PQ64x4fs", "nprobe=32")]
+
+
+def unit_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    if centres is not None:  # a centre plus noise of about the same norm
+        x = centres[rng.integers(0, len(centres), n)] + 0.9 * x / np.sqrt(dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench(n: int, dim: int, n_queries: int, data: str, k: int = 100) -> list[dict]:
+    rng = np.random.default_rng(0)
+    centres = unit_vectors(1000, dim, rng, None) if data == "clustered" else None
+    xb = unit_vectors(n, dim, rng, centres)  # (n, dim)
+    xq = unit_vectors(n_queries, dim, rng, centres)  # (q, dim)
+    rows, truth = [], None
+    for factory, params in INDEXES:
+        factory = factory.format(nlist=1 << int(np.log2(4 * np.sqrt(n))))
+        t = time.perf_counter()
+        index = build_index(xb, factory, params)
+        build = time.perf_counter() - t
+        index.search(xq[:10], k)  # warm-up
+        lat = []
+        found = np.zeros((n_queries, k), dtype=np.int64)
+        for i in range(n_queries):
+            t = time.perf_counter()
+            found[i] = index.search(xq[i : i + 1], k)[1][0]
+            lat.append(time.perf_counter() - t)
+        if truth is None:
+            truth = found  # Flat: exact
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)])
+        size = faiss.serialize_index(index).nbytes
+        rows.append({"items": n, "index": factory, "search params": params, "build s": build,
+                     "MB": size / 2**20, "bytes/item": size / n,
+                     "p50 ms": 1000 * np.percentile(lat, 50), "p99 ms": 1000 * np.percentile(lat, 99),
+                     "recall@100": float(recall)})
+        print(table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+        del index
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--million", action="store_true", help="add 1,000,000 items (HNSW builds for minutes on 2 cores)")
+    ap.add_argument("--dim", type=int, default=576)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
+    ap.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all cores)")
+    args = ap.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    info, t0 = machine(), time.perf_counter()
+    sizes = args.sizes + ([1_000_000] if args.million else [])
+    cols = ["items", "index", "search params", "build s", "MB", "bytes/item", "p50 ms", "p99 ms", "recall@100"]
+    print(table([], cols))
+    rows = [r for n in sizes for r in bench(n, args.dim, args.queries, args.data)]
+    print()
+    print(table(rows, cols))
+    write(f"index_{args.data}", {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
+                                 "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
+                                 "wall_seconds": round(time.perf_counter() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Query latency (batch 1) and throughput (batch 32, and 256 on a GPU), direct vs reason mode,
+fast vs plain reasoning.
+
+    .venv/bin/python benchmarks/query_latency.py [--threads 2] [--batches 1 32] [--no-gpu]
+
+On the CPU: the default model (SmolLM2-135M). Where a GPU is present, also a model with
+Qwen2.5-3B's shape (random weights, SmolLM2's tokenizer; the paper's backbone size) in
+bfloat16, at batch 1, 32 and 256. Variants:
+  direct          encode_queries(mode="direct")
+  reason          encode_queries(mode="reason"): fast greedy CoT, then the embedding
+  reason (plain)  lm.generate CoT, then the embedding with no prefix cache (nothing cached)
+  generate        generate_cots() (fast path; vLLM on a GPU if installed)
+  generate (plain) generate_cots(fast=False): lm.generate on the left-padded prompts
+The paper reports reason/direct = 50 ms / 15 ms = 3.3x online (Qwen2.5-3B, its serving stack).
+At batch 1 each decode step reads every weight once, so "generate" cannot beat
+cot_max_tokens x weight bytes / read bandwidth (the "floor", measured in the same run).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from _common import QUERIES, interleaved, machine, read_gbps, seconds, setup, table, write
+
+PAPER_REASON_OVER_DIRECT = 50 / 15
+
+
+def variants(model, qs: list[str]) -> dict:
+    b = len(qs)
+
+    def reason_plain():
+        cots = model.generate_cots(qs, batch_size=b, fast=False)
+        return model._embed_texts(model.query_texts(qs, cots), b, "q", False, prefix_cache=False)
+
+    return {
+        "direct": lambda: model.encode_queries(qs, mode="direct", batch_size=b),
+        "reason": lambda: model.encode_queries(qs, mode="reason", batch_size=b),
+        "reason (plain)": reason_plain,
+        "generate": lambda: model.generate_cots(qs, batch_size=b),
+        "generate (plain)": lambda: model.generate_cots(qs, batch_size=b, fast=False),
+    }
+
+
+def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
+    """Seconds per batch for each variant and batch size, plus the equality checks."""
+    rows, checks = [], {}
+    for b in batches:
+        if b == 1:  # latency: each query alone, variants in turns, median over queries
+            per: dict[str, list[float]] = {}
+            for q in QUERIES[:n_single]:
+                fns = variants(model, [q])
+                if not per:
+                    for fn in fns.values():
+                        fn()  # warm-up
+                for k, fn in fns.items():
+                    per.setdefault(k, []).append(seconds(fn))
+            t = {k: statistics.median(v) for k, v in per.items()}
+        else:
+            qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
+            # on a GPU the first call of a batch size captures its CUDA graph: keep it out of the timing
+            t = interleaved(variants(model, qs), repeat=repeat, warmup=model.device.type == "cuda")
+        for k, s in t.items():
+            rows.append({"batch": b, "variant": k, "ms/query": 1000 * s / b, "queries/s": b / s, "seconds": s})
+        qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
+        fast, plain = model.generate_cots(qs, batch_size=b), model.generate_cots(qs, batch_size=b, fast=False)
+        enc = model.encode_queries(qs, mode="reason", batch_size=b)
+        ref = model._embed_texts(model.query_texts(qs, plain), b, "q", False, prefix_cache=False)
+        checks[b] = {"same_cots": fast == plain, "cots_differing": sum(a != c for a, c in zip(fast, plain)),
+                     "max_abs_embedding_diff": float(np.abs(enc.embeddings - ref).max()),
+                     "generate_speedup": t["generate (plain)"] / t["generate"],
+                     "reason_speedup": t["reason (plain)"] / t["reason"],
+                     "reason_over_direct": t["reason"] / t["direct"],
+                     "paper_reason_over_direct": round(PAPER_REASON_OVER_DIRECT, 2)}
+    return {"rows": rows, "checks": checks, **batch1_floor(model, rows)}
+
+
+def batch1_floor(model, rows: list[dict]) -> dict:
+    """Batch-1 generation against memory bandwidth: each of the cot_max_tokens forwards (the
+    prompt's and each decode step's) reads all decoder and LM-head weights at least once."""
+    dev = model.device.type
+    weights = sum(p.numel() * p.element_size() for p in model.lm.parameters())  # tied head counted once
+    embed = model.lm.get_input_embeddings().weight
+    if model.lm.get_output_embeddings().weight is not embed:  # untied: the input table is only gathered
+        weights -= embed.numel() * embed.element_size()
+    gbps = read_gbps(device=dev)
+    floor = model.config.cot_max_tokens * weights / (gbps * 1e9)
+    gen = next((r["seconds"] for r in rows if r["batch"] == 1 and r["variant"] == "generate"), None)
+    return {"weights_read_per_step_MB": weights / 1e6, "read_GBps": gbps, "batch1_generate_floor_ms": 1000 * floor,
+            "batch1_generate_of_floor": floor / gen if gen else None}
+
+
+def qwen3b_like(device: str = "cuda"):
+    """An LREM model with Qwen2.5-3B-Instruct's shape (random weights) and SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from lrem import prompts
+    from lrem.model import LREM, builtin_path
+
+    tok = AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
+    tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                      num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                      tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    return LREM(lm, tok)
+
+
+def report(name: str, out: dict) -> None:
+    print(f"\n## {name}")
+    print(table(out["rows"], ["batch", "variant", "ms/query", "queries/s"]))
+    if out.get("batch1_generate_of_floor"):
+        print(f"batch 1 generate floor: {out['weights_read_per_step_MB']:.0f} MB/step at {out['read_GBps']:.1f} "
+              f"GB/s -> {out['batch1_generate_floor_ms']:.0f} ms; measured runs at "
+              f"{out['batch1_generate_of_floor']:.0%} of that speed")
+    for b, c in out["checks"].items():
+        print(f"batch {b}: generate fast/plain speedup {c['generate_speedup']:.2f}x, reason speedup "
+              f"{c['reason_speedup']:.2f}x, reason/direct {c['reason_over_direct']:.2f}x "
+              f"(paper {c['paper_reason_over_direct']}x), same CoTs {c['same_cots']}, "
+              f"max |emb diff| {c['max_abs_embedding_diff']:.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--n-single", type=int, default=8, help="queries timed one by one at batch 1")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part even where a GPU is present")
+    args = ap.parse_args()
+    setup(args.threads)
+    from lrem.model import LREM
+
+    info, t0 = machine(), time.perf_counter()
+    results = {}
+    cpu = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
+    results["cpu"] = {"model": args.model, "dtype": str(cpu.lm.dtype),
+                      **bench(cpu, args.batches, args.repeat, args.n_single)}
+    report(f"CPU, {args.model}, {cpu.lm.dtype}", results["cpu"])
+    del cpu
+    if torch.cuda.is_available() and not args.no_gpu:
+        gpu = qwen3b_like("cuda")
+        engine = "vllm" if gpu._vllm() is not None else "hf static cache + CUDA graph"
+        results["gpu"] = {"model": "qwen2.5-3b-shaped (random weights)", "dtype": "bfloat16", "engine": engine,
+                          **bench(gpu, args.gpu_batches, args.repeat, args.n_single)}
+        report(f"GPU ({torch.cuda.get_device_name()}), Qwen2.5-3B-shaped, bfloat16, fast engine: {engine}",
+               results["gpu"])
+    write("query_latency", {"machine": info, **results, "wall_seconds": round(time.perf_counter() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()

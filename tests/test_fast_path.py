@@ -1,0 +1,152 @@
+"""The fast paths of lrem.model give the plain paths' outputs: greedy decoding over the cached
+prompt prefix and a preallocated KV cache (`generate_cots(fast=True)`) emits the same tokens as
+`lm.generate`, and the prefix KV kept across calls gives the same embeddings as running it all."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lrem.model import LREM
+
+QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea", "La Mer dupe",
+           "what does a 1.5-year-old boy wear to a summer wedding", "x", ": starts with a colon", "non-waisted dress"]
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory, backbone_dir):
+    """A 2-layer random Llama with large weights: unlike `tiny` (which repeats one token for every
+    query), its greedy output differs from query to query, so an off-by-one position or a leaked
+    pad would change the tokens."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(backbone_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lively")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return LREM.from_pretrained(str(out), dtype="float32")
+
+
+def plain_generate(model: LREM, texts: list[str], stop: list[int], max_new: int = 16) -> list[list[int]]:
+    """`lm.generate` on the left-padded prompts: the reference the fast path must reproduce."""
+    batch = model.tokenize(model.query_prompts(texts))
+    pad = model.tokenizer.pad_token_id
+    with torch.inference_mode():
+        gen = model.lm.generate(**batch, max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
+                                pad_token_id=pad)[:, batch["input_ids"].shape[1]:].tolist()
+    return [row + [pad] * (max_new - len(row)) for row in gen]
+
+
+def fast_generate(model: LREM, texts: list[str], stop: list[int], max_new: int = 16) -> list[list[int]]:
+    seqs = model.tokenizer(model.query_prompts(texts), add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        return model._greedy(seqs, max_new, stop)
+
+
+def test_greedy_matches_generate_token_for_token(lively):
+    stop = [lively.think_end_id, lively.emb_id, lively.tokenizer.eos_token_id]
+    ref = plain_generate(lively, QUERIES, stop)
+    assert len({tuple(r) for r in ref}) == len(QUERIES)  # the outputs really differ per query
+    assert fast_generate(lively, QUERIES, stop) == ref
+    # rows that stop at different steps (the stop ids are tokens the model emits), then all early
+    early = stop + [ref[0][3], ref[1][6]]
+    ref_early = plain_generate(lively, QUERIES, early)
+    assert ref_early[0][4:] == [lively.tokenizer.pad_token_id] * 12  # row 0 did stop after 4 tokens
+    assert fast_generate(lively, QUERIES, early) == ref_early
+    all_early = stop + [r[2] for r in ref]
+    assert fast_generate(lively, QUERIES, all_early) == plain_generate(lively, QUERIES, all_early)
+
+
+def test_fast_cots_equal_plain_at_any_batch_size(lively):
+    plain = lively.generate_cots(QUERIES, fast=False)
+    assert lively.generate_cots(QUERIES) == plain
+    assert lively.generate_cots(QUERIES, batch_size=3) == plain
+    assert [lively.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
+
+
+def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
+    plain_cots = tiny.generate_cots(QUERIES, fast=False)
+    enc = tiny.encode_queries(QUERIES, mode="reason")
+    assert enc.cots == plain_cots
+    # the embeddings the plain path gives: every token run, no prefix cache
+    plain = tiny._embed_texts(tiny.query_texts(QUERIES, plain_cots), 32, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def test_reason_embeds_from_the_decoding_cache(lively):
+    """Where a CoT retokenizes to the tokens that were generated, their KV is reused and only
+    the closing `</think><emb>` runs; the embedding is still the plain path's."""
+    model = copy.deepcopy(lively)
+    words = [" wine", " red", " glass", " cork"]
+    ids = [model.tokenizer.convert_tokens_to_ids(model.tokenizer.tokenize(w))[0] for w in words]
+    head = torch.nn.Linear(model.dim, model.lm.get_output_embeddings().weight.shape[0], bias=True)
+    with torch.no_grad():  # untied head: four whole words win, which one depends on the state
+        head.weight.normal_(0, 0.01)
+        head.bias.zero_()
+        head.bias[ids] = 5.0
+    model.lm.set_output_embeddings(head)
+    widths = []
+    hook = model.lm.get_decoder().register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        enc = model.encode_queries(QUERIES[:4], mode="reason")
+    finally:
+        hook.remove()
+    assert len(set(enc.cots)) > 1 and all(set(c.split()) <= {w.strip() for w in words} for c in enc.cots)
+    assert widths[-1] <= 4  # 15 CoT tokens come from the cache; the 16th, " ", "</think>", "<emb>" run
+    assert enc.cots == model.generate_cots(QUERIES[:4], fast=False)
+    plain = model._embed_texts(model.query_texts(QUERIES[:4], enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def test_prefix_cache_serves_single_texts_and_longer_shared_prefixes(lively):
+    texts = lively.item_texts(["corkscrew", "teapot with a strainer"])
+    plain = lively._embed_texts(texts, 8, "t", False, prefix_cache=False)
+    seqs = lively.tokenizer(texts[:1], add_special_tokens=False)["input_ids"]
+    n, kv = lively._shared_prefix(seqs)
+    assert 10 < n < len(seqs[0]) and kv[0][0].shape[2] == n  # one text still skips its template
+    np.testing.assert_allclose(lively._embed_texts(texts[:1], 1, "t", False), plain[:1], atol=1e-5)
+    # a batch sharing more than the template (one title twice, GRPO-style) extends the cached KV
+    same = lively.item_texts(["teapot with a strainer", "teapot with a strainer and lid"])
+    seqs = lively.tokenizer(same, add_special_tokens=False)["input_ids"]
+    n_tpl = lively._shared_prefix(seqs[:1])[0]
+    assert lively._shared_prefix(seqs)[0] > n_tpl
+    np.testing.assert_allclose(lively._embed_texts(same, 2, "t", False),
+                               lively._embed_texts(same, 2, "t", False, prefix_cache=False), atol=1e-5)
+
+
+def test_cached_prefix_follows_weight_updates(tiny_dir):
+    model = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    titles = ["corkscrew", "teapot"]
+    before = model.encode_items(titles)
+    assert model._fast["prefix"]  # the item template's KV is kept for the next call
+    with torch.no_grad():  # what an optimizer step does: an in-place update
+        for p in model.lm.parameters():
+            p.mul_(1.5)
+    after = model.encode_items(titles)
+    texts = model.item_texts(titles)
+    np.testing.assert_allclose(after, model._embed_texts(texts, 8, "t", False, prefix_cache=False), atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3  # the update did change the embeddings
+    clone = copy.deepcopy(model)  # a reference model for RL: starts with no caches
+    assert clone._fast == {} and model._fast["prefix"]
+    np.testing.assert_allclose(clone.encode_items(titles), after, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_model_fast_path_keeps_cots_and_embeddings(real_model):
+    queries = QUERIES[:6]
+    plain_cots = real_model.generate_cots(queries, fast=False)
+    assert all(plain_cots)
+    assert real_model.generate_cots(queries) == plain_cots
+    assert [real_model.generate_cots([q])[0] for q in queries[:3]] == plain_cots[:3]
+    enc = real_model.encode_queries(queries, mode="reason")
+    assert enc.cots == plain_cots
+    plain = real_model._embed_texts(real_model.query_texts(queries, plain_cots), 32, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-4)
