@@ -29,14 +29,13 @@ import hashlib
 import re
 import statistics
 import time
-import types
-import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lrem._config import load_config
 from lrem._io import write_json, write_jsonl
 from lrem.teachers import Chat, FileCoTs, JsonlLog, Pair, generate
 
@@ -123,43 +122,7 @@ class ConstructConfig:
 
         An unknown key or a value of the wrong type raises a ValueError naming file and key.
         """
-        import yaml
-
-        values: dict = {}
-        if path is not None:
-            try:
-                values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"{path}:{mark.line + 1}" if mark else str(path)
-                raise ValueError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: expected a mapping of config keys to values")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        for key, value in values.items():
-            src = path if key not in overrides else "flag"
-            if key not in known:
-                raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
-            if not _type_ok(value, hints[key]):
-                raise ValueError(f"{src}: key {key!r}: expected {hints[key]}, got {value!r}")
-        return cls(**values)
-
-
-def _type_ok(value, hint) -> bool:
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for t in args:
-        origin = typing.get_origin(t)
-        if t is type(None) and value is None:
-            return True
-        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return True
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if t in (int, str, bool) and type(value) is t:
-            return True
-    return False
+        return load_config(cls, path, overrides)
 
 
 # ---------------------------------------------------------------- prompts

@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+from lrem._config import load_config
 
 
 @dataclass
@@ -77,33 +76,4 @@ class SFTConfig:
 
         An unknown key or a value of the wrong type raises a ValueError naming file and key.
         """
-        import yaml
-
-        values: dict = {}
-        if path is not None:
-            try:
-                values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: malformed YAML ({e})") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: expected a mapping of config keys to values")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
-        for key, value in values.items():
-            src = "flag" if key in overrides else path
-            if key not in known:
-                raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
-            if not _type_ok(value, hints[key]):
-                raise ValueError(f"{src}: key {key!r}: expected {hints[key]}, got {value!r}")
-        return cls(**values)
-
-
-def _type_ok(value, hint) -> bool:
-    for t in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
-        if t is type(None) and value is None:
-            return True
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if t in (int, str, bool) and type(value) is t:
-            return True
-    return False
+        return load_config(cls, path, overrides)
