@@ -120,7 +120,7 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        raw, from_text = _read_jsonl(path), False
+        raw, from_text = read_jsonl(path), False
     elif suffix in (".csv", ".tsv"):
         raw, from_text = _read_delimited(path, required), True
     elif suffix == ".parquet":
@@ -140,7 +140,8 @@ def _decode(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; DataError on bad UTF-8, bad JSON or a non-object."""
     out = []
     for line_no, line in enumerate(_decode(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
         if not line.strip():

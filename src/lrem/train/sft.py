@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir, write_json
-from ..data import DataError
+from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
 from .sft_config import SFTConfig
@@ -57,15 +57,7 @@ def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) 
         raise FileNotFoundError(f"{path}: no such triplet file")
     pairs: list[Pair] = []
     titles: dict[str, tuple[str, int]] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line_no, None, f"malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(path, line_no, None, "expected a JSON object")
+    for line_no, row in read_jsonl(path):
         for f in (*REQUIRED, "cot"):
             value = row.get(f, "" if f == "cot" else None)
             if not isinstance(value, str) or (f != "cot" and not value.strip()):
