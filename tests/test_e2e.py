@@ -61,8 +61,8 @@ def test_index_search_eval_with_the_default_model(small):
         for m in ("hitrate@1", "hitrate@10", "hitrate@100", "precision@10", "ndcg@10", "mrr@10"):
             assert 0.0 <= s["overall"][m] <= 1.0, (name, m)
         assert s["ms_per_query"] > 0 and any(k.startswith("category=") for k in s["slices"])
-    # the catalog has ~150 items, so every relevant item is within the top 100 of any ranking
-    assert metrics["systems"]["base-direct"]["overall"]["hitrate@100"] == pytest.approx(1.0)
+        o = s["overall"]
+        assert o["hitrate@1"] <= o["hitrate@10"] <= o["hitrate@100"], name
     # MiniLM is a trained embedder: on definition queries it beats chance by far
     assert metrics["systems"]["minilm"]["overall"]["hitrate@10"] > 0.3
     assert "| base-reason |" in (report / "report.md").read_text()
