@@ -265,7 +265,8 @@ def test_llm_judge_through_the_http_teacher(standin, tmp_path):
     judge = parse_judge("llm", {}, teacher)
     assert isinstance(judge, LLMJudge)
     assert judge(PAIRS) == [True, None, False]  # "garden hose" is neither yes nor no
-    assert "Product: \"coffee beans\"" in srv.requests[0]["messages"][1]["content"]
+    # the judge asks concurrently, so the requests arrive in any order
+    assert any('Product: "coffee beans"' in r["messages"][1]["content"] for r in srv.requests)
     assert parse_yes_no(" YES, it is") is True and parse_yes_no("") is None
 
 
