@@ -430,7 +430,7 @@ class LREM(torch.nn.Module):
         prompts. Both give the same CoTs (up to float rounding on near-ties).
         """
         max_new = max_new_tokens or self.config.cot_max_tokens
-        stop = [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
+        stop = self.stop_ids
         prompts_ = self.query_prompts(texts)
         engine = self._vllm() if fast else None
         if engine is not None:
@@ -455,7 +455,7 @@ class LREM(torch.nn.Module):
     @torch.inference_mode()
     def _reason(self, texts: list[str], batch_size: int, show_progress: bool) -> QueryEncoding:
         """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache."""
-        stop = [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
+        stop = self.stop_ids
         prompts_ = self.query_prompts(texts)
         cots, embs = [], []
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
@@ -589,10 +589,15 @@ class LREM(torch.nn.Module):
         outs = engine.generate([{"prompt_token_ids": x} for x in seqs], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a CoT: `</think>`, `<emb>`, end of turn."""
+        return [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
+
     def decode_cot(self, ids: list[int]) -> str:
         """Generated ids -> CoT text: cut at the first stop token (or its literal text), drop
         special tokens, keep the first line (a CoT is one list of phrases)."""
-        stops = {self.think_end_id, self.emb_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        stops = {*self.stop_ids, self.tokenizer.pad_token_id}
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
         for lit in (self.config.think_end_token, self.config.emb_token, self.config.think_token):
