@@ -2,10 +2,9 @@
 
     .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2]
 
-One step as LREM_SPEC's stage 1 does it (the trainer itself lives elsewhere): a forward over the
-query-side sequences (prompt + teacher CoT + `</think><emb>`) giving both the CoT logits and the
-`<emb>` state, a forward over the items (`embed_batch`), L = 0.1 * CE(CoT and format tokens,
-summed per sample, averaged) + InfoNCE (in-batch negatives, scale 20), backward, AdamW step.
+One step of the real trainer (`lrem.train.sft.collate` + `lrem.losses.LREMLoss`, L = 0.1 L_SFT +
+1.0 L_InfoNCE, backward, AdamW), timed twice side by side: with the batch's shared prompt prefix
+run once (the default, `share_prefix=True`) and with every row run in full (`share_prefix=False`).
 FLOPs: 6 x non-embedding params x tokens run (padding included) + 6 x LM-head params x CE
 positions (forward 2, backward 4; attention scores ignored).
 """
@@ -16,10 +15,10 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 
 from _common import QUERIES, machine, matmul_gflops, seconds, setup, table, write
-from lrem.model import emb_hidden
+from lrem.losses import IGNORE, LREMLoss
+from lrem.train.sft import Pair, collate
 
 COTS = ["corkscrew, wine opener, bottle opener", "wool socks, slippers, foot warmer", "coffee, espresso, energy drink",
         "moisturizer, face cream, drugstore skincare", "toddler clothes, 18-24 months, boys t-shirt",
@@ -30,38 +29,34 @@ TITLES = ["waiter's corkscrew with foil cutter", "merino wool hiking socks", "da
 
 
 def make_batch(model, b: int) -> dict:
-    queries = (QUERIES * (b // len(QUERIES) + 1))[:b]
-    cots = (COTS * (b // len(COTS) + 1))[:b]
-    titles = [f"{t} #{i}" for i, t in enumerate((TITLES * (b // len(TITLES) + 1))[:b])]
-    q = model.tokenize(model.query_texts(queries, cots))
-    after_think = (q["input_ids"] == model.think_id).long().cumsum(-1) > 0  # (B, T) <think> and after
-    targets = after_think & (q["input_ids"] != model.think_id)  # CoT, </think>, <emb>
-    return {"q": q, "targets": targets, "items": model.tokenize(model.item_texts(titles))}
+    pairs = [Pair(f"q{i}", QUERIES[i % len(QUERIES)], f"d{i}", f"{TITLES[i % len(TITLES)]} #{i}", COTS[i % len(COTS)])
+             for i in range(b)]
+    return collate(model, pairs)
 
 
-def train_step(model, opt, batch: dict, scale: float = 20.0) -> dict:
-    q, items, targets = batch["q"], batch["items"], batch["targets"]
-    ids, mask = q["input_ids"], q["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    h = model.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    q_emb = F.normalize(emb_hidden(h, ids, model.emb_id).float(), dim=-1)  # (B, D)
-    sel = targets[:, 1:]  # the token at t is predicted from the state at t - 1
-    logits = model.lm.get_output_embeddings()(h[:, :-1][sel])  # (N, V): LM head on CE positions only
-    ce = F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="sum") / ids.shape[0]
-    d_emb = model.embed_batch(items["input_ids"], items["attention_mask"])  # (B, D)
-    infonce = F.cross_entropy(scale * q_emb @ d_emb.T, torch.arange(ids.shape[0], device=ids.device))
-    loss = 0.1 * ce + infonce
+def run_tokens(ids: torch.Tensor, mask: torch.Tensor, share: bool) -> int:
+    """Token positions the decoder runs: the shared prefix once, then every row's rest."""
+    if not share:
+        return ids.numel()
+    same = (ids == ids[:1]).all(0) & mask.bool().all(0)
+    p = min(int(same.long().cumprod(0).sum()), ids.shape[1] - 1)
+    return p + ids.shape[0] * (ids.shape[1] - p)
+
+
+def train_step(loss_fn, opt, batch: dict) -> dict:
+    parts = loss_fn(batch)
+    loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), "ce": ce.item(), "infonce": infonce.item()}
+    return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     setup(args.threads)
@@ -72,28 +67,32 @@ def main() -> None:
     model.lm.train()
     opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-5)
     batch = make_batch(model, args.batch)
-    losses = [train_step(model, opt, batch)]  # warm-up
-    times = []
-    for _ in range(args.steps):
-        times.append(seconds(lambda: losses.append(train_step(model, opt, batch))))
-    step_s = sorted(times)[len(times) // 2]
     dec = model.lm.get_decoder()
     params = sum(p.numel() for p in dec.parameters()) - dec.get_input_embeddings().weight.numel()
     head = model.lm.get_output_embeddings().weight.numel()
-    q, it = batch["q"]["attention_mask"], batch["items"]["attention_mask"]
-    run_tokens, real_tokens = q.numel() + it.numel(), int(q.sum() + it.sum())
-    ce_positions = int(batch["targets"][:, 1:].sum())
-    flops = 6 * params * run_tokens + 6 * head * ce_positions
+    real_tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
+    ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
     bound = matmul_gflops(torch.float32)
-    row = {"batch": args.batch, "query tokens/seq": q.shape[1], "item tokens/seq": it.shape[1], "s/step": step_s,
-           "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
-           "of bound": flops / step_s / 1e9 / bound, "bound GFLOP/s": bound,
-           "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    print(table([row], list(row)))
-    print("losses:", [round(x["loss"], 3) for x in losses])
-    write("train", {"machine": info, "model": args.model, "dtype": "float32", **row,
-                    "real_tokens_per_step": real_tokens, "run_tokens_per_step": run_tokens,
+    rows, losses, times = [], {}, {}
+    for share in (True, False):
+        loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
+        name = "shared prefix" if share else "plain"
+        losses[name] = [train_step(loss_fn, opt, batch)]  # warm-up
+        times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch))) for _ in range(args.steps)]
+        step_s = sorted(times[name])[len(times[name]) // 2]
+        ran = run_tokens(batch["q_ids"], batch["q_mask"], share) + run_tokens(batch["d_ids"], batch["d_mask"], share)
+        flops = 6 * params * ran + 6 * head * ce_positions
+        rows.append({"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
+                     "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
+                     "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
+                     "of bound": flops / step_s / 1e9 / bound})
+    speedup = rows[1]["s/step"] / rows[0]["s/step"]
+    print(table(rows, list(rows[0])))
+    print(f"shared prefix / plain: {speedup:.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
+    write("train", {"machine": info, "model": args.model, "dtype": "float32", "rows": rows,
+                    "speedup_shared_prefix": speedup, "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
                     "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
+                    "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                     "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 

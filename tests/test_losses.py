@@ -107,6 +107,27 @@ def test_lremloss_gradients_and_direct_mode(tiny):
     tiny.lm.zero_grad(set_to_none=True)
 
 
+def test_shared_prefix_gives_the_plain_gradients(tiny):
+    """Running the batch's common prompt prefix once (training speed) changes neither the loss nor
+    any gradient: the broadcast keys/values sum their gradients over the batch."""
+    batch = collate(tiny, PAIRS)
+    same = (batch["q_ids"] == batch["q_ids"][:1]).all(0).long().cumprod(0).sum().item()
+    assert same > 10  # the chat template, system prompt and instruction are shared
+    grads, losses = [], []
+    for share in (True, False):
+        tiny.lm.zero_grad(set_to_none=True)
+        loss_fn = LREMLoss(tiny, sft_weight=0.1, share_prefix=share)
+        parts = loss_fn(batch)
+        total = sum(loss_fn.weights[k] * v for k, v in parts.items())
+        total.backward()
+        losses.append(total.item())
+        grads.append(torch.cat([p.grad.flatten() for p in tiny.lm.parameters() if p.grad is not None]))
+    tiny.lm.zero_grad(set_to_none=True)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].shape == grads[1].shape and grads[1].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6), (grads[0] - grads[1]).abs().max()
+
+
 def test_doctests():
     import doctest
 

@@ -67,9 +67,17 @@ def test_unknown_ids_and_pairs_from_dataset(triplets):
                  queries={f"q{i}": Query(f"q{i}", f"q {w}", "definition", "train") for i, w in enumerate(WORDS)}
                  | {"q9": Query("q9", "an extra query", "definition", "train")},
                  qrels={"q0": {"i0": 1}, "q9": {"x": 1}})
-    pairs = build_pairs(triplets, ds, "train")
-    assert len(pairs) == 9 and pairs[-1].query_id == "q9" and pairs[-1].cot is None  # qrels add q9 only
-    assert all(p.cot is None for p in build_pairs(triplets, ds, "train", use_cot=False))
+    pairs, held = build_pairs(triplets, ds, "train")
+    assert len(pairs) == 9 and pairs[-1].query_id == "q9" and pairs[-1].cot is None and not held  # qrels add q9
+    assert all(p.cot is None for p in build_pairs(triplets, ds, "train", use_cot=False)[0])
+    # RL holdout: only qrels-only queries can be held back, and the two sets never overlap
+    for i in range(10, 60):
+        ds.queries[f"q{i}"] = Query(f"q{i}", f"query {i}", "definition", "train")
+        ds.qrels[f"q{i}"] = {"x": 1}
+    pairs, held = build_pairs(triplets, ds, "train", rl_share=0.5)
+    assert 10 < len(held) < 40 and {p.query_id for p in pairs}.isdisjoint(p.query_id for p in held)
+    assert all(p.cot is None for p in held) and sum(p.cot is not None for p in pairs) == 8  # every CoT kept
+    assert build_pairs(triplets, ds, "train", rl_share=0.5, use_cot=False)[1] == held  # direct: same holdout
     del ds.catalog["i3"]
     with pytest.raises(DataError, match=r"t.*jsonl:4: field 'item_id': unknown item id 'i3'"):
         build_pairs(triplets, ds, "train")

@@ -242,7 +242,7 @@ def construct(
 
 # ---------------------------------------------------------------- training
 
-train_app = typer.Typer(help="Train LREM stage 1 (cold start) or the direct-embedding baseline (Accelerate; "
+train_app = typer.Typer(help="Train LREM stage 1 (cold start), stage 2 (RL) or the direct-embedding baseline (Accelerate; "
                              "run under torchrun / accelerate launch for several processes).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 TrainConfig = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of SFTConfig values "
@@ -291,6 +291,25 @@ def train_direct(
     """The direct-embedding baseline: InfoNCE only, `<think></think><emb>`, same pairs and schedule."""
     _train(config, out, pairs, data, split, resume, False, model=model, max_steps=max_steps,
            batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+
+
+@train_app.command("rl")
+def train_rl(
+    out: Out,
+    init: Annotated[Path, typer.Option(help="The stage-1 (cold start) model folder to start from.")],
+    pairs: Annotated[Optional[Path], typer.Option(help="RL pairs (JSONL: query_id, query, item_id, item_title); "
+                                                  "default INIT/rl_pairs.jsonl, held back by stage 1.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML of RLConfig values (configs/rl.yaml).")] = None,
+    max_steps: Steps = None, batch_size: Optional[int] = None, num_generations: Optional[int] = None,
+    learning_rate: Optional[float] = None, save_steps: Optional[int] = None, seed: Optional[int] = None,
+    resume: Resume = False,
+):
+    """Stage 2: L = 1.0 L_GRPO (G sampled CoTs per query, rank reward) + 0.1 L_InfoNCE."""
+    from lrem.train import RLConfig, train_rl as run
+
+    cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
+                        learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+    run(cfg, init, out, pairs=pairs, resume=resume, log=_echo)
 
 
 def main() -> None:

@@ -140,6 +140,18 @@ def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> to
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
 
 
+def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), cut to the smallest set of tokens
+    whose probability reaches `top_p` (nucleus sampling).  logits (B, V) -> ids (B,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is full
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def common_prefix_len(seqs: list[list[int]]) -> int:
     """Length of the longest common prefix of token sequences, leaving each >= 1 token after it.
 
@@ -280,6 +292,36 @@ class LREM(torch.nn.Module):
         )
         h = emb_hidden(out.last_hidden_state, input_ids, self.emb_id)  # (B, D)
         return F.normalize(h.float(), dim=-1)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      share_prefix: bool = True) -> torch.Tensor:
+        """Last hidden states (B, T, H) of right-padded rows, with gradients if enabled.
+
+        With `share_prefix`, the token prefix all rows share (chat template, system prompt and
+        instruction: most of a query side) runs once at batch 1 and its keys and values are
+        broadcast to the batch. The values equal a plain batched pass, gradients included
+        (they sum over the broadcast); the training cost falls by the shared share of tokens.
+        """
+        b, t = input_ids.shape
+        same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)  # (T,)
+        p = int(same.long().cumprod(0).sum()) if share_prefix and b > 1 else 0
+        p = min(p, t - 1)  # every row keeps >= 1 token after the prefix
+        dec = self.lm.get_decoder()
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules())
+        if p == 0 or checkpointing:  # activation checkpointing runs without a KV cache
+            pos = torch.arange(t, device=input_ids.device).expand(b, -1)
+            return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                       use_cache=False).last_hidden_state
+        from transformers import DynamicCache
+
+        pre = dec(input_ids=input_ids[:1, :p], position_ids=torch.arange(p, device=input_ids.device)[None],
+                  use_cache=True)
+        kv = [(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
+              for layer in pre.past_key_values.layers]
+        pos = torch.arange(p, t, device=input_ids.device).expand(b, -1)  # (B, T - P)
+        out = dec(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=pos,
+                  past_key_values=DynamicCache(ddp_cache_data=kv), use_cache=True).last_hidden_state
+        return torch.cat([pre.last_hidden_state.expand(b, -1, -1), out], dim=1)
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str], batch_size: int, desc: str, show_progress: bool,
@@ -453,6 +495,33 @@ class LREM(torch.nn.Module):
         return cots
 
     @torch.inference_mode()
+    def sample_cots(self, texts: list[str], num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                    max_new_tokens: int | None = None, generator: torch.Generator | None = None,
+                    batch_size: int = 64) -> list[list[int]]:
+        """`num_samples` sampled continuations of each query prompt (RL rollouts), as token ids.
+
+        Returns len(texts) * num_samples rows (query i's samples at rows i*num_samples ...), each
+        `max_new_tokens` ids long (default `cot_max_tokens`): the sampled tokens up to and
+        including the first stop id (`stop_ids`), then pad. Same cached-prefix decoding as the
+        greedy fast path, with top-p sampling at `temperature` in place of argmax.
+        """
+        max_new = max_new_tokens or self.config.cot_max_tokens
+        seqs = self.tokenizer(self.query_prompts(texts), add_special_tokens=False)["input_ids"]
+        rows = [s for s in seqs for _ in range(num_samples)]
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return sample_top_p(logits, temperature, top_p, generator)
+
+        out: list[list[int]] = []
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            n, kv = self._shared_prefix(chunk)
+            sufs = [x[n:] for x in chunk]
+            step = _GreedyStep(self.lm, len(chunk), n + max(len(x) for x in sufs) + max_new, graph=False)
+            out += self._greedy_run(step, n, kv, sufs, max_new, self.stop_ids, pick)[0]
+        return out
+
+    @torch.inference_mode()
     def _reason(self, texts: list[str], batch_size: int, show_progress: bool) -> QueryEncoding:
         """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache."""
         stop = self.stop_ids
@@ -497,9 +566,10 @@ class LREM(torch.nn.Module):
             return cots, self._embed_after(step, used, seqs, gen, full)
 
     def _greedy_run(self, step: "_GreedyStep", n: int, kv, sufs: list[list[int]], max_new: int,
-                    stop: list[int]) -> tuple[list[list[int]], int]:
+                    stop: list[int], pick=None) -> tuple[list[list[int]], int]:
         """Decode into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W), then
-        one slot per step. Returns the generated ids and the number of cache slots filled."""
+        one slot per step. Returns the generated ids and the number of cache slots filled.
+        `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`)."""
         b, w, dev, pad = len(sufs), max(len(x) for x in sufs), self.device, self.tokenizer.pad_token_id
         step.reset()
         for layer, (k, v) in zip(step.cache.layers, kv or []):
@@ -512,14 +582,15 @@ class LREM(torch.nn.Module):
         pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
         h = self.lm.get_decoder()(input_ids=ids, attention_mask=step.mask, position_ids=pos,
                                   past_key_values=step.cache, use_cache=True).last_hidden_state[:, -1]
-        tok = self.lm.get_output_embeddings()(h).argmax(-1)  # (B,)
+        logits = self.lm.get_output_embeddings()(h)  # (B, V)
+        tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         stop_t = torch.tensor(stop, device=dev)
         out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
         for t in range(1, max_new):
             if bool(done.all()):
                 break
             p = p + 1
-            tok = torch.where(done, pad, step(tok, p, n + w + t - 1))  # (B,)
+            tok = torch.where(done, pad, step(tok, p, n + w + t - 1, pick))  # (B,)
             out.append(tok)
             done |= torch.isin(tok, stop_t)
         gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
@@ -630,10 +701,13 @@ class _GreedyStep:
         if graph:
             self._capture()
 
-    def _forward(self) -> torch.Tensor:
+    def _logits(self) -> torch.Tensor:
         h = self.lm.get_decoder()(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
                                   past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
-        return self.lm.get_output_embeddings()(h).argmax(-1)  # (B,)
+        return self.lm.get_output_embeddings()(h)  # (B, V)
+
+    def _forward(self) -> torch.Tensor:
+        return self._logits().argmax(-1)  # (B,)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -657,11 +731,14 @@ class _GreedyStep:
         for layer in self.cache.layers:
             layer.cumulative_length.zero_()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
-        """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,)."""
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None) -> torch.Tensor:
+        """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,):
+        argmax, or `pick(logits)` (eager: sampling is not graph-captured)."""
         self.ids.copy_(ids[:, None])
         self.pos.copy_(pos[:, None])
         self.mask[:, slot] = 1
+        if pick is not None:
+            return pick(self._logits())
         if self.graph is None:
             return self._forward()
         self.graph.replay()

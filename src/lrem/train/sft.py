@@ -29,6 +29,7 @@ from ..prompts import close_cot
 from .sft_config import SFTConfig
 
 TRAIN_STATE = "train_state.json"
+RL_PAIRS = "rl_pairs.jsonl"  # the pairs held back for `lrem train rl`
 REQUIRED = ("query_id", "query", "item_id", "item_title")
 
 
@@ -89,22 +90,50 @@ def pairs_from_qrels(dataset, split: str = "train") -> list[Pair]:
             for qid, q in sorted(queries.items()) for iid in sorted(dataset.relevant(qid))]
 
 
+def rl_holdout(query_ids, share: float, seed: int = 0) -> set[str]:
+    """The query ids held back for RL: a fixed share of `query_ids`, chosen by a seeded hash of
+    each id (the same ids whatever else is in the set).
+
+    >>> sorted(rl_holdout([f"q{i}" for i in range(10)], 0.3))
+    ['q4', 'q6']
+    """
+    import hashlib
+
+    def u(q: str) -> float:  # a uniform number in [0, 1) per (seed, id)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{q}".encode()).digest()[:8], "big") / 2**64
+
+    return {q for q in query_ids if u(q) < share}
+
+
 def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=None, cot_max_tokens: int = 16,
-                use_cot: bool = True) -> list[Pair]:
-    """The training pairs: the triplet file's, then the split's qrels pairs of queries it lacks.
+                use_cot: bool = True, rl_share: float = 0.0, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, RL pairs): the triplet file's pairs, then the split's qrels pairs of the
+    queries it lacks; of those qrels-only queries a share `rl_share` is held back for stage 2
+    (queries with a teacher CoT are never held back: they are the scarce ones).
 
     Cold start and the direct baseline call this with the same inputs, so they see the same
-    (query, item) pairs; `use_cot=False` drops the CoTs.
+    (query, item) pairs and hold back the same RL pairs; `use_cot=False` drops the CoTs.
     """
     if triplets is None and dataset is None:
         raise ValueError("give a triplet/pair file, a dataset folder and split, or both")
     pairs = load_triplets(triplets, tokenizer, cot_max_tokens, dataset) if triplets is not None else []
+    held: list[Pair] = []
     if dataset is not None:
         have = {p.query_id for p in pairs}
-        pairs += [p for p in pairs_from_qrels(dataset, split) if p.query_id not in have]
+        rest = [p for p in pairs_from_qrels(dataset, split) if p.query_id not in have]
+        out = rl_holdout({p.query_id for p in rest}, rl_share, seed)
+        pairs += [p for p in rest if p.query_id not in out]
+        held = [p for p in rest if p.query_id in out]
     if not use_cot:
         pairs = [Pair(p.query_id, p.query, p.item_id, p.item_title, None) for p in pairs]
-    return pairs
+    return pairs, held
+
+
+def write_pairs(path, pairs: list[Pair]) -> None:
+    """Write pairs as JSONL (the format `load_triplets` reads; `cot` only where there is one)."""
+    from .._io import write_jsonl
+
+    write_jsonl(path, [{k: v for k, v in vars(p).items() if v is not None} for p in pairs])
 
 
 def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
@@ -228,7 +257,10 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
     model.source = cfg.model
-    pairs = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, cfg.use_cot)
+    pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, cfg.use_cot,
+                              cfg.rl_holdout, cfg.seed)
+    if main and held:
+        write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
 
     world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
     per_epoch = len(pairs) // (bs * world)
@@ -236,7 +268,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         raise ValueError(f"{len(pairs)} pairs, fewer than one global batch ({bs} x {world} processes)")
     total = cfg.max_steps or per_epoch * cfg.num_epochs
     warmup = int(round(cfg.warmup_ratio * total))
-    say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT), {world} process(es) x "
+    say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT; {len(held)} held back for RL), "
+        f"{world} process(es) x "
         f"batch {bs}, {total} steps, warmup {warmup}, config {json.dumps(cfg.to_dict())}")
 
     if cfg.gradient_checkpointing:
@@ -318,11 +351,11 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     return state
 
 
-def _save_final(out: Path, model, state: dict) -> None:
-    """Replace `out` atomically by the model folder; checkpoints and TensorBoard logs move into it."""
+def _save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS)) -> None:
+    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         write_json(tmp / TRAIN_STATE, state)
-        for sub in ("checkpoints", "tb"):
+        for sub in keep:
             if (out / sub).exists():
                 os.replace(out / sub, tmp / sub)

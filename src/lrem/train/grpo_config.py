@@ -1,0 +1,88 @@
+"""`RLConfig`: every value of LREM stage 2 (GRPO on the reasoning + InfoNCE).
+
+    cfg = RLConfig.load("configs/rl.yaml", max_steps=50)   # defaults < YAML < overrides
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from lrem._config import load_config
+
+
+@dataclass
+class RLConfig:
+    # Objective (LREM_SPEC, "Stage 2: RL")
+    num_generations: int = field(default=8, metadata={"help": "G: CoTs sampled per query (paper: 8)."})
+    grpo_weight: float = field(default=1.0, metadata={"help": "Weight of L_GRPO (paper: 1.0)."})
+    infonce_weight: float = field(default=0.1, metadata={
+        "help": "Weight of L_InfoNCE over all N*G rollout embeddings (paper: 0.1)."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (as in stage 1)."})
+    format_weight: float = field(default=0.5, metadata={"help": "Weight of r_format (paper: 0.5)."})
+    length_weight: float = field(default=0.2, metadata={"help": "Weight of r_length (paper: 0.2)."})
+    acc_weight: float = field(default=1.0, metadata={"help": "Weight of r_acc = 1 - log(rank)/log(N) (paper: 1.0)."})
+    cot_max_tokens: int = field(default=16, metadata={"help": "l: r_length is 1 for a CoT of at most l tokens."})
+    rollout_max_tokens: int = field(default=24, metadata={
+        "help": "Sampling budget per CoT; above l so that r_length can tell (a CoT cut here gets r_format 0)."})
+    sampling_temperature: float = field(default=1.0, metadata={
+        "help": "Rollout sampling temperature (paper: not given; 1.0 samples the policy itself, as TRL does)."})
+    top_p: float = field(default=1.0, metadata={"help": "Rollout nucleus sampling (1.0 = off)."})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range (paper: not given; PPO/TRL: 0.2)."})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "Weight of a KL term to the frozen stage-1 model (paper: none; TRL's default beta is 0 too). "
+                "> 0 loads a reference copy and costs one more forward per step."})
+    num_iterations: int = field(default=1, metadata={
+        "help": "Policy updates per batch of rollouts (TRL's num_iterations); > 1 makes the clip bite."})
+    # Optimisation
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW lr (paper: 1e-6)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warmup share (paper: 3%)."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or constant."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 = off."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Queries per process per step (N: their positives are the items r_acc ranks among)."})
+    num_epochs: int = field(default=1, metadata={"help": "Passes over the RL pairs (paper: 1), unless max_steps."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
+    seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
+    # Precision, logging and checkpoints
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA, AMX CPUs)."})
+    logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
+    save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    samples_per_log: int = field(default=4, metadata={"help": "Rollouts (query, CoT, reward) written to samples.jsonl per log."})
+
+    def __post_init__(self):
+        for name in ("num_generations", "batch_size", "cot_max_tokens", "rollout_max_tokens", "num_iterations",
+                     "num_epochs", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations}; GRPO compares rollouts, need >= 2")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size={self.batch_size}; r_acc ranks among the batch's items, need >= 2")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}; need >= 1 (or null for num_epochs)")
+        if self.rollout_max_tokens < self.cot_max_tokens:
+            raise ValueError(f"rollout_max_tokens={self.rollout_max_tokens} < cot_max_tokens={self.cot_max_tokens}")
+        for name in ("grpo_weight", "infonce_weight", "format_weight", "length_weight", "acc_weight", "kl_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}; need >= 0")
+        if self.temperature <= 0 or self.sampling_temperature <= 0 or self.learning_rate <= 0:
+            raise ValueError("temperature, sampling_temperature and learning_rate must be > 0")
+        if not 0 < self.top_p <= 1 or not 0 < self.clip_eps < 1:
+            raise ValueError(f"top_p={self.top_p}, clip_eps={self.clip_eps}; need 0 < top_p <= 1, 0 < clip_eps < 1")
+        if not 0 <= self.warmup_ratio < 1 or self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"warmup_ratio={self.warmup_ratio}, lr_schedule={self.lr_schedule!r}")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ValueError(f"save_steps={self.save_steps}, save_total_limit={self.save_total_limit}")
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        return {"format": self.format_weight, "length": self.length_weight, "acc": self.acc_weight}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path=None, **overrides) -> "RLConfig":
+        """Defaults, then a YAML file of values, then `overrides` (None values are ignored)."""
+        return load_config(cls, path, overrides)
