@@ -83,6 +83,24 @@ def test_unknown_ids_and_pairs_from_dataset(triplets):
         build_pairs(triplets, ds, "train")
 
 
+def test_batch_sampler_mixes_cot_pairs_deterministically():
+    from lrem.train.sft import BatchSampler
+
+    has_cot = [i % 10 == 0 for i in range(200)]  # 20 CoT pairs among 200
+    s = BatchSampler(has_cot, 8, cot_share=0.5, seed=3)
+    assert s.steps_per_epoch(1) == 45  # the larger pool (180 / 4) sets the epoch
+    for step in range(30):  # 4 CoT pairs per batch, no repeats within a batch, same for a fresh sampler
+        idx = s(step, 1, 0)
+        assert sum(has_cot[i] for i in idx) == 4 and len(set(idx)) == 8
+        assert idx == BatchSampler(has_cot, 8, cot_share=0.5, seed=3)(step, 1, 0)
+    two = BatchSampler(has_cot, 4, cot_share=0.5, seed=3)
+    assert sorted(two(5, 2, 0) + two(5, 2, 1)) == sorted(s(5, 1, 0))  # 2 processes x 4 == 1 x 8
+    plain = BatchSampler(has_cot, 8)
+    assert sum(sum(has_cot[i] for i in plain(step, 1, 0)) for step in range(25)) < 40  # no mixing: ~10%
+    with pytest.raises(ValueError, match="cot_share"):
+        BatchSampler([True] + [False] * 50, 8, cot_share=0.5).steps_per_epoch(1)
+
+
 def test_cli_reports_bad_input_before_training(tmp_path, tiny_dir):
     from lrem.cli import app
 

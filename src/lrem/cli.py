@@ -252,6 +252,8 @@ TrainData = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset
 Model = Annotated[Optional[str], typer.Option(help="Base model (default: the config's).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT/checkpoints.")]
 Steps = Annotated[Optional[int], typer.Option(help="Stop after N steps (default: num_epochs over the data).")]
+CotShare = Annotated[Optional[float], typer.Option(help="Share of each batch with a teacher CoT (0: no mixing); "
+                                                   "give cold start and direct the same value.")]
 
 
 def _train(config, out, triplets, data, split, resume, use_cot, **flags) -> None:
@@ -273,11 +275,11 @@ def train_coldstart(
     triplets: Annotated[Optional[Path], typer.Option(help="triplets.jsonl from `lrem construct`.")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
     max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
-    save_steps: Optional[int] = None, seed: Optional[int] = None, resume: Resume = False,
+    save_steps: Optional[int] = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
 ):
     """Stage 1: L = 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE (in-batch negatives)."""
     _train(config, out, triplets, data, split, resume, True, model=model, max_steps=max_steps,
-           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
 
 
 @train_app.command("direct")
@@ -286,11 +288,11 @@ def train_direct(
     pairs: Annotated[Optional[Path], typer.Option(help="A triplets.jsonl (its CoTs are ignored).")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
     max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
-    save_steps: Optional[int] = None, seed: Optional[int] = None, resume: Resume = False,
+    save_steps: Optional[int] = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
 ):
     """The direct-embedding baseline: InfoNCE only, `<think></think><emb>`, same pairs and schedule."""
     _train(config, out, pairs, data, split, resume, False, model=model, max_steps=max_steps,
-           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
 
 
 @train_app.command("rl")

@@ -186,6 +186,45 @@ def batch_indices(n: int, step: int, batch_size: int, world: int, rank: int, see
     return perm[start : start + batch_size].tolist()
 
 
+class BatchSampler:
+    """Which pairs make up each step's batch, a function of (seed, step) only.
+
+    With `cot_share` = 0 the batch is drawn from all pairs alike (an epoch is one permutation).
+    With `cot_share` > 0, round(batch_size * cot_share) of each batch are pairs with a teacher
+    CoT and the rest pairs without, each pool cycling through its own permutations: where
+    CoTs are scarce (the paper's data has one for every pair; ours, few), cold start still
+    sees them, and the direct baseline, built on the same flags, sees the same (query, item)s.
+
+    >>> s = BatchSampler([True, True, False, False, False, False], 4, cot_share=0.5)
+    >>> [sum(i < 2 for i in s(step, 1, 0)) for step in range(3)]  # two CoT pairs in every batch
+    [2, 2, 2]
+    """
+
+    def __init__(self, has_cot: list[bool], batch_size: int, cot_share: float = 0.0, seed: int = 0):
+        self.seed, self.bs = seed, batch_size
+        if cot_share > 0:
+            cot = [i for i, h in enumerate(has_cot) if h]
+            rest = [i for i, h in enumerate(has_cot) if not h]
+            n_cot = max(1, round(batch_size * cot_share))
+            self.pools = [(cot, n_cot), (rest, batch_size - n_cot)]
+        else:
+            self.pools = [(list(range(len(has_cot))), batch_size)]
+        self.pools = [(pool, k) for pool, k in self.pools if k > 0]
+
+    def steps_per_epoch(self, world: int) -> int:
+        """Steps until the largest pool has been seen once; an error if a pool cannot fill a batch."""
+        for pool, k in self.pools:
+            if len(pool) < k * world:
+                raise ValueError(f"{len(pool)} pairs for a pool that needs {k} per process x {world} processes "
+                                 "per step (fewer than one global batch; check the data or cot_share)")
+        return max(len(pool) // (k * world) for pool, k in self.pools)
+
+    def __call__(self, step: int, world: int, rank: int) -> list[int]:
+        self.steps_per_epoch(world)
+        return [pool[i] for j, (pool, k) in enumerate(self.pools)
+                for i in batch_indices(len(pool), step, k, world, rank, self.seed + 7919 * j)]
+
+
 # ---------------------------------------------------------------- schedule and checkpoints
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
@@ -257,16 +296,18 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
     model.source = cfg.model
-    pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, cfg.use_cot,
+    pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, True,
                               cfg.rl_holdout, cfg.seed)
+    # the batches depend on which pairs have a teacher CoT (cot_share), for cold start and the
+    # direct baseline alike; only then does the baseline drop the CoTs
+    sampler = BatchSampler([p.cot is not None for p in pairs], cfg.batch_size, cfg.cot_share, cfg.seed)
+    if not cfg.use_cot:
+        pairs = [Pair(p.query_id, p.query, p.item_id, p.item_title, None) for p in pairs]
     if main and held:
         write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
 
     world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
-    per_epoch = len(pairs) // (bs * world)
-    if per_epoch == 0:
-        raise ValueError(f"{len(pairs)} pairs, fewer than one global batch ({bs} x {world} processes)")
-    total = cfg.max_steps or per_epoch * cfg.num_epochs
+    total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs
     warmup = int(round(cfg.warmup_ratio * total))
     say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT; {len(held)} held back for RL), "
         f"{world} process(es) x "
@@ -306,7 +347,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     t0, t_log, s_log = time.time(), time.time(), start
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", unit="step", disable=not main)
     for step in bar:
-        idx = batch_indices(len(pairs), step, bs, world, rank, cfg.seed)
+        idx = sampler(step, world, rank)
         batch = {k: v.to(acc.device) for k, v in collate(model, [pairs[i] for i in idx]).items()}
         with acc.autocast():
             parts = wrapped(batch)

@@ -37,6 +37,9 @@ class SFTConfig:
     num_epochs: int = field(default=1, metadata={"help": "Passes over the data (paper: 1), unless max_steps."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps (overrides epochs)."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order (same seed -> same batches)."})
+    cot_share: float = field(default=0.0, metadata={
+        "help": "0: batches drawn from all pairs alike. > 0: this share of every batch is pairs with a teacher CoT "
+                "(the paper's pairs all have one; use when CoTs are few). Same batches for cold start and direct."})
     rl_holdout: float = field(default=0.1, metadata={
         "help": "Share of the split's queries without a teacher CoT held back for stage 2 (written to "
                 "OUT/rl_pairs.jsonl; the paper keeps 4M of its pairs for RL). Needs --data."})
@@ -63,6 +66,8 @@ class SFTConfig:
                              "set sft_weight: 0 (the direct baseline)")
         if self.temperature <= 0 or self.learning_rate <= 0:
             raise ValueError(f"temperature={self.temperature}, learning_rate={self.learning_rate}; need > 0")
+        if not 0 <= self.cot_share <= 1:
+            raise ValueError(f"cot_share={self.cot_share}; need 0 <= cot_share <= 1")
         if not 0 <= self.rl_holdout < 1:
             raise ValueError(f"rl_holdout={self.rl_holdout}; need 0 <= rl_holdout < 1")
         if not 0 <= self.warmup_ratio < 1:
