@@ -228,3 +228,21 @@ def test_doctests():
     for mod in (lrem.rewards, lrem.train.sft):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_train_rl_under_torchrun_with_two_processes(tmp_path, tiny_dir):
+    import os
+    import subprocess
+    import sys
+
+    pairs = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lrem.cli",
+           "train", "rl", "--init", str(tiny_dir), "--pairs", str(pairs), "--out", str(tmp_path / "rl"),
+           "--max-steps", "2", "--batch-size", "2", "--num-generations", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((tmp_path / "rl" / "train_state.json").read_text())
+    assert (state["world_size"], state["step"]) == (2, 2)
+    hist = [json.loads(x) for x in (tmp_path / "rl" / "history.jsonl").read_text().splitlines()]
+    assert len(hist) == 2 and hist[-1]["time/rollouts_per_s"] > 0  # rank 0 logs the reduced values once
