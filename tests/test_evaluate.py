@@ -5,9 +5,9 @@ import math
 import pytest
 
 from lrem.baselines import BM25Retriever
-from lrem.data import Dataset, Item, Query
+from lrem.data import Dataset, Item, Query, sample_query_ids
 from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems,
-                           format_table, query_metrics, run_system, sample_query_ids, slices_for,
+                           format_table, query_metrics, run_system, slices_for,
                            write_report)
 from lrem.search_types import SearchResult
 

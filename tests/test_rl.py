@@ -223,9 +223,10 @@ def test_doctests():
     import doctest
 
     import lrem.rewards
+    import lrem.search
     import lrem.train.sft
 
-    for mod in (lrem.rewards, lrem.train.sft):
+    for mod in (lrem.rewards, lrem.train.sft, lrem.search):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
 

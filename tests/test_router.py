@@ -8,7 +8,8 @@ import pytest
 
 import lrem.router
 from lrem.data import Dataset, Item, Query
-from lrem.evaluate import build_systems, evaluate_systems
+from lrem.evaluate import evaluate_systems
+from lrem.search import build_systems
 from lrem.index import ItemIndex
 from lrem.router import MIN_SAMPLES, Router
 from lrem.search import Searcher

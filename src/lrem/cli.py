@@ -176,7 +176,8 @@ def eval_(
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
     from lrem.data import load_dataset
-    from lrem.evaluate import build_systems, evaluate_systems, format_table, parse_system, write_report
+    from lrem.evaluate import evaluate_systems, format_table, write_report
+    from lrem.search import build_systems, parse_system
 
     ds = load_dataset(data)
     specs = dict(parse_system(s) for s in system)

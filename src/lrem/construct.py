@@ -64,7 +64,7 @@ class ConstructConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the query sample and of the hint choice."})
     # 1. Mining
     retriever: str = field(default="bm25", metadata={"help": "The direct retriever: bm25, minilm or MODEL:direct "
-                                                     "(any spec lrem.evaluate.build_systems accepts)."})
+                                                     "(any spec lrem.search.build_systems accepts)."})
     k_mine: int = field(default=10, metadata={"help": "Depth at which mining measures hitrate."})
     mine_max_hitrate: float = field(default=0.5, metadata={
         "help": "A query is difficult when hitrate@k_mine < this (0.5: fewer than half its relevant items "
@@ -292,7 +292,7 @@ def select_queries(ds, cfg: ConstructConfig) -> dict[str, str]:
     """query_id -> text of the split, sampled like `lrem eval` (same ids for the same seed and
     limit, whatever the other settings). Queries without a relevant item are left out unless
     nothing needs labels (keep_all, no gold hint, a judge other than qrels)."""
-    from lrem.evaluate import sample_query_ids
+    from lrem.data import sample_query_ids
 
     split = ds.split_queries(cfg.split)
     needs_labels = not cfg.keep_all or cfg.hint == "gold" or cfg.judge == "qrels"
@@ -312,7 +312,7 @@ class TripletBuilder:
     def __init__(self, ds, cfg: ConstructConfig, cache_path, log=print):
         from transformers import AutoTokenizer
 
-        from lrem.evaluate import build_systems
+        from lrem.search import build_systems
         from lrem.model import resolve_backbone
         from lrem.teachers import CachedTeacher, parse_judge, parse_teacher
 

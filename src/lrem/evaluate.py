@@ -10,13 +10,13 @@ code. All metric values are fractions in [0, 1]; times are in milliseconds or se
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from lrem._io import atomic_write, write_json, write_jsonl
+from lrem.data import sample_query_ids
 from lrem.search_types import Retriever
 
 PRIMARY_METRIC = "hitrate@10"  # the key used to pick checkpoints and rank systems
@@ -103,18 +103,6 @@ def evaluate_slices(run, qrels, slices: dict[str, list[str]], ks=KS) -> dict[str
 
 
 # ---------------------------------------------------------------- running systems
-
-def sample_query_ids(query_ids: list[str], limit: int | None, seed: int = 0) -> list[str]:
-    """A fixed random subset of `limit` ids (all ids when limit is None), returned sorted.
-
-    Ids are sorted first and shuffled with random.Random(seed), so the sample depends only on
-    the id set and the seed; a smaller limit gives a subset of a larger one.
-    """
-    ids = sorted(query_ids)
-    if limit is None or limit >= len(ids):
-        return ids
-    return sorted(random.Random(seed).sample(ids, len(ids))[:max(limit, 0)])
-
 
 def slices_for(queries: dict) -> dict[str, list[str]]:
     """Query slices for the report: "category=<c>" per category, then "hard" and "easy".
@@ -322,64 +310,3 @@ def write_report(result: dict, out_dir, ds=None) -> None:
 
 
 # ---------------------------------------------------------------- systems from spec strings
-
-def parse_system(arg: str) -> tuple[str, str]:
-    """"NAME=SPEC" or "SPEC" -> (name, spec). SPEC: bm25 | minilm | MODEL:MODE.
-
-    >>> parse_system("base=smollm2-135m-instruct:reason")
-    ('base', 'smollm2-135m-instruct:reason')
-    >>> parse_system("bm25")
-    ('bm25', 'bm25')
-    """
-    name, sep, spec = arg.partition("=")
-    return (name, spec) if sep else (arg, arg)
-
-
-def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) -> dict[str, Retriever]:
-    """Turn {name: spec} into retrievers over `ds.catalog` (titles).
-
-    `MODEL:MODE`: MODEL is an index folder (from `lrem index`, over this catalog) or a model
-    (folder, hub name, built-in name) whose items are embedded here, once per model, however
-    many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with a default
-    `lrem.router.Router`, `auto@0.3` with a reasoning budget of 30% (`Router(share=0.3)`), and
-    the report records each LREM system's share of queries reasoned.
-    """
-    from lrem.baselines import baseline_system
-    from lrem.index import ItemIndex, is_index_dir
-    from lrem.router import Router
-    from lrem.search import MODES, Searcher
-
-    titles = {iid: item.title for iid, item in ds.catalog.items()}
-    searchers: dict[str, Searcher] = {}
-    systems: dict[str, Retriever] = {}
-    for name, spec in specs.items():
-        baseline = baseline_system(spec, titles)
-        if baseline is not None:
-            systems[name] = baseline
-            continue
-        model, sep, mode = spec.rpartition(":")
-        mode, at, share = mode.partition("@")
-        if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
-            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
-                             f"(or auto@SHARE, SHARE in [0, 1])")
-        if model not in searchers:
-            if is_index_dir(model):
-                searcher = Searcher.load(model, log=log)
-                if set(searcher.index.item_ids) != set(titles):
-                    raise ValueError(f"index {model} was built on another catalog than {ds.name}")
-            else:
-                from lrem.model import LREM
-
-                lrem = LREM.from_pretrained(model, log=log)
-                log(f"embedding {len(titles)} items with {model}")
-                searcher = Searcher(lrem, ItemIndex.build(lrem, titles, batch_size=batch_size))
-            searchers[model] = searcher
-        systems[name] = searchers[model].retriever(mode, Router(share=float(share)) if at else None)
-    return systems
-
-
-def _is_fraction(text: str) -> bool:
-    try:
-        return 0.0 <= float(text) <= 1.0
-    except ValueError:
-        return False

@@ -138,3 +138,63 @@ class _ModeRetriever:
     def reasoned_share(self) -> float:
         """Share of the queries searched so far that generated a CoT (0 to 1)."""
         return self.n_reasoned / self.n_queries if self.n_queries else 0.0
+
+
+# ---------------------------------------------------------------- systems from spec strings
+
+def parse_system(arg: str) -> tuple[str, str]:
+    """"NAME=SPEC" or "SPEC" -> (name, spec). SPEC: bm25 | minilm | MODEL:MODE.
+
+    >>> parse_system("base=smollm2-135m-instruct:reason")
+    ('base', 'smollm2-135m-instruct:reason')
+    >>> parse_system("bm25")
+    ('bm25', 'bm25')
+    """
+    name, sep, spec = arg.partition("=")
+    return (name, spec) if sep else (arg, arg)
+
+
+def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) -> dict[str, Retriever]:
+    """Turn {name: spec} into retrievers over `ds.catalog` (titles).
+
+    `MODEL:MODE`: MODEL is an index folder (from `lrem index`, over this catalog) or a model
+    (folder, hub name, built-in name) whose items are embedded here, once per model, however
+    many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with a default
+    `lrem.router.Router`, `auto@0.3` with a reasoning budget of 30% (`Router(share=0.3)`), and
+    the report records each LREM system's share of queries reasoned.
+    """
+    from lrem.baselines import baseline_system
+    from lrem.index import is_index_dir
+
+    titles = {iid: item.title for iid, item in ds.catalog.items()}
+    searchers: dict[str, Searcher] = {}
+    systems: dict[str, Retriever] = {}
+    for name, spec in specs.items():
+        baseline = baseline_system(spec, titles)
+        if baseline is not None:
+            systems[name] = baseline
+            continue
+        model, sep, mode = spec.rpartition(":")
+        mode, at, share = mode.partition("@")
+        if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
+            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
+                             f"(or auto@SHARE, SHARE in [0, 1])")
+        if model not in searchers:
+            if is_index_dir(model):
+                searcher = Searcher.load(model, log=log)
+                if set(searcher.index.item_ids) != set(titles):
+                    raise ValueError(f"index {model} was built on another catalog than {ds.name}")
+            else:
+                lrem = LREM.from_pretrained(model, log=log)
+                log(f"embedding {len(titles)} items with {model}")
+                searcher = Searcher(lrem, ItemIndex.build(lrem, titles, batch_size=batch_size))
+            searchers[model] = searcher
+        systems[name] = searchers[model].retriever(mode, Router(share=float(share)) if at else None)
+    return systems
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False

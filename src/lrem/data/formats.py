@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -340,3 +341,15 @@ def save_dataset(ds: Dataset, out) -> None:
     with atomic_dir(out) as tmp:
         for table in TABLES:
             write_jsonl(tmp / f"{table}.jsonl", rows[table])
+
+
+def sample_query_ids(query_ids: list[str], limit: int | None, seed: int = 0) -> list[str]:
+    """A fixed random subset of `limit` ids (all ids when limit is None), returned sorted.
+
+    Ids are sorted first and shuffled with random.Random(seed), so the sample depends only on
+    the id set and the seed; a smaller limit gives a subset of a larger one.
+    """
+    ids = sorted(query_ids)
+    if limit is None or limit >= len(ids):
+        return ids
+    return sorted(random.Random(seed).sample(ids, len(ids))[:max(limit, 0)])
