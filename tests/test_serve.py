@@ -280,7 +280,7 @@ def test_config_from_yaml_sets_and_flags(tmp_path):
     cfg = ServeConfig.from_yaml(path, sets=["max_wait_ms=2.5", "cache_path="], port=9001, host=None)
     assert (cfg.max_batch, cfg.router_share, cfg.max_wait_ms, cfg.port, cfg.host) == (4, 0.3, 2.5, 9001, "127.0.0.1")
     assert cfg.router().share == 0.3
-    for bad, match in ((["max_bacth=4"], "unknown serve setting"), (["max_batch=four"], "expected int"),
+    for bad, match in ((["max_bacth=4"], "unknown key 'max_bacth'"), (["max_batch=four"], "expected int"),
                        (["max_batch=0"], ">= 1"), (["router_share=2"], "share"), (["port"], "KEY=VALUE")):
         with pytest.raises(ValueError, match=match):
             ServeConfig.from_yaml(sets=bad)

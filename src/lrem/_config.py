@@ -33,7 +33,8 @@ def load_config(cls, path=None, overrides: dict | None = None):
         if key not in known:
             raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         if not type_ok(value, hints[key]):
-            raise ValueError(f"{src}: key {key!r}: expected {hints[key]}, got {value!r}")
+            want = getattr(hints[key], "__name__", None) if not isinstance(hints[key], types.UnionType) else None
+            raise ValueError(f"{src}: key {key!r}: expected {want or hints[key]}, got {value!r}")
     return cls(**values)
 
 

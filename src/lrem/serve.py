@@ -91,22 +91,16 @@ class ServeConfig:
         """
         import yaml
 
+        from lrem._config import load_config
+
         values = {}
-        if path:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: expected a mapping of ServeConfig keys")
-            values.update(loaded)
         for item in sets:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
             values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown serve setting(s) {', '.join(unknown)}; known: {', '.join(f.name for f in fields(cls))}")
-        return cls(**values)
+        return load_config(cls, path, values)
 
     def router(self) -> Router:
         return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
