@@ -16,7 +16,7 @@ DATA="$OUT/wordnet"
 
 [ -f "$DATA/qrels.jsonl" ] || lrem data wordnet --out "$DATA"
 lrem construct --data "$DATA" --out "$OUT/triplets" --hint gold --limit "$QUERIES"
-S1=(--triplets "$OUT/triplets/triplets.jsonl" --data "$DATA" --max-steps "$STEPS" --cot-share 0.5)
+S1=(--triplets "$OUT/triplets/triplets.jsonl" --data "$DATA" --max-steps "$STEPS" --cot-share 0.25 --save-steps 40)
 resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
 [ -f "$OUT/direct/lrem_config.json" ] || lrem train direct --out "$OUT/direct" \
   --pairs "$OUT/triplets/triplets.jsonl" "${S1[@]:2}" $(resume "$OUT/direct")
@@ -34,4 +34,4 @@ lrem eval --data "$DATA" --split dev --limit "$LIMIT" --system bm25 --system min
   --system "cold-reason=$I-cold:reason" --system "cold-empty-cot=$I-cold:empty-cot" \
   --system "rl-reason=$I-rl:reason" --system "rl-empty-cot=$I-rl:empty-cot" \
   --system "rl-query-cot=$I-rl:query-cot" --system "rl-random-cot=$I-rl:random-cot" \
-  --out "$OUT/eval" --examples 10
+  --figure "$OUT/rl/curves.png" --out "$OUT/eval" --examples 10

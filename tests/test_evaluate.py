@@ -199,6 +199,15 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
 
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "curves.png").write_bytes((tmp_path / "overall.png").read_bytes())  # a trainer's figure
+    write_report(result, tmp_path / "r2", toy, n_examples=1, figures=[tmp_path / "rl" / "curves.png"])
+    report = (tmp_path / "r2" / "report.md").read_text()
+    assert "![rl-curves](rl-curves.png)" in report and (tmp_path / "r2" / "rl-curves.png").stat().st_size > 5000
+    assert report.count("relevant)") == 1  # one example query
+    with pytest.raises(FileNotFoundError, match="no such figure"):
+        write_report(result, tmp_path / "r3", toy, figures=[tmp_path / "missing.png"])
+
 
 def test_evaluate_systems_limit_is_a_stable_sample(toy, systems):
     a = evaluate_systems(toy, "test", {"bm25": systems["bm25"]}, limit=3, seed=1, log=lambda *_: None)

@@ -172,7 +172,10 @@ def eval_(
     seed: int = 0,
     k: Annotated[int, typer.Option(help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
     batch_size: int = 32,
-    examples: Annotated[int, typer.Option(help="Print this many example queries with CoTs and top items.")] = 0,
+    examples: Annotated[int, typer.Option(help="Print (and put in report.md) this many example queries with "
+                                          "CoTs and top items.")] = 0,
+    figure: Annotated[Optional[list[Path]], typer.Option(help="A PNG to add to report.md (e.g. OUT/curves.png of "
+                                                         "`lrem train rl`). Repeat.")] = None,
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
     from lrem.data import load_dataset
@@ -183,7 +186,7 @@ def eval_(
     specs = dict(parse_system(s) for s in system)
     systems = build_systems(specs, ds, batch_size=batch_size, log=_echo)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
-    write_report(result, out, ds)
+    write_report(result, out, ds, n_examples=max(examples, 5), figures=figure or ())
     typer.echo(format_table(result))
     if examples:
         typer.echo(format_examples(result, ds, examples))

@@ -223,10 +223,10 @@ def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _examples_md(result: dict, ds) -> list[str]:
-    """A few queries with each system's CoT and top 3 titles (+ marks a relevant item)."""
+def _examples_md(result: dict, ds, n: int = N_EXAMPLES) -> list[str]:
+    """`n` queries with each system's CoT and top 3 titles (+ marks a relevant item)."""
     examples = result.get("examples", {})
-    qids = sorted({q for ex in examples.values() for q in ex})[:N_EXAMPLES]
+    qids = sorted({q for ex in examples.values() for q in ex})[:n]
     lines = ["## Examples", ""]
     for qid in qids:
         rels = ds.qrels.get(qid, {})
@@ -244,8 +244,9 @@ def _examples_md(result: dict, ds) -> list[str]:
     return lines
 
 
-def report_markdown(result: dict, ds=None) -> str:
-    """The report.md text: header, overall table, one slice table per primary metric, charts."""
+def report_markdown(result: dict, ds=None, n_examples: int = N_EXAMPLES, figures: tuple[str, ...] = ()) -> str:
+    """The report.md text: header, overall table, one slice table per primary metric, charts,
+    examples, and extra `figures` (file names in the report folder, e.g. training curves)."""
     header, rows = _table_rows(result, REPORT_METRICS)
     lines = [f"# Evaluation: {result['dataset']} / {result['split']}", "",
              f"{result['n_queries']} queries (seed {result.get('seed')}, limit {result.get('limit')}); "
@@ -255,8 +256,10 @@ def report_markdown(result: dict, ds=None) -> str:
     for metric in SLICE_METRICS:
         lines += [f"## Slices: {metric}", "", *_slice_table(result, metric), ""]
     lines += ["![slices](slices.png)", ""]
+    if figures:
+        lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
     if ds is not None:
-        lines += _examples_md(result, ds)
+        lines += _examples_md(result, ds, n_examples)
     return "\n".join(lines)
 
 
@@ -285,12 +288,21 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ti
         fig.savefig(f, format="png", bbox_inches="tight")
 
 
-def write_report(result: dict, out_dir, ds=None) -> None:
+def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, figures=()) -> None:
     """Write metrics.json, runs.jsonl, report.md, overall.png and slices.png into out_dir.
 
-    Every file is written atomically. `ds` (optional) adds query texts and item titles.
+    Every file is written atomically. `ds` (optional) adds query texts and item titles;
+    `figures` (PNG paths, e.g. a trainer's curves.png) are copied in and shown in report.md, named
+    after their parent folder ("runs/rl/curves.png" -> "rl-curves.png").
     """
     out = Path(out_dir)
+    names = []
+    for fig in map(Path, figures):
+        if not fig.is_file():
+            raise FileNotFoundError(f"{fig}: no such figure")
+        names.append(f"{fig.parent.name}-{fig.name}")
+        with atomic_write(out / names[-1], "wb", encoding=None) as f:
+            f.write(fig.read_bytes())
     write_json(out / "metrics.json", {k: v for k, v in result.items() if k != "examples"})
     write_jsonl(out / "runs.jsonl", (
         {"system": name, "query_id": qid,
@@ -306,7 +318,7 @@ def write_report(result: dict, out_dir, ds=None) -> None:
                {n: [s["slices"][sl][PRIMARY_METRIC] for sl in slice_names] for n, s in systems.items()},
                f"{result['dataset']}/{result['split']}: {PRIMARY_METRIC} per slice")
     with atomic_write(out / "report.md") as f:
-        f.write(report_markdown(result, ds))
+        f.write(report_markdown(result, ds, n_examples, tuple(names)))
 
 
 # ---------------------------------------------------------------- systems from spec strings
