@@ -98,7 +98,8 @@ def qwen3b_like(device: str = "cuda"):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from lrem import prompts
-    from lrem.model import LREM, builtin_path
+    from lrem.backbones import builtin_path
+    from lrem.model import LREM
 
     tok = AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
     tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def backbone_dir():
     """The built-in SmolLM2 converted to a safetensors folder (cached under $LREM_HOME)."""
-    from lrem.model import builtin_path
+    from lrem.backbones import builtin_path
 
     return builtin_path("smollm2-135m-instruct")
 

