@@ -200,6 +200,7 @@ def test_dataset_helpers():
     assert ds.relevant("q1") == {"i1"}
     assert ds.relevant("nope") == set()
     assert set(ds.split_queries("test")) == {"q2", "q3"}
+    assert set(ds.split_queries("all")) == set(ds.queries)  # every split
     with pytest.raises(ValueError, match="available splits: test, train"):
         ds.split_queries("dev")
     assert ds.counts() == {

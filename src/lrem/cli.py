@@ -167,7 +167,7 @@ def eval_(
     data: DataDir,
     out: Out,
     system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, auto, auto@SHARE, empty-cot, query-cot, random-cot). Repeat.")],
-    split: str = "dev",
+    split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
     k: Annotated[int, typer.Option(help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,

@@ -71,8 +71,8 @@ class Dataset:
     name: str = ""
 
     def split_queries(self, split: str) -> dict[str, Query]:
-        """The queries of one split; a ValueError listing the splits present if it is empty."""
-        found = {qid: q for qid, q in self.queries.items() if q.split == split}
+        """The queries of one split ("all": every query); a ValueError listing the splits present if it is empty."""
+        found = {qid: q for qid, q in self.queries.items() if q.split == split or split == "all"}
         if not found:
             have = sorted({q.split for q in self.queries.values()})
             raise ValueError(f"no queries in split {split!r}; available splits: {', '.join(have)}")
