@@ -257,15 +257,22 @@ def plot_curves(history: Path, png: Path) -> None:
     rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
     if not rows:
         return
-    panels = [("reward", ["reward/total", "reward/acc", "reward/format", "reward/length"]), ("rank", ["rank/mean"]),
-              ("CoT tokens", ["cot/tokens"]), ("loss", ["loss/grpo", "loss/infonce"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    # the GRPO loss itself is ~0 by construction (advantages are centred per group, ratio 1 on the
+    # first pass), so it is not plotted; noisy per-batch values get a 5-step running mean
+    panels = [("reward", ["reward/total", "reward/acc", "reward/format", "reward/length"]),
+              ("mean rank of the positive (1 = first)", ["rank/mean"]), ("CoT tokens", ["cot/tokens"]),
+              ("InfoNCE loss", ["loss/infonce"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
     steps = [r["step"] for r in rows]
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:
-            if k in rows[0]:
-                ax.plot(steps, [r[k] for r in rows], label=k.split("/")[-1])
-        ax.set_title(title)
+            if k not in rows[0]:
+                continue
+            ys = [r[k] for r in rows]
+            line, = ax.plot(steps, ys, alpha=0.35, label=None)
+            smooth = [sum(ys[max(0, i - 4): i + 1]) / len(ys[max(0, i - 4): i + 1]) for i in range(len(ys))]
+            ax.plot(steps, smooth, color=line.get_color(), label=k.split("/")[-1])
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
