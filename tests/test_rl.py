@@ -247,3 +247,13 @@ def test_train_rl_under_torchrun_with_two_processes(tmp_path, tiny_dir):
     assert (state["world_size"], state["step"]) == (2, 2)
     hist = [json.loads(x) for x in (tmp_path / "rl" / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and hist[-1]["time/rollouts_per_s"] > 0  # rank 0 logs the reduced values once
+
+
+def test_kl_to_the_stage1_model_is_logged_and_weighted(tmp_path, tiny_dir):
+    pairs = write_pairs(tmp_path / "p.jsonl", PAIRS[:4])
+    cfg = RLConfig(num_generations=2, batch_size=4, rollout_max_tokens=6, cot_max_tokens=4, max_steps=2,
+                   learning_rate=1e-2, warmup_ratio=0.0, kl_coef=0.5, save_steps=0)
+    state = train_rl(cfg, tiny_dir, tmp_path / "kl", pairs=pairs, log=lambda *a: None)
+    hist = [json.loads(x) for x in (tmp_path / "kl" / "history.jsonl").read_text().splitlines()]
+    assert "loss/kl" in hist[0] and hist[0]["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
+    assert hist[1]["policy/kl"] > 0 and state["last"]["loss/kl"] == pytest.approx(hist[1]["policy/kl"], rel=1e-4)
