@@ -22,16 +22,30 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
   --pairs "$OUT/triplets/triplets.jsonl" "${S1[@]:2}" $(resume "$OUT/direct")
 [ -f "$OUT/cold/lrem_config.json" ] || lrem train coldstart --out "$OUT/cold" "${S1[@]}" $(resume "$OUT/cold")
 [ -f "$OUT/rl/lrem_config.json" ] || lrem train rl --init "$OUT/cold" --out "$OUT/rl" --config configs/rl.yaml \
-  --max-steps "$RL_STEPS" --batch-size 8 --learning-rate 1e-5 $(resume "$OUT/rl")
+  --max-steps "$RL_STEPS" --batch-size 8 --learning-rate 1e-5 --save-steps 5 $(resume "$OUT/rl")
 for m in base direct cold rl; do
   model="$OUT/$m"; [ "$m" = base ] && model=smollm2-135m-instruct
   [ -f "$OUT/index-$m/index.faiss" ] || lrem index --data "$DATA" --model "$model" --out "$OUT/index-$m"
 done
 I="$OUT/index"
+# stage 1 report (issue 5), stage 2 report with the ablations and the RL curves (issue 6)
 lrem eval --data "$DATA" --split dev --limit "$LIMIT" --system bm25 --system minilm \
   --system "base-direct=$I-base:direct" --system "base-reason=$I-base:reason" \
   --system "direct-trained=$I-direct:direct" \
   --system "cold-reason=$I-cold:reason" --system "cold-empty-cot=$I-cold:empty-cot" \
+  --out "$OUT/eval-stage1" --examples 10
+lrem eval --data "$DATA" --split dev --limit "$LIMIT" --system bm25 --system minilm \
+  --system "direct-trained=$I-direct:direct" \
+  --system "cold-reason=$I-cold:reason" --system "cold-empty-cot=$I-cold:empty-cot" \
   --system "rl-reason=$I-rl:reason" --system "rl-empty-cot=$I-rl:empty-cot" \
   --system "rl-query-cot=$I-rl:query-cot" --system "rl-random-cot=$I-rl:random-cot" \
-  --figure "$OUT/rl/curves.png" --out "$OUT/eval" --examples 10
+  --figure "$OUT/rl/curves.png" --out "$OUT/eval-stage2" --examples 10
+# held-out real shop queries by other authors (skipped where ../shared/data is absent)
+ESCI=../shared/data/esci_sample200/esci.csv
+if [ -f "$ESCI" ]; then
+  [ -f "$OUT/esci/qrels.jsonl" ] || lrem data convert "$ESCI" --format esci --out "$OUT/esci"
+  lrem eval --data "$OUT/esci" --split all --system bm25 --system minilm \
+    --system "base-direct=smollm2-135m-instruct:direct" --system "direct-trained=$OUT/direct:direct" \
+    --system "cold-reason=$OUT/cold:reason" --system "cold-empty-cot=$OUT/cold:empty-cot" \
+    --system "rl-reason=$OUT/rl:reason" --system "rl-empty-cot=$OUT/rl:empty-cot" --out "$OUT/eval-esci" --examples 5
+fi
