@@ -182,6 +182,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                 pol = wrapped(tensors)
             if it == 0:
                 scored = score_rollouts(batch, pol["q"], pol["d"], cfg)
+                # "old" log-probs = the sampling policy's: its weights are these, so this pass's
+                # detached values are them (as TRL does); kept for the later iterations
                 adv, old_logp = scored["advantages"].to(acc.device), pol["logp"].detach()
             parts, info = loss_fn.loss(pol, tensors, adv, old_logp, ref_logp)
             loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
