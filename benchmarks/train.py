@@ -18,6 +18,7 @@ import torch
 
 from _common import QUERIES, machine, matmul_gflops, seconds, setup, table, write
 from lrem.losses import IGNORE, LREMLoss
+from lrem.model import shared_prefix_len
 from lrem.train.sft import Pair, collate
 
 COTS = ["corkscrew, wine opener, bottle opener", "wool socks, slippers, foot warmer", "coffee, espresso, energy drink",
@@ -38,8 +39,7 @@ def run_tokens(ids: torch.Tensor, mask: torch.Tensor, share: bool) -> int:
     """Token positions the decoder runs: the shared prefix once, then every row's rest."""
     if not share:
         return ids.numel()
-    same = (ids == ids[:1]).all(0) & mask.bool().all(0)
-    p = min(int(same.long().cumprod(0).sum()), ids.shape[1] - 1)
+    p = shared_prefix_len(ids, mask)
     return p + ids.shape[0] * (ids.shape[1] - p)
 
 

@@ -222,11 +222,12 @@ def test_cli_train_rl_and_bad_pairs(tmp_path, tiny_dir):
 def test_doctests():
     import doctest
 
+    import lrem.model
     import lrem.rewards
     import lrem.search
     import lrem.train.sft
 
-    for mod in (lrem.rewards, lrem.train.sft, lrem.search):
+    for mod in (lrem.rewards, lrem.train.sft, lrem.search, lrem.model):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
 

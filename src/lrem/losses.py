@@ -207,14 +207,17 @@ class GRPOLoss(nn.Module):
             w["kl"] = self.kl_coef
         return w
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """{"logp": (R, L) sampled-token log-probs (0 on padding), "q": (R, D), "d": (N, D)}."""
+    def forward(self, batch: dict[str, Tensor], items: bool = True) -> dict[str, Tensor]:
+        """{"logp": (R, L) sampled-token log-probs (0 on padding), "q": (R, D), "d": (N, D)};
+        `items=False` skips the item pass ("d" absent), e.g. for the KL reference's log-probs."""
         model = self.model
         h = model.hidden_states(batch["ids"], batch["mask"])  # (R, T, H)
         q = F.normalize(emb_hidden(h, batch["ids"], model.emb_id).float(), dim=-1)  # (R, D)
         rows = torch.arange(len(h), device=h.device)[:, None]  # (R, 1)
         logits = model.lm.get_output_embeddings()(h[rows, batch["lp_pos"]]).float()  # (R, L, V)
         logp = token_logprobs(logits / self.sampling_temperature, batch["lp_tgt"])  # (R, L)
+        if not items:
+            return {"logp": logp, "q": q}
         d_h = model.hidden_states(batch["d_ids"], batch["d_mask"])  # (N, Td, H)
         d = F.normalize(emb_hidden(d_h, batch["d_ids"], model.emb_id).float(), dim=-1)  # (N, D)
         return {"logp": logp, "q": q, "d": d}

@@ -52,6 +52,19 @@ def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> to
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
 
 
+def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Leading columns every row of a right-padded batch shares (unmasked, same ids), leaving each
+    row >= 1 token after them; 0 for a single row.  (B, T), (B, T) -> int.
+
+    >>> shared_prefix_len(torch.tensor([[1, 2, 3, 4], [1, 2, 5, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    2
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)  # (T,)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
 def common_prefix_len(seqs: list[list[int]]) -> int:
     """Length of the longest common prefix of token sequences, leaving each >= 1 token after it.
 
@@ -203,9 +216,7 @@ class LREM(torch.nn.Module):
         (they sum over the broadcast); the training cost falls by the shared share of tokens.
         """
         b, t = input_ids.shape
-        same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)  # (T,)
-        p = int(same.long().cumprod(0).sum()) if share_prefix and b > 1 else 0
-        p = min(p, t - 1)  # every row keeps >= 1 token after the prefix
+        p = shared_prefix_len(input_ids, attention_mask) if share_prefix else 0
         dec = self.lm.get_decoder()
         checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules())
         if p == 0 or checkpointing:  # activation checkpointing runs without a KV cache
@@ -412,14 +423,8 @@ class LREM(torch.nn.Module):
         def pick(logits: torch.Tensor) -> torch.Tensor:
             return sample_top_p(logits, temperature, top_p, generator)
 
-        out: list[list[int]] = []
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            n, kv = self._shared_prefix(chunk)
-            sufs = [x[n:] for x in chunk]
-            step = GreedyStep(self.lm, len(chunk), n + max(len(x) for x in sufs) + max_new, graph=False)
-            out += self._greedy_run(step, n, kv, sufs, max_new, self.stop_ids, pick)[0]
-        return out
+        return [row for s in range(0, len(rows), batch_size)
+                for row in self._greedy(rows[s : s + batch_size], max_new, self.stop_ids, pick=pick)]
 
     @torch.inference_mode()
     def _reason(self, texts: list[str], batch_size: int, show_progress: bool) -> QueryEncoding:
@@ -438,10 +443,12 @@ class LREM(torch.nn.Module):
             cots += batch_cots
         return QueryEncoding(np.concatenate(embs) if embs else np.zeros((0, self.dim), np.float32), cots)
 
-    def _greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None):
+    def _greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None,
+                pick=None):
         """Greedy continuations (B rows of max_new ids; pad after a stop id), as `lm.generate` gives.
         Given `texts` (the queries of `seqs`), returns (CoTs, embeddings (B, D) or None) instead:
         each query embedded after its CoT from the cache the decoding left (`_embed_after`).
+        `pick` (logits -> ids) replaces argmax, e.g. sampling (`sample_cots`; decoded eagerly).
 
         The prefix shared with the prompt template (~70 of ~85 query tokens) comes from the
         cached KV (`_shared_prefix`), expanded to the batch; each prompt's suffix follows it,
@@ -456,7 +463,7 @@ class LREM(torch.nn.Module):
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self._step(len(seqs), length)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, used = self._greedy_run(step, n, kv, sufs, max_new, stop)
+            gen, used = self._greedy_run(step, n, kv, sufs, max_new, stop, pick)
             if texts is None:
                 return gen
             cots = [self.decode_cot(g) for g in gen]

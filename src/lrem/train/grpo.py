@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from .. import rewards as R
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .grpo_config import RLConfig
-from .sft import (RL_PAIRS, TRAIN_STATE, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_triplets,
-                  lr_factor, save_checkpoint)
+from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
+                  make_optimizer, save_checkpoint)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -117,7 +117,10 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     data, data_path = load_rl_pairs(pairs, init)
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
     model.source = str(init)
-    ref = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False) if cfg.kl_coef > 0 else None
+    ref = None  # the frozen stage-1 model, only for the KL term
+    if cfg.kl_coef > 0:
+        ref_model = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False)
+        ref = GRPOLoss(ref_model, sampling_temperature=cfg.sampling_temperature)
 
     world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
     per_epoch = len(data) // (bs * world)
@@ -131,20 +134,11 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     model.lm.train()
     loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps, cfg.kl_coef,
                        cfg.sampling_temperature)
-    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    optimizer, scheduler = make_optimizer(loss_fn.parameters(), cfg, total, warmup)
     start = 0
     if ckpt is not None:
-        prev = json.loads((ckpt / TRAIN_STATE).read_text())
-        for key, now in (("world_size", world), ("total_steps", total), ("seed", cfg.seed), ("batch_size", bs),
-                         ("examples", len(data))):
-            if prev[key] != now:
-                raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
-                                 "same data, batch, steps, seed and processes")
-        saved = torch.load(ckpt / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        start = prev["step"]
+        start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
+                                "seed": cfg.seed, "batch_size": bs, "examples": len(data)})
         say(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = acc.prepare(loss_fn, optimizer)
 
@@ -176,7 +170,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         ref_logp = None
         if ref is not None:
             with torch.no_grad():
-                ref_logp = GRPOLoss(ref, sampling_temperature=cfg.sampling_temperature)(tensors)["logp"]
+                ref_logp = ref(tensors, items=False)["logp"]
         for it in range(cfg.num_iterations):
             with acc.autocast():
                 pol = wrapped(tensors)

@@ -258,6 +258,32 @@ def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int) ->
     return path
 
 
+def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
+    """Restore optimizer, scheduler and torch RNG from `ckpt`; return the step it ended.
+
+    `expect` (world_size, total_steps, seed, batch_size, examples) must equal the checkpoint's:
+    any other value would not continue the same run.
+    """
+    prev = json.loads((ckpt / TRAIN_STATE).read_text())
+    for key, now in expect.items():
+        if prev[key] != now:
+            raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
+                             "same data, batch, steps, seed and processes")
+    saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return prev["step"]
+
+
+def make_optimizer(params, cfg, total: int, warmup: int):
+    """AdamW at `cfg.learning_rate` and its per-step schedule (`lr_factor`); any config with
+    learning_rate, weight_decay and lr_schedule (SFTConfig, RLConfig)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    return optimizer, scheduler
+
+
 # ---------------------------------------------------------------- training
 
 def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train", resume: bool = False,
@@ -318,21 +344,11 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         enable()
     model.lm.train()
     loss_fn = LREMLoss(model, cfg.sft_weight, cfg.infonce_weight, cfg.temperature)
-    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    optimizer, scheduler = make_optimizer(loss_fn.parameters(), cfg, total, warmup)
     start = 0
     if ckpt is not None:
-        prev = json.loads((ckpt / TRAIN_STATE).read_text())
-        for key, now in (("world_size", world), ("total_steps", total), ("seed", cfg.seed), ("batch_size", bs),
-                         ("examples", len(pairs))):
-            if prev[key] != now:
-                raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
-                                 "same data, batch, steps, seed and processes")
-        saved = torch.load(ckpt / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        start = prev["step"]
+        start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
+                                "seed": cfg.seed, "batch_size": bs, "examples": len(pairs)})
         say(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = acc.prepare(loss_fn, optimizer)
 
