@@ -89,8 +89,9 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int
 
 
 def read_gbps(mib: int = 512, repeat: int = 3, device: str = "cpu") -> float:
-    """Memory read bandwidth, GB/s: best time to sum a `mib` MiB float32 tensor."""
-    x = torch.ones(mib * 2**18, device=device)
+    """Memory read bandwidth, GB/s: best time to sum a `mib` MiB float32 tensor of random values
+    (not constant ones: a VM's memory deduplication can back those by one page, read at cache speed)."""
+    x = torch.rand(mib * 2**18, device=device)
     x.sum()
     return x.numel() * 4 / min(seconds(lambda: x.sum()) for _ in range(repeat)) / 1e9
 

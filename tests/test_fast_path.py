@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lrem.decoding import Linear, StaticDecoder, lookup_draft
 from lrem.model import LREM
 
 QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea", "La Mer dupe",
@@ -20,16 +21,20 @@ def lively(tmp_path_factory, backbone_dir):
     """A 2-layer random Llama with large weights: unlike `tiny` (which repeats one token for every
     query), its greedy output differs from query to query, so an off-by-one position or a leaked
     pad would change the tokens."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    return lively_model(tmp_path_factory, backbone_dir, "llama")
+
+
+def lively_model(tmp_path_factory, backbone_dir, arch: str) -> LREM:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(backbone_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                               initializer_range=0.2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lively")
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    out = tmp_path_factory.mktemp(f"lively-{arch}")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return LREM.from_pretrained(str(out), dtype="float32")
 
@@ -48,6 +53,19 @@ def fast_generate(model: LREM, texts: list[str], stop: list[int], max_new: int =
     seqs = model.tokenizer(model.query_prompts(texts), add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         return model._greedy(seqs, max_new, stop)
+
+
+def forward_widths(monkeypatch) -> list[int]:
+    """Record the number of tokens of each forward the compact decoder runs (it still runs them)."""
+    widths: list[int] = []
+    run = StaticDecoder.__call__
+
+    def spy(self, ids, pos, start):
+        widths.append(ids.shape[1])
+        return run(self, ids, pos, start)
+
+    monkeypatch.setattr(StaticDecoder, "__call__", spy)
+    return widths
 
 
 def test_greedy_matches_generate_token_for_token(lively):
@@ -71,6 +89,98 @@ def test_fast_cots_equal_plain_at_any_batch_size(lively):
     assert [lively.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_other_backbones_keep_cots_and_embeddings(tmp_path_factory, backbone_dir, arch):
+    """Qwen2 (biases on q, k, v) runs on the compact decoder; Qwen3 (norms on q and k), which it
+    does not cover, on transformers' decoder over a static cache: both give the plain outputs."""
+    model = lively_model(tmp_path_factory, backbone_dir, arch)
+    assert StaticDecoder.supports(model.lm, 128) == (arch == "qwen2")
+    plain = model.generate_cots(QUERIES, fast=False)
+    assert len(set(plain)) > 4
+    assert model.generate_cots(QUERIES, batch_size=3) == plain
+    assert [model.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
+    enc = model.encode_queries(QUERIES, mode="reason")
+    assert enc.cots == plain
+    ref = model._embed_texts(model.query_texts(QUERIES, plain), 32, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, ref, atol=1e-5)
+
+
+def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
+    """Left-padded prompts in one forward, then one token per row: every unmasked position's
+    hidden state equals transformers' (same mask, positions and cache contents), at 1 and 2 threads."""
+    lm, pad = lively.lm, lively.tokenizer.pad_token_id
+    seqs = lively.tokenizer(lively.query_prompts(QUERIES[:3]), add_special_tokens=False)["input_ids"]
+    w = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad] * (w - len(x)) + x for x in seqs])
+    mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in seqs])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    nxt = torch.tensor([[11], [12], [13]])
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        ref = lm.get_decoder()(input_ids=torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                               position_ids=torch.cat([pos, pos[:, -1:] + 1], 1)).last_hidden_state
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            try:
+                dec = StaticDecoder(lm, 3, w + 4)
+                dec.mask[:, :w] = mask
+                h = dec(ids, pos, 0)
+                dec.mask[:, w] = 1
+                h1 = dec(nxt, pos[:, -1:] + 1, w)
+            finally:
+                torch.set_num_threads(threads)
+            keep = mask.bool()
+            torch.testing.assert_close(h[keep], ref[:, :w][keep], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h1, ref[:, w:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (40, True)])
+def test_blocked_linear_equals_f_linear(rows, bias):
+    """Odd output rows (a vocabulary of 49,155) leave a remainder; above MAX_ROWS it is F.linear."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(24, 101, bias=bias)
+    x = torch.randn(rows, 1, 24)
+    for parts in (1, 2, 3):
+        torch.testing.assert_close(Linear(mod, parts)(x), mod(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lookup_draft_takes_the_latest_longest_match():
+    import doctest
+
+    import lrem.decoding
+
+    assert doctest.testmod(lrem.decoding).failed == 0
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 4, 8, 1, 2], k=3) == [4, 8, 1]  # latest (1, 2)
+    assert lookup_draft([7, 1, 2, 3, 5, 1, 2, 6, 2, 3], k=2) == [5, 1]  # (2, 3) beats a later (3,)
+    assert lookup_draft([1, 2, 3, 4], k=4) == []  # single tokens never draft
+    assert lookup_draft([1, 2, 3, 4, 3], k=4, min_ngram=1) == [4, 3]
+    assert lookup_draft([1, 1, 1], k=4) == [1]
+    assert lookup_draft([3, 3, 3, 3, 3, 3], k=2) == [3, 3]  # not the latest (3, 3): it has one to follow
+
+
+def test_single_query_decodes_drafted_tokens_in_fewer_forwards(tiny, lively, monkeypatch):
+    """`tiny` repeats one token, so its drafts are taken: fewer forwards than tokens, the same
+    tokens as `lm.generate`, also when the repeated token is a stop id; `lively`'s are mostly
+    rejected, and its tokens stay the same."""
+    q = QUERIES[:1]
+    widths = forward_widths(monkeypatch)
+    stop = [tiny.think_end_id, tiny.emb_id, tiny.tokenizer.eos_token_id]
+    ref = plain_generate(tiny, q, stop)
+    assert len(set(ref[0])) == 1
+    assert fast_generate(tiny, q, stop) == ref
+    assert len(widths) < 10 and max(widths[1:]) == 1 + tiny.lookup_tokens  # prompt, then 16 tokens
+    assert fast_generate(tiny, q, stop + ref[0][:1]) == plain_generate(tiny, q, stop + ref[0][:1])
+    widths.clear()
+    tiny.lookup_tokens = 0
+    try:
+        assert fast_generate(tiny, q, stop) == ref
+        assert widths == [widths[0]] + [1] * 15
+    finally:
+        tiny.lookup_tokens = 4
+    for text in QUERIES:
+        assert fast_generate(lively, [text], stop) == plain_generate(lively, [text], stop)
+
+
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
     plain_cots = tiny.generate_cots(QUERIES, fast=False)
     enc = tiny.encode_queries(QUERIES, mode="reason")
@@ -80,7 +190,7 @@ def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
-def test_reason_embeds_from_the_decoding_cache(lively):
+def test_reason_embeds_from_the_decoding_cache(lively, monkeypatch):
     """Where a CoT retokenizes to the tokens that were generated, their KV is reused and only
     the closing `</think><emb>` runs; the embedding is still the plain path's."""
     model = copy.deepcopy(lively)
@@ -92,13 +202,8 @@ def test_reason_embeds_from_the_decoding_cache(lively):
         head.bias.zero_()
         head.bias[ids] = 5.0
     model.lm.set_output_embeddings(head)
-    widths = []
-    hook = model.lm.get_decoder().register_forward_pre_hook(
-        lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    try:
-        enc = model.encode_queries(QUERIES[:4], mode="reason")
-    finally:
-        hook.remove()
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(QUERIES[:4], mode="reason")
     assert len(set(enc.cots)) > 1 and all(set(c.split()) <= {w.strip() for w in words} for c in enc.cots)
     assert widths[-1] <= 4  # 15 CoT tokens come from the cache; the 16th, " ", "</think>", "<emb>" run
     assert enc.cots == model.generate_cots(QUERIES[:4], fast=False)

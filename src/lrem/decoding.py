@@ -1,11 +1,13 @@
-"""Decoding pieces of the fast reasoning path: one decode step over a preallocated KV cache
-(graph-captured on CUDA) and nucleus sampling for RL rollouts. `lrem.model.LREM` drives them."""
+"""Decoding pieces of the fast reasoning path: a compact decoder over its own static KV cache,
+one decode step (graph-captured on CUDA) and nucleus sampling for RL rollouts.
+`lrem.model.LREM` drives them."""
 from __future__ import annotations
 
 import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -20,38 +22,217 @@ def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class GreedyStep:
-    """One greedy decode step, (B,) ids -> (B,) next ids, over a preallocated `StaticCache`.
+def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
+    """Prompt-lookup drafting: the (up to k) tokens that followed the latest earlier occurrence
+    of the longest trailing n-gram (min_ngram <= n <= max_ngram) of `tokens` that is followed by
+    k tokens (else the occurrence followed by the most); [] if there is none. One-token matches
+    are left out by default: their drafts were mostly rejected (measured on SmolLM2's CoTs,
+    where they made decoding slower).
 
-    Its inputs live in fixed buffers (ids, positions, the 2-D mask over all cache slots), so on
-    CUDA the step is captured once in a CUDA graph and replayed: a 3B model's decode step is
-    hundreds of small kernels, and launching them one by one costs more than running them.
+    >>> lookup_draft([5, 6, 7, 8, 5, 6], k=2)
+    [7, 8]
+    """
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        tail, best = tokens[-n:], []
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if tokens[i : i + n] == tail:
+                follow = tokens[i + n : i + n + k]
+                if len(follow) == k:
+                    return follow
+                best = max(best, follow, key=len)
+        if best:
+            return best
+    return []
+
+
+class Linear:
+    """`mod(x)` for an `nn.Linear`, its weight's rows cut into `parts` blocks run as one batched
+    matmul when x has few rows (views of the weight: no copy, updates show through).
+
+    Why: with few rows in x (decoding), `F.linear` is a matrix-vector product that this CPU's
+    BLAS runs on one core; as a batch of `parts` products it runs on `parts` cores, and the
+    step is bound by reading the weights (measured 1.6x at one row with 2 threads, 1.3x at 32).
+    """
+
+    MAX_ROWS = 32  # above it F.linear is as fast (measured up to 512 rows)
+
+    def __init__(self, mod: torch.nn.Linear, parts: int):
+        w = mod.weight
+        n, k = w.shape
+        self.w, self.bias, self.parts = w, mod.bias, parts if w.device.type == "cpu" and n >= parts else 1
+        self.m = n - n % self.parts  # rows in the blocks; the rest (e.g. of a 49,155 vocabulary) run apart
+        self.blocks = w[: self.m].view(self.parts, self.m // self.parts, k).transpose(1, 2)  # (parts, K, m / parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.w.shape[1]
+        if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
+            return F.linear(x, self.w, self.bias)
+        out = torch.bmm(x.reshape(1, -1, k).expand(self.parts, -1, k), self.blocks)  # (parts, M, m / parts)
+        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.m)
+        if self.m < self.w.shape[0]:
+            out = torch.cat([out, F.linear(x, self.w[self.m :])], -1)
+        return out if self.bias is None else out + self.bias
+
+
+class StaticDecoder:
+    """The backbone's decoder, written out for decoding: Llama-family layers (`ARCHS`) over a
+    KV cache of `length` slots it owns, running the model's own weights (no copies).
+
+    `__call__(ids, pos, start)` runs tokens (B, T) at positions (B, T), writes their keys and
+    values into slots [start, start + T) and returns the last layer's (normed) hidden states,
+    as the HF decoder would. Each token attends to the earlier slots `mask` (B, length) allows,
+    and to itself. Slots are read only up to the last one written, so the cache is never zeroed.
+    Why: at one query, a transformers decode step spends ~20 ms of its ~75 ms in module and
+    mask plumbing on this 135M model; here a layer is a dozen tensor ops.
+    """
+
+    ARCHS = ("llama", "mistral", "qwen2")
+
+    @classmethod
+    def supports(cls, lm, length: int) -> bool:
+        cfg = lm.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        return cfg.model_type in cls.ARCHS and (window is None or length <= window)
+
+    def __init__(self, lm, batch: int, length: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rope = apply_rotary_pos_emb  # the same function Llama, Mistral and Qwen2 use
+        self.dec, self.head = lm.get_decoder(), lm.get_output_embeddings()
+        cfg = lm.config.get_text_config()
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(lm.parameters())
+        shape = (batch, cfg.num_key_value_heads, length, self.head_dim)
+        self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.dec.layers]
+        self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.dec.layers]
+        self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
+        self.length = length
+        parts = torch.get_num_threads()
+        self.lin = [{name: Linear(getattr(mod, name), parts) for mod in (layer.self_attn, layer.mlp)
+                     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                     if hasattr(mod, name)} for layer in self.dec.layers]
+        self.head_lin = Linear(self.head, parts)
+
+    def fill(self, kv, n: int) -> None:
+        """Slots [0, n) from per-layer (key, value) of batch 1 or B."""
+        for k, v, (pk, pv) in zip(self.k, self.v, kv):
+            k[:, :, :n] = pk[:, :, :n]
+            v[:, :, :n] = pv[:, :, :n]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_lin(h)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+        b, t = ids.shape
+        end, hd = start + t, self.head_dim
+        h = self.dec.embed_tokens(ids)
+        cos, sin = self.dec.rotary_emb(h, pos)
+        slots = torch.arange(end, device=ids.device)
+        own = start + torch.arange(t, device=ids.device)[:, None]  # (T, 1) each token's slot
+        allowed = ((self.mask[:, None, :end] > 0) | (slots == own)) & (slots <= own)  # (B, T, end)
+        allowed = allowed[:, None]  # (B, 1, T, end), broadcast over heads
+        for layer, lin, kc, vc in zip(self.dec.layers, self.lin, self.k, self.v):
+            a, n1, n2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+            x = F.rms_norm(h, h.shape[-1:], n1.weight, n1.variance_epsilon)  # = the module's output, fewer ops
+            q = lin["q_proj"](x).view(b, t, -1, hd).transpose(1, 2)
+            k = lin["k_proj"](x).view(b, t, -1, hd).transpose(1, 2)
+            vc[:, :, start:end] = lin["v_proj"](x).view(b, t, -1, hd).transpose(1, 2)
+            q, kc[:, :, start:end] = self.rope(q, k, cos, sin)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=allowed,
+                                               scale=a.scaling, enable_gqa=True)
+            h = h + lin["o_proj"](o.transpose(1, 2).reshape(b, t, -1))
+            x = F.rms_norm(h, h.shape[-1:], n2.weight, n2.variance_epsilon)
+            h = h + lin["down_proj"](layer.mlp.act_fn(lin["gate_proj"](x)) * lin["up_proj"](x))
+        norm = self.dec.norm
+        return F.rms_norm(h, h.shape[-1:], norm.weight, norm.variance_epsilon)
+
+
+class GreedyStep:
+    """Decoding state for one batch shape: a KV cache of `length` slots, the mask over them,
+    and the decode step, (B,) ids -> (B,) next ids.
+
+    On the CPU, for the architectures `StaticDecoder` covers, it decodes with that. Otherwise
+    (CUDA, other backbones) with the HF decoder over a transformers `StaticCache`, whose inputs
+    live in fixed buffers (ids, positions, the 2-D mask), so on CUDA the step is captured once in
+    a CUDA graph and replayed: a 3B model's decode step is hundreds of small kernels, and
+    launching them one by one costs more than running them.
     """
 
     def __init__(self, lm, batch: int, length: int, graph: bool):
-        from transformers import StaticCache
-
-        cfg = lm.config.get_text_config()
         p = next(lm.parameters())
-        self.lm = lm
-        self.cache = StaticCache(config=cfg, max_cache_len=length)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
+        self.lm, self.length = lm, length
+        self.compact = None
+        if p.device.type == "cpu" and StaticDecoder.supports(lm, length):
+            self.compact = StaticDecoder(lm, batch, length)
+            self.mask = self.compact.mask
+        else:
+            from transformers import StaticCache
+
+            cfg = lm.config.get_text_config()
+            self.cache = StaticCache(config=cfg, max_cache_len=length)
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
+            self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
-        self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
         self.graph = None
         self.lock = threading.Lock()
-        if graph:
+        if graph and self.compact is None:
             self._capture()
 
-    def _logits(self) -> torch.Tensor:
-        h = self.lm.get_decoder()(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                                  past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
-        return self.lm.get_output_embeddings()(h)  # (B, V)
+    # ---- the cache -------------------------------------------------------------------------
+    def reset(self, kv=None, n: int = 0) -> None:
+        """Empty the cache, then put the per-layer prefix (key, value) `kv` (batch 1) in slots
+        [0, n). Slots are overwritten, and masked until written."""
+        self.mask.zero_()
+        self.mask[:, :n] = 1
+        if self.compact is not None:
+            self.compact.fill(kv or [], n)
+            return
+        b = self.mask.shape[0]
+        for layer in self.cache.layers:
+            layer.cumulative_length.zero_()
+        for layer, (k, v) in zip(self.cache.layers, kv or []):
+            layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+
+    def kv(self, used: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (key, value) of the first `used` slots."""
+        if self.compact is not None:
+            return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.compact.k, self.compact.v)]
+        return [(layer.keys[:, :, :used], layer.values[:, :, :used]) for layer in self.cache.layers]
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+        """Hidden states (B, T, D) of ids (B, T) at positions pos, written to slots [start, start + T)
+        (the caller sets their mask); `start` is the number of slots filled so far."""
+        if self.compact is not None:
+            return self.compact(ids, pos, start)
+        return self.lm.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                                     past_key_values=self.cache, use_cache=True).last_hidden_state
+
+    def extend(self, ids: torch.Tensor, pos: torch.Tensor, new: torch.Tensor, used: int) -> torch.Tensor:
+        """Hidden states (B, K) of ids (B, K) after the first `used` slots (as `mask` allows them),
+        `new` (B, K) masking the new tokens; the static cache is extended in place where it has room."""
+        if self.compact is not None and used + ids.shape[1] <= self.length:
+            self.mask[:, used : used + ids.shape[1]] = new
+            return self.compact(ids, pos, used)
+        from transformers import DynamicCache
+
+        mask = torch.cat([self.mask[:, :used], new], 1)  # (B, used + K)
+        return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                     past_key_values=DynamicCache(ddp_cache_data=self.kv(used)),
+                                     use_cache=True).last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.compact is not None:
+            return self.compact.logits(h)
+        return self.lm.get_output_embeddings()(h)
+
+    # ---- the decode step ---------------------------------------------------------------------
+    def _logits(self, slot: int) -> torch.Tensor:
+        return self.logits(self.run(self.ids, self.pos, slot)[:, -1])  # (B, V)
 
     def _forward(self) -> torch.Tensor:
-        return self._logits().argmax(-1)  # (B,)
+        return self._logits(-1).argmax(-1)  # (B,); the static cache keeps its own count
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -70,11 +251,6 @@ class GreedyStep:
             torch.cuda.synchronize()
         self.reset()
 
-    def reset(self) -> None:
-        """Empty the cache (slots are overwritten, and masked until written)."""
-        for layer in self.cache.layers:
-            layer.cumulative_length.zero_()
-
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None) -> torch.Tensor:
         """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,):
         argmax, or `pick(logits)` (eager: sampling is not graph-captured)."""
@@ -82,8 +258,8 @@ class GreedyStep:
         self.pos.copy_(pos[:, None])
         self.mask[:, slot] = 1
         if pick is not None:
-            return pick(self._logits())
+            return pick(self._logits(slot))
         if self.graph is None:
-            return self._forward()
+            return self._logits(slot).argmax(-1)
         self.graph.replay()
         return self.out.clone()

@@ -12,8 +12,10 @@ greedily (at most `cot_max_tokens` tokens) in `reason` mode, empty in `direct` m
 Item side: chat prompt + `<emb>`, no reasoning. Embedding = last-layer hidden state at `<emb>`.
 
 Speed: the prompt prefix every query (or item) shares is run once and its KV cache kept across
-calls; reasoning decodes greedily over a preallocated KV cache (a CUDA graph on CUDA, vLLM when
-installed on CUDA). `generate_cots(fast=False)` is the plain `lm.generate` path, same CoTs.
+calls; reasoning decodes greedily over a preallocated KV cache: on the CPU with a compact
+decoder (`lrem.decoding.StaticDecoder`) that checks tokens drafted from the prompt when a query
+runs alone, on CUDA with a captured graph, or vLLM where installed. `generate_cots(fast=False)`
+is the plain `lm.generate` path, same CoTs.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from . import prompts
 from ._io import atomic_dir, write_json
 from .backbones import default_dtype, init_special_embeddings, resolve_backbone
-from .decoding import GreedyStep, sample_top_p
+from .decoding import GreedyStep, lookup_draft, sample_top_p
 from .prompts import PromptConfig
 
 LREM_CONFIG = "lrem_config.json"
@@ -114,6 +116,9 @@ class LREM(torch.nn.Module):
         self.think_id, self.think_end_id, self.emb_id = ids
         self.source = ""  # where it was loaded from (recorded in index metadata)
         self._fast: dict = {}  # prefix KV caches, CUDA graphs, vLLM engine: valid for one `_weights_key`
+        # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
+        # per forward (`_lookup_run`); 0 decodes one token per forward.
+        self.lookup_tokens = 4
 
     def __getstate__(self):
         # the speed caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
@@ -458,12 +463,12 @@ class LREM(torch.nn.Module):
         """
         n, kv = self._shared_prefix(seqs)
         sufs = [x[n:] for x in seqs]
-        length = n + max(len(x) for x in sufs) + max_new
+        length = n + max(len(x) for x in sufs) + max_new + 8  # + room for `_embed_after`'s `</think><emb>`
         if self.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self._step(len(seqs), length)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, used = self._greedy_run(step, n, kv, sufs, max_new, stop, pick)
+            gen, used = self._greedy_run(step, n, kv, seqs, max_new, stop, pick)
             if texts is None:
                 return gen
             cots = [self.decode_cot(g) for g in gen]
@@ -472,25 +477,24 @@ class LREM(torch.nn.Module):
                 return cots, None
             return cots, self._embed_after(step, used, seqs, gen, full)
 
-    def _greedy_run(self, step: "GreedyStep", n: int, kv, sufs: list[list[int]], max_new: int,
+    def _greedy_run(self, step: "GreedyStep", n: int, kv, seqs: list[list[int]], max_new: int,
                     stop: list[int], pick=None) -> tuple[list[list[int]], int]:
-        """Decode into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W), then
-        one slot per step. Returns the generated ids and the number of cache slots filled.
-        `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`)."""
-        b, w, dev, pad = len(sufs), max(len(x) for x in sufs), self.device, self.tokenizer.pad_token_id
-        step.reset()
-        for layer, (k, v) in zip(step.cache.layers, kv or []):
-            layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))  # slots [0, n)
+        """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
+        then one slot per generated token. Returns the generated ids and the number of cache slots
+        filled. `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`).
+        A single greedy query on the compact decoder takes drafts from its own prompt (`_lookup_run`)."""
+        sufs = [x[n:] for x in seqs]
+        w, dev, pad = max(len(x) for x in sufs), self.device, self.tokenizer.pad_token_id
+        step.reset(kv, n)  # slots [0, n)
         ids = torch.tensor([[pad] * (w - len(x)) + x for x in sufs], device=dev)  # (B, W)
         mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)
-        step.mask.zero_()
-        step.mask[:, :n] = 1
         step.mask[:, n : n + w] = mask
         pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
-        h = self.lm.get_decoder()(input_ids=ids, attention_mask=step.mask, position_ids=pos,
-                                  past_key_values=step.cache, use_cache=True).last_hidden_state[:, -1]
-        logits = self.lm.get_output_embeddings()(h)  # (B, V)
+        logits = step.logits(step.run(ids, pos, n)[:, -1])  # (B, V)
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
+        if len(seqs) == 1 and pick is None and step.compact is not None and self.lookup_tokens > 0:
+            gen, used = self._lookup_run(step, seqs[0], int(tok), n + w, int(pos[0, -1]) + 1, max_new, stop)
+            return [gen + [pad] * (max_new - len(gen))], used
         stop_t = torch.tensor(stop, device=dev)
         out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
         for t in range(1, max_new):
@@ -503,29 +507,46 @@ class LREM(torch.nn.Module):
         gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
         return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
 
+    def _lookup_run(self, step: "GreedyStep", seq: list[int], first: int, slot: int, pos: int, max_new: int,
+                    stop: list[int]) -> tuple[list[int], int]:
+        """Greedy decoding of one query, several tokens per forward where its prompt predicts them
+        (prompt-lookup speculative decoding; the CoT's phrases often repeat the query's or the
+        instruction's words). Each forward feeds the last token plus up to `lookup_tokens` drafted
+        ones (`lookup_draft`) and keeps the drafts up to the first the model would not have picked,
+        plus the model's own next token: the same tokens as one-at-a-time greedy decoding, while
+        each forward reads the weights once. `first` is the first generated token, to be fed at
+        cache slot `slot` and position `pos`. Returns (generated ids, cache slots filled)."""
+        gen, dev = [first], self.device
+        while gen[-1] not in stop and len(gen) < max_new:
+            draft = lookup_draft(seq + gen, k=min(self.lookup_tokens, max_new - len(gen) - 1))
+            ids = [gen[-1], *draft]
+            step.mask[:, slot : slot + len(ids)] = 1
+            h = step.run(torch.tensor([ids], device=dev), pos + torch.arange(len(ids), device=dev)[None], slot)
+            best = step.logits(h[0]).argmax(-1).tolist()  # the model's pick after each fed token
+            a = 0
+            while a < len(draft) and draft[a] == best[a] and best[a] not in stop:
+                a += 1
+            step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts
+            gen += [*draft[:a], best[a]]
+            slot, pos = slot + a + 1, pos + a + 1
+        return gen, slot
+
     def _embed_after(self, step: "GreedyStep", used: int, seqs: list[list[int]], gen: list[list[int]],
                      full: list[list[int]]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
         over the first `used` cache slots `_greedy_run` filled: the prompt's KV is reused, and so
         is that of the generated tokens each CoT starts with; the rest (at least `<emb>`) is run
         in new slots, so each token keeps the position it has in the plain path."""
-        from transformers import DynamicCache
-
         g0, dev, pad = max(len(x) for x in seqs), self.device, self.tokenizer.pad_token_id  # g0: first generated slot
         keep = [common_prefix_len([f[len(x):], g[: used - g0] + [-1]]) for x, g, f in zip(seqs, gen, full)]
         tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
         k = max(len(t) for t in tails)
         ids = torch.tensor([t + [pad] * (k - len(t)) for t in tails], device=dev)  # (B, K) right-padded
         new = torch.tensor([[1] * len(t) + [0] * (k - len(t)) for t in tails], device=dev)
-        mask = torch.cat([step.mask[:, :used], new], 1)  # (B, used + K)
         for r, j in enumerate(keep):
-            mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
+            step.mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
         pos = torch.tensor([[len(x) + j + i for i in range(k)] for x, j in zip(seqs, keep)], device=dev)  # (B, K)
-        kv = [(layer.keys[:, :, :used], layer.values[:, :, :used]) for layer in step.cache.layers]
-        cache = DynamicCache(ddp_cache_data=kv)
-        out = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                    use_cache=True)
-        return F.normalize(emb_hidden(out.last_hidden_state, ids, self.emb_id).float(), dim=-1)
+        return F.normalize(emb_hidden(step.extend(ids, pos, new, used), ids, self.emb_id).float(), dim=-1)
 
     def _step(self, batch: int, length: int) -> "GreedyStep":
         """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
