@@ -89,23 +89,30 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
                      "reason_speedup": t["reason (plain)"] / t["reason"],
                      "reason_over_direct": t["reason"] / t["direct"],
                      "paper_reason_over_direct": round(PAPER_REASON_OVER_DIRECT, 2)}
-    return {"rows": rows, "checks": checks, **batch1_floor(model, rows)}
+    return {"rows": rows, "checks": checks, **batch1_floor(model, rows, QUERIES[:n_single])}
 
 
-def batch1_floor(model, rows: list[dict]) -> dict:
-    """Batch-1 generation against memory bandwidth: one token per forward, each of the
-    cot_max_tokens forwards (the prompt's and each decode step's) reads all decoder and LM-head
-    weights at least once. Drafted tokens (`lookup_tokens`) check several tokens per forward,
-    so the fast path may beat it; "generate (no lookup)" may not."""
+def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
+    """Batch-1 generation against memory bandwidth: one token per forward, each forward (the
+    prompt's, then one per generated token up to the stop token or cot_max_tokens, counted on
+    the timed queries) reads all decoder and LM-head weights at least once. Drafted tokens
+    (`lookup_tokens`) check several tokens per forward, so the fast path may beat it;
+    "generate (no lookup)" may not."""
     dev = model.device.type
     weights = sum(p.numel() * p.element_size() for p in model.lm.parameters())  # tied head counted once
     embed = model.lm.get_input_embeddings().weight
     if model.lm.get_output_embeddings().weight is not embed:  # untied: the input table is only gathered
         weights -= embed.numel() * embed.element_size()
     gbps = read_gbps(device=dev)
-    floor = model.config.cot_max_tokens * weights / (gbps * 1e9)
+    stop, pad = set(model.stop_ids), model.tokenizer.pad_token_id
+    with torch.inference_mode():
+        gen = [model._greedy(model.tokenizer(model.query_prompts([q]), add_special_tokens=False)["input_ids"],
+                             model.config.cot_max_tokens, model.stop_ids)[0] for q in queries]
+    tokens = statistics.mean(next((i + 1 for i, t in enumerate(g) if t in stop or t == pad), len(g)) for g in gen)
+    floor = tokens * weights / (gbps * 1e9)
     one = {r["variant"]: r["seconds"] for r in rows if r["batch"] == 1}
-    return {"weights_read_per_step_MB": weights / 1e6, "read_GBps": gbps, "batch1_generate_floor_ms": 1000 * floor,
+    return {"weights_read_per_step_MB": weights / 1e6, "read_GBps": gbps, "batch1_tokens_per_query": tokens,
+            "batch1_generate_floor_ms": 1000 * floor,
             "batch1_generate_of_floor": floor / one["generate"] if "generate" in one else None,
             "batch1_no_lookup_of_floor": floor / one["generate (no lookup)"] if "generate (no lookup)" in one else None}
 
@@ -134,7 +141,8 @@ def report(name: str, out: dict) -> None:
     print(f"\n## {name}")
     print(table(out["rows"], ["batch", "variant", "ms/query", "queries/s"]))
     if out.get("batch1_generate_of_floor"):
-        print(f"batch 1 generate floor: {out['weights_read_per_step_MB']:.0f} MB/step at {out['read_GBps']:.1f} "
+        print(f"batch 1 generate floor: {out['batch1_tokens_per_query']:.1f} tokens x "
+              f"{out['weights_read_per_step_MB']:.0f} MB at {out['read_GBps']:.1f} "
               f"GB/s -> {out['batch1_generate_floor_ms']:.0f} ms; measured runs at "
               f"{out['batch1_generate_of_floor']:.0%} of that speed"
               + (f" ({out['batch1_no_lookup_of_floor']:.0%} without drafts)" if out.get("batch1_no_lookup_of_floor") else ""))
