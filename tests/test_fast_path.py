@@ -105,6 +105,24 @@ def test_other_backbones_keep_cots_and_embeddings(tmp_path_factory, backbone_dir
     np.testing.assert_allclose(enc.embeddings, ref, atol=1e-5)
 
 
+def test_gpu_decoding_path_keeps_cots_and_embeddings_on_the_cpu(lively):
+    """The path CUDA takes (transformers' decoder over a `StaticCache`; no graph on the CPU) gives
+    the plain outputs and the compact decoder's: the CPU-equivalence check of the GPU path."""
+    plain = lively.generate_cots(QUERIES, fast=False)
+    compact = lively.encode_queries(QUERIES, mode="reason")
+    lively.compact_decoder = False
+    try:
+        assert lively._step(2, 128).compact is None
+        assert lively.generate_cots(QUERIES, batch_size=3) == plain
+        assert [lively.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
+        enc = lively.encode_queries(QUERIES, mode="reason")
+    finally:
+        lively.compact_decoder = True
+    assert lively._step(2, 128).compact is not None
+    assert enc.cots == compact.cots == plain
+    np.testing.assert_allclose(enc.embeddings, compact.embeddings, atol=1e-5)
+
+
 def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
     """Left-padded prompts in one forward, then one token per row: every unmasked position's
     hidden state equals transformers' (same mask, positions and cache contents), at 1 and 2 threads."""

@@ -154,18 +154,19 @@ class GreedyStep:
     """Decoding state for one batch shape: a KV cache of `length` slots, the mask over them,
     and the decode step, (B,) ids -> (B,) next ids.
 
-    On the CPU, for the architectures `StaticDecoder` covers, it decodes with that. Otherwise
+    On the CPU, for the architectures `StaticDecoder` covers, it decodes with that (unless not
+    `compact`). Otherwise
     (CUDA, other backbones) with the HF decoder over a transformers `StaticCache`, whose inputs
     live in fixed buffers (ids, positions, the 2-D mask), so on CUDA the step is captured once in
     a CUDA graph and replayed: a 3B model's decode step is hundreds of small kernels, and
     launching them one by one costs more than running them.
     """
 
-    def __init__(self, lm, batch: int, length: int, graph: bool):
+    def __init__(self, lm, batch: int, length: int, graph: bool, compact: bool = True):
         p = next(lm.parameters())
         self.lm, self.length = lm, length
         self.compact = None
-        if p.device.type == "cpu" and StaticDecoder.supports(lm, length):
+        if compact and p.device.type == "cpu" and StaticDecoder.supports(lm, length):
             self.compact = StaticDecoder(lm, batch, length)
             self.mask = self.compact.mask
         else:

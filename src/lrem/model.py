@@ -119,6 +119,9 @@ class LREM(torch.nn.Module):
         # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
         # per forward (`_lookup_run`); 0 decodes one token per forward.
         self.lookup_tokens = 4
+        # CPU decoding through `lrem.decoding.StaticDecoder` where it covers the backbone; False:
+        # transformers' decoder over a static cache, the path CUDA takes (tested against each other).
+        self.compact_decoder = True
 
     def __getstate__(self):
         # the speed caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
@@ -329,7 +332,7 @@ class LREM(torch.nn.Module):
         b = ids.shape[0]
         full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=self.device), mask], dim=1)
         position_ids = n_prefix + torch.arange(width, device=self.device).expand(b, -1)  # (B, S)
-        few = ids.numel() <= Linear.MAX_ROWS and self.device.type == "cpu"
+        few = self.compact_decoder and ids.numel() <= Linear.MAX_ROWS and self.device.type == "cpu"
         if few and StaticDecoder.supports(self.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
             # one query); larger batches run as fast through transformers
@@ -561,7 +564,7 @@ class LREM(torch.nn.Module):
         """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
         `LREM_CUDA_GRAPHS=0`), kept per size."""
         if self.device.type != "cuda":
-            return GreedyStep(self.lm, batch, length, graph=False)
+            return GreedyStep(self.lm, batch, length, graph=False, compact=self.compact_decoder)
         steps = self._fast_state()["steps"]
         if (batch, length) not in steps:
             graph = os.environ.get("LREM_CUDA_GRAPHS", "1") != "0"
