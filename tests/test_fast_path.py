@@ -260,6 +260,20 @@ def test_cached_prefix_follows_weight_updates(tiny_dir):
     clone = copy.deepcopy(model)  # a reference model for RL: starts with no caches
     assert clone._fast == {} and model._fast["prefix"]
     np.testing.assert_allclose(clone.encode_items(titles), after, atol=1e-6)
+    # a weight replaced by a new tensor (as assigning a state dict does): one query runs through the
+    # compact decoder, whose views of the weights are kept across calls too
+    q = QUERIES[:1]
+    first = model.encode_queries(q, mode="direct").embeddings
+    assert model._fast["linears"]
+    mlp = model.lm.get_decoder().layers[1].mlp
+    new = torch.nn.Parameter(mlp.down_proj.weight.detach() * 3)
+    with torch.no_grad():
+        new.mul_(1.0)  # the same version count as the weight it replaces: only its address differs
+    mlp.down_proj.weight = new
+    second = model.encode_queries(q, mode="direct").embeddings
+    ref = model._embed_texts(model.query_texts(q, [""]), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(second, ref, atol=1e-5)
+    assert np.abs(second - first).max() > 1e-3
 
 
 @pytest.mark.slow

@@ -74,6 +74,15 @@ class Linear:
         return out if self.bias is None else out + self.bias
 
 
+def block_linears(lm, parts: int) -> tuple[list[dict[str, Linear]], Linear]:
+    """`Linear` views of each decoder layer's projections (by name) and of the LM head."""
+    dec = lm.get_decoder()
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layers = [{n: Linear(getattr(mod, n), parts) for mod in (layer.self_attn, layer.mlp) for n in names if hasattr(mod, n)}
+              for layer in dec.layers]
+    return layers, Linear(lm.get_output_embeddings(), parts)
+
+
 class StaticDecoder:
     """The backbone's decoder, written out for decoding: Llama-family layers (`ARCHS`) over a
     KV cache of `length` slots it owns, running the model's own weights (no copies).
@@ -94,8 +103,8 @@ class StaticDecoder:
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         return cfg.model_type in cls.ARCHS and (window is None or length <= window)
 
-    def __init__(self, lm, batch: int, length: int):
-        self.dec, self.head = lm.get_decoder(), lm.get_output_embeddings()
+    def __init__(self, lm, batch: int, length: int, linears=None):
+        self.dec = lm.get_decoder()
         cfg = lm.config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(lm.parameters())
@@ -104,11 +113,8 @@ class StaticDecoder:
         self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.dec.layers]
         self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
         self.length = length
-        parts = torch.get_num_threads()
-        self.lin = [{name: Linear(getattr(mod, name), parts) for mod in (layer.self_attn, layer.mlp)
-                     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                     if hasattr(mod, name)} for layer in self.dec.layers]
-        self.head_lin = Linear(self.head, parts)
+        # `block_linears` of these weights (kept by the caller: building them costs ~4 ms)
+        self.lin, self.head_lin = linears or block_linears(lm, torch.get_num_threads())
 
     def fill(self, kv, n: int) -> None:
         """Slots [0, n) from per-layer (key, value) of batch 1 or B."""
@@ -154,20 +160,20 @@ class GreedyStep:
     """Decoding state for one batch shape: a KV cache of `length` slots, the mask over them,
     and the decode step, (B,) ids -> (B,) next ids.
 
-    On the CPU, for the architectures `StaticDecoder` covers, it decodes with that (unless not
-    `compact`). Otherwise
+    On the CPU, given `linears` (`block_linears`), for the architectures `StaticDecoder` covers,
+    it decodes with that. Otherwise
     (CUDA, other backbones) with the HF decoder over a transformers `StaticCache`, whose inputs
     live in fixed buffers (ids, positions, the 2-D mask), so on CUDA the step is captured once in
     a CUDA graph and replayed: a 3B model's decode step is hundreds of small kernels, and
     launching them one by one costs more than running them.
     """
 
-    def __init__(self, lm, batch: int, length: int, graph: bool, compact: bool = True):
+    def __init__(self, lm, batch: int, length: int, graph: bool, linears=None):
         p = next(lm.parameters())
         self.lm, self.length = lm, length
         self.compact = None
-        if compact and p.device.type == "cpu" and StaticDecoder.supports(lm, length):
-            self.compact = StaticDecoder(lm, batch, length)
+        if linears is not None and p.device.type == "cpu" and StaticDecoder.supports(lm, length):
+            self.compact = StaticDecoder(lm, batch, length, linears)
             self.mask = self.compact.mask
         else:
             from transformers import StaticCache

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import prompts
 from ._io import atomic_dir, write_json
 from .backbones import default_dtype, init_special_embeddings, resolve_backbone
-from .decoding import GreedyStep, Linear, StaticDecoder, lookup_draft, sample_top_p
+from .decoding import GreedyStep, Linear, StaticDecoder, block_linears, lookup_draft, sample_top_p
 from .prompts import PromptConfig
 
 LREM_CONFIG = "lrem_config.json"
@@ -275,26 +275,36 @@ class LREM(torch.nn.Module):
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _weights_key(self) -> tuple:
-        """Changes whenever the weights may have: moved, cast, replaced, or updated in place
-        (every in-place update bumps a tensor's version counter)."""
+        """Changes whenever the weights may have: moved, cast, replaced (any parameter's address),
+        or updated in place (every in-place update bumps a tensor's version counter)."""
         ps = list(self.lm.parameters())
-        return ps[0].device, ps[0].dtype, ps[0].data_ptr(), sum(p._version for p in ps)
+        return ps[0].device, ps[0].dtype, tuple(p.data_ptr() for p in ps), sum(p._version for p in ps)
 
     def _fast_state(self) -> dict:
         """Caches derived from the weights (prefix KV, CUDA graphs, vLLM), dropped when they change."""
         key = self._weights_key()
         if self._fast.get("key") != key:
-            self._fast = {"key": key, "prefix": {}, "steps": {}}
+            self._fast = {"key": key, "prefix": {}, "steps": {}, "templates": {}, "linears": {}}
         return self._fast
 
     def _template_prefixes(self) -> list[list[int]]:
         """Token ids every query prompt, and every item text, starts with: the chat template,
-        system prompt and instruction up to where the query or title goes."""
-        out = []
-        for render in (self.query_prompts, self.item_texts):
-            a, b = self.tokenizer(render(["a", "b"]), add_special_tokens=False)["input_ids"]
-            out.append(a[: common_prefix_len([a, b])])
-        return out
+        system prompt and instruction up to where the query or title goes (kept per prompt config)."""
+        cached = self._fast_state()["templates"]
+        key = repr(self.config)
+        if key not in cached:
+            cached[key] = []
+            for render in (self.query_prompts, self.item_texts):
+                a, b = self.tokenizer(render(["a", "b"]), add_special_tokens=False)["input_ids"]
+                cached[key].append(a[: common_prefix_len([a, b])])
+        return cached[key]
+
+    def _linears(self):
+        """The compact decoder's blocked views of the weights for this thread count (kept)."""
+        cached, parts = self._fast_state()["linears"], torch.get_num_threads()
+        if parts not in cached:
+            cached[parts] = block_linears(self.lm, parts)
+        return cached[parts]
 
     def _shared_prefix(self, seqs: list[list[int]]) -> tuple[int, list | None]:
         """(n, per-layer KV of the first n tokens): the prefix of `seqs` to run once, batch 1.
@@ -336,7 +346,7 @@ class LREM(torch.nn.Module):
         if few and StaticDecoder.supports(self.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
             # one query); larger batches run as fast through transformers
-            dec = StaticDecoder(self.lm, b, n_prefix + width)
+            dec = StaticDecoder(self.lm, b, n_prefix + width, self._linears())
             dec.fill(prefix_kv, n_prefix)
             dec.mask.copy_(full_mask)
             hidden = dec(ids, position_ids, n_prefix)
@@ -564,7 +574,8 @@ class LREM(torch.nn.Module):
         """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
         `LREM_CUDA_GRAPHS=0`), kept per size."""
         if self.device.type != "cuda":
-            return GreedyStep(self.lm, batch, length, graph=False, compact=self.compact_decoder)
+            return GreedyStep(self.lm, batch, length, graph=False,
+                              linears=self._linears() if self.compact_decoder else None)
         steps = self._fast_state()["steps"]
         if (batch, length) not in steps:
             graph = os.environ.get("LREM_CUDA_GRAPHS", "1") != "0"
