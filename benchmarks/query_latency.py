@@ -1,7 +1,7 @@
 """Query latency (batch 1) and throughput (batch 32, and 256 on a GPU), direct vs reason mode,
 fast vs plain reasoning.
 
-    .venv/bin/python benchmarks/query_latency.py [--threads 2] [--batches 1 32] [--no-gpu]
+    .venv/bin/python benchmarks/query_latency.py [--threads 2] [--batches 1 32] [--no-gpu] [--model DIR]
 
 On the CPU: the default model (SmolLM2-135M). Where a GPU is present, also a model with
 Qwen2.5-3B's shape (random weights, SmolLM2's tokenizer; the paper's backbone size) in
@@ -10,6 +10,7 @@ bfloat16, at batch 1, 32 and 256. Variants:
   reason          encode_queries(mode="reason"): fast greedy CoT, then the embedding
   reason (plain)  lm.generate CoT, then the embedding with no prefix cache (nothing cached)
   generate        generate_cots() (fast path; vLLM on a GPU if installed)
+  generate (no lookup)  the same with no drafted tokens (batch 1 on the CPU only)
   generate (plain) generate_cots(fast=False): lm.generate on the left-padded prompts
 The paper reports reason/direct = 50 ms / 15 ms = 3.3x online (Qwen2.5-3B, its serving stack).
 At batch 1 each decode step reads every weight once, so "generate" cannot beat
