@@ -13,8 +13,9 @@ bfloat16, at batch 1, 32 and 256. Variants:
   generate (no lookup)  the same with no drafted tokens (batch 1 on the CPU only)
   generate (plain) generate_cots(fast=False): lm.generate on the left-padded prompts
 The paper reports reason/direct = 50 ms / 15 ms = 3.3x online (Qwen2.5-3B, its serving stack).
-At batch 1 each decode step reads every weight once, so "generate" cannot beat
-cot_max_tokens x weight bytes / read bandwidth (the "floor", measured in the same run).
+At batch 1 each forward reads every weight once, so decoding one token per forward cannot beat
+tokens generated x weight bytes / read bandwidth (the "floor", measured in the same run);
+drafted tokens, several checked per forward, can.
 """
 from __future__ import annotations
 
