@@ -22,6 +22,11 @@ def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def head_dim(cfg) -> int:
+    """Width of one attention head of a (text) model config."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Prompt-lookup drafting: the (up to k) tokens that followed the latest earlier occurrence
     of the longest trailing n-gram (min_ngram <= n <= max_ngram) of `tokens` that is followed by
@@ -106,7 +111,7 @@ class StaticDecoder:
     def __init__(self, lm, batch: int, length: int, linears=None):
         self.dec = lm.get_decoder()
         cfg = lm.config.get_text_config()
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         p = next(lm.parameters())
         shape = (batch, cfg.num_key_value_heads, length, self.head_dim)
         self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.dec.layers]
@@ -180,8 +185,7 @@ class GreedyStep:
 
             cfg = lm.config.get_text_config()
             self.cache = StaticCache(config=cfg, max_cache_len=length)
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
+            self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim(cfg), p.dtype, p.device)
             self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=p.device)

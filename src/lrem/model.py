@@ -116,6 +116,7 @@ class LREM(torch.nn.Module):
         self.think_id, self.think_end_id, self.emb_id = ids
         self.source = ""  # where it was loaded from (recorded in index metadata)
         self._fast: dict = {}  # prefix KV caches, CUDA graphs, vLLM engine: valid for one `_weights_key`
+        self._templates: dict = {}  # template prefix ids per prompt config (they do not depend on weights)
         # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
         # per forward (`_lookup_run`); 0 decodes one token per forward.
         self.lookup_tokens = 4
@@ -284,20 +285,19 @@ class LREM(torch.nn.Module):
         """Caches derived from the weights (prefix KV, CUDA graphs, vLLM), dropped when they change."""
         key = self._weights_key()
         if self._fast.get("key") != key:
-            self._fast = {"key": key, "prefix": {}, "steps": {}, "templates": {}, "linears": {}}
+            self._fast = {"key": key, "prefix": {}, "steps": {}, "linears": {}}
         return self._fast
 
     def _template_prefixes(self) -> list[list[int]]:
         """Token ids every query prompt, and every item text, starts with: the chat template,
         system prompt and instruction up to where the query or title goes (kept per prompt config)."""
-        cached = self._fast_state()["templates"]
         key = repr(self.config)
-        if key not in cached:
-            cached[key] = []
+        if key not in self._templates:
+            self._templates[key] = []
             for render in (self.query_prompts, self.item_texts):
                 a, b = self.tokenizer(render(["a", "b"]), add_special_tokens=False)["input_ids"]
-                cached[key].append(a[: common_prefix_len([a, b])])
-        return cached[key]
+                self._templates[key].append(a[: common_prefix_len([a, b])])
+        return self._templates[key]
 
     def _linears(self):
         """The compact decoder's blocked views of the weights for this thread count (kept)."""
