@@ -3,6 +3,7 @@ prompt prefix and a preallocated KV cache (`generate_cots(fast=True)`) emits the
 `lm.generate`, and the prefix KV kept across calls gives the same embeddings as running it all."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -197,6 +198,36 @@ def test_single_query_decodes_drafted_tokens_in_fewer_forwards(tiny, lively, mon
         tiny.lookup_tokens = 4
     for text in QUERIES:
         assert fast_generate(lively, [text], stop) == plain_generate(lively, [text], stop)
+
+
+def test_recent_cots_draft_single_queries(lively, monkeypatch):
+    """Greedy CoTs (batch or single) are kept as drafts for later single queries: a query seen
+    before decodes in a few forwards, the same tokens; a made-up history (wrong drafts) and no
+    history change nothing but the forward count."""
+    stop = [lively.think_end_id, lively.emb_id, lively.tokenizer.eos_token_id]
+    q, keep = QUERIES[4:5], lively.cot_history
+    ref = plain_generate(lively, q, stop)
+    widths = forward_widths(monkeypatch)
+    try:
+        lively.cot_history = collections.deque(maxlen=0)
+        assert fast_generate(lively, q, stop) == ref
+        alone = len(widths)
+        assert not lively.cot_history and alone > 8  # `lively`'s own prompt drafts mostly fail
+        lively.cot_history = collections.deque(maxlen=32)
+        assert fast_generate(lively, QUERIES, stop) == plain_generate(lively, QUERIES, stop)  # batch path keeps them
+        assert len(lively.cot_history) == len(QUERIES)
+        widths.clear()
+        assert fast_generate(lively, q, stop) == ref
+        assert len(widths) <= 5 and len(lively.cot_history) == len(QUERIES) + 1
+        seq = lively.tokenizer(lively.query_prompts(q), add_special_tokens=False)["input_ids"][0]
+        rng = np.random.default_rng(0)
+        made_up = [seq[-3:] + ref[0][:1] + rng.integers(0, 1000, 15).tolist() for _ in range(4)]
+        lively.cot_history = collections.deque(made_up, maxlen=32)
+        widths.clear()
+        assert fast_generate(lively, q, stop) == ref
+        assert widths[1] == 5  # four made-up tokens drafted after the first, and rejected
+    finally:
+        lively.cot_history = keep
 
 
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):

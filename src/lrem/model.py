@@ -19,6 +19,7 @@ is the plain `lm.generate` path, same CoTs.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -100,6 +101,8 @@ class LREM(torch.nn.Module):
         config: prompts and budgets (saved as `lrem_config.json`).
     """
 
+    HISTORY_CONTEXT = 3  # prompt tokens kept before each CoT in `cot_history` (the CoT's first n-grams)
+
     def __init__(self, lm, tokenizer, config: PromptConfig | None = None):
         super().__init__()
         self.lm = lm
@@ -120,6 +123,11 @@ class LREM(torch.nn.Module):
         # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
         # per forward (`_lookup_run`); 0 decodes one token per forward.
         self.lookup_tokens = 4
+        # ... and from the CoTs of the latest greedy queries (with the last prompt tokens before
+        # each): CoTs share phrasing across queries ("The product search intent is: ..."), as
+        # SuffixDecoding (Oliaro et al., 2024) uses for repeated agent outputs. Drafts are
+        # checked, so the outputs stay those of greedy decoding. maxlen 0: prompt only.
+        self.cot_history: collections.deque[list[int]] = collections.deque(maxlen=32)
         # CPU decoding through `lrem.decoding.StaticDecoder` where it covers the backbone; False:
         # transformers' decoder over a static cache, the path CUDA takes (tested against each other).
         self.compact_decoder = True
@@ -516,6 +524,7 @@ class LREM(torch.nn.Module):
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         if len(seqs) == 1 and pick is None and step.compact is not None and self.lookup_tokens > 0:
             gen, used = self._lookup_run(step, seqs[0], int(tok), n + w, int(pos[0, -1]) + 1, max_new, stop)
+            self._remember(seqs, [gen])
             return [gen + [pad] * (max_new - len(gen))], used
         stop_t = torch.tensor(stop, device=dev)
         out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
@@ -527,20 +536,30 @@ class LREM(torch.nn.Module):
             out.append(tok)
             done |= torch.isin(tok, stop_t)
         gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
+        if pick is None:
+            self._remember(seqs, [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in gen])
         return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
+
+    def _remember(self, seqs: list[list[int]], gen: list[list[int]]) -> None:
+        """Keep greedy CoTs (up to their stop token), each after its prompt's last tokens, as
+        draft sources for later single queries (`cot_history`)."""
+        if self.cot_history.maxlen:
+            self.cot_history.extend(x[-self.HISTORY_CONTEXT :] + g for x, g in zip(seqs, gen))
 
     def _lookup_run(self, step: "GreedyStep", seq: list[int], first: int, slot: int, pos: int, max_new: int,
                     stop: list[int]) -> tuple[list[int], int]:
-        """Greedy decoding of one query, several tokens per forward where its prompt predicts them
-        (prompt-lookup speculative decoding; the CoT's phrases often repeat the query's or the
-        instruction's words). Each forward feeds the last token plus up to `lookup_tokens` drafted
-        ones (`lookup_draft`) and keeps the drafts up to the first the model would not have picked,
-        plus the model's own next token: the same tokens as one-at-a-time greedy decoding, while
-        each forward reads the weights once. `first` is the first generated token, to be fed at
-        cache slot `slot` and position `pos`. Returns (generated ids, cache slots filled)."""
+        """Greedy decoding of one query, several tokens per forward where its prompt or a recent
+        CoT predicts them (prompt-lookup speculative decoding; the CoT's phrases often repeat the
+        query's or the instruction's words, and other queries' CoTs). Each forward feeds the last
+        token plus up to `lookup_tokens` drafted ones (`lookup_draft`) and keeps the drafts up to
+        the first the model would not have picked, plus the model's own next token: the same
+        tokens as one-at-a-time greedy decoding, while each forward reads the weights once.
+        `first` is the first generated token, to be fed at cache slot `slot` and position `pos`.
+        Returns (generated ids, cache slots filled)."""
         gen, dev = [first], self.device
+        past = [t for h in list(self.cot_history) for t in h]  # oldest first: the query's own tokens win ties
         while gen[-1] not in stop and len(gen) < max_new:
-            draft = lookup_draft(seq + gen, k=min(self.lookup_tokens, max_new - len(gen) - 1))
+            draft = lookup_draft(past + seq + gen, k=min(self.lookup_tokens, max_new - len(gen) - 1))
             ids = [gen[-1], *draft]
             step.mask[:, slot : slot + len(ids)] = 1
             h = step.run(torch.tensor([ids], device=dev), pos + torch.arange(len(ids), device=dev)[None], slot)
