@@ -57,6 +57,9 @@ class Linear:
     Why: with few rows in x (decoding), `F.linear` is a matrix-vector product that this CPU's
     BLAS runs on one core; as a batch of `parts` products it runs on `parts` cores, and the
     step is bound by reading the weights (measured 1.6x at one row with 2 threads, 1.3x at 32).
+    Each block multiplies x's transpose, W_block @ x.T: with 2-32 rows the BLAS then streams
+    the weight instead of packing it first as it does for x @ W_block.T (measured over all the
+    135M model's weights, 2 threads: the same at 1 row, ~25% less time at 5, ~20% at 32).
     """
 
     MAX_ROWS = 32  # above it F.linear is as fast (measured up to 512 rows)
@@ -66,16 +69,18 @@ class Linear:
         n, k = w.shape
         self.w, self.bias, self.parts = w, mod.bias, parts if w.device.type == "cpu" and n >= parts else 1
         self.m = n - n % self.parts  # rows in the blocks; the rest (e.g. of a 49,155 vocabulary) run apart
-        self.blocks = w[: self.m].view(self.parts, self.m // self.parts, k).transpose(1, 2)  # (parts, K, m / parts)
+        self.blocks = w[: self.m].view(self.parts, self.m // self.parts, k)  # (parts, m / parts, K)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.w.shape[1]
         if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
             return F.linear(x, self.w, self.bias)
-        out = torch.bmm(x.reshape(1, -1, k).expand(self.parts, -1, k), self.blocks)  # (parts, M, m / parts)
-        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.m)
+        xt = x.reshape(-1, k).t()  # (K, M)
+        out = torch.bmm(self.blocks, xt.expand(self.parts, *xt.shape))  # (parts, m / parts, M)
+        out = out.view(self.m, -1).t().contiguous()  # (M, m)
         if self.m < self.w.shape[0]:
-            out = torch.cat([out, F.linear(x, self.w[self.m :])], -1)
+            out = torch.cat([out, F.linear(x.reshape(-1, k), self.w[self.m :])], -1)
+        out = out.reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
 
