@@ -153,9 +153,10 @@ def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
             torch.testing.assert_close(h1, ref[:, w:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (40, True)])
+@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (20, False), (40, True)])
 def test_blocked_linear_equals_f_linear(rows, bias):
-    """Odd output rows (a vocabulary of 49,155) leave a remainder; above MAX_ROWS it is F.linear."""
+    """Odd output rows (a vocabulary of 49,155) leave a remainder; up to TRANSPOSED_ROWS the blocks
+    multiply x's transpose, up to MAX_ROWS x, above it is F.linear."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(24, 101, bias=bias)
     x = torch.randn(rows, 1, 24)

@@ -57,12 +57,14 @@ class Linear:
     Why: with few rows in x (decoding), `F.linear` is a matrix-vector product that this CPU's
     BLAS runs on one core; as a batch of `parts` products it runs on `parts` cores, and the
     step is bound by reading the weights (measured 1.6x at one row with 2 threads, 1.3x at 32).
-    Each block multiplies x's transpose, W_block @ x.T: with 2-32 rows the BLAS then streams
-    the weight instead of packing it first as it does for x @ W_block.T (measured over all the
-    135M model's weights, 2 threads: the same at 1 row, ~25% less time at 5, ~20% at 32).
+    With 2-8 rows (drafted tokens checked in one forward) each block multiplies x's transpose,
+    W_block @ x.T: the BLAS then streams the weight instead of packing it first as it does for
+    x @ W_block.T (the 135M model's LM head at 5 rows: 10 vs 20 ms); with more rows (a single
+    query's prompt in direct mode) x @ W_block.T is the faster (measured 86-100 vs 127-143 ms).
     """
 
     MAX_ROWS = 32  # above it F.linear is as fast (measured up to 512 rows)
+    TRANSPOSED_ROWS = 8  # up to it W_block @ x.T
 
     def __init__(self, mod: torch.nn.Linear, parts: int):
         w = mod.weight
@@ -75,11 +77,16 @@ class Linear:
         k = self.w.shape[1]
         if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
             return F.linear(x, self.w, self.bias)
-        xt = x.reshape(-1, k).t()  # (K, M)
-        out = torch.bmm(self.blocks, xt.expand(self.parts, *xt.shape))  # (parts, m / parts, M)
-        out = out.view(self.m, -1).t().contiguous()  # (M, m)
+        x2 = x.reshape(-1, k)  # (M, K)
+        if len(x2) <= self.TRANSPOSED_ROWS:
+            xt = x2.t()
+            out = torch.bmm(self.blocks, xt.expand(self.parts, *xt.shape))  # (parts, m / parts, M)
+            out = out.view(self.m, -1).t().contiguous()  # (M, m)
+        else:
+            out = torch.bmm(x2.expand(self.parts, *x2.shape), self.blocks.transpose(1, 2))  # (parts, M, m / parts)
+            out = out.transpose(0, 1).reshape(-1, self.m)
         if self.m < self.w.shape[0]:
-            out = torch.cat([out, F.linear(x.reshape(-1, k), self.w[self.m :])], -1)
+            out = torch.cat([out, F.linear(x2, self.w[self.m :])], -1)
         out = out.reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
