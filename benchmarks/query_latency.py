@@ -84,8 +84,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
             for q in QUERIES[:n_single]:
                 fns = variants(model, [q])
                 for k, fn in fns.items():
-                    if not per:
-                        fn()  # warm-up
+                    if k not in per:
+                        fn()  # warm-up, each variant before its first timing
                     model.cot_history.clear()
                     model.cot_history.extend(seen)
                     per.setdefault(k, []).append(seconds(fn))

@@ -524,7 +524,7 @@ class LREM(torch.nn.Module):
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         if len(seqs) == 1 and pick is None and step.compact is not None and self.lookup_tokens > 0:
             gen, used = self._lookup_run(step, seqs[0], int(tok), n + w, int(pos[0, -1]) + 1, max_new, stop)
-            self._remember(seqs, [gen])
+            self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], used
         stop_t = torch.tensor(stop, device=dev)
         out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
@@ -537,14 +537,15 @@ class LREM(torch.nn.Module):
             done |= torch.isin(tok, stop_t)
         gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
         if pick is None:
-            self._remember(seqs, [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in gen])
+            self._remember(seqs, gen, stop)
         return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
 
-    def _remember(self, seqs: list[list[int]], gen: list[list[int]]) -> None:
-        """Keep greedy CoTs (up to their stop token), each after its prompt's last tokens, as
-        draft sources for later single queries (`cot_history`)."""
+    def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
+        """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
+        tokens, as draft sources for later single queries (`cot_history`)."""
         if self.cot_history.maxlen:
-            self.cot_history.extend(x[-self.HISTORY_CONTEXT :] + g for x, g in zip(seqs, gen))
+            ends = [next((i + 1 for i, t in enumerate(g) if t in stop), len(g)) for g in gen]
+            self.cot_history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
 
     def _lookup_run(self, step: "GreedyStep", seq: list[int], first: int, slot: int, pos: int, max_new: int,
                     stop: list[int]) -> tuple[list[int], int]:
