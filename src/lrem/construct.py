@@ -51,6 +51,11 @@ EXTRACT_USER = ('A shopper searched for: "{query}"\n{hint}Analysis:\n{reasoning}
                 "products, brands and attributes a search engine should look for, as one comma-separated line. "
                 "Rules: no duplicates; if the search names a brand, no other brands; nothing unrelated to the "
                 "search; do not repeat the search itself. Answer with the list only.")
+# `teacher_mode: list` (one call): the teacher lists phrases at once, without the free reasoning
+# first. ~4x cheaper for a local teacher (the extraction prompt re-reads the whole reasoning).
+LIST_USER = ('A shopper searched for: "{query}"\n{hint}List up to 5 products, product types, brands or attributes '
+             "that would satisfy this search, as one comma-separated line. Rules: no duplicates; if the search names "
+             "a brand, no other brands; do not repeat the search itself. Answer with the list only.")
 STATUSES = ("easy", "teacher_failed", "empty_cot", "empty_gain", "none_relevant", "ok")
 
 
@@ -74,6 +79,9 @@ class ConstructConfig:
     teacher: str = field(default="hf:smollm2-135m-instruct", metadata={
         "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH, file:PATH.jsonl (precomputed CoTs: skips steps 2-3) or "
                 "labels (CoTs from the relevant items' titles and categories: label distillation)."})
+    teacher_mode: str = field(default="two-step", metadata={
+        "help": "two-step (the paper: free reasoning, then extraction of a phrase list) or list (one call: the "
+                "phrase list at once; several times cheaper with a local teacher)."})
     hint: str = field(default="none", metadata={
         "help": "none (the paper) or gold: the teacher also sees one relevant item (rationalisation)."})
     reason_max_tokens: int = field(default=128, metadata={"help": "Token budget of the free reasoning."})
@@ -110,6 +118,8 @@ class ConstructConfig:
     def __post_init__(self):
         if self.hint not in ("none", "gold"):
             raise ValueError(f"hint={self.hint!r}; expected none or gold")
+        if self.teacher_mode not in ("two-step", "list"):
+            raise ValueError(f"teacher_mode={self.teacher_mode!r}; expected two-step or list")
         for name in ("k_mine", "k_gain", "cot_max_tokens", "batch_size", "reason_max_tokens", "extract_max_tokens",
                      "max_phrase_words"):
             if getattr(self, name) < 1:
@@ -138,6 +148,11 @@ def reason_chat(query: str, hint: str | None = None) -> Chat:
 def extract_chat(query: str, reasoning: str, hint: str | None = None) -> Chat:
     hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
     return Chat(REASON_SYSTEM, EXTRACT_USER.format(query=query, reasoning=reasoning.strip(), hint=hint_line))
+
+
+def list_chat(query: str, hint: str | None = None) -> Chat:
+    hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
+    return Chat(REASON_SYSTEM, LIST_USER.format(query=query, hint=hint_line))
 
 
 def pick_hint(relevant: dict[str, int], query_id: str, seed: int = 0) -> str | None:
@@ -383,6 +398,8 @@ class TripletBuilder:
                 if r["extraction"] is None:
                     r["problems"].append("cot:missing")
                     r["status"] = "teacher_failed"
+        elif cfg.teacher_mode == "list":
+            self._ask(rows, "extraction", [list_chat(r["query"], r["hint"]) for r in rows], cfg.extract_max_tokens)
         else:
             self._ask(rows, "reasoning", [reason_chat(r["query"], r["hint"]) for r in rows], cfg.reason_max_tokens)
             live = [r for r in rows if r["status"] is None]
@@ -424,8 +441,9 @@ def check_config(out: Path, cfg: ConstructConfig) -> None:
         import json
 
         old = json.loads(path.read_text(encoding="utf-8"))
+        defaults = asdict(ConstructConfig())  # a key newer than the run's config.json had its default
         for key, value in new.items():
-            if key not in cfg.RUNTIME and old.get(key) != value:
+            if key not in cfg.RUNTIME and old.get(key, defaults[key]) != value:
                 raise ValueError(f"{path}: this run was started with {key}={old.get(key)!r}, now {key}={value!r}; "
                                  "resume with the same settings or use another --out")
     write_json(path, new)
