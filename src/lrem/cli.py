@@ -241,7 +241,9 @@ def construct(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(format_stats(stats))
-    typer.echo(f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}")
+    written = [p for p in (out / "triplets.jsonl", out / "stats.json") if p.is_file()]  # name only what is there
+    if written:
+        typer.echo(f"wrote {' and '.join(map(str, written))}")
 
 
 # ---------------------------------------------------------------- training
