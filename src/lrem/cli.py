@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lrem.search_types import MODES
+
 # Offline by default for the built-in models; users with a hub set HF_HUB_OFFLINE=0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,6 +101,13 @@ def data_sample(
 
 # ---------------------------------------------------------------- index and search
 
+def _check_mode(mode: str) -> str:
+    """Reject an unknown mode before any model loads."""
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r} is not a mode; expected one of {', '.join(MODES)}")
+    return mode
+
+
 @app.command()
 def index(
     data: DataDir,
@@ -128,7 +137,7 @@ def search(
     queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
     index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
     k: Annotated[int, typer.Option("-k", help="Items to show.")] = 10,
-    mode: Annotated[str, typer.Option(help="reason, direct, empty-cot, query-cot or random-cot.")] = "reason",
+    mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
@@ -166,7 +175,7 @@ def serve(
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, auto, auto@SHARE, empty-cot, query-cot, random-cot). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
