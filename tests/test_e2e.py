@@ -69,6 +69,10 @@ def test_index_search_eval_with_the_default_model(small):
     assert "| base-reason |" in (report / "report.md").read_text()
     assert (report / "overall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cot:" in res.stdout and "(+ = relevant)" in res.stdout
+    # the terminal and report.md show the same 2 examples
+    printed = [line.split("]: ", 1)[1].split("  (")[0] for line in res.stdout.splitlines() if line.startswith("query [")]
+    reported = re.findall(r"^\*\*[^:]+: (.+?)\*\* \(", (report / "report.md").read_text(), flags=re.M)
+    assert len(printed) == 2 and printed == reported
     runs = [json.loads(line) for line in (report / "runs.jsonl").read_text().splitlines()]
     assert any(r["system"] == "base-reason" and r["cot"] for r in runs)
 
