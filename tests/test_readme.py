@@ -48,6 +48,8 @@ def test_using_it_commands_run_as_written(tmp_path, tiny_dir):
         pytest.skip("WordNet is not installed")
     esci = esci_official(tmp_path / "esci-src", ".csv")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if env.get("PYTHONPATH"):  # the commands run in tmp_path: relative entries (PYTHONPATH=src) made absolute
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     sample_out, ran = None, {}
     for line in using_it_commands():
         line = line.replace("path/to/esci", str(esci)).replace("[--model M]", f"--model {tiny_dir}")

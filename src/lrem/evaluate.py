@@ -256,8 +256,11 @@ def pick_examples(result: dict, ds, n: int) -> list[tuple[str, str]]:
     pair = _compared_systems(list(examples))
     if pair and n > 0:
         a, b = pair
-        hr = lambda name, q: query_metrics(examples[name][q]["top"], ds.qrels.get(q, {}), (10,))["hitrate@10"]  # noqa: E731
-        delta = {q: (hr(a, q), hr(b, q)) for q in qids}
+
+        def hr(name: str, q: str) -> float:
+            return query_metrics(examples[name][q]["top"], ds.qrels.get(q, {}), (10,))["hitrate@10"]
+
+        delta = {q: (hr(a, q), hr(b, q)) for q in qids}  # (a's, b's) hitrate@10
         for sign, verb in ((1, "beat"), (-1, "lost to")):
             best = max(qids, key=lambda q: (sign * (delta[q][1] - delta[q][0]), order[q]), default=None)
             if best is not None and sign * (delta[best][1] - delta[best][0]) > 0 and len(picks) < n:
