@@ -18,26 +18,11 @@ QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink
 
 
 @pytest.fixture(scope="module")
-def lively(tmp_path_factory, backbone_dir):
+def lively(lively_dir):
     """A 2-layer random Llama with large weights: unlike `tiny` (which repeats one token for every
     query), its greedy output differs from query to query, so an off-by-one position or a leaked
     pad would change the tokens."""
-    return lively_model(tmp_path_factory, backbone_dir, "llama")
-
-
-def lively_model(tmp_path_factory, backbone_dir, arch: str) -> LREM:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(backbone_dir)
-    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                               initializer_range=0.2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp(f"lively-{arch}")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return LREM.from_pretrained(str(out), dtype="float32")
+    return LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
 
 
 def plain_generate(model: LREM, texts: list[str], stop: list[int], max_new: int = 16) -> list[list[int]]:
@@ -91,10 +76,10 @@ def test_fast_cots_equal_plain_at_any_batch_size(lively):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_other_backbones_keep_cots_and_embeddings(tmp_path_factory, backbone_dir, arch):
+def test_other_backbones_keep_cots_and_embeddings(lively_dir, arch):
     """Qwen2 (biases on q, k, v) runs on the compact decoder; Qwen3 (norms on q and k), which it
     does not cover, on transformers' decoder over a static cache: both give the plain outputs."""
-    model = lively_model(tmp_path_factory, backbone_dir, arch)
+    model = LREM.from_pretrained(str(lively_dir(arch)), dtype="float32")
     assert StaticDecoder.supports(model.lm, 128) == (arch == "qwen2")
     plain = model.generate_cots(QUERIES, fast=False)
     assert len(set(plain)) > 4

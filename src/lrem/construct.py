@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from lrem._config import load_config
 from lrem._io import write_json, write_jsonl
-from lrem.teachers import Chat, FileCoTs, JsonlLog, Pair, generate
+from lrem.teachers import Chat, JsonlLog, Pair, generate
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
                "brands", "attribute", "attributes", "related products", "etc", "none", "n/a", "various",
@@ -72,12 +72,16 @@ class ConstructConfig:
     keep_all: bool = field(default=False, metadata={"help": "Keep every query, difficult or not."})
     # 2-3. Teacher
     teacher: str = field(default="hf:smollm2-135m-instruct", metadata={
-        "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH or file:PATH.jsonl (precomputed CoTs: skips steps 2-3)."})
+        "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH, file:PATH.jsonl (precomputed CoTs: skips steps 2-3) or "
+                "labels (CoTs from the relevant items' titles and categories: label distillation)."})
     hint: str = field(default="none", metadata={
         "help": "none (the paper) or gold: the teacher also sees one relevant item (rationalisation)."})
     reason_max_tokens: int = field(default=128, metadata={"help": "Token budget of the free reasoning."})
     extract_max_tokens: int = field(default=48, metadata={"help": "Token budget of the extracted phrase list."})
     teacher_batch_size: int = field(default=16, metadata={"help": "hf: chats per generate call."})
+    teacher_threads: int | None = field(default=None, metadata={
+        "help": "hf: torch threads while generating (None: torch's setting, e.g. OMP_NUM_THREADS)."})
+    teacher_dtype: str = field(default="auto", metadata={"help": "hf: auto, float32 or bfloat16."})
     teacher_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight."})
     teacher_timeout: float = field(default=60.0, metadata={"help": "openai: seconds per request."})
     teacher_retries: int = field(default=4, metadata={"help": "openai: retries of a failed request."})
@@ -100,7 +104,7 @@ class ConstructConfig:
     batch_size: int = field(default=16, metadata={"help": "Queries per step; outcomes are appended per batch."})
 
     # fields that do not change what a query's outcome is: free to differ when a run resumes
-    RUNTIME = ("limit", "teacher_batch_size", "teacher_concurrency", "teacher_timeout", "teacher_retries",
+    RUNTIME = ("limit", "teacher_batch_size", "teacher_threads", "teacher_concurrency", "teacher_timeout", "teacher_retries",
                "teacher_backoff", "batch_size")
 
     def __post_init__(self):
@@ -314,15 +318,18 @@ class TripletBuilder:
 
         from lrem.search import build_systems
         from lrem.backbones import resolve_backbone
-        from lrem.teachers import CachedTeacher, parse_judge, parse_teacher
+        from lrem.teachers import CachedTeacher, LabelCoTs, parse_judge, parse_teacher
 
         self.ds, self.cfg = ds, cfg
-        kw = dict(batch_size=cfg.teacher_batch_size, concurrency=cfg.teacher_concurrency, timeout=cfg.teacher_timeout,
+        kw = dict(batch_size=cfg.teacher_batch_size, threads=cfg.teacher_threads, dtype=cfg.teacher_dtype,
+                  concurrency=cfg.teacher_concurrency, timeout=cfg.teacher_timeout,
                   retries=cfg.teacher_retries, backoff=cfg.teacher_backoff)
 
         def make_teacher(spec: str):
+            if spec == "labels":
+                return LabelCoTs(ds.qrels, ds.catalog, seed=cfg.seed)
             t = parse_teacher(spec, **kw)
-            return t if isinstance(t, FileCoTs) else CachedTeacher(t, cache_path)
+            return t if hasattr(t, "lookup") else CachedTeacher(t, cache_path)
 
         self.teacher = make_teacher(cfg.teacher)
         self.judge = parse_judge(cfg.judge, ds.qrels, self.teacher, make_teacher, threshold=cfg.judge_threshold)
@@ -370,7 +377,7 @@ class TripletBuilder:
             for r in rows:
                 item = pick_hint(self.ds.qrels.get(r["query_id"], {}), r["query_id"], cfg.seed)
                 r["hint"] = self.ds.catalog[item].title if item else None
-        if isinstance(self.teacher, FileCoTs):
+        if hasattr(self.teacher, "lookup"):  # precomputed (file:) or label CoTs: no chat
             for r in rows:
                 r["extraction"] = self.teacher.lookup(r["query_id"], r["query"])
                 if r["extraction"] is None:
