@@ -483,6 +483,8 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
     for r in outcomes.rows():
         done.setdefault(r["query_id"], r)
     _repair_triplets(triplets, done)
+    for f in (outcomes, triplets):  # both exist, even empty, however the run ends: `lrem train` reads them
+        f.open().close()
     todo = {q: t for q, t in queries.items() if q not in done}
     log(f"{ds.name}/{cfg.split}: {len(queries)} queries, {len(queries) - len(todo)} already done, {len(todo)} to go")
     run = {"seconds": 0.0, "mine_seconds": 0.0, "teacher_calls": 0, "teacher_cache_hits": 0}
@@ -571,8 +573,41 @@ FUNNEL_LABELS = {"queries_in": "queries in", "mined": "mined (difficult)", "cots
                  "judged_relevant": "judged relevant (queries)", "triplets": "triplets"}
 
 
+# how each status reads in `why_empty`, and the funnel count it is a share of
+STATUS_WHY = {"easy": ("queries_in", "queries easy for the retriever (not mined)"),
+              "teacher_failed": ("mined", "teacher answers failed"),
+              "empty_cot": ("cots", "CoTs empty after post-processing"),
+              "empty_gain": ("with_cot", "CoTs found no new item (empty gain set)"),
+              "none_relevant": ("with_gain", "gain sets without a relevant item")}
+
+
+def why_empty(stats: dict) -> str | None:
+    """One line saying why a run yielded no triplet (None when it yielded some): the statuses
+    that stopped its queries, largest first, and the teacher problems.
+
+    >>> why_empty({"funnel": {"queries_in": 12, "done": 12, "mined": 11, "cots": 11, "with_cot": 2,
+    ...            "with_gain": 2, "triplets": 0}, "statuses": {"easy": 1, "empty_cot": 9, "none_relevant": 2},
+    ...            "teacher_problems": {"extraction:too_long": 2, "reasoning:too_long": 8}})
+    '0 triplets: 9 of 11 CoTs empty after post-processing, 2 of 2 gain sets without a relevant item, 1 of 12 queries easy for the retriever (not mined); teacher problems reasoning:too_long 8, extraction:too_long 2'
+    """
+    f = stats["funnel"]
+    if f["triplets"]:
+        return None
+    if not f["queries_in"]:
+        return "0 triplets: no query selected (the split has no query with a relevant item)"
+    counts = sorted(((n, s) for s, n in stats["statuses"].items() if n and s in STATUS_WHY), key=lambda x: -x[0])
+    parts = [f"{n} of {f[STATUS_WHY[s][0]]} {STATUS_WHY[s][1]}" for n, s in counts]
+    if f["done"] < f["queries_in"]:
+        parts.append(f"{f['queries_in'] - f['done']} queries not done yet")
+    line = "0 triplets: " + ", ".join(parts)
+    problems = sorted(stats.get("teacher_problems", {}).items(), key=lambda kv: -kv[1])
+    if problems:
+        line += "; teacher problems " + ", ".join(f"{k} {v}" for k, v in problems)
+    return line
+
+
 def format_stats(stats: dict) -> str:
-    """The printed summary: the funnel, CoT lengths, problems and time."""
+    """The printed summary: the funnel, CoT lengths, problems and time (and why, when no triplet)."""
     f, lines = stats["funnel"], []
     if f["done"] < f["queries_in"]:
         lines.append(f"(partial: {f['done']} of {f['queries_in']} queries done)")
@@ -588,4 +623,6 @@ def format_stats(stats: dict) -> str:
                      f"(this run {stats['this_run']['seconds']:.0f} s, "
                      f"{stats['this_run']['teacher_calls']} teacher calls, "
                      f"{stats['this_run']['teacher_cache_hits']} cached)")
+    if why_empty(stats):
+        lines.append(why_empty(stats))
     return "\n".join(lines)

@@ -18,9 +18,8 @@ import random
 from .index import ItemIndex
 from .model import LREM
 from .router import Router
-from .search_types import Hit, Retriever, SearchResult
+from .search_types import MODES, Hit, Retriever, SearchResult
 
-MODES = ("reason", "direct", "auto", "empty-cot", "query-cot", "random-cot")
 __all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
 
 

@@ -121,10 +121,17 @@ class JsonlLog:
                 os.fsync(f.fileno())
         return rows
 
-    def append(self, row: dict) -> None:
+    def open(self) -> "JsonlLog":
+        """Create the file if missing (empty) and keep it open for appending: readers of a run
+        that appended nothing still find the file."""
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
+            os.fsync(self._f.fileno())
+        return self
+
+    def append(self, row: dict) -> None:
+        self.open()
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
