@@ -18,8 +18,8 @@ run smollm2-gold-list hf:smollm2-135m-instruct gold list
 run qwen05-none-list hf:qwen2.5-coder-0.5b-instruct none list
 run qwen05-gold-list hf:qwen2.5-coder-0.5b-instruct gold list
 run qwen05-cand-list hf:qwen2.5-coder-0.5b-instruct none list 20   # grounded: bm25's top 20 titles
-run qwen15-gold-list hf:qwen2.5-coder-1.5b-instruct gold list
 run qwen15-cand-list hf:qwen2.5-coder-1.5b-instruct none list 20
+run qwen15-gold-list hf:qwen2.5-coder-1.5b-instruct gold list
 run qwen15-none-list hf:qwen2.5-coder-1.5b-instruct none list
 run smollm2-gold hf:smollm2-135m-instruct gold two-step     # the last experiment's teacher, the paper's two steps
 run qwen05-gold hf:qwen2.5-coder-0.5b-instruct gold two-step
