@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from . import prompts
+from .backbones import BUILTINS
 
 _STAGES = {"coldstart": "stage 1, cold start: 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE",
            "direct": "direct-embedding baseline: InfoNCE only, no CoT",
@@ -31,17 +32,21 @@ def model_card(model, training: list[dict] | None = None, metrics: dict | None =
     cfg = model.config
     training = model.training if training is None else training
     base = model.base or model.source or "unknown"
+    builtin = BUILTINS.get(base)
+    hub_base = builtin.origin if builtin else base
     front = ["---", "library_name: " + ("sentence-transformers" if export else "lrem"),
              "pipeline_tag: feature-extraction", "tags: [lrem, reasoning-embedding, product-search, retrieval]"]
-    if base and "/" in base and not base.startswith(("/", ".")):
-        front.append(f"base_model: {base}")  # a hub name; local paths mean nothing elsewhere
+    if "/" in hub_base and not hub_base.startswith(("/", ".")):
+        front.append(f"base_model: {hub_base}")  # a hub name; local paths mean nothing elsewhere
     front.append("---")
     lines = [*front, "", "# LREM embedding model" + (f" ({export} export)" if export else ""), "",
              "A decoder LLM used as an embedder, after LREM (arXiv 2510.14321): a query's embedding is the "
              "last hidden state at `<emb>`, taken after the model reasons about the query in "
              "`<think> ... </think>` (or directly, with an empty `<think></think>`); an item's embedding "
              "is taken at `<emb>` without reasoning. Scores are cosine similarities.", "",
-             "## Base model", "", f"`{base}`, {model.dim}-dimensional hidden states.", "",
+             "## Base model", "", f"`{base}`, {model.dim}-dimensional hidden states" + (
+                 f" (lrem's built-in: `{hub_base}`, from the GGUF `{builtin.gguf_file}`, dequantised)." if builtin
+                 else "."), "",
              "## Training", "", *_stage_rows(training), ""]
     lines += ["## Metrics", ""]
     if metrics:
@@ -49,7 +54,8 @@ def model_card(model, training: list[dict] | None = None, metrics: dict | None =
     else:
         lines += ["None recorded with this folder; `lrem eval --system NAME=FOLDER:reason ...` measures it."]
     lines += ["", "## Prompts", "",
-              "Saved in `lrem_config.json` (`lrem.prompts.PromptConfig`); the backbone's chat template wraps them.",
+              f"Saved with the model (`{'lrem_export.json' if export else 'lrem_config.json'}`, "
+              "`lrem.prompts.PromptConfig`); the backbone's chat template wraps them.",
               "", "```json", json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False), "```", "",
               f"A query over {cfg.max_query_tokens} tokens, or an item text over {cfg.max_item_tokens}, is cut "
               "(and counted) or refused, as the caller's `truncate` option says. The item template may name "

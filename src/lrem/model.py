@@ -224,6 +224,14 @@ class LREM(torch.nn.Module):
         """Tokens of each text on its own (what the limits count)."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
+    def overlong(self, texts, side: str) -> list[tuple[int, int]]:
+        """(position, tokens) of each input over the side's limit (`SIDES`); for items, the
+        filled item template counts (an input may be a title or an item's fields)."""
+        if side == "item":
+            texts = [prompts.item_text(item_fields(x), self.config) for x in texts]
+        limit = getattr(self.config, SIDES[side])
+        return [(i, n) for i, n in enumerate(self.token_counts(texts)) if n > limit]
+
     def fit(self, texts: list[str], side: str, truncate: bool = True) -> list[str]:
         """`texts` within the side's token limit (`SIDES`): over it, an `InputTooLong` naming the
         limit, or (truncate) cut to it and counted in `self.truncated[side]`. Fitting twice cuts
