@@ -72,6 +72,9 @@ def model_card(model, training: list[dict] | None = None, metrics: dict | None =
                   "items = model.encode_document([\"corkscrew, bottle screw\"])   # = lrem encode_items",
                   "queries = model.encode_query([\"a device for pulling corks\"])  # = lrem direct mode",
                   "model.similarity(queries, items)", "```", "",
+                  *([] if prompts.template_fields(cfg.item_template) == {"title"} else [
+                      "", f"The item template names more than the title ({cfg.item_template!r}): pass each item as "
+                      "that template filled in (`lrem.prompts.item_text`), not as its title.", ""]),
                   "sentence-transformers gives the item side and the `direct` query side. Reasoning "
                   "(generating the CoT before `<emb>`) needs `lrem serve` (one pass: `/v1/embeddings` with "
                   "model `lrem-query-reason`) or the `lrem` Python API on the original LREM folder.", "",

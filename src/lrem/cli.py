@@ -5,6 +5,7 @@
     lrem search --index runs/idx "a device for pulling corks"
     lrem eval --data data/wordnet --split dev --system bm25 --system base=runs/idx:reason --out runs/eval
     lrem serve --index runs/idx --port 8000 [--config serve.yaml] [--set max_batch=32]
+    lrem export --model runs/coldstart --to sentence-transformers --out runs/coldstart-st
 """
 from __future__ import annotations
 
