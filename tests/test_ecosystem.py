@@ -221,3 +221,21 @@ def test_a_local_folder_loads_without_the_hub(tiny_dir, tmp_path):
     p = lrem_cli("export", "--model", str(tiny_dir), "--out", str(tmp_path / "st"), env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Retrying" not in p.stderr and (tmp_path / "st" / "modules.json").exists()
+
+
+def test_export_of_a_multi_field_template_takes_the_filled_template(tiny, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from lrem.data import Item
+    from lrem.export import export_sentence_transformers, read_export
+    from lrem.prompts import item_text
+
+    cfg = PromptConfig(item_template="Item: {title} | brand: {brand}")
+    m = LREM(tiny.lm, tiny.tokenizer, cfg)
+    export_sentence_transformers(m, tmp_path / "st", log=lambda *_: None)
+    assert read_export(tmp_path / "st")["item_slot"] == "item_template"
+    items = [Item("1", "running shoe", brand="Acme"), Item("2", "teapot", brand="Zed")]
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    got = st.encode_document([item_text(vars(x), cfg) for x in items])
+    assert (got * m.encode_items(items)).sum(1).min() >= 0.9999
+    assert "pass each item as that template filled in" in (tmp_path / "st" / "README.md").read_text()
