@@ -57,8 +57,13 @@ def main() -> None:
     args = ap.parse_args()
     runs = [r for r in args.runs if (r / "config.json").exists() and (r / "outcomes.jsonl").exists()]
     done = [{r["query_id"] for r in read_jsonl(run / "outcomes.jsonl")} for run in runs]
-    shared = set.intersection(*done)
-    stats = [summarise(run, shared) for run in runs]
+    limits = [json.loads((run / "config.json").read_text())["limit"] for run in runs]
+    complete = [lim is None or len(d) >= lim for d, lim in zip(done, limits)]  # runs still going are shown apart
+    full = [run for run, c in zip(runs, complete) if c]
+    partial = [(run, d) for run, d, c in zip(runs, done, complete) if not c]
+    shared = set.intersection(*[d for d, c in zip(done, complete) if c])  # samples nest: the smallest
+    stats = [summarise(run, shared) for run in full] + [summarise(run, d) | {"partial": True} for run, d in partial]
+    runs = full + [run for run, _ in partial]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data:
         from lrem.baselines import BM25Retriever
@@ -81,13 +86,15 @@ def main() -> None:
 
     lines = [f"# Teacher comparison on {len(shared)} WordNet train queries", "",
              "Each run: `lrem construct` with bm25 mining (hitrate@10 < 0.5), the qrels judge and k_gain 50, "
-             "on the same seeded sample (`scripts/teachers.sh`); rows count the queries every run has finished.",
+             "on the same seeded sample (`scripts/teachers.sh`); rows count the queries every run has finished. "
+             "A run marked partial was stopped early: its row counts only the queries it finished.",
              "", "| run | teacher | mined | CoT | empty after post-proc. | empty gain set | judged relevant "
              "(share of mined) | triplets | CoT tokens (mean) | s / mined query | bm25 HR@10 query -> query (cot) |",
              "|" + "---|" * 11]
     for s in stats:
         share = s["judged_relevant"] / s["mined"] if s["mined"] else 0
-        lines.append(f"| {s['run']} | {s['teacher']} | {s['mined']} | {s['cots']} | {s['empty_after_postprocess']} | "
+        name = f"{s['run']} (partial)" if s.get("partial") else s["run"]
+        lines.append(f"| {name} | {s['teacher']} | {s['mined']} | {s['cots']} | {s['empty_after_postprocess']} | "
                      f"{s['empty_gain']} | {s['judged_relevant']} ({share:.1%}) | {s['triplets']} | {s['cot_tokens']} | "
                      f"{s['s_per_query']} | " + (f"{s['hr10_query']:.3f} -> {s['hr10_cot']:.3f} |" if "hr10_cot" in s
                                                  else " |"))
