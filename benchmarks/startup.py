@@ -1,0 +1,110 @@
+"""Start-up time of the `lrem` command: each row is a new process, as a user runs it.
+
+    .venv/bin/python benchmarks/startup.py [--baseline /path/to/other/src] [--repeat 3] [--index DIR]
+
+Rows: `lrem --help`, `lrem search --mode direct` and `lrem search` (reason) against a small
+index of the built-in model (200 items, built once into a temporary folder unless --index
+names one). With --baseline, the same commands also run from another source tree (e.g. the
+main branch's `src`), in turns with this tree's, so that load from other processes hits both
+alike. Then one run of this tree's search split into phases (imports, model and index load,
+the query) says where the remaining time goes. Writes benchmarks/results/startup.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import QUERIES, table, write
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+QUERY = "a device for pulling corks"
+
+PHASES = """
+import json, os, sys, time
+t0 = time.perf_counter()
+from lrem.search import Searcher
+t1 = time.perf_counter()
+s = Searcher.load(sys.argv[1], log=lambda *a: None)
+t2 = time.perf_counter()
+s.search([sys.argv[2]], k=10)
+t3 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "query": t3 - t2}))
+"""
+
+
+def env_for(src: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def lrem_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from lrem.cli import main; main()", *args]
+
+
+def timed(cmd: list[str], src: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env_for(src), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def build_index(out: Path) -> None:
+    """200 made-up product titles embedded by the built-in model (the content does not matter here)."""
+    titles = [f"{q} (model {i // len(QUERIES)})" for i, q in enumerate(QUERIES * 7)][:200]
+    code = ("import sys; from lrem.model import LREM; from lrem.index import ItemIndex; "
+            "titles = sys.argv[2:]; m = LREM.from_pretrained('smollm2-135m-instruct', log=lambda *a: None); "
+            "ItemIndex.build(m, {f'i{n}': t for n, t in enumerate(titles)}, show_progress=False).save(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(out), *titles], env=env_for(SRC), check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, help="Another source tree to time side by side (its `src` folder).")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--index", type=Path, help="An index folder to search (default: build a small one).")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # both trees alike; the machine's cores are shared
+
+    with tempfile.TemporaryDirectory() as tmp:
+        index = args.index or Path(tmp) / "idx"
+        if not args.index:
+            print("building a 200-item index with the built-in model ...", file=sys.stderr)
+            build_index(index)
+        rows = {"lrem --help": lrem_cmd("--help"),
+                "lrem search --mode direct": lrem_cmd("search", "--index", str(index), "--mode", "direct", QUERY),
+                "lrem search (reason)": lrem_cmd("search", "--index", str(index), QUERY)}
+        trees = {"this": SRC, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        load_before = os.getloadavg()[0]
+        times = {(r, t): [] for r in rows for t in trees}
+        for _ in range(args.repeat):
+            for r, cmd in rows.items():
+                for t, src in trees.items():  # in turns: a busy moment hits both trees
+                    times[r, t].append(timed(cmd, src))
+        phases = json.loads(subprocess.run([sys.executable, "-c", PHASES, str(index), QUERY], env=env_for(SRC),
+                                           check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        load_after = os.getloadavg()[0]
+
+    out = []
+    for r in rows:
+        row = {"command": r, "this_s": statistics.median(times[r, "this"])}
+        if args.baseline:
+            row["baseline_s"] = statistics.median(times[r, "baseline"])
+            row["speedup"] = row["baseline_s"] / row["this_s"]
+        out.append(row)
+    cols = ["command", *(["baseline_s"] if args.baseline else []), "this_s", *(["speedup"] if args.baseline else [])]
+    print(table(out, cols))
+    print(f"\nthis tree's search, by phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; cores: {os.cpu_count()}")
+    write("startup", {"rows": out, "phases_s": phases, "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+                      "baseline": str(args.baseline) if args.baseline else None,
+                      "load_average_1m": {"before": load_before, "after": load_after},
+                      "goal_s": {"lrem --help": 1.0, "lrem search (reason)": 5.0}})
+
+
+if __name__ == "__main__":
+    main()
