@@ -315,7 +315,7 @@ def test_trec_files_rescore_with_ir_measures_and_significance_is_in_the_report(t
     # bm25+cot wins the 3 hard queries and ties the 3 easy ones: the exact sign-flip p is 2/8
     assert hr["diff"] == pytest.approx(0.5) and hr["p_rand"] == pytest.approx(0.25) and 0 < hr["p_t"] < 0.25
     report = (tmp_path / "report.md").read_text()
-    for text in ("## Significance", "| bm25+cot | bm25 | hitrate@10 |", "lrem eval --data toy -s bm25 -s 'bm25+cot'",
+    for text in ("## Significance", "| bm25+cot | bm25 | hitrate@10 | 1.0000 | 0.5000 | +0.5000 |", "lrem eval --data toy -s bm25 -s 'bm25+cot'",
                  "## Systems", "runs/<system>.trec", "![quality versus cost](quality.png)"):
         assert text in report, text
     same = evaluate_systems(toy, "test", {"a": systems["bm25"], "b": systems["bm25"]}, log=lambda *_: None)

@@ -424,7 +424,8 @@ def _significance_md(result: dict) -> list[str]:
             f"(hitrate@10 = R@10; ndcg@10 = nDCG@10 on gains 2^rel - 1). p_t: paired t-test; p_rand: "
             f"paired randomization test ({RANDOMIZATION_ROUNDS:,} sign flips, or all when fewer). "
             "Two-sided, no correction for multiple comparisons.", "",
-            *_md_table(["system", "vs", "metric", "system", "vs", "diff", "p_t", "p_rand"], rows), ""]
+            *_md_table(["system", "against", "metric", "system's mean", "against's mean", "difference",
+                        "p_t", "p_rand"], rows), ""]
 
 
 def report_markdown(result: dict, ds=None, n_examples: int = N_EXAMPLES, figures: tuple[str, ...] = ()) -> str:
@@ -472,7 +473,8 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ti
     and the longest label line, so neighbouring labels do not run into each other."""
     import textwrap
 
-    labels = ["\n".join(textwrap.wrap(g.replace("=", "= ").replace("\n", " "), 14)).replace("= ", "=") for g in groups]
+    labels = ["\n".join(w for line in g.split("\n") for w in textwrap.wrap(line.replace("=", "= "), 14)).replace("= ", "=")
+              for g in groups]
     widest = max((len(line) for lab in labels for line in lab.splitlines()), default=1)
     per_group = max(0.35 * max(len(series), 1) + 0.3, 0.095 * widest)  # inches
     fig = _figure(min(max(6.0, 2.5 + per_group * len(groups)), 40.0))
@@ -502,9 +504,14 @@ def _quality_cost_chart(path: Path, systems: dict, title: str) -> None:
     ms = [max(systems[n]["ms_per_query"], 1e-3) for n in names]
     for j, (metric, marker) in enumerate(((PRIMARY_METRIC, "o"), ("ndcg@10", "s"))):
         ax.scatter(ms, [systems[n]["overall"][metric] for n in names], marker=marker, label=metric, color=f"C{j}")
-    for j, n in enumerate(names):  # names next to the hitrate@10 points, alternately above and below
-        ax.annotate(n, (ms[j], systems[n]["overall"][PRIMARY_METRIC]), textcoords="offset points",
-                    xytext=(6, 8 if j % 2 == 0 else -12), fontsize=8)
+    # names next to the hitrate@10 points, alternately above and below; systems at the same spot
+    # (on the plot's scale) share one label instead of printing over each other
+    spots: dict[tuple, list[int]] = {}
+    for j, n in enumerate(names):
+        spots.setdefault((round(math.log10(ms[j]), 1), round(systems[n]["overall"][PRIMARY_METRIC], 2)), []).append(j)
+    for i, js in enumerate(spots.values()):
+        ax.annotate(", ".join(names[j] for j in js), (ms[js[0]], systems[names[js[0]]]["overall"][PRIMARY_METRIC]),
+                    textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -12), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("ms per query (search only, log scale)")
     ax.set_ylabel("metric (fraction)")
@@ -549,7 +556,7 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
                f"{result['dataset']}/{result['split']}: overall")
     slice_names = list(next(iter(systems.values()))["slices"]) if systems else []
     first = next(iter(systems.values()), {"slices": {}})
-    _bar_chart(out / "slices.png", [f"{sl} (n={first['slices'][sl]['n_queries']})" for sl in slice_names],
+    _bar_chart(out / "slices.png", [f"{sl}\n(n={first['slices'][sl]['n_queries']})" for sl in slice_names],
                {n: [s["slices"][sl][PRIMARY_METRIC] for sl in slice_names] for n, s in systems.items()},
                f"{result['dataset']}/{result['split']}: {PRIMARY_METRIC} per slice")
     _quality_cost_chart(out / "quality.png", systems, f"{result['dataset']}/{result['split']}: quality vs cost")
