@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/startup.py [--baseline /path/to/other/src] [--repeat 3] [--index DIR]
 
+Wall and CPU seconds (user + system of the child: less sensitive to other jobs), medians.
 Rows: `lrem --help`, `lrem search --mode direct` and `lrem search` (reason) against a small
 index of the built-in model (200 items, built once into a temporary folder unless --index
 names one). With --baseline, the same commands also run from another source tree (e.g. the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,10 +49,15 @@ def lrem_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from lrem.cli import main; main()", *args]
 
 
-def timed(cmd: list[str], src: Path) -> float:
+def timed(cmd: list[str], src: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run. The CPU time (user + system) of the child varies
+    less than the wall time when other jobs share the cores."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, env=env_for(src), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def build_index(out: Path) -> None:
@@ -91,16 +98,20 @@ def main() -> None:
 
     out = []
     for r in rows:
-        row = {"command": r, "this_s": statistics.median(times[r, "this"])}
+        row = {"command": r}
+        for t in trees:
+            row[f"{t}_s"] = statistics.median(w for w, _ in times[r, t])
+            row[f"{t}_cpu_s"] = statistics.median(c for _, c in times[r, t])
         if args.baseline:
-            row["baseline_s"] = statistics.median(times[r, "baseline"])
             row["speedup"] = row["baseline_s"] / row["this_s"]
+            row["cpu_speedup"] = row["baseline_cpu_s"] / row["this_cpu_s"]
         out.append(row)
-    cols = ["command", *(["baseline_s"] if args.baseline else []), "this_s", *(["speedup"] if args.baseline else [])]
+    cols = ["command", *(["baseline_s"] if args.baseline else []), "this_s", *(["speedup"] if args.baseline else []),
+            *(["baseline_cpu_s"] if args.baseline else []), "this_cpu_s", *(["cpu_speedup"] if args.baseline else [])]
     print(table(out, cols))
     print(f"\nthis tree's search, by phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; cores: {os.cpu_count()}")
-    write("startup", {"rows": out, "phases_s": phases, "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+    write("startup", {"rows": out, "runs_s": {f"{r} | {t}": v for (r, t), v in times.items()}, "phases_s": phases, "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
                       "baseline": str(args.baseline) if args.baseline else None,
                       "load_average_1m": {"before": load_before, "after": load_after},
                       "goal_s": {"lrem --help": 1.0, "lrem search (reason)": 5.0}})
