@@ -398,8 +398,19 @@ def test_list_mode_asks_once_per_query_and_labels_need_no_teacher(tmp_path, tiny
         assert all('One product that satisfies this search is: "' in r["messages"][1]["content"] for r in srv.requests)
         rows = {r["query_id"]: r for r in read(tmp_path / "list" / "outcomes.jsonl")}
         assert rows["q_tea"]["reasoning"] is None and rows["q_tea"]["cot"] == "coffee, espresso"
+        # grounded: the teacher also sees the retriever's top titles (set 1's first N), recorded by id
+        construct(shop(), tmp_path / "cands", cfg(tiny_dir, teacher=f"openai:{srv.url}#m", teacher_mode="list",
+                                                  candidates=2), **QUIET)
+        rows = {r["query_id"]: r for r in read(tmp_path / "cands" / "outcomes.jsonl")}
+        top2 = [BM25Retriever({i: t for i, t in CATALOG.items()}).search(["a drink stronger than tea"], k=2)[0].item_ids]
+        assert rows["q_tea"]["candidates"] == top2[0]
+        user = next(r["messages"][1]["content"] for r in srv.requests[5:] if "stronger" in r["messages"][1]["content"])
+        assert "A first search found these products" in user
+        assert all(f"- {CATALOG[i]}" in user for i in top2[0]) and "One product" not in user
     finally:
         srv.close()
+    with pytest.raises(ValueError, match="candidates=4; need 0 <= candidates <= k_gain"):
+        cfg(tiny_dir, candidates=4)
     with pytest.raises(ValueError, match="teacher_mode='think'"):
         cfg(tiny_dir, teacher_mode="think")
 

@@ -229,6 +229,8 @@ def construct(
     hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
     teacher_mode: Annotated[Optional[str], typer.Option(help="two-step (the paper: reason, then extract) or list "
                                                         "(one call: the phrase list at once).")] = None,
+    candidates: Annotated[Optional[int], typer.Option(help="Show the teacher the retriever's top-N titles "
+                                                      "(grounded reasoning; 0: none).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="A fixed, seeded sample of N queries.")] = None,
     seed: Optional[int] = None,
     k_mine: Annotated[Optional[int], typer.Option(help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
@@ -241,7 +243,7 @@ def construct(
     from lrem.construct import ConstructConfig, construct as run_construct, format_stats
     from lrem.teachers import TeacherError
 
-    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode,
+    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode, candidates=candidates,
                  limit=limit, seed=seed,
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
@@ -254,6 +256,26 @@ def construct(
     written = [p for p in (out / "triplets.jsonl", out / "stats.json") if p.is_file()]  # name only what is there
     if written:
         typer.echo(f"wrote {' and '.join(map(str, written))}")
+
+
+# ---------------------------------------------------------------- shipping a trained model
+
+@app.command()
+def delta(
+    model: Annotated[str, typer.Option(help="A trained LREM folder (e.g. OUT of `lrem train`).")],
+    out: Out,
+    rank: Annotated[int, typer.Option(min=1, help="Rank of each weight matrix's change (truncated SVD).")] = 32,
+    base: Annotated[Optional[str], typer.Option(help="The built-in backbone it was trained from (default: "
+                                                "the one its lrem_config.json names).")] = None,
+):
+    """Store a trained model as a small delta from its built-in backbone (a folder under
+    src/lrem/models/ ships as a built-in model name)."""
+    from lrem.delta import save_delta
+
+    meta = save_delta(model, out, base=base, rank=rank, log=_echo)
+    f = meta["fidelity"]
+    typer.echo(f"wrote {out}: {meta['bytes'] / 1e6:.1f} MB, rank {rank}, base {meta['base']}; embedding cosine to "
+               f"the full model: queries min {f['query_cos_min']:.4f}, items min {f['item_cos_min']:.4f}")
 
 
 # ---------------------------------------------------------------- training
