@@ -7,8 +7,8 @@ Rows: `lrem --help`, `lrem search --mode direct` and `lrem search` (reason) agai
 index of the built-in model (200 items, built once into a temporary folder unless --index
 names one). With --baseline, the same commands also run from another source tree (e.g. the
 main branch's `src`), in turns with this tree's, so that load from other processes hits both
-alike. Then one run of this tree's search split into phases (imports, model and index load,
-the query) says where the remaining time goes. Writes benchmarks/results/startup.json.
+alike. Then the search split into phases (imports, model and index load, the query; wall and
+CPU seconds, each tree in turns) says where the time goes. Writes benchmarks/results/startup.json.
 """
 from __future__ import annotations
 
@@ -30,14 +30,17 @@ QUERY = "a device for pulling corks"
 
 PHASES = """
 import json, os, sys, time
-t0 = time.perf_counter()
+w, c = [time.perf_counter()], [time.process_time()]
+def lap():
+    w.append(time.perf_counter()); c.append(time.process_time())
 from lrem.search import Searcher
-t1 = time.perf_counter()
-s = Searcher.load(sys.argv[1], log=lambda *a: None)
-t2 = time.perf_counter()
+lap()
+s = Searcher.load(sys.argv[1], log=lambda *a: None)  # also imports the rest of transformers (lazily loaded)
+lap()
 s.search([sys.argv[2]], k=10)
-t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "query": t3 - t2}))
+lap()
+print(json.dumps({f"{k}_{u}": x[i + 1] - x[i] for i, k in enumerate(("import", "load", "query"))
+                  for u, x in (("s", w), ("cpu_s", c))}))
 """
 
 
@@ -92,8 +95,13 @@ def main() -> None:
             for r, cmd in rows.items():
                 for t, src in trees.items():  # in turns: a busy moment hits both trees
                     times[r, t].append(timed(cmd, src))
-        phases = json.loads(subprocess.run([sys.executable, "-c", PHASES, str(index), QUERY], env=env_for(SRC),
-                                           check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        phase_runs = {t: [] for t in trees}
+        for _ in range(args.repeat):
+            for t, src in trees.items():
+                phase_runs[t].append(json.loads(subprocess.run(
+                    [sys.executable, "-c", PHASES, str(index), QUERY], env=env_for(src), check=True,
+                    capture_output=True, text=True).stdout.splitlines()[-1]))
+        phases = {t: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for t, runs in phase_runs.items()}
         load_after = os.getloadavg()[0]
 
     out = []
@@ -109,9 +117,11 @@ def main() -> None:
     cols = ["command", *(["baseline_s"] if args.baseline else []), "this_s", *(["speedup"] if args.baseline else []),
             *(["baseline_cpu_s"] if args.baseline else []), "this_cpu_s", *(["cpu_speedup"] if args.baseline else [])]
     print(table(out, cols))
-    print(f"\nthis tree's search, by phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    print("\n`lrem search` (reason) by phase, in one process, medians:")
+    print(table([{"tree": t, **p} for t, p in phases.items()], ["tree", *next(iter(phases.values()))]))
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; cores: {os.cpu_count()}")
-    write("startup", {"rows": out, "runs_s": {f"{r} | {t}": v for (r, t), v in times.items()}, "phases_s": phases, "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+    write("startup", {"rows": out, "runs_s": {f"{r} | {t}": v for (r, t), v in times.items()}, "phases_s": phases,
+                      "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
                       "baseline": str(args.baseline) if args.baseline else None,
                       "load_average_1m": {"before": load_before, "after": load_after},
                       "goal_s": {"lrem --help": 1.0, "lrem search (reason)": 5.0}})

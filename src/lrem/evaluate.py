@@ -473,8 +473,8 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ti
     and the longest label line, so neighbouring labels do not run into each other."""
     import textwrap
 
-    labels = ["\n".join(w for line in g.split("\n") for w in textwrap.wrap(line.replace("=", "= "), 14)).replace("= ", "=")
-              for g in groups]
+    labels = ["\n".join(w for line in g.split("\n") for w in textwrap.wrap(line.replace("=", "= "), 14))
+              .replace("= ", "=") for g in groups]
     widest = max((len(line) for lab in labels for line in lab.splitlines()), default=1)
     per_group = max(0.35 * max(len(series), 1) + 0.3, 0.095 * widest)  # inches
     fig = _figure(min(max(6.0, 2.5 + per_group * len(groups)), 40.0))

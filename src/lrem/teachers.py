@@ -16,9 +16,10 @@ Judges decide whether an item is relevant to a query: `qrels` (the dataset's lab
 (a sentence-transformers CrossEncoder folder, when one is installed).
 
 The OpenAI client reads its key from LREM_TEACHER_KEY, else OPENAI_API_KEY (none is fine for
-local servers). Transient failures (timeouts, connection errors, 429, 5xx) are retried (tenacity)
-after the server's Retry-After where it sends one, else with exponential backoff; when the retries run out, or the server says 4xx (bad model, bad key),
-`TeacherError` stops the run with the endpoint and the last error.
+local servers). Transient failures (timeouts, connection errors, 429, 5xx) are retried
+(tenacity) after the server's Retry-After where it sends one, else with exponential backoff;
+when the retries run out, or the server says 4xx (bad model, bad key), `TeacherError` stops the
+run with the endpoint and the last error.
 """
 from __future__ import annotations
 

@@ -67,5 +67,6 @@ def make_dev_eval(cfg, dataset, mode: str) -> DevEval | None:
 
         dataset = load_dataset(cfg.eval_data)
     if dataset is None:
-        raise ValueError(f"eval_steps={cfg.eval_steps} needs a dataset: set eval_data (or pass --data to lrem train coldstart|direct)")
+        raise ValueError(f"eval_steps={cfg.eval_steps} needs a dataset: set eval_data "
+                         "(or pass --data to lrem train coldstart|direct)")
     return DevEval(dataset, cfg.eval_split, cfg.eval_queries, cfg.eval_distractors, cfg.seed, mode)

@@ -205,7 +205,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                      "cot/tokens": torch.tensor(batch["cot_tokens"], dtype=torch.float).mean(),
                      **{f"policy/{k}": torch.tensor(v) for k, v in info.items()}}
             vals = {k: acc.reduce(v.to(acc.device).float(), "mean").item() for k, v in vals.items()}
-            vals |= {"lr": lr, "grad_norm": float(grad_norm), "time/step_s": dt, "time/sample_s": t_sample, "time/rollouts_per_s": len(rows) * world / dt}
+            vals |= {"lr": lr, "grad_norm": float(grad_norm),
+                     "time/step_s": dt, "time/sample_s": t_sample, "time/rollouts_per_s": len(rows) * world / dt}
             state["last"] = vals
             if main:
                 for k, v in vals.items():
@@ -225,7 +226,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                 for k, v in state["dev"].items():
                     if k != "step":
                         writer.add_scalar(f"dev/{k}", v, done)
-                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items() if k != "step"))
+                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
+                                                           if k != "step"))
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
             acc.wait_for_everyone()
             if main:

@@ -403,7 +403,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
                 for k, v in state["dev"].items():
                     if k != "step":
                         writer.add_scalar(f"dev/{k}", v, done)
-                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items() if k != "step"))
+                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
+                                                           if k != "step"))
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
             acc.wait_for_everyone()
             if main:
