@@ -116,7 +116,7 @@ class ItemIndex:
         missing = [f for f in (INDEX_FILE, ITEMS_FILE, META_FILE) if not (path / f).exists()]
         if missing:
             raise FileNotFoundError(f"{path} is not an lrem index (missing {', '.join(missing)}); build one with `lrem index`")
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = read_index(path / INDEX_FILE)
         rows = [json.loads(line) for line in (path / ITEMS_FILE).read_text(encoding="utf-8").splitlines() if line]
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         if index.ntotal != len(rows):
@@ -125,6 +125,15 @@ class ItemIndex:
         if meta.get("search_params"):
             set_search_params(index, meta["search_params"])
         return out
+
+
+def read_index(file: str | os.PathLike) -> faiss.Index:
+    """Read a FAISS index memory-mapped where its type allows (the codes stay in the page cache,
+    shared between processes, instead of being copied at every start), else read into memory."""
+    try:
+        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # an index type whose reader has no mmap path
+        return faiss.read_index(str(file))
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:

@@ -61,7 +61,9 @@ class Searcher:
                 raise ValueError(f"{index_dir}/meta.json names no model; pass one")
         if isinstance(model, str):
             model = LREM.from_pretrained(model, **model_kwargs)
-        return cls(model, index)
+        searcher = cls(model, index)
+        searcher.index_dir = str(index_dir)  # recorded in eval reports
+        return searcher
 
     def cots_for(self, queries: list[str], mode: str) -> list[str] | None:
         """The fixed CoTs of a mode (None: `reason`, the model writes them)."""
@@ -133,6 +135,12 @@ class _ModeRetriever:
             self.n_reasoned += len(queries) if self.mode == "reason" else 0
         self.n_queries += len(queries)
         return results
+
+    def describe(self) -> dict:
+        """Model, index folder and mode, for the eval report."""
+        mode = self.mode + (f"@{self.router.share}" if self.router is not None and self.mode == "auto" else "")
+        return {"model": self.searcher.model.source, "mode": mode,
+                "index": getattr(self.searcher, "index_dir", None) or "(items embedded in memory)"}
 
     @property
     def reasoned_share(self) -> float:
