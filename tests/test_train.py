@@ -116,7 +116,7 @@ def test_cli_reports_bad_input_before_training(tmp_path, tiny_dir):
 def test_configs_load_and_checks():
     cold = SFTConfig.load(ROOT / "configs/coldstart.yaml")
     direct = SFTConfig.load(ROOT / "configs/direct.yaml", max_steps=10)
-    assert (cold.sft_weight, cold.infonce_weight, cold.use_cot, cold.cot_max_tokens) == (0.1, 1.0, True, 16)
+    assert (cold.sft_weight, cold.infonce_weight, cold.use_cot, cold.cot_max_tokens) == (0.1, 1.0, True, None)
     assert (direct.sft_weight, direct.use_cot, direct.max_steps) == (0.0, False, 10)
     assert {k: v for k, v in cold.to_dict().items() if k not in ("use_cot", "sft_weight")} == \
            {k: v for k, v in direct.to_dict().items() if k not in ("use_cot", "sft_weight", "max_steps")} | {"max_steps": None}
@@ -272,3 +272,22 @@ def test_tensorboard_gets_grad_norm_and_dev_hitrate_every_eval_steps(tmp_path, t
     assert before["ndcg@10"] != pytest.approx(final["ndcg@10"])  # it measured the trained model
     with pytest.raises(ValueError, match="eval_steps=2 needs a dataset"):
         train(cfg, tmp_path / "nodata", triplets=triplets, log=lambda *_: None)
+
+
+def test_cot_max_tokens_set_for_training_is_saved_with_the_model(tmp_path, lively_dir, triplets):
+    """The prompt config owns l: a training run that sets cot_max_tokens writes it into the model
+    it saves, which then generates at most that many tokens (before, only the triplet filter saw it)."""
+    short = _write(tmp_path / "short.jsonl", [{**r, "cot": r["item_title"]} for r in _rows()])
+    out = tmp_path / "cold8"
+    train(_cfg(lively_dir("llama"), max_steps=2, cot_max_tokens=8), out, triplets=short, log=lambda *_: None)
+    m = LREM.from_pretrained(str(out), dtype="float32")
+    assert m.config.cot_max_tokens == 8
+    queries = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea"]
+    assert all(m.generate_cots(queries))
+    rows = m.sample_cots(queries, num_samples=2)  # token ids, each row the generation budget long
+    assert len(rows) == 6 and {len(r) for r in rows} == {8}
+    # unset: the model keeps its own (16 for a backbone)
+    train(_cfg(lively_dir("llama"), max_steps=1), tmp_path / "cold16", triplets=short, log=lambda *_: None)
+    assert LREM.from_pretrained(str(tmp_path / "cold16")).config.cot_max_tokens == 16
+    with pytest.raises(ValueError, match="cot_max_tokens=0"):
+        _cfg(lively_dir("llama"), cot_max_tokens=0)

@@ -16,6 +16,8 @@ depend only on (seed, step).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import time
@@ -25,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import rewards as R
+from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .dev_eval import make_dev_eval
 from .grpo_config import RLConfig
@@ -72,7 +75,8 @@ def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig)
     with torch.no_grad():
         ranks = R.positive_ranks(q.detach() @ d.detach().T, batch["labels"].to(q.device), batch["exclude"].to(q.device))
     parts = {"format": R.r_format(batch["completions"]),
-             "length": R.r_length(batch["cot_tokens"], cot_max_tokens=cfg.cot_max_tokens),
+             # unset outside `train_rl` (which resolves it to the policy's): the prompt config's default
+             "length": R.r_length(batch["cot_tokens"], cot_max_tokens=cfg.cot_max_tokens or PromptConfig.cot_max_tokens),
              "acc": R.r_acc(ranks.tolist(), n_items=d.shape[0])}
     total = torch.tensor(R.combine(parts, cfg.reward_weights))  # (R,)
     adv = group_advantages(total.view(-1, cfg.num_generations)).flatten()  # (R,)
@@ -118,6 +122,11 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     data, data_path = load_rl_pairs(pairs, init)
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
     model.source = str(init)
+    if cfg.cot_max_tokens is None:  # the prompt config owns l: the policy's, unless this run sets it
+        cfg = dataclasses.replace(cfg, cot_max_tokens=model.config.cot_max_tokens)
+    if cfg.rollout_max_tokens < cfg.cot_max_tokens:
+        raise ValueError(f"rollout_max_tokens={cfg.rollout_max_tokens} < cot_max_tokens={cfg.cot_max_tokens}")
+    model.config.cot_max_tokens = cfg.cot_max_tokens
     ref = None  # the frozen stage-1 model, only for the KL term
     if cfg.kl_coef > 0:
         ref_model = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False)

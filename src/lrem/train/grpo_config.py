@@ -20,7 +20,9 @@ class RLConfig:
     format_weight: float = field(default=0.5, metadata={"help": "Weight of r_format (paper: 0.5)."})
     length_weight: float = field(default=0.2, metadata={"help": "Weight of r_length (paper: 0.2)."})
     acc_weight: float = field(default=1.0, metadata={"help": "Weight of r_acc = 1 - log(rank)/log(N) (paper: 1.0)."})
-    cot_max_tokens: int = field(default=16, metadata={"help": "l: r_length is 1 for a CoT of at most l tokens."})
+    cot_max_tokens: int | None = field(default=None, metadata={
+        "help": "l: r_length is 1 for a CoT of at most l tokens. None: the policy's own (`PromptConfig`); a value "
+                "is written into the trained model."})
     rollout_max_tokens: int = field(default=24, metadata={
         "help": "Sampling budget per CoT; above l so that r_length can tell (a CoT cut here gets r_format 0)."})
     sampling_temperature: float = field(default=1.0, metadata={
@@ -62,7 +64,9 @@ class RLConfig:
         if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
             raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
                              f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
-        for name in ("num_generations", "batch_size", "cot_max_tokens", "rollout_max_tokens", "num_iterations",
+        if self.cot_max_tokens is not None and self.cot_max_tokens < 1:
+            raise ValueError(f"cot_max_tokens={self.cot_max_tokens}; need >= 1 (or null for the policy's own)")
+        for name in ("num_generations", "batch_size", "rollout_max_tokens", "num_iterations",
                      "num_epochs", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
@@ -72,7 +76,7 @@ class RLConfig:
             raise ValueError(f"batch_size={self.batch_size}; r_acc ranks among the batch's items, need >= 2")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps}; need >= 1 (or null for num_epochs)")
-        if self.rollout_max_tokens < self.cot_max_tokens:
+        if self.rollout_max_tokens < (self.cot_max_tokens or 0):
             raise ValueError(f"rollout_max_tokens={self.rollout_max_tokens} < cot_max_tokens={self.cot_max_tokens}")
         for name in ("grpo_weight", "infonce_weight", "format_weight", "length_weight", "acc_weight", "kl_coef"):
             if getattr(self, name) < 0:

@@ -323,7 +323,9 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
     model.source = cfg.model
-    pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, cfg.cot_max_tokens, True,
+    if cfg.cot_max_tokens is not None:  # the prompt config owns l; the model trained with it keeps it
+        model.config.cot_max_tokens = cfg.cot_max_tokens
+    pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, model.config.cot_max_tokens, True,
                               cfg.rl_holdout, cfg.seed)
     # the batches depend on which pairs have a teacher CoT (cot_share), for cold start and the
     # direct baseline alike; only then does the baseline drop the CoTs

@@ -22,8 +22,10 @@ class SFTConfig:
     temperature: float = field(default=0.05, metadata={
         "help": "InfoNCE temperature on cosine similarity (paper: not given). 0.05 = scale 20, the "
                 "sentence-transformers default."})
-    cot_max_tokens: int = field(default=16, metadata={
-        "help": "l in the paper: a training CoT longer than this many tokens is an input error."})
+    cot_max_tokens: int | None = field(default=None, metadata={
+        "help": "l in the paper: the CoT budget. None: the model's own (`PromptConfig.cot_max_tokens`, 16 for a "
+                "backbone); a value is written into the trained model, which then generates at most that many "
+                "tokens. A training CoT longer than it is an input error."})
     # Optimisation
     learning_rate: float = field(default=2e-5, metadata={
         "help": "Peak AdamW lr. Paper: 1e-5 for a 3B model at batch 16384; 2e-5 suits a 135M model at batch "
@@ -64,9 +66,11 @@ class SFTConfig:
         if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
             raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
                              f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
-        for name in ("batch_size", "num_epochs", "cot_max_tokens", "logging_steps"):
+        for name in ("batch_size", "num_epochs", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
+        if self.cot_max_tokens is not None and self.cot_max_tokens < 1:
+            raise ValueError(f"cot_max_tokens={self.cot_max_tokens}; need >= 1 (or null for the model's own)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps}; need >= 1 (or null for num_epochs)")
         if self.sft_weight < 0 or self.infonce_weight <= 0:
