@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._text import check_query
 from .batching import Batcher, EmbeddingCache, Overloaded
 from .router import Router
 
@@ -98,7 +99,10 @@ class ServeConfig:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-            values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            try:
+                values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError as e:  # also a `!!python/...` tag, which safe_load refuses
+                raise ValueError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return load_config(cls, path, values)
 
@@ -276,20 +280,15 @@ class SearchService:
                 "embedding": emb, "timings_ms": {**timings, "total": _ms(t_start)}}
 
     def clean(self, text: str, what: str, query: bool = True) -> str:
-        """A valid text for the model, or an HTTP 422 that names the problem and the limit."""
+        """A valid text for the model, or an HTTP 422 that names the problem and the limit
+        (the rules of `lrem search`: `lrem._text.check_query`)."""
         from fastapi import HTTPException
 
-        limit = self.config.max_query_chars
-        if len(text) > limit:
-            raise HTTPException(422, f"{what} has {len(text)} characters; the limit is {limit} (max_query_chars)")
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise HTTPException(422, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
-        out = normalize_query(text) if query else text
-        if not out.strip():
-            raise HTTPException(422, f"{what} is empty (or only whitespace)")
-        return out
+            check_query(text, what, self.config.max_query_chars)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return normalize_query(text) if query else text
 
 
 class _Guard:

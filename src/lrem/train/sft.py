@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir, write_json
+from .._io import atomic_dir, claim_dir, prepare_output, write_json
 from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
@@ -239,6 +239,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def start_output(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Make `out` a run folder of lrem's (checkpoints are written into it as training goes);
+    with `overwrite` and no `resume`, an earlier lrem output there is deleted first."""
+    ckpt = last_checkpoint(out)
+    if ckpt is not None and not (resume or overwrite):
+        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
+                         "start over, or use a new --out")
+    if main:
+        prepare_output(out, overwrite=overwrite, resume=resume)  # refuses a foreign folder
+        if overwrite and not resume and out.exists():
+            shutil.rmtree(out)
+        claim_dir(out)
+
+
 def last_checkpoint(out) -> Path | None:
     """The newest complete checkpoint folder under `out/checkpoints`, or None."""
     folder = Path(out) / "checkpoints"
@@ -287,7 +301,7 @@ def make_optimizer(params, cfg, total: int, warmup: int):
 # ---------------------------------------------------------------- training
 
 def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train", resume: bool = False,
-          stop_after_step: int | None = None, log=print) -> dict:
+          stop_after_step: int | None = None, overwrite: bool = False, log=print) -> dict:
     """Train from `cfg.model` on the pairs of `build_pairs` and write the model folder `out`.
 
     Args:
@@ -299,6 +313,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         resume: continue from the last checkpoint in `out/checkpoints`.
         stop_after_step: end (checkpoint and return, no final model) after this step: a time box,
             or a simulated interruption in tests.
+        overwrite: (without `resume`) start over in `out`, an earlier lrem output, deleting it.
     Returns the train state (also written to `out/train_state.json`).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -315,9 +330,9 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
+    start_output(out, resume, overwrite, main)
+    acc.wait_for_everyone()  # the main process may have deleted an old run (overwrite)
     ckpt = last_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, or use a new --out")
     if resume and ckpt is None:
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
