@@ -598,4 +598,10 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
     searcher = Searcher.load(index_dir, log=log)
     log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
         f"on http://{config.host}:{config.port}  settings: {json.dumps(config.public())}")
-    uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port)).run()
+    server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is a normal stop
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn has logged why (port in use, ...), and exits 3 itself so
