@@ -28,7 +28,7 @@ from .. import rewards as R
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .grpo_config import RLConfig
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
-                  make_optimizer, save_checkpoint, start_output)
+                  make_optimizer, save_checkpoint, check_output, claim_output)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -112,9 +112,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    start_output(out, resume, overwrite, main)
-    acc.wait_for_everyone()  # the main process may have deleted an old run (overwrite)
-    ckpt = last_checkpoint(out)
+    ckpt = check_output(out, resume, overwrite)
     data, data_path = load_rl_pairs(pairs, init)
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
     model.source = str(init)
@@ -147,7 +145,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output(out, resume, overwrite)
         writer = SummaryWriter(str(out / "tb"))
         if start == 0:  # a fresh run: no history of an earlier one
             for name in (HISTORY, SAMPLES):

@@ -239,18 +239,26 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def start_output(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """Make `out` a run folder of lrem's (checkpoints are written into it as training goes);
-    with `overwrite` and no `resume`, an earlier lrem output there is deleted first."""
+def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Before any work: may `out` be written? Returns the checkpoint to resume from, if any.
+
+    A foreign folder is refused (`lrem._io.prepare_output`), and an earlier run unless `resume`
+    (continue it) or `overwrite` (start over: `claim_output` deletes it).
+    """
     ckpt = last_checkpoint(out)
     if ckpt is not None and not (resume or overwrite):
         raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
                          "start over, or use a new --out")
-    if main:
-        prepare_output(out, overwrite=overwrite, resume=resume)  # refuses a foreign folder
-        if overwrite and not resume and out.exists():
-            shutil.rmtree(out)
-        claim_dir(out)
+    prepare_output(out, overwrite=overwrite, resume=resume)
+    return ckpt if resume else None
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Once the inputs are checked, before the first write: make `out` lrem's run folder
+    (checkpoints go into it as training goes), deleting an earlier run there for `overwrite`."""
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    claim_dir(out)
 
 
 def last_checkpoint(out) -> Path | None:
@@ -283,7 +291,12 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
         if prev[key] != now:
             raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
                              "same data, batch, steps, seed and processes")
-    saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint file cannot run code when loaded
+        saved = torch.load(ckpt / "trainer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot load the optimizer state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete this checkpoint to resume from an "
+                         "earlier one") from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
@@ -330,9 +343,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    start_output(out, resume, overwrite, main)
-    acc.wait_for_everyone()  # the main process may have deleted an old run (overwrite)
-    ckpt = last_checkpoint(out)
+    ckpt = check_output(out, resume, overwrite)
     if resume and ckpt is None:
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
@@ -344,8 +355,10 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     sampler = BatchSampler([p.cot is not None for p in pairs], cfg.batch_size, cfg.cot_share, cfg.seed)
     if not cfg.use_cot:
         pairs = [Pair(p.query_id, p.query, p.item_id, p.item_title, None) for p in pairs]
-    if main and held:
-        write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
+    if main:
+        claim_output(out, resume, overwrite)
+        if held:
+            write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
 
     world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
     total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs
