@@ -112,7 +112,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    ckpt = check_output(out, resume, overwrite)
+    ckpt = check_output(out, resume, overwrite, inputs=(init, pairs))
     data, data_path = load_rl_pairs(pairs, init)
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
     model.source = str(init)

@@ -239,7 +239,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | None:
     """Before any work: may `out` be written? Returns the checkpoint to resume from, if any.
 
     A foreign folder is refused (`lrem._io.prepare_output`), and an earlier run unless `resume`
@@ -249,7 +249,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if ckpt is not None and not (resume or overwrite):
         raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
                          "start over, or use a new --out")
-    prepare_output(out, overwrite=overwrite, resume=resume)
+    prepare_output(out, inputs, overwrite=overwrite, resume=resume)  # e.g. --model runs/a --out runs/a
     return ckpt if resume else None
 
 
@@ -343,7 +343,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    ckpt = check_output(out, resume, overwrite)
+    ckpt = check_output(out, resume, overwrite, inputs=(cfg.model, triplets))
     if resume and ckpt is None:
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
