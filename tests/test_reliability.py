@@ -385,8 +385,15 @@ def _bad_config_file(tmp_path, index_dir):
     return ["serve", "--index", str(index_dir), "--config", str(tmp_path / "s.yaml")], ["s.yaml", "malformed YAML"]
 
 
+def _config_is_a_folder(tmp_path, index_dir):
+    """An OS error root gets too (unlike a permission error): reading a folder as a file."""
+    (tmp_path / "s.yaml").mkdir()
+    return ["serve", "--index", str(index_dir), "--config", str(tmp_path / "s.yaml")], ["Is a directory", "s.yaml"]
+
+
 @pytest.mark.parametrize("case", [_deep_json, _huge_relevance_jsonl, _huge_relevance_csv, _symlink_loop,
-                                  _unknown_model, _broken_yaml_set, _python_tag_set, _bad_config_file])
+                                  _unknown_model, _broken_yaml_set, _python_tag_set, _bad_config_file,
+                                  _config_is_a_folder])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, index_dir, case):
     made = case(tmp_path, index_dir) if case.__code__.co_argcount == 2 else case(tmp_path)
     args, needles = made
