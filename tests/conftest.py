@@ -35,6 +35,32 @@ def tiny_dir(tmp_path_factory, backbone_dir):
 
 
 @pytest.fixture(scope="session")
+def lively_dir(tmp_path_factory, backbone_dir):
+    """arch ("llama", "qwen2", "qwen3") -> folder of a 2-layer random model with large weights
+    and SmolLM2's tokenizer and chat template (made once per arch): unlike `tiny`, whose greedy
+    output is one token repeated, its output differs from prompt to prompt, so an off-by-one
+    position or a leaked pad changes the tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    made = {}
+
+    def make(arch: str):
+        if arch not in made:
+            tok = AutoTokenizer.from_pretrained(backbone_dir)
+            cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=True,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            torch.manual_seed(0)
+            made[arch] = tmp_path_factory.mktemp(f"lively-{arch}")
+            AutoModelForCausalLM.from_config(cfg).save_pretrained(made[arch])
+            tok.save_pretrained(made[arch])
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_dir):
     from lrem.model import LREM
 
@@ -45,4 +71,6 @@ def tiny(tiny_dir):
 def real_model(backbone_dir):
     from lrem.model import LREM
 
-    return LREM.from_pretrained("smollm2-135m-instruct")
+    # float32 whatever the CPU: where it computes bfloat16 natively, "auto" picks bfloat16, whose
+    # rounding breaks the untrained model's near-ties differently in batched and single runs
+    return LREM.from_pretrained("smollm2-135m-instruct", dtype="float32")

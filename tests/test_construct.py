@@ -358,3 +358,23 @@ def test_resume_after_sigkill_finishes_with_no_duplicate_and_no_lost_query(tmp_p
     assert sorted(triplets) == sorted((t["query_id"], t["item_id"]) for t in read(clean / "triplets.jsonl"))
     final = json.loads((out / "stats.json").read_text())
     assert final["funnel"]["done"] == n and final["funnel"]["triplets"] == len(triplets)
+
+
+def test_cli_run_with_no_triplet_says_why_and_writes_an_empty_file(tmp_path, tiny_dir):
+    """Issue 21: a run that yields 0 triplets still leaves triplets.jsonl (empty), names only files
+    that exist, and says in one line which statuses stopped the queries."""
+    save_dataset(shop(), tmp_path / "data")
+    cots = tmp_path / "cots.jsonl"  # every CoT is banned or repeats its query; q_tea has none
+    useless = {"q_echo": "products, soup", "q_missing": "watering the lawn, items", "q_nogain": "container, etc",
+               "q_irrelevant": "a tool, n/a"}
+    cots.write_text("".join(json.dumps({"query_id": q, "cot": c}) + "\n" for q, c in useless.items()))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"student": str(tiny_dir), "k_mine": 3, "k_gain": 3}))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "lrem.cli", "construct", "--data", str(tmp_path / "data"),
+                          "--out", str(out), "--config", str(tmp_path / "c.yaml"), "--teacher", f"file:{cots}"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "triplets.jsonl").read_bytes() == b""
+    assert f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}" in res.stdout
+    assert ("0 triplets: 4 of 4 CoTs empty after post-processing, 1 of 6 queries easy for the retriever "
+            "(not mined), 1 of 5 teacher answers failed; teacher problems cot:missing 1") in res.stdout.splitlines()

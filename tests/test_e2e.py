@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ WORDNET = Path("/usr/share/wordnet")
 
 
 def lrem(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}  # wide help: no wrapped words
     p = subprocess.run([sys.executable, "-m", "lrem.cli", *args], capture_output=True, text=True, env=env,
                        timeout=900)
     if ok and p.returncode != 0:
@@ -68,6 +69,10 @@ def test_index_search_eval_with_the_default_model(small):
     assert "| base-reason |" in (report / "report.md").read_text()
     assert (report / "overall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cot:" in res.stdout and "(+ = relevant)" in res.stdout
+    # the terminal and report.md show the same 2 examples
+    printed = [line.split("]: ", 1)[1].split("  (")[0] for line in res.stdout.splitlines() if line.startswith("query [")]
+    reported = re.findall(r"^\*\*[^:]+: (.+?)\*\* \(", (report / "report.md").read_text(), flags=re.M)
+    assert len(printed) == 2 and printed == reported
     runs = [json.loads(line) for line in (report / "runs.jsonl").read_text().splitlines()]
     assert any(r["system"] == "base-reason" and r["cot"] for r in runs)
 
@@ -88,3 +93,31 @@ def test_bad_input_exits_with_file_line_field(tmp_path):
 def test_every_command_has_help(cmd):
     p = lrem(*cmd, "--help")
     assert "Usage" in p.stdout
+
+
+def _plain(text: str) -> str:
+    """Help or error text without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_mode_options_list_exactly_the_modes_of_the_searcher(tmp_path):
+    """Issue 21: `--help` lists every mode of lrem.search_types.MODES (auto included), from that tuple."""
+    from lrem.search_types import MODES
+
+    assert "auto" in MODES
+    assert f"One of {', '.join(MODES)}." in _plain(lrem("search", "--help").stdout)
+    assert f"MODE one of {', '.join(MODES)}, or auto@SHARE" in _plain(lrem("eval", "--help").stdout)
+
+
+def test_unknown_mode_is_rejected_with_the_modes(tmp_path):
+    from lrem.search_types import MODES
+
+    p = lrem("search", "--index", str(tmp_path), "--mode", "think", "mug", ok=False)
+    assert p.returncode == 2
+    assert f"'think' is not a mode; expected one of {', '.join(MODES)}" in _plain(p.stderr)
+    (tmp_path / "catalog.jsonl").write_text('{"item_id": "a", "title": "mug"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (tmp_path / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "a", "relevance": 1}\n')
+    p = lrem("eval", "--data", str(tmp_path), "--out", str(tmp_path / "ev"), "-s", f"x={tmp_path}:think", ok=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"system x='{tmp_path}:think': expected bm25, minilm or MODEL:MODE with MODE in {MODES}" in p.stderr

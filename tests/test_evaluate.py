@@ -1,13 +1,14 @@
 """Metrics by hand, slices, sampling, and an end-to-end run with the real BM25Retriever."""
 import json
 import math
+import re
 
 import pytest
 
 from lrem.baselines import BM25Retriever
 from lrem.data import Dataset, Item, Query, sample_query_ids
-from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems,
-                           format_table, query_metrics, run_system, slices_for,
+from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems, format_examples,
+                           format_table, pick_examples, query_metrics, run_system, slices_for,
                            write_report)
 from lrem.search_types import SearchResult
 
@@ -174,7 +175,7 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
                                                     "top": result["examples"]["bm25+cot"]["q6"]["top"]}
     assert result["examples"]["bm25+cot"]["q6"]["top"][0] == "g3"
 
-    write_report(result, tmp_path, toy)
+    write_report(result, tmp_path, toy, n_examples=6)  # every query: its texts can be checked
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) >= {"dataset", "split", "n_queries", "systems"} and "examples" not in metrics
     assert metrics["dataset"] == "toy" and metrics["split"] == "test"
@@ -207,6 +208,54 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
     assert report.count("relevant)") == 1  # one example query
     with pytest.raises(FileNotFoundError, match="no such figure"):
         write_report(result, tmp_path / "r3", toy, figures=[tmp_path / "missing.png"])
+
+
+class CoTOnlyRetriever:
+    """A 'reasoning' system that searches by its CoT alone: a good CoT finds what the query
+    misses, a misleading one loses what the query found."""
+
+    COTS = {"lawn seat": "patio lounge chair", "garden hose": "office chair"}
+
+    def __init__(self, bm25: BM25Retriever):
+        self.bm25 = bm25
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        cots = [self.COTS.get(q, "") for q in queries]
+        results = self.bm25.search([c or q for q, c in zip(queries, cots)], k=k)
+        return [SearchResult(r.hits, cot=c) for r, c in zip(results, cots)]
+
+
+def test_examples_show_a_gain_and_a_loss_then_spread_over_slices(toy, systems, tmp_path):
+    """Issue 21: the examples are the query reason won most on, the one it lost most on, then one
+    per slice (category x hard/easy) in turn; the terminal and report.md show the same ones."""
+    bm25 = systems["bm25"]
+    named = {"bm25": bm25, "base-direct": bm25, "base-reason": CoTOnlyRetriever(bm25), "base-auto": bm25}
+    result = evaluate_systems(toy, "test", named, log=lambda *_: None)
+    picks = pick_examples(result, toy, 4)
+    assert picks[:2] == [("q6", "base-reason beat base-direct: hitrate@10 1.00 vs 0.00"),
+                         ("q2", "base-reason lost to base-direct: hitrate@10 0.00 vs 1.00")]
+    slices = [(toy.queries[q].category, toy.queries[q].hard) for q, _ in picks]
+    assert len(set(slices)) == 4  # four different slices
+    assert slices[2:] == [("kitchen", False), ("kitchen", True)]  # the slices not shown yet, in name order
+    assert [why for _, why in picks[2:]] == ["", ""]
+    assert pick_examples(result, toy, 4) == picks  # deterministic
+    assert sorted(q for q, _ in pick_examples(result, toy, 10)) == ["q1", "q2", "q3", "q4", "q5", "q6"]
+    assert pick_examples(result, toy, 1) == picks[:1]
+
+    printed = format_examples(result, toy, 4)
+    write_report(result, tmp_path, toy, n_examples=4)
+    report = (tmp_path / "report.md").read_text()
+    in_report = re.findall(r"^\*\*(q\d+): ", report, flags=re.M)
+    in_terminal = [next(q for q, text, *_ in QUERIES if text == line.split("]: ", 1)[1].split("  (")[0])
+                   for line in printed.splitlines() if line.startswith("query [")]
+    assert in_report == in_terminal == [q for q, _ in picks]
+    assert "query [garden, hard]: lawn seat  (base-reason beat base-direct: hitrate@10 1.00 vs 0.00)" in printed
+    assert "**q2: garden hose** (garden, easy; 2 relevant) base-reason lost to base-direct" in report
+
+    # without a direct/reason pair, the first and last systems are compared
+    result = evaluate_systems(toy, "test", {"bm25": bm25, "cot-only": CoTOnlyRetriever(bm25)}, log=lambda *_: None)
+    assert [why for _, why in pick_examples(result, toy, 2)] == [
+        "cot-only beat bm25: hitrate@10 1.00 vs 0.00", "cot-only lost to bm25: hitrate@10 0.00 vs 1.00"]
 
 
 def test_evaluate_systems_limit_is_a_stable_sample(toy, systems):

@@ -1,6 +1,8 @@
 """lrem.index: FAISS from factory strings, save/load, search parameters."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,38 @@ def test_k_larger_than_catalog_and_errors(tmp_path):
         ItemIndex.from_embeddings(emb, ["a"], ["A"])
     with pytest.raises(FileNotFoundError, match="not an lrem index"):
         ItemIndex.load(tmp_path)
+
+
+def test_default_threads_are_the_cores_the_load_leaves_free():
+    """Issue 21: cores minus the 1-minute load average, rounded, at least 1 (see lrem._threads)."""
+    from lrem._threads import available_cores, default_threads
+
+    cores = available_cores()
+    before, n, after = os.getloadavg()[0], default_threads(), os.getloadavg()[0]
+    assert 1 <= n <= cores
+    assert n == max(1, min(cores, int(cores - before + 0.5))) or n == max(1, min(cores, int(cores - after + 0.5)))
+
+
+def test_cli_threads_reach_torch_and_faiss(tmp_path, tiny_dir):
+    """`lrem index --threads 1` runs torch and FAISS on one thread and says so; 0 is refused."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "catalog.jsonl").write_text("".join(json.dumps({"item_id": f"i{j}", "title": t}) + "\n"
+                                                  for j, t in enumerate(["mug", "teapot", "corkscrew"])))
+    (tmp_path / "d" / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (tmp_path / "d" / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "i0", "relevance": 1}\n')
+    # the CLI in a subprocess, then the thread counts it left, read in the same process
+    code = ("import sys, faiss, torch; from lrem.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('threads', torch.get_num_threads(), faiss.omp_get_max_threads())")
+    args = ["index", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "idx"), "--model", str(tiny_dir)]
+    p = subprocess.run([sys.executable, "-c", code, *args, "--threads", "1"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "threads 1 1" in p.stdout and "using 1 thread\n" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "lrem.cli", *args, "--threads", "0"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "--threads" in p.stderr

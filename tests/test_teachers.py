@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lrem.teachers import (Answer, CachedTeacher, Chat, CrossEncoderJudge, FileCoTs, HFTeacher, JsonlLog, LLMJudge,
-                           OpenAITeacher, Pair, QrelsJudge, TeacherError, generate, parse_chat_response, parse_judge,
+from lrem.teachers import (Answer, CachedTeacher, Chat, CrossEncoderJudge, FileCoTs, HFTeacher, JsonlLog, LabelCoTs,
+                           LLMJudge, OpenAITeacher, Pair, QrelsJudge, TeacherError, generate, parse_chat_response, parse_judge,
                            parse_teacher, parse_yes_no)
 
 
@@ -309,3 +309,30 @@ def test_cross_encoder_judge(tiny_cross_encoder):
     assert everything([]) == []
     scores = everything.model.predict([(p.query, p.title) for p in PAIRS])
     assert len(set(round(float(s), 6) for s in scores)) > 1  # a real model: scores differ per pair
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hf_teacher_fast_path_gives_generate_s_tokens(lively_dir, arch):
+    """The teacher's batched fast path (shared prompt prefix run once and kept, compact decoder)
+    emits what `lm.generate` does, batch after batch, for Qwen2 (biases on q, k, v) and Llama."""
+    from lrem.construct import reason_chat
+
+    t = HFTeacher(str(lively_dir(arch)), batch_size=3, dtype="float32")
+    chats = [reason_chat(q) for q in ("a device for pulling corks", "mug", "a drink stronger than tea",
+                                      "what does a 1.5-year-old boy wear to a summer wedding", "x")]
+    fast = generate(t, chats, max_tokens=12)
+    assert t._prefixes  # the system prompt's KV was kept for the next batch
+    t.fast = False
+    plain = generate(t, chats, max_tokens=12)
+    assert fast == plain and len({a.text for a in fast}) > 3
+    assert all(a.finish in ("stop", "length") for a in fast)
+
+
+def test_label_cots_list_names_then_categories():
+    from lrem.data.formats import Item
+
+    catalog = {"i1": Item("i1", "corkscrew, bottle screw", "opener"), "i2": Item("i2", "church key", "opener"),
+               "i3": Item("i3", "teapot", "pot")}
+    t = LabelCoTs({"q1": {"i1": 2, "i2": 1, "i3": 0}, "q2": {"i3": 0}}, catalog)
+    assert t.lookup("q1", "a device for pulling corks") == "corkscrew, church key, bottle screw, opener"
+    assert t.lookup("q2", "x") is None and t.lookup("q3", "x") is None  # nothing relevant, or unlabelled

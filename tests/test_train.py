@@ -243,3 +243,23 @@ def test_bf16_and_gradient_checkpointing_options(tmp_path, tiny_dir, triplets):
     state = train(cfg, tmp_path / "bf16", triplets=triplets, log=lambda *_: None)
     assert state["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in state["losses"].values())
     assert LREM.from_pretrained(str(tmp_path / "bf16"), dtype="float32").lm.dtype == torch.float32
+
+
+def test_gzipped_triplets_load_as_the_plain_file(tmp_path, tiny_dir, triplets):
+    """Committed triplet sets are gzipped JSONL: training reads them with no other step, and a
+    damaged archive is one error naming the file."""
+    import gzip
+
+    gz = tmp_path / "triplets.jsonl.gz"
+    gz.write_bytes(gzip.compress(triplets.read_bytes()))
+    assert load_triplets(gz) == load_triplets(triplets)
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(triplets.read_bytes())[:-12])
+    with pytest.raises(DataError, match="bad.jsonl.gz: not a readable gzip file"):
+        load_triplets(bad)
+    out = tmp_path / "cold"
+    r = subprocess.run([sys.executable, "-m", "lrem.cli", "train", "coldstart", "--triplets", str(gz), "--out", str(out),
+                        "--model", str(tiny_dir), "--max-steps", "1", "--batch-size", "4"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "config.json").exists()

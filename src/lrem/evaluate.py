@@ -223,14 +223,80 @@ def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _examples_md(result: dict, ds, n: int = N_EXAMPLES) -> list[str]:
-    """`n` queries with each system's CoT and top 3 titles (+ marks a relevant item)."""
+def _compared_systems(names: list[str]) -> tuple[str, str] | None:
+    """The (baseline, other) pair whose per-query difference picks examples: a system named like
+    "direct" and one named like "reason" when both exist, else the first and the last system."""
+    direct = next((n for n in names if "direct" in n), None)
+    reason = next((n for n in names if "reason" in n and n != direct), None)
+    if direct and reason:
+        return direct, reason
+    return (names[0], names[-1]) if len(names) > 1 else None
+
+
+def _slice_of(q) -> str:
+    return q.category + ("" if q.hard is None else ", hard" if q.hard else ", easy")
+
+
+def pick_examples(result: dict, ds, n: int) -> list[tuple[str, str]]:
+    """`n` example queries for the terminal and report.md, as (query_id, why picked) pairs.
+
+    Where two systems can be compared (see `_compared_systems`), the first picks are the query
+    where the second system gained most hitrate@10 over the first and the one where it lost
+    most (if any query gained or lost). The rest are spread over the slices (category x
+    hard/easy), taking turns from the slice shown least so far; within a slice, queries go in
+    an order seeded by the run's seed. The same result always gives the same picks.
+    """
+    import hashlib
+
     examples = result.get("examples", {})
-    qids = sorted({q for ex in examples.values() for q in ex})[:n]
+    qids = [q for q in next(iter(examples.values()), {}) if q in ds.queries]
+    seed = result.get("seed", 0)
+    order = {q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest() for q in qids}
+    picks: dict[str, str] = {}
+    pair = _compared_systems(list(examples))
+    if pair and n > 0:
+        a, b = pair
+
+        def hr(name: str, q: str) -> float:
+            return query_metrics(examples[name][q]["top"], ds.qrels.get(q, {}), (10,))["hitrate@10"]
+
+        delta = {q: (hr(a, q), hr(b, q)) for q in qids}  # (a's, b's) hitrate@10
+        for sign, verb in ((1, "beat"), (-1, "lost to")):
+            best = max(qids, key=lambda q: (sign * (delta[q][1] - delta[q][0]), order[q]), default=None)
+            if best is not None and sign * (delta[best][1] - delta[best][0]) > 0 and len(picks) < n:
+                picks[best] = f"{b} {verb} {a}: hitrate@10 {delta[best][1]:.2f} vs {delta[best][0]:.2f}"
+    by_slice: dict[str, list[str]] = {}
+    for q in sorted(qids, key=order.get):
+        by_slice.setdefault(_slice_of(ds.queries[q]), []).append(q)
+    shown = {sl: sum(_slice_of(ds.queries[q]) == sl for q in picks) for sl in by_slice}
+    while len(picks) < min(n, len(qids)):
+        sl = min((s for s in by_slice if any(q not in picks for q in by_slice[s])), key=lambda s: (shown[s], s))
+        picks[next(q for q in by_slice[sl] if q not in picks)] = ""
+        shown[sl] += 1
+    return list(picks.items())
+
+
+def format_examples(result: dict, ds, n: int) -> str:
+    """The terminal's examples (the same as report.md's): each system's CoT and top-3 items."""
+    lines = []
+    for q, why in pick_examples(result, ds, n):
+        rel = ds.relevant(q)
+        lines.append(f"\nquery [{_slice_of(ds.queries[q])}]: {ds.queries[q].text}" + (f"  ({why})" if why else ""))
+        for name, ex in result["examples"].items():
+            top = ", ".join(("+" if i in rel else "") + ds.catalog[i].title.split(",")[0] for i in ex[q]["top"][:3])
+            cot = f" cot: {ex[q]['cot']!r}" if ex[q]["cot"] is not None else ""
+            lines.append(f"  {name:<14}{cot}\n  {'':<14} top: {top}")
+    return "\n".join(lines) + "\n(+ = relevant)"
+
+
+def _examples_md(result: dict, ds, n: int = N_EXAMPLES) -> list[str]:
+    """`n` queries (`pick_examples`) with each system's CoT and top 3 titles (+ marks a relevant item)."""
+    examples = result.get("examples", {})
     lines = ["## Examples", ""]
-    for qid in qids:
+    for qid, why in pick_examples(result, ds, n):
         rels = ds.qrels.get(qid, {})
-        lines.append(f"**{qid}: {ds.queries[qid].text}** ({sum(r > 0 for r in rels.values())} relevant)")
+        lines.append(f"**{qid}: {ds.queries[qid].text}** ({_slice_of(ds.queries[qid])}; "
+                     f"{sum(r > 0 for r in rels.values())} relevant)" + (f" {why}" if why else ""))
         lines.append("")
         for name, ex in examples.items():
             if qid not in ex:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from . import prompts
 from ._io import atomic_dir, write_json
 from .backbones import BUILTINS, default_dtype, init_special_embeddings, resolve_backbone
-from .decoding import GreedyStep, Linear, StaticDecoder, block_linears, lookup_draft, sample_top_p
+from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, lookup_draft,
+                       prefill, prefix_kv, sample_top_p)
 from .prompts import PromptConfig
 
 LREM_CONFIG = "lrem_config.json"
@@ -75,24 +76,6 @@ def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
         return 0
     same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)  # (T,)
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
-
-
-def common_prefix_len(seqs: list[list[int]]) -> int:
-    """Length of the longest common prefix of token sequences, leaving each >= 1 token after it.
-
-    >>> common_prefix_len([[1, 2, 3, 4], [1, 2, 5]])
-    2
-    >>> common_prefix_len([[1, 2, 3], [1, 2, 3]])
-    2
-    """
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
 
 
 @dataclass
@@ -289,17 +272,8 @@ class LREM(torch.nn.Module):
         return out
 
     def _prefix_kv(self, prefix: list[int], past=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (key, value) of the shared prefix, batch 1; `past` is the KV of tokens before
-        `prefix` (it is extended, not modified)."""
-        from transformers import DynamicCache
-
-        start = past[0][0].shape[2] if past else 0
-        ids = torch.tensor([prefix], device=self.device)
-        pos = start + torch.arange(len(prefix), device=self.device)[None]  # (1, P)
-        cache = DynamicCache(ddp_cache_data=past) if past else None
-        out = self.lm.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        """Per-layer (key, value) of the shared prefix, batch 1 (`lrem.decoding.prefix_kv`)."""
+        return prefix_kv(self.lm, prefix, past)
 
     def _weights_key(self) -> tuple:
         """Changes whenever the weights may have: moved, cast, replaced (any parameter's address),
@@ -532,32 +506,17 @@ class LREM(torch.nn.Module):
         then one slot per generated token. Returns the generated ids and the number of cache slots
         filled. `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`).
         A single greedy query on the compact decoder takes drafts from its own prompt (`_lookup_run`)."""
-        sufs = [x[n:] for x in seqs]
-        w, dev, pad = max(len(x) for x in sufs), self.device, self.tokenizer.pad_token_id
-        step.reset(kv, n)  # slots [0, n)
-        ids = torch.tensor([[pad] * (w - len(x)) + x for x in sufs], device=dev)  # (B, W)
-        mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)
-        step.mask[:, n : n + w] = mask
-        pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
-        logits = step.logits(step.run(ids, pos, n)[:, -1])  # (B, V)
+        pad = self.tokenizer.pad_token_id
+        logits, last, w = prefill(step, n, kv, seqs, pad)
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         if len(seqs) == 1 and pick is None and step.compact is not None and self.lookup_tokens > 0:
-            gen, used = self._lookup_run(step, seqs[0], int(tok), n + w, int(pos[0, -1]) + 1, max_new, stop)
+            gen, used = self._lookup_run(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop)
             self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], used
-        stop_t = torch.tensor(stop, device=dev)
-        out, done, p = [tok], torch.isin(tok, stop_t), pos[:, -1]
-        for t in range(1, max_new):
-            if bool(done.all()):
-                break
-            p = p + 1
-            tok = torch.where(done, pad, step(tok, p, n + w + t - 1, pick))  # (B,)
-            out.append(tok)
-            done |= torch.isin(tok, stop_t)
-        gen = torch.stack(out, 1).tolist()  # (B, <= max_new)
+        gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
         if pick is None:
             self._remember(seqs, gen, stop)
-        return [row + [pad] * (max_new - len(row)) for row in gen], n + w + len(out) - 1  # slots used
+        return [row + [pad] * (max_new - len(row)) for row in gen], n + w + max(len(g) for g in gen) - 1  # slots used
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last

@@ -19,9 +19,8 @@ from ._text import check_query
 from .index import ItemIndex
 from .model import LREM
 from .router import Router
-from .search_types import Hit, Retriever, SearchResult
+from .search_types import MODES, Hit, Retriever, SearchResult
 
-MODES = ("reason", "direct", "auto", "empty-cot", "query-cot", "random-cot")
 __all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
 
 

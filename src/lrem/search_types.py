@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+# The query modes `lrem.search.Searcher` accepts: the one list that the CLI's help and checks
+# and the searcher's validation use (here, not in lrem.search, so the CLI reads it without torch).
+MODES = ("reason", "direct", "auto", "empty-cot", "query-cot", "random-cot")
+
 
 @dataclass(frozen=True)
 class Hit:

@@ -3,8 +3,9 @@
 A teacher answers chats (system + user message). Spec strings pick one:
 
     openai:http://localhost:8000/v1#Qwen/Qwen3-30B-A3B-Instruct-2507   any OpenAI-compatible server
-    hf:smollm2-135m-instruct                                            a local HF model (batched, greedy)
+    hf:qwen2.5-coder-1.5b-instruct                                      a local HF model (batched, greedy)
     file:cots.jsonl                                                     precomputed CoTs, rows {query_id|query, cot}
+    labels                                                              the dataset's labels (label distillation)
 
     teacher = CachedTeacher(parse_teacher("hf:smollm2-135m-instruct"), "runs/x/teacher_cache.jsonl")
     [answer] = teacher.generate([Chat("You are ...", "A shopper searched for ...")], max_tokens=64)
@@ -120,10 +121,17 @@ class JsonlLog:
                 os.fsync(f.fileno())
         return rows
 
-    def append(self, row: dict) -> None:
+    def open(self) -> "JsonlLog":
+        """Create the file if missing (empty) and keep it open for appending: readers of a run
+        that appended nothing still find the file."""
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
+            os.fsync(self._f.fileno())
+        return self
+
+    def append(self, row: dict) -> None:
+        self.open()
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -219,15 +227,21 @@ def parse_chat_response(text: str) -> Answer:
 
 
 class HFTeacher:
-    """A local HF causal LM with a chat template: batched greedy generation, left padding.
+    """A local HF causal LM with a chat template: batched greedy generation.
 
     Args:
-        name_or_path: a built-in name (e.g. "smollm2-135m-instruct"), an HF folder or hub name.
-        batch_size: chats per `generate` call (sorted by length to pad less).
+        name_or_path: a built-in name (e.g. "qwen2.5-coder-1.5b-instruct"), an HF folder or hub name.
+        batch_size: chats per batch (sorted by length to pad less).
         dtype: "auto" (see `lrem.backbones.default_dtype`), "float32" or "bfloat16".
+        fast: decode with `lrem.decoding.generate` (the prompt prefix all chats share, e.g. the
+            system prompt, run once and kept; a preallocated KV cache; on the CPU the compact
+            decoder, whose matmuls use every thread even for few rows); False: `lm.generate`.
+            Same tokens up to float near-ties.
+        threads: torch threads while generating (None: leave torch's setting).
     """
 
-    def __init__(self, name_or_path: str, batch_size: int = 16, dtype: str = "auto", device: str = "cpu"):
+    def __init__(self, name_or_path: str, batch_size: int = 16, dtype: str = "auto", device: str = "cpu",
+                 fast: bool = True, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -235,6 +249,7 @@ class HFTeacher:
 
         path = resolve_backbone(name_or_path)
         self.name, self.batch_size, self.device = f"hf:{name_or_path}", batch_size, device
+        self.fast, self.threads = fast, threads
         self.tok = AutoTokenizer.from_pretrained(path)
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
@@ -244,11 +259,32 @@ class HFTeacher:
         eos = self.lm.generation_config.eos_token_id
         self.stop_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                                 self.tok.eos_token_id} - {None})
+        self._prefixes: dict = {}  # prompt prefix -> KV (`lrem.decoding.generate`), for these weights
+        self._linears = None
 
     def prompt(self, chat: Chat) -> str:
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template(chat.messages(), tokenize=False, add_generation_prompt=True)
         return f"{chat.system}\n\nUser: {chat.user}\nAssistant: "
+
+    def generate_ids(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+        """Greedy continuations (token ids, each up to and including its stop id) of prompts."""
+        import torch
+
+        from lrem.decoding import block_linears, generate
+
+        if not self.fast:
+            batch = self.tok(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                gen = self.lm.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
+                                       eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
+            rows = gen[:, batch["input_ids"].shape[1]:].tolist()  # (B, <= max)
+            return [r[: next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))] for r in rows]
+        seqs = self.tok(texts, add_special_tokens=False)["input_ids"]
+        if self._linears is None and self.device == "cpu":
+            self._linears = block_linears(self.lm, torch.get_num_threads())
+        return generate(self.lm, seqs, max_tokens, self.stop_ids, self.tok.pad_token_id, linears=self._linears,
+                        prefix_cache=self._prefixes)
 
     def stream(self, chats: list[Chat], max_tokens: int) -> Iterator[tuple[int, Answer]]:
         import torch
@@ -258,15 +294,17 @@ class HFTeacher:
         texts = [self.prompt(c) for c in chats]
         lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(chats)), key=lambda i: lengths[i])
+        old = torch.get_num_threads()
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            batch = self.tok([texts[i] for i in idx], padding=True, add_special_tokens=False,
-                             return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                gen = self.lm.generate(**batch, max_new_tokens=max_tokens, do_sample=False, eos_token_id=self.stop_ids,
-                                       pad_token_id=self.tok.pad_token_id)[:, batch["input_ids"].shape[1]:]  # (B, <= max)
-            for i, row in zip(idx, gen.tolist()):
-                stopped = any(t in self.stop_ids for t in row)
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                gen = self.generate_ids([texts[i] for i in idx], max_tokens)
+            finally:
+                torch.set_num_threads(old)
+            for i, row in zip(idx, gen):
+                stopped = bool(row) and row[-1] in self.stop_ids
                 text = self.tok.decode(row, skip_special_tokens=True).strip()
                 finish = "refused" if looks_refused(text) else "stop" if stopped else "length"
                 yield i, Answer(text, finish)
@@ -310,6 +348,36 @@ class FileCoTs:
         return self.by_id.get(query_id, self.by_text.get(query))
 
 
+class LabelCoTs:
+    """Label distillation (beyond the paper): each query's CoT is built from the dataset's own
+    labels, the titles and categories of its relevant items, so it shows how far a perfectly
+    informed teacher gets. Free, and a CoT for every labelled query; the construct pipeline
+    post-processes it like any teacher's list and cuts it to `cot_max_tokens` student tokens.
+
+    Phrases, in order: the first name of each relevant item (highest relevance first, ties in
+    a seeded hash order), then their other names, then their distinct categories. A title
+    "corkscrew, bottle screw" counts as two names (catalog titles list synonyms by comma).
+
+    Not a chat teacher: `lookup` gives the list of a query, or None for an unlabelled one.
+    """
+
+    name = "labels"
+
+    def __init__(self, qrels: dict[str, dict[str, int]], catalog: dict, seed: int = 0):
+        self.qrels, self.catalog, self.seed = qrels, catalog, seed
+
+    def lookup(self, query_id: str, query: str) -> str | None:
+        rel = [(-r, hashlib.sha1(f"{self.seed}:{query_id}:{i}".encode()).hexdigest(), i)
+               for i, r in self.qrels.get(query_id, {}).items() if r > 0 and i in self.catalog]
+        items = [self.catalog[i] for *_, i in sorted(rel)]
+        if not items:
+            return None
+        names = [[n.strip() for n in item.title.split(",") if n.strip()] for item in items]
+        phrases = [n[0] for n in names if n] + [x for n in names for x in n[1:]]
+        phrases += list(dict.fromkeys(item.category for item in items if getattr(item, "category", None)))
+        return ", ".join(phrases)
+
+
 class CachedTeacher:
     """A teacher whose answers are kept in a JSONL file keyed by sha256(model, prompt, max_tokens),
     so a rerun (or a resumed run) never asks twice. `calls` counts answers actually requested."""
@@ -345,7 +413,7 @@ class CachedTeacher:
 
 
 def parse_teacher(spec: str, *, batch_size: int = 16, concurrency: int = 8, timeout: float = 60.0,
-                  retries: int = 4, backoff: float = 1.0):
+                  retries: int = 4, backoff: float = 1.0, threads: int | None = None, dtype: str = "auto"):
     """`openai:BASE_URL#MODEL`, `hf:NAME_OR_PATH` or `file:PATH.jsonl` -> a teacher (FileCoTs for file:)."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
@@ -356,7 +424,7 @@ def parse_teacher(spec: str, *, batch_size: int = 16, concurrency: int = 8, time
             raise ValueError(f"teacher {spec!r}: expected openai:BASE_URL#MODEL, e.g. openai:http://localhost:8000/v1#qwen3")
         return OpenAITeacher(url, model, concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff)
     if kind == "hf":
-        return HFTeacher(rest, batch_size=batch_size)
+        return HFTeacher(rest, batch_size=batch_size, threads=threads, dtype=dtype)
     if kind == "file":
         return FileCoTs(rest)
     raise ValueError(f"teacher {spec!r}: unknown kind {kind!r} (openai, hf, file)")
@@ -441,7 +509,7 @@ def parse_judge(spec: str, qrels: dict, teacher=None, make_teacher=parse_teacher
         return QrelsJudge(qrels)
     if kind == "llm":
         t = make_teacher(rest) if sep else teacher
-        if t is None or isinstance(t, FileCoTs):
+        if t is None or hasattr(t, "lookup"):
             raise ValueError(f"judge {spec!r} needs a chat teacher (openai: or hf:), not {getattr(t, 'name', t)!r}")
         return LLMJudge(t)
     if kind == "cross-encoder" and rest:

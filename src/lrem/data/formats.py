@@ -140,8 +140,18 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
 
 
 def _decode(path: Path) -> str:
-    """File text with undecodable bytes kept as surrogates, so the bad field can be named later."""
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    """File text with undecodable bytes kept as surrogates, so the bad field can be named later.
+    A `.gz` file is decompressed first (committed triplet sets are gzipped JSONL)."""
+    data = Path(path).read_bytes()
+    if Path(path).suffix == ".gz":
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(path, None, None, f"not a readable gzip file ({e})") from None
+    text = data.decode("utf-8", errors="surrogateescape")
     return text[1:] if text.startswith("\ufeff") else text
 
 
