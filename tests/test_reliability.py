@@ -37,7 +37,11 @@ TITLES = {"a": "mug", "b": "teacup", "c": "corkscrew, bottle screw", "d": "wine 
 def lrem(*args: str, cwd=None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process (exit code and stderr are what a user sees)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("LREM_DEBUG", None) if "LREM_DEBUG" not in (env or {}) else None
+    if "LREM_DEBUG" not in (env or {}):
+        full_env.pop("LREM_DEBUG", None)
+    if full_env.get("PYTHONPATH"):  # some commands run in tmp_path: relative entries (PYTHONPATH=src) made absolute
+        full_env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in full_env["PYTHONPATH"].split(os.pathsep)
+                                                 if p)
     return subprocess.run([sys.executable, "-m", "lrem.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=full_env, timeout=timeout)
 
