@@ -156,6 +156,21 @@ def test_construct_resumes_its_own_run_folder(tmp_path, tiny_dir):
     assert any("1 already done, 0 to go" in line for line in log)
 
 
+def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path):
+    """Interrupted construct and train runs of an older lrem (no marker) must stay resumable."""
+    from lrem._io import OutputError, prepare_output
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "outcomes.jsonl").write_text("")
+    prepare_output(run, resume=True, run_files=("config.json", "outcomes.jsonl"))
+    with pytest.raises(OutputError, match="not written by lrem"):
+        prepare_output(run, overwrite=True, run_files=("config.json", "outcomes.jsonl"))  # never replaced
+    with pytest.raises(OutputError, match="not written by lrem"):
+        prepare_output(run, resume=True, run_files=("checkpoints",))
+
+
 # ---------------------------------------------------------------- 2. numeric options, embeddings
 
 @pytest.mark.parametrize("args, needle", [

@@ -67,12 +67,14 @@ def claim_dir(folder: str | os.PathLike) -> Path:
 
 
 def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
-                   resume: bool = False) -> Path:
+                   resume: bool = False, run_files: Iterable[str] = ()) -> Path:
     """Check, before any work, that `out` may be written; returns it resolved.
 
     Allowed: a path that does not exist, an empty folder, or a folder lrem wrote when
     `overwrite` (replace it) or `resume` (continue it) is set. Refused with an `OutputError`: an
     output that is an input or holds one, a file, a foreign non-empty folder, or `/`.
+    `run_files`: names that together identify a resumable run folder written before lrem marked
+    its folders; with `resume`, such a folder counts as lrem's (an interrupted run stays resumable).
     """
     given = str(out)
     out = Path(out).resolve()
@@ -91,9 +93,11 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
         raise OutputError(f"--out {given}: is a file, not a folder (choose another --out)")
     if not any(out.iterdir()):
         return out
-    if not is_lrem_output(out):
+    run_files = list(run_files)
+    legacy_run = resume and run_files and all((out / name).exists() for name in run_files)
+    if not is_lrem_output(out) and not legacy_run:
         raise OutputError(f"--out {given}: folder is not empty and was not written by lrem (no {MARKER}); "
-                          "choose a new folder")
+                          f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")
     if not (overwrite or resume):
         raise OutputError(f"--out {given}: exists (an earlier lrem output); pass --overwrite to replace it")
     return out

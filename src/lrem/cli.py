@@ -46,11 +46,11 @@ def _dtype(value: str) -> str:
 Dtype = Annotated[str, typer.Option(callback=_dtype, help="auto, float32, bfloat16 or float16.")]
 
 
-def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False) -> Path:
+def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, run_files=()) -> Path:
     """Refuse, before any work, an --out that is an input, a file or a folder lrem did not write."""
     from lrem._io import prepare_output
 
-    return prepare_output(out, inputs, overwrite=overwrite, resume=resume)
+    return prepare_output(out, inputs, overwrite=overwrite, resume=resume, run_files=run_files)
 
 
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for the model and FAISS (default: the cores the "
@@ -280,7 +280,9 @@ def construct(
                  limit=limit, seed=seed,
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
-    _output(out, data, config, resume=True)  # its own run folder is resumed, never replaced
+    from lrem.construct import CONFIG, OUTCOMES
+
+    _output(out, data, config, resume=True, run_files=(CONFIG, OUTCOMES))  # its own run folder is resumed
     try:
         stats = run_construct(data, out, ConstructConfig.load(config, **flags), log=_echo)
     except TeacherError as e:
@@ -323,7 +325,7 @@ def _train(config, out, triplets, data, split, resume, use_cot, overwrite=False,
     from lrem.data import load_dataset
     from lrem.train import SFTConfig, train
 
-    _output(out, config, triplets, data, overwrite=overwrite, resume=resume)
+    _output(out, config, triplets, data, overwrite=overwrite, resume=resume, run_files=("checkpoints",))
 
     defaults = {} if config else ({} if use_cot else {"use_cot": False, "sft_weight": 0.0})
     cfg = SFTConfig.load(config, **{**defaults, **flags})
@@ -377,7 +379,7 @@ def train_rl(
     """Stage 2: L = 1.0 L_GRPO (G sampled CoTs per query, rank reward) + 0.1 L_InfoNCE."""
     from lrem.train import RLConfig, train_rl as run
 
-    _output(out, init, pairs, config, overwrite=overwrite, resume=resume)
+    _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",))
     cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
                         learning_rate=learning_rate, save_steps=save_steps, seed=seed)
     run(cfg, init, out, pairs=pairs, resume=resume, overwrite=overwrite, log=_echo)

@@ -249,7 +249,8 @@ def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | 
     if ckpt is not None and not (resume or overwrite):
         raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
                          "start over, or use a new --out")
-    prepare_output(out, inputs, overwrite=overwrite, resume=resume)  # e.g. --model runs/a --out runs/a
+    prepare_output(out, inputs, overwrite=overwrite, resume=resume,  # e.g. --model runs/a --out runs/a
+                   run_files=("checkpoints",))
     return ckpt if resume else None
 
 
