@@ -9,14 +9,16 @@ DATA="${LREM_DATA:-runs/data/wordnet}"
 OUT="${LREM_TEACHERS_DIR:-runs/teachers}"
 LIMIT="${LREM_TEACHERS_LIMIT:-420}"   # 420 sampled train queries -> 333 mined by bm25
 [ -f "$DATA/catalog.jsonl" ] || "$LREM" data wordnet --out "$DATA"
-run() {  # NAME TEACHER HINT MODE
+run() {  # NAME TEACHER HINT MODE [CANDIDATES]
   "$LREM" construct --data "$DATA" --out "$OUT/$1" --teacher "$2" --hint "$3" --teacher-mode "$4" \
-    --limit "$LIMIT" --batch-size 32 --config configs/construct.yaml
+    --candidates "${5:-0}" --limit "$LIMIT" --batch-size 32 --config configs/construct.yaml
 }
 run labels labels none list
 run smollm2-gold-list hf:smollm2-135m-instruct gold list
 run qwen05-none-list hf:qwen2.5-coder-0.5b-instruct none list
 run qwen05-gold-list hf:qwen2.5-coder-0.5b-instruct gold list
+run qwen05-cand-list hf:qwen2.5-coder-0.5b-instruct none list 20   # grounded: bm25's top 20 titles
+run qwen15-cand-list hf:qwen2.5-coder-1.5b-instruct none list 20
 run qwen15-gold-list hf:qwen2.5-coder-1.5b-instruct gold list
 run qwen15-none-list hf:qwen2.5-coder-1.5b-instruct none list
 run smollm2-gold hf:smollm2-135m-instruct gold two-step     # the last experiment's teacher, the paper's two steps

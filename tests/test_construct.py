@@ -121,12 +121,14 @@ def test_gain_set_on_bm25():
     assert gain_set(s1.item_ids, s1.item_ids) == []
 
 
-def test_gain_sets_of_a_run_on_a_real_faiss_index(tmp_path, tiny_dir, tiny):
+def test_gain_sets_of_a_run_on_a_real_faiss_index(tmp_path, tiny_dir):
     """The pipeline's gain sets, with the tiny LREM in direct mode over FAISS, equal set 2 minus
     set 1 recomputed here from a separately built index."""
     from lrem.index import ItemIndex
+    from lrem.model import LREM
     from lrem.search import Searcher
 
+    tiny = LREM.from_pretrained(str(tiny_dir))  # the dtype the retriever spec loads ("auto": bfloat16 on some CPUs)
     cots = tmp_path / "cots.jsonl"
     cots.write_text("".join(json.dumps({"query_id": q, "cot": c}) + "\n" for q, c in FILE_COTS.items()))
     stats = construct(shop(), tmp_path / "run", cfg(tiny_dir, teacher=f"file:{cots}", retriever=f"{tiny_dir}:direct",
@@ -378,3 +380,42 @@ def test_cli_run_with_no_triplet_says_why_and_writes_an_empty_file(tmp_path, tin
     assert f"wrote {out / 'triplets.jsonl'} and {out / 'stats.json'}" in res.stdout
     assert ("0 triplets: 4 of 4 CoTs empty after post-processing, 1 of 6 queries easy for the retriever "
             "(not mined), 1 of 5 teacher answers failed; teacher problems cot:missing 1") in res.stdout.splitlines()
+
+
+def test_list_mode_asks_once_per_query_and_labels_need_no_teacher(tmp_path, tiny_dir):
+    """`teacher_mode: list`: one request per mined query, the list prompt (with the hint line when
+    hinted), no reasoning call; the labels teacher makes CoTs from the relevant items alone."""
+    def service(body, n):
+        user = body["messages"][1]["content"]
+        assert "List up to 5 products" in user and "Think about" not in user
+        return 200, completion("coffee, espresso, tea" if "stronger" in user else "vacuum flask, thermos"), 0
+
+    srv = OpenAIStandIn(service)
+    try:
+        stats = construct(shop(), tmp_path / "list", cfg(tiny_dir, teacher=f"openai:{srv.url}#m", teacher_mode="list",
+                                                          hint="gold"), **QUIET)
+        assert len(srv.requests) == stats["funnel"]["mined"] == 5
+        assert all('One product that satisfies this search is: "' in r["messages"][1]["content"] for r in srv.requests)
+        rows = {r["query_id"]: r for r in read(tmp_path / "list" / "outcomes.jsonl")}
+        assert rows["q_tea"]["reasoning"] is None and rows["q_tea"]["cot"] == "coffee, espresso"
+        # grounded: the teacher also sees the retriever's top titles (set 1's first N), recorded by id
+        construct(shop(), tmp_path / "cands", cfg(tiny_dir, teacher=f"openai:{srv.url}#m", teacher_mode="list",
+                                                  candidates=2), **QUIET)
+        rows = {r["query_id"]: r for r in read(tmp_path / "cands" / "outcomes.jsonl")}
+        top2 = [BM25Retriever({i: t for i, t in CATALOG.items()}).search(["a drink stronger than tea"], k=2)[0].item_ids]
+        assert rows["q_tea"]["candidates"] == top2[0]
+        user = next(r["messages"][1]["content"] for r in srv.requests[5:] if "stronger" in r["messages"][1]["content"])
+        assert "A first search found these products" in user
+        assert all(f"- {CATALOG[i]}" in user for i in top2[0]) and "One product" not in user
+    finally:
+        srv.close()
+    with pytest.raises(ValueError, match="candidates=4; need 0 <= candidates <= k_gain"):
+        cfg(tiny_dir, candidates=4)
+    with pytest.raises(ValueError, match="teacher_mode='think'"):
+        cfg(tiny_dir, teacher_mode="think")
+
+    stats = construct(shop(), tmp_path / "labels", cfg(tiny_dir, teacher="labels"), **QUIET)
+    rows = {r["query_id"]: r for r in read(tmp_path / "labels" / "outcomes.jsonl")}
+    assert rows["q_irrelevant"]["extraction"] == "spade, shovel"  # the relevant item's names
+    assert rows["q_tea"]["cot"] and stats["funnel"]["cots"] == stats["funnel"]["mined"]
+    assert stats["this_run"]["teacher_calls"] == 0

@@ -264,6 +264,8 @@ def construct(
     hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
     teacher_mode: Annotated[Optional[str], typer.Option(help="two-step (the paper: reason, then extract) or list "
                                                         "(one call: the phrase list at once).")] = None,
+    candidates: Annotated[Optional[int], typer.Option(min=0, help="Show the teacher the retriever's top-N titles "
+                                                      "(grounded reasoning; 0: none).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="A fixed, seeded sample of N queries.")] = None,
     seed: Optional[int] = None,
     k_mine: Annotated[Optional[int], typer.Option(min=1, help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
@@ -273,15 +275,13 @@ def construct(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Queries per step (outcomes are appended per batch).")] = None,
 ):
     """Build Query-CoT-Item triplets: mine, reason, extract, post-process, gain set, judge (resumable)."""
-    from lrem.construct import ConstructConfig, construct as run_construct, format_stats
+    from lrem.construct import CONFIG, OUTCOMES, ConstructConfig, construct as run_construct, format_stats
     from lrem.teachers import TeacherError
 
-    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode,
+    flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode, candidates=candidates,
                  limit=limit, seed=seed,
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
-    from lrem.construct import CONFIG, OUTCOMES
-
     _output(out, data, config, resume=True, run_files=(CONFIG, OUTCOMES))  # its own run folder is resumed
     try:
         stats = run_construct(data, out, ConstructConfig.load(config, **flags), log=_echo)

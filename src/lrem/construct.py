@@ -82,6 +82,9 @@ class ConstructConfig:
     teacher_mode: str = field(default="two-step", metadata={
         "help": "two-step (the paper: free reasoning, then extraction of a phrase list) or list (one call: the "
                 "phrase list at once; several times cheaper with a local teacher)."})
+    candidates: int = field(default=0, metadata={
+        "help": "Beyond the paper (grounded reasoning): show the teacher the retriever's top-N titles for the "
+                "query (N <= k_gain; 0: none), so it can recognise what it does not know by name."})
     hint: str = field(default="none", metadata={
         "help": "none (the paper) or gold: the teacher also sees one relevant item (rationalisation)."})
     reason_max_tokens: int = field(default=128, metadata={"help": "Token budget of the free reasoning."})
@@ -118,6 +121,8 @@ class ConstructConfig:
     def __post_init__(self):
         if self.hint not in ("none", "gold"):
             raise ValueError(f"hint={self.hint!r}; expected none or gold")
+        if not 0 <= self.candidates <= self.k_gain:
+            raise ValueError(f"candidates={self.candidates}; need 0 <= candidates <= k_gain ({self.k_gain})")
         if self.teacher_mode not in ("two-step", "list"):
             raise ValueError(f"teacher_mode={self.teacher_mode!r}; expected two-step or list")
         for name in ("k_mine", "k_gain", "cot_max_tokens", "batch_size", "reason_max_tokens", "extract_max_tokens",
@@ -141,18 +146,28 @@ class ConstructConfig:
 
 # ---------------------------------------------------------------- prompts
 
-def reason_chat(query: str, hint: str | None = None) -> Chat:
-    return Chat(REASON_SYSTEM, REASON_USER.format(query=query, hint=HINT_LINE.format(title=hint) if hint else ""))
+CANDIDATES_BLOCK = "A first search found these products (some may not fit):\n{lines}\n"
 
 
-def extract_chat(query: str, reasoning: str, hint: str | None = None) -> Chat:
-    hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
-    return Chat(REASON_SYSTEM, EXTRACT_USER.format(query=query, reasoning=reasoning.strip(), hint=hint_line))
+def context_lines(hint: str | None = None, candidates: list[str] | None = None) -> str:
+    """What the teacher sees besides the query: the retriever's top titles (`candidates`, beyond
+    the paper: grounded reasoning) and one relevant item (`hint`), each block ending in a newline."""
+    block = CANDIDATES_BLOCK.format(lines="\n".join(f"- {t}" for t in candidates)) if candidates else ""
+    return block + (f'One product that satisfies this search is: "{hint}".\n' if hint else "")
 
 
-def list_chat(query: str, hint: str | None = None) -> Chat:
-    hint_line = f'One product that satisfies this search is: "{hint}".\n' if hint else ""
-    return Chat(REASON_SYSTEM, LIST_USER.format(query=query, hint=hint_line))
+def reason_chat(query: str, hint: str | None = None, candidates: list[str] | None = None) -> Chat:
+    ctx = context_lines(None, candidates) + (HINT_LINE.format(title=hint) if hint else "")
+    return Chat(REASON_SYSTEM, REASON_USER.format(query=query, hint=ctx))
+
+
+def extract_chat(query: str, reasoning: str, hint: str | None = None, candidates: list[str] | None = None) -> Chat:
+    return Chat(REASON_SYSTEM, EXTRACT_USER.format(query=query, reasoning=reasoning.strip(),
+                                                   hint=context_lines(hint, candidates)))
+
+
+def list_chat(query: str, hint: str | None = None, candidates: list[str] | None = None) -> Chat:
+    return Chat(REASON_SYSTEM, LIST_USER.format(query=query, hint=context_lines(hint, candidates)))
 
 
 def pick_hint(relevant: dict[str, int], query_id: str, seed: int = 0) -> str | None:
@@ -398,13 +413,20 @@ class TripletBuilder:
                 if r["extraction"] is None:
                     r["problems"].append("cot:missing")
                     r["status"] = "teacher_failed"
-        elif cfg.teacher_mode == "list":
-            self._ask(rows, "extraction", [list_chat(r["query"], r["hint"]) for r in rows], cfg.extract_max_tokens)
         else:
-            self._ask(rows, "reasoning", [reason_chat(r["query"], r["hint"]) for r in rows], cfg.reason_max_tokens)
-            live = [r for r in rows if r["status"] is None]
-            self._ask(live, "extraction", [extract_chat(r["query"], r["reasoning"], r["hint"]) for r in live],
-                      cfg.extract_max_tokens)
+            cands = {q: [self.ds.catalog[i].title for i in s1[: cfg.candidates]] for q, s1 in set1.items()}
+            for r in rows:
+                if cfg.candidates:
+                    r["candidates"] = set1[r["query_id"]][: cfg.candidates]
+            if cfg.teacher_mode == "list":
+                self._ask(rows, "extraction", [list_chat(r["query"], r["hint"], cands[r["query_id"]]) for r in rows],
+                          cfg.extract_max_tokens)
+            else:
+                self._ask(rows, "reasoning", [reason_chat(r["query"], r["hint"], cands[r["query_id"]]) for r in rows],
+                          cfg.reason_max_tokens)
+                live = [r for r in rows if r["status"] is None]
+                self._ask(live, "extraction", [extract_chat(r["query"], r["reasoning"], r["hint"], cands[r["query_id"]])
+                                               for r in live], cfg.extract_max_tokens)
         for r in (r for r in rows if r["status"] is None):  # 4. post-processing
             r["cot"], r["dropped"] = postprocess(r["extraction"], r["query"], self.tokenizer, cfg, self.ban,
                                                  cut_off="extraction:too_long" in r["problems"])
