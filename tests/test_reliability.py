@@ -166,9 +166,21 @@ def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path):
     (run / "outcomes.jsonl").write_text("")
     prepare_output(run, resume=True, run_files=("config.json", "outcomes.jsonl"))
     with pytest.raises(OutputError, match="not written by lrem"):
-        prepare_output(run, overwrite=True, run_files=("config.json", "outcomes.jsonl"))  # never replaced
-    with pytest.raises(OutputError, match="not written by lrem"):
         prepare_output(run, resume=True, run_files=("checkpoints",))
+    with pytest.raises(OutputError, match="not written by lrem"):
+        prepare_output(run, resume=True)
+
+
+def test_an_eval_report_from_before_the_marker_can_be_refreshed(tmp_path):
+    data = write_dataset(tmp_path / "t")
+    report = tmp_path / "eval"
+    report.mkdir()
+    for name in ("metrics.json", "report.md"):
+        (report / name).write_text("old")
+    assert_clean_error(lrem("eval", "--data", str(data), "--system", "bm25", "--out", str(report)), "not written by lrem")
+    p = lrem("eval", "--data", str(data), "--system", "bm25", "--out", str(report), "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert (report / MARKER).is_file() and (report / "report.md").read_text() != "old"
 
 
 # ---------------------------------------------------------------- 2. numeric options, embeddings

@@ -73,8 +73,9 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     Allowed: a path that does not exist, an empty folder, or a folder lrem wrote when
     `overwrite` (replace it) or `resume` (continue it) is set. Refused with an `OutputError`: an
     output that is an input or holds one, a file, a foreign non-empty folder, or `/`.
-    `run_files`: names that together identify a resumable run folder written before lrem marked
-    its folders; with `resume`, such a folder counts as lrem's (an interrupted run stays resumable).
+    `run_files`: names that together identify an output of this command written before lrem marked
+    its folders; with `resume` or `overwrite`, such a folder counts as lrem's (an interrupted run
+    stays resumable, a report can be refreshed).
     """
     given = str(out)
     out = Path(out).resolve()
@@ -94,7 +95,7 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     if not any(out.iterdir()):
         return out
     run_files = list(run_files)
-    legacy_run = resume and run_files and all((out / name).exists() for name in run_files)
+    legacy_run = (resume or overwrite) and run_files and all((out / name).exists() for name in run_files)
     if not is_lrem_output(out) and not legacy_run:
         raise OutputError(f"--out {given}: folder is not empty and was not written by lrem (no {MARKER}); "
                           f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")

@@ -237,7 +237,8 @@ def eval_(
 
     specs = dict(parse_system(s) for s in system)
     models = [spec.rpartition(":")[0] for spec in specs.values()]
-    _output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite)
+    _output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
+            run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
     ds = load_dataset(data)
     set_threads(threads, log=_echo)
     systems = build_systems(specs, ds, batch_size=batch_size, log=_echo)
@@ -325,7 +326,7 @@ def _train(config, out, triplets, data, split, resume, use_cot, overwrite=False,
     from lrem.data import load_dataset
     from lrem.train import SFTConfig, train
 
-    _output(out, config, triplets, data, overwrite=overwrite, resume=resume, run_files=("checkpoints",))
+    _output(out, config, triplets, data, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
 
     defaults = {} if config else ({} if use_cot else {"use_cot": False, "sft_weight": 0.0})
     cfg = SFTConfig.load(config, **{**defaults, **flags})
@@ -379,7 +380,7 @@ def train_rl(
     """Stage 2: L = 1.0 L_GRPO (G sampled CoTs per query, rank reward) + 0.1 L_InfoNCE."""
     from lrem.train import RLConfig, train_rl as run
 
-    _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",))
+    _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
     cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
                         learning_rate=learning_rate, save_steps=save_steps, seed=seed)
     run(cfg, init, out, pairs=pairs, resume=resume, overwrite=overwrite, log=_echo)

@@ -250,7 +250,7 @@ def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | 
         raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
                          "start over, or use a new --out")
     prepare_output(out, inputs, overwrite=overwrite, resume=resume,  # e.g. --model runs/a --out runs/a
-                   run_files=("checkpoints",))
+                   run_files=("checkpoints",) if resume else ())
     return ckpt if resume else None
 
 
