@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 LREM="${LREM_VENV:-.venv}/bin/lrem"
 DATA="${LREM_DATA:-runs/data/wordnet}"
 OUT="${LREM_TEACHERS_DIR:-runs/teachers}"
-LIMIT="${LREM_TEACHERS_LIMIT:-420}"   # 420 sampled train queries -> 333 mined by bm25
+LIMIT="${LREM_TEACHERS_LIMIT:-380}"   # 380 sampled train queries -> 301 mined by bm25 (a subset of a larger limit)
 [ -f "$DATA/catalog.jsonl" ] || "$LREM" data wordnet --out "$DATA"
 run() {  # NAME TEACHER HINT MODE [CANDIDATES]
   "$LREM" construct --data "$DATA" --out "$OUT/$1" --teacher "$2" --hint "$3" --teacher-mode "$4" \

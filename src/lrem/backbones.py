@@ -153,9 +153,16 @@ def builtin_path(name: str, log=print) -> Path:
 
 
 def resolve_backbone(name_or_path: str, log=print) -> str:
-    """A built-in name -> its cached folder; a local folder or a hub name is returned as is."""
-    if name_or_path in BUILTINS and not Path(name_or_path).exists():
+    """A built-in name -> its cached folder (a shipped trained model, `lrem.delta`, is built from
+    its base and delta once); a local folder or a hub name is returned as is."""
+    if Path(name_or_path).exists():
+        return str(name_or_path)
+    if name_or_path in BUILTINS:
         return str(builtin_path(name_or_path, log=log))
+    from .delta import materialise, shipped
+
+    if name_or_path in shipped():
+        return str(materialise(name_or_path, log=log))
     return str(name_or_path)
 
 

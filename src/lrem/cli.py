@@ -295,6 +295,26 @@ def construct(
         typer.echo(f"wrote {' and '.join(map(str, written))}")
 
 
+# ---------------------------------------------------------------- shipping a trained model
+
+@app.command()
+def delta(
+    model: Annotated[str, typer.Option(help="A trained LREM folder (e.g. OUT of `lrem train`).")],
+    out: Out,
+    rank: Annotated[int, typer.Option(min=1, help="Rank of each weight matrix's change (truncated SVD).")] = 32,
+    base: Annotated[Optional[str], typer.Option(help="The built-in backbone it was trained from (default: "
+                                                "the one its lrem_config.json names).")] = None,
+):
+    """Store a trained model as a small delta from its built-in backbone (a folder under
+    src/lrem/models/ ships as a built-in model name)."""
+    from lrem.delta import save_delta
+
+    meta = save_delta(model, out, base=base, rank=rank, log=_echo)
+    f = meta["fidelity"]
+    typer.echo(f"wrote {out}: {meta['bytes'] / 1e6:.1f} MB, rank {rank}, base {meta['base']}; embedding cosine to "
+               f"the full model: queries min {f['query_cos_min']:.4f}, items min {f['item_cos_min']:.4f}")
+
+
 # ---------------------------------------------------------------- training
 
 train_app = typer.Typer(help="Train LREM stage 1 (cold start), stage 2 (RL) or the direct-embedding baseline (Accelerate; "

@@ -1,0 +1,172 @@
+"""Deltas: a fine-tuned LREM stored as its difference from a built-in backbone, small enough to
+commit and ship (a trained 135M model in ~20 MB instead of ~540 MB of weights).
+
+    lrem delta --model runs/cold --out src/lrem/models/lrem-wordnet-135m --rank 32
+    LREM.from_pretrained("lrem-wordnet-135m")     # base + delta, materialised once under $LREM_HOME
+
+Each weight matrix's change W - W0 is kept as a rank-r product A @ B, its truncated SVD (the
+best rank-r approximation in Frobenius norm; a LoRA-trained model's change is exactly rank r,
+so the delta holds it whole); vectors (norms, biases), the new tokens' embedding rows and any
+matrix too small to gain from factorising are stored whole. float16 on disk (`delta.safetensors`);
+`delta.json` records the base, the rank, the prompt config and how closely the delta reproduces
+the full model's embeddings (`fidelity`, measured when it is made).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_dir, write_json
+from .backbones import lrem_home
+
+DELTA_JSON, DELTA_WEIGHTS = "delta.json", "delta.safetensors"
+FORMAT = 1
+# Where the deltas shipped with lrem live (package data): each subfolder is a built-in model name.
+SHIPPED = Path(__file__).resolve().parent / "models"
+
+
+def shipped() -> dict[str, Path]:
+    """Built-in trained models: name -> delta folder (those committed under src/lrem/models)."""
+    if not SHIPPED.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED.iterdir()) if (p / DELTA_JSON).is_file()}
+
+
+def _factor(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) with A @ B the best rank-`rank` approximation of d, or None when storing d whole
+    is as small."""
+    m, n = d.shape
+    if rank * (m + n) >= m * n:
+        return None
+    u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+
+
+@torch.no_grad()
+def make_delta(model, base, rank: int = 32) -> dict[str, torch.Tensor]:
+    """The delta of `model` from `base` (two LREMs of the same shape; `base` as loaded from the
+    built-in backbone, new tokens included): tensor name -> tensor, float16."""
+    base_params = dict(base.lm.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    new_ids = [model.think_id, model.think_end_id, model.emb_id]
+    for name, p in model.lm.named_parameters():
+        b = base_params.get(name)
+        if b is None or b.shape != p.shape:
+            raise ValueError(f"{name}: shape {tuple(p.shape)} in the model, "
+                             f"{None if b is None else tuple(b.shape)} in the base; not a fine-tune of it")
+        d = p.detach().float() - b.detach().float()
+        if not bool(d.any()):
+            continue
+        is_emb = p is model.lm.get_input_embeddings().weight
+        if is_emb:  # the new tokens' rows are kept exactly, so the low rank goes to the rest
+            d[new_ids] = 0
+        ab = _factor(d, rank) if d.ndim == 2 else None
+        if ab is None:
+            out[f"{name}::full"] = d.half()
+        else:
+            out[f"{name}::A"], out[f"{name}::B"] = ab[0].half(), ab[1].half()
+        if is_emb:
+            out[f"{name}::rows"] = p.detach()[new_ids].half()
+            out[f"{name}::row_ids"] = torch.tensor(new_ids)
+    return out
+
+
+@torch.no_grad()
+def apply_delta(base, tensors: dict[str, torch.Tensor]) -> None:
+    """Add a delta to `base`'s weights in place (an LREM loaded from the delta's backbone)."""
+    params = dict(base.lm.named_parameters())
+    for key in sorted(tensors):
+        name, kind = key.rsplit("::", 1)
+        if name not in params:
+            raise ValueError(f"delta tensor {key!r} names no parameter of the base model")
+        p = params[name]
+        if kind == "full":
+            p.add_(tensors[key].to(p.dtype))
+        elif kind == "A":
+            p.add_((tensors[key].float() @ tensors[f"{name}::B"].float()).to(p.dtype))
+    for key in tensors:  # exact rows last, over the low-rank approximation
+        if key.endswith("::rows"):
+            name = key.rsplit("::", 1)[0]
+            params[name][tensors[f"{name}::row_ids"]] = tensors[key].to(params[name].dtype)
+
+
+@torch.no_grad()
+def fidelity(model, other, queries: list[str], titles: list[str]) -> dict[str, float]:
+    """Lowest and mean cosine between two models' embeddings of the same texts (direct-mode
+    queries and items)."""
+    out = {}
+    for side, enc in (("query", lambda m: m.encode_queries(queries, mode="direct").embeddings),
+                      ("item", lambda m: m.encode_items(titles))):
+        a, b = torch.from_numpy(enc(model)), torch.from_numpy(enc(other))
+        cos = (a * b).sum(-1)
+        out[f"{side}_cos_min"], out[f"{side}_cos_mean"] = round(float(cos.min()), 6), round(float(cos.mean()), 6)
+    return out
+
+
+PROBE_QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea",
+                 "a small boat propelled by oars", "medical instrument that records brain currents",
+                 "a shelter for a dog", "a knife with a folding blade", "a hat worn by a chef"]
+PROBE_TITLES = ["corkscrew, bottle screw", "slipper, carpet slipper", "espresso", "rowboat", "electroencephalograph",
+                "doghouse, kennel", "jackknife", "chef's hat, toque"]
+
+
+def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, log=print) -> dict:
+    """Write the delta folder of the LREM at `model_path` (its base read from its
+    lrem_config.json unless given) and return its metadata, fidelity included."""
+    from safetensors.torch import save_file
+
+    from .backbones import BUILTINS
+    from .model import LREM
+
+    model = LREM.from_pretrained(model_path, dtype="float32", log=log)
+    if base is None:
+        cfg = json.loads((Path(model_path) / "lrem_config.json").read_text())
+        base = cfg.get("base")
+    if base not in BUILTINS:
+        raise ValueError(f"{model_path}: its base is {base!r}, not a built-in backbone; pass --base NAME "
+                         f"({', '.join(BUILTINS)})")
+    ref = LREM.from_pretrained(base, dtype="float32", log=log)
+    tensors = make_delta(model, ref, rank)
+    apply_delta(ref, tensors)
+    meta = {"format": FORMAT, "base": base, "rank": rank, "source": str(model_path),
+            "prompts": model.config.to_dict(),
+            "fidelity": fidelity(model, ref, PROBE_QUERIES, PROBE_TITLES),
+            "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
+    card = Path(model_path) / "README.md"
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": str(FORMAT), "base": base})
+        write_json(tmp / DELTA_JSON, meta)
+        if card.exists():
+            (tmp / "README.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+    meta["bytes"] = (Path(out) / DELTA_WEIGHTS).stat().st_size
+    return meta
+
+
+def materialise(name: str, folder: Path | None = None, log=print) -> Path:
+    """The full model folder of a shipped delta: base + delta, written once (atomically) under
+    `$LREM_HOME/models/NAME` and reused while the delta file is unchanged."""
+    from safetensors.torch import load_file
+
+    from .model import LREM
+    from .prompts import PromptConfig
+
+    folder = folder or shipped()[name]
+    meta = json.loads((folder / DELTA_JSON).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder / DELTA_JSON}: delta format {meta.get('format')!r}, this lrem reads {FORMAT}")
+    out = lrem_home() / "models" / name
+    stamp = f"{(folder / DELTA_WEIGHTS).stat().st_size}-{int((folder / DELTA_WEIGHTS).stat().st_mtime)}"
+    if (out / "delta_stamp").exists() and (out / "delta_stamp").read_text() == stamp:
+        return out
+    log(f"building {name} from {meta['base']} + {folder / DELTA_WEIGHTS} -> {out} (once)")
+    model = LREM.from_pretrained(meta["base"], dtype="float32", log=log)
+    apply_delta(model, load_file(str(folder / DELTA_WEIGHTS)))
+    model.config = PromptConfig.from_dict(meta["prompts"])
+    model.source = name
+    model.save_pretrained(out)
+    (out / "delta_stamp").write_text(stamp)
+    if (folder / "README.md").exists():
+        (out / "README.md").write_text((folder / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    return out

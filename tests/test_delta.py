@@ -1,0 +1,81 @@
+"""Deltas (`lrem.delta`): a fine-tuned model stored as low-rank changes from its built-in base,
+rebuilt into the same model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, apply_delta, make_delta, materialise
+from lrem.model import LREM
+
+TEXTS = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea"]
+
+
+@torch.no_grad()
+def fine_tune_stand_in(model: LREM, rank: int, seed: int = 0) -> None:
+    """Change every matrix by a random rank-`rank` product, every vector a little, and the new
+    tokens' rows: the shape of a LoRA fine-tune plus trained norms and token rows."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.lm.named_parameters():
+        if p.ndim == 2:
+            m, n = p.shape
+            p.add_(0.02 * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank ** 0.5)
+        else:
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    emb = model.lm.get_input_embeddings().weight
+    emb[[model.think_id, model.emb_id]] += 0.5
+
+
+def test_a_low_rank_change_round_trips(tiny_dir):
+    tuned = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    fine_tune_stand_in(tuned, rank=3)
+    delta = make_delta(tuned, LREM.from_pretrained(str(tiny_dir), dtype="float32"), rank=3)
+    assert all(t.dtype in (torch.float16, torch.int64) for t in delta.values())
+    assert any(k.endswith("::A") for k in delta) and any(k.endswith("::rows") for k in delta)
+    rebuilt = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    apply_delta(rebuilt, delta)
+    for (name, a), b in zip(tuned.lm.named_parameters(), rebuilt.lm.parameters()):
+        assert torch.allclose(a, b, atol=2e-3), name  # float16 storage
+    np.testing.assert_allclose(rebuilt.encode_items(TEXTS), tuned.encode_items(TEXTS), atol=2e-3)
+    # a rank below the change's loses some of it, but stays close (the best rank-1 approximation)
+    low = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    apply_delta(low, make_delta(tuned, LREM.from_pretrained(str(tiny_dir), dtype="float32"), rank=1))
+    w = "model.layers.0.mlp.up_proj.weight"
+    base_w = dict(LREM.from_pretrained(str(tiny_dir), dtype="float32").lm.named_parameters())[w]
+    full, approx = dict(tuned.lm.named_parameters())[w] - base_w, dict(low.lm.named_parameters())[w] - base_w
+    assert 0.3 < float((approx * full).sum() / full.norm() ** 2) < 1.0
+
+
+def test_a_delta_of_another_shape_is_refused(tiny_dir, lively_dir):
+    with pytest.raises(ValueError, match="not a fine-tune of it"):
+        make_delta(LREM.from_pretrained(str(lively_dir("qwen2")), dtype="float32"),  # q/k/v biases
+                   LREM.from_pretrained(str(tiny_dir), dtype="float32"))
+
+
+@pytest.mark.slow
+def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_model):
+    """`lrem delta` on a model fine-tuned from the built-in SmolLM2 writes a small folder; a
+    shipped-model name built from it gives the fine-tuned model's embeddings."""
+    tuned = LREM.from_pretrained("smollm2-135m-instruct", dtype="float32")
+    fine_tune_stand_in(tuned, rank=4)
+    tuned.source = "smollm2-135m-instruct"
+    tuned.save_pretrained(tmp_path / "trained")
+    r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "trained"),
+                        "--out", str(tmp_path / "delta"), "--rank", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "delta" / DELTA_JSON).read_text())
+    assert meta["base"] == "smollm2-135m-instruct" and meta["fidelity"]["query_cos_min"] > 0.999
+    size = (tmp_path / "delta" / DELTA_WEIGHTS).stat().st_size
+    assert size < 12e6, size  # rank 8 of a 135M model (plus norms and new rows), float16
+    assert "MB, rank 8" in r.stdout
+    monkeypatch.setenv("LREM_HOME", str(tmp_path / "home"))
+    folder = materialise("lrem-test", tmp_path / "delta", log=lambda *a: None)
+    rebuilt = LREM.from_pretrained(str(folder), dtype="float32")
+    np.testing.assert_allclose(rebuilt.encode_queries(TEXTS, mode="direct").embeddings,
+                               tuned.encode_queries(TEXTS, mode="direct").embeddings, atol=5e-3)
+    assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt twice")) == folder
