@@ -103,6 +103,7 @@ def test_out_refuses_foreign_folders_inputs_and_files(tmp_path):
     # training and construction refuse a foreign folder before loading anything
     assert_clean_error(lrem("train", "direct", "--data", str(data), "--out", str(notes)), "not written by lrem")
     assert_clean_error(lrem("construct", "--data", str(data), "--out", str(notes)), "not written by lrem")
+    assert_clean_error(lrem("delta", "--model", str(tmp_path / "m"), "--out", str(notes)), "not written by lrem")
     assert (notes / "notes.txt").read_text() == "notes" and tree(data) == before
 
 
@@ -165,6 +166,8 @@ def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path):
     (run / "config.json").write_text("{}")
     (run / "outcomes.jsonl").write_text("")
     prepare_output(run, resume=True, run_files=("config.json", "outcomes.jsonl"))
+    assert (run / MARKER).is_file()  # recognised, so marked: later writers accept it
+    (run / MARKER).unlink()
     with pytest.raises(OutputError, match="not written by lrem"):
         prepare_output(run, resume=True, run_files=("checkpoints",))
     with pytest.raises(OutputError, match="not written by lrem"):

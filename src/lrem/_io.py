@@ -101,6 +101,8 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
                           f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")
     if not (overwrite or resume):
         raise OutputError(f"--out {given}: exists (an earlier lrem output); pass --overwrite to replace it")
+    if legacy_run and not is_lrem_output(out):
+        write_marker(out)  # recognised as lrem's: mark it, so the writers that check the marker accept it
     return out
 
 

@@ -304,10 +304,13 @@ def delta(
     rank: Annotated[int, typer.Option(min=1, help="Rank of each weight matrix's change (truncated SVD).")] = 32,
     base: Annotated[Optional[str], typer.Option(help="The built-in backbone it was trained from (default: "
                                                 "the one its lrem_config.json names).")] = None,
+    overwrite: Overwrite = False,
 ):
     """Store a trained model as a small delta from its built-in backbone (a folder under
     src/lrem/models/ ships as a built-in model name)."""
-    from lrem.delta import save_delta
+    from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, save_delta
+
+    _output(out, model, overwrite=overwrite, run_files=(DELTA_JSON, DELTA_WEIGHTS))  # also a delta of an older lrem
 
     meta = save_delta(model, out, base=base, rank=rank, log=_echo)
     f = meta["fidelity"]
