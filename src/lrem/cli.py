@@ -5,6 +5,7 @@
     lrem search --index runs/idx "a device for pulling corks"
     lrem eval --data data/wordnet --split dev --system bm25 --system base=runs/idx:reason --out runs/eval
     lrem serve --index runs/idx --port 8000 [--config serve.yaml] [--set max_batch=32]
+    lrem export --model runs/coldstart --to sentence-transformers --out runs/coldstart-st
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import typer
 
 from lrem.search_types import MODES
 
-# Offline by default for the built-in models; users with a hub set HF_HUB_OFFLINE=0.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No HF_HUB_OFFLINE here: built-in names and folders never ask the hub, hub names do
+# (`lrem.backbones.resolve_backbone`, which fails in a second with one line when it is unreachable).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(help="LREM: reason about a query, then embed it. Dense retrieval for product search.",
@@ -53,6 +54,9 @@ def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, r
     return prepare_output(out, inputs, overwrite=overwrite, resume=resume, run_files=run_files)
 
 
+Truncate = Annotated[bool, typer.Option("--truncate/--no-truncate", help="Inputs over the model's token limits "
+                                        "(max_query_tokens, max_item_tokens in its lrem_config.json): cut them "
+                                        "and say how many, or stop with an error.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for the model and FAISS (default: the cores the "
                                                 "load average leaves free, at least 1).", min=1)]
 
@@ -153,6 +157,7 @@ def index(
     dtype: Dtype = "auto",
     threads: Threads = None,
     overwrite: Overwrite = False,
+    truncate: Truncate = True,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index."""
     from lrem._threads import set_threads
@@ -164,11 +169,11 @@ def index(
     ds = load_dataset(data)
     set_threads(threads, log=_echo)
     lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
-    titles = {iid: item.title for iid, item in ds.catalog.items()}
-    idx = ItemIndex.build(lrem, titles, factory=factory, search_params=search_params, batch_size=batch_size,
-                          dataset=str(data))
+    idx = ItemIndex.build(lrem, dict(ds.catalog), factory=factory, search_params=search_params,
+                          batch_size=batch_size, truncate=truncate, dataset=str(data))
     idx.save(out)
-    typer.echo(f"indexed {len(titles)} items ({factory}, dim {lrem.dim}) in {idx.meta['encode_seconds']:.0f} s -> {out}")
+    typer.echo(f"indexed {len(ds.catalog)} items ({factory}, dim {lrem.dim}) in {idx.meta['encode_seconds']:.0f} s -> {out}")
+    _echo_truncated(lrem)
 
 
 @app.command()
@@ -178,12 +183,14 @@ def search(
     k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
     mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
+    truncate: Truncate = True,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
     from lrem.search import Searcher, check_search
 
     check_search(queries, k)  # before the model loads
     searcher = Searcher.load(index_dir, log=_echo)
+    searcher.truncate = truncate
     for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
         if as_json:
             hits = [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": h.score} for h in r.hits]
@@ -227,6 +234,7 @@ def eval_(
                                                          "`lrem train rl`). Repeat.")] = None,
     threads: Threads = None,
     overwrite: Overwrite = False,
+    truncate: Truncate = True,
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
     from lrem._io import claim_dir
@@ -241,13 +249,40 @@ def eval_(
             run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
     ds = load_dataset(data)
     set_threads(threads, log=_echo)
-    systems = build_systems(specs, ds, batch_size=batch_size, log=_echo)
+    systems = build_systems(specs, ds, batch_size=batch_size, log=_echo, truncate=truncate)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
     write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
     typer.echo(format_table(result))
     if examples:
         typer.echo(format_examples(result, ds, examples))
     typer.echo(f"report: {out / 'report.md'}")
+    for model in {id(r.searcher.model): r.searcher.model for r in systems.values() if hasattr(r, "searcher")}.values():
+        _echo_truncated(model)
+
+
+def _echo_truncated(model) -> None:
+    """Say how many inputs were cut to the model's token limits (`--truncate`)."""
+    for side, n in sorted(model.truncated.items()):
+        if n:
+            limit = "max_query_tokens" if side == "query" else "max_item_tokens"
+            _echo(f"{model.source}: truncated {n} {side} text(s) to {getattr(model.config, limit)} tokens ({limit})")
+
+
+@app.command()
+def export(
+    out: Out,
+    model: Annotated[str, typer.Option(help="LREM folder (or a built-in name) to export.")],
+    to: Annotated[str, typer.Option(help="Target format: sentence-transformers.")] = "sentence-transformers",
+    dtype: Annotated[str, typer.Option(help="Weights to write: auto, float32 or bfloat16.")] = "float32",
+):
+    """Write a folder sentence-transformers loads (items, and queries in direct mode: same embeddings as
+    lrem); reasoning needs `lrem serve`."""
+    from lrem.export import FORMATS, export as run_export
+    from lrem.model import LREM
+
+    if to not in FORMATS:
+        raise typer.BadParameter(f"{to!r}; expected one of {', '.join(FORMATS)}", param_hint="--to")
+    run_export(LREM.from_pretrained(model, dtype=dtype, log=_echo), to, out, log=typer.echo)
 
 
 # ---------------------------------------------------------------- triplet construction

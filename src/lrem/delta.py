@@ -121,9 +121,9 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
     from .model import LREM
 
     model = LREM.from_pretrained(model_path, dtype="float32", log=log)
+    saved = json.loads((Path(model_path) / "lrem_config.json").read_text())
     if base is None:
-        cfg = json.loads((Path(model_path) / "lrem_config.json").read_text())
-        base = cfg.get("base")
+        base = saved.get("base_model") or saved.get("base")
     if base not in BUILTINS:
         raise ValueError(f"{model_path}: its base is {base!r}, not a built-in backbone; pass --base NAME "
                          f"({', '.join(BUILTINS)})")
@@ -131,7 +131,7 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
     tensors = make_delta(model, ref, rank)
     apply_delta(ref, tensors)
     meta = {"format": FORMAT, "base": base, "rank": rank, "source": str(model_path),
-            "prompts": model.config.to_dict(),
+            "prompts": model.config.to_dict(), "training": saved.get("training", []),
             "fidelity": fidelity(model, ref, PROBE_QUERIES, PROBE_TITLES),
             "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
     card = Path(model_path) / "README.md"
@@ -164,7 +164,7 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     model = LREM.from_pretrained(meta["base"], dtype="float32", log=log)
     apply_delta(model, load_file(str(folder / DELTA_WEIGHTS)))
     model.config = PromptConfig.from_dict(meta["prompts"])
-    model.source = name
+    model.source, model.base, model.stages = name, meta["base"], meta.get("training", [])
     if (out / "delta_stamp").exists():
         claim_dir(out)  # our own cache folder, built before lrem marked its folders: replaceable
     model.save_pretrained(out)

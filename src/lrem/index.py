@@ -130,16 +130,22 @@ class ItemIndex:
         return cls(index, list(item_ids), list(titles), meta)
 
     @classmethod
-    def build(cls, model, catalog: dict[str, str], factory="Flat", search_params="", batch_size=64,
-              show_progress=True, **meta) -> "ItemIndex":
-        """Embed `catalog` (item_id -> title) with `model.encode_items` and index it."""
-        ids, titles = list(catalog), list(catalog.values())
+    def build(cls, model, catalog: dict, factory="Flat", search_params="", batch_size=64,
+              show_progress=True, truncate: bool = True, **meta) -> "ItemIndex":
+        """Embed `catalog` (item_id -> title, or -> `lrem.data.Item` / mapping, whose fields the
+        model's item template may name) with `model.encode_items` and index it. `truncate`: item
+        texts over the model's `max_item_tokens` are cut (their count is `meta["truncated_items"]`)
+        or an error."""
+        ids, items = list(catalog), list(catalog.values())
+        titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
         check_factory(factory, search_params, model.dim, len(ids))  # fail now, not after embedding
         t0 = time.perf_counter()
-        emb = model.encode_items(titles, batch_size=batch_size, show_progress=show_progress)  # (n, dim)
+        cut = model.truncated["item"]
+        emb = model.encode_items(items, batch_size=batch_size, show_progress=show_progress, truncate=truncate)
         seconds = time.perf_counter() - t0
         return cls.from_embeddings(emb, ids, titles, factory, search_params, model=getattr(model, "source", ""),
-                                   encode_seconds=round(seconds, 3), **meta)
+                                   encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
+                                   item_template=model.config.item_template, **meta)
 
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""

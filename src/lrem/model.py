@@ -6,6 +6,11 @@
     q.cots          # ['corkscrew, wine opener, ...']
     q.embeddings    # (1, 576) float32, L2-normalised
     items = model.encode_items(["corkscrew, bottle screw"])   # (1, 576)
+    model.similarity(q.embeddings, items)                       # (1, 1) cosine
+    model.encode_items("corkscrew")                             # one string: (576,), as sentence-transformers
+
+Inputs longer than the model's limits (`max_query_tokens`, `max_item_tokens` in its PromptConfig)
+are cut and counted in `model.truncated` by default; `truncate=False` makes them an error.
 
 Query side (LREM_SPEC): chat prompt + `<think>` + CoT + `</think><emb>`; the CoT is generated
 greedily (at most `cot_max_tokens` tokens) in `reason` mode, empty in `direct` mode, or given.
@@ -23,6 +28,7 @@ import collections
 import importlib.util
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +86,36 @@ def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 @dataclass
 class QueryEncoding:
-    embeddings: np.ndarray  # (n, dim) float32, L2-normalised
-    cots: list[str]  # the reasoning each embedding was taken after ("" in direct mode)
+    """For a list of n queries: embeddings (n, dim) and n CoTs; for one query given as a string:
+    embeddings (dim,) and its CoT as a string (as `SentenceTransformer.encode` treats a string)."""
+
+    embeddings: np.ndarray  # (n, dim) or (dim,), float32, L2-normalised
+    cots: list[str] | str  # the reasoning each embedding was taken after ("" in direct mode)
+
+
+class InputTooLong(ValueError):
+    """An input over the model's token limit, with truncate=False."""
+
+
+SIDES = {"query": "max_query_tokens", "item": "max_item_tokens"}  # side -> the PromptConfig limit
+
+
+def similarity(a, b) -> np.ndarray:
+    """Cosine similarity of every row of `a` with every row of `b`: (n, m) float32; a 1-D vector
+    counts as one row (as `SentenceTransformer.similarity`, which returns a tensor)."""
+    a, b = (np.atleast_2d(np.asarray(x, dtype=np.float32)) for x in (a, b))
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def item_fields(item) -> dict:
+    """A catalog item as template fields: a string is its title; a mapping or an object with
+    attributes (`lrem.data.Item`) gives any of `prompts.ITEM_FIELDS` it has."""
+    if isinstance(item, str):
+        return {"title": item}
+    get = item.get if isinstance(item, Mapping) else lambda f: getattr(item, f, None)
+    return {f: get(f) for f in prompts.ITEM_FIELDS}
 
 
 class LREM(torch.nn.Module):
@@ -110,6 +144,13 @@ class LREM(torch.nn.Module):
             raise ValueError("the tokenizer lacks the LREM special tokens; use LREM.from_pretrained")
         self.think_id, self.think_end_id, self.emb_id = ids
         self.source = ""  # where it was loaded from (recorded in index metadata)
+        self.base = ""  # the backbone these weights started from (model card)
+        # the training stages behind these weights (lrem_config.json, model card); not `training`,
+        # which is nn.Module's train/eval flag (`.train()` would overwrite the list with a bool)
+        self.stages: list[dict] = []
+        # inputs cut to the token limits so far, per side ("query", "item"): what `lrem index` and
+        # `lrem eval` report, and /metrics counts
+        self.truncated: collections.Counter = collections.Counter()
         self._fast: dict = {}  # prefix KV caches, CUDA graphs, vLLM engine: valid for one `_weights_key`
         self._templates: dict = {}  # template prefix ids per prompt config (they do not depend on weights)
         # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
@@ -160,23 +201,34 @@ class LREM(torch.nn.Module):
             raise ValueError(f"model {name_or_path!r}: no such folder, not a built-in name ({', '.join(BUILTINS)}) "
                              "and not a hub model in the local cache") from e
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if cfg_file.exists():
-            config = PromptConfig.from_dict(json.loads(cfg_file.read_text())["prompts"])
+        saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+        if saved is not None:
+            config = PromptConfig.from_dict(saved["prompts"])
         else:
             config = PromptConfig()
             tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
             init_special_embeddings(lm, tok)
         model = cls(lm.to(device).eval(), tok, config)
-        model.source = str(name_or_path)
+        model.source = model.base = str(name_or_path)
+        if saved is not None:
+            model.stages = list(saved.get("training", []))
+            model.base = saved.get("base_model") or saved.get("base") or model.source
         return model
 
-    def save_pretrained(self, out: str | os.PathLike) -> None:
-        """Write backbone, tokenizer and `lrem_config.json` to `out` atomically."""
+    def save_pretrained(self, out: str | os.PathLike, stage: dict | None = None, metrics: dict | None = None) -> None:
+        """Write backbone, tokenizer, `lrem_config.json` and a model card (README.md) to `out`
+        atomically. `stage` (a training stage: name, steps, data, ...) is recorded after the
+        stages these weights already went through; `metrics` go into the card."""
+        from .card import model_card
+
+        training = self.stages + ([stage] if stage else [])
         with atomic_dir(out) as tmp:
             self.lm.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            write_json(tmp / LREM_CONFIG, {"prompts": self.config.to_dict(), "base": self.source})
+            write_json(tmp / LREM_CONFIG, {"prompts": self.config.to_dict(), "base": self.source,
+                                           "base_model": self.base, "training": training})
+            (tmp / "README.md").write_text(model_card(self, training=training, metrics=metrics), encoding="utf-8")
 
     @property
     def device(self) -> torch.device:
@@ -187,22 +239,53 @@ class LREM(torch.nn.Module):
         return self.lm.config.hidden_size
 
     # ---- text -> token batches ----------------------------------------------------------
-    def _truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text on its own (what the limits count)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    def query_prompts(self, texts: list[str]) -> list[str]:
-        """Query-side texts up to `<think>` (queries truncated to `max_query_tokens`)."""
-        c = self.config
-        return [prompts.query_prompt(self.tokenizer, self._truncate(t, c.max_query_tokens), c) for t in texts]
+    def overlong(self, texts, side: str) -> list[tuple[int, int]]:
+        """(position, tokens) of each input over the side's limit (`SIDES`); for items, the
+        filled item template counts (an input may be a title or an item's fields)."""
+        if side == "item":
+            texts = [prompts.item_text(item_fields(x), self.config) for x in texts]
+        limit = getattr(self.config, SIDES[side])
+        return [(i, n) for i, n in enumerate(self.token_counts(texts)) if n > limit]
 
-    def query_texts(self, texts: list[str], cots: list[str]) -> list[str]:
+    def fit(self, texts: list[str], side: str, truncate: bool = True) -> list[str]:
+        """`texts` within the side's token limit (`SIDES`): over it, an `InputTooLong` naming the
+        limit, or (truncate) cut to it and counted in `self.truncated[side]`. Fitting twice cuts
+        nothing more, so the public renderers below can each fit their input."""
+        setting = SIDES[side]
+        limit, out = getattr(self.config, setting), list(texts)
+        for i, n in enumerate(self.token_counts(out)):
+            if n <= limit:
+                continue
+            if not truncate:
+                raise InputTooLong(f"{side} {i} has {n} tokens; the limit is {limit} ({setting}, saved with the model "
+                                   f"in lrem_config.json); pass truncate=True to cut it")
+            ids = self.tokenizer(out[i], add_special_tokens=False)["input_ids"]
+            k = limit
+            while True:  # decoding can merge pieces into more tokens than `k`: cut until it fits
+                out[i] = self.tokenizer.decode(ids[:k])
+                if self.token_counts([out[i]])[0] <= limit or k == 0:
+                    break
+                k -= 1
+            self.truncated[side] += 1
+        return out
+
+    def query_prompts(self, texts: list[str], truncate: bool = True) -> list[str]:
+        """Query-side texts up to `<think>` (queries fitted to `max_query_tokens`, see `fit`)."""
+        return [prompts.query_prompt(self.tokenizer, t, self.config) for t in self.fit(texts, "query", truncate)]
+
+    def query_texts(self, texts: list[str], cots: list[str], truncate: bool = True) -> list[str]:
         """Full query-side texts: prompt + `<think>` + CoT + `</think><emb>`."""
-        return [p + prompts.close_cot(c, self.config) for p, c in zip(self.query_prompts(texts), cots)]
+        return [p + prompts.close_cot(c, self.config) for p, c in zip(self.query_prompts(texts, truncate), cots)]
 
-    def item_texts(self, titles: list[str]) -> list[str]:
-        c = self.config
-        return [prompts.item_prompt(self.tokenizer, self._truncate(t, c.max_item_tokens), c) for t in titles]
+    def item_texts(self, items, truncate: bool = True) -> list[str]:
+        """Full item-side texts: the item template filled from each item's fields (`item_fields`;
+        a string is a title), fitted to `max_item_tokens`, in the item chat prompt ending `<emb>`."""
+        filled = [prompts.item_text(item_fields(x), self.config) for x in items]
+        return [prompts.item_prompt(self.tokenizer, t, self.config) for t in self.fit(filled, "item", truncate)]
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded batch; the templates already hold every special token."""
@@ -356,27 +439,50 @@ class LREM(torch.nn.Module):
                                            past_key_values=cache, use_cache=True).last_hidden_state
         return F.normalize(emb_hidden(hidden, ids, self.emb_id).float(), dim=-1)
 
-    def encode_items(self, titles: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        """Item embeddings (n, dim), float32, L2-normalised; items never reason."""
-        return self._embed_texts(self.item_texts(list(titles)), batch_size, "items", show_progress)
+    def encode_items(self, items, batch_size: int = 64, show_progress: bool = False,
+                     truncate: bool = True) -> np.ndarray:
+        """Item embeddings (n, dim), float32, L2-normalised; items never reason. `items`: titles,
+        or mappings / `lrem.data.Item`s whose fields the item template names; one item (a
+        string) gives one vector (dim,). `truncate`: see `fit`."""
+        if isinstance(items, str):
+            return self.encode_items([items], batch_size, show_progress, truncate)[0]
+        return self._embed_texts(self.item_texts(list(items), truncate), batch_size, "items", show_progress)
+
+    def encode_document(self, items, **kwargs) -> np.ndarray:
+        """`encode_items` under sentence-transformers' name."""
+        return self.encode_items(items, **kwargs)
+
+    def encode_query(self, texts, mode: str = "reason", **kwargs) -> np.ndarray:
+        """Embeddings only, as sentence-transformers' `encode_query`: (dim,) for a string, (n, dim)
+        for a list. `encode_queries` also gives the CoTs."""
+        return self.encode_queries(texts, mode=mode, **kwargs).embeddings
+
+    similarity = staticmethod(similarity)
 
     def encode_queries(
         self,
-        texts: list[str],
+        texts: list[str] | str,
         mode: str = "reason",
-        cots: list[str] | None = None,
+        cots: list[str] | str | None = None,
         batch_size: int = 32,
         show_progress: bool = False,
         fast: bool = True,
+        truncate: bool = True,
     ) -> QueryEncoding:
         """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`.
 
         Given `cots` (teacher CoTs, ablations), `mode` is ignored. In `reason` mode the
         embedding equals the one `encode_queries(texts, cots=result.cots)` gives; `fast`
         (default) embeds each query from the KV cache its reasoning left (`_reason`).
+        One query as a string gives embeddings (dim,) and its CoT as a string. `truncate`:
+        queries over `max_query_tokens` are cut and counted (True) or an error (False).
         """
         check_batch_size(batch_size)
-        texts = list(texts)
+        if isinstance(texts, str):
+            one = self.encode_queries([texts], mode, None if cots is None else [cots], batch_size, show_progress,
+                                      fast, truncate)
+            return QueryEncoding(one.embeddings[0], one.cots[0])
+        texts = self.fit(list(texts), "query", truncate)
         if cots is not None:
             if len(cots) != len(texts):
                 raise ValueError(f"{len(cots)} cots for {len(texts)} queries")

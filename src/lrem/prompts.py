@@ -6,6 +6,7 @@ reasoning: their assistant turn is just `<emb>`. The embedding is the hidden sta
 """
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass, fields
 
 THINK_TOKEN = "<think>"
@@ -26,6 +27,8 @@ QUERY_INSTRUCTION = (
 # their own default (SmolLM2 would insert "You are a helpful AI assistant named SmolLM...").
 ITEM_SYSTEM = "You are an item assistant for an e-commerce search platform."
 ITEM_TEMPLATE = "Item: {title}"
+# Catalog fields an item template may name (`lrem.data.Item`); a field an item lacks renders as "".
+ITEM_FIELDS = ("title", "category", "text", "brand", "color", "bullets", "description")
 
 
 @dataclass
@@ -35,13 +38,25 @@ class PromptConfig:
     query_system: str = QUERY_SYSTEM
     query_instruction: str = QUERY_INSTRUCTION
     item_system: str = ITEM_SYSTEM
-    item_template: str = ITEM_TEMPLATE
+    item_template: str = ITEM_TEMPLATE  # may name any of ITEM_FIELDS, e.g. "Item: {title} | brand: {brand}"
     think_token: str = THINK_TOKEN
     think_end_token: str = THINK_END_TOKEN
     emb_token: str = EMB_TOKEN
     cot_max_tokens: int = 16  # l in the paper: the CoT budget (tokens generated at most)
-    max_query_tokens: int = 64  # longer queries are truncated before templating
-    max_item_tokens: int = 64  # longer item titles are truncated before templating
+    max_query_tokens: int = 64  # longer queries: an error, or cut (and counted) with truncate=True
+    max_item_tokens: int = 64  # the same for an item's text as the item template fills it in
+
+    def __post_init__(self):
+        for name, text, allowed in (("query_instruction", self.query_instruction, ("query",)),
+                                    ("item_template", self.item_template, ITEM_FIELDS)):
+            names = template_fields(text)
+            bad = sorted(names - set(allowed))
+            if bad or allowed[0] not in names:
+                raise ValueError(f"prompt config {name}={text!r} must name {{{allowed[0]}}} and only fields of "
+                                 f"{', '.join(allowed)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
+        for name in ("cot_max_tokens", "max_query_tokens", "max_item_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"prompt config {name}={getattr(self, name)!r}; expected an integer >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptConfig":
@@ -52,6 +67,27 @@ class PromptConfig:
         return cls(**d)
 
     to_dict = asdict
+
+
+def template_fields(template: str) -> set[str]:
+    """The {field} names of a format string.
+
+    >>> sorted(template_fields("Item: {title} | brand: {brand}"))
+    ['brand', 'title']
+    """
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"bad template {template!r}: {e}") from None
+
+
+def item_text(fields_: dict, cfg: PromptConfig) -> str:
+    """The item template filled in: the catalog text an item's embedding is taken after.
+
+    >>> item_text({"title": "mug", "brand": "Acme"}, PromptConfig(item_template="{title} | brand: {brand}"))
+    'mug | brand: Acme'
+    """
+    return cfg.item_template.format(**{f: fields_.get(f) or "" for f in ITEM_FIELDS})
 
 
 def chat(tokenizer, system: str, user: str) -> str:
@@ -82,6 +118,6 @@ def close_cot(cot: str, cfg: PromptConfig) -> str:
     return (f" {cot} " if cot else "") + cfg.think_end_token + cfg.emb_token
 
 
-def item_prompt(tokenizer, title: str, cfg: PromptConfig) -> str:
-    """The full item-side text, ending with `<emb>`."""
-    return chat(tokenizer, cfg.item_system, cfg.item_template.format(title=title)) + cfg.emb_token
+def item_prompt(tokenizer, text: str, cfg: PromptConfig) -> str:
+    """The full item-side text, ending with `<emb>`; `text` is the filled item template (`item_text`)."""
+    return chat(tokenizer, cfg.item_system, text) + cfg.emb_token

@@ -52,13 +52,14 @@ class Searcher:
         router: decides which queries reason in `auto` mode (default: `Router()`).
     """
 
-    def __init__(self, model: LREM, index: ItemIndex, router: Router | None = None):
+    def __init__(self, model: LREM, index: ItemIndex, router: Router | None = None, truncate: bool = True):
         if index.index.d != model.dim:
             raise ValueError(f"index dim {index.index.d} != model dim {model.dim} (was the index built with "
                              f"another model than {model.source or 'this one'}?)")
         self.model = model
         self.index = index
         self.router = router or Router()
+        self.truncate = truncate  # queries over the model's max_query_tokens: cut and counted, or an error
 
     @classmethod
     def load(cls, index_dir, model: LREM | str | None = None, **model_kwargs) -> "Searcher":
@@ -99,7 +100,7 @@ class Searcher:
             return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress)[0]
         cots = cots if cots is not None else self.cots_for(queries, mode)
         enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, truncate=self.truncate)
         scores, ids = self.index.search(enc.embeddings, k)
         return [
             SearchResult([Hit(i, float(s)) for i, s in zip(row_ids, row_scores)], cot)
@@ -115,7 +116,7 @@ class Searcher:
         """
         check_search(queries, k)
         router = router or self.router
-        enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size)
+        enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size, truncate=self.truncate)
         scores, ids = self.index.search(enc.embeddings, max(k, router.depth))  # (n, >= depth)
         routed = router.decide(queries, scores)
         results = [SearchResult([Hit(i, float(s)) for i, s in zip(row_ids[:k], row_scores[:k])], "")
@@ -172,14 +173,16 @@ def parse_system(arg: str) -> tuple[str, str]:
     return (name, spec) if sep else (arg, arg)
 
 
-def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) -> dict[str, Retriever]:
+def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
+                  truncate: bool = True) -> dict[str, Retriever]:
     """Turn {name: spec} into retrievers over `ds.catalog` (titles).
 
     `MODEL:MODE`: MODEL is an index folder (from `lrem index`, over this catalog) or a model
     (folder, hub name, built-in name) whose items are embedded here, once per model, however
     many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with a default
     `lrem.router.Router`, `auto@0.3` with a reasoning budget of 30% (`Router(share=0.3)`), and
-    the report records each LREM system's share of queries reasoned.
+    the report records each LREM system's share of queries reasoned. `truncate`: inputs over a
+    model's token limits are cut and counted (`model.truncated`), or an error.
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
@@ -200,12 +203,14 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print) ->
         if model not in searchers:
             if is_index_dir(model):
                 searcher = Searcher.load(model, log=log)
+                searcher.truncate = truncate
                 if set(searcher.index.item_ids) != set(titles):
                     raise ValueError(f"index {model} was built on another catalog than {ds.name}")
             else:
                 lrem = LREM.from_pretrained(model, log=log)
                 log(f"embedding {len(titles)} items with {model}")
-                searcher = Searcher(lrem, ItemIndex.build(lrem, titles, batch_size=batch_size))
+                searcher = Searcher(lrem, ItemIndex.build(lrem, dict(ds.catalog), batch_size=batch_size,
+                                                          truncate=truncate), truncate=truncate)
             searchers[model] = searcher
         systems[name] = searchers[model].retriever(mode, Router(share=float(share)) if at else None)
     return systems

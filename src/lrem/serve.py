@@ -178,6 +178,8 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
     dimensions: int | None = Field(None, description="Must equal the model's dimension when given.")
+    truncate: bool = Field(False, description="An input over the model's token limit (max_query_tokens or "
+                           "max_item_tokens): false, a 422 naming the limit; true, cut to it (counted in /metrics).")
     user: str | None = None
 
 
@@ -220,6 +222,8 @@ class _Metrics:
                              ["kind", "result"], registry=r)
         self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
                                registry=r)
+        self.truncated = Counter("lrem_truncated_inputs", "Inputs cut to the model's token limit, by side "
+                                 "(query, item).", ["side"], registry=r)
         Gauge("lrem_cache_hit_rate", "Cache hits / lookups since start.", registry=r).set_function(
             lambda: service.cache.hit_rate)
         Gauge("lrem_cache_entries", "Entries in the cache.", registry=r).set_function(lambda: len(service.cache))
@@ -456,7 +460,9 @@ def create_app(searcher, config: ServeConfig | None = None):
         """Top-k catalog items for a query, with the CoT it was embedded after and timings."""
         if req.k > cfg.max_k:
             raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
-        result = await limited(service.query(service.clean(req.query, "query"), req.mode, req.k))
+        query = service.clean(req.query, "query")
+        service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
+        result = await limited(service.query(query, req.mode, req.k))
         del result["embedding"]
         return result
 
@@ -472,6 +478,13 @@ def create_app(searcher, config: ServeConfig | None = None):
         if req.dimensions not in (None, searcher.model.dim):
             raise HTTPException(422, f"dimensions={req.dimensions}; this model only gives {searcher.model.dim}")
         texts = [service.clean(t, f"input[{i}]", query=kind != "item") for i, t in enumerate(texts)]
+        side = "item" if kind == "item" else "query"
+        over = searcher.model.overlong(texts, side)
+        if over and not req.truncate:
+            (i, n), limit = over[0], ("max_item_tokens" if side == "item" else "max_query_tokens")
+            raise HTTPException(422, f"input[{i}] has {n} tokens; the limit is {getattr(searcher.model.config, limit)} "
+                                     f"({limit}); send truncate=true to cut it")
+        service.metrics.truncated.labels(side).inc(len(over))
 
         async def one(text):
             if kind == "auto":

@@ -175,7 +175,10 @@ def from_esci(src, locale: str | None = None) -> Dataset:
             continue
         pid, loc = row["product_id"], row["product_locale"]
         iid = f"{loc}:{pid}" if prefix else pid
-        catalog.setdefault(iid, Item(iid, title, "esci", _join(*(row.get(f) for f in ESCI_PRODUCT_FIELDS[1:]))))
+        fields = {f: _clean(row.get(f"product_{f}")) or None for f in ("brand", "color", "description")}
+        bullets = _join(*(row.get("product_bullet_point") or "").splitlines())  # one bullet a line
+        catalog.setdefault(iid, Item(iid, title, "esci", _join(*(row.get(f) for f in ESCI_PRODUCT_FIELDS[1:])),
+                                     bullets=bullets, **fields))
         qid = str(row["query_id"])
         split = (row.get("split") or "").strip() or hash_split(qid)
         queries.setdefault(qid, Query(qid, qtext, "esci", split))
@@ -218,7 +221,9 @@ def from_wands(src) -> Dataset:
         features = (row["product_features"] or "").replace("|", "; ")
         category = _clean(row["product_class"]) or None
         catalog[row["product_id"]] = Item(row["product_id"], title, category,
-                                          _join(row["product_description"], features))
+                                          _join(row["product_description"], features),
+                                          bullets=_join(*features.split("; ")),
+                                          description=_clean(row["product_description"]) or None)
     queries = read_wands_queries(src / "query.csv")
 
     label_path, qrels, dangling = src / "label.csv", {}, 0

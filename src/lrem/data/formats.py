@@ -2,7 +2,7 @@
 
 A dataset is a folder with three tables, each `.jsonl`, `.csv`, `.tsv` or `.parquet`:
 
-    catalog   {item_id, title, category?, text?}
+    catalog   {item_id, title, category?, text?, brand?, color?, bullets?, description?}
     queries   {query_id, text, category, split, hard?}
     qrels     {query_id, item_id, relevance}      relevance > 0 = relevant, 0 = judged irrelevant
 
@@ -28,7 +28,9 @@ from lrem._text import control_char
 TABLES = ("catalog", "queries", "qrels")
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
 
-CATALOG_SCHEMA = ({"item_id": str, "title": str}, {"category": str, "text": str})
+# the optional item fields are what a model's item template may name (lrem.prompts.ITEM_FIELDS)
+CATALOG_SCHEMA = ({"item_id": str, "title": str},
+                  {"category": str, "text": str, "brand": str, "color": str, "bullets": str, "description": str})
 QUERIES_SCHEMA = ({"query_id": str, "text": str, "category": str, "split": str}, {"hard": bool})
 QRELS_SCHEMA = ({"query_id": str, "item_id": str, "relevance": int}, {})
 SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
@@ -53,7 +55,11 @@ class Item:
     item_id: str
     title: str
     category: str | None = None
-    text: str | None = None
+    text: str | None = None  # free text (BEIR documents; ESCI and WANDS: the other fields joined)
+    brand: str | None = None
+    color: str | None = None
+    bullets: str | None = None  # bullet points / features, one per line
+    description: str | None = None
 
 
 @dataclass

@@ -387,7 +387,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
 
         writer = SummaryWriter(str(out / "tb"))
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "global_batch_size": bs * world,
-             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "losses": {}}
+             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "losses": {},
+             "data": ", ".join(x for x in (str(triplets or ""), dataset and f"{dataset.name} ({split} qrels)") if x)}
     end = min(total, stop_after_step or total)
     t0, t_log, s_log = time.time(), time.time(), start
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", unit="step", disable=not main)
@@ -437,10 +438,20 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     return state
 
 
+def training_stage(state: dict) -> dict:
+    """What the model card and lrem_config.json record of a finished run (from its train state)."""
+    cfg = state.get("config", {})
+    name = "rl" if "init" in state else "coldstart" if cfg.get("use_cot", True) else "direct"
+    return {"stage": name, "steps": state.get("step"), "examples": state.get("examples"),
+            "data": state.get("pairs") or state.get("data"), "init": state.get("init") or cfg.get("model"),
+            "batch_size": state.get("global_batch_size", state.get("batch_size")),
+            "learning_rate": cfg.get("learning_rate"), "seed": state.get("seed")}
+
+
 def _save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS)) -> None:
     """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, stage=training_stage(state))
         write_json(tmp / TRAIN_STATE, state)
         for sub in keep:
             if (out / sub).exists():

@@ -1,0 +1,91 @@
+"""Model cards: the README.md written beside every saved model (`LREM.save_pretrained`, trained
+outputs, `lrem export`), so a folder says what it is, where it came from and how to use it."""
+from __future__ import annotations
+
+import json
+
+from . import prompts
+from .backbones import BUILTINS
+
+_STAGES = {"coldstart": "stage 1, cold start: 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE",
+           "direct": "direct-embedding baseline: InfoNCE only, no CoT",
+           "rl": "stage 2, RL: 1.0 L_GRPO (rank reward) + 0.1 L_InfoNCE"}
+
+
+def _stage_rows(training: list[dict]) -> list[str]:
+    if not training:
+        return ["None recorded: these are the backbone's weights plus the three LREM tokens (untrained for "
+                "retrieval; expect weak embeddings until `lrem train coldstart` has run)."]
+    rows = ["| # | stage | steps | examples | data | batch | learning rate |", "|---|---|---|---|---|---|---|"]
+    for i, s in enumerate(training, 1):
+        rows.append(f"| {i} | {_STAGES.get(s.get('stage'), s.get('stage', '?'))} | {s.get('steps', '?')} | "
+                    f"{s.get('examples', '?')} | {s.get('data') or '?'} | {s.get('batch_size', '?')} | "
+                    f"{s.get('learning_rate', '?')} |")
+    return rows
+
+
+def model_card(model, training: list[dict] | None = None, metrics: dict | None = None,
+               export: str | None = None) -> str:
+    """README.md text for `model` (an `lrem.model.LREM`). `training`: its stages (default the
+    model's own); `metrics`: name -> value, when known; `export`: the format of an exported
+    folder ("sentence-transformers"), which changes the usage section."""
+    cfg = model.config
+    training = model.stages if training is None else training
+    base = model.base or model.source or "unknown"
+    builtin = BUILTINS.get(base)
+    hub_base = builtin.origin if builtin else base
+    front = ["---", "library_name: " + ("sentence-transformers" if export else "lrem"),
+             "pipeline_tag: feature-extraction", "tags: [lrem, reasoning-embedding, product-search, retrieval]"]
+    if "/" in hub_base and not hub_base.startswith(("/", ".")):
+        front.append(f"base_model: {hub_base}")  # a hub name; local paths mean nothing elsewhere
+    front.append("---")
+    lines = [*front, "", "# LREM embedding model" + (f" ({export} export)" if export else ""), "",
+             "A decoder LLM used as an embedder, after LREM (arXiv 2510.14321): a query's embedding is the "
+             "last hidden state at `<emb>`, taken after the model reasons about the query in "
+             "`<think> ... </think>` (or directly, with an empty `<think></think>`); an item's embedding "
+             "is taken at `<emb>` without reasoning. Scores are cosine similarities.", "",
+             "## Base model", "", f"`{base}`, {model.dim}-dimensional hidden states" + (
+                 f" (lrem's built-in: `{hub_base}`, from the GGUF `{builtin.gguf_file}`, dequantised)." if builtin
+                 else "."), "",
+             "## Training", "", *_stage_rows(training), ""]
+    lines += ["## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in metrics.items())]
+    else:
+        lines += ["None recorded with this folder; `lrem eval --system NAME=FOLDER:reason ...` measures it."]
+    lines += ["", "## Prompts", "",
+              f"Saved with the model (`{'lrem_export.json' if export else 'lrem_config.json'}`, "
+              "`lrem.prompts.PromptConfig`); the backbone's chat template wraps them.",
+              "", "```json", json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False), "```", "",
+              f"A query over {cfg.max_query_tokens} tokens, or an item text over {cfg.max_item_tokens}, is cut "
+              "(and counted) or refused, as the caller's `truncate` option says. The item template may name "
+              f"{', '.join('{' + f + '}' for f in prompts.ITEM_FIELDS)}.", "",
+              "## Intended use", "",
+              "First-stage dense retrieval for product search: embed the catalog once (items), then each "
+              "query, and rank items by cosine similarity (FAISS). Queries that need interpretation "
+              "(\"a drink stronger than tea\") gain most from reasoning; `direct` mode costs one forward pass. "
+              "Not meant for generation, for languages or domains it was not trained on, or as the only "
+              "signal for decisions about people.", "", "## Usage", ""]
+    if export:
+        lines += ["```python", "from sentence_transformers import SentenceTransformer",
+                  "model = SentenceTransformer(\"PATH\")",
+                  "items = model.encode_document([\"corkscrew, bottle screw\"])   # = lrem encode_items",
+                  "queries = model.encode_query([\"a device for pulling corks\"])  # = lrem direct mode",
+                  "model.similarity(queries, items)", "```", "",
+                  *([] if prompts.template_fields(cfg.item_template) == {"title"} else [
+                      "", f"The item template names more than the title ({cfg.item_template!r}): pass each item as "
+                      "that template filled in (`lrem.prompts.item_text`), not as its title.", ""]),
+                  "sentence-transformers gives the item side and the `direct` query side. Reasoning "
+                  "(generating the CoT before `<emb>`) needs `lrem serve` (one pass: `/v1/embeddings` with "
+                  "model `lrem-query-reason`) or the `lrem` Python API on the original LREM folder.", "",
+                  "Serving items from TEI, vLLM or Infinity: these servers do not apply the task-aware chat "
+                  "template; send each item as the full text in `lrem_export.json` (`item_prefix` + item "
+                  "text + `item_suffix`), pooling the last token (`1_Pooling`: last token), normalised."]
+    else:
+        lines += ["```python", "from lrem.model import LREM", "model = LREM.from_pretrained(\"PATH\")",
+                  "q = model.encode_queries(\"a device for pulling corks\", mode=\"reason\")  # .embeddings, .cots",
+                  "items = model.encode_items([\"corkscrew, bottle screw\"])",
+                  "model.similarity(q.embeddings, items)", "```", "",
+                  "`lrem export --model PATH --to sentence-transformers --out OUT` writes a folder that "
+                  "sentence-transformers (and, for items, TEI / vLLM / Infinity) can load."]
+    return "\n".join(lines) + "\n"

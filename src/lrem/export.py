@@ -1,0 +1,115 @@
+"""Export an LREM model to the embedding ecosystem: `lrem export --to sentence-transformers`.
+
+    from lrem.export import export_sentence_transformers
+    export_sentence_transformers(LREM.from_pretrained("runs/coldstart"), "runs/st")
+    SentenceTransformer("runs/st").encode_document(["corkscrew"])   # = LREM.encode_items
+    SentenceTransformer("runs/st").encode_query(["a cork puller"])  # = LREM.encode_queries(mode="direct")
+
+The folder is a plain sentence-transformers model: Transformer (the decoder without its LM head)
++ last-token pooling + normalisation. The LREM prompts live in its chat template, which renders
+exactly lrem's token sequences: the query side (direct mode, `<think></think><emb>`) when
+sentence-transformers passes task="query" (`encode_query`), the item side otherwise; the last
+token is `<emb>`, where lrem takes the embedding. Reasoning is not part of it (that needs
+generation first: `lrem serve`). `lrem_export.json` holds the same prompts as plain prefix and
+suffix strings, for servers that do not apply chat templates (TEI, Infinity, vLLM's `input`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import prompts
+from ._io import atomic_dir, write_json
+from .card import model_card
+
+EXPORT_FILE = "lrem_export.json"
+FORMATS = ("sentence-transformers",)
+_SLOT = "\x00LREM-TEXT\x00"  # a marker no prompt contains: where the caller's text goes
+
+
+def _split(rendered: str) -> tuple[str, str]:
+    prefix, sep, suffix = rendered.partition(_SLOT)
+    if not sep or _SLOT in suffix:
+        raise ValueError("the chat template does not keep the text exactly once; it cannot be exported")
+    return prefix, suffix
+
+
+def side_templates(model) -> dict[str, str]:
+    """The text around a query (direct mode) and around an item, as lrem renders them.
+
+    The item slot is the title when the item template names only {title}; otherwise it is the
+    whole filled item template (the caller fills it, `lrem.prompts.item_text`)."""
+    cfg, tok = model.config, model.tokenizer
+    q_prefix, q_suffix = _split(prompts.query_prompt(tok, _SLOT, cfg) + prompts.close_cot("", cfg))
+    title_only = prompts.template_fields(cfg.item_template) == {"title"}
+    filled = prompts.item_text({"title": _SLOT}, cfg) if title_only else _SLOT
+    i_prefix, i_suffix = _split(prompts.item_prompt(tok, filled, cfg))
+    return {"query_prefix": q_prefix, "query_suffix": q_suffix, "item_prefix": i_prefix, "item_suffix": i_suffix,
+            "item_slot": "title" if title_only else "item_template"}
+
+
+def _raw(text: str) -> str:
+    if "{% endraw %}" in text:
+        raise ValueError("a prompt contains '{% endraw %}'; it cannot be put in a chat template")
+    return "{% raw %}" + text + "{% endraw %}"
+
+
+def chat_template(sides: dict[str, str]) -> str:
+    """A Jinja chat template that renders the last user message as an LREM query (task="query",
+    sentence-transformers' `encode_query`) or item (anything else), nothing else added."""
+    return ("{%- set ns = namespace(text='') -%}"
+            "{%- for m in messages if m['role'] == 'user' -%}"
+            "{%- if m['content'] is string -%}{%- set ns.text = m['content'] -%}"
+            "{%- else -%}{%- set ns.text = m['content'] | selectattr('type', 'equalto', 'text') "
+            "| map(attribute='text') | join('') -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if task is defined and task == 'query' -%}"
+            + _raw(sides["query_prefix"]) + "{{ ns.text }}" + _raw(sides["query_suffix"]) +
+            "{%- else -%}"
+            + _raw(sides["item_prefix"]) + "{{ ns.text }}" + _raw(sides["item_suffix"]) +
+            "{%- endif -%}")
+
+
+def export_sentence_transformers(model, out, log=print) -> Path:
+    """Write `model` (an `lrem.model.LREM`) to `out` as a sentence-transformers folder, atomically."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    sides = side_templates(model)
+    with tempfile.TemporaryDirectory(prefix="lrem-export-") as tmp:
+        model.save_pretrained(Path(tmp) / "lrem")
+        # sentence-transformers' default for a causal LM folder: the decoder without the LM head,
+        # then last-token pooling; the chat template below puts `<emb>` last
+        st = SentenceTransformer(str(Path(tmp) / "lrem"), device="cpu", model_kwargs={"dtype": model.lm.dtype})
+    transformer = st[0]
+    transformer.tokenizer.chat_template = chat_template(sides)
+    if "message" not in transformer.modality_config:
+        raise ValueError("sentence-transformers did not load the model with chat messages; cannot export")
+    tok = model.tokenizer
+    frame = max(len(tok(sides[f"{s}_prefix"] + sides[f"{s}_suffix"], add_special_tokens=False)["input_ids"])
+                for s in ("query", "item"))
+    # room for the longest input lrem embeds; sentence-transformers cuts longer ones (keeping `<emb>`)
+    transformer.max_seq_length = frame + max(model.config.max_query_tokens, model.config.max_item_tokens)
+    st.append(Normalize())
+    st.similarity_fn_name = "cosine"
+    with atomic_dir(out) as folder:
+        st.save(str(folder), create_model_card=False)
+        write_json(folder / EXPORT_FILE, {"format": "sentence-transformers", "source": model.source,
+                                          "base_model": model.base, "prompts": model.config.to_dict(),
+                                          "max_seq_length": transformer.max_seq_length, **sides})
+        (folder / "README.md").write_text(model_card(model, export="sentence-transformers"), encoding="utf-8")
+    log(f"exported {model.source} -> {out} (sentence-transformers: items, and queries in direct mode)")
+    return Path(out)
+
+
+def export(model, to: str, out: str | os.PathLike, log=print) -> Path:
+    if to not in FORMATS:
+        raise ValueError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
+    return export_sentence_transformers(model, out, log=log)
+
+
+def read_export(path) -> dict:
+    """The prompts of an exported folder (`lrem_export.json`)."""
+    return json.loads((Path(path) / EXPORT_FILE).read_text(encoding="utf-8"))
