@@ -291,7 +291,7 @@ CORRUPT = [  # (file, content, expected in the message)
     ("meta.json", "{not json", "meta.json: malformed JSON"),
     ("items.jsonl", '{"item_id": "a"}\n', "items.jsonl:1: field 'title'"),
     ("items.jsonl", "DROP", "has 5 vectors but items.jsonl has 4 items"),
-    ("meta.json", '{"model": "/no/such/model", "dim": 64}', "meta.json: model"),
+    ("meta.json", '{"model": "/no/such/model", "dim": 64}', "meta.json: '/no/such/model' is not a folder"),
     ("meta.json", '{"model": "MODEL", "dim": 8}', "meta.json: field 'dim'"),
 ]
 
@@ -402,7 +402,7 @@ def _symlink_loop(tmp_path):
 
 def _unknown_model(tmp_path):
     return ["index", "--data", str(write_dataset(tmp_path / "t")), "--out", str(tmp_path / "o"),
-            "--model", "no-such-model"], ["no-such-model", "not a built-in name"]
+            "--model", "no-such-model"], ["'no-such-model' is not a folder", "built-in"]
 
 
 def _broken_yaml_set(tmp_path, index_dir):
