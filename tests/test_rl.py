@@ -258,3 +258,27 @@ def test_kl_to_the_stage1_model_is_logged_and_weighted(tmp_path, tiny_dir):
     hist = [json.loads(x) for x in (tmp_path / "kl" / "history.jsonl").read_text().splitlines()]
     assert "loss/kl" in hist[0] and hist[0]["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
     assert hist[1]["policy/kl"] > 0 and state["last"]["loss/kl"] == pytest.approx(hist[1]["policy/kl"], rel=1e-4)
+
+
+def test_train_rl_logs_grad_norm_and_dev_metrics_from_eval_data(tmp_path, tiny_dir):
+    from lrem.data import Dataset, Item, Query, save_dataset
+
+    words = [p.item_title for p in PAIRS]
+    ds = Dataset({p.item_id: Item(p.item_id, p.item_title) for p in PAIRS},
+                 {f"d{i}": Query(f"d{i}", f"a {w} please", "definition", "dev") for i, w in enumerate(words)},
+                 {f"d{i}": {p.item_id: 1} for i, p in enumerate(PAIRS)}, name="toy")
+    save_dataset(ds, tmp_path / "data")
+    pairs = write_pairs(tmp_path / "p.jsonl", PAIRS[:4])
+    cfg = RLConfig(num_generations=2, batch_size=4, rollout_max_tokens=6, cot_max_tokens=4, max_steps=2,
+                   learning_rate=1e-3, warmup_ratio=0.0, save_steps=0, eval_steps=1,
+                   eval_data=str(tmp_path / "data"), eval_queries=3, eval_distractors=3)
+    state = train_rl(cfg, tiny_dir, tmp_path / "rl", pairs=pairs, log=lambda *a: None)
+    hist = [json.loads(x) for x in (tmp_path / "rl" / "history.jsonl").read_text().splitlines()]
+    assert all(h["grad_norm"] > 0 for h in hist)
+    assert state["dev"]["step"] == 2 and 0 <= state["dev"]["ndcg@10"] <= 1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "rl" / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("dev/hitrate@10")] == [1, 2] and [e.step for e in tb.Scalars("grad_norm")] == [1, 2]

@@ -25,10 +25,11 @@ def completion(content, finish="stop", refusal=None) -> str:
 
 class OpenAIStandIn:
     """A real HTTP server speaking /v1/chat/completions. `reply(body, n)` -> (status, text, delay_s)
-    decides each answer (n counts requests from 1); requests and headers are recorded."""
+    or (status, text, delay_s, headers) decides each answer (n counts requests from 1); requests,
+    their headers and arrival times are recorded."""
 
     def __init__(self, reply):
-        self.reply, self.requests, self.headers = reply, [], []
+        self.reply, self.requests, self.headers, self.times = reply, [], [], []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         outer = self
@@ -39,6 +40,7 @@ class OpenAIStandIn:
                 with outer.lock:
                     outer.requests.append(body)
                     outer.headers.append(dict(self.headers))
+                    outer.times.append(time.perf_counter())
                     n = len(outer.requests)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
@@ -46,10 +48,12 @@ class OpenAIStandIn:
                     if self.path != "/v1/chat/completions":
                         status, text, delay = 404, '{"error": "not found"}', 0
                     else:
-                        status, text, delay = outer.reply(body, n)
+                        status, text, delay, *extra = outer.reply(body, n)
                     time.sleep(delay)
                     data = text.encode()
                     self.send_response(status)
+                    for k, v in (extra[0] if extra else {}).items():
+                        self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -117,6 +121,38 @@ def test_openai_teacher_retries_a_500_then_succeeds(standin):
     t = OpenAITeacher(srv.url, "m", retries=3, backoff=0.01)
     assert generate(t, [CHAT], 16) == [Answer("coffee", "stop")]
     assert len(srv.requests) == 2
+
+
+def test_openai_teacher_waits_the_retry_after_of_a_429(standin):
+    srv = standin(lambda body, n: (429, '{"error": "rate limited"}', 0, {"Retry-After": "1"}) if n == 1
+                  else (200, completion("coffee"), 0))
+    t = OpenAITeacher(srv.url, "m", retries=3, backoff=0.01)  # the backoff alone would retry after 10 ms
+    assert generate(t, [CHAT], 16) == [Answer("coffee", "stop")]
+    assert len(srv.requests) == 2 and srv.times[1] - srv.times[0] >= 0.95
+
+
+def test_a_short_retry_after_beats_a_long_backoff(standin):
+    srv = standin(lambda body, n: (503, '{"error": "busy"}', 0, {"retry-after-ms": "50"}) if n < 3
+                  else (200, completion("tea"), 0))
+    t0 = time.perf_counter()
+    assert generate(OpenAITeacher(srv.url, "m", retries=3, backoff=30), [CHAT], 16)[0].text == "tea"
+    assert len(srv.requests) == 3 and time.perf_counter() - t0 < 10  # the backoff would wait 30 + 60 s
+
+
+def test_retry_after_forms():
+    import email.utils
+
+    import httpx
+
+    from lrem.teachers import retry_after
+
+    def after(headers):
+        return retry_after(httpx.Response(429, headers=headers))
+
+    assert after({"Retry-After": "7"}) == 7.0 and after({"retry-after-ms": "1500"}) == 1.5
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= after({"Retry-After": date}) <= 31
+    assert after({}) is None and after({"Retry-After": "soon"}) is None
 
 
 def test_openai_teacher_retries_a_timeout(standin):

@@ -268,3 +268,44 @@ def test_gzipped_triplets_load_as_the_plain_file(tmp_path, tiny_dir, triplets):
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "config.json").exists()
+
+
+def _dev_dataset() -> Dataset:
+    """The triplets' train queries plus 4 dev queries over the same 8 items."""
+    dev = {f"d{i}": Query(f"d{i}", f"a {w} please", "definition", "dev") for i, w in enumerate(WORDS[:4])}
+    return Dataset(catalog={f"i{i}": Item(f"i{i}", w) for i, w in enumerate(WORDS)},
+                   queries={f"q{i}": Query(f"q{i}", f"something like a {w}", "definition", "train")
+                            for i, w in enumerate(WORDS)} | dev,
+                   qrels={f"q{i}": {f"i{i}": 1} for i in range(len(WORDS))} | {f"d{i}": {f"i{i}": 1} for i in range(4)})
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_grad_norm_and_dev_hitrate_every_eval_steps(tmp_path, tiny_dir, triplets):
+    """Issue 17: a run's quality can be followed while it trains."""
+    from lrem.train.dev_eval import DevEval
+
+    ds, out = _dev_dataset(), tmp_path / "cold"
+    cfg = _cfg(tiny_dir, max_steps=5, eval_steps=2, eval_queries=3, eval_distractors=2, max_grad_norm=0.0)
+    state = train(cfg, out, triplets=triplets, dataset=ds, log=lambda *_: None)
+    tags = _scalars(out / "tb")
+    assert [s for s, _ in tags["dev/hitrate@10"]] == [2, 4, 5] and [s for s, _ in tags["dev/ndcg@10"]] == [2, 4, 5]
+    assert all(0 <= v <= 1 for _, v in tags["dev/hitrate@10"])
+    assert [s for s, _ in tags["grad_norm"]] == [1, 2, 3, 4, 5] and all(v > 0 for _, v in tags["grad_norm"])
+    # the last value is the saved model's, on the same fixed sample (3 dev queries, their items, 2 others)
+    dev = DevEval(ds, "dev", 3, 2, cfg.seed, "reason")
+    assert len(dev.queries) == 3 and len(dev.titles) == 5 and set(dev.queries) <= {"d0", "d1", "d2", "d3"}
+    final = dev(LREM.from_pretrained(str(out), dtype="float32"))
+    # (5 items: hitrate@10 is 1 whatever the model; nDCG@10 tells the rankings apart)
+    assert state["dev"]["step"] == 5 and state["dev"]["ndcg@10"] == pytest.approx(final["ndcg@10"])
+    assert tags["dev/ndcg@10"][-1][1] == pytest.approx(final["ndcg@10"])
+    before = dev(LREM.from_pretrained(str(tiny_dir), dtype="float32"))
+    assert before["ndcg@10"] != pytest.approx(final["ndcg@10"])  # it measured the trained model
+    with pytest.raises(ValueError, match="eval_steps=2 needs a dataset"):
+        train(cfg, tmp_path / "nodata", triplets=triplets, log=lambda *_: None)

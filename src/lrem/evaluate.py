@@ -5,11 +5,16 @@ code. All metric values are fractions in [0, 1]; times are in milliseconds or se
 
     result = evaluate_systems(ds, "test", {"bm25": BM25Retriever(texts)}, limit=500)
     print(format_table(result))
-    write_report(result, "runs/eval", ds)  # metrics.json, runs.jsonl, report.md, *.png
+    write_report(result, "runs/eval", ds)  # metrics.json, runs.jsonl, runs/*.trec, qrels.trec, report.md, *.png
+
+Each system's run is also written as a TREC run file (depth k, with scores) and the qrels in TREC
+format, so that trec_eval, ir_measures or ranx can re-score them; report.md adds paired
+significance tests between systems on per-query values that ir_measures computes.
 """
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +31,10 @@ REPORT_METRICS = ("hitrate@1", "hitrate@10", "hitrate@100", "precision@1", "prec
                   "precision@100", "ndcg@10", "mrr@10")
 CHART_METRICS = ("hitrate@10", "hitrate@100", "ndcg@10", "mrr@10")
 N_EXAMPLES = 5  # queries shown with their CoT and top items in report.md (when ds is given)
+# Paired tests: report metric -> ir_measures measure. nDCG runs on qrels whose grades are mapped
+# to 2**rel - 1, so trec_eval's linear gains equal `ndcg_at`'s exponential ones.
+SIGNIFICANCE_METRICS = {"hitrate@10": "R@10", "ndcg@10": "nDCG@10"}
+RANDOMIZATION_ROUNDS = 10_000
 
 
 # ---------------------------------------------------------------- metrics (pure, on ids)
@@ -123,14 +132,15 @@ def slices_for(queries: dict) -> dict[str, list[str]]:
 
 
 def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batch_size: int = 32,
-               desc: str = "search") -> tuple[dict[str, list[str]], dict[str, str | None], float]:
+               desc: str = "search") -> tuple[dict[str, list[str]], dict[str, str | None], float,
+                                              dict[str, list[float]]]:
     """Search all queries in batches with a progress bar.
 
     Returns (run: qid -> ranked item ids, cots: qid -> reasoning or None, seconds spent inside
-    `retriever.search` only).
+    `retriever.search` only, scores: qid -> the score of each ranked id).
     """
     qids = list(queries)
-    run, cots, seconds = {}, {}, 0.0
+    run, cots, seconds, scores = {}, {}, 0.0, {}
     with tqdm(total=len(qids), desc=desc, unit="q") as bar:
         for start in range(0, len(qids), batch_size):
             batch = qids[start:start + batch_size]
@@ -141,9 +151,10 @@ def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batc
                 raise ValueError(f"{desc}: got {len(results)} results for {len(batch)} queries")
             for qid, res in zip(batch, results):
                 run[qid] = [h.item_id for h in res.hits]
+                scores[qid] = [float(h.score) for h in res.hits]
                 cots[qid] = res.cot
             bar.update(len(batch))
-    return run, cots, seconds
+    return run, cots, seconds, scores
 
 
 def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int | None = None,
@@ -151,8 +162,10 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
     """Run every system over a (sampled) split and score it, overall and per slice.
 
     Only queries with >= 1 relevant item are sampled (the others cannot be scored).
-    Returns the metrics.json object plus an "examples" key holding, per system and query,
-    the CoT and top-10 ids (dropped from metrics.json by `write_report`).
+    Returns the metrics.json object (with "significance": paired tests between every two
+    systems, see `significance`) plus, dropped from metrics.json by `write_report`, "examples"
+    (per system and query, the CoT and top-10 ids), "runs" (per system and query, the ranked
+    [item id, score] pairs to depth k) and "qrels" (the scored queries' judgements).
     """
     split_queries = ds.split_queries(split)
     judged = [q for q in split_queries if any(r > 0 for r in ds.qrels.get(q, {}).values())]
@@ -162,9 +175,10 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
     log(f"{ds.name}/{split}: {len(qids)} queries scored ({len(judged)} judged of {len(split_queries)}), "
         f"{len(ds.catalog)} items")
     result = {"dataset": ds.name, "split": split, "n_queries": len(qids), "k": k,
-              "limit": limit, "seed": seed, "systems": {}, "examples": {}}
+              "limit": limit, "seed": seed, "systems": {}, "examples": {}, "runs": {},
+              "qrels": {q: dict(ds.qrels[q]) for q in qids}}
     for name, retriever in systems.items():
-        run, cots, seconds = run_system(retriever, queries, k=k, desc=name)
+        run, cots, seconds, scores = run_system(retriever, queries, k=k, desc=name)
         n = max(len(qids), 1)
         result["systems"][name] = {
             "overall": evaluate(run, ds.qrels),
@@ -174,13 +188,93 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
         }
         if hasattr(retriever, "reasoned_share"):  # LREM systems: the share of queries that generated a CoT
             result["systems"][name]["reasoned_share"] = retriever.reasoned_share
+        if hasattr(retriever, "describe"):  # model, index path, mode: what report.md records
+            result["systems"][name].update(retriever.describe())
         result["examples"][name] = {q: {"cot": cots[q], "top": run[q][:10]} for q in qids}
+        result["runs"][name] = {q: [[i, s] for i, s in zip(run[q], scores[q])] for q in qids}
         overall = result["systems"][name]["overall"]
         share = result["systems"][name].get("reasoned_share")
         log(f"{name}: {PRIMARY_METRIC}={overall[PRIMARY_METRIC]:.4f} "
             f"ndcg@10={overall['ndcg@10']:.4f} ({1000.0 * seconds / n:.1f} ms/query"
             + (f", {100 * share:.0f}% reasoned)" if share is not None else ")"))
+    result["significance"] = significance(result["runs"], result["qrels"], seed=seed)
     return result
+
+
+# ---------------------------------------------------------------- TREC files and significance
+
+def trec_name(name: str) -> str:
+    """A system name as a TREC run tag and file name (no spaces or path characters)."""
+    return re.sub(r"[^\w.+@-]", "_", name) or "_"
+
+
+def trec_run_lines(name: str, run: dict[str, list]) -> list[str]:
+    """TREC run lines "qid Q0 item rank score tag" of one system's ranked [item, score] lists."""
+    tag = trec_name(name)
+    return [f"{q} Q0 {item} {rank} {score:.6g} {tag}" for q, hits in run.items()
+            for rank, (item, score) in enumerate(_dedupe_hits(hits), 1)]
+
+
+def trec_qrels_lines(qrels: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{q} 0 {item} {rel}" for q, rels in qrels.items() for item, rel in rels.items()]
+
+
+def _dedupe_hits(hits: list) -> list:
+    seen: set = set()
+    return [h for h in hits if not (h[0] in seen or seen.add(h[0]))]
+
+
+def per_query_values(run: dict[str, list], qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """ir_measures' per-query value of each `SIGNIFICANCE_METRICS` entry: metric -> qid -> value,
+    0 for a query the system returned nothing for.
+
+    The run is passed ranked (score = depth - rank): trec_eval sorts by score and breaks ties by
+    item id, which would reorder a retriever's equal scores (BM25's often tie) and score a
+    ranking it never returned."""
+    import ir_measures
+
+    ranked = {q: {item: float(len(hits) - r) for r, (item, _) in enumerate(_dedupe_hits(hits))}
+              for q, hits in run.items()}
+    out: dict[str, dict[str, float]] = {}
+    for metric, measure in SIGNIFICANCE_METRICS.items():
+        rels = qrels if metric != "ndcg@10" else {q: {i: 2 ** r - 1 if r > 0 else 0 for i, r in rr.items()}
+                                                    for q, rr in qrels.items()}
+        vals = {m.query_id: m.value for m in ir_measures.iter_calc([ir_measures.parse_measure(measure)], rels, ranked)}
+        out[metric] = {q: float(vals.get(q, 0.0)) for q in qrels}
+    return out
+
+
+def significance(runs: dict[str, dict[str, list]], qrels: dict[str, dict[str, int]], seed: int = 0) -> list[dict]:
+    """Paired tests between every two systems (in the order given) on per-query values
+    (`per_query_values`): a paired t-test and a paired randomization test (sign flips of the
+    per-query differences, `RANDOMIZATION_ROUNDS` rounds, or all 2**n flips when fewer; seeded).
+
+    Returns rows {a, b, metric, mean_a, mean_b, diff (b - a), p_t, p_rand, n}; p is 1.0 when the
+    two systems score every query alike. No correction for multiple comparisons is applied.
+    """
+    import numpy as np
+    from scipy import stats
+
+    values = {name: per_query_values(run, qrels) for name, run in runs.items()}
+    names, qids = list(runs), list(qrels)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for metric in SIGNIFICANCE_METRICS:
+                x = np.array([values[a][metric][q] for q in qids])
+                y = np.array([values[b][metric][q] for q in qids])
+                d = y - x
+                if len(d) < 2 or not d.any():
+                    p_t = p_rand = 1.0
+                else:
+                    p_t = float(stats.ttest_rel(y, x).pvalue) if d.std() > 0 else 0.0
+                    p_rand = float(stats.permutation_test(
+                        (d,), np.mean, permutation_type="samples", n_resamples=RANDOMIZATION_ROUNDS,
+                        random_state=seed).pvalue)
+                rows.append({"a": a, "b": b, "metric": metric, "mean_a": float(x.mean()) if len(x) else 0.0,
+                             "mean_b": float(y.mean()) if len(y) else 0.0, "diff": float(d.mean()) if len(d) else 0.0,
+                             "p_t": p_t, "p_rand": p_rand, "n": len(d)})
+    return rows
 
 
 # ---------------------------------------------------------------- tables and report
@@ -310,18 +404,46 @@ def _examples_md(result: dict, ds, n: int = N_EXAMPLES) -> list[str]:
     return lines
 
 
+def _systems_md(result: dict) -> list[str]:
+    """What each system was: its spec, model, index folder and mode (as far as known)."""
+    rows = [[name, *(f"`{s[key]}`" if s.get(key) not in (None, "") else "" for key in ("spec", "model", "index")),
+             str(s.get("mode", ""))] for name, s in result["systems"].items()]
+    return ["## Systems", "", *_md_table(["system", "spec", "model", "index", "mode"], rows), "",
+            f"Run files (TREC, depth {result.get('k')}, with scores): `runs/<system>.trec`; "
+            "judgements: `qrels.trec`.", ""]
+
+
+def _significance_md(result: dict) -> list[str]:
+    rows = [[r["b"], r["a"], r["metric"], f"{r['mean_b']:.4f}", f"{r['mean_a']:.4f}", f"{r['diff']:+.4f}",
+             f"{r['p_t']:.3g}", f"{r['p_rand']:.3g}"] for r in result.get("significance", [])]
+    if not rows:
+        return []
+    n = result["significance"][0]["n"]
+    return ["## Significance", "",
+            f"Paired tests over the same {n} queries, per-query values from ir_measures on the run files "
+            f"(hitrate@10 = R@10; ndcg@10 = nDCG@10 on gains 2^rel - 1). p_t: paired t-test; p_rand: "
+            f"paired randomization test ({RANDOMIZATION_ROUNDS:,} sign flips, or all when fewer). "
+            "Two-sided, no correction for multiple comparisons.", "",
+            *_md_table(["system", "against", "metric", "system's mean", "against's mean", "difference",
+                        "p_t", "p_rand"], rows), ""]
+
+
 def report_markdown(result: dict, ds=None, n_examples: int = N_EXAMPLES, figures: tuple[str, ...] = ()) -> str:
-    """The report.md text: header, overall table, one slice table per primary metric, charts,
-    examples, and extra `figures` (file names in the report folder, e.g. training curves)."""
+    """The report.md text: header and command, systems, overall table, one slice table per
+    primary metric, significance tests, charts, examples, and extra `figures` (file names in
+    the report folder, e.g. training curves)."""
     header, rows = _table_rows(result, REPORT_METRICS)
     lines = [f"# Evaluation: {result['dataset']} / {result['split']}", "",
              f"{result['n_queries']} queries (seed {result.get('seed')}, limit {result.get('limit')}); "
              f"metrics are fractions in [0, 1]; hitrate@K = share of a query's relevant items in "
-             f"the top K; ms/query covers search only.", "", "## Overall", "",
-             *_md_table(header, rows), "", "![overall](overall.png)", ""]
+             f"the top K; ms/query covers search only.", ""]
+    if result.get("command"):
+        lines += ["Command:", "", "```", result["command"], "```", ""]
+    lines += [*_systems_md(result), "## Overall", "", *_md_table(header, rows), "", "![overall](overall.png)", "",
+              "![quality versus cost](quality.png)", ""]
     for metric in SLICE_METRICS:
         lines += [f"## Slices: {metric}", "", *_slice_table(result, metric), ""]
-    lines += ["![slices](slices.png)", ""]
+    lines += ["![slices](slices.png)", "", *_significance_md(result)]
     if figures:
         lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
     if ds is not None:
@@ -329,33 +451,80 @@ def report_markdown(result: dict, ds=None, n_examples: int = N_EXAMPLES, figures
     return "\n".join(lines)
 
 
-def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], title: str) -> None:
-    """Grouped bar chart (one bar per series inside each group) saved as PNG, atomically."""
+def _figure(width_in: float, height_in: float = 4.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    width_in = min(max(6.0, 2.0 + 0.3 * len(groups) * max(len(series), 1)), 30.0)
-    fig = Figure(figsize=(width_in, 4.5), dpi=100)
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(series), 1)
-    for j, (name, values) in enumerate(series.items()):
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, values, width, label=name)
-    rotate = len(groups) > 4
-    ax.set_xticks(range(len(groups)), groups, rotation=30 if rotate else 0,
-                  ha="right" if rotate else "center")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title)
-    if series:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", bbox_inches="tight")
 
 
+def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], title: str) -> None:
+    """Grouped bar chart (one bar per series inside each group) saved as PNG, atomically.
+
+    Each bar carries its value (a zero bar shows "0.00" and an outline, so it reads as zero,
+    not as missing); group labels wrap at "=" and ", " and the figure widens with the bars
+    and the longest label line, so neighbouring labels do not run into each other."""
+    import textwrap
+
+    labels = ["\n".join(w for line in g.split("\n") for w in textwrap.wrap(line.replace("=", "= "), 14))
+              .replace("= ", "=") for g in groups]
+    widest = max((len(line) for lab in labels for line in lab.splitlines()), default=1)
+    per_group = max(0.35 * max(len(series), 1) + 0.3, 0.095 * widest)  # inches
+    fig = _figure(min(max(6.0, 2.5 + per_group * len(groups)), 40.0))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    colors = [f"C{j % 10}" for j in range(len(series))]
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=name, color=colors[j], edgecolor=colors[j], linewidth=1.2)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7 if len(series) < 5 else 6, padding=1,
+                     rotation=90 if len(series) > 3 else 0)
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_ylim(0, 1.12)  # room for the value labels above a bar at 1.0
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _save(fig, path)
+
+
+def _quality_cost_chart(path: Path, systems: dict, title: str) -> None:
+    """Quality (hitrate@10, ndcg@10) against ms/query per system, ms on a log axis."""
+    fig = _figure(7.0)
+    ax = fig.add_subplot()
+    names = list(systems)
+    ms = [max(systems[n]["ms_per_query"], 1e-3) for n in names]
+    for j, (metric, marker) in enumerate(((PRIMARY_METRIC, "o"), ("ndcg@10", "s"))):
+        ax.scatter(ms, [systems[n]["overall"][metric] for n in names], marker=marker, label=metric, color=f"C{j}")
+    # names next to the hitrate@10 points, alternately above and below; systems at the same spot
+    # (on the plot's scale) share one label instead of printing over each other
+    spots: dict[tuple, list[int]] = {}
+    for j, n in enumerate(names):
+        spots.setdefault((round(math.log10(ms[j]), 1), round(systems[n]["overall"][PRIMARY_METRIC], 2)), []).append(j)
+    for i, js in enumerate(spots.values()):
+        ax.annotate(", ".join(names[j] for j in js), (ms[js[0]], systems[names[js[0]]]["overall"][PRIMARY_METRIC]),
+                    textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -12), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per query (search only, log scale)")
+    ax.set_ylabel("metric (fraction)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    ax.set_title(title)
+    _save(fig, path)
+
+
 def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, figures=()) -> None:
-    """Write metrics.json, runs.jsonl, report.md, overall.png and slices.png into out_dir.
+    """Write metrics.json, runs.jsonl (top 10 and CoT per query), runs/<system>.trec (depth k,
+    scores), qrels.trec, report.md, overall.png, slices.png and quality.png into out_dir.
 
     Every file is written atomically. `ds` (optional) adds query texts and item titles;
     `figures` (PNG paths, e.g. a trainer's curves.png) are copied in and shown in report.md, named
@@ -369,7 +538,13 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
         names.append(f"{fig.parent.name}-{fig.name}")
         with atomic_write(out / names[-1], "wb", encoding=None) as f:
             f.write(fig.read_bytes())
-    write_json(out / "metrics.json", {k: v for k, v in result.items() if k != "examples"})
+    write_json(out / "metrics.json", {k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")})
+    for name, run in result.get("runs", {}).items():
+        with atomic_write(out / "runs" / f"{trec_name(name)}.trec") as f:
+            f.writelines(line + "\n" for line in trec_run_lines(name, run))
+    if "qrels" in result:
+        with atomic_write(out / "qrels.trec") as f:
+            f.writelines(line + "\n" for line in trec_qrels_lines(result["qrels"]))
     write_jsonl(out / "runs.jsonl", (
         {"system": name, "query_id": qid,
          **({"query": ds.queries[qid].text} if ds is not None else {}),
@@ -380,9 +555,11 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
                {n: [s["overall"][m] for m in CHART_METRICS] for n, s in systems.items()},
                f"{result['dataset']}/{result['split']}: overall")
     slice_names = list(next(iter(systems.values()))["slices"]) if systems else []
-    _bar_chart(out / "slices.png", slice_names,
+    first = next(iter(systems.values()), {"slices": {}})
+    _bar_chart(out / "slices.png", [f"{sl}\n(n={first['slices'][sl]['n_queries']})" for sl in slice_names],
                {n: [s["slices"][sl][PRIMARY_METRIC] for sl in slice_names] for n, s in systems.items()},
                f"{result['dataset']}/{result['split']}: {PRIMARY_METRIC} per slice")
+    _quality_cost_chart(out / "quality.png", systems, f"{result['dataset']}/{result['split']}: quality vs cost")
     with atomic_write(out / "report.md") as f:
         f.write(report_markdown(result, ds, n_examples, tuple(names)))
 

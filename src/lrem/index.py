@@ -192,7 +192,7 @@ class ItemIndex:
         if (path / INDEX_FILE).stat().st_size == 0:
             raise DataError(path / INDEX_FILE, None, None, "empty file (an interrupted write?); rebuild the index")
         try:
-            index = faiss.read_index(str(path / INDEX_FILE))
+            index = read_index(path / INDEX_FILE)
         except RuntimeError as e:
             raise DataError(path / INDEX_FILE, None, None, f"not a readable FAISS index ({_faiss_message(e)})") from None
         if index.ntotal != len(ids):
@@ -211,6 +211,15 @@ class ItemIndex:
             except ValueError as e:
                 raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
+
+
+def read_index(file: str | os.PathLike) -> faiss.Index:
+    """Read a FAISS index memory-mapped where its type allows (the codes stay in the page cache,
+    shared between processes, instead of being copied at every start), else read into memory."""
+    try:
+        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # an index type whose reader has no mmap path
+        return faiss.read_index(str(file))
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:

@@ -84,6 +84,27 @@ def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 
 
+def _resize_embeddings(lm, n: int) -> None:
+    """`lm.resize_token_embeddings(n)` without drawing random rows when the embeddings are tied:
+    the new rows (the special tokens) are set by `init_special_embeddings` right after, and the
+    draws over a new full-size matrix took ~0.5 s of every load of a backbone."""
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not lm.get_input_embeddings().weight:  # untied: a new head row keeps its init
+        lm.resize_token_embeddings(n, mean_resizing=False)
+        return
+    from transformers.initialization import no_init_weights
+
+    old = lm.get_input_embeddings().weight.shape[0]
+    lm._init_weights = lambda module: None  # shadows the method for this call only
+    try:
+        with no_init_weights():
+            lm.resize_token_embeddings(n, mean_resizing=False)
+    finally:
+        del lm._init_weights
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[old:] = 0.0  # not left uninitialised, should a row not be a special token
+
+
 @dataclass
 class QueryEncoding:
     """For a list of n queries: embeddings (n, dim) and n CoTs; for one query given as a string:
@@ -207,7 +228,7 @@ class LREM(torch.nn.Module):
         else:
             config = PromptConfig()
             tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
-            lm.resize_token_embeddings(len(tok), mean_resizing=False)
+            _resize_embeddings(lm, len(tok))
             init_special_embeddings(lm, tok)
         model = cls(lm.to(device).eval(), tok, config)
         model.source = model.base = str(name_or_path)

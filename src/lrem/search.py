@@ -76,9 +76,11 @@ class Searcher:
             except (OSError, ValueError) as e:
                 raise ValueError(f"{where}{e}") from e
         try:
-            return cls(model, index)
+            searcher = cls(model, index)
         except ValueError as e:
             raise ValueError(f"{index_dir}: {e}") from None
+        searcher.index_dir = str(index_dir)  # recorded in eval reports
+        return searcher
 
     def cots_for(self, queries: list[str], mode: str) -> list[str] | None:
         """The fixed CoTs of a mode (None: `reason`, the model writes them)."""
@@ -152,6 +154,12 @@ class _ModeRetriever:
             self.n_reasoned += len(queries) if self.mode == "reason" else 0
         self.n_queries += len(queries)
         return results
+
+    def describe(self) -> dict:
+        """Model, index folder and mode, for the eval report."""
+        mode = self.mode + (f"@{self.router.share}" if self.router is not None and self.mode == "auto" else "")
+        return {"model": self.searcher.model.source, "mode": mode,
+                "index": getattr(self.searcher, "index_dir", None) or "(items embedded in memory)"}
 
     @property
     def reasoned_share(self) -> float:

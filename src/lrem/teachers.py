@@ -16,9 +16,10 @@ Judges decide whether an item is relevant to a query: `qrels` (the dataset's lab
 (a sentence-transformers CrossEncoder folder, when one is installed).
 
 The OpenAI client reads its key from LREM_TEACHER_KEY, else OPENAI_API_KEY (none is fine for
-local servers). Transient failures (timeouts, connection errors, 429, 5xx) are retried with
-exponential backoff; when the retries run out, or the server says 4xx (bad model, bad key),
-`TeacherError` stops the run with the endpoint and the last error.
+local servers). Transient failures (timeouts, connection errors, 429, 5xx) are retried
+(tenacity) after the server's Retry-After where it sends one, else with exponential backoff;
+when the retries run out, or the server says 4xx (bad model, bad key), `TeacherError` stops the
+run with the endpoint and the last error.
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ class OpenAITeacher:
         api_key: None reads LREM_TEACHER_KEY, else OPENAI_API_KEY; none sends no header.
         concurrency: requests in flight at once.
         timeout: seconds per request.
-        retries: extra tries after a transient failure; waits backoff * 2**try seconds.
+        retries: extra tries after a transient failure; waits the server's Retry-After, else
+            backoff * 2**try seconds.
         temperature: 0.0 = greedy (reproducible with most servers).
     """
 
@@ -172,27 +174,40 @@ class OpenAITeacher:
     def ask(self, chat: Chat, max_tokens: int) -> Answer:
         """One request with retries; TeacherError when it cannot get any answer."""
         import httpx
+        from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
         body = {"model": self.model, "messages": chat.messages(), "max_tokens": max_tokens,
                 "temperature": self.temperature}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:  # timeouts, refused connections, resets
-                last = f"{type(e).__name__}: {e}"
-                continue
+
+        def post() -> httpx.Response:
+            r = self.client.post(self.url, json=body)  # httpx.HTTPError: timeouts, refused connections, resets
             if r.status_code == 429 or r.status_code >= 500:
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                continue
-            if r.status_code != 200:
-                raise TeacherError(f"teacher {self.url} (model {self.model!r}) answered HTTP {r.status_code}: "
-                                   f"{r.text[:300]}")
-            return parse_chat_response(r.text)
-        raise TeacherError(f"teacher {self.url} (model {self.model!r}) failed after {self.retries + 1} tries; "
-                           f"last error: {last}")
+                raise _Transient(r)
+            return r
+
+        try:
+            r = Retrying(retry=retry_if_exception_type((httpx.HTTPError, _Transient)),
+                         stop=stop_after_attempt(self.retries + 1), wait=self._wait, sleep=time.sleep)(post)
+        except RetryError as e:
+            err = e.last_attempt.exception()
+            last = str(err) if isinstance(err, _Transient) else f"{type(err).__name__}: {err}"
+            raise TeacherError(f"teacher {self.url} (model {self.model!r}) failed after {self.retries + 1} tries; "
+                               f"last error: {last}") from None
+        if r.status_code != 200:
+            raise TeacherError(f"teacher {self.url} (model {self.model!r}) answered HTTP {r.status_code}: "
+                               f"{r.text[:300]}")
+        return parse_chat_response(r.text)
+
+    MAX_RETRY_AFTER = 120.0  # seconds: a longer Retry-After is capped (the run would look hung)
+
+    def _wait(self, state) -> float:
+        """Seconds before the next try: the server's Retry-After where it sent one (429, 503),
+        else backoff * 2**(try - 1)."""
+        err = state.outcome.exception()
+        after = retry_after(err.response) if isinstance(err, _Transient) else None
+        if after is not None:
+            return min(after, self.MAX_RETRY_AFTER)
+        return self.backoff * 2 ** (state.attempt_number - 1)
 
     def stream(self, chats: list[Chat], max_tokens: int) -> Iterator[tuple[int, Answer]]:
         pool = ThreadPoolExecutor(max_workers=max(self.concurrency, 1))
@@ -207,6 +222,33 @@ class OpenAITeacher:
                     yield i, fut.result()
         finally:  # on an error, don't wait for the queued requests (in-flight ones end with their timeout)
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Transient(Exception):
+    """A reply worth retrying (429, 5xx); keeps the response for its Retry-After header."""
+
+    def __init__(self, response):
+        super().__init__(f"HTTP {response.status_code}: {response.text[:200]}")
+        self.response = response
+
+
+def retry_after(response) -> float | None:
+    """The wait a response asks for, in seconds: OpenAI's `retry-after-ms`, or `Retry-After` as
+    seconds or an HTTP date (RFC 9110); None when absent or unreadable."""
+    from email.utils import parsedate_to_datetime
+
+    h = response.headers
+    try:
+        if "retry-after-ms" in h:
+            return max(float(h["retry-after-ms"]) / 1000, 0.0)
+        if "retry-after" in h:
+            v = h["retry-after"].strip()
+            if v.replace(".", "", 1).isdigit():
+                return float(v)
+            return max(parsedate_to_datetime(v).timestamp() - time.time(), 0.0)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return None
 
 
 def parse_chat_response(text: str) -> Answer:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import rewards as R
 from ..losses import IGNORE, GRPOLoss, group_advantages
+from .dev_eval import make_dev_eval
 from .grpo_config import RLConfig
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
                   make_optimizer, save_checkpoint, check_output, claim_output)
@@ -130,6 +131,9 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     say(f"{len(data)} RL pairs from {data_path}, {world} process(es) x {bs} queries x G={cfg.num_generations}, "
         f"{total} steps, config {json.dumps(cfg.to_dict())}")
 
+    dev = make_dev_eval(cfg, None, "reason") if main else None
+    if dev is not None:
+        say(f"dev eval every {cfg.eval_steps} steps: {dev}")
     model.lm.train()
     loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps, cfg.kl_coef,
                        cfg.sampling_temperature)
@@ -181,8 +185,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             parts, info = loss_fn.loss(pol, tensors, adv, old_logp, ref_logp)
             loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
             acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+            # the norm before clipping (max_grad_norm 0: an infinite bound, which scales by 1)
+            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -200,7 +204,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                      "cot/tokens": torch.tensor(batch["cot_tokens"], dtype=torch.float).mean(),
                      **{f"policy/{k}": torch.tensor(v) for k, v in info.items()}}
             vals = {k: acc.reduce(v.to(acc.device).float(), "mean").item() for k, v in vals.items()}
-            vals |= {"lr": lr, "time/step_s": dt, "time/sample_s": t_sample, "time/rollouts_per_s": len(rows) * world / dt}
+            vals |= {"lr": lr, "grad_norm": float(grad_norm),
+                     "time/step_s": dt, "time/sample_s": t_sample, "time/rollouts_per_s": len(rows) * world / dt}
             state["last"] = vals
             if main:
                 for k, v in vals.items():
@@ -213,6 +218,15 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             bar.set_postfix(reward=f"{vals['reward/total']:.3f}", rank=f"{vals['rank/mean']:.2f}",
                             loss=f"{vals['loss/total']:.4f}")
         state["step"] = done
+        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == end):
+            acc.wait_for_everyone()
+            if dev is not None:
+                state["dev"] = {"step": done, **dev(model)}
+                for k, v in state["dev"].items():
+                    if k != "step":
+                        writer.add_scalar(f"dev/{k}", v, done)
+                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
+                                                           if k != "step"))
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
             acc.wait_for_everyone()
             if main:

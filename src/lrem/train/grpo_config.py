@@ -48,9 +48,20 @@ class RLConfig:
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    eval_steps: int = field(default=0, metadata={
+        "help": "Every N steps (and at the end), dev hitrate@10 and nDCG@10 on a small fixed sample go to "
+                "TensorBoard (dev/...) and train_state.json; 0 = off. Needs eval_data."})
+    eval_data: str | None = field(default=None, metadata={"help": "Dataset folder for eval_steps."})
+    eval_split: str = field(default="dev", metadata={"help": "Split the eval queries come from."})
+    eval_queries: int = field(default=32, metadata={"help": "Queries in the fixed eval sample."})
+    eval_distractors: int = field(default=500, metadata={
+        "help": "Catalog items besides the sample's judged ones (re-embedded at each eval)."})
     samples_per_log: int = field(default=4, metadata={"help": "Rollouts (query, CoT, reward) written to samples.jsonl per log."})
 
     def __post_init__(self):
+        if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
+            raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
+                             f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
         for name in ("num_generations", "batch_size", "cot_max_tokens", "rollout_max_tokens", "num_iterations",
                      "num_epochs", "logging_steps"):
             if getattr(self, name) < 1:

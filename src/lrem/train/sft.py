@@ -26,6 +26,7 @@ from .._io import atomic_dir, claim_dir, prepare_output, write_json
 from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
+from .dev_eval import make_dev_eval
 from .sft_config import SFTConfig
 
 TRAIN_STATE = "train_state.json"
@@ -360,6 +361,9 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         claim_output(out, resume, overwrite)
         if held:
             write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
+    dev = make_dev_eval(cfg, dataset, "reason" if cfg.use_cot else "direct") if main else None
+    if dev is not None:
+        say(f"dev eval every {cfg.eval_steps} steps: {dev}")
 
     world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
     total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs
@@ -399,8 +403,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
             parts = wrapped(batch)
         loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
         acc.backward(loss)
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+        # the norm before clipping (max_grad_norm 0: an infinite bound, which scales by 1)
+        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]  # the lr this step used
         optimizer.step()
         scheduler.step()
@@ -416,11 +420,21 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
                 for k, v in vals.items():
                     writer.add_scalar(f"loss/{k}", v, done)
                 writer.add_scalar("lr", lr, done)
+                writer.add_scalar("grad_norm", float(grad_norm), done)
                 for k, v in speed.items():
                     writer.add_scalar(f"throughput/{k}", v, done)
             bar.set_postfix(loss=f"{vals['total']:.4f}", lr=f"{lr:.2e}",
                             it_s=f"{speed['steps_per_s']:.2f}")
         state["step"] = done
+        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == end):
+            acc.wait_for_everyone()
+            if dev is not None:
+                state["dev"] = {"step": done, **dev(model)}
+                for k, v in state["dev"].items():
+                    if k != "step":
+                        writer.add_scalar(f"dev/{k}", v, done)
+                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
+                                                           if k != "step"))
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
             acc.wait_for_everyone()
             if main:

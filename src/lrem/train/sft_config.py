@@ -51,8 +51,19 @@ class SFTConfig:
     logging_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=100, metadata={"help": "Checkpoint (model + optimizer) every N steps; 0 = off."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    eval_steps: int = field(default=0, metadata={
+        "help": "Every N steps (and at the end), dev hitrate@10 and nDCG@10 on a small fixed sample go to "
+                "TensorBoard (dev/...) and train_state.json; 0 = off. Needs eval_data or --data."})
+    eval_data: str | None = field(default=None, metadata={"help": "Dataset folder for eval_steps (default: --data)."})
+    eval_split: str = field(default="dev", metadata={"help": "Split the eval queries come from."})
+    eval_queries: int = field(default=32, metadata={"help": "Queries in the fixed eval sample."})
+    eval_distractors: int = field(default=500, metadata={
+        "help": "Catalog items besides the sample's judged ones (re-embedded at each eval)."})
 
     def __post_init__(self):
+        if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
+            raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
+                             f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
         for name in ("batch_size", "num_epochs", "cot_max_tokens", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
