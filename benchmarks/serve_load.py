@@ -171,7 +171,7 @@ def main(args) -> dict:
     base = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        health = httpx.get(base + "/healthz", timeout=10).json()
+        health = httpx.get(base + "/info", timeout=10).json()  # /healthz only says "ok"
         print(f"server: {health['items']} items, model {health['model']}, dim {health['dim']}; "
               f"{n} requests x {len(phases)} phases, {args.concurrency} clients; queries: {source}")
         if n_warm:  # the budget needs MIN_SAMPLES margins before it applies: feed it, untimed

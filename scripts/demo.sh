@@ -16,4 +16,4 @@ lrem eval --data "$OUT/wordnet" --split dev --limit "$LIMIT" \
   --system bm25 --system minilm \
   --system "base-direct=$OUT/index:direct" --system "base-reason=$OUT/index:reason" \
   --system "base-auto=$OUT/index:auto@0.3" \
-  --out "$OUT/eval" --examples 3
+  --out "$OUT/eval" --examples 3 --overwrite

@@ -33,13 +33,13 @@ lrem eval --data "$DATA" --split dev --limit "$LIMIT" --system bm25 --system min
   --system "base-direct=$I-base:direct" --system "base-reason=$I-base:reason" \
   --system "direct-trained=$I-direct:direct" \
   --system "cold-reason=$I-cold:reason" --system "cold-empty-cot=$I-cold:empty-cot" \
-  --out "$OUT/eval-stage1" --examples 10
+  --out "$OUT/eval-stage1" --examples 10 --overwrite
 lrem eval --data "$DATA" --split dev --limit "$LIMIT" --system bm25 --system minilm \
   --system "direct-trained=$I-direct:direct" \
   --system "cold-reason=$I-cold:reason" --system "cold-empty-cot=$I-cold:empty-cot" \
   --system "rl-reason=$I-rl:reason" --system "rl-empty-cot=$I-rl:empty-cot" \
   --system "rl-query-cot=$I-rl:query-cot" --system "rl-random-cot=$I-rl:random-cot" \
-  --figure "$OUT/rl/curves.png" --out "$OUT/eval-stage2" --examples 10
+  --figure "$OUT/rl/curves.png" --out "$OUT/eval-stage2" --examples 10 --overwrite
 # held-out real shop queries by other authors (skipped where ../shared/data is absent)
 ESCI=../shared/data/esci_sample200/esci.csv
 if [ -f "$ESCI" ]; then
@@ -47,5 +47,5 @@ if [ -f "$ESCI" ]; then
   lrem eval --data "$OUT/esci" --split all --system bm25 --system minilm \
     --system "base-direct=smollm2-135m-instruct:direct" --system "direct-trained=$OUT/direct:direct" \
     --system "cold-reason=$OUT/cold:reason" --system "cold-empty-cot=$OUT/cold:empty-cot" \
-    --system "rl-reason=$OUT/rl:reason" --system "rl-empty-cot=$OUT/rl:empty-cot" --out "$OUT/eval-esci" --examples 5
+    --system "rl-reason=$OUT/rl:reason" --system "rl-empty-cot=$OUT/rl:empty-cot" --out "$OUT/eval-esci" --examples 5 --overwrite
 fi

@@ -82,10 +82,10 @@ def test_bad_input_exits_with_file_line_field(tmp_path):
     (tmp_path / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
     (tmp_path / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "a", "relevance": 1}\n')
     p = lrem("data", "check", str(tmp_path), ok=False)
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "catalog.jsonl:2" in p.stderr and "title" in p.stderr and "Traceback" not in p.stderr
     p = lrem("index", "--data", str(tmp_path), "--out", str(tmp_path / "idx"), ok=False)
-    assert p.returncode == 1 and "catalog.jsonl:2" in p.stderr and not (tmp_path / "idx").exists()
+    assert p.returncode == 2 and "catalog.jsonl:2" in p.stderr and not (tmp_path / "idx").exists()
 
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "wordnet"], ["data", "convert"], ["data", "check"],
@@ -119,5 +119,5 @@ def test_unknown_mode_is_rejected_with_the_modes(tmp_path):
     (tmp_path / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
     (tmp_path / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "a", "relevance": 1}\n')
     p = lrem("eval", "--data", str(tmp_path), "--out", str(tmp_path / "ev"), "-s", f"x={tmp_path}:think", ok=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"system x='{tmp_path}:think': expected bm25, minilm or MODEL:MODE with MODE in {MODES}" in p.stderr

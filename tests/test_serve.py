@@ -100,12 +100,13 @@ def test_openai_client(url, tiny):
         client.embeddings.create(model="lrem-item", input="mug", dimensions=8)
 
 
-def test_healthz_openapi_and_metrics(url, tiny):
-    health = httpx.get(url + "/healthz").json()
-    assert health["status"] == "ok" and health["dim"] == tiny.dim and health["items"] == len(TITLES)
-    assert health["config"]["max_k"] == 50 and health["router"]["depth"] == 10
+def test_health_info_openapi_and_metrics(url, tiny):
+    assert httpx.get(url + "/healthz").json() == httpx.get(url + "/health").json() == {"status": "ok"}
+    info = httpx.get(url + "/info").json()
+    assert info["dim"] == tiny.dim and info["items"] == len(TITLES)
+    assert info["config"]["max_k"] == 50 and info["router"]["depth"] == 10
     schema = httpx.get(url + "/openapi.json").json()
-    assert {"/search", "/v1/embeddings", "/v1/models", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {"/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics"} <= set(schema["paths"])
     assert {"SearchRequest", "SearchResponse", "EmbeddingRequest", "EmbeddingResponse"} <= set(
         schema["components"]["schemas"])
     post(url, "/search", {"query": "kettle", "k": 3})
@@ -223,7 +224,7 @@ def test_cache_hits_and_persists_across_restarts(searcher, tmp_path):
         assert metric(httpx.get(base + "/metrics").text, "lrem_cache_hit_rate") == pytest.approx(0.5)
     assert (tmp_path / "cache.npz").exists()
     with background_server(create_app(searcher, cfg)) as base:
-        assert httpx.get(base + "/healthz").json()["cache"]["entries"] == 1
+        assert httpx.get(base + "/info").json()["cache"]["entries"] == 1
         warm = post(base, "/search", {"query": "wine glass", "k": 3, "mode": "reason"}).json()
         assert warm["cached"] is True and warm["items"] == first["items"]
 
@@ -306,12 +307,13 @@ def test_lrem_serve_command(searcher, tmp_path):
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:
-                health = httpx.get(base + "/healthz", timeout=2).json()
+                assert httpx.get(base + "/healthz", timeout=2).json() == {"status": "ok"}
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "lrem serve did not come up in 120 s"
                 time.sleep(0.5)
-        assert health["config"]["max_batch"] == 4 and health["items"] == len(TITLES)
+        info = httpx.get(base + "/info", timeout=10).json()
+        assert info["config"]["max_batch"] == 4 and info["items"] == len(TITLES)
         r = post(base, "/search", {"query": "mug", "k": 2, "mode": "direct"})
         assert r.status_code == 200 and len(r.json()["items"]) == 2
     finally:

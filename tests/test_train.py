@@ -192,6 +192,43 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir, tri
         train(_cfg(tiny_dir, max_steps=6, batch_size=2), resumed, triplets=triplets, resume=True, log=lambda *_: None)
 
 
+class _RunsCode:
+    """What a tampered checkpoint could hold: unpickling it calls Path.touch (any callable would do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, tiny_dir, triplets):
+    cfg = _cfg(tiny_dir, max_steps=4, save_steps=2)
+    train(cfg, tmp_path / "run", triplets=triplets, stop_after_step=2, log=lambda *_: None)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    saved = torch.load(ckpt / "trainer.pt", weights_only=True)  # what train writes loads safely
+    assert {"optimizer", "scheduler", "torch_rng"} <= set(saved)
+    pwned = tmp_path / "PWNED"
+    torch.save({**saved, "extra": _RunsCode(pwned)}, ckpt / "trainer.pt")
+    with pytest.raises(ValueError, match="trainer.pt: cannot load the optimizer state"):
+        train(cfg, tmp_path / "run", triplets=triplets, resume=True, log=lambda *_: None)
+    assert not pwned.exists()
+
+
+def test_overwrite_starts_a_finished_run_over(tmp_path, tiny_dir, triplets):
+    cfg = _cfg(tiny_dir, max_steps=2, save_steps=1)
+    train(cfg, tmp_path / "run", triplets=triplets, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--overwrite"):
+        train(cfg, tmp_path / "run", triplets=triplets, log=lambda *_: None)
+    (tmp_path / "run" / "stale.txt").write_text("from the first run")
+    state = train(cfg, tmp_path / "run", triplets=triplets, overwrite=True, log=lambda *_: None)
+    assert state["step"] == 2 and not (tmp_path / "run" / "stale.txt").exists()
+    with pytest.raises(ValueError, match="is the input"):
+        train(_cfg(tmp_path / "run", max_steps=2), tmp_path / "run", triplets=triplets, overwrite=True,
+              log=lambda *_: None)
+    assert (tmp_path / "run" / "config.json").exists()  # the model it would have trained from is intact
+
+
 def test_direct_under_torchrun_with_two_processes(tmp_path, tiny_dir, triplets):
     out = tmp_path / "direct"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,10 +1,15 @@
-"""Small file helpers shared by every module: atomic writes and JSONL."""
+"""Small file helpers shared by every module: atomic writes, JSONL, and output folder checks.
+
+Every folder lrem writes holds a marker file (`.lrem-output`), so a later run can tell its own
+output (which it may replace when asked) from a user's folder (which it never touches).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,17 +41,114 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
+MARKER = ".lrem-output"
+
+
+class OutputError(ValueError):
+    """An output path lrem refuses to write (an input, a file, someone else's folder)."""
+
+
+def write_marker(folder: Path) -> None:
+    """Mark `folder` as lrem's; the pid lets a later run tell a dead writer's temp folder."""
+    (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
+def is_lrem_output(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def claim_dir(folder: str | os.PathLike) -> Path:
+    """Create `folder` (a resumable run folder, written in place) and mark it as lrem's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_lrem_output(folder):
+        write_marker(folder)
+    return folder
+
+
+def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
+                   resume: bool = False, run_files: Iterable[str] = ()) -> Path:
+    """Check, before any work, that `out` may be written; returns it resolved.
+
+    Allowed: a path that does not exist, an empty folder, or a folder lrem wrote when
+    `overwrite` (replace it) or `resume` (continue it) is set. Refused with an `OutputError`: an
+    output that is an input or holds one, a file, a foreign non-empty folder, or `/`.
+    `run_files`: names that together identify an output of this command written before lrem marked
+    its folders; with `resume` or `overwrite`, such a folder counts as lrem's (an interrupted run
+    stays resumable, a report can be refreshed).
+    """
+    given = str(out)
+    out = Path(out).resolve()
+    if out.parent == out:
+        raise OutputError(f"--out {given}: cannot write the root folder")
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        if src == out or out in src.parents:
+            raise OutputError(f"--out {given}: it {'is' if src == out else 'holds'} the input {inp}; "
+                              "writing it would destroy the input (choose another --out)")
+    if not (out.exists() or out.is_symlink()):
+        return out
+    if not out.is_dir():
+        raise OutputError(f"--out {given}: is a file, not a folder (choose another --out)")
+    if not any(out.iterdir()):
+        return out
+    run_files = list(run_files)
+    legacy_run = (resume or overwrite) and run_files and all((out / name).exists() for name in run_files)
+    if not is_lrem_output(out) and not legacy_run:
+        raise OutputError(f"--out {given}: folder is not empty and was not written by lrem (no {MARKER}); "
+                          f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")
+    if not (overwrite or resume):
+        raise OutputError(f"--out {given}: exists (an earlier lrem output); pass --overwrite to replace it")
+    if legacy_run and not is_lrem_output(out):
+        write_marker(out)  # recognised as lrem's: mark it, so the writers that check the marker accept it
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(path: Path) -> list[Path]:
+    """Remove temp folders `atomic_dir` left beside `path` when its writer died (SIGKILL, power
+    loss): those whose marker names a process of this host that no longer runs."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            info = json.loads((tmp / MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or a writer that has not written its marker yet
+        if isinstance(info, dict) and info.get("host") == socket.gethostname() \
+                and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` as a whole.
 
     Used for outputs made of several files (a dataset, an index, a model), so a reader never
-    sees a mix of old and new files.
+    sees a mix of old and new files. The result holds the lrem marker; an existing `path` is
+    replaced only if it is empty or lrem's own (an `OutputError` otherwise, before any work).
+    Temp folders of writers that died are removed first.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # "." has no name to put a temp folder beside
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_lrem_output(path))):
+        raise OutputError(f"{path}: exists and is not an lrem output folder; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        write_marker(tmp)
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():

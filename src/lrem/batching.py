@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -66,16 +68,59 @@ class EmbeddingCache:
             np.savez(f, kinds=np.array([k[0] for k in keys], dtype=str), texts=np.array([k[1] for k in keys], dtype=str),
                      cots=np.array([v[0] for v in values], dtype=str), emb=emb, model=np.array(model_id))
 
-    def load(self, path: str | Path, model_id: str) -> int:
-        """Add the entries of a saved cache; returns how many (0 if absent or from another model)."""
-        if not Path(path).exists():
+    def load(self, path: str | Path, model_id: str, dim: int | None = None, log=None) -> int:
+        """Add the entries of a saved cache; returns how many (0 if absent or from another model).
+
+        A cache is disposable: a file that cannot be read or holds entries of the wrong shape
+        (`dim`: the model's) is moved aside as `PATH.bad-TIME` with one warning (`log`, default
+        the `lrem` logger), and the service starts with an empty cache.
+        """
+        path = Path(path)
+        warn = log or logging.getLogger("lrem").warning
+        if not (path.exists() or path.is_symlink()):
             return 0
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["model"]) != model_id:
-                return 0
-            for kind, text, cot, row in zip(z["kinds"], z["texts"], z["cots"], z["emb"]):
-                self.put((str(kind), str(text)), (str(cot), row))
-            return len(z["kinds"])
+        try:
+            entries = _read_cache(path, model_id, dim)
+        except Exception as e:  # noqa: BLE001 - any problem at all: start empty rather than not start
+            aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.replace(path, aside)
+                where = f"moved to {aside}"
+            except OSError as move_error:
+                where = f"could not move it aside ({move_error})"
+            warn(f"cache {path}: unusable ({type(e).__name__}: {e}); {where}; starting with an empty cache")
+            return 0
+        if entries is None:
+            warn(f"cache {path}: written for another model; starting with an empty cache (it is replaced at shutdown)")
+            return 0
+        for key, value in entries:
+            self.put(key, value)
+        return len(entries)
+
+
+def _read_cache(path: Path, model_id: str, dim: int | None) -> list | None:
+    """The (key, value) entries of a cache file, None if another model wrote it; a ValueError
+    (or the reader's own error) for anything malformed. Never unpickles."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"kinds", "texts", "cots", "emb", "model"} - set(z.files)
+        if missing:
+            raise ValueError(f"missing arrays {sorted(missing)}")
+        if str(z["model"]) != model_id:
+            return None
+        kinds, texts, cots, emb = z["kinds"], z["texts"], z["cots"], z["emb"]
+    n = len(kinds)
+    for name, a in (("kinds", kinds), ("texts", texts), ("cots", cots)):
+        if a.ndim != 1 or a.dtype.kind != "U" or len(a) != n:
+            raise ValueError(f"{name}: expected {n} strings, got {a.dtype} of shape {a.shape}")
+    if n and (emb.ndim != 2 or emb.shape[0] != n or emb.dtype.kind != "f" or (dim is not None and emb.shape[1] != dim)):
+        raise ValueError(f"emb: expected ({n}, {dim if dim is not None else 'dim'}) floats, got {emb.dtype} {emb.shape}")
+    if n and not np.isfinite(emb).all():
+        raise ValueError("emb: not finite")
+    unknown = set(map(str, kinds)) - set(KINDS)
+    if unknown:
+        raise ValueError(f"kinds: unknown {sorted(unknown)}")
+    emb = emb.astype(np.float32, copy=False)
+    return [((str(k), str(t)), (str(c), emb[j])) for j, (k, t, c) in enumerate(zip(kinds, texts, cots))]
 
 
 class Overloaded(Exception):

@@ -28,8 +28,32 @@ app = typer.Typer(help="LREM: reason about a query, then embed it. Dense retriev
 data_app = typer.Typer(help="Build, convert, check and sample datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically): a new or empty folder, "
+                                    "or an earlier lrem output with --overwrite.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if an earlier lrem command wrote it "
+                                         "(a folder lrem did not write is never replaced).")]
 DataDir = Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (catalog, queries, qrels).")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Texts per model call.")]
+
+
+def _dtype(value: str) -> str:
+    from lrem.model import DTYPES
+
+    if value not in DTYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DTYPES)}")
+    return value
+
+
+Dtype = Annotated[str, typer.Option(callback=_dtype, help="auto, float32, bfloat16 or float16.")]
+
+
+def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, run_files=()) -> Path:
+    """Refuse, before any work, an --out that is an input, a file or a folder lrem did not write."""
+    from lrem._io import prepare_output
+
+    return prepare_output(out, inputs, overwrite=overwrite, resume=resume, run_files=run_files)
+
+
 Truncate = Annotated[bool, typer.Option("--truncate/--no-truncate", help="Inputs over the model's token limits "
                                         "(max_query_tokens, max_item_tokens in its lrem_config.json): cut them "
                                         "and say how many, or stop with an error.")]
@@ -52,10 +76,12 @@ def _print_counts(ds) -> None:
 # ---------------------------------------------------------------- data
 
 @data_app.command("wordnet")
-def data_wordnet(out: Out, wordnet_dir: Annotated[Path, typer.Option(help="WordNet 3.0 dict folder.")] = Path("/usr/share/wordnet")):
+def data_wordnet(out: Out, wordnet_dir: Annotated[Path, typer.Option(help="WordNet 3.0 dict folder.")] = Path("/usr/share/wordnet"),
+                 overwrite: Overwrite = False):
     """Build the WordNet product benchmark (artifacts and food; definition and category queries)."""
     from lrem.data import build_wordnet, save_dataset
 
+    _output(out, wordnet_dir, overwrite=overwrite)
     ds = build_wordnet(wordnet_dir, log=typer.echo)
     save_dataset(ds, out)
     typer.echo(f"wrote {out}")
@@ -67,22 +93,26 @@ def data_convert(
     out: Out,
     fmt: Annotated[str, typer.Option("--format", help="beir, esci, wands, lrem (a folder of CSV/TSV/Parquet/JSONL) or auto.")] = "auto",
     locale: Annotated[Optional[str], typer.Option(help="ESCI only: keep one locale (us, es, jp).")] = None,
+    overwrite: Overwrite = False,
 ):
     """Convert BEIR / ESCI / WANDS data (or CSV/TSV/Parquet tables) to the lrem folder format."""
     from lrem.data import convert, load_dataset, save_dataset
 
+    _output(out, src, overwrite=overwrite)
     if fmt == "lrem":
         ds = load_dataset(src)
     else:
         ds = convert(src, fmt, **({"locale": locale} if locale else {}))
     save_dataset(ds, out)
+    if ds.source_rows:
+        typer.echo("read " + ", ".join(f"{n} rows from {f}" for f, n in ds.source_rows.items()))
     _print_counts(ds)
     typer.echo(f"wrote {out}")
 
 
 @data_app.command("check")
 def data_check(data: Annotated[Path, typer.Argument(help="Dataset folder.")]):
-    """Validate a dataset folder and print its counts (exit 1 with file:line: field on bad input)."""
+    """Validate a dataset folder and print its counts (exit 2 with file:line: field on bad input)."""
     from lrem.data import load_dataset
 
     _print_counts(load_dataset(data))
@@ -92,14 +122,16 @@ def data_check(data: Annotated[Path, typer.Argument(help="Dataset folder.")]):
 def data_sample(
     data: DataDir,
     out: Out,
-    queries: Annotated[int, typer.Option(help="Queries to keep.")] = 100,
+    queries: Annotated[int, typer.Option(min=1, help="Queries to keep.")] = 100,
     split: Annotated[Optional[str], typer.Option(help="Only queries of this split.")] = None,
-    distractors: Annotated[int, typer.Option(help="Extra random catalog items besides the judged ones.")] = 1000,
+    distractors: Annotated[int, typer.Option(min=0, help="Extra random catalog items besides the judged ones.")] = 1000,
     seed: int = 0,
+    overwrite: Overwrite = False,
 ):
     """A fixed, seeded subset: N queries, their judged items, and random distractor items."""
     from lrem.data import load_dataset, sample_dataset, save_dataset
 
+    _output(out, data, overwrite=overwrite)
     ds = sample_dataset(load_dataset(data), queries, split, distractors, seed)
     save_dataset(ds, out)
     _print_counts(ds)
@@ -121,9 +153,10 @@ def index(
     model: Annotated[str, typer.Option(help="LREM folder, HF folder or hub name, or a built-in name.")] = "smollm2-135m-instruct",
     factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64".')] = "Flat",
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
-    batch_size: int = 64,
-    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    batch_size: BatchSize = 64,
+    dtype: Dtype = "auto",
     threads: Threads = None,
+    overwrite: Overwrite = False,
     truncate: Truncate = True,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index."""
@@ -132,6 +165,7 @@ def index(
     from lrem.index import ItemIndex
     from lrem.model import LREM
 
+    _output(out, data, model if Path(model).exists() else None, overwrite=overwrite)
     ds = load_dataset(data)
     set_threads(threads, log=_echo)
     lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
@@ -146,14 +180,15 @@ def index(
 def search(
     queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
     index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
-    k: Annotated[int, typer.Option("-k", help="Items to show.")] = 10,
+    k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
     mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
     truncate: Truncate = True,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
-    from lrem.search import Searcher
+    from lrem.search import Searcher, check_search
 
+    check_search(queries, k)  # before the model loads
     searcher = Searcher.load(index_dir, log=_echo)
     searcher.truncate = truncate
     for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
@@ -170,7 +205,7 @@ def search(
 def serve(
     index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`.")],
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port (default 8000).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="TCP port (default 8000).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of ServeConfig keys.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override one ServeConfig key: --set max_batch=32. Repeat.")] = [],
 ):
@@ -189,26 +224,31 @@ def eval_(
     out: Out,
     system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate a fixed, seeded sample of N queries.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
-    k: Annotated[int, typer.Option(help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
-    batch_size: int = 32,
-    examples: Annotated[int, typer.Option(help="Print (and put in report.md) this many example queries with "
+    k: Annotated[int, typer.Option(min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
+    batch_size: BatchSize = 32,
+    examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
                                           "CoTs and top items, spread over the slices (report.md: 5 when 0).")] = 0,
     figure: Annotated[Optional[list[Path]], typer.Option(help="A PNG to add to report.md (e.g. OUT/curves.png of "
                                                          "`lrem train rl`). Repeat.")] = None,
     threads: Threads = None,
+    overwrite: Overwrite = False,
     truncate: Truncate = True,
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
+    from lrem._io import claim_dir
     from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
     from lrem.search import build_systems, parse_system
 
+    specs = dict(parse_system(s) for s in system)
+    models = [spec.rpartition(":")[0] for spec in specs.values()]
+    _output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
+            run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
     ds = load_dataset(data)
     set_threads(threads, log=_echo)
-    specs = dict(parse_system(s) for s in system)
     systems = build_systems(specs, ds, batch_size=batch_size, log=_echo, truncate=truncate)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=_echo)
     import shlex
@@ -216,7 +256,7 @@ def eval_(
     result["command"] = shlex.join(["lrem", *sys.argv[1:]])  # report.md records how it was made
     for name, spec in specs.items():
         result["systems"][name]["spec"] = spec
-    write_report(result, out, ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
+    write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
     typer.echo(format_table(result))
     if examples:
         typer.echo(format_examples(result, ds, examples))
@@ -255,7 +295,8 @@ def export(
 @app.command()
 def construct(
     data: DataDir,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; rerun the same command to resume.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: a new or empty folder, or this command's "
+                                      "earlier run folder, which it resumes.")],
     config: Annotated[Optional[Path], typer.Option(help="YAML file of ConstructConfig values (configs/construct.yaml).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split to take queries from (default train).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="openai:BASE_URL#MODEL, hf:NAME_OR_PATH or file:PATH.jsonl.")] = None,
@@ -264,24 +305,25 @@ def construct(
     hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
     teacher_mode: Annotated[Optional[str], typer.Option(help="two-step (the paper: reason, then extract) or list "
                                                         "(one call: the phrase list at once).")] = None,
-    candidates: Annotated[Optional[int], typer.Option(help="Show the teacher the retriever's top-N titles "
+    candidates: Annotated[Optional[int], typer.Option(min=0, help="Show the teacher the retriever's top-N titles "
                                                       "(grounded reasoning; 0: none).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="A fixed, seeded sample of N queries.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="A fixed, seeded sample of N queries.")] = None,
     seed: Optional[int] = None,
-    k_mine: Annotated[Optional[int], typer.Option(help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
-    mine_max_hitrate: Optional[float] = None,
+    k_mine: Annotated[Optional[int], typer.Option(min=1, help="Mining depth: difficult when hitrate@k_mine < --mine-max-hitrate.")] = None,
+    mine_max_hitrate: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
     keep_all: Annotated[Optional[bool], typer.Option("--keep-all/--mine", help="Keep every query (no mining).")] = None,
-    k_gain: Annotated[Optional[int], typer.Option(help="Depth of the two retrievals of the gain set.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Queries per step (outcomes are appended per batch).")] = None,
+    k_gain: Annotated[Optional[int], typer.Option(min=1, help="Depth of the two retrievals of the gain set.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Queries per step (outcomes are appended per batch).")] = None,
 ):
     """Build Query-CoT-Item triplets: mine, reason, extract, post-process, gain set, judge (resumable)."""
-    from lrem.construct import ConstructConfig, construct as run_construct, format_stats
+    from lrem.construct import CONFIG, OUTCOMES, ConstructConfig, construct as run_construct, format_stats
     from lrem.teachers import TeacherError
 
     flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode, candidates=candidates,
                  limit=limit, seed=seed,
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
+    _output(out, data, config, resume=True, run_files=(CONFIG, OUTCOMES))  # its own run folder is resumed
     try:
         stats = run_construct(data, out, ConstructConfig.load(config, **flags), log=_echo)
     except TeacherError as e:
@@ -302,10 +344,13 @@ def delta(
     rank: Annotated[int, typer.Option(min=1, help="Rank of each weight matrix's change (truncated SVD).")] = 32,
     base: Annotated[Optional[str], typer.Option(help="The built-in backbone it was trained from (default: "
                                                 "the one its lrem_config.json names).")] = None,
+    overwrite: Overwrite = False,
 ):
     """Store a trained model as a small delta from its built-in backbone (a folder under
     src/lrem/models/ ships as a built-in model name)."""
-    from lrem.delta import save_delta
+    from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, save_delta
+
+    _output(out, model, overwrite=overwrite, run_files=(DELTA_JSON, DELTA_WEIGHTS))  # also a delta of an older lrem
 
     meta = save_delta(model, out, base=base, rank=rank, log=_echo)
     f = meta["fidelity"]
@@ -324,14 +369,27 @@ TrainData = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset
                                                    "of queries without a CoT, and checks triplet ids.")]
 Model = Annotated[Optional[str], typer.Option(help="Base model (default: the config's).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT/checkpoints.")]
-Steps = Annotated[Optional[int], typer.Option(help="Stop after N steps (default: num_epochs over the data).")]
-CotShare = Annotated[Optional[float], typer.Option(help="Share of each batch with a teacher CoT (0: no mixing); "
-                                                   "give cold start and direct the same value.")]
+Steps = Annotated[Optional[int], typer.Option(min=1, help="Stop after N steps (default: num_epochs over the data).")]
+CotShare = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of each batch with a teacher CoT "
+                                                   "(0: no mixing); give cold start and direct the same value.")]
+TrainBatch = Annotated[Optional[int], typer.Option(min=1)]
+SaveSteps = Annotated[Optional[int], typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")]
 
 
-def _train(config, out, triplets, data, split, resume, use_cot, **flags) -> None:
+def _positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and not value > 0:  # also catches nan
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
+LearningRate = Annotated[Optional[float], typer.Option(callback=_positive, help="Peak learning rate (> 0).")]
+
+
+def _train(config, out, triplets, data, split, resume, use_cot, overwrite=False, **flags) -> None:
     from lrem.data import load_dataset
     from lrem.train import SFTConfig, train
+
+    _output(out, config, triplets, data, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
 
     defaults = {} if config else ({} if use_cot else {"use_cot": False, "sft_weight": 0.0})
     cfg = SFTConfig.load(config, **{**defaults, **flags})
@@ -339,7 +397,7 @@ def _train(config, out, triplets, data, split, resume, use_cot, **flags) -> None
         raise ValueError(f"{config}: use_cot={cfg.use_cot}; `lrem train {'coldstart' if use_cot else 'direct'}` "
                          f"needs use_cot={use_cot}")
     train(cfg, out, triplets=triplets, dataset=load_dataset(data) if data else None, split=split, resume=resume,
-          log=_echo)
+          overwrite=overwrite, log=_echo)
 
 
 @train_app.command("coldstart")
@@ -347,11 +405,12 @@ def train_coldstart(
     out: Out,
     triplets: Annotated[Optional[Path], typer.Option(help="triplets.jsonl from `lrem construct`.")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
-    max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
-    save_steps: Optional[int] = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
+    max_steps: Steps = None, batch_size: TrainBatch = None, learning_rate: LearningRate = None,
+    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Stage 1: L = 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE (in-batch negatives)."""
-    _train(config, out, triplets, data, split, resume, True, model=model, max_steps=max_steps,
+    _train(config, out, triplets, data, split, resume, True, overwrite, model=model, max_steps=max_steps,
            batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
 
 
@@ -360,11 +419,12 @@ def train_direct(
     out: Out,
     pairs: Annotated[Optional[Path], typer.Option(help="A triplets.jsonl (its CoTs are ignored).")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
-    max_steps: Steps = None, batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
-    save_steps: Optional[int] = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
+    max_steps: Steps = None, batch_size: TrainBatch = None, learning_rate: LearningRate = None,
+    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """The direct-embedding baseline: InfoNCE only, `<think></think><emb>`, same pairs and schedule."""
-    _train(config, out, pairs, data, split, resume, False, model=model, max_steps=max_steps,
+    _train(config, out, pairs, data, split, resume, False, overwrite, model=model, max_steps=max_steps,
            batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
 
 
@@ -375,26 +435,35 @@ def train_rl(
     pairs: Annotated[Optional[Path], typer.Option(help="RL pairs (JSONL: query_id, query, item_id, item_title); "
                                                   "default INIT/rl_pairs.jsonl, held back by stage 1.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML of RLConfig values (configs/rl.yaml).")] = None,
-    max_steps: Steps = None, batch_size: Optional[int] = None, num_generations: Optional[int] = None,
-    learning_rate: Optional[float] = None, save_steps: Optional[int] = None, seed: Optional[int] = None,
-    resume: Resume = False,
+    max_steps: Steps = None, batch_size: TrainBatch = None,
+    num_generations: Annotated[Optional[int], typer.Option(min=1)] = None,
+    learning_rate: LearningRate = None, save_steps: SaveSteps = None, seed: Optional[int] = None,
+    resume: Resume = False, overwrite: Overwrite = False,
 ):
     """Stage 2: L = 1.0 L_GRPO (G sampled CoTs per query, rank reward) + 0.1 L_InfoNCE."""
     from lrem.train import RLConfig, train_rl as run
 
+    _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
     cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
                         learning_rate=learning_rate, save_steps=save_steps, seed=seed)
-    run(cfg, init, out, pairs=pairs, resume=resume, log=_echo)
+    run(cfg, init, out, pairs=pairs, resume=resume, overwrite=overwrite, log=_echo)
 
 
 def main() -> None:
-    from lrem.data import DataError
+    """Run the CLI; bad input (lrem's errors, file system errors) is one line on stderr and exit
+    code 2, like a usage error. LREM_DEBUG=1 shows the traceback instead."""
+    import yaml
 
     try:
         app()
-    except (DataError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    except (ValueError, OSError, RecursionError, yaml.YAMLError) as e:
+        if os.environ.get("LREM_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, RecursionError):
+            e = "input nested too deeply (RecursionError)"
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

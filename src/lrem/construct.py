@@ -36,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lrem._config import load_config
-from lrem._io import write_json, write_jsonl
+from lrem._io import claim_dir, write_json, write_jsonl
 from lrem.teachers import Chat, JsonlLog, Pair, generate
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
@@ -496,8 +496,7 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
 
     cfg = cfg or ConstructConfig()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out)  # marked as lrem's: a rerun resumes it
     check_config(out, cfg)
     queries = select_queries(ds, cfg)
     outcomes, triplets = JsonlLog(out / OUTCOMES), JsonlLog(out / TRIPLETS)

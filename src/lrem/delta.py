@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir, write_json
+from ._io import atomic_dir, claim_dir, write_json
 from .backbones import lrem_home
 
 DELTA_JSON, DELTA_WEIGHTS = "delta.json", "delta.safetensors"
@@ -165,6 +165,8 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     apply_delta(model, load_file(str(folder / DELTA_WEIGHTS)))
     model.config = PromptConfig.from_dict(meta["prompts"])
     model.source, model.base, model.stages = name, meta["base"], meta.get("training", [])
+    if (out / "delta_stamp").exists():
+        claim_dir(out)  # our own cache folder, built before lrem marked its folders: replaceable
     model.save_pretrained(out)
     (out / "delta_stamp").write_text(stamp)
     if (folder / "README.md").exists():

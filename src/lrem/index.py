@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ def build_index(emb: np.ndarray, factory: str = "Flat", search_params: str = "")
             index.train(emb)
         index.add(emb)
     except RuntimeError as e:
-        raise ValueError(f"cannot build FAISS index {factory!r} on {emb.shape[0]} x {emb.shape[1]}: {e}") from e
+        raise ValueError(f"cannot build FAISS index {factory!r} on {emb.shape[0]} x {emb.shape[1]}: "
+                         f"{_faiss_message(e)}") from e
     if search_params:
         set_search_params(index, search_params)
     return index
@@ -53,7 +55,59 @@ def set_search_params(index: faiss.Index, params: str) -> None:
         try:
             ps.set_index_parameter(index, name, float(value))
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"bad FAISS search parameter {kv!r}: {e}") from e
+            raise ValueError(f"bad FAISS search parameter {kv!r}: {_faiss_message(e)}") from None
+
+
+def check_factory(factory: str, search_params: str, dim: int, n_items: int | None = None) -> None:
+    """Raise a ValueError now, before hours of embedding, for a factory string or search
+    parameters FAISS would reject, or an IVF index with more lists than items.
+
+    Builds the index on a few random unit vectors (untrained: training needs real data).
+    """
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"bad FAISS factory {factory!r}: {_faiss_message(e)}") from None
+    if search_params:
+        set_search_params(index, search_params)
+    if n_items is not None:
+        try:
+            nlist = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:  # not an IVF index
+            nlist = 0
+        if nlist > n_items:
+            raise ValueError(f"FAISS factory {factory!r} has {nlist} lists but the catalog only {n_items} items")
+    if index.is_trained:
+        x = np.random.default_rng(0).standard_normal((4, dim)).astype(np.float32)
+        index.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def check_embeddings(emb, n: int, dim: int | None = None) -> np.ndarray:
+    """Embeddings fit for an index: (n, dim), finite, unit norm; a ValueError says what is wrong.
+
+    A model or batching bug (zero rows, NaNs) must never reach an index, where it would fail
+    silently as bad rankings.
+    """
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or emb.shape[0] != n or (dim is not None and emb.shape[1] != dim):
+        raise ValueError(f"embeddings of shape {emb.shape}; expected ({n}, {dim if dim is not None else 'dim'})")
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {n} embeddings are not finite (first: row {int(np.argmax(bad))})")
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > 1e-3
+    if off.any():
+        j = int(np.argmax(off))
+        raise ValueError(f"{int(off.sum())} of {n} embeddings are not unit length (row {j}: norm {norms[j]:.4g})")
+    return emb
+
+
+def _faiss_message(e: Exception) -> str:
+    """The useful part of a FAISS C++ exception (it also names the C++ function, file and line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = next((ln for ln in lines if ln.startswith("Error")), lines[-1] if lines else str(e))
+    text = text.split("' failed: ")[-1]
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
 
 
 @dataclass
@@ -69,6 +123,7 @@ class ItemIndex:
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
         if len(item_ids) != emb.shape[0] or len(titles) != emb.shape[0]:
             raise ValueError(f"{emb.shape[0]} embeddings for {len(item_ids)} ids and {len(titles)} titles")
+        check_embeddings(emb, len(item_ids))
         index = build_index(emb, factory, search_params)
         meta = {"factory": factory, "search_params": search_params, "dim": int(emb.shape[1]),
                 "n_items": int(emb.shape[0]), **meta}
@@ -83,6 +138,7 @@ class ItemIndex:
         or an error."""
         ids, items = list(catalog), list(catalog.values())
         titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
+        check_factory(factory, search_params, model.dim, len(ids))  # fail now, not after embedding
         t0 = time.perf_counter()
         cut = model.truncated["item"]
         emb = model.encode_items(items, batch_size=batch_size, show_progress=show_progress, truncate=truncate)
@@ -112,18 +168,48 @@ class ItemIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ItemIndex":
+        """Read an index folder; a ValueError names the file and what is wrong with it
+        (unreadable FAISS file, malformed meta.json or items.jsonl, counts that disagree)."""
+        from .data import DataError, read_jsonl
+
         path = Path(path)
-        missing = [f for f in (INDEX_FILE, ITEMS_FILE, META_FILE) if not (path / f).exists()]
+        missing = [f for f in (INDEX_FILE, ITEMS_FILE, META_FILE) if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not an lrem index (missing {', '.join(missing)}); build one with `lrem index`")
-        index = read_index(path / INDEX_FILE)
-        rows = [json.loads(line) for line in (path / ITEMS_FILE).read_text(encoding="utf-8").splitlines() if line]
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        if index.ntotal != len(rows):
-            raise ValueError(f"{path}: index has {index.ntotal} vectors but {ITEMS_FILE} has {len(rows)} items")
-        out = cls(index, [r["item_id"] for r in rows], [r["title"] for r in rows], meta)
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise DataError(path / META_FILE, None, None, f"malformed JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DataError(path / META_FILE, None, None, "expected a JSON object")
+        ids, titles = [], []
+        for line, row in read_jsonl(path / ITEMS_FILE):
+            for name in ("item_id", "title"):
+                if not isinstance(row.get(name), str):
+                    raise DataError(path / ITEMS_FILE, line, name, f"expected a string, got {row.get(name)!r}")
+            ids.append(row["item_id"])
+            titles.append(row["title"])
+        if (path / INDEX_FILE).stat().st_size == 0:
+            raise DataError(path / INDEX_FILE, None, None, "empty file (an interrupted write?); rebuild the index")
+        try:
+            index = read_index(path / INDEX_FILE)
+        except RuntimeError as e:
+            raise DataError(path / INDEX_FILE, None, None, f"not a readable FAISS index ({_faiss_message(e)})") from None
+        if index.ntotal != len(ids):
+            raise DataError(path / INDEX_FILE, None, None,
+                            f"has {index.ntotal} vectors but {ITEMS_FILE} has {len(ids)} items")
+        if meta.get("dim", index.d) != index.d:
+            raise DataError(path / META_FILE, None, "dim", f"{meta['dim']!r}, but {INDEX_FILE} has dim {index.d}")
+        if len(set(ids)) != len(ids):
+            raise DataError(path / ITEMS_FILE, None, "item_id", "duplicate item ids")
+        out = cls(index, ids, titles, meta)
         if meta.get("search_params"):
-            set_search_params(index, meta["search_params"])
+            if not isinstance(meta["search_params"], str):
+                raise DataError(path / META_FILE, None, "search_params", f"expected a string, got {meta['search_params']!r}")
+            try:
+                set_search_params(index, meta["search_params"])
+            except ValueError as e:
+                raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
 
 

@@ -39,13 +39,22 @@ from tqdm.auto import tqdm
 
 from . import prompts
 from ._io import atomic_dir, write_json
-from .backbones import default_dtype, init_special_embeddings, resolve_backbone
+from .backbones import BUILTINS, default_dtype, init_special_embeddings, resolve_backbone
 from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, lookup_draft,
                        prefill, prefix_kv, sample_top_p)
 from .prompts import PromptConfig
 
 LREM_CONFIG = "lrem_config.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_batch_size(batch_size) -> None:
+    """A batch size below 1 would embed nothing (range() with a negative step) and leave zero rows."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; must be >= 1")
+
+
 QUERY_MODES = ("reason", "direct")
 
 
@@ -196,6 +205,8 @@ class LREM(torch.nn.Module):
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
         if dtype == "auto":
             dtype = default_dtype(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -203,7 +214,13 @@ class LREM(torch.nn.Module):
         cfg_file = Path(path) / LREM_CONFIG
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
-        tok = AutoTokenizer.from_pretrained(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # transformers' multi-line "couldn't connect" and repo-id errors
+            if Path(path).exists():
+                raise ValueError(f"model {name_or_path}: cannot load its tokenizer: {str(e).splitlines()[0]}") from e
+            raise ValueError(f"model {name_or_path!r}: no such folder, not a built-in name ({', '.join(BUILTINS)}) "
+                             "and not a hub model in the local cache") from e
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
         if saved is not None:
@@ -348,6 +365,7 @@ class LREM(torch.nn.Module):
         later calls, see `_shared_prefix`); the token sequences and positions are exactly those
         of the plain path.
         """
+        check_batch_size(batch_size)
         seqs = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         n_prefix, prefix_kv = self._shared_prefix(seqs) if prefix_cache else (0, None)
         order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -480,6 +498,7 @@ class LREM(torch.nn.Module):
         One query as a string gives embeddings (dim,) and its CoT as a string. `truncate`:
         queries over `max_query_tokens` are cut and counted (True) or an error (False).
         """
+        check_batch_size(batch_size)
         if isinstance(texts, str):
             one = self.encode_queries([texts], mode, None if cots is None else [cots], batch_size, show_progress,
                                       fast, truncate)

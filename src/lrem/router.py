@@ -66,7 +66,7 @@ class Router:
         return self.margin
 
     def describe(self) -> dict:
-        """Settings and current threshold, for logs and /healthz."""
+        """Settings and current threshold, for logs and /info."""
         return {"margin": self.margin, "share": self.share, "long_query_words": self.long_query_words,
                 "depth": self.depth, "threshold": self.threshold(), "margins_seen": len(self._recent)}
 

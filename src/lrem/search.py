@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from ._text import check_query
 from .index import ItemIndex
 from .model import LREM
 from .router import Router
@@ -34,6 +35,14 @@ def random_cot(query: str, titles: list[str], n_phrases: int = 3) -> str:
     return ", ".join(t.split(",")[0].strip() for t in picks)
 
 
+def check_search(queries: list[str], k: int) -> None:
+    """The same query rules as the server (`lrem._text.check_query`), and k >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}; must be an integer >= 1")
+    for n, q in enumerate(queries, 1):
+        check_query(q, f"query {n}" if len(queries) > 1 else "query")
+
+
 class Searcher:
     """An LREM model and the item index it built; `search` embeds queries and asks FAISS.
 
@@ -44,8 +53,9 @@ class Searcher:
     """
 
     def __init__(self, model: LREM, index: ItemIndex, router: Router | None = None, truncate: bool = True):
-        if index.meta.get("dim") not in (None, model.dim):
-            raise ValueError(f"index dim {index.meta['dim']} != model dim {model.dim}")
+        if index.index.d != model.dim:
+            raise ValueError(f"index dim {index.index.d} != model dim {model.dim} (was the index built with "
+                             f"another model than {model.source or 'this one'}?)")
         self.model = model
         self.index = index
         self.router = router or Router()
@@ -55,13 +65,20 @@ class Searcher:
     def load(cls, index_dir, model: LREM | str | None = None, **model_kwargs) -> "Searcher":
         """Load an index folder and (unless given) the model recorded in its `meta.json`."""
         index = ItemIndex.load(index_dir)
+        where = ""
         if model is None:
-            model = index.meta.get("model")
-            if not model:
-                raise ValueError(f"{index_dir}/meta.json names no model; pass one")
+            model, where = index.meta.get("model"), f"{index_dir}/meta.json: "
+            if not model or not isinstance(model, str):
+                raise ValueError(f"{where}names no model (field 'model': {model!r}); pass one")
         if isinstance(model, str):
-            model = LREM.from_pretrained(model, **model_kwargs)
-        searcher = cls(model, index)
+            try:
+                model = LREM.from_pretrained(model, **model_kwargs)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{where}{e}") from e
+        try:
+            searcher = cls(model, index)
+        except ValueError as e:
+            raise ValueError(f"{index_dir}: {e}") from None
         searcher.index_dir = str(index_dir)  # recorded in eval reports
         return searcher
 
@@ -80,6 +97,7 @@ class Searcher:
     def search(self, queries: list[str], k: int = 10, mode: str = "reason", cots: list[str] | None = None,
                batch_size: int = 32, show_progress: bool = False) -> list[SearchResult]:
         """Top-k items per query, best first, with the CoT each query was embedded after."""
+        check_search(queries, k)
         if mode == "auto":
             return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress)[0]
         cots = cots if cots is not None else self.cots_for(queries, mode)
@@ -98,6 +116,7 @@ class Searcher:
 
         Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned.
         """
+        check_search(queries, k)
         router = router or self.router
         enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size, truncate=self.truncate)
         scores, ids = self.index.search(enc.embeddings, max(k, router.depth))  # (n, >= depth)

@@ -7,8 +7,11 @@
     # curl -d '{"query": "a drink stronger than tea", "k": 5}' localhost:8000/search
 
 Endpoints: `POST /search`, `POST /v1/embeddings` (OpenAI's embeddings API: point an OpenAI
-client's `base_url` at `http://host:port/v1`), `GET /v1/models`, `GET /healthz`, `GET /metrics`
-(Prometheus text), and the OpenAPI schema at `/openapi.json` (browsable at `/docs`).
+client's `base_url` at `http://host:port/v1`), `GET /v1/models`, `GET /info` (model, index and
+settings), `GET /metrics` (Prometheus text), the OpenAPI schema at `/openapi.json` (browsable at
+`/docs`), and `GET /health` (or `/healthz`: liveness only). With an API key (`api_key`, or the
+environment variable LREM_API_KEY) every endpoint but /health and /healthz wants
+`Authorization: Bearer KEY` and answers 401 without it.
 
 How a query is served: the text is normalised (NFKC, lower case, single spaces) and looked up in
 an LRU cache of (kind, text) -> (CoT, embedding). Misses go to a `Batcher`: one worker drains
@@ -22,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
+import os
 import threading
 import time
 import unicodedata
@@ -33,6 +38,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._text import check_query
 from .batching import Batcher, EmbeddingCache, Overloaded
 from .router import Router
 
@@ -65,6 +71,16 @@ class ServeConfig:
     max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call."})
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
     request_timeout_s: float = field(default=30.0, metadata={"help": "Time one request may take (503 after)."})
+    # Slow or idle clients: each holds a connection, so bound how long they may take
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "Time a connection may take to send a request's headers (closed after)."})
+    body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
+    max_connections: int = field(default=256, metadata={"help": "Open connections and requests beyond this get a 503."})
+    keep_alive_s: int = field(default=5, metadata={"help": "Idle keep-alive connections are closed after this."})
+    # Access
+    api_key: str = field(default="", metadata={
+        "help": "Require `Authorization: Bearer KEY` on every endpoint but /health(z); '': the environment "
+                "variable LREM_API_KEY, if set, else no key."})
 
     def __post_init__(self):
         for f in fields(self):
@@ -74,11 +90,15 @@ class ServeConfig:
                 raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
             if want is not str and v < 0:
                 raise ValueError(f"{f.name}={v}; must be >= 0")
-        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue"):
+        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue",
+                     "max_connections", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s={self.request_timeout_s}; must be > 0")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}; must be > 0")
+        if self.port > 65535:
+            raise ValueError(f"port={self.port}; must be <= 65535")
         self.router()  # checks the router settings
 
     @classmethod
@@ -98,12 +118,23 @@ class ServeConfig:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-            values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            try:
+                values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError as e:  # also a `!!python/...` tag, which safe_load refuses
+                raise ValueError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return load_config(cls, path, values)
 
     def router(self) -> Router:
         return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
+
+    def key(self) -> str:
+        """The API key in force: `api_key`, else $LREM_API_KEY, else '' (none)."""
+        return self.api_key or os.environ.get("LREM_API_KEY", "")
+
+    def public(self) -> dict:
+        """The settings, with the API key hidden (for /info and logs)."""
+        return {**asdict(self), "api_key": "(set)" if self.key() else ""}
 
 
 def normalize_query(text: str) -> str:
@@ -209,7 +240,8 @@ class _Metrics:
 def error_body(status: int, message: str, **extra) -> dict:
     """Every error's JSON: FastAPI's `detail` plus OpenAI's `error` object (its clients read that)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": status}, **extra}
+    code = "invalid_api_key" if status == 401 else status
+    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": code}, **extra}
 
 
 def _ms(t0: float) -> float:
@@ -280,29 +312,34 @@ class SearchService:
                 "embedding": emb, "timings_ms": {**timings, "total": _ms(t_start)}}
 
     def clean(self, text: str, what: str, query: bool = True) -> str:
-        """A valid text for the model, or an HTTP 422 that names the problem and the limit."""
+        """A valid text for the model, or an HTTP 422 that names the problem and the limit
+        (the rules of `lrem search`: `lrem._text.check_query`)."""
         from fastapi import HTTPException
 
-        limit = self.config.max_query_chars
-        if len(text) > limit:
-            raise HTTPException(422, f"{what} has {len(text)} characters; the limit is {limit} (max_query_chars)")
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise HTTPException(422, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
-        out = normalize_query(text) if query else text
-        if not out.strip():
-            raise HTTPException(422, f"{what} is empty (or only whitespace)")
-        return out
+            check_query(text, what, self.config.max_query_chars)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return normalize_query(text) if query else text
 
 
 class _Guard:
-    """ASGI middleware: rejects oversized or non-UTF-8 bodies before parsing; counts and times requests."""
+    """ASGI middleware: checks the API key, rejects slow, oversized or non-UTF-8 bodies before
+    parsing; counts and times requests."""
 
-    PATHS = ("/search", "/v1/embeddings", "/v1/models", "/healthz", "/metrics", "/docs", "/openapi.json")
+    PATHS = ("/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics", "/docs",
+             "/openapi.json")
+    OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
 
-    def __init__(self, app, max_body_bytes: int, metrics: _Metrics):
+    def __init__(self, app, max_body_bytes: int, metrics: _Metrics, api_key: str = "", body_timeout_s: float = 10.0):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.api_key, self.body_timeout_s = api_key.encode(), body_timeout_s
+
+    def authorized(self, scope) -> bool:
+        if not self.api_key or scope["path"] in self.OPEN:
+            return True
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)  # constant time
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -317,8 +354,12 @@ class _Guard:
             await send(message)
 
         try:
+            if not self.authorized(scope):
+                return await JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)"),
+                                          401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
             body, problem = await self._read_body(scope, receive)
-            if body is None:  # the client went away
+            if body is None:  # the client went away mid-body: counted as 499 (nginx's "client closed")
+                status[0] = 499
                 return
             if problem:
                 return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
@@ -343,14 +384,18 @@ class _Guard:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return b"", (413, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit} (max_body_bytes)")
         body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None, None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return b"", (413, f"request body is over {limit} bytes (max_body_bytes)")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # a client trickling its body holds a connection
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None, None
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > limit:
+                        return b"", (413, f"request body is over {limit} bytes (max_body_bytes)")
+        except TimeoutError:
+            return b"", (408, f"request body not received within {self.body_timeout_s} s (body_timeout_s)")
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -377,7 +422,7 @@ def create_app(searcher, config: ServeConfig | None = None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if cfg.cache_path:
-            service.cache.load(cfg.cache_path, service.model_id)
+            service.cache.load(cfg.cache_path, service.model_id, dim=searcher.model.dim)
         service.batcher.start()
         yield
         await service.batcher.stop()
@@ -387,7 +432,8 @@ def create_app(searcher, config: ServeConfig | None = None):
     app = FastAPI(title="lrem", lifespan=lifespan, description=__doc__.split("\n\n")[-1],
                   summary="LREM search and OpenAI-compatible embeddings: reason about a query, then embed it.")
     app.state.service = service
-    app.add_middleware(_Guard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics)
+    app.add_middleware(_Guard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics, api_key=cfg.key(),
+                       body_timeout_s=cfg.body_timeout_s)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -460,14 +506,20 @@ def create_app(searcher, config: ServeConfig | None = None):
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "lrem"}
                                            for m in EMBEDDING_MODELS]}
 
+    @app.get("/health")
     @app.get("/healthz")
-    async def healthz() -> dict:
-        """Liveness plus what is served: model, index size, cache, router and settings."""
-        return {"status": "ok", "model": searcher.model.source, "dim": searcher.model.dim,
+    async def health() -> dict:
+        """Liveness only (no key needed, nothing about the deployment): {"status": "ok"}."""
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        """What is served: model, index size, cache, router and settings (the API key hidden)."""
+        return {"model": searcher.model.source, "dim": searcher.model.dim,
                 "items": len(searcher.index.item_ids), "factory": searcher.index.meta.get("factory"),
                 "cache": {"entries": len(service.cache), "hit_rate": service.cache.hit_rate},
                 "router": service.router.describe(), "reasoned_share": service.reasoned_share,
-                "queue": service.batcher.pending, "config": asdict(cfg)}
+                "queue": service.batcher.pending, "config": cfg.public()}
 
     @app.get("/metrics", response_class=PlainTextResponse, response_model=None)
     async def metrics():
@@ -480,6 +532,52 @@ def create_app(searcher, config: ServeConfig | None = None):
     return app
 
 
+def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
+    """uvicorn settings that bound what slow or idle clients can hold (see `ServeConfig`)."""
+    import uvicorn
+
+    cfg = app.state.service.config
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=_header_timeout_protocol(cfg.header_timeout_s),
+                          timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections,
+                          h11_max_incomplete_event_size=16 * 1024)  # headers above 16 KiB: 400
+
+
+def _header_timeout_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol, plus a deadline for each request's headers: uvicorn has none, so a
+    client sending half a request line would hold its connection for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timer()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc):
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self):
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _header_timeout(self):
+            # IDLE: h11 has not yet seen a whole request line and headers since the timer started
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
+
+
 @contextlib.contextmanager
 def background_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 60.0):
     """Run `app` under uvicorn in a daemon thread (port 0: a free one); yields its base URL.
@@ -488,7 +586,7 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeo
     """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True, name="lrem-serve")
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
@@ -512,5 +610,11 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
 
     searcher = Searcher.load(index_dir, log=log)
     log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
-        f"on http://{config.host}:{config.port}  settings: {json.dumps(asdict(config))}")
-    uvicorn.run(create_app(searcher, config), host=config.host, port=config.port, log_level="info")
+        f"on http://{config.host}:{config.port}  settings: {json.dumps(config.public())}")
+    server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is a normal stop
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn has logged why (port in use, ...), and exits 3 itself so

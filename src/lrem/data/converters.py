@@ -3,7 +3,9 @@
 Each converter reads the source as published, maps its labels to integer relevance, gives every
 query a split (the source's own when it has one, else a stable sha1 80/10/10 split), and
 returns a validated `Dataset`. Rows that cannot become items (no title) are skipped with a
-warning; labels that are not understood are a `DataError`.
+warning; labels that are not understood are a `DataError`. Control characters (NUL, escape
+codes) in titles and texts (and ESCI and BEIR queries) of a raw source are replaced by spaces; an id holding one
+is a `DataError` (lrem's own dataset files reject them in every text field).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
+from .._text import strip_controls
 from .formats import DataError, Dataset, Item, Query, Row, hash_split, read_table, validate_dataset
 
 FORMATS = ("beir", "esci", "wands")
@@ -24,8 +27,9 @@ ESCI_PRODUCT_FIELDS = ("product_title", "product_brand", "product_color",
 
 
 def _clean(text: str | None) -> str:
-    """Flatten markup and whitespace: product descriptions carry HTML and stray newlines."""
-    return " ".join(re.sub(r"<[^>]+>", " ", text or "").split())
+    """Flatten markup, control characters and whitespace: product descriptions carry HTML,
+    stray newlines and the odd NUL or escape byte."""
+    return " ".join(strip_controls(re.sub(r"<[^>]+>", " ", text or "")).split())
 
 
 def _join(*parts: str | None) -> str | None:
@@ -45,10 +49,13 @@ def _warn_skipped(count: int, what: str) -> None:
         warnings.warn(f"skipped {count} {what}", stacklevel=3)
 
 
-def _finish(catalog, queries, qrels, src: Path, name: str) -> Dataset:
-    """Keep only queries with judgements and validate the result."""
+def _finish(catalog, queries, qrels, src: Path, name: str, read: dict[str, int]) -> Dataset:
+    """Keep only queries with judgements and validate the result; `read`: rows read per source
+    file, kept in `Dataset.source_rows` so a caller can report rows read against rows written."""
     queries = {qid: q for qid, q in queries.items() if qid in qrels}
-    return validate_dataset(Dataset(catalog, queries, qrels, name), root=src)
+    ds = validate_dataset(Dataset(catalog, queries, qrels, name), root=src)
+    ds.source_rows = read
+    return ds
 
 
 # ----------------------------------------------------------------------------- BEIR
@@ -60,15 +67,17 @@ def from_beir(src) -> Dataset:
     evaluation query never counts as training); queries in no qrels file are dropped.
     """
     src = Path(src)
-    catalog, no_title = {}, 0
-    for row in read_table(src / "corpus.jsonl", {"_id": str}, {"title": str, "text": str}, allow_empty=True):
-        text = (row["text"] or "").strip()
-        title = (row["title"] or "").strip() or text[:200].strip()
+    catalog, no_title, read = {}, 0, {}
+    corpus = read_table(src / "corpus.jsonl", {"_id": str}, {"title": str, "text": str}, allow_empty=True)
+    read["corpus.jsonl"] = len(corpus)
+    for row in corpus:
+        text = strip_controls(row["text"] or "").strip()
+        title = strip_controls(row["title"] or "").strip() or text[:200].strip()
         if not title:
             no_title += 1
             continue
         catalog[row["_id"]] = Item(row["_id"], title, "beir", text or None)
-    texts = {r["_id"]: r["text"].strip()
+    texts = {r["_id"]: strip_controls(r["text"]).strip()
              for r in read_table(src / "queries.jsonl", {"_id": str, "text": str}, {}, allow_empty=True)}
 
     queries, qrels, dangling = {}, {}, 0
@@ -76,7 +85,9 @@ def from_beir(src) -> Dataset:
         path = src / "qrels" / f"{split}.tsv"
         if not path.is_file():
             continue
-        for row in read_table(path, {"query-id": str, "corpus-id": str, "score": int}, {}):
+        rows = read_table(path, {"query-id": str, "corpus-id": str, "score": int}, {})
+        read[f"qrels/{split}.tsv"] = len(rows)
+        for row in rows:
             qid, iid = row["query-id"], row["corpus-id"]
             if not texts.get(qid) or iid not in catalog:
                 dangling += 1
@@ -87,7 +98,7 @@ def from_beir(src) -> Dataset:
         raise DataError(src / "qrels", None, None, "no qrels/{train,dev,test}.tsv with usable judgements")
     _warn_skipped(no_title, "BEIR documents with neither title nor text")
     _warn_skipped(dangling, "BEIR qrels naming an unknown or empty query or document")
-    return _finish(catalog, queries, qrels, src, src.name)
+    return _finish(catalog, queries, qrels, src, src.name, {**read, "queries.jsonl": len(texts)})
 
 
 # ----------------------------------------------------------------------------- ESCI
@@ -145,6 +156,7 @@ def from_esci(src, locale: str | None = None) -> Dataset:
     """
     src = Path(src)
     path, rows = _esci_rows(src)
+    n_read = len(rows)
     if locale is not None:
         rows = [r for r in rows if r["product_locale"] == locale]
         if not rows:
@@ -157,7 +169,7 @@ def from_esci(src, locale: str | None = None) -> Dataset:
         if label is None:
             raise DataError(path, row.line, "esci_label",
                             f"unknown label {row['esci_label']!r} (expected Exact/Substitute/Complement/Irrelevant)")
-        title, qtext = _clean(row.get("product_title")), row["query"].strip()
+        title, qtext = _clean(row.get("product_title")), strip_controls(row["query"]).strip()
         if not title or not qtext:
             no_title += 1
             continue
@@ -172,7 +184,7 @@ def from_esci(src, locale: str | None = None) -> Dataset:
         queries.setdefault(qid, Query(qid, qtext, "esci", split))
         _add_qrel(qrels, qid, iid, label)
     _warn_skipped(no_title, "ESCI rows with an empty product title or query")
-    return _finish(catalog, queries, qrels, src, src.stem if src.is_file() else src.name)
+    return _finish(catalog, queries, qrels, src, src.stem if src.is_file() else src.name, {path.name: n_read})
 
 
 # ----------------------------------------------------------------------------- WANDS
@@ -188,7 +200,7 @@ def read_wands_queries(path) -> dict[str, Query]:
         if qid in queries:
             raise DataError(path, row.line, "query_id", f"duplicate {qid!r}")
         category = (row["query_class"] or "").strip() or "unknown"
-        queries[qid] = Query(qid, row["query"].strip(), category, hash_split(qid))
+        queries[qid] = Query(qid, strip_controls(row["query"]).strip(), category, hash_split(qid))
     return queries
 
 
@@ -200,7 +212,8 @@ def from_wands(src) -> Dataset:
     src = Path(src)
     catalog, no_name = {}, 0
     optional = dict.fromkeys(("product_class", "product_description", "product_features"), str)
-    for row in read_table(src / "product.csv", {"product_id": str, "product_name": str}, optional, allow_empty=True):
+    products = read_table(src / "product.csv", {"product_id": str, "product_name": str}, optional, allow_empty=True)
+    for row in products:
         title = _clean(row["product_name"])
         if not title:
             no_name += 1
@@ -214,7 +227,8 @@ def from_wands(src) -> Dataset:
     queries = read_wands_queries(src / "query.csv")
 
     label_path, qrels, dangling = src / "label.csv", {}, 0
-    for row in read_table(label_path, {"query_id": str, "product_id": str, "label": str}, {}):
+    labels = read_table(label_path, {"query_id": str, "product_id": str, "label": str}, {})
+    for row in labels:
         rel = WANDS_LABELS.get(row["label"].strip().lower())
         if rel is None:
             raise DataError(label_path, row.line, "label",
@@ -225,7 +239,8 @@ def from_wands(src) -> Dataset:
         _add_qrel(qrels, row["query_id"], row["product_id"], rel)
     _warn_skipped(no_name, "WANDS products with an empty name")
     _warn_skipped(dangling, "WANDS labels naming an unknown query or product")
-    return _finish(catalog, queries, qrels, src, src.name)
+    return _finish(catalog, queries, qrels, src, src.name,
+                   {"product.csv": len(products), "query.csv": len(queries), "label.csv": len(labels)})
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -15,13 +15,15 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrem._io import atomic_dir, write_jsonl
+from lrem._text import control_char
 
 TABLES = ("catalog", "queries", "qrels")
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
@@ -75,6 +77,8 @@ class Dataset:
     queries: dict[str, Query]
     qrels: dict[str, dict[str, int]]  # query_id -> {item_id: relevance}
     name: str = ""
+    # converters: rows read per source file, to report against what is written (not compared)
+    source_rows: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def split_queries(self, split: str) -> dict[str, Query]:
         """The queries of one split ("all": every query); a ValueError listing the splits present if it is empty."""
@@ -167,6 +171,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             values = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(path, line_no, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(path, line_no, None, "JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise DataError(path, line_no, None, f"malformed JSON ({e})") from None
         if not isinstance(values, dict):
             raise DataError(path, line_no, None, "expected a JSON object")
         out.append((line_no, values))
@@ -179,7 +187,9 @@ def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, di
     text = _decode(path)
     header_line = text.split("\n", 1)[0]
     tabbed = path.suffix.lower() == ".tsv" or header_line.count("\t") > header_line.count(",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tabbed else ",")
+    # strict: an unterminated quote (a truncated file) is an error, not a field that swallows the
+    # rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tabbed else ",", strict=True)
     header = next(reader, None)
     if header is None:
         raise DataError(path, 1, None, "no data rows (empty file)")
@@ -196,8 +206,9 @@ def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, di
             if len(cells) > len(header):
                 raise DataError(path, line, None, f"{len(cells)} fields but the header has {len(header)}")
             out.append((line, dict(zip(header, cells))))
-    except csv.Error as e:  # e.g. a NUL byte or an unterminated quote at end of file
-        raise DataError(path, start, None, f"malformed {'TSV' if tabbed else 'CSV'}: {e}") from None
+    except csv.Error as e:  # e.g. a NUL byte, or an unterminated quote (a truncated file)
+        what = "unterminated quoted field (is the file truncated?)" if "unexpected end of data" in str(e) else e
+        raise DataError(path, start, None, f"malformed {'TSV' if tabbed else 'CSV'}: {what}") from None
     return out
 
 
@@ -244,12 +255,19 @@ def _convert(value, kind: type, from_text: bool, allow_empty: bool):
         if kind is str:
             if not allow_empty and not value.strip():
                 raise _BadValue("empty string")
+            bad = None if allow_empty else control_char(value)  # raw sources are cleaned by their converter
+            if bad:
+                raise _BadValue(f"control character {bad} (remove it)")
             return value
         if from_text and kind is int and _INT_RE.fullmatch(value):
+            if len(value.strip().lstrip("+-")) > 18:
+                raise _BadValue(f"integer of {len(value.strip())} characters is too large")
             return int(value)
         if from_text and kind is bool and value.strip().lower() in _BOOL_TEXT:
             return _BOOL_TEXT[value.strip().lower()]
     elif type(value) is kind:  # int or bool from JSON/parquet (bool is not accepted as int)
+        if kind is int and not -2**63 <= value < 2**63:
+            raise _BadValue("integer too large")
         return value
     expected = {str: "a string", int: "an integer", bool: "true/false"}[kind]
     raise _BadValue(f"expected {expected}, got {value!r}")
@@ -289,6 +307,11 @@ def _unique(key: str, seen: dict, path, line: int, field: str, what: str | None 
 
 
 def _table_file(folder: Path, table: str) -> Path:
+    for ext in EXTENSIONS:
+        path = folder / f"{table}{ext}"
+        if os.path.lexists(path) and not path.is_file():  # is_file() is False for a dangling link or a loop
+            kind = "a folder" if path.is_dir() else "a broken symlink or a symlink loop"
+            raise DataError(path, None, None, f"is {kind}, not a readable file")
     found = [folder / f"{table}{ext}" for ext in EXTENSIONS if (folder / f"{table}{ext}").is_file()]
     if len(found) != 1:
         problem = "no" if not found else "more than one"

@@ -32,7 +32,7 @@ from ..losses import IGNORE, GRPOLoss, group_advantages
 from .dev_eval import make_dev_eval
 from .grpo_config import RLConfig
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
-                  make_optimizer, save_checkpoint)
+                  make_optimizer, save_checkpoint, check_output, claim_output)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -93,7 +93,7 @@ def load_rl_pairs(pairs=None, init=None) -> tuple[list[Pair], Path]:
 
 
 def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_after_step: int | None = None,
-             log=print) -> dict:
+             overwrite: bool = False, log=print) -> dict:
     """Train the stage-1 model `init` with GRPO + InfoNCE on the RL pairs and write the model folder `out`.
 
     Args:
@@ -103,6 +103,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         pairs: RL pairs file (default: `init/rl_pairs.jsonl`).
         resume: continue from the last checkpoint in `out/checkpoints`.
         stop_after_step: end (checkpoint and return) after this step.
+        overwrite: (without `resume`) start over in `out`, an earlier lrem output, deleting it.
     Returns the train state (also written to `out/train_state.json`).
     """
     from accelerate import Accelerator
@@ -116,9 +117,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    ckpt = last_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, or use a new --out")
+    ckpt = check_output(out, resume, overwrite, inputs=(init, pairs))
     data, data_path = load_rl_pairs(pairs, init)
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
     model.source = str(init)
@@ -159,7 +158,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output(out, resume, overwrite)
         writer = SummaryWriter(str(out / "tb"))
         if start == 0:  # a fresh run: no history of an earlier one
             for name in (HISTORY, SAMPLES):

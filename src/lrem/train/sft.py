@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir, write_json
+from .._io import atomic_dir, claim_dir, prepare_output, write_json
 from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
@@ -240,6 +240,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | None:
+    """Before any work: may `out` be written? Returns the checkpoint to resume from, if any.
+
+    A foreign folder is refused (`lrem._io.prepare_output`), and an earlier run unless `resume`
+    (continue it) or `overwrite` (start over: `claim_output` deletes it).
+    """
+    ckpt = last_checkpoint(out)
+    if ckpt is not None and not (resume or overwrite):
+        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
+                         "start over, or use a new --out")
+    prepare_output(out, inputs, overwrite=overwrite, resume=resume,  # e.g. --model runs/a --out runs/a
+                   run_files=("checkpoints",) if resume else ())
+    return ckpt if resume else None
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Once the inputs are checked, before the first write: make `out` lrem's run folder
+    (checkpoints go into it as training goes), deleting an earlier run there for `overwrite`."""
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    claim_dir(out)
+
+
 def last_checkpoint(out) -> Path | None:
     """The newest complete checkpoint folder under `out/checkpoints`, or None."""
     folder = Path(out) / "checkpoints"
@@ -270,7 +293,12 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
         if prev[key] != now:
             raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
                              "same data, batch, steps, seed and processes")
-    saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint file cannot run code when loaded
+        saved = torch.load(ckpt / "trainer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot load the optimizer state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete this checkpoint to resume from an "
+                         "earlier one") from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
@@ -288,7 +316,7 @@ def make_optimizer(params, cfg, total: int, warmup: int):
 # ---------------------------------------------------------------- training
 
 def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train", resume: bool = False,
-          stop_after_step: int | None = None, log=print) -> dict:
+          stop_after_step: int | None = None, overwrite: bool = False, log=print) -> dict:
     """Train from `cfg.model` on the pairs of `build_pairs` and write the model folder `out`.
 
     Args:
@@ -300,6 +328,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         resume: continue from the last checkpoint in `out/checkpoints`.
         stop_after_step: end (checkpoint and return, no final model) after this step: a time box,
             or a simulated interruption in tests.
+        overwrite: (without `resume`) start over in `out`, an earlier lrem output, deleting it.
     Returns the train state (also written to `out/train_state.json`).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -316,9 +345,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
-    ckpt = last_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, or use a new --out")
+    ckpt = check_output(out, resume, overwrite, inputs=(cfg.model, triplets))
     if resume and ckpt is None:
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
     model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
@@ -332,8 +359,10 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     sampler = BatchSampler([p.cot is not None for p in pairs], cfg.batch_size, cfg.cot_share, cfg.seed)
     if not cfg.use_cot:
         pairs = [Pair(p.query_id, p.query, p.item_id, p.item_title, None) for p in pairs]
-    if main and held:
-        write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
+    if main:
+        claim_output(out, resume, overwrite)
+        if held:
+            write_pairs(out / RL_PAIRS, held)  # stage 2's pairs, never seen here
     dev = make_dev_eval(cfg, dataset, "reason" if cfg.use_cot else "direct") if main else None
     if dev is not None:
         say(f"dev eval every {cfg.eval_steps} steps: {dev}")
