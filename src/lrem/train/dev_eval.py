@@ -70,3 +70,14 @@ def make_dev_eval(cfg, dataset, mode: str) -> DevEval | None:
         raise ValueError(f"eval_steps={cfg.eval_steps} needs a dataset: set eval_data "
                          "(or pass --data to lrem train coldstart|direct)")
     return DevEval(dataset, cfg.eval_split, cfg.eval_queries, cfg.eval_distractors, cfg.seed, mode)
+
+
+def log_dev(dev: DevEval, model, step: int, writer, bar) -> dict:
+    """Score `model` on the dev sample at `step`: to TensorBoard (`dev/...`, main process's writer)
+    and one line under the progress bar; returns {"step", metric: value} for the train state."""
+    out = {"step": step, **dev(model)}
+    for k, v in out.items():
+        if k != "step" and writer is not None:
+            writer.add_scalar(f"dev/{k}", v, step)
+    bar.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "step"))
+    return out

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import rewards as R
 from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
-from .dev_eval import make_dev_eval
+from .dev_eval import log_dev, make_dev_eval
 from .grpo_config import RLConfig
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
                   make_optimizer, save_checkpoint, check_output, claim_output)
@@ -230,12 +230,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == end):
             acc.wait_for_everyone()
             if dev is not None:
-                state["dev"] = {"step": done, **dev(model)}
-                for k, v in state["dev"].items():
-                    if k != "step":
-                        writer.add_scalar(f"dev/{k}", v, done)
-                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
-                                                           if k != "step"))
+                state["dev"] = log_dev(dev, model, done, writer, bar)
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
             acc.wait_for_everyone()
             if main:

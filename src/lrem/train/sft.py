@@ -26,7 +26,7 @@ from .._io import atomic_dir, claim_dir, prepare_output, write_json
 from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
-from .dev_eval import make_dev_eval
+from .dev_eval import log_dev, make_dev_eval
 from .sft_config import SFTConfig
 
 TRAIN_STATE = "train_state.json"
@@ -431,12 +431,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == end):
             acc.wait_for_everyone()
             if dev is not None:
-                state["dev"] = {"step": done, **dev(model)}
-                for k, v in state["dev"].items():
-                    if k != "step":
-                        writer.add_scalar(f"dev/{k}", v, done)
-                bar.write(f"step {done}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in state["dev"].items()
-                                                           if k != "step"))
+                state["dev"] = log_dev(dev, model, done, writer, bar)
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
             acc.wait_for_everyone()
             if main:
