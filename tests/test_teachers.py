@@ -372,3 +372,18 @@ def test_label_cots_list_names_then_categories():
     t = LabelCoTs({"q1": {"i1": 2, "i2": 1, "i3": 0}, "q2": {"i3": 0}}, catalog)
     assert t.lookup("q1", "a device for pulling corks") == "corkscrew, church key, bottle screw, opener"
     assert t.lookup("q2", "x") is None and t.lookup("q3", "x") is None  # nothing relevant, or unlabelled
+
+
+def test_hf_teacher_threads_follow_the_setting_then_the_environment(lively_dir, monkeypatch):
+    """threads=N runs the decoder on N threads; unset, OMP_NUM_THREADS when given (else the cores
+    the load average leaves free); torch's own setting is restored after each batch."""
+    import torch
+
+    before = torch.get_num_threads()
+    t = HFTeacher(str(lively_dir("qwen2")), batch_size=2, dtype="float32", threads=1)
+    generate(t, [Chat("s", "mug"), Chat("s", "a drink stronger than tea")], max_tokens=4)
+    assert set(t._linears) == {1} and torch.get_num_threads() == before
+    t.threads = None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    generate(t, [Chat("s", "teapot")], max_tokens=4)
+    assert set(t._linears) == {1, 2} and torch.get_num_threads() == before

@@ -91,7 +91,8 @@ class ConstructConfig:
     extract_max_tokens: int = field(default=48, metadata={"help": "Token budget of the extracted phrase list."})
     teacher_batch_size: int = field(default=16, metadata={"help": "hf: chats per generate call."})
     teacher_threads: int | None = field(default=None, metadata={
-        "help": "hf: torch threads while generating (None: torch's setting, e.g. OMP_NUM_THREADS)."})
+        "help": "hf: torch threads while generating (None: OMP_NUM_THREADS if set, else the cores the load "
+                "average leaves free, checked every batch)."})
     teacher_dtype: str = field(default="auto", metadata={"help": "hf: auto, float32 or bfloat16."})
     teacher_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight."})
     teacher_timeout: float = field(default=60.0, metadata={"help": "openai: seconds per request."})

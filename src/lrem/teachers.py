@@ -279,7 +279,9 @@ class HFTeacher:
             system prompt, run once and kept; a preallocated KV cache; on the CPU the compact
             decoder, whose matmuls use every thread even for few rows); False: `lm.generate`.
             Same tokens up to float near-ties.
-        threads: torch threads while generating (None: leave torch's setting).
+        threads: torch threads while generating. None: `OMP_NUM_THREADS` when set, else the cores
+            other jobs leave free (`lrem._threads.default_threads`), checked again every batch, so
+            a long run uses both cores of a quiet 2-core machine and one when another job starts.
     """
 
     def __init__(self, name_or_path: str, batch_size: int = 16, dtype: str = "auto", device: str = "cpu",
@@ -302,7 +304,7 @@ class HFTeacher:
         self.stop_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                                 self.tok.eos_token_id} - {None})
         self._prefixes: dict = {}  # prompt prefix -> KV (`lrem.decoding.generate`), for these weights
-        self._linears = None
+        self._linears: dict = {}  # thread count -> the compact decoder's blocked weight views
 
     def prompt(self, chat: Chat) -> str:
         if getattr(self.tok, "chat_template", None):
@@ -323,9 +325,13 @@ class HFTeacher:
             rows = gen[:, batch["input_ids"].shape[1]:].tolist()  # (B, <= max)
             return [r[: next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))] for r in rows]
         seqs = self.tok(texts, add_special_tokens=False)["input_ids"]
-        if self._linears is None and self.device == "cpu":
-            self._linears = block_linears(self.lm, torch.get_num_threads())
-        return generate(self.lm, seqs, max_tokens, self.stop_ids, self.tok.pad_token_id, linears=self._linears,
+        linears = None
+        if self.device == "cpu":
+            n = torch.get_num_threads()
+            if n not in self._linears:
+                self._linears[n] = block_linears(self.lm, n)
+            linears = self._linears[n]
+        return generate(self.lm, seqs, max_tokens, self.stop_ids, self.tok.pad_token_id, linears=linears,
                         prefix_cache=self._prefixes)
 
     def stream(self, chats: list[Chat], max_tokens: int) -> Iterator[tuple[int, Answer]]:
@@ -336,11 +342,13 @@ class HFTeacher:
         texts = [self.prompt(c) for c in chats]
         lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(chats)), key=lambda i: lengths[i])
+        from lrem._threads import default_threads
+
         old = torch.get_num_threads()
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            if self.threads:
-                torch.set_num_threads(self.threads)
+            env = os.environ.get("OMP_NUM_THREADS", "")
+            torch.set_num_threads(self.threads or (int(env) if env.isdigit() and int(env) > 0 else default_threads()))
             try:
                 gen = self.generate_ids([texts[i] for i in idx], max_tokens)
             finally:
