@@ -6,13 +6,18 @@ and the `openai` package; every request goes over loopback TCP.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +26,7 @@ import pytest
 
 from lrem.batching import Batcher, EmbeddingCache
 from lrem.index import ItemIndex
+from lrem.model import LREM
 from lrem.search import Searcher
 from lrem.serve import ServeConfig, background_server, create_app, normalize_query
 
@@ -96,8 +102,136 @@ def test_openai_client(url, tiny):
         client.embeddings.create(model="text-embedding-3-small", input="mug")
     with pytest.raises(openai.UnprocessableEntityError, match="max_inputs"):
         client.embeddings.create(model="lrem-item", input=["mug"] * 9)
-    with pytest.raises(openai.UnprocessableEntityError, match="dimensions"):
-        client.embeddings.create(model="lrem-item", input="mug", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match=f"dimensions={tiny.dim + 1}; this model gives 1 to {tiny.dim}"):
+        client.embeddings.create(model="lrem-item", input="mug", dimensions=tiny.dim + 1)
+
+
+@pytest.mark.parametrize("model", ["lrem-item", "lrem-query-reason", "lrem-query-direct"])
+def test_embeddings_dimensions_are_the_renormalised_prefix(url, tiny, model):
+    full = np.array([row["embedding"] for row in post(url, "/v1/embeddings", {
+        "model": model, "input": ["mug", "hot tea"]}).json()["data"]])
+    assert np.linalg.norm(full, axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+    for d in (1, 5, tiny.dim - 1, tiny.dim):
+        r = post(url, "/v1/embeddings", {"model": model, "input": ["mug", "hot tea"], "dimensions": d})
+        assert r.status_code == 200, r.text
+        got = np.array([row["embedding"] for row in r.json()["data"]])
+        assert got.shape == (2, d)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        prefix = full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True)
+        np.testing.assert_allclose(got, prefix, atol=1e-5)  # at d=1: the sign of the first value
+    # base64 (what the openai client asks for) carries the same shortened vectors
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    short = client.embeddings.create(model=model, input=["mug", "hot tea"], dimensions=5)
+    np.testing.assert_allclose([e.embedding for e in short.data], full[:, :5] / np.linalg.norm(
+        full[:, :5], axis=1, keepdims=True), atol=1e-5)
+    raw = post(url, "/v1/embeddings", {"model": model, "input": "mug", "dimensions": 3, "encoding_format": "base64"})
+    assert np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), "<f4").shape == (3,)
+
+
+@pytest.mark.parametrize("dimensions", [0, -1, 65, 10_000])
+def test_embeddings_dimensions_out_of_range_is_a_400_with_the_range(url, tiny, dimensions):
+    r = post(url, "/v1/embeddings", {"model": "lrem-item", "input": "mug", "dimensions": dimensions})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == f"dimensions={dimensions}; this model gives 1 to {tiny.dim} (its full size)"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_models_list_the_model_card_facts(searcher, tmp_path):
+    stage = {"stage": "coldstart", "steps": 7, "examples": 42, "data": "runs/triplets.jsonl", "batch_size": 8,
+             "learning_rate": 2e-5}
+    searcher.model.save_pretrained(tmp_path / "m", stage=stage)
+    trained = LREM.from_pretrained(str(tmp_path / "m"), dtype="float32")
+    trained.save_pretrained(tmp_path / "m2", stage={"stage": "rl", "steps": 3})
+    trained = LREM.from_pretrained(str(tmp_path / "m2"), dtype="float32")
+    index = ItemIndex.build(trained, {f"i{j}": t for j, t in enumerate(TITLES[:4])}, show_progress=False)
+    with background_server(create_app(Searcher(trained, index))) as base:
+        r = httpx.get(base + "/v1/models")
+        assert r.status_code == 200, r.text
+        entries = {m["id"]: m for m in r.json()["data"]}
+        listed = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0).models.list()
+    assert [m.id for m in listed] == list(entries)
+    assert {m: (e["mode"], e["input"]) for m, e in entries.items()} == {
+        "lrem-query-reason": ("reason", "query"), "lrem-query-direct": ("direct", "query"),
+        "lrem-query-auto": ("auto", "query"), "lrem-item": ("item", "item")}
+    saved_at = int((tmp_path / "m2" / "lrem_config.json").stat().st_mtime)
+    cfg = trained.config
+    for e in entries.values():
+        assert e["object"] == "model" and e["owned_by"] == "lrem" and e["created"] == saved_at
+        assert e["dim"] == trained.dim and e["source"] == str(tmp_path / "m2")
+        assert e["base_model"] == e["root"] == str(searcher.model.source)  # the backbone the stages started from
+        assert e["training"] == [stage, {"stage": "rl", "steps": 3}] and e["training_steps"] == 10
+        assert e["prompts"] == cfg.to_dict() and e["cot_max_tokens"] == cfg.cot_max_tokens
+        assert e["max_model_len"] == (cfg.max_item_tokens if e["input"] == "item" else cfg.max_query_tokens)
+        assert e["query_modes"] == ["reason", "direct"]
+    assert listed.data[0].model_extra["training_steps"] == 10  # the openai client keeps the extra fields
+
+
+def test_models_of_an_untrained_backbone(url, tiny):
+    entries = httpx.get(url + "/v1/models").json()["data"]
+    assert len(entries) == 4
+    for e in entries:
+        assert e["training"] == [] and e["training_steps"] == 0 and e["created"] == 0  # no lrem_config.json
+        assert e["base_model"] == tiny.source and e["dim"] == tiny.dim
+
+
+# ---------------------------------------------------------------- content types and docs
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain",
+                                          "text/plain; charset=utf-8", None])
+def test_json_body_is_read_whatever_the_content_type(url, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    expected = post(url, "/search", {"query": "wine glass", "k": 3, "mode": "direct"}).json()
+    r = httpx.post(url + "/search", content=b'{"query": "wine glass", "k": 3, "mode": "direct"}', headers=headers,
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["items"] == expected["items"]
+    r = httpx.post(url + "/v1/embeddings", content=b'{"model": "lrem-item", "input": ["mug"], "dimensions": 4}',
+                   headers=headers, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 4, r.text
+    # a body that is not JSON is still refused, saying so
+    r = httpx.post(url + "/search", content=b"query=mug&k=3", headers=headers, timeout=60)
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("request body is not JSON (Expecting value at character 0); bodies are read as "
+                                  "JSON whatever their content-type")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_readme_curl_example(url):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    serving = readme.split("\n## Serving\n", 1)[1]
+    [line] = [ln for ln in serving.split("```", 2)[1].splitlines() if ln.startswith("curl ")]
+    args = shlex.split(line.replace("localhost:8000", url))
+    at = args.index("content-type: application/json")  # the README shows the header clients should send
+    assert args[at - 1] == "-H"
+    for cmd in (args, args[:at - 1] + args[at + 1:]):  # as written, and without it (curl says form encoding)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        body = json.loads(p.stdout)
+        assert body["query"] == "a drink stronger than tea" and len(body["items"]) == 5, p.stdout
+
+
+HOSTS = re.compile(r"(?:https?:)?//[\w.:-]+")  # the host part of a URL (absolute or scheme-relative)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_nothing_from_other_hosts(url, page):
+    r = httpx.get(url + page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert set(HOSTS.findall(html)) <= {url, url.removeprefix("http:")}, html  # this server's, if any
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert any(a.endswith(".js") for a in assets), html  # the page loads its UI from this server
+    assert "/openapi.json" in html
+    for asset in assets:
+        assert asset.startswith("/"), asset  # a path on this server
+        got = httpx.get(url + asset)
+        assert got.status_code == 200 and len(got.content) > 1000, asset
+        if asset.endswith(".css"):  # fonts or images: only data: URLs
+            assert not re.search(r"@import|url\((?![\"']?data:)", got.text), asset
+        if asset.endswith(".js"):
+            assert not re.search(r"cdn\.jsdelivr|unpkg\.com|cdnjs|fonts\.googleapis", got.text), asset
+    if page == "/docs":
+        assert '"validatorUrl": null' in html  # no call to validator.swagger.io
 
 
 def test_health_info_openapi_and_metrics(url, tiny):
@@ -286,6 +420,15 @@ def test_config_from_yaml_sets_and_flags(tmp_path):
         with pytest.raises(ValueError, match=match):
             ServeConfig.from_yaml(sets=bad)
     assert normalize_query("Ｍug\u3000 CUP ") == "mug cup"
+
+
+def test_doctests():
+    import doctest
+
+    import lrem.serve
+
+    result = doctest.testmod(lrem.serve)
+    assert result.attempted >= 4 and result.failed == 0
 
 
 def _free_port() -> int:

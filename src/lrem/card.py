@@ -24,16 +24,33 @@ def _stage_rows(training: list[dict]) -> list[str]:
     return rows
 
 
+def card_facts(model, training: list[dict] | None = None) -> dict:
+    """The facts a model card states, as data (`lrem serve` lists them in /v1/models): base model
+    (and the hub model a built-in comes from), where the weights were loaded from, dimension,
+    training stages (each as lrem_config.json records it) and their total steps, query modes,
+    CoT budget, token limits and the prompt config."""
+    from .model import QUERY_MODES  # here: lrem.model imports this module
+
+    cfg = model.config
+    training = model.stages if training is None else training
+    base = model.base or model.source or "unknown"
+    builtin = BUILTINS.get(base)
+    return {"base_model": base, "base_model_origin": builtin.origin if builtin else base, "source": model.source,
+            "dim": model.dim, "training": [dict(s) for s in training],
+            "training_steps": sum(s.get("steps") or 0 for s in training), "query_modes": list(QUERY_MODES),
+            "cot_max_tokens": cfg.cot_max_tokens, "max_query_tokens": cfg.max_query_tokens,
+            "max_item_tokens": cfg.max_item_tokens, "prompts": cfg.to_dict()}
+
+
 def model_card(model, training: list[dict] | None = None, metrics: dict | None = None,
                export: str | None = None) -> str:
     """README.md text for `model` (an `lrem.model.LREM`). `training`: its stages (default the
     model's own); `metrics`: name -> value, when known; `export`: the format of an exported
     folder ("sentence-transformers"), which changes the usage section."""
     cfg = model.config
-    training = model.stages if training is None else training
-    base = model.base or model.source or "unknown"
+    facts = card_facts(model, training)
+    training, base, hub_base = facts["training"], facts["base_model"], facts["base_model_origin"]
     builtin = BUILTINS.get(base)
-    hub_base = builtin.origin if builtin else base
     front = ["---", "library_name: " + ("sentence-transformers" if export else "lrem"),
              "pipeline_tag: feature-extraction", "tags: [lrem, reasoning-embedding, product-search, retrieval]"]
     if "/" in hub_base and not hub_base.startswith(("/", ".")):

@@ -4,12 +4,15 @@
     from lrem.serve import ServeConfig, create_app
     app = create_app(Searcher.load("runs/idx"), ServeConfig(max_batch=16))
     # uvicorn.run(app, host="127.0.0.1", port=8000); then:
-    # curl -d '{"query": "a drink stronger than tea", "k": 5}' localhost:8000/search
+    # curl -H 'content-type: application/json' -d '{"query": "a drink stronger than tea", "k": 5}' \
+    #      localhost:8000/search
 
 Endpoints: `POST /search`, `POST /v1/embeddings` (OpenAI's embeddings API: point an OpenAI
-client's `base_url` at `http://host:port/v1`), `GET /v1/models`, `GET /info` (model, index and
-settings), `GET /metrics` (Prometheus text), the OpenAPI schema at `/openapi.json` (browsable at
-`/docs`), and `GET /health` (or `/healthz`: liveness only). With an API key (`api_key`, or the
+client's `base_url` at `http://host:port/v1`), `GET /v1/models` (with the model card's facts),
+`GET /info` (model, index and settings), `GET /metrics` (Prometheus text), the OpenAPI schema at
+`/openapi.json` (browsable at `/docs` and `/redoc`, their assets served by lrem: they work
+offline), and `GET /health` (or `/healthz`: liveness only). Request bodies are JSON whatever
+their content-type says (curl's `-d` says form encoding). With an API key (`api_key`, or the
 environment variable LREM_API_KEY) every endpoint but /health and /healthz wants
 `Authorization: Bearer KEY` and answers 401 without it.
 
@@ -177,7 +180,9 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(description="A text or a list of at most max_inputs texts.")
     model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
-    dimensions: int | None = Field(None, description="Must equal the model's dimension when given.")
+    dimensions: int | None = Field(None, description="1 to the model's dimension (GET /info: dim). Below it, the "
+                                   "first `dimensions` values, renormalised to unit length (Matryoshka-style; "
+                                   "retrieval quality below the full size is untested).")
     truncate: bool = Field(False, description="An input over the model's token limit (max_query_tokens or "
                            "max_item_tokens): false, a 422 naming the limit; true, cut to it (counted in /metrics).")
     user: str | None = None
@@ -242,6 +247,28 @@ def error_body(status: int, message: str, **extra) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
     code = "invalid_api_key" if status == 401 else status
     return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": code}, **extra}
+
+
+def shorten(embedding: np.ndarray, dimensions: int) -> np.ndarray:
+    """The first `dimensions` values of a unit vector, scaled back to unit length: how
+    Matryoshka-trained embeddings are shortened (OpenAI's `dimensions`). lrem's models are not
+    trained for it, so retrieval quality below the full size is untested.
+
+    >>> shorten(np.array([0.6, 0.0, 0.8]), 2).tolist()
+    [1.0, 0.0]
+    """
+    head = embedding[:dimensions]
+    return head / max(float(np.linalg.norm(head)), 1e-12)  # an all-zero head stays zero
+
+
+def _problem(error: dict) -> str:
+    """One validation error as text: where, then what (an unparsable body says why and where:
+    FastAPI's own message is "body.0: JSON decode error")."""
+    if error["type"] == "json_invalid":
+        why = error.get("ctx", {}).get("error", error["msg"])
+        return (f"request body is not JSON ({why} at character {error['loc'][-1]}); bodies are read as JSON "
+                "whatever their content-type")
+    return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
 
 
 def _ms(t0: float) -> float:
@@ -323,12 +350,22 @@ class SearchService:
         return normalize_query(text) if query else text
 
 
+def _is_json(content_type: bytes | None) -> bool:
+    """Whether a content-type header names JSON (application/json, or application/*+json).
+
+    >>> _is_json(b"Application/JSON; charset=utf-8"), _is_json(b"application/x-www-form-urlencoded")
+    (True, False)
+    """
+    media = (content_type or b"").split(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
 class _Guard:
     """ASGI middleware: checks the API key, rejects slow, oversized or non-UTF-8 bodies before
-    parsing; counts and times requests."""
+    parsing, has every body read as JSON; counts and times requests."""
 
     PATHS = ("/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics", "/docs",
-             "/openapi.json")
+             "/redoc", "/openapi.json")
     OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
 
     def __init__(self, app, max_body_bytes: int, metrics: _Metrics, api_key: str = "", body_timeout_s: float = 10.0):
@@ -363,6 +400,14 @@ class _Guard:
                 return
             if problem:
                 return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
+            if body and not _is_json(dict(scope["headers"]).get(b"content-type")):
+                # curl -d sends application/x-www-form-urlencoded, other clients text/plain or nothing,
+                # and FastAPI then leaves the body unparsed (every field "missing"): read it as JSON
+                # whatever the header says, as vLLM does; a body that is not JSON is a 422 as before.
+                # Such requests need no CORS preflight, so a web page can make a browser send one to
+                # a local server (it cannot read the answer); an api_key stops that
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
             replayed = False
 
             async def replay():
@@ -411,10 +456,14 @@ def create_app(searcher, config: ServeConfig | None = None):
     The batcher starts and the cache file (if any) is read in the app's lifespan, so the app
     must run under an ASGI server (uvicorn) or a lifespan-aware test client.
     """
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi_offline import FastAPIOffline
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .card import card_facts
+    from .model import LREM_CONFIG
 
     cfg = config or ServeConfig()
     service = SearchService(searcher, cfg)
@@ -429,8 +478,12 @@ def create_app(searcher, config: ServeConfig | None = None):
         if cfg.cache_path:
             service.cache.save(cfg.cache_path, service.model_id)
 
-    app = FastAPI(title="lrem", lifespan=lifespan, description=__doc__.split("\n\n")[-1],
-                  summary="LREM search and OpenAI-compatible embeddings: reason about a query, then embed it.")
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files it ships
+    # (served under /static-offline-docs), not from a CDN, so they work on a machine offline.
+    # validatorUrl None: Swagger UI would otherwise send the schema's URL to validator.swagger.io
+    app = FastAPIOffline(title="lrem", lifespan=lifespan, description=__doc__.split("\n\n")[-1],
+                         summary="LREM search and OpenAI-compatible embeddings: reason about a query, then embed it.",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.service = service
     app.add_middleware(_Guard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics, api_key=cfg.key(),
                        body_timeout_s=cfg.body_timeout_s)
@@ -438,7 +491,7 @@ def create_app(searcher, config: ServeConfig | None = None):
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        message = "; ".join(_problem(e) for e in exc.errors())
         return JSONResponse(error_body(422, message, errors=errors), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -475,8 +528,9 @@ def create_app(searcher, config: ServeConfig | None = None):
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not 1 <= len(texts) <= cfg.max_inputs:
             raise HTTPException(422, f"input has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
-        if req.dimensions not in (None, searcher.model.dim):
-            raise HTTPException(422, f"dimensions={req.dimensions}; this model only gives {searcher.model.dim}")
+        dim = searcher.model.dim
+        if req.dimensions is not None and not 1 <= req.dimensions <= dim:
+            raise HTTPException(400, f"dimensions={req.dimensions}; this model gives 1 to {dim} (its full size)")
         texts = [service.clean(t, f"input[{i}]", query=kind != "item") for i, t in enumerate(texts)]
         side = "item" if kind == "item" else "query"
         over = searcher.model.overlong(texts, side)
@@ -493,6 +547,8 @@ def create_app(searcher, config: ServeConfig | None = None):
             return (await service.embed(kind, text))[:2]
 
         done = await limited(asyncio.gather(*(one(t) for t in texts)))
+        if req.dimensions not in (None, dim):
+            done = [(cot, shorten(emb, req.dimensions)) for cot, emb in done]
         n_tokens = sum(len(ids) for ids in searcher.model.tokenizer(texts, add_special_tokens=False)["input_ids"])
         as_b64 = req.encoding_format == "base64"
         data = [{"index": i, "cot": cot,
@@ -500,11 +556,22 @@ def create_app(searcher, config: ServeConfig | None = None):
                 for i, (cot, emb) in enumerate(done)]
         return {"data": data, "model": req.model, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
+    model_facts = card_facts(searcher.model)
+    saved = Path(searcher.model.source) / LREM_CONFIG if searcher.model.source else None  # an LREM folder's
+    created = int(saved.stat().st_mtime) if saved and saved.is_file() else 0  # when it was saved; 0: unknown
+
     @app.get("/v1/models")
     async def models() -> dict:
-        """The embedding `model` names /v1/embeddings accepts (OpenAI's model list shape)."""
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "lrem"}
-                                           for m in EMBEDDING_MODELS]}
+        """The embedding `model` names /v1/embeddings accepts (OpenAI's model list shape), each with
+        what it embeds (`mode`, `input`), its token limit (`max_model_len`, as vLLM names it) and
+        the model card's facts: base model, training stages and steps, dim, CoT budget, prompts."""
+        def entry(name, kind):
+            side = "item" if kind == "item" else "query"
+            return {"id": name, "object": "model", "created": created, "owned_by": "lrem",
+                    "root": model_facts["base_model"], "parent": None, "mode": kind, "input": side,
+                    "max_model_len": model_facts[f"max_{side}_tokens"], **model_facts}
+
+        return {"object": "list", "data": [entry(m, kind) for m, kind in EMBEDDING_MODELS.items()]}
 
     @app.get("/health")
     @app.get("/healthz")
