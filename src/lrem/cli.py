@@ -437,6 +437,10 @@ def train_rl(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML of RLConfig values (configs/rl.yaml).")] = None,
     max_steps: Steps = None, batch_size: TrainBatch = None,
     num_generations: Annotated[Optional[int], typer.Option(min=1)] = None,
+    rank_pool: Annotated[Optional[str], typer.Option(help="What r_acc ranks among: batch (paper), mined, catalog "
+                                                     "(RLConfig.rank_pool; mined and catalog need --data).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder: the item bank of the mined "
+                                                 "and catalog rank pools (RLConfig.rank_data).")] = None,
     learning_rate: LearningRate = None, save_steps: SaveSteps = None, seed: Optional[int] = None,
     resume: Resume = False, overwrite: Overwrite = False,
 ):
@@ -445,7 +449,8 @@ def train_rl(
 
     _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
     cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
-                        learning_rate=learning_rate, save_steps=save_steps, seed=seed)
+                        learning_rate=learning_rate, save_steps=save_steps, seed=seed, rank_pool=rank_pool,
+                        rank_data=str(data) if data else None)
     run(cfg, init, out, pairs=pairs, resume=resume, overwrite=overwrite, log=_echo)
 
 

@@ -31,8 +31,9 @@ from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .dev_eval import log_dev, make_dev_eval
 from .grpo_config import RLConfig
-from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint, load_triplets,
-                  make_optimizer, save_checkpoint, check_output, claim_output)
+from .rank_pool import RankPool, load_catalog
+from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint,
+                  load_checkpoint_extra, load_triplets, make_optimizer, save_checkpoint, check_output, claim_output)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -70,17 +71,22 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
             "labels": torch.arange(len(gen)) // g_n, "completions": completions, "cot_tokens": cot_tokens}
 
 
-def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig) -> dict:
-    """Each reward component, the total, the ranks and the group-normalised advantages."""
-    with torch.no_grad():
-        ranks = R.positive_ranks(q.detach() @ d.detach().T, batch["labels"].to(q.device), batch["exclude"].to(q.device))
+def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig,
+                   ranked: tuple[torch.Tensor, int] | None = None) -> dict:
+    """Each reward component, the total, the ranks and the group-normalised advantages.
+    `ranked`: (ranks, items ranked among) from a `RankPool`; default: among the batch items `d`."""
+    if ranked is None:
+        with torch.no_grad():
+            ranked = (R.positive_ranks(q.detach() @ d.detach().T, batch["labels"].to(q.device),
+                                       batch["exclude"].to(q.device)), d.shape[0])
+    ranks, n_items = ranked
     parts = {"format": R.r_format(batch["completions"]),
              # unset outside `train_rl` (which resolves it to the policy's): the prompt config's default
              "length": R.r_length(batch["cot_tokens"], cot_max_tokens=cfg.cot_max_tokens or PromptConfig.cot_max_tokens),
-             "acc": R.r_acc(ranks.tolist(), n_items=d.shape[0])}
+             "acc": R.r_acc(ranks.tolist(), n_items=n_items)}
     total = torch.tensor(R.combine(parts, cfg.reward_weights))  # (R,)
     adv = group_advantages(total.view(-1, cfg.num_generations)).flatten()  # (R,)
-    return {"parts": parts, "reward": total, "ranks": ranks.cpu(), "advantages": adv}
+    return {"parts": parts, "reward": total, "ranks": ranks.cpu(), "advantages": adv, "n_items": n_items}
 
 
 def load_rl_pairs(pairs=None, init=None) -> tuple[list[Pair], Path]:
@@ -140,6 +146,9 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     say(f"{len(data)} RL pairs from {data_path}, {world} process(es) x {bs} queries x G={cfg.num_generations}, "
         f"{total} steps, config {json.dumps(cfg.to_dict())}")
 
+    pool = RankPool(cfg.rank_pool, data, load_catalog(cfg.rank_data) if cfg.rank_data else None,
+                    cfg.hard_negatives, cfg.refresh_steps, cfg.pool_items, cfg.num_generations, cfg.seed)
+    say(f"r_acc ranks among: {pool}")
     dev = make_dev_eval(cfg, None, "reason") if main else None
     if dev is not None:
         say(f"dev eval every {cfg.eval_steps} steps: {dev}")
@@ -151,6 +160,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     if ckpt is not None:
         start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
                                 "seed": cfg.seed, "batch_size": bs, "examples": len(data)})
+        pool.load_state_dict(load_checkpoint_extra(ckpt))  # the bank an uninterrupted run would hold
         say(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = acc.prepare(loss_fn, optimizer)
 
@@ -172,6 +182,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         t_step = time.time()
         batch_pairs = [data[i] for i in batch_indices(len(data), step, bs, world, rank, cfg.seed)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # (seed, step, rank) only
+        with acc.autocast():  # the bank (mined, catalog) follows the weights every refresh_steps
+            pool.refresh(model, step, show_progress=main)
         model.lm.eval()
         rows = model.sample_cots([p.query for p in batch_pairs], cfg.num_generations, cfg.sampling_temperature,
                                  cfg.top_p, cfg.rollout_max_tokens, generator=gen)
@@ -187,7 +199,9 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             with acc.autocast():
                 pol = wrapped(tensors)
             if it == 0:
-                scored = score_rollouts(batch, pol["q"], pol["d"], cfg)
+                with acc.autocast():
+                    ranked = pool.ranks(model, batch_pairs, pol["q"], pol["d"], batch)
+                scored = score_rollouts(batch, pol["q"], pol["d"], cfg, ranked)
                 # "old" log-probs = the sampling policy's: its weights are these, so this pass's
                 # detached values are them (as TRL does); kept for the later iterations
                 adv, old_logp = scored["advantages"].to(acc.device), pol["logp"].detach()
@@ -210,6 +224,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                      "advantage/abs_mean": scored["advantages"].abs().mean(),
                      "advantage/zero_groups": (reward.std(dim=1) == 0).float().mean(),
                      "rank/mean": scored["ranks"].float().mean(), "rank/top1": (scored["ranks"] == 1).float().mean(),
+                     "rank/items": torch.tensor(float(scored["n_items"])),
                      "cot/tokens": torch.tensor(batch["cot_tokens"], dtype=torch.float).mean(),
                      **{f"policy/{k}": torch.tensor(v) for k, v in info.items()}}
             vals = {k: acc.reduce(v.to(acc.device).float(), "mean").item() for k, v in vals.items()}
@@ -234,7 +249,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
             acc.wait_for_everyone()
             if main:
-                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
+                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit, pool.state_dict())
     bar.close()
     state["seconds"] = round(time.time() - t0, 2)
     acc.wait_for_everyone()

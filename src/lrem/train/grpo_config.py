@@ -34,6 +34,19 @@ class RLConfig:
                 "> 0 loads a reference copy and costs one more forward per step."})
     num_iterations: int = field(default=1, metadata={
         "help": "Policy updates per batch of rollouts (TRL's num_iterations); > 1 makes the clip bite."})
+    # What r_acc ranks among (lrem.train.rank_pool)
+    rank_pool: str = field(default="batch", metadata={
+        "help": "batch: the step's N items (paper); mined: those + hard_negatives per query mined from an index "
+                "of the current model; catalog: the positive's rank in the whole item bank. mined and catalog "
+                "need rank_data."})
+    hard_negatives: int = field(default=7, metadata={
+        "help": "mined: items per query from the current model's index (batch 8 + 8 x 7 = 64 items)."})
+    refresh_steps: int = field(default=25, metadata={"help": "mined, catalog: re-embed the item bank every N steps."})
+    pool_items: int = field(default=0, metadata={
+        "help": "mined, catalog: 0 = the whole catalog in the bank; else a seeded sample of N items plus every "
+                "RL positive (bounds the refresh cost)."})
+    rank_data: str | None = field(default=None, metadata={
+        "help": "mined, catalog: dataset folder whose catalog the item bank holds (`lrem train rl --data`)."})
     # Optimisation
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW lr (paper: 1e-6)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -87,6 +100,13 @@ class RLConfig:
             raise ValueError(f"top_p={self.top_p}, clip_eps={self.clip_eps}; need 0 < top_p <= 1, 0 < clip_eps < 1")
         if not 0 <= self.warmup_ratio < 1 or self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"warmup_ratio={self.warmup_ratio}, lr_schedule={self.lr_schedule!r}")
+        if self.rank_pool not in ("batch", "mined", "catalog"):
+            raise ValueError(f"rank_pool={self.rank_pool!r}; choose batch, mined or catalog")
+        if self.rank_pool != "batch" and not self.rank_data:
+            raise ValueError(f"rank_pool={self.rank_pool!r} needs rank_data (a dataset folder; `--data`)")
+        if self.hard_negatives < 1 or self.refresh_steps < 1 or self.pool_items < 0:
+            raise ValueError(f"hard_negatives={self.hard_negatives}, refresh_steps={self.refresh_steps}, "
+                             f"pool_items={self.pool_items}; need >= 1, >= 1, >= 0")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError(f"save_steps={self.save_steps}, save_total_limit={self.save_total_limit}")
 

@@ -31,6 +31,7 @@ from .sft_config import SFTConfig
 
 TRAIN_STATE = "train_state.json"
 RL_PAIRS = "rl_pairs.jsonl"  # the pairs held back for `lrem train rl`
+EXTRA = "extra.pt"  # a checkpoint's trainer state beyond optimizer, scheduler and RNG
 REQUIRED = ("query_id", "query", "item_id", "item_title")
 
 
@@ -270,16 +271,25 @@ def last_checkpoint(out) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, extra: dict | None = None) -> Path:
+    """`extra`: more trainer state (tensors), e.g. RL's item bank; `load_checkpoint_extra` reads it back."""
     path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        if extra:
+            torch.save(extra, tmp / EXTRA)
         write_json(tmp / TRAIN_STATE, state)
     for old in sorted((Path(out) / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def load_checkpoint_extra(ckpt: Path) -> dict:
+    """The `extra` trainer state `save_checkpoint` wrote ({} when none)."""
+    path = Path(ckpt) / EXTRA
+    return torch.load(path, weights_only=True) if path.exists() else {}
 
 
 def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
