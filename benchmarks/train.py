@@ -1,12 +1,15 @@
 """Cold-start training step speed on this machine: steps/s, tokens/s, and FLOP/s against the bound.
 
-    .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2]
+    .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2] [--lora-r 16]
 
 One step of the real trainer (`lrem.train.sft.collate` + `lrem.losses.LREMLoss`, L = 0.1 L_SFT +
-1.0 L_InfoNCE, backward, AdamW), timed twice side by side: with the batch's shared prompt prefix
-run once (the default, `share_prefix=True`) and with every row run in full (`share_prefix=False`).
+1.0 L_InfoNCE, backward, AdamW), timed side by side: with the batch's shared prompt prefix
+run once (the default, `share_prefix=True`), with every row run in full (`share_prefix=False`),
+and with the shared prefix under LoRA (`lora_r`, `lrem.train.lora`; `--lora-r 0` skips it).
 FLOPs: 6 x non-embedding params x tokens run (padding included) + 6 x LM-head params x CE
-positions (forward 2, backward 4; attention scores ignored).
+positions (forward 2, backward 4; attention scores ignored); under LoRA 4 x, as the frozen
+matrices get no weight gradient (the adapters' own FLOPs ignored; the tied head's rows train,
+so its gradient is still computed whole).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch
 from _common import QUERIES, machine, matmul_gflops, seconds, setup, table, write
 from lrem.losses import IGNORE, LREMLoss
 from lrem.model import shared_prefix_len
+from lrem.train import SFTConfig
+from lrem.train.lora import add_lora, trainable_parameters
 from lrem.train.sft import Pair, collate
 
 COTS = ["corkscrew, wine opener, bottle opener", "wool socks, slippers, foot warmer", "coffee, espresso, energy drink",
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the third row (0: no LoRA row)")
     args = ap.parse_args()
     setup(args.threads)
     from lrem.model import LREM
@@ -74,23 +80,30 @@ def main() -> None:
     ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
     bound = matmul_gflops(torch.float32)
     rows, losses, times = [], {}, {}
-    for share in (True, False):
+    for share, lora_r in ((True, 0), (False, 0)) + (((True, args.lora_r),) if args.lora_r else ()):
+        if lora_r:  # last: the adapters go into the model in place
+            add_lora(model, SFTConfig(lora_r=lora_r))
+            opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer: adapters and rows
         loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
-        name = "shared prefix" if share else "plain"
+        name = ("shared prefix" if share else "plain") + (f", LoRA r={lora_r}" if lora_r else "")
         losses[name] = [train_step(loss_fn, opt, batch)]  # warm-up
         times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch))) for _ in range(args.steps)]
         step_s = sorted(times[name])[len(times[name]) // 2]
         ran = run_tokens(batch["q_ids"], batch["q_mask"], share) + run_tokens(batch["d_ids"], batch["d_mask"], share)
-        flops = 6 * params * ran + 6 * head * ce_positions
+        flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
         rows.append({"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
                      "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
                      "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
                      "of bound": flops / step_s / 1e9 / bound})
     speedup = rows[1]["s/step"] / rows[0]["s/step"]
+    lora = rows[0]["s/step"] / rows[2]["s/step"] if args.lora_r else None
     print(table(rows, list(rows[0])))
     print(f"shared prefix / plain: {speedup:.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
+    if lora:
+        print(f"LoRA r={args.lora_r} / full fine-tuning (shared prefix): {lora:.2f}x faster per step")
     write("train", {"machine": info, "model": args.model, "dtype": "float32", "rows": rows,
-                    "speedup_shared_prefix": speedup, "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
+                    "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
+                    "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
                     "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
                     "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                     "wall_seconds": round(time.perf_counter() - t0, 1)})

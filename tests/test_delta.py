@@ -79,3 +79,34 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     np.testing.assert_allclose(rebuilt.encode_queries(TEXTS, mode="direct").embeddings,
                                tuned.encode_queries(TEXTS, mode="direct").embeddings, atol=5e-3)
     assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt twice")) == folder
+
+
+def test_a_lora_trained_model_is_held_whole_by_its_delta_at_rank_r(tmp_path, tiny_dir):
+    """LoRA training (lrem.train.lora) changes each matrix by exactly rank r, so the delta at rank r
+    rebuilds the trained model (float16 storage aside), embeddings included."""
+    from lrem.delta import PROBE_QUERIES, PROBE_TITLES, fidelity
+    from lrem.train import SFTConfig, train
+
+    words = ["corkscrew", "chair", "coffee", "teapot", "hammer", "lamp", "spoon", "blanket"]
+    triplets = tmp_path / "t.jsonl"
+    triplets.write_text("".join(json.dumps({"query_id": f"q{i}", "query": f"something like a {w}", "cot": f"{w}s",
+                                            "item_id": f"i{i}", "item_title": w}) + "\n" for i, w in enumerate(words)))
+    cfg = SFTConfig(model=str(tiny_dir), batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, save_steps=0,
+                    max_steps=3, lora_r=4)
+    train(cfg, tmp_path / "lora", triplets=triplets, log=lambda *_: None)
+    tuned = LREM.from_pretrained(str(tmp_path / "lora"), dtype="float32")
+    delta = make_delta(tuned, LREM.from_pretrained(str(tiny_dir), dtype="float32"), rank=4)
+    assert not any("norm" in k for k in delta)  # LoRA leaves them
+    emb = "model.embed_tokens.weight"
+    assert {k for k in delta if k.startswith(emb)} == {f"{emb}::rows", f"{emb}::row_ids"}  # and the old tokens' rows
+    rebuilt = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    apply_delta(rebuilt, delta)
+    for (name, a), b in zip(tuned.lm.named_parameters(), rebuilt.lm.parameters()):
+        assert torch.allclose(a, b, atol=1e-4), name
+    fid = fidelity(tuned, rebuilt, PROBE_QUERIES, PROBE_TITLES)
+    assert min(fid.values()) > 0.99999, fid
+    # at a lower rank the change no longer fits
+    low = LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    apply_delta(low, make_delta(tuned, LREM.from_pretrained(str(tiny_dir), dtype="float32"), rank=2))
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(dict(low.lm.named_parameters())[w], dict(tuned.lm.named_parameters())[w], atol=1e-4)

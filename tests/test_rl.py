@@ -282,3 +282,26 @@ def test_train_rl_logs_grad_norm_and_dev_metrics_from_eval_data(tmp_path, tiny_d
     tb = EventAccumulator(str(tmp_path / "rl" / "tb"))
     tb.Reload()
     assert [e.step for e in tb.Scalars("dev/hitrate@10")] == [1, 2] and [e.step for e in tb.Scalars("grad_norm")] == [1, 2]
+
+
+def test_train_rl_with_lora_resumes_and_saves_merged_weights(tmp_path, tiny_dir):
+    """lora_r > 0 in stage 2: adapters and the new tokens' rows train (norms stay), the saved model
+    is a plain LREM folder, and a resumed run ends where an uninterrupted one does."""
+    from lrem.model import LREM
+
+    pairs = write_pairs(tmp_path / "rl_pairs.jsonl", PAIRS)
+    cfg = RLConfig(num_generations=2, batch_size=4, rollout_max_tokens=6, cot_max_tokens=4, max_steps=2,
+                   learning_rate=1e-3, warmup_ratio=0.0, save_steps=1, logging_steps=1, lora_r=4)
+    state = train_rl(cfg, tiny_dir, tmp_path / "full", pairs=pairs, log=lambda *a: None)
+    assert state["step"] == 2 and state["lora"]["r"] == 4
+    assert (tmp_path / "full" / "checkpoints" / "step-0000001" / "adapter" / "adapter_model.safetensors").exists()
+    train_rl(cfg, tiny_dir, tmp_path / "cut", pairs=pairs, stop_after_step=1, log=lambda *a: None)
+    train_rl(cfg, tiny_dir, tmp_path / "cut", pairs=pairs, resume=True, log=lambda *a: None)
+    m = LREM.from_pretrained(str(tmp_path / "full"), dtype="float32")
+    assert m.stages[-1]["stage"] == "rl" and m.stages[-1]["lora"]["r"] == 4
+    a, base = m.lm.state_dict(), LREM.from_pretrained(str(tiny_dir), dtype="float32").lm.state_dict()
+    b = LREM.from_pretrained(str(tmp_path / "cut"), dtype="float32").lm.state_dict()
+    assert a.keys() == base.keys()
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(a[k], base[k]) for k in a if "norm" in k)  # frozen
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # resumed == uninterrupted

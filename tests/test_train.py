@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -328,3 +329,85 @@ def test_cot_max_tokens_set_for_training_is_saved_with_the_model(tmp_path, livel
     assert LREM.from_pretrained(str(tmp_path / "cold16")).config.cot_max_tokens == 16
     with pytest.raises(ValueError, match="cot_max_tokens=0"):
         _cfg(lively_dir("llama"), cot_max_tokens=0)
+
+
+# ---------------------------------------------------------------- LoRA (lrem.train.lora)
+
+def _changed(a: dict, b: dict) -> set[str]:
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_lora_trains_only_adapters_and_the_new_token_rows(tmp_path, tiny_dir, triplets):
+    """lora_r > 0: the saved model is a plain LREM folder whose projections moved by rank <= r,
+    whose new tokens' rows moved, and nothing else; checkpoints hold the adapter, not the model."""
+    from lrem.train.lora import LORA_TARGETS
+
+    out = tmp_path / "lora"
+    state = train(_cfg(tiny_dir, max_steps=4, save_steps=2, lora_r=4), out, triplets=triplets, log=lambda *_: None)
+    assert state["lora"] == {"r": 4, "alpha": 32, "dropout": 0.0, "target_modules": list(LORA_TARGETS)}
+    m, base = LREM.from_pretrained(str(out), dtype="float32"), LREM.from_pretrained(str(tiny_dir), dtype="float32")
+    assert m.stages[-1]["lora"]["r"] == 4 and "(LoRA r=4) | 4 |" in (out / "README.md").read_text()
+    w, w0 = m.lm.state_dict(), base.lm.state_dict()
+    assert w.keys() == w0.keys()  # merged: no adapter tensors left
+    projections = {k for k in w0 if any(f".{t}." in k for t in LORA_TARGETS)}
+    assert _changed(w, w0) == projections | {"model.embed_tokens.weight", "lm_head.weight"}  # the head is tied
+    for k in projections:
+        s = torch.linalg.svdvals(w[k] - w0[k])
+        assert s[4] < 1e-5 * s[0], k  # rank 4 (float32 rounding aside)
+    new = [m.think_id, m.think_end_id, m.emb_id]
+    rows = _changed({i: w["model.embed_tokens.weight"][i] for i in range(len(w0["model.embed_tokens.weight"]))},
+                    {i: w0["model.embed_tokens.weight"][i] for i in range(len(w0["model.embed_tokens.weight"]))})
+    assert rows == set(new)  # of 49,155 rows, only <think>, </think> and <emb>
+    ckpt = out / "checkpoints" / "step-0000002"
+    assert not (ckpt / "model").exists() and (ckpt / "adapter" / "adapter_config.json").exists()
+    assert (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size < 100_000  # adapters + 3 rows
+    assert m.encode_items(["chair"]).shape == (1, m.dim)
+    with pytest.raises(ValueError, match="lora_dropout=1.0"):
+        _cfg(tiny_dir, lora_r=4, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="lora_r=-1"):
+        _cfg(tiny_dir, lora_r=-1)
+    with pytest.raises(ValueError, match="LoRA on .*no_such_proj"):
+        train(_cfg(tiny_dir, lora_r=4, lora_target_modules=["no_such_proj"]), tmp_path / "bad", triplets=triplets,
+              log=lambda *_: None)
+
+
+def test_lora_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir, triplets):
+    cfg = _cfg(tiny_dir, max_steps=4, save_steps=2, lora_r=4, lora_dropout=0.1)  # dropout: the RNG must resume too
+    train(cfg, tmp_path / "a", triplets=triplets, log=lambda *_: None)
+    train(cfg, tmp_path / "b", triplets=triplets, stop_after_step=3, log=lambda *_: None)
+    sb = train(cfg, tmp_path / "b", triplets=triplets, resume=True, log=lambda *_: None)
+    assert sb["step"] == 4
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"LoRA .*'r': 4.* in the checkpoint but off \(lora_r=0\) now"):
+        train(_cfg(tiny_dir, max_steps=4, save_steps=2), tmp_path / "b", triplets=triplets, resume=True,
+              log=lambda *_: None)
+
+
+def test_an_lrem_with_lora_layers_encodes_as_its_merged_weights(lively_dir):
+    """While LoRA layers are in the LM (training: dev eval, RL rollouts) the fast CPU paths, which
+    read weight tensors directly, step aside: CoTs and embeddings are those of the merged model."""
+    from lrem.train.lora import add_lora, merge_lora
+
+    m = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
+    adapter = add_lora(m, SFTConfig(lora_r=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained adapter stand-in (B starts at zero)
+        for name, p in m.lm.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    queries = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea"]
+    titles = ["corkscrew, bottle screw", "slipper"]
+    batch, one = m.encode_queries(queries), m.encode_queries(queries[:1])  # reason mode; one query: its own path
+    items = m.encode_items(titles)
+    rows = m.sample_cots(queries[:1], num_samples=2, generator=torch.Generator().manual_seed(1))
+    merge_lora(m, adapter)
+    assert m._plain_layers()
+    merged = m.encode_queries(queries)
+    assert batch.cots == merged.cots and one.cots == merged.cots[:1]
+    np.testing.assert_allclose(batch.embeddings, merged.embeddings, atol=1e-5)
+    np.testing.assert_allclose(one.embeddings, merged.embeddings[:1], atol=1e-5)
+    np.testing.assert_allclose(items, m.encode_items(titles), atol=1e-5)
+    assert rows == m.sample_cots(queries[:1], num_samples=2, generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,9 @@ def _stage_rows(training: list[dict]) -> list[str]:
                 "retrieval; expect weak embeddings until `lrem train coldstart` has run)."]
     rows = ["| # | stage | steps | examples | data | batch | learning rate |", "|---|---|---|---|---|---|---|"]
     for i, s in enumerate(training, 1):
-        rows.append(f"| {i} | {_STAGES.get(s.get('stage'), s.get('stage', '?'))} | {s.get('steps', '?')} | "
+        lora = s.get("lora")  # trained as LoRA adapters, merged into these weights
+        name = _STAGES.get(s.get("stage"), s.get("stage", "?")) + (f" (LoRA r={lora['r']})" if lora else "")
+        rows.append(f"| {i} | {name} | {s.get('steps', '?')} | "
                     f"{s.get('examples', '?')} | {s.get('data') or '?'} | {s.get('batch_size', '?')} | "
                     f"{s.get('learning_rate', '?')} |")
     return rows

@@ -374,6 +374,8 @@ CotShare = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share
                                                    "(0: no mixing); give cold start and direct the same value.")]
 TrainBatch = Annotated[Optional[int], typer.Option(min=1)]
 SaveSteps = Annotated[Optional[int], typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")]
+LoraRank = Annotated[Optional[int], typer.Option(min=0, help="> 0: train LoRA adapters of this rank and the new "
+                                                 "tokens' rows, the rest frozen (saved merged); 0: every weight.")]
 
 
 def _positive(value: Optional[float]) -> Optional[float]:
@@ -406,12 +408,13 @@ def train_coldstart(
     triplets: Annotated[Optional[Path], typer.Option(help="triplets.jsonl from `lrem construct`.")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
     max_steps: Steps = None, batch_size: TrainBatch = None, learning_rate: LearningRate = None,
-    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
-    overwrite: Overwrite = False,
+    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, lora_r: LoraRank = None,
+    resume: Resume = False, overwrite: Overwrite = False,
 ):
     """Stage 1: L = 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE (in-batch negatives)."""
     _train(config, out, triplets, data, split, resume, True, overwrite, model=model, max_steps=max_steps,
-           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share,
+           lora_r=lora_r)
 
 
 @train_app.command("direct")
@@ -420,12 +423,13 @@ def train_direct(
     pairs: Annotated[Optional[Path], typer.Option(help="A triplets.jsonl (its CoTs are ignored).")] = None,
     config: TrainConfig = None, data: TrainData = None, split: str = "train", model: Model = None,
     max_steps: Steps = None, batch_size: TrainBatch = None, learning_rate: LearningRate = None,
-    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, resume: Resume = False,
-    overwrite: Overwrite = False,
+    save_steps: SaveSteps = None, seed: Optional[int] = None, cot_share: CotShare = None, lora_r: LoraRank = None,
+    resume: Resume = False, overwrite: Overwrite = False,
 ):
     """The direct-embedding baseline: InfoNCE only, `<think></think><emb>`, same pairs and schedule."""
     _train(config, out, pairs, data, split, resume, False, overwrite, model=model, max_steps=max_steps,
-           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share)
+           batch_size=batch_size, learning_rate=learning_rate, save_steps=save_steps, seed=seed, cot_share=cot_share,
+           lora_r=lora_r)
 
 
 @train_app.command("rl")
@@ -442,7 +446,7 @@ def train_rl(
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder: the item bank of the mined "
                                                  "and catalog rank pools (RLConfig.rank_data).")] = None,
     learning_rate: LearningRate = None, save_steps: SaveSteps = None, seed: Optional[int] = None,
-    resume: Resume = False, overwrite: Overwrite = False,
+    lora_r: LoraRank = None, resume: Resume = False, overwrite: Overwrite = False,
 ):
     """Stage 2: L = 1.0 L_GRPO (G sampled CoTs per query, rank reward) + 0.1 L_InfoNCE."""
     from lrem.train import RLConfig, train_rl as run
@@ -450,7 +454,7 @@ def train_rl(
     _output(out, init, pairs, config, overwrite=overwrite, resume=resume, run_files=("checkpoints",) if resume else ())
     cfg = RLConfig.load(config, max_steps=max_steps, batch_size=batch_size, num_generations=num_generations,
                         learning_rate=learning_rate, save_steps=save_steps, seed=seed, rank_pool=rank_pool,
-                        rank_data=str(data) if data else None)
+                        rank_data=str(data) if data else None, lora_r=lora_r)
     run(cfg, init, out, pairs=pairs, resume=resume, overwrite=overwrite, log=_echo)
 
 

@@ -62,11 +62,12 @@ def make_delta(model, base, rank: int = 32) -> dict[str, torch.Tensor]:
         is_emb = p is model.lm.get_input_embeddings().weight
         if is_emb:  # the new tokens' rows are kept exactly, so the low rank goes to the rest
             d[new_ids] = 0
-        ab = _factor(d, rank) if d.ndim == 2 else None
-        if ab is None:
-            out[f"{name}::full"] = d.half()
-        else:
-            out[f"{name}::A"], out[f"{name}::B"] = ab[0].half(), ab[1].half()
+        if bool(d.any()):  # else only the new rows changed (as LoRA trains the embeddings)
+            ab = _factor(d, rank) if d.ndim == 2 else None
+            if ab is None:
+                out[f"{name}::full"] = d.half()
+            else:
+                out[f"{name}::A"], out[f"{name}::B"] = ab[0].half(), ab[1].half()
         if is_emb:
             out[f"{name}::rows"] = p.detach()[new_ids].half()
             out[f"{name}::row_ids"] = torch.tensor(new_ids)

@@ -392,6 +392,15 @@ class LREM(torch.nn.Module):
             self._fast = {"key": key, "prefix": {}, "steps": {}, "linears": {}}
         return self._fast
 
+    def _plain_layers(self) -> bool:
+        """Whether the LM's layers are its own: not wrapped by adapters (LoRA while training,
+        `lrem.train.lora`). The compact decoder and vLLM read the weight tensors directly, which
+        would miss an adapter; transformers' decoder runs it."""
+        state = self._fast_state()
+        if "plain" not in state:  # PEFT's layers keep the layer they wrap as `base_layer`
+            state["plain"] = not any(hasattr(m, "base_layer") for m in self.lm.modules())
+        return state["plain"]
+
     def _template_prefixes(self) -> list[list[int]]:
         """Token ids every query prompt, and every item text, starts with: the chat template,
         system prompt and instruction up to where the query or title goes (kept per prompt config)."""
@@ -446,7 +455,8 @@ class LREM(torch.nn.Module):
         b = ids.shape[0]
         full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=self.device), mask], dim=1)
         position_ids = n_prefix + torch.arange(width, device=self.device).expand(b, -1)  # (B, S)
-        few = self.compact_decoder and ids.numel() <= Linear.MAX_ROWS and self.device.type == "cpu"
+        few = (self.compact_decoder and ids.numel() <= Linear.MAX_ROWS and self.device.type == "cpu"
+               and self._plain_layers())
         if few and StaticDecoder.supports(self.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
             # one query); larger batches run as fast through transformers
@@ -700,7 +710,7 @@ class LREM(torch.nn.Module):
         `LREM_CUDA_GRAPHS=0`), kept per size."""
         if self.device.type != "cuda":
             return GreedyStep(self.lm, batch, length, graph=False,
-                              linears=self._linears() if self.compact_decoder else None)
+                              linears=self._linears() if self.compact_decoder and self._plain_layers() else None)
         steps = self._fast_state()["steps"]
         if (batch, length) not in steps:
             graph = os.environ.get("LREM_CUDA_GRAPHS", "1") != "0"
@@ -711,7 +721,7 @@ class LREM(torch.nn.Module):
         """A vLLM engine over the current weights when vLLM is installed and the model is on CUDA
         (`LREM_VLLM=0` turns it off), else None. Built on first use (the weights are saved to a
         temp folder for it to load) and rebuilt when the weights change."""
-        if self.device.type != "cuda" or os.environ.get("LREM_VLLM", "1") == "0":
+        if self.device.type != "cuda" or os.environ.get("LREM_VLLM", "1") == "0" or not self._plain_layers():
             return None
         if not importlib.util.find_spec("vllm"):
             return None

@@ -12,7 +12,7 @@ L = 1.0 L_GRPO (PPO-clipped, on the CoT tokens) + 0.1 L_InfoNCE over the N*G rol
 The output folder is an LREM model folder plus `train_state.json`, `history.jsonl` (every logged
 value), `samples.jsonl` (some rollouts with their rewards), `curves.png`, `tb/` and
 `checkpoints/`. `--resume` gives the same weights as an uninterrupted run: batches and sampling
-depend only on (seed, step).
+depend only on (seed, step). `lora_r` > 0 trains LoRA adapters as in stage 1 (`lrem.train.lora`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .dev_eval import log_dev, make_dev_eval
 from .grpo_config import RLConfig
+from .lora import add_lora, lora_settings, merge_lora
 from .rank_pool import RankPool, load_catalog
-from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint,
-                  load_checkpoint_extra, load_triplets, make_optimizer, save_checkpoint, check_output, claim_output)
+from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, check_output, check_resume, claim_output,
+                  load_checkpoint, load_checkpoint_extra, load_triplets, make_optimizer, resume_source,
+                  save_checkpoint)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -125,13 +127,15 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     torch.manual_seed(cfg.seed)
     ckpt = check_output(out, resume, overwrite, inputs=(init, pairs))
     data, data_path = load_rl_pairs(pairs, init)
-    model = LREM.from_pretrained(str(ckpt / "model") if ckpt else str(init), dtype="float32", log=say)
+    check_resume(ckpt, cfg)
+    model = LREM.from_pretrained(resume_source(ckpt, cfg, init), dtype="float32", log=say)
     model.source = str(init)
     if cfg.cot_max_tokens is None:  # the prompt config owns l: the policy's, unless this run sets it
         cfg = dataclasses.replace(cfg, cot_max_tokens=model.config.cot_max_tokens)
     if cfg.rollout_max_tokens < cfg.cot_max_tokens:
         raise ValueError(f"rollout_max_tokens={cfg.rollout_max_tokens} < cot_max_tokens={cfg.cot_max_tokens}")
     model.config.cot_max_tokens = cfg.cot_max_tokens
+    adapter = add_lora(model, cfg, ckpt) if cfg.lora_r else None
     ref = None  # the frozen stage-1 model, only for the KL term
     if cfg.kl_coef > 0:
         ref_model = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False)
@@ -155,7 +159,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     model.lm.train()
     loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps, cfg.kl_coef,
                        cfg.sampling_temperature)
-    optimizer, scheduler = make_optimizer(loss_fn.parameters(), cfg, total, warmup)
+    optimizer, scheduler = make_optimizer(loss_fn, cfg, total, warmup)
     start = 0
     if ckpt is not None:
         start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
@@ -174,7 +178,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             for name in (HISTORY, SAMPLES):
                 (out / name).unlink(missing_ok=True)
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
-             "examples": len(data), "init": str(init), "pairs": str(data_path), "config": cfg.to_dict(), "last": {}}
+             "examples": len(data), "init": str(init), "pairs": str(data_path), "config": cfg.to_dict(),
+             "lora": lora_settings(cfg), "last": {}}
     end = min(total, stop_after_step or total)
     t0 = time.time()
     bar = tqdm(range(start, end), initial=start, total=total, desc="rl", unit="step", disable=not main)
@@ -249,7 +254,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
             acc.wait_for_everyone()
             if main:
-                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit, pool.state_dict())
+                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit, adapter,
+                                pool.state_dict())
     bar.close()
     state["seconds"] = round(time.time() - t0, 2)
     acc.wait_for_everyone()
@@ -257,6 +263,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         writer.close()
     if main and state["step"] == total:
         plot_curves(out / HISTORY, out / CURVES)
+        if adapter is not None:
+            merge_lora(model, adapter)
         _save_final(out, model, state, keep=("checkpoints", "tb", HISTORY, SAMPLES, CURVES))
         say(f"wrote {out} ({total} steps, {state['seconds']:.0f} s)")
     acc.wait_for_everyone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lrem._config import load_config
+from lrem.train.lora import LORA_TARGETS, check_lora
 
 
 @dataclass
@@ -58,6 +59,17 @@ class RLConfig:
     num_epochs: int = field(default=1, metadata={"help": "Passes over the RL pairs (paper: 1), unless max_steps."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
+    # LoRA (PEFT; lrem.train.lora)
+    lora_r: int = field(default=0, metadata={
+        "help": "0: full fine-tuning. > 0: LoRA adapters of this rank on lora_target_modules, plus the three LREM "
+                "tokens' rows; the rest frozen. The saved model has them merged (a normal LREM folder), and its "
+                "change is exactly rank r: `lrem delta --rank r` holds it whole."})
+    lora_alpha: int = field(default=32, metadata={
+        "help": "LoRA scale numerator: the update is (alpha / r) B A (PEFT's lora_alpha; 2r at r = 16)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (PEFT's lora_dropout)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
+                "decoder)."})
     # Precision, logging and checkpoints
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA, AMX CPUs)."})
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
@@ -74,6 +86,7 @@ class RLConfig:
     samples_per_log: int = field(default=4, metadata={"help": "Rollouts (query, CoT, reward) written to samples.jsonl per log."})
 
     def __post_init__(self):
+        check_lora(self)
         if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
             raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
                              f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")

@@ -9,6 +9,8 @@ The output folder is an LREM model folder (`LREM.from_pretrained`, `lrem index`,
 it as is) plus `train_state.json`, `tb/` (TensorBoard) and `checkpoints/step-N/` (model,
 optimizer and scheduler, each written atomically). `--resume` continues from the last checkpoint
 to the same weights as an uninterrupted run: the batch of step s depends only on (seed, s).
+With `lora_r` > 0 (`lrem.train.lora`) only LoRA adapters and the new tokens' rows train; the
+saved model has them merged, and checkpoints hold the adapter in place of the model.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..data import DataError, read_jsonl
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
 from .dev_eval import log_dev, make_dev_eval
+from .lora import ADAPTER, add_lora, lora_settings, merge_lora, save_adapter, trainable_parameters
 from .sft_config import SFTConfig
 
 TRAIN_STATE = "train_state.json"
@@ -271,11 +274,17 @@ def last_checkpoint(out) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, extra: dict | None = None) -> Path:
-    """`extra`: more trainer state (tensors), e.g. RL's item bank; `load_checkpoint_extra` reads it back."""
+def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, adapter=None,
+                    extra: dict | None = None) -> Path:
+    """Write `out/checkpoints/step-N` (the model, or with LoRA its `adapter`; optimizer, scheduler,
+    RNG, train state; `extra`: more trainer state as tensors, e.g. RL's item bank, read back by
+    `load_checkpoint_extra`) and delete all but the newest `keep`."""
     path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp / "model")
+        if adapter is not None:
+            save_adapter(adapter, tmp / ADAPTER)  # the base is the run's own: a few MB instead of the model
+        else:
+            model.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
         if extra:
@@ -290,6 +299,23 @@ def load_checkpoint_extra(ckpt: Path) -> dict:
     """The `extra` trainer state `save_checkpoint` wrote ({} when none)."""
     path = Path(ckpt) / EXTRA
     return torch.load(path, weights_only=True) if path.exists() else {}
+
+
+def check_resume(ckpt: Path | None, cfg) -> None:
+    """Before loading anything from `ckpt`: it continues only a run with the same LoRA settings
+    (a LoRA checkpoint holds an adapter, a full one the model)."""
+    if ckpt is None:
+        return
+    prev, now = json.loads((ckpt / TRAIN_STATE).read_text()).get("lora"), lora_settings(cfg)
+    if prev != now:
+        raise ValueError(f"{ckpt}: LoRA {prev or 'off (full fine-tuning)'} in the checkpoint but "
+                         f"{now or 'off (lora_r=0)'} now; resume needs the same lora_* settings")
+
+
+def resume_source(ckpt: Path | None, cfg, base: str) -> str:
+    """The folder a run's model loads from: the checkpoint's model when full fine-tuning resumes;
+    else `base` (a fresh run, or a LoRA checkpoint, whose adapter goes over the run's own base)."""
+    return str(ckpt / "model") if ckpt is not None and cfg.lora_r == 0 else str(base)
 
 
 def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
@@ -315,10 +341,11 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
     return prev["step"]
 
 
-def make_optimizer(params, cfg, total: int, warmup: int):
-    """AdamW at `cfg.learning_rate` and its per-step schedule (`lr_factor`); any config with
-    learning_rate, weight_decay and lr_schedule (SFTConfig, RLConfig)."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+def make_optimizer(module, cfg, total: int, warmup: int):
+    """AdamW over `module`'s trainable parameters (with LoRA: the adapters and token rows) at
+    `cfg.learning_rate`, and its per-step schedule (`lr_factor`); any config with learning_rate,
+    weight_decay and lr_schedule (SFTConfig, RLConfig)."""
+    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
     return optimizer, scheduler
 
@@ -358,10 +385,12 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     ckpt = check_output(out, resume, overwrite, inputs=(cfg.model, triplets))
     if resume and ckpt is None:
         say(f"no checkpoint under {out / 'checkpoints'}; starting from {cfg.model}")
-    model = LREM.from_pretrained(str(ckpt / "model") if ckpt else cfg.model, dtype="float32", log=say)
+    check_resume(ckpt, cfg)
+    model = LREM.from_pretrained(resume_source(ckpt, cfg, cfg.model), dtype="float32", log=say)
     model.source = cfg.model
     if cfg.cot_max_tokens is not None:  # the prompt config owns l; the model trained with it keeps it
         model.config.cot_max_tokens = cfg.cot_max_tokens
+    adapter = add_lora(model, cfg, ckpt) if cfg.lora_r else None
     pairs, held = build_pairs(triplets, dataset, split, model.tokenizer, model.config.cot_max_tokens, True,
                               cfg.rl_holdout, cfg.seed)
     # the batches depend on which pairs have a teacher CoT (cot_share), for cold start and the
@@ -389,7 +418,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         enable()
     model.lm.train()
     loss_fn = LREMLoss(model, cfg.sft_weight, cfg.infonce_weight, cfg.temperature)
-    optimizer, scheduler = make_optimizer(loss_fn.parameters(), cfg, total, warmup)
+    optimizer, scheduler = make_optimizer(loss_fn, cfg, total, warmup)
     start = 0
     if ckpt is not None:
         start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
@@ -403,7 +432,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
 
         writer = SummaryWriter(str(out / "tb"))
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "global_batch_size": bs * world,
-             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "losses": {},
+             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "lora": lora_settings(cfg),
+             "losses": {},
              "data": ", ".join(x for x in (str(triplets or ""), dataset and f"{dataset.name} ({split} qrels)") if x)}
     end = min(total, stop_after_step or total)
     t0, t_log, s_log = time.time(), time.time(), start
@@ -445,13 +475,15 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
             acc.wait_for_everyone()
             if main:
-                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
+                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit, adapter)
     bar.close()
     state["seconds"] = round(time.time() - t0, 2)
     acc.wait_for_everyone()
     if writer is not None:
         writer.close()
     if main and state["step"] == total:
+        if adapter is not None:
+            merge_lora(model, adapter)
         _save_final(out, model, state)
         say(f"wrote {out} ({total} steps, {state['seconds']:.0f} s)")
     acc.wait_for_everyone()
@@ -463,10 +495,13 @@ def training_stage(state: dict) -> dict:
     """What the model card and lrem_config.json record of a finished run (from its train state)."""
     cfg = state.get("config", {})
     name = "rl" if "init" in state else "coldstart" if cfg.get("use_cot", True) else "direct"
-    return {"stage": name, "steps": state.get("step"), "examples": state.get("examples"),
-            "data": state.get("pairs") or state.get("data"), "init": state.get("init") or cfg.get("model"),
-            "batch_size": state.get("global_batch_size", state.get("batch_size")),
-            "learning_rate": cfg.get("learning_rate"), "seed": state.get("seed")}
+    stage = {"stage": name, "steps": state.get("step"), "examples": state.get("examples"),
+             "data": state.get("pairs") or state.get("data"), "init": state.get("init") or cfg.get("model"),
+             "batch_size": state.get("global_batch_size", state.get("batch_size")),
+             "learning_rate": cfg.get("learning_rate"), "seed": state.get("seed")}
+    if state.get("lora"):  # trained as LoRA adapters (merged into the saved weights)
+        stage["lora"] = state["lora"]
+    return stage
 
 
 def _save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS)) -> None:

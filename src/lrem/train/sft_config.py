@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lrem._config import load_config
+from lrem.train.lora import LORA_TARGETS, check_lora
 
 
 @dataclass
@@ -45,6 +46,17 @@ class SFTConfig:
     rl_holdout: float = field(default=0.1, metadata={
         "help": "Share of the split's queries without a teacher CoT held back for stage 2 (written to "
                 "OUT/rl_pairs.jsonl; the paper keeps 4M of its pairs for RL). Needs --data."})
+    # LoRA (PEFT; lrem.train.lora)
+    lora_r: int = field(default=0, metadata={
+        "help": "0: full fine-tuning. > 0: LoRA adapters of this rank on lora_target_modules, plus the three LREM "
+                "tokens' rows; the rest frozen. The saved model has them merged (a normal LREM folder), and its "
+                "change is exactly rank r: `lrem delta --rank r` holds it whole."})
+    lora_alpha: int = field(default=32, metadata={
+        "help": "LoRA scale numerator: the update is (alpha / r) B A (PEFT's lora_alpha; 2r at r = 16)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (PEFT's lora_dropout)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
+                "decoder)."})
     # Precision and memory
     bf16: bool = field(default=False, metadata={
         "help": "bfloat16 autocast (CUDA, AMX CPUs); on an AVX2 CPU float32 is ~6x faster."})
@@ -63,6 +75,7 @@ class SFTConfig:
         "help": "Catalog items besides the sample's judged ones (re-embedded at each eval)."})
 
     def __post_init__(self):
+        check_lora(self)
         if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
             raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
                              f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
