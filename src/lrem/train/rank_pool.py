@@ -48,6 +48,8 @@ class RankPool:
             self.positives.setdefault(p.query_id, set()).add(p.item_id)
         self.ids: list[str] = []
         self.items: list = []
+        self.bank: torch.Tensor | None = None  # (M, D) unit vectors of the bank, from the last refresh
+        self.bank_step = -1
         if kind == "batch":
             return
         if not catalog:
@@ -60,8 +62,6 @@ class RankPool:
         self.ids = ids
         self.items = [catalog.get(i, own.get(i)) for i in ids]
         self.row = {i: n for n, i in enumerate(ids)}
-        self.bank: torch.Tensor | None = None  # (M, D) unit vectors of the bank, from the last refresh
-        self.bank_step = -1
 
     def __repr__(self) -> str:
         extra = "" if self.kind == "batch" else f", {len(self.ids)} bank items, refresh every {self.refresh_steps} steps"
