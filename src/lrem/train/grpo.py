@@ -33,7 +33,8 @@ from .dev_eval import log_dev, make_dev_eval
 from .grpo_config import RLConfig
 from .rank_pool import RankPool, load_catalog
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, last_checkpoint, load_checkpoint,
-                  load_checkpoint_extra, load_triplets, make_optimizer, save_checkpoint, check_output, claim_output)
+                  load_checkpoint_extra, load_triplets, make_optimizer, mixed_precision, save_checkpoint,
+                  check_output, claim_output)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -119,7 +120,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
 
     out = Path(out)
     AcceleratorState._reset_state()  # see lrem.train.sft.train
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.bf16))
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
@@ -174,7 +175,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             for name in (HISTORY, SAMPLES):
                 (out / name).unlink(missing_ok=True)
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
-             "examples": len(data), "init": str(init), "pairs": str(data_path), "config": cfg.to_dict(), "last": {}}
+             "examples": len(data), "precision": acc.mixed_precision, "init": str(init), "pairs": str(data_path),
+             "config": cfg.to_dict(), "last": {}}
     end = min(total, stop_after_step or total)
     t0 = time.time()
     bar = tqdm(range(start, end), initial=start, total=total, desc="rl", unit="step", disable=not main)

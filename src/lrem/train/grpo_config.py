@@ -59,7 +59,8 @@ class RLConfig:
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
     # Precision, logging and checkpoints
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA, AMX CPUs)."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bfloat16 autocast; None (auto): where the hardware has it natively (see SFTConfig.bf16)."})
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
