@@ -249,6 +249,19 @@ def test_bf16_and_gradient_checkpointing_options(tmp_path, tiny_dir, triplets):
     state = train(cfg, tmp_path / "bf16", triplets=triplets, log=lambda *_: None)
     assert state["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in state["losses"].values())
     assert LREM.from_pretrained(str(tmp_path / "bf16"), dtype="float32").lm.dtype == torch.float32
+    assert state["precision"] == "bf16"
+
+
+def test_bf16_auto_follows_the_hardware(tmp_path, tiny_dir, triplets):
+    """bf16 None (the default): autocast exactly where default_dtype finds native bfloat16."""
+    from lrem.backbones import default_dtype
+    from lrem.train.sft import mixed_precision
+
+    native = default_dtype("cuda" if torch.cuda.is_available() else "cpu") == torch.bfloat16
+    assert SFTConfig().bf16 is None and mixed_precision(None) == ("bf16" if native else "no")
+    assert mixed_precision(False) == "no" and mixed_precision(True) == "bf16"
+    state = train(_cfg(tiny_dir, max_steps=1), tmp_path / "auto", triplets=triplets, log=lambda *_: None)
+    assert state["precision"] == ("bf16" if native else "no")
 
 
 def test_gzipped_triplets_load_as_the_plain_file(tmp_path, tiny_dir, triplets):

@@ -34,8 +34,8 @@ from .grpo_config import RLConfig
 from .lora import add_lora, lora_settings, merge_lora
 from .rank_pool import RankPool, load_catalog
 from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, check_output, check_resume, claim_output,
-                  load_checkpoint, load_checkpoint_extra, load_triplets, make_optimizer, resume_source,
-                  save_checkpoint)
+                  load_checkpoint, load_checkpoint_extra, load_triplets, make_optimizer, mixed_precision,
+                  resume_source, save_checkpoint)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -121,7 +121,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
 
     out = Path(out)
     AcceleratorState._reset_state()  # see lrem.train.sft.train
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.bf16))
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
@@ -178,8 +178,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             for name in (HISTORY, SAMPLES):
                 (out / name).unlink(missing_ok=True)
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
-             "examples": len(data), "init": str(init), "pairs": str(data_path), "config": cfg.to_dict(),
-             "lora": lora_settings(cfg), "last": {}}
+             "examples": len(data), "precision": acc.mixed_precision, "init": str(init), "pairs": str(data_path),
+             "config": cfg.to_dict(), "lora": lora_settings(cfg), "last": {}}
     end = min(total, stop_after_step or total)
     t0 = time.time()
     bar = tqdm(range(start, end), initial=start, total=total, desc="rl", unit="step", disable=not main)

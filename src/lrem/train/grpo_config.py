@@ -71,7 +71,8 @@ class RLConfig:
         "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
                 "decoder)."})
     # Precision, logging and checkpoints
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA, AMX CPUs)."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bfloat16 autocast; None (auto): where the hardware has it natively (see SFTConfig.bf16)."})
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})

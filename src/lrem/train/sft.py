@@ -274,6 +274,16 @@ def last_checkpoint(out) -> Path | None:
     return found[-1] if found else None
 
 
+def mixed_precision(bf16: bool | None) -> str:
+    """Accelerate's mixed_precision for a config's `bf16` (None: bfloat16 where the hardware has it
+    natively, `lrem.backbones.default_dtype`)."""
+    from ..backbones import default_dtype
+
+    if bf16 is None:
+        bf16 = default_dtype("cuda" if torch.cuda.is_available() else "cpu") == torch.bfloat16
+    return "bf16" if bf16 else "no"
+
+
 def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, adapter=None,
                     extra: dict | None = None) -> Path:
     """Write `out/checkpoints/step-N` (the model, or with LoRA its `adapter`; optimizer, scheduler,
@@ -377,7 +387,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     # Accelerate keeps its settings in a process-wide singleton: start each run (a library caller may
     # train twice, e.g. once in float32, once in bf16) from a clean one; the process group stays.
     AcceleratorState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.bf16),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.sft_weight == 0)])
     main = acc.is_main_process
     say = log if main else (lambda *_: None)
@@ -432,7 +442,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
 
         writer = SummaryWriter(str(out / "tb"))
     state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "global_batch_size": bs * world,
-             "seed": cfg.seed, "examples": len(pairs), "config": cfg.to_dict(), "lora": lora_settings(cfg),
+             "seed": cfg.seed, "examples": len(pairs), "precision": acc.mixed_precision, "config": cfg.to_dict(),
+             "lora": lora_settings(cfg),
              "losses": {},
              "data": ", ".join(x for x in (str(triplets or ""), dataset and f"{dataset.name} ({split} qrels)") if x)}
     end = min(total, stop_after_step or total)
