@@ -79,10 +79,16 @@ def test_k_larger_than_catalog_and_errors(tmp_path):
         ItemIndex.load(tmp_path)
 
 
-def test_default_threads_are_the_cores_the_load_leaves_free():
-    """Issue 21: cores minus the 1-minute load average, rounded, at least 1 (see lrem._threads)."""
+def test_default_threads_are_the_cores_the_load_leaves_free(monkeypatch):
+    """Issue 21: cores minus the 1-minute load average, rounded, at least 1 (see lrem._threads);
+    OMP_NUM_THREADS, when set, is the user's choice and wins."""
     from lrem._threads import available_cores, default_threads
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a positive integer: ignored
+    assert 1 <= default_threads() <= available_cores()
+    monkeypatch.delenv("OMP_NUM_THREADS")
     cores = available_cores()
     before, n, after = os.getloadavg()[0], default_threads(), os.getloadavg()[0]
     assert 1 <= n <= cores

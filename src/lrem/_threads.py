@@ -20,8 +20,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def env_threads() -> int | None:
+    """`OMP_NUM_THREADS` when it is set to a positive integer: the user's explicit choice."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
 def default_threads() -> int:
-    """The cores not busy: cores minus the 1-minute load average, rounded, at least 1."""
+    """`OMP_NUM_THREADS` when set; else the cores not busy: cores minus the 1-minute load
+    average, rounded, at least 1."""
+    if (n := env_threads()) is not None:
+        return n
     cores = available_cores()
     try:
         load = os.getloadavg()[0]
@@ -41,6 +50,7 @@ def set_threads(threads: int | None = None, log=None) -> int:
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
     if log is not None:
-        how = "" if threads else f" (load average {os.getloadavg()[0]:.1f} on {available_cores()} cores)"
+        how = ("" if threads else " (OMP_NUM_THREADS)" if env_threads() else
+               f" (load average {os.getloadavg()[0]:.1f} on {available_cores()} cores)")
         log(f"using {n} thread{'s' if n > 1 else ''}{how}")
     return n

@@ -347,8 +347,7 @@ class HFTeacher:
         old = torch.get_num_threads()
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            env = os.environ.get("OMP_NUM_THREADS", "")
-            torch.set_num_threads(self.threads or (int(env) if env.isdigit() and int(env) > 0 else default_threads()))
+            torch.set_num_threads(self.threads or default_threads())  # OMP_NUM_THREADS, else the free cores
             try:
                 gen = self.generate_ids([texts[i] for i in idx], max_tokens)
             finally:
