@@ -327,3 +327,18 @@ def test_real_model_fast_path_keeps_cots_and_embeddings(real_model):
     assert enc.cots == fast
     plain = m._embed_texts(m.query_texts(queries, fast), 32, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-4)
+
+
+def test_generate_prefix_cache_stays_bounded_and_exact(lively):
+    """Batches whose rows share more than the template each add a key to `generate`'s prefix
+    cache; it keeps at most PREFIX_CACHE_SIZE and every answer equals the uncached one."""
+    from lrem.decoding import PREFIX_CACHE_SIZE, generate
+
+    m, cache = lively, {}
+    pad, stop = m.tokenizer.pad_token_id, m.stop_ids
+    for j in range(PREFIX_CACHE_SIZE + 3):
+        lead = f"{['red', 'blue', 'green', 'tall', 'small', 'old', 'new'][j]} {j}"
+        seqs = m.tokenizer(m.query_prompts([f"{lead} mug", f"{lead} teapot"]), add_special_tokens=False)["input_ids"]
+        assert generate(m.lm, seqs, 4, stop, pad, prefix_cache=cache) == generate(m.lm, seqs, 4, stop, pad)
+        assert len(cache) <= PREFIX_CACHE_SIZE
+    assert len(cache) == PREFIX_CACHE_SIZE

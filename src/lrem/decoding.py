@@ -360,6 +360,9 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
 
+PREFIX_CACHE_SIZE = 4  # prompt prefixes `generate` keeps per cache (a template's, and a few longer ones)
+
+
 @torch.inference_mode()
 def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int, linears=None,
              prefix_cache: dict | None = None) -> list[list[int]]:
@@ -383,6 +386,8 @@ def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int,
                 break
         if kv is None:
             kv = prefix_kv(lm, list(key))
+            while len(prefix_cache) >= PREFIX_CACHE_SIZE:  # bounded: a batch whose rows share more than
+                prefix_cache.pop(next(iter(prefix_cache)))  # the template adds a key; drop the oldest
             prefix_cache[key] = kv
     elif n:
         kv = prefix_kv(lm, seqs[0][:n])
