@@ -89,7 +89,7 @@ def test_bad_input_exits_with_file_line_field(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "wordnet"], ["data", "convert"], ["data", "check"],
-                                 ["data", "sample"], ["index"], ["search"], ["eval"]])
+                                 ["data", "sample"], ["index"], ["search"], ["eval"], ["router"], ["router", "fit"]])
 def test_every_command_has_help(cmd):
     p = lrem(*cmd, "--help")
     assert "Usage" in p.stdout

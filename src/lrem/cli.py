@@ -5,6 +5,7 @@
     lrem search --index runs/idx "a device for pulling corks"
     lrem eval --data data/wordnet --split dev --system bm25 --system base=runs/idx:reason --out runs/eval
     lrem serve --index runs/idx --port 8000 [--config serve.yaml] [--set max_batch=32]
+    lrem router fit --index runs/idx --data data/wordnet --split train --queries 400 --out MODEL_FOLDER
     lrem export --model runs/coldstart --to sentence-transformers --out runs/coldstart-st
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _dtype(value: str) -> str:
 
 
 Dtype = Annotated[str, typer.Option(callback=_dtype, help="auto, float32, bfloat16 or float16.")]
+
+
+def _positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and not value > 0:  # also catches nan
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
 
 
 def _output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, run_files=()) -> Path:
@@ -216,13 +223,70 @@ def serve(
     run_server(index_dir, ServeConfig.from_yaml(config, sets=set_, host=host, port=port), log=_echo)
 
 
+# ---------------------------------------------------------------- the router of auto mode
+
+router_app = typer.Typer(help="The router of `auto` mode: which queries reason.", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+
+@router_app.command("fit")
+def router_fit(
+    index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `lrem index`, over the dataset's "
+                                            "catalog; its model is the one routed.")],
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The index's model folder (router.json is written into "
+                                      "it, and loaded with the model from then on), or a file path ending in .json.")],
+    split: Annotated[str, typer.Option(help="Split whose queries it learns from (not the one you evaluate "
+                                       "on).")] = "train",
+    queries: Annotated[int, typer.Option(min=10, help="A fixed, seeded sample of N queries with a relevant item; "
+                                         "each is searched directly and with reasoning.")] = 400,
+    k: Annotated[int, typer.Option("-k", min=1, help="Label depth: reasoning wins when it ranks the first relevant "
+                                   "item higher within the top k (reciprocal rank; ties: direct).")] = 10,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the queries held out to measure "
+                                           "it.")] = 0.25,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Reason where P(reasoning wins) > this.")] = 0.5,
+    l2: Annotated[float, typer.Option(callback=_positive, help="L2 penalty on the weights (> 0; "
+                                      "scikit-learn's 1/C).")] = 1.0,
+    seed: int = 0,
+    batch_size: BatchSize = 32,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a router file lrem wrote earlier.")] = False,
+):
+    """Learn when reasoning helps: search a split's queries directly and with reasoning, fit a logistic
+    regression on the direct scores and the query (`lrem.router`), print its held-out accuracy, write it."""
+    from lrem._threads import set_threads
+    from lrem.data import load_dataset
+    from lrem.index import ItemIndex
+    from lrem.router import fit_router, judged_sample, router_target
+    from lrem.search import Searcher
+
+    index = ItemIndex.load(index_dir)  # no model yet: the output is checked before any work
+    target = router_target(out, index.meta.get("model"), overwrite=overwrite)
+    ds = load_dataset(data)
+    if set(index.item_ids) != set(ds.catalog):
+        raise ValueError(f"index {index_dir} was built on another catalog than {data}")
+    sample = judged_sample(ds, split, queries, seed)
+    set_threads(threads, log=_echo)
+    searcher = Searcher.load(index_dir, log=_echo)
+    router = fit_router(searcher, sample, ds.qrels, k=k, holdout=holdout, threshold=threshold, l2=l2, seed=seed,
+                        batch_size=batch_size, data=f"{data}:{split}", show_progress=True, log=_echo)
+    router.save(target)
+    f, h = router.fitted, router.fitted["heldout"]
+    typer.echo(f"reasoning beat direct on {f['reason_won']} of {f['queries']} queries (rr@{k})")
+    if h:
+        typer.echo(f"held out {h['queries']}: accuracy {h['accuracy']:.3f} (majority {h['majority_accuracy']:.3f}), "
+                   f"would reason on {100 * h['reasoned_share']:.0f}%; mrr@{k} direct {h['mrr_direct']:.4f}, "
+                   f"reason {h['mrr_reason']:.4f}, routed {h['mrr_routed']:.4f}, oracle {h['mrr_oracle']:.4f}")
+    typer.echo(f"wrote {target}")
+
+
 # ---------------------------------------------------------------- evaluation
 
 @app.command("eval")
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
@@ -376,12 +440,6 @@ TrainBatch = Annotated[Optional[int], typer.Option(min=1)]
 SaveSteps = Annotated[Optional[int], typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")]
 LoraRank = Annotated[Optional[int], typer.Option(min=0, help="> 0: train LoRA adapters of this rank and the new "
                                                  "tokens' rows, the rest frozen (saved merged); 0: every weight.")]
-
-
-def _positive(value: Optional[float]) -> Optional[float]:
-    if value is not None and not value > 0:  # also catches nan
-        raise typer.BadParameter(f"{value} is not > 0")
-    return value
 
 
 LearningRate = Annotated[Optional[float], typer.Option(callback=_positive, help="Peak learning rate (> 0).")]

@@ -43,6 +43,7 @@ from .backbones import BUILTINS, default_dtype, init_special_embeddings, resolve
 from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, lookup_draft,
                        prefill, prefix_kv, sample_top_p)
 from .prompts import PromptConfig
+from .router import load_router
 
 LREM_CONFIG = "lrem_config.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -172,6 +173,9 @@ class LREM(torch.nn.Module):
         # inputs cut to the token limits so far, per side ("query", "item"): what `lrem index` and
         # `lrem eval` report, and /metrics counts
         self.truncated: collections.Counter = collections.Counter()
+        # the learned router of `auto` mode (`lrem.router.LearnedRouter`) when the model folder has a
+        # router.json (`lrem router fit`), else None: searchers then use the margin router
+        self.router = None
         self._fast: dict = {}  # prefix KV caches, CUDA graphs, vLLM engine: valid for one `_weights_key`
         self._templates: dict = {}  # template prefix ids per prompt config (they do not depend on weights)
         # Greedy reasoning for one query (CPU) checks up to this many tokens drafted from its prompt
@@ -197,7 +201,8 @@ class LREM(torch.nn.Module):
     ) -> "LREM":
         """Load an LREM folder, a plain HF folder or hub name, or a built-in backbone name.
 
-        A folder with `lrem_config.json` is an LREM model (special tokens already in place).
+        A folder with `lrem_config.json` is an LREM model (special tokens already in place); a
+        `router.json` beside it (`lrem router fit`) becomes `model.router`, which `auto` mode uses.
         Anything else is a backbone: the three special tokens are added and the embedding
         matrix grows by three rows (initialised to the mean of the others).
         `dtype`: "auto" (bfloat16 where the hardware has it, see `default_dtype`), "bfloat16"
@@ -235,12 +240,15 @@ class LREM(torch.nn.Module):
         if saved is not None:
             model.stages = list(saved.get("training", []))
             model.base = saved.get("base_model") or saved.get("base") or model.source
+            model.router = load_router(path)
         return model
 
     def save_pretrained(self, out: str | os.PathLike, stage: dict | None = None, metrics: dict | None = None) -> None:
         """Write backbone, tokenizer, `lrem_config.json` and a model card (README.md) to `out`
         atomically. `stage` (a training stage: name, steps, data, ...) is recorded after the
-        stages these weights already went through; `metrics` go into the card."""
+        stages these weights already went through; `metrics` go into the card. A learned router
+        (`self.router`, from router.json) is not written: it was fitted on the scores of the
+        weights it was loaded with, so a saved model gets its own (`lrem router fit`)."""
         from .card import model_card
 
         training = self.stages + ([stage] if stage else [])

@@ -6,9 +6,11 @@
     r.cot, [(h.item_id, h.score) for h in r.hits]
 
 Modes: `reason` (generate a CoT, then embed), `direct` (`<think></think><emb>`, no CoT), `auto`
-(direct first; `lrem.router.Router` picks the ambiguous queries and only those reason), and the
-paper's ablations with a fixed CoT: `empty-cot` (same sequence as direct), `query-cot` (the query
-repeated as its CoT) and `random-cot` (phrases from random catalog titles, seeded by the query).
+(direct first; the router picks the queries reasoning should help, and only those reason: the
+model folder's learned router (`router.json`, `lrem router fit`) when it has one, else the
+margin `lrem.router.Router`), and the paper's ablations with a fixed CoT: `empty-cot` (same
+sequence as direct), `query-cot` (the query repeated as its CoT) and `random-cot` (phrases from
+random catalog titles, seeded by the query).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import random
 from ._text import check_query
 from .index import ItemIndex
 from .model import LREM
-from .router import Router
+from .router import LearnedRouter, Router
 from .search_types import MODES, Hit, Retriever, SearchResult
 
 __all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
@@ -49,16 +51,18 @@ class Searcher:
     Args:
         model: the LREM model that embedded the items (query and item sides must match).
         index: the item index.
-        router: decides which queries reason in `auto` mode (default: `Router()`).
+        router: decides which queries reason in `auto` mode (default: the model's learned router,
+            `model.router`, when its folder has a router.json; else `Router()`).
     """
 
-    def __init__(self, model: LREM, index: ItemIndex, router: Router | None = None, truncate: bool = True):
+    def __init__(self, model: LREM, index: ItemIndex, router: Router | LearnedRouter | None = None,
+                 truncate: bool = True):
         if index.index.d != model.dim:
             raise ValueError(f"index dim {index.index.d} != model dim {model.dim} (was the index built with "
                              f"another model than {model.source or 'this one'}?)")
         self.model = model
         self.index = index
-        self.router = router or Router()
+        self.router = router or getattr(model, "router", None) or Router()
         self.truncate = truncate  # queries over the model's max_query_tokens: cut and counted, or an error
 
     @classmethod
@@ -109,10 +113,11 @@ class Searcher:
             for row_ids, row_scores, cot in zip(ids, scores, enc.cots)
         ]
 
-    def search_auto(self, queries: list[str], k: int = 10, router: Router | None = None, batch_size: int = 32,
-                    show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
+    def search_auto(self, queries: list[str], k: int = 10, router: Router | LearnedRouter | None = None,
+                    batch_size: int = 32, show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
         """`auto` mode: embed every query directly, search, let the router (default `self.router`)
-        pick the queries whose direct retrieval is ambiguous, and reason for those only.
+        pick the queries reasoning should help (from the direct scores and the query), and reason
+        for those only.
 
         Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned.
         """
@@ -131,7 +136,7 @@ class Searcher:
                 results[j] = res
         return results, routed
 
-    def retriever(self, mode: str, router: Router | None = None) -> Retriever:
+    def retriever(self, mode: str, router: Router | LearnedRouter | None = None) -> Retriever:
         """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate` (`router`: for auto)."""
         if mode != "auto":
             self.cots_for([], mode)  # validates the mode now, not at the first query
@@ -141,7 +146,7 @@ class Searcher:
 class _ModeRetriever:
     """A searcher fixed to one mode; counts how many queries it reasoned about (the cost)."""
 
-    def __init__(self, searcher: Searcher, mode: str, router: Router | None = None):
+    def __init__(self, searcher: Searcher, mode: str, router: Router | LearnedRouter | None = None):
         self.searcher, self.mode, self.router = searcher, mode, router
         self.n_queries = self.n_reasoned = 0
 
@@ -156,8 +161,12 @@ class _ModeRetriever:
         return results
 
     def describe(self) -> dict:
-        """Model, index folder and mode, for the eval report."""
-        mode = self.mode + (f"@{self.router.share}" if self.router is not None and self.mode == "auto" else "")
+        """Model, index folder and mode (for auto: its share budget, if any, and which router), for the
+        eval report."""
+        mode = self.mode
+        if mode == "auto":
+            router = self.router or self.searcher.router
+            mode += (f"@{router.share}" if router.share else "") + f" ({router.describe()['kind']} router)"
         return {"model": self.searcher.model.source, "mode": mode,
                 "index": getattr(self.searcher, "index_dir", None) or "(items embedded in memory)"}
 
@@ -187,10 +196,13 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
 
     `MODEL:MODE`: MODEL is an index folder (from `lrem index`, over this catalog) or a model
     (folder, hub name, built-in name) whose items are embedded here, once per model, however
-    many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with a default
-    `lrem.router.Router`, `auto@0.3` with a reasoning budget of 30% (`Router(share=0.3)`), and
-    the report records each LREM system's share of queries reasoned. `truncate`: inputs over a
-    model's token limits are cut and counted (`model.truncated`), or an error.
+    many modes use it. MODE is one of `lrem.search.MODES`; `auto` routes with the searcher's
+    router (the model folder's learned router.json, else a default `lrem.router.Router`),
+    `auto@0.3` with the same router held to a reasoning budget of 30% (`with_share(0.3)`);
+    `auto-margin` and `auto-margin@0.3` use the margin router whatever the model folder holds
+    (to compare the two). The report records each LREM system's share of queries reasoned and
+    its router. `truncate`: inputs over a model's token limits are cut and counted
+    (`model.truncated`), or an error.
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
@@ -205,9 +217,11 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
             continue
         model, sep, mode = spec.rpartition(":")
         mode, at, share = mode.partition("@")
+        margin = mode == "auto-margin"
+        mode = "auto" if margin else mode
         if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
             raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
-                             f"(or auto@SHARE, SHARE in [0, 1])")
+                             f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router)")
         if model not in searchers:
             if is_index_dir(model):
                 searcher = Searcher.load(model, log=log)
@@ -220,7 +234,10 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
                 searcher = Searcher(lrem, ItemIndex.build(lrem, dict(ds.catalog), batch_size=batch_size,
                                                           truncate=truncate), truncate=truncate)
             searchers[model] = searcher
-        systems[name] = searchers[model].retriever(mode, Router(share=float(share)) if at else None)
+        router = Router() if margin else None
+        if at:
+            router = (router or searchers[model].router).with_share(float(share))
+        systems[name] = searchers[model].retriever(mode, router)
     return systems
 
 

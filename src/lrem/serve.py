@@ -20,8 +20,10 @@ How a query is served: the text is normalised (NFKC, lower case, single spaces) 
 an LRU cache of (kind, text) -> (CoT, embedding). Misses go to a `Batcher`: one worker drains
 up to `max_batch` pending texts (waiting at most `max_wait_ms` for company), runs them through
 the model in one call on a single model thread, and hands each caller its own row. In `auto`
-mode the direct embedding is searched first and `lrem.router.Router` decides from its score
-margin (and the query length) whether this query reasons; only those pay for generation.
+mode the direct embedding is searched first and the router decides from its scores and the
+query whether this query reasons; only those pay for generation. The router is the model
+folder's learned one (`router.json` from `lrem router fit`, `lrem.router.LearnedRouter`) when it
+has one and `router_kind` is "model", else the margin `lrem.router.Router`.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ._text import check_query
 from .batching import Batcher, EmbeddingCache, Overloaded
-from .router import Router
+from .router import LearnedRouter, Router
+
+ROUTER_KINDS = ("model", "margin")
 
 EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
                     "lrem-item": "item"}  # /v1/embeddings `model` -> what is embedded
@@ -63,10 +67,14 @@ class ServeConfig:
     cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
     cache_path: str = field(default="", metadata={"help": ".npz loaded at start, written at shutdown; '': none."})
     # Router (mode=auto)
+    router_kind: str = field(default="model", metadata={
+        "help": "model: the model folder's learned router (router.json, `lrem router fit`) when it has one, else "
+                "the margin router; margin: the margin router (router_margin, router_long_words) always."})
     router_margin: float = field(default=0.02, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
     router_share: float = field(default=0.0, metadata={
-        "help": "0: fixed router_margin. Else a budget: reason on about this share (0..1) of auto queries, "
-                "the margin tracking that quantile of recent margins (score scales differ between models)."})
+        "help": "0: fixed router_margin (or the learned router's threshold). Else a budget: reason on about this "
+                "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "
+                "router, tracking that quantile of recent queries (score scales differ between models)."})
     router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
     # Limits: breaking one is a 4xx with a message naming the limit
     max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
@@ -102,6 +110,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; must be > 0")
         if self.port > 65535:
             raise ValueError(f"port={self.port}; must be <= 65535")
+        if self.router_kind not in ROUTER_KINDS:
+            raise ValueError(f"router_kind={self.router_kind!r}; expected one of {', '.join(ROUTER_KINDS)}")
         self.router()  # checks the router settings
 
     @classmethod
@@ -128,7 +138,11 @@ class ServeConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return load_config(cls, path, values)
 
-    def router(self) -> Router:
+    def router(self, learned: LearnedRouter | None = None) -> Router | LearnedRouter:
+        """The router of mode=auto: `learned` (the model's, if any) held to `router_share` when
+        router_kind is "model", else the margin router of these settings."""
+        if learned is not None and self.router_kind == "model":
+            return learned.with_share(self.router_share)
         return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
 
     def key(self) -> str:
@@ -279,7 +293,8 @@ class SearchService:
     """What the endpoints call: cache, batcher, router and index around one `Searcher`."""
 
     def __init__(self, searcher, config: ServeConfig):
-        self.searcher, self.config, self.router = searcher, config, config.router()
+        self.searcher, self.config = searcher, config
+        self.router = config.router(getattr(searcher.model, "router", None))
         model = searcher.model
         self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
         self.cache = EmbeddingCache(config.cache_size)
