@@ -157,7 +157,8 @@ def _check_mode(mode: str) -> str:
 def index(
     data: DataDir,
     out: Out,
-    model: Annotated[str, typer.Option(help="LREM folder, HF folder or hub name, or a built-in name.")] = "smollm2-135m-instruct",
+    model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
+                                                 "(default: the shipped trained model lrem-wordnet-135m).")] = None,
     factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64".')] = "Flat",
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
     batch_size: BatchSize = 64,
@@ -170,8 +171,9 @@ def index(
     from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.index import ItemIndex
-    from lrem.model import LREM
+    from lrem.model import LREM, default_model
 
+    model = model or default_model()
     _output(out, data, model if Path(model).exists() else None, overwrite=overwrite)
     ds = load_dataset(data)
     set_threads(threads, log=_echo)

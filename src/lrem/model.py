@@ -46,7 +46,17 @@ from .prompts import PromptConfig
 from .router import load_router
 
 LREM_CONFIG = "lrem_config.json"
-DEFAULT_MODEL = "smollm2-135m-instruct"
+BASE_MODEL = "smollm2-135m-instruct"  # the backbone lrem trains from (SFTConfig.model)
+TRAINED_MODEL = "lrem-wordnet-135m"  # the shipped reasoning model (a delta on BASE_MODEL, lrem.delta)
+DEFAULT_MODEL = BASE_MODEL
+
+
+def default_model() -> str:
+    """What a user gets without naming a model: the shipped trained model, or the untrained base
+    where a checkout lacks it (an untrained model returns near-identical items for every query)."""
+    from .delta import shipped
+
+    return TRAINED_MODEL if TRAINED_MODEL in shipped() else BASE_MODEL
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -197,9 +207,10 @@ class LREM(torch.nn.Module):
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "cpu", log=print
+        cls, name_or_path: str | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu", log=print
     ) -> "LREM":
-        """Load an LREM folder, a plain HF folder or hub name, or a built-in backbone name.
+        """Load an LREM folder, a plain HF folder or hub name, a built-in backbone name, or a
+        shipped trained model (`lrem-wordnet-135m`, the default: see `default_model`).
 
         A folder with `lrem_config.json` is an LREM model (special tokens already in place); a
         `router.json` beside it (`lrem router fit`) becomes `model.router`, which `auto` mode uses.
@@ -215,7 +226,7 @@ class LREM(torch.nn.Module):
         if dtype == "auto":
             dtype = default_dtype(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        path = resolve_backbone(name_or_path, log=log)
+        path = resolve_backbone(name_or_path or default_model(), log=log)
         cfg_file = Path(path) / LREM_CONFIG
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a model folder (no config.json)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 from ._text import check_query
 from .index import ItemIndex
@@ -216,12 +217,14 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
             systems[name] = baseline
             continue
         model, sep, mode = spec.rpartition(":")
-        mode, at, share = mode.partition("@")
+        cot_file = mode[len("cots="):] if mode.startswith("cots=") else None
+        mode, at, share = ("reason", "", "") if cot_file else mode.partition("@")
         margin = mode == "auto-margin"
         mode = "auto" if margin else mode
         if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
             raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
-                             f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router)")
+                             f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router; "
+                             f"cots=FILE: the CoTs a file gives)")
         if model not in searchers:
             if is_index_dir(model):
                 searcher = Searcher.load(model, log=log)
@@ -234,11 +237,48 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
                 searcher = Searcher(lrem, ItemIndex.build(lrem, dict(ds.catalog), batch_size=batch_size,
                                                           truncate=truncate), truncate=truncate)
             searchers[model] = searcher
+        if cot_file:
+            systems[name] = _GivenCotRetriever(searchers[model], load_cots(cot_file), cot_file)
+            continue
         router = Router() if margin else None
         if at:
             router = (router or searchers[model].router).with_share(float(share))
         systems[name] = searchers[model].retriever(mode, router)
     return systems
+
+
+def load_cots(path) -> dict[str, str]:
+    """query text -> CoT, from a JSONL of {"query": ..., "cot": ...} rows (e.g. a teacher's CoTs
+    for the dev queries: `lrem construct`'s outcomes.jsonl)."""
+    from .data import read_jsonl
+
+    cots: dict[str, str] = {}
+    for line, row in read_jsonl(Path(path)):
+        if not isinstance(row.get("query"), str) or not isinstance(row.get("cot", ""), str):
+            raise ValueError(f"{path}:{line}: need a string 'query' and a string 'cot'")
+        cots[row["query"]] = row.get("cot") or ""
+    return cots
+
+
+class _GivenCotRetriever:
+    """`MODEL:cots=FILE`: each query embedded after the CoT the file gives it (an empty one where
+    it gives none), e.g. a teacher's CoTs: what the model would score if it reasoned as the teacher."""
+
+    def __init__(self, searcher: Searcher, cots: dict[str, str], path: str):
+        self.searcher, self.cots, self.path = searcher, cots, path
+        self.n_queries = self.n_reasoned = 0
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        self.n_queries += len(queries)
+        return self.searcher.search(queries, k=k, mode="reason", cots=[self.cots.get(q, "") for q in queries])
+
+    def describe(self) -> dict:
+        return {"model": self.searcher.model.source, "mode": f"cots={self.path}",
+                "index": getattr(self.searcher, "index_dir", None) or "(items embedded in memory)"}
+
+    @property
+    def reasoned_share(self) -> float:
+        return 0.0  # the CoTs were written elsewhere
 
 
 def _is_fraction(text: str) -> bool:
