@@ -79,6 +79,16 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     np.testing.assert_allclose(rebuilt.encode_queries(TEXTS, mode="direct").embeddings,
                                tuned.encode_queries(TEXTS, mode="direct").embeddings, atol=5e-3)
     assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt twice")) == folder
+    # a learned router shipped beside the delta reaches the built model without a rebuild
+    from lrem.router import LearnedRouter
+
+    LearnedRouter(("margin", "words"), mean=[0.1, 3.0], scale=[0.1, 2.0], weights=[-3.0, 0.0], bias=0.0,
+                  threshold=0.5).save(tmp_path / "delta" / "router.json")
+    assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt for a router")) == folder
+    assert LREM.from_pretrained(str(folder), dtype="float32").router is not None
+    (tmp_path / "delta" / "router.json").unlink()  # removed there: gone here
+    materialise("lrem-test", tmp_path / "delta", log=lambda *a: None)
+    assert not (folder / "router.json").exists()
 
 
 def test_a_lora_trained_model_is_held_whole_by_its_delta_at_rank_r(tmp_path, tiny_dir):

@@ -160,6 +160,7 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     out = lrem_home() / "models" / name
     stamp = f"{(folder / DELTA_WEIGHTS).stat().st_size}-{int((folder / DELTA_WEIGHTS).stat().st_mtime)}"
     if (out / "delta_stamp").exists() and (out / "delta_stamp").read_text() == stamp:
+        _sync_files(folder, out)
         return out
     log(f"building {name} from {meta['base']} + {folder / DELTA_WEIGHTS} -> {out} (once)")
     model = LREM.from_pretrained(meta["base"], dtype="float32", log=log)
@@ -170,6 +171,24 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
         claim_dir(out)  # our own cache folder, built before lrem marked its folders: replaceable
     model.save_pretrained(out)
     (out / "delta_stamp").write_text(stamp)
-    if (folder / "README.md").exists():
-        (out / "README.md").write_text((folder / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    _sync_files(folder, out)
     return out
+
+
+SHIPPED_FILES = ("README.md", "router.json")  # shipped beside a delta: its model card and `auto`'s router
+
+
+def _sync_files(folder: Path, out: Path) -> None:
+    """Copy the delta folder's card and learned router (`lrem router fit --out .../router.json`,
+    fitted on this very delta's scores) into the built model folder; one removed there goes here."""
+    from ._io import atomic_write
+
+    for name in SHIPPED_FILES:
+        src, dst = folder / name, out / name
+        if src.exists():
+            text = src.read_text(encoding="utf-8")
+            if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+                with atomic_write(dst, "w") as f:
+                    f.write(text)
+        elif name == "router.json":
+            dst.unlink(missing_ok=True)
