@@ -27,7 +27,8 @@ def table(metrics: dict, names: list[str]) -> list[str]:
         hard = sl.get("hard", {}).get("hitrate@10")
         easy = sl.get("easy", {}).get("hitrate@10")
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        rows.append(f"| {name} ({s.get('mode', '')}) | {fmt(s['overall'].get('hitrate@10'))} | "
+        mode = f" ({s['mode']})" if s.get("mode") else ""
+        rows.append(f"| {name}{mode} | {fmt(s['overall'].get('hitrate@10'))} | "
                     f"{fmt(s['overall'].get('ndcg@10'))} | {fmt(hard)} | {fmt(easy)} | {s.get('ms_per_query', 0):.0f} |")
     return rows
 
