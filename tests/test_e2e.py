@@ -40,7 +40,8 @@ def test_index_search_eval_with_the_default_model(small):
     out = lrem("index", "--data", str(small / "small"), "--out", str(small / "idx"))
     assert "indexed" in out.stdout
     meta = json.loads((small / "idx" / "meta.json").read_text())
-    assert meta["model"] == "smollm2-135m-instruct" and meta["dim"] == 576 and meta["factory"] == "Flat"
+    # the default model is the shipped trained one (lrem.model.default_model)
+    assert meta["model"] == "lrem-wordnet-135m" and meta["dim"] == 576 and meta["factory"] == "Flat"
 
     res = lrem("search", "--index", str(small / "idx"), "-k", "3", "--json", "a device for pulling corks", "cheese")
     rows = [json.loads(line) for line in res.stdout.splitlines()]
@@ -53,20 +54,21 @@ def test_index_search_eval_with_the_default_model(small):
 
     report = small / "report"
     res = lrem("eval", "--data", str(small / "small"), "--split", "dev", "--out", str(report), "--examples", "2",
-               "-s", "bm25", "-s", "minilm", "-s", f"base-direct={small / 'idx'}:direct",
-               "-s", f"base-reason={small / 'idx'}:reason", "-s", "fresh-qcot=smollm2-135m-instruct:query-cot")
+               "-s", "bm25", "-s", "minilm", "-s", f"lrem-direct={small / 'idx'}:direct",
+               "-s", f"lrem-reason={small / 'idx'}:reason", "-s", "fresh-qcot=smollm2-135m-instruct:query-cot")
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["split"] == "dev" and metrics["n_queries"] == 12
-    assert set(metrics["systems"]) == {"bm25", "minilm", "base-direct", "base-reason", "fresh-qcot"}
+    assert set(metrics["systems"]) == {"bm25", "minilm", "lrem-direct", "lrem-reason", "fresh-qcot"}
     for name, s in metrics["systems"].items():
         for m in ("hitrate@1", "hitrate@10", "hitrate@100", "precision@10", "ndcg@10", "mrr@10"):
             assert 0.0 <= s["overall"][m] <= 1.0, (name, m)
         assert s["ms_per_query"] > 0 and any(k.startswith("category=") for k in s["slices"])
         o = s["overall"]
         assert o["hitrate@1"] <= o["hitrate@10"] <= o["hitrate@100"], name
-    # MiniLM is a trained embedder: on definition queries it beats chance by far
+    # MiniLM and the shipped model are trained embedders: on definition queries they beat chance by far
     assert metrics["systems"]["minilm"]["overall"]["hitrate@10"] > 0.3
-    assert "| base-reason |" in (report / "report.md").read_text()
+    assert metrics["systems"]["lrem-direct"]["overall"]["hitrate@10"] > 0.3
+    assert "| lrem-reason |" in (report / "report.md").read_text()
     assert (report / "overall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cot:" in res.stdout and "(+ = relevant)" in res.stdout
     # the terminal and report.md show the same 2 examples
@@ -74,7 +76,7 @@ def test_index_search_eval_with_the_default_model(small):
     reported = re.findall(r"^\*\*[^:]+: (.+?)\*\* \(", (report / "report.md").read_text(), flags=re.M)
     assert len(printed) == 2 and printed == reported
     runs = [json.loads(line) for line in (report / "runs.jsonl").read_text().splitlines()]
-    assert any(r["system"] == "base-reason" and r["cot"] for r in runs)
+    assert any(r["system"] == "lrem-reason" and r["cot"] for r in runs)
 
 
 def test_bad_input_exits_with_file_line_field(tmp_path):
