@@ -48,7 +48,6 @@ from .router import load_router
 LREM_CONFIG = "lrem_config.json"
 BASE_MODEL = "smollm2-135m-instruct"  # the backbone lrem trains from (SFTConfig.model)
 TRAINED_MODEL = "lrem-wordnet-135m"  # the shipped reasoning model (a delta on BASE_MODEL, lrem.delta)
-DEFAULT_MODEL = BASE_MODEL
 
 
 def default_model() -> str:

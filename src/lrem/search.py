@@ -260,25 +260,21 @@ def load_cots(path) -> dict[str, str]:
     return cots
 
 
-class _GivenCotRetriever:
+class _GivenCotRetriever(_ModeRetriever):
     """`MODEL:cots=FILE`: each query embedded after the CoT the file gives it (an empty one where
-    it gives none), e.g. a teacher's CoTs: what the model would score if it reasoned as the teacher."""
+    it gives none), e.g. a teacher's CoTs: what the model would score if it reasoned as the teacher.
+    Its reasoned share is 0: the CoTs were written elsewhere."""
 
     def __init__(self, searcher: Searcher, cots: dict[str, str], path: str):
-        self.searcher, self.cots, self.path = searcher, cots, path
-        self.n_queries = self.n_reasoned = 0
+        super().__init__(searcher, "reason")
+        self.cots, self.path = cots, path
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
         self.n_queries += len(queries)
         return self.searcher.search(queries, k=k, mode="reason", cots=[self.cots.get(q, "") for q in queries])
 
     def describe(self) -> dict:
-        return {"model": self.searcher.model.source, "mode": f"cots={self.path}",
-                "index": getattr(self.searcher, "index_dir", None) or "(items embedded in memory)"}
-
-    @property
-    def reasoned_share(self) -> float:
-        return 0.0  # the CoTs were written elsewhere
+        return {**super().describe(), "mode": f"cots={self.path}"}
 
 
 def _is_fraction(text: str) -> bool:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lrem._config import load_config
-from lrem.train.lora import LORA_TARGETS, check_lora
+from lrem.train.lora import LoraOptions, check_lora
 
 
 @dataclass
-class RLConfig:
+class RLConfig(LoraOptions):
     # Objective (LREM_SPEC, "Stage 2: RL")
     num_generations: int = field(default=8, metadata={"help": "G: CoTs sampled per query (paper: 8)."})
     grpo_weight: float = field(default=1.0, metadata={"help": "Weight of L_GRPO (paper: 1.0)."})
@@ -59,17 +59,6 @@ class RLConfig:
     num_epochs: int = field(default=1, metadata={"help": "Passes over the RL pairs (paper: 1), unless max_steps."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
-    # LoRA (PEFT; lrem.train.lora)
-    lora_r: int = field(default=0, metadata={
-        "help": "0: full fine-tuning. > 0: LoRA adapters of this rank on lora_target_modules, plus the three LREM "
-                "tokens' rows; the rest frozen. The saved model has them merged (a normal LREM folder), and its "
-                "change is exactly rank r: `lrem delta --rank r` holds it whole."})
-    lora_alpha: int = field(default=32, metadata={
-        "help": "LoRA scale numerator: the update is (alpha / r) B A (PEFT's lora_alpha; 2r at r = 16)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (PEFT's lora_dropout)."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
-        "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
-                "decoder)."})
     # Precision, logging and checkpoints
     bf16: bool | None = field(default=None, metadata={
         "help": "bfloat16 autocast; None (auto): where the hardware has it natively (see SFTConfig.bf16)."})

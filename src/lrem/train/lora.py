@@ -17,12 +17,30 @@ model; resuming rebuilds base + adapter, the base being the run's own (`model`, 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # LLaMA / Mistral / Qwen2 decoder projections: attention and MLP
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "adapter"  # a LoRA checkpoint's subfolder (in place of `model/`)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name: the folder loads with PeftModel.from_pretrained
+
+
+@dataclass
+class LoraOptions:
+    """The LoRA settings of both stages: `SFTConfig` and `RLConfig` inherit them (one definition;
+    each config's `__post_init__` calls `check_lora`)."""
+
+    lora_r: int = field(default=0, metadata={
+        "help": "0: full fine-tuning. > 0: LoRA adapters of this rank on lora_target_modules, plus the three LREM "
+                "tokens' rows; the rest frozen. The saved model has them merged (a normal LREM folder), and its "
+                "change is exactly rank r: `lrem delta --rank r` holds it whole."})
+    lora_alpha: int = field(default=32, metadata={
+        "help": "LoRA scale numerator: the update is (alpha / r) B A (PEFT's lora_alpha; 2r at r = 16)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (PEFT's lora_dropout)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
+                "decoder)."})
 
 
 def check_lora(cfg) -> None:

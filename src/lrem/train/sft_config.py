@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lrem._config import load_config
-from lrem.train.lora import LORA_TARGETS, check_lora
+from lrem.train.lora import LoraOptions, check_lora
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LoraOptions):
     # Model and objective (LREM_SPEC, "Stage 1: cold start")
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "Base: a built-in name, an HF folder or hub name, or an LREM folder."})
@@ -46,17 +46,6 @@ class SFTConfig:
     rl_holdout: float = field(default=0.1, metadata={
         "help": "Share of the split's queries without a teacher CoT held back for stage 2 (written to "
                 "OUT/rl_pairs.jsonl; the paper keeps 4M of its pairs for RL). Needs --data."})
-    # LoRA (PEFT; lrem.train.lora)
-    lora_r: int = field(default=0, metadata={
-        "help": "0: full fine-tuning. > 0: LoRA adapters of this rank on lora_target_modules, plus the three LREM "
-                "tokens' rows; the rest frozen. The saved model has them merged (a normal LREM folder), and its "
-                "change is exactly rank r: `lrem delta --rank r` holds it whole."})
-    lora_alpha: int = field(default=32, metadata={
-        "help": "LoRA scale numerator: the update is (alpha / r) B A (PEFT's lora_alpha; 2r at r = 16)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (PEFT's lora_dropout)."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
-        "help": "Module names that get adapters (default: the attention and MLP projections of a LLaMA/Qwen-style "
-                "decoder)."})
     # Precision and memory
     bf16: bool | None = field(default=None, metadata={
         "help": "bfloat16 autocast. None (auto): where the hardware computes bfloat16 natively (CUDA; CPUs with "
