@@ -64,10 +64,11 @@ def timed(cmd: list[str], src: Path) -> tuple[float, float]:
 
 
 def build_index(out: Path) -> None:
-    """200 made-up product titles embedded by the built-in model (the content does not matter here)."""
+    """200 made-up product titles embedded by the default model (the shipped trained one, what a new
+    user's `lrem index` uses; the content does not matter here)."""
     titles = [f"{q} (model {i // len(QUERIES)})" for i, q in enumerate(QUERIES * 7)][:200]
     code = ("import sys; from lrem.model import LREM; from lrem.index import ItemIndex; "
-            "titles = sys.argv[2:]; m = LREM.from_pretrained('smollm2-135m-instruct', log=lambda *a: None); "
+            "titles = sys.argv[2:]; m = LREM.from_pretrained(log=lambda *a: None); "
             "ItemIndex.build(m, {f'i{n}': t for n, t in enumerate(titles)}, show_progress=False).save(sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(out), *titles], env=env_for(SRC), check=True)
 

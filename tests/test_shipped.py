@@ -55,3 +55,19 @@ def test_a_shipped_model_loads_offline_and_retrieves(name, tmp_path):
     best, stages = p.stdout.strip().splitlines()[-2:]
     assert json.loads(best) == [0, 1, 2, 3]
     assert json.loads(stages)[-1]["steps"] >= 600
+
+
+def test_an_index_of_the_default_model_names_it_and_reopens(tmp_path):
+    """`LREM.from_pretrained()` (no name: the default) records the model it resolved to, so an index
+    built with it names a loadable model (it once wrote 'None' and could not be searched)."""
+    from lrem.index import ItemIndex
+    from lrem.model import LREM
+    from lrem.search import Searcher
+
+    m = LREM.from_pretrained(dtype="float32", log=lambda *a: None)
+    assert m.source == default_model()
+    ItemIndex.build(m, {f"i{n}": t for n, t in enumerate(TITLES)}, show_progress=False).save(tmp_path / "idx")
+    s = Searcher.load(tmp_path / "idx", log=lambda *a: None)
+    assert s.model.source == default_model()
+    hits = s.search([QUERIES[0]], k=3, mode="direct")
+    assert hits[0].hits[0].item_id == "i0"

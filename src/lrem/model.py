@@ -225,7 +225,8 @@ class LREM(torch.nn.Module):
         if dtype == "auto":
             dtype = default_dtype(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        path = resolve_backbone(name_or_path or default_model(), log=log)
+        name_or_path = name_or_path or default_model()  # recorded below: an index must name a loadable model
+        path = resolve_backbone(name_or_path, log=log)
         cfg_file = Path(path) / LREM_CONFIG
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
