@@ -118,3 +118,34 @@ def test_cli_threads_reach_torch_and_faiss(tmp_path, tiny_dir):
     p = subprocess.run([sys.executable, "-m", "lrem.cli", *args, "--threads", "0"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and "--threads" in p.stderr
+
+
+def test_an_index_whose_named_model_changed_weights_is_refused(tmp_path, tiny_dir):
+    """An index records its model's fingerprint; when the name it records later means other weights
+    (a retrained folder, a newer built-in), loading it is an error naming the rebuild, not silently
+    wrong scores. Another model passed on purpose only warns."""
+    import shutil
+
+    import torch
+
+    from lrem.index import ItemIndex, model_fingerprint
+    from lrem.model import LREM
+    from lrem.search import Searcher
+
+    folder = tmp_path / "model"
+    m = LREM.from_pretrained(str(tiny_dir), dtype="float32", log=lambda *a: None)
+    m.save_pretrained(folder)
+    m = LREM.from_pretrained(str(folder), dtype="float32", log=lambda *a: None)
+    assert model_fingerprint(m) == model_fingerprint(LREM.from_pretrained(str(folder), dtype="bfloat16",
+                                                                          log=lambda *a: None))
+    ItemIndex.build(m, {"a": "teapot", "b": "sofa"}, show_progress=False).save(tmp_path / "idx")
+    assert Searcher.load(tmp_path / "idx", log=lambda *a: None).search(["tea"], k=1)[0].hits
+
+    with torch.no_grad():  # "retrain" the folder: one linear layer's weights change
+        next(mod for mod in m.lm.modules() if isinstance(mod, torch.nn.Linear)).weight.mul_(1.5)
+    shutil.rmtree(folder)
+    m.save_pretrained(folder)
+    with pytest.raises(ValueError, match="other weights.*rebuild the index"):
+        Searcher.load(tmp_path / "idx", log=lambda *a: None)
+    with pytest.warns(UserWarning, match="other weights"):
+        Searcher.load(tmp_path / "idx", model=m)

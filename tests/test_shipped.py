@@ -54,7 +54,9 @@ def test_a_shipped_model_loads_offline_and_retrieves(name, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     best, stages = p.stdout.strip().splitlines()[-2:]
     assert json.loads(best) == [0, 1, 2, 3]
-    assert json.loads(stages)[-1]["steps"] >= 600
+    steps = {s["stage"]: s["steps"] for s in json.loads(stages)}
+    assert max(steps.values()) >= 600  # stage 1 at the scale (and RL after it, where it ran)
+    assert steps.get("rl", 100) >= 100
 
 
 def test_an_index_of_the_default_model_names_it_and_reopens(tmp_path):

@@ -110,6 +110,26 @@ def _faiss_message(e: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
 
 
+def model_fingerprint(model) -> str:
+    """A short hash of the weights that shape `model`'s embeddings: the LREM tokens' embedding rows,
+    the final norm, and the first row of every linear layer (a fine-tune, full or LoRA, changes
+    these). Taken over bfloat16 values, so a float32 and a bfloat16 load of the same weights agree.
+    Why: an index names its model, and a name can come to mean other weights (a newer shipped
+    `lrem-wordnet-135m`, a retrained folder); queries embedded by other weights than the items
+    silently rank wrong items."""
+    import hashlib
+
+    import torch
+
+    lm, h = model.lm, hashlib.sha1()
+    rows = [lm.get_input_embeddings().weight[[model.think_id, model.think_end_id, model.emb_id]]]
+    rows += [m.weight[:1] for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    rows += [p for n, p in lm.named_parameters() if n.endswith("norm.weight") and ".layers." not in n]
+    for r in rows:
+        h.update(r.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class ItemIndex:
     """A FAISS index plus what is needed to use it: item ids, titles, and how it was built."""
@@ -144,6 +164,7 @@ class ItemIndex:
         emb = model.encode_items(items, batch_size=batch_size, show_progress=show_progress, truncate=truncate)
         seconds = time.perf_counter() - t0
         return cls.from_embeddings(emb, ids, titles, factory, search_params, model=getattr(model, "source", ""),
+                                   model_fingerprint=model_fingerprint(model),
                                    encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
                                    item_template=model.config.item_template, **meta)
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from pathlib import Path
 
 from ._text import check_query
-from .index import ItemIndex
+from .index import ItemIndex, model_fingerprint
 from .model import LREM
 from .router import LearnedRouter, Router
 from .search_types import MODES, Hit, Retriever, SearchResult
@@ -84,6 +85,13 @@ class Searcher:
             searcher = cls(model, index)
         except ValueError as e:
             raise ValueError(f"{index_dir}: {e}") from None
+        built_by = index.meta.get("model_fingerprint")
+        if built_by and built_by != model_fingerprint(model):
+            msg = (f"{index_dir}: its items were embedded by other weights than this {model.source!r} "
+                   f"(model fingerprint {built_by}, now {model_fingerprint(model)})")
+            if where:  # the model the index names has changed (e.g. a newer built-in): its scores would be wrong
+                raise ValueError(f"{msg}; rebuild the index (`lrem index --model {model.source} ...`)")
+            warnings.warn(msg + "; scores compare queries and items of different models")
         searcher.index_dir = str(index_dir)  # recorded in eval reports
         return searcher
 
