@@ -33,10 +33,10 @@ def titles(n: int) -> list[str]:
 
 
 def token_counts(model, texts: list[str], batch_size: int) -> dict[str, int]:
-    """Tokens run by the cached path (as `_embed_texts` batches them) and by the plain path."""
+    """Tokens run by the cached path (as `engine.embed_texts` batches them) and by the plain path."""
     seqs = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
-        n = model._shared_prefix(seqs)[0]
+        n = model.engine.shared_prefix(seqs)[0]
     lens = sorted(len(s) for s in seqs)
     batches = [lens[i : i + batch_size] for i in range(0, len(lens), batch_size)]
     return {"prefix": n, "effective": sum(lens), "computed": sum(len(b) * (max(b) - n) for b in batches),
@@ -51,10 +51,10 @@ def run(dtype: torch.dtype, n: int, batch_size: int, repeat: int, model_name: st
     params = sum(p.numel() for p in dec.parameters()) - dec.get_input_embeddings().weight.numel()
     texts = model.item_texts(titles(n))
     tok = token_counts(model, texts, batch_size)
-    fast = lambda: model._embed_texts(texts, batch_size, "items", False)  # = encode_items
-    plain = lambda: model._embed_texts(texts, batch_size, "items", False, prefix_cache=False)
-    model._embed_texts(texts[:8], batch_size, "items", False)  # warm-up on a few items
-    model._embed_texts(texts[:8], batch_size, "items", False, prefix_cache=False)
+    fast = lambda: model.engine.embed_texts(texts, batch_size, "items", False)  # = encode_items
+    plain = lambda: model.engine.embed_texts(texts, batch_size, "items", False, prefix_cache=False)
+    model.engine.embed_texts(texts[:8], batch_size, "items", False)  # warm-up on a few items
+    model.engine.embed_texts(texts[:8], batch_size, "items", False, prefix_cache=False)
     t = interleaved({"fast": fast, "plain": plain}, repeat=repeat, warmup=False)
     diff = float(np.abs(fast() - plain()).max())
     bound = matmul_gflops(dtype, repeat=5 if dtype == torch.float32 else 2)

@@ -40,21 +40,21 @@ def variants(model, qs: list[str]) -> dict:
 
     def reason_plain():
         cots = model.generate_cots(qs, batch_size=b, fast=False)
-        return model._embed_texts(model.query_texts(qs, cots), b, "q", False, prefix_cache=False)
+        return model.engine.embed_texts(model.query_texts(qs, cots), b, "q", False, prefix_cache=False)
 
     def no_lookup():
-        keep, model.lookup_tokens = model.lookup_tokens, 0
+        keep, model.engine.config.lookup_tokens = model.engine.config.lookup_tokens, 0
         try:
             return model.generate_cots(qs, batch_size=b)
         finally:
-            model.lookup_tokens = keep
+            model.engine.config.lookup_tokens = keep
 
     def prompt_drafts():
-        keep, model.cot_history = model.cot_history, collections.deque(maxlen=0)
+        keep, model.engine.history = model.engine.history, collections.deque(maxlen=0)
         try:
             return model.generate_cots(qs, batch_size=b)
         finally:
-            model.cot_history = keep
+            model.engine.history = keep
 
     out = {
         "direct": lambda: model.encode_queries(qs, mode="direct", batch_size=b),
@@ -75,19 +75,19 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
     rows, checks = [], {}
     for b in batches:
         if b == 1:  # latency: each query alone, variants in turns, median over queries
-            # drafts may come from recent CoTs (`cot_history`): those of the other queries (as a
+            # drafts may come from recent CoTs (`engine.history`): those of the other queries (as a
             # server has seen), restored before each call so no timed query drafts from its own
-            model.cot_history.clear()
+            model.engine.history.clear()
             model.generate_cots(QUERIES[n_single:], batch_size=8)
-            seen = list(model.cot_history)
+            seen = list(model.engine.history)
             per: dict[str, list[float]] = {}
             for q in QUERIES[:n_single]:
                 fns = variants(model, [q])
                 for k, fn in fns.items():
                     if k not in per:
                         fn()  # warm-up, each variant before its first timing
-                    model.cot_history.clear()
-                    model.cot_history.extend(seen)
+                    model.engine.history.clear()
+                    model.engine.history.extend(seen)
                     per.setdefault(k, []).append(seconds(fn))
             t = {k: statistics.median(v) for k, v in per.items()}
         else:
@@ -99,7 +99,7 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
         qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
         fast, plain = model.generate_cots(qs, batch_size=b), model.generate_cots(qs, batch_size=b, fast=False)
         enc = model.encode_queries(qs, mode="reason", batch_size=b)
-        ref = model._embed_texts(model.query_texts(qs, plain), b, "q", False, prefix_cache=False)
+        ref = model.engine.embed_texts(model.query_texts(qs, plain), b, "q", False, prefix_cache=False)
         checks[b] = {"same_cots": fast == plain, "cots_differing": sum(a != c for a, c in zip(fast, plain)),
                      "max_abs_embedding_diff": float(np.abs(enc.embeddings - ref).max()),
                      "generate_speedup": t["generate (plain)"] / t["generate"],
@@ -116,7 +116,7 @@ def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
     """Batch-1 generation against memory bandwidth: one token per forward, each forward (the
     prompt's, then one per generated token up to the stop token or cot_max_tokens, counted on
     the timed queries) reads all decoder and LM-head weights at least once. Drafted tokens
-    (`lookup_tokens`) check several tokens per forward, so the fast path may beat it;
+    (`EngineConfig.lookup_tokens`) check several tokens per forward, so the fast path may beat it;
     "generate (no lookup)" may not."""
     dev = model.device.type
     weights = sum(p.numel() * p.element_size() for p in model.lm.parameters())  # tied head counted once
@@ -126,8 +126,8 @@ def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
     gbps = read_gbps(device=dev)
     stop, pad = set(model.stop_ids), model.tokenizer.pad_token_id
     with torch.inference_mode():
-        gen = [model._greedy(model.tokenizer(model.query_prompts([q]), add_special_tokens=False)["input_ids"],
-                             model.config.cot_max_tokens, model.stop_ids)[0] for q in queries]
+        gen = [model.engine.greedy(model.tokenizer(model.query_prompts([q]), add_special_tokens=False)["input_ids"],
+                                   model.config.cot_max_tokens, model.stop_ids)[0] for q in queries]
     tokens = statistics.mean(next((i + 1 for i, t in enumerate(g) if t in stop or t == pad), len(g)) for g in gen)
     floor = tokens * weights / (gbps * 1e9)
     one = {r["variant"]: r["seconds"] for r in rows if r["batch"] == 1}
@@ -198,7 +198,7 @@ def main() -> None:
     del cpu
     if torch.cuda.is_available() and not args.no_gpu:
         gpu = qwen3b_like("cuda")
-        engine = "vllm" if gpu._vllm() is not None else "hf static cache + CUDA graph"
+        engine = "vllm" if gpu.engine.vllm() is not None else "hf static cache + CUDA graph"
         results["gpu"] = {"model": "qwen2.5-3b-shaped (random weights)", "dtype": "bfloat16", "engine": engine,
                           **bench(gpu, args.gpu_batches, args.repeat, args.n_single)}
         report(f"GPU ({torch.cuda.get_device_name()}), Qwen2.5-3B-shaped, bfloat16, fast engine: {engine}",

@@ -38,7 +38,7 @@ def plain_generate(model: LREM, texts: list[str], stop: list[int], max_new: int 
 def fast_generate(model: LREM, texts: list[str], stop: list[int], max_new: int = 16) -> list[list[int]]:
     seqs = model.tokenizer(model.query_prompts(texts), add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
-        return model._greedy(seqs, max_new, stop)
+        return model.engine.greedy(seqs, max_new, stop)
 
 
 def forward_widths(monkeypatch) -> list[int]:
@@ -87,7 +87,7 @@ def test_other_backbones_keep_cots_and_embeddings(lively_dir, arch):
     assert [model.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
     enc = model.encode_queries(QUERIES, mode="reason")
     assert enc.cots == plain
-    ref = model._embed_texts(model.query_texts(QUERIES, plain), 32, "q", False, prefix_cache=False)
+    ref = model.engine.embed_texts(model.query_texts(QUERIES, plain), 32, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, ref, atol=1e-5)
 
 
@@ -96,15 +96,15 @@ def test_gpu_decoding_path_keeps_cots_and_embeddings_on_the_cpu(lively):
     the plain outputs and the compact decoder's: the CPU-equivalence check of the GPU path."""
     plain = lively.generate_cots(QUERIES, fast=False)
     compact = lively.encode_queries(QUERIES, mode="reason")
-    lively.compact_decoder = False
+    lively.engine.config.compact_decoder = False
     try:
-        assert lively._step(2, 128).compact is None
+        assert lively.engine.step(2, 128).compact is None
         assert lively.generate_cots(QUERIES, batch_size=3) == plain
         assert [lively.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
         enc = lively.encode_queries(QUERIES, mode="reason")
     finally:
-        lively.compact_decoder = True
-    assert lively._step(2, 128).compact is not None
+        lively.engine.config.compact_decoder = True
+    assert lively.engine.step(2, 128).compact is not None
     assert enc.cots == compact.cots == plain
     np.testing.assert_allclose(enc.embeddings, compact.embeddings, atol=1e-5)
 
@@ -173,15 +173,15 @@ def test_single_query_decodes_drafted_tokens_in_fewer_forwards(tiny, lively, mon
     ref = plain_generate(tiny, q, stop)
     assert len(set(ref[0])) == 1
     assert fast_generate(tiny, q, stop) == ref
-    assert len(widths) < 10 and max(widths[1:]) == 1 + tiny.lookup_tokens  # prompt, then 16 tokens
+    assert len(widths) < 10 and max(widths[1:]) == 1 + tiny.engine.config.lookup_tokens  # prompt, then 16 tokens
     assert fast_generate(tiny, q, stop + ref[0][:1]) == plain_generate(tiny, q, stop + ref[0][:1])
     widths.clear()
-    tiny.lookup_tokens = 0
+    tiny.engine.config.lookup_tokens = 0
     try:
         assert fast_generate(tiny, q, stop) == ref
         assert widths == [widths[0]] + [1] * 15
     finally:
-        tiny.lookup_tokens = 4
+        tiny.engine.config.lookup_tokens = 4
     for text in QUERIES:
         assert fast_generate(lively, [text], stop) == plain_generate(lively, [text], stop)
 
@@ -191,29 +191,29 @@ def test_recent_cots_draft_single_queries(lively, monkeypatch):
     before decodes in a few forwards, the same tokens; a made-up history (wrong drafts) and no
     history change nothing but the forward count."""
     stop = [lively.think_end_id, lively.emb_id, lively.tokenizer.eos_token_id]
-    q, keep = QUERIES[4:5], lively.cot_history
+    q, keep = QUERIES[4:5], lively.engine.history
     ref = plain_generate(lively, q, stop)
     widths = forward_widths(monkeypatch)
     try:
-        lively.cot_history = collections.deque(maxlen=0)
+        lively.engine.history = collections.deque(maxlen=0)
         assert fast_generate(lively, q, stop) == ref
         alone = len(widths)
-        assert not lively.cot_history and alone > 8  # `lively`'s own prompt drafts mostly fail
-        lively.cot_history = collections.deque(maxlen=32)
+        assert not lively.engine.history and alone > 8  # `lively`'s own prompt drafts mostly fail
+        lively.engine.history = collections.deque(maxlen=32)
         assert fast_generate(lively, QUERIES, stop) == plain_generate(lively, QUERIES, stop)  # batch path keeps them
-        assert len(lively.cot_history) == len(QUERIES)
+        assert len(lively.engine.history) == len(QUERIES)
         widths.clear()
         assert fast_generate(lively, q, stop) == ref
-        assert len(widths) <= 5 and len(lively.cot_history) == len(QUERIES) + 1
+        assert len(widths) <= 5 and len(lively.engine.history) == len(QUERIES) + 1
         seq = lively.tokenizer(lively.query_prompts(q), add_special_tokens=False)["input_ids"][0]
         rng = np.random.default_rng(0)
         made_up = [seq[-3:] + ref[0][:1] + rng.integers(0, 1000, 15).tolist() for _ in range(4)]
-        lively.cot_history = collections.deque(made_up, maxlen=32)
+        lively.engine.history = collections.deque(made_up, maxlen=32)
         widths.clear()
         assert fast_generate(lively, q, stop) == ref
         assert widths[1] == 5  # four made-up tokens drafted after the first, and rejected
     finally:
-        lively.cot_history = keep
+        lively.engine.history = keep
 
 
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
@@ -221,7 +221,7 @@ def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
     enc = tiny.encode_queries(QUERIES, mode="reason")
     assert enc.cots == plain_cots
     # the embeddings the plain path gives: every token run, no prefix cache
-    plain = tiny._embed_texts(tiny.query_texts(QUERIES, plain_cots), 32, "q", False, prefix_cache=False)
+    plain = tiny.engine.embed_texts(tiny.query_texts(QUERIES, plain_cots), 32, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
@@ -242,53 +242,53 @@ def test_reason_embeds_from_the_decoding_cache(lively, monkeypatch):
     assert len(set(enc.cots)) > 1 and all(set(c.split()) <= {w.strip() for w in words} for c in enc.cots)
     assert widths[-1] <= 4  # 15 CoT tokens come from the cache; the 16th, " ", "</think>", "<emb>" run
     assert enc.cots == model.generate_cots(QUERIES[:4], fast=False)
-    plain = model._embed_texts(model.query_texts(QUERIES[:4], enc.cots), 8, "q", False, prefix_cache=False)
+    plain = model.engine.embed_texts(model.query_texts(QUERIES[:4], enc.cots), 8, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
 def test_prefix_cache_serves_single_texts_and_longer_shared_prefixes(lively):
     texts = lively.item_texts(["corkscrew", "teapot with a strainer"])
-    plain = lively._embed_texts(texts, 8, "t", False, prefix_cache=False)
+    plain = lively.engine.embed_texts(texts, 8, "t", False, prefix_cache=False)
     seqs = lively.tokenizer(texts[:1], add_special_tokens=False)["input_ids"]
-    n, kv = lively._shared_prefix(seqs)
+    n, kv = lively.engine.shared_prefix(seqs)
     assert 10 < n < len(seqs[0]) and kv[0][0].shape[2] == n  # one text still skips its template
-    np.testing.assert_allclose(lively._embed_texts(texts[:1], 1, "t", False), plain[:1], atol=1e-5)
+    np.testing.assert_allclose(lively.engine.embed_texts(texts[:1], 1, "t", False), plain[:1], atol=1e-5)
     # a batch sharing more than the template (one title twice, GRPO-style) extends the cached KV
     same = lively.item_texts(["teapot with a strainer", "teapot with a strainer and lid"])
     seqs = lively.tokenizer(same, add_special_tokens=False)["input_ids"]
-    n_tpl = lively._shared_prefix(seqs[:1])[0]
-    assert lively._shared_prefix(seqs)[0] > n_tpl
-    np.testing.assert_allclose(lively._embed_texts(same, 2, "t", False),
-                               lively._embed_texts(same, 2, "t", False, prefix_cache=False), atol=1e-5)
+    n_tpl = lively.engine.shared_prefix(seqs[:1])[0]
+    assert lively.engine.shared_prefix(seqs)[0] > n_tpl
+    np.testing.assert_allclose(lively.engine.embed_texts(same, 2, "t", False),
+                               lively.engine.embed_texts(same, 2, "t", False, prefix_cache=False), atol=1e-5)
 
 
 def test_cached_prefix_follows_weight_updates(tiny_dir):
     model = LREM.from_pretrained(str(tiny_dir), dtype="float32")
     titles = ["corkscrew", "teapot"]
     before = model.encode_items(titles)
-    assert model._fast["prefix"]  # the item template's KV is kept for the next call
+    assert model.engine.cache["prefix"]  # the item template's KV is kept for the next call
     with torch.no_grad():  # what an optimizer step does: an in-place update
         for p in model.lm.parameters():
             p.mul_(1.5)
     after = model.encode_items(titles)
     texts = model.item_texts(titles)
-    np.testing.assert_allclose(after, model._embed_texts(texts, 8, "t", False, prefix_cache=False), atol=1e-5)
+    np.testing.assert_allclose(after, model.engine.embed_texts(texts, 8, "t", False, prefix_cache=False), atol=1e-5)
     assert np.abs(after - before).max() > 1e-3  # the update did change the embeddings
     clone = copy.deepcopy(model)  # a reference model for RL: starts with no caches
-    assert clone._fast == {} and model._fast["prefix"]
+    assert clone.engine.cache == {} and model.engine.cache["prefix"]
     np.testing.assert_allclose(clone.encode_items(titles), after, atol=1e-6)
     # a weight replaced by a new tensor (as assigning a state dict does): one query runs through the
     # compact decoder, whose views of the weights are kept across calls too
     q = QUERIES[:1]
     first = model.encode_queries(q, mode="direct").embeddings
-    assert model._fast["linears"]
+    assert model.engine.cache["linears"]
     mlp = model.lm.get_decoder().layers[1].mlp
     new = torch.nn.Parameter(mlp.down_proj.weight.detach() * 3)
     with torch.no_grad():
         new.mul_(1.0)  # the same version count as the weight it replaces: only its address differs
     mlp.down_proj.weight = new
     second = model.encode_queries(q, mode="direct").embeddings
-    ref = model._embed_texts(model.query_texts(q, [""]), 8, "q", False, prefix_cache=False)
+    ref = model.engine.embed_texts(model.query_texts(q, [""]), 8, "q", False, prefix_cache=False)
     np.testing.assert_allclose(second, ref, atol=1e-5)
     assert np.abs(second - first).max() > 1e-3
 
@@ -325,7 +325,7 @@ def test_real_model_fast_path_keeps_cots_and_embeddings(real_model):
     assert fast == [m.decode_cot(g) for g in gen] and all(fast)
     enc = m.encode_queries(queries, mode="reason")
     assert enc.cots == fast
-    plain = m._embed_texts(m.query_texts(queries, fast), 32, "q", False, prefix_cache=False)
+    plain = m.engine.embed_texts(m.query_texts(queries, fast), 32, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-4)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lrem.backbones import BUILTINS, Builtin, builtin_path
-from lrem.model import LREM, common_prefix_len, emb_hidden
+from lrem.decoding import common_prefix_len
+from lrem.model import LREM, emb_hidden
 from lrem.prompts import PromptConfig
 
 
@@ -83,9 +84,9 @@ def test_modes_differ_and_direct_equals_empty_cot(tiny):
 def test_prefix_cache_and_batching_do_not_change_embeddings(tiny):
     titles = ["corkscrew, bottle screw", "teapot", "garden hose with brass nozzle", "mug"]
     texts = tiny.item_texts(titles)
-    cached = tiny._embed_texts(texts, 2, "t", False, prefix_cache=True)
-    plain = tiny._embed_texts(texts, 4, "t", False, prefix_cache=False)
-    one_by_one = np.concatenate([tiny._embed_texts([t], 1, "t", False) for t in texts])
+    cached = tiny.engine.embed_texts(texts, 2, "t", False, prefix_cache=True)
+    plain = tiny.engine.embed_texts(texts, 4, "t", False, prefix_cache=False)
+    one_by_one = np.concatenate([tiny.engine.embed_texts([t], 1, "t", False) for t in texts])
     np.testing.assert_allclose(cached, plain, atol=1e-5)
     np.testing.assert_allclose(one_by_one, plain, atol=1e-5)
     np.testing.assert_allclose(tiny.encode_items(titles), plain, atol=1e-5)

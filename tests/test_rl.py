@@ -106,7 +106,7 @@ def test_sample_cots_shapes_determinism_and_greedy_limit(tiny):
     assert len({tuple(r) for r in a[:4]}) > 1  # temperature 1 on a random model: the samples differ
     cold = tiny.sample_cots(texts, num_samples=2, temperature=1e-6, max_new_tokens=6)
     seqs = tiny.tokenizer(tiny.query_prompts(texts), add_special_tokens=False)["input_ids"]
-    greedy = tiny._greedy(seqs, 6, tiny.stop_ids)
+    greedy = tiny.engine.greedy(seqs, 6, tiny.stop_ids)
     assert cold[0::2] == greedy and cold[1::2] == greedy  # near-zero temperature = argmax
 
 

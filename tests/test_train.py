@@ -417,7 +417,7 @@ def test_an_lrem_with_lora_layers_encodes_as_its_merged_weights(lively_dir):
     items = m.encode_items(titles)
     rows = m.sample_cots(queries[:1], num_samples=2, generator=torch.Generator().manual_seed(1))
     merge_lora(m, adapter)
-    assert m._plain_layers()
+    assert m.engine.plain_layers()
     merged = m.encode_queries(queries)
     assert batch.cots == merged.cots and one.cots == merged.cots[:1]
     np.testing.assert_allclose(batch.embeddings, merged.embeddings, atol=1e-5)

@@ -221,6 +221,27 @@ def default_dtype(device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
+def _resize_embeddings(lm, n: int) -> None:
+    """`lm.resize_token_embeddings(n)` without drawing random rows when the embeddings are tied:
+    the new rows (the special tokens) are set by `init_special_embeddings` right after, and the
+    draws over a new full-size matrix took ~0.5 s of every load of a backbone."""
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not lm.get_input_embeddings().weight:  # untied: a new head row keeps its init
+        lm.resize_token_embeddings(n, mean_resizing=False)
+        return
+    from transformers.initialization import no_init_weights
+
+    old = lm.get_input_embeddings().weight.shape[0]
+    lm._init_weights = lambda module: None  # shadows the method for this call only
+    try:
+        with no_init_weights():
+            lm.resize_token_embeddings(n, mean_resizing=False)
+    finally:
+        del lm._init_weights
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[old:] = 0.0  # not left uninitialised, should a row not be a special token
+
+
 def init_special_embeddings(lm, tokenizer, tokens=prompts.SPECIAL_TOKENS) -> None:
     """Set each new token's input embedding to the mean of the pieces of its literal text.
 
@@ -232,3 +253,26 @@ def init_special_embeddings(lm, tokenizer, tokens=prompts.SPECIAL_TOKENS) -> Non
         for t in tokens:
             pieces = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t, split_special_tokens=True))
             emb[tokenizer.convert_tokens_to_ids(t)] = emb[pieces].mean(0)
+
+
+def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: bool):
+    """(causal LM, tokenizer) from `path`, a model folder or hub name (`resolve_backbone(name)`;
+    errors name `name`). With `add_special_tokens` (a backbone, not an LREM folder) the LREM
+    special tokens are added and the embedding matrix grows by their rows (`init_special_embeddings`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(path).exists() and not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' multi-line "couldn't connect" and repo-id errors
+        if Path(path).exists():
+            raise ValueError(f"model {name}: cannot load its tokenizer: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"model {name!r}: no such folder, not a built-in name ({', '.join(BUILTINS)}) "
+                         "and not a hub model in the local cache") from e
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if add_special_tokens:
+        tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
+        _resize_embeddings(lm, len(tok))
+        init_special_embeddings(lm, tok)
+    return lm, tok

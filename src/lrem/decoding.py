@@ -1,7 +1,8 @@
 """Decoding pieces of the fast reasoning path: a compact decoder over its own static KV cache,
 one decode step (graph-captured on CUDA), nucleus sampling for RL rollouts, and batched greedy
-generation as functions over a model (`prefix_kv`, `prefill`, `decode`, `generate`, in the
-style of gpt-fast). `lrem.model.LREM` and the local teacher (`lrem.teachers.HFTeacher`) drive them."""
+generation as functions over a model (`prefix_kv`, `prefill`, `decode`, `lookup_decode`, `generate`,
+in the style of gpt-fast). `lrem.engine.QueryEngine` and the local teacher
+(`lrem.teachers.HFTeacher`) drive them."""
 from __future__ import annotations
 
 import threading
@@ -312,6 +313,19 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
+def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Leading columns every row of a right-padded batch shares (unmasked, same ids), leaving each
+    row >= 1 token after them; 0 for a single row.  (B, T), (B, T) -> int.
+
+    >>> shared_prefix_len(torch.tensor([[1, 2, 3, 4], [1, 2, 5, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    2
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)  # (T,)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
 def prefix_kv(lm, prefix: list[int], past=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (key, value) of `prefix` run as batch 1 after `past` (the KV of the tokens
     before it, extended, not modified)."""
@@ -358,6 +372,32 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         done |= torch.isin(tok, stop_t)
     rows = torch.stack(out, 1).tolist()  # (B, <= max_new)
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+
+
+def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: int, max_new: int,
+                  stop: list[int], k: int, past: list[int] | None = None) -> tuple[list[int], int]:
+    """Greedy decoding of one sequence `seq` (batch 1), several tokens per forward where its own
+    tokens or `past` (earlier tokens, e.g. recent CoTs) predict them: prompt-lookup speculative
+    decoding (a CoT's phrases often repeat the query's or the instruction's words, and other
+    queries' CoTs). Each forward feeds the last token plus up to `k` drafted ones (`lookup_draft`)
+    and keeps the drafts up to the first the model would not have picked, plus the model's own
+    next token: the same tokens as one-at-a-time greedy decoding, while each forward reads the
+    weights once. `first` is the first generated token, to be fed at cache slot `slot` and
+    position `pos`. Returns (generated ids, cache slots filled)."""
+    gen, dev, past = [first], step.mask.device, past or []
+    while gen[-1] not in stop and len(gen) < max_new:
+        draft = lookup_draft(past + seq + gen, k=min(k, max_new - len(gen) - 1))
+        ids = [gen[-1], *draft]
+        step.mask[:, slot : slot + len(ids)] = 1
+        h = step.run(torch.tensor([ids], device=dev), pos + torch.arange(len(ids), device=dev)[None], slot)
+        best = step.logits(h[0]).argmax(-1).tolist()  # the model's pick after each fed token
+        a = 0
+        while a < len(draft) and draft[a] == best[a] and best[a] not in stop:
+            a += 1
+        step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts
+        gen += [*draft[:a], best[a]]
+        slot, pos = slot + a + 1, pos + a + 1
+    return gen, slot
 
 
 PREFIX_CACHE_SIZE = 4  # prompt prefixes `generate` keeps per cache (a template's, and a few longer ones)

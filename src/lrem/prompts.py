@@ -3,11 +3,19 @@
 A query is rendered with the backbone's chat template and the assistant turn is opened with
 `<think>`; the reasoning (CoT) follows and the code closes it with `</think><emb>`. Items get no
 reasoning: their assistant turn is just `<emb>`. The embedding is the hidden state at `<emb>`.
+`TemplateMixin` gives a model (`lrem.model.LREM`) these templates over its tokenizer.
 """
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+from .decoding import common_prefix_len
+
+if TYPE_CHECKING:
+    import torch
 
 THINK_TOKEN = "<think>"
 THINK_END_TOKEN = "</think>"
@@ -121,3 +129,104 @@ def close_cot(cot: str, cfg: PromptConfig) -> str:
 def item_prompt(tokenizer, text: str, cfg: PromptConfig) -> str:
     """The full item-side text, ending with `<emb>`; `text` is the filled item template (`item_text`)."""
     return chat(tokenizer, cfg.item_system, text) + cfg.emb_token
+
+
+class InputTooLong(ValueError):
+    """An input over the model's token limit, with truncate=False."""
+
+
+SIDES = {"query": "max_query_tokens", "item": "max_item_tokens"}  # side -> the PromptConfig limit
+
+
+def item_fields(item) -> dict:
+    """A catalog item as template fields: a string is its title; a mapping or an object with
+    attributes (`lrem.data.Item`) gives any of `ITEM_FIELDS` it has."""
+    if isinstance(item, str):
+        return {"title": item}
+    get = item.get if isinstance(item, Mapping) else lambda f: getattr(item, f, None)
+    return {f: get(f) for f in ITEM_FIELDS}
+
+
+class TemplateMixin:
+    """The text side of `lrem.model.LREM`: inputs fitted to the token limits, the templates filled
+    in and tokenized, generated ids read back as a CoT. Uses the model's `tokenizer`, `config`
+    (a `PromptConfig`), `truncated` (a Counter), `think_end_id`, `emb_id` and `device`."""
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text on its own (what the limits count)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def overlong(self, texts, side: str) -> list[tuple[int, int]]:
+        """(position, tokens) of each input over the side's limit (`SIDES`); for items, the
+        filled item template counts (an input may be a title or an item's fields)."""
+        if side == "item":
+            texts = [item_text(item_fields(x), self.config) for x in texts]
+        limit = getattr(self.config, SIDES[side])
+        return [(i, n) for i, n in enumerate(self.token_counts(texts)) if n > limit]
+
+    def fit(self, texts: list[str], side: str, truncate: bool = True) -> list[str]:
+        """`texts` within the side's token limit (`SIDES`): over it, an `InputTooLong` naming the
+        limit, or (truncate) cut to it and counted in `self.truncated[side]`. Fitting twice cuts
+        nothing more, so the public renderers below can each fit their input."""
+        setting = SIDES[side]
+        limit, out = getattr(self.config, setting), list(texts)
+        for i, n in enumerate(self.token_counts(out)):
+            if n <= limit:
+                continue
+            if not truncate:
+                raise InputTooLong(f"{side} {i} has {n} tokens; the limit is {limit} ({setting}, saved with the model "
+                                   f"in lrem_config.json); pass truncate=True to cut it")
+            ids = self.tokenizer(out[i], add_special_tokens=False)["input_ids"]
+            k = limit
+            while True:  # decoding can merge pieces into more tokens than `k`: cut until it fits
+                out[i] = self.tokenizer.decode(ids[:k])
+                if self.token_counts([out[i]])[0] <= limit or k == 0:
+                    break
+                k -= 1
+            self.truncated[side] += 1
+        return out
+
+    def query_prompts(self, texts: list[str], truncate: bool = True) -> list[str]:
+        """Query-side texts up to `<think>` (queries fitted to `max_query_tokens`, see `fit`)."""
+        return [query_prompt(self.tokenizer, t, self.config) for t in self.fit(texts, "query", truncate)]
+
+    def query_texts(self, texts: list[str], cots: list[str], truncate: bool = True) -> list[str]:
+        """Full query-side texts: prompt + `<think>` + CoT + `</think><emb>`."""
+        return [p + close_cot(c, self.config) for p, c in zip(self.query_prompts(texts, truncate), cots)]
+
+    def item_texts(self, items, truncate: bool = True) -> list[str]:
+        """Full item-side texts: the item template filled from each item's fields (`item_fields`;
+        a string is a title), fitted to `max_item_tokens`, in the item chat prompt ending `<emb>`."""
+        filled = [item_text(item_fields(x), self.config) for x in items]
+        return [item_prompt(self.tokenizer, t, self.config) for t in self.fit(filled, "item", truncate)]
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch; the templates already hold every special token."""
+        batch = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def template_prefixes(self) -> list[list[int]]:
+        """Token ids every query prompt, and every item text, starts with: the chat template,
+        system prompt and instruction up to where the query or title goes (kept per prompt config)."""
+        key, cache = repr(self.config), vars(self).setdefault("_template_ids", {})  # not weights-dependent
+        if key not in cache:
+            cache[key] = []
+            for render in (self.query_prompts, self.item_texts):
+                a, b = self.tokenizer(render(["a", "b"]), add_special_tokens=False)["input_ids"]
+                cache[key].append(a[: common_prefix_len([a, b])])
+        return cache[key]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a CoT: `</think>`, `<emb>`, end of turn."""
+        return [self.think_end_id, self.emb_id, self.tokenizer.eos_token_id]
+
+    def decode_cot(self, ids: list[int]) -> str:
+        """Generated ids -> CoT text: cut at the first stop token (or its literal text), drop
+        special tokens, keep the first line (a CoT is one list of phrases)."""
+        stops = {*self.stop_ids, self.tokenizer.pad_token_id}
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        for lit in (self.config.think_end_token, self.config.emb_token, self.config.think_token):
+            text = text.split(lit)[0]
+        return text.strip().split("\n")[0].strip()

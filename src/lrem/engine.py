@@ -1,0 +1,372 @@
+"""The query engine: how an `LREM` reasons and embeds fast, kept apart from the network.
+
+    from lrem.engine import EngineConfig, QueryEngine
+    model.engine                                   # made with the model, configured from the environment
+    model.engine = QueryEngine(model, EngineConfig(lookup_tokens=0))   # or chosen in code
+    model.engine.greedy(seqs, max_new=16, stop=model.stop_ids)         # (B, 16) ids, as lm.generate
+
+It owns what the fast paths keep between calls: the KV of the prompt prefix every query (or
+item) shares, the decode steps (CUDA graphs) and blocked weight views, all valid for one state
+of the weights; the recent greedy CoTs that draft single queries; and the back-end choice,
+made once from an `EngineConfig`: the compact CPU decoder (`lrem.decoding.StaticDecoder`),
+transformers' decoder over a `StaticCache` (captured in a CUDA graph on a GPU), or vLLM. The
+decode loops themselves are functions in `lrem.decoding` (gpt-fast style); `LREM.encode_*`,
+`generate_cots` and `sample_cots` call this engine.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, lookup_decode,
+                       prefill, prefix_kv, sample_top_p)
+
+if TYPE_CHECKING:
+    from .model import LREM
+
+
+def check_batch_size(batch_size) -> None:
+    """A batch size below 1 would embed nothing (range() with a negative step) and leave zero rows."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; must be >= 1")
+
+
+@dataclass
+class QueryEncoding:
+    """For a list of n queries: embeddings (n, dim) and n CoTs; for one query given as a string:
+    embeddings (dim,) and its CoT as a string (as `SentenceTransformer.encode` treats a string)."""
+
+    embeddings: np.ndarray  # (n, dim) or (dim,), float32, L2-normalised
+    cots: list[str] | str  # the reasoning each embedding was taken after ("" in direct mode)
+
+
+@dataclass
+class EngineConfig:
+    """How the engine decodes. Read once, when the engine is made (`from_env` by default)."""
+
+    # CPU decoding through `lrem.decoding.StaticDecoder` where it covers the backbone; False:
+    # transformers' decoder over a static cache, the path CUDA takes (tested against each other)
+    compact_decoder: bool = True
+    # greedy reasoning for one query (compact decoder) checks up to this many tokens drafted from
+    # its prompt and recent CoTs per forward (`lrem.decoding.lookup_decode`); 0: one token per forward
+    lookup_tokens: int = 4
+    # greedy CoTs kept as draft sources (`QueryEngine.history`): CoTs share phrasing across queries
+    # ("The product search intent is: ..."), as SuffixDecoding (Oliaro et al., 2024) uses for
+    # repeated agent outputs. Drafts are checked, so outputs stay greedy. 0: the prompt only
+    history: int = 32
+    cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
+    vllm: bool = True  # generate with vLLM where installed and the model is on CUDA (LREM_VLLM=0: off)
+    vllm_memory: float = 0.3  # the GPU memory share vLLM takes (LREM_VLLM_MEMORY)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "EngineConfig":
+        """The defaults, with the LREM_CUDA_GRAPHS, LREM_VLLM and LREM_VLLM_MEMORY switches applied."""
+        return cls(cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
+                   vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
+
+
+class QueryEngine:
+    """Fast reasoning and embedding over `model` (an `lrem.model.LREM`); see the module docstring.
+
+    `cache` holds what is derived from the weights (prefix KV, decode steps, blocked weight views,
+    the vLLM engine); it is rebuilt when the weights change and dropped from copies. `history`
+    holds the recent greedy CoTs, each after its prompt's last `HISTORY_CONTEXT` tokens.
+    """
+
+    HISTORY_CONTEXT = 3  # prompt tokens kept before each CoT in `history` (the CoT's first n-grams)
+
+    def __init__(self, model: "LREM", config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig.from_env()
+        self.cache: dict = {}  # valid for one `_weights_key`
+        self.history: collections.deque[list[int]] = collections.deque(maxlen=self.config.history)
+
+    def __getstate__(self):
+        # the caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
+        return {**self.__dict__, "cache": {}}
+
+    # ---- caches tied to the weights -----------------------------------------------------------
+    def _weights_key(self) -> tuple:
+        """Changes whenever the weights may have: moved, cast, replaced (any parameter's address),
+        or updated in place (every in-place update bumps a tensor's version counter)."""
+        ps = list(self.model.lm.parameters())
+        return ps[0].device, ps[0].dtype, tuple(p.data_ptr() for p in ps), sum(p._version for p in ps)
+
+    def _state(self) -> dict:
+        """`cache`, emptied first if the weights changed since it was filled."""
+        key = self._weights_key()
+        if self.cache.get("key") != key:
+            self.cache = {"key": key, "prefix": {}, "steps": {}, "linears": {}}
+        return self.cache
+
+    def plain_layers(self) -> bool:
+        """Whether the LM's layers are its own: not wrapped by adapters (LoRA while training,
+        `lrem.train.lora`). The compact decoder and vLLM read the weight tensors directly, which
+        would miss an adapter; transformers' decoder runs it."""
+        state = self._state()
+        if "plain" not in state:  # PEFT's layers keep the layer they wrap as `base_layer`
+            state["plain"] = not any(hasattr(m, "base_layer") for m in self.model.lm.modules())
+        return state["plain"]
+
+    def linears(self):
+        """The compact decoder's blocked views of the weights for this thread count (kept)."""
+        cached, parts = self._state()["linears"], torch.get_num_threads()
+        if parts not in cached:
+            cached[parts] = block_linears(self.model.lm, parts)
+        return cached[parts]
+
+    def step(self, batch: int, length: int) -> GreedyStep:
+        """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
+        `config.cuda_graphs` is off), kept per size."""
+        lm = self.model.lm
+        if self.model.device.type != "cuda":
+            compact = self.config.compact_decoder and self.plain_layers()
+            return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if compact else None)
+        steps = self._state()["steps"]
+        if (batch, length) not in steps:
+            steps[(batch, length)] = GreedyStep(lm, batch, length, graph=self.config.cuda_graphs)
+        return steps[(batch, length)]
+
+    def vllm(self):
+        """A vLLM engine over the current weights when vLLM is installed, the model is on CUDA and
+        `config.vllm` is on, else None. Built on first use (the weights are saved to a temp folder
+        for it to load) and rebuilt when the weights change."""
+        if self.model.device.type != "cuda" or not self.config.vllm or not self.plain_layers():
+            return None
+        if not importlib.util.find_spec("vllm"):
+            return None
+        state = self._state()
+        if state.get("vllm") is None:
+            from vllm import LLM
+
+            folder = Path(tempfile.mkdtemp(prefix="lrem-vllm-")) / "model"
+            self.model.save_pretrained(folder)
+            state["vllm"] = LLM(model=str(folder), dtype=str(self.model.lm.dtype).removeprefix("torch."),
+                                skip_tokenizer_init=True, seed=0, gpu_memory_utilization=self.config.vllm_memory)
+        return state["vllm"]
+
+    # ---- embedding over the prefix cache ------------------------------------------------------
+    def shared_prefix(self, seqs: list[list[int]]) -> tuple[int, list | None]:
+        """(n, per-layer KV of the first n tokens): the prefix of `seqs` to run once, batch 1.
+
+        n is the batch's common prefix (each row keeps >= 1 token). Its part shared with a
+        template prefix (`LREM.template_prefixes`) comes from a KV cache kept across calls, so even
+        a single query skips its system prompt and instruction; the rest (e.g. one query repeated)
+        is run here.
+        """
+        n = common_prefix_len(seqs)
+        if n == 0:
+            return 0, None
+        lm = self.model.lm
+        tpl = max(self.model.template_prefixes(), key=lambda t: common_prefix_len([t + [-1], seqs[0]]))
+        m = min(n, common_prefix_len([tpl + [-1], seqs[0]]))  # tokens shared with the template
+        if m == 0:
+            return (n, prefix_kv(lm, seqs[0][:n])) if len(seqs) > 1 else (0, None)
+        cached = self._state()["prefix"]
+        if tuple(tpl) not in cached:
+            cached[tuple(tpl)] = prefix_kv(lm, tpl)
+        kv = [(k[:, :, :m], v[:, :, :m]) for k, v in cached[tuple(tpl)]]
+        if n > m and len(seqs) > 1:  # a longer common prefix than the template's: extend it
+            kv = prefix_kv(lm, seqs[0][m:n], past=kv)
+        return (n if len(seqs) > 1 else m), kv
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], batch_size: int = 64, desc: str = "texts", show_progress: bool = False,
+                    prefix_cache: bool = True) -> np.ndarray:
+        """Embeddings (n, dim) of full texts (templates filled, ending `<emb>`), in length-sorted
+        batches (less padding), returned in input order.
+
+        With `prefix_cache`, the token prefix shared by all texts (system prompt, instruction:
+        most of a query's tokens) is run once and its KV cache reused by every batch (and by
+        later calls, see `shared_prefix`); the token sequences and positions are exactly those
+        of the plain path (`prefix_cache=False`: every token run, nothing cached).
+        """
+        check_batch_size(batch_size)
+        seqs = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        n_prefix, kv = self.shared_prefix(seqs) if prefix_cache else (0, None)
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
+        for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+            idx = order[s : s + batch_size]
+            out[idx] = self._embed_suffixes([seqs[i][n_prefix:] for i in idx], kv, n_prefix).cpu().numpy()
+        return out
+
+    def _embed_suffixes(self, suffixes: list[list[int]], kv, n_prefix: int) -> torch.Tensor:
+        """Embeddings (B, D) of prefix + each suffix; suffixes are right-padded (positions stay
+        exact, and `emb_hidden` finds each row's own `<emb>`)."""
+        from transformers import DynamicCache
+
+        model, dev = self.model, self.model.device
+        width, pad = max(len(x) for x in suffixes), model.tokenizer.pad_token_id
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in suffixes], device=dev)  # (B, S)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in suffixes], device=dev)
+        if kv is None:
+            return model.embed_batch(ids, mask)
+        b = ids.shape[0]
+        full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=dev), mask], dim=1)
+        position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
+        few = (self.config.compact_decoder and ids.numel() <= Linear.MAX_ROWS and dev.type == "cpu"
+               and self.plain_layers())
+        if few and StaticDecoder.supports(model.lm, n_prefix + width):
+            # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
+            # one query); larger batches run as fast through transformers
+            dec = StaticDecoder(model.lm, b, n_prefix + width, self.linears())
+            dec.fill(kv, n_prefix)
+            dec.mask.copy_(full_mask)
+            hidden = dec(ids, position_ids, n_prefix)
+        else:
+            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+            hidden = model.lm.get_decoder()(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
+                                            past_key_values=cache, use_cache=True).last_hidden_state
+        return model.pool(hidden, ids)
+
+    # ---- reasoning -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_cots(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
+                      max_new_tokens: int | None = None, fast: bool = True) -> list[str]:
+        """`LREM.generate_cots`: greedy CoTs, batched; `fast` decodes over the prefix cache and a
+        preallocated KV cache (`greedy`; vLLM instead where `vllm()` gives an engine), else plain
+        `lm.generate` on left-padded prompts. Both give the same CoTs (up to float rounding on near-ties)."""
+        model = self.model
+        max_new, stop = max_new_tokens or model.config.cot_max_tokens, model.stop_ids
+        prompts_ = model.query_prompts(texts)
+        engine = self.vllm() if fast else None
+        if engine is not None:
+            return [model.decode_cot(ids) for ids in self._greedy_vllm(engine, prompts_, max_new, stop)]
+        cots: list[str] = []
+        for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
+            if fast:
+                seqs = model.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
+                gen = self.greedy(seqs, max_new, stop)
+            else:
+                batch = model.tokenize(prompts_[s : s + batch_size])
+                out = model.lm.generate(**batch, max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
+                                        pad_token_id=model.tokenizer.pad_token_id)
+                gen = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, <= max_new)
+            cots.extend(model.decode_cot(row) for row in gen)
+        return cots
+
+    @torch.inference_mode()
+    def sample_cots(self, texts: list[str], num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                    max_new_tokens: int | None = None, generator: torch.Generator | None = None,
+                    batch_size: int = 64) -> list[list[int]]:
+        """`LREM.sample_cots`: the greedy fast path with top-p sampling at `temperature` in place of argmax."""
+        model = self.model
+        max_new = max_new_tokens or model.config.cot_max_tokens
+        seqs = model.tokenizer(model.query_prompts(texts), add_special_tokens=False)["input_ids"]
+        rows = [s for s in seqs for _ in range(num_samples)]
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return sample_top_p(logits, temperature, top_p, generator)
+
+        return [row for s in range(0, len(rows), batch_size)
+                for row in self.greedy(rows[s : s + batch_size], max_new, model.stop_ids, pick=pick)]
+
+    @torch.inference_mode()
+    def reason(self, texts: list[str], batch_size: int = 32, show_progress: bool = False) -> QueryEncoding:
+        """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache."""
+        model = self.model
+        prompts_ = model.query_prompts(texts)
+        cots, embs = [], []
+        for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
+            seqs = model.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
+            batch = texts[s : s + batch_size]
+            batch_cots, emb = self.greedy(seqs, model.config.cot_max_tokens, model.stop_ids, texts=batch)
+            if emb is None:
+                embs.append(self.embed_texts(model.query_texts(batch, batch_cots), batch_size, "q", False))
+            else:
+                embs.append(emb.cpu().numpy())
+            cots += batch_cots
+        return QueryEncoding(np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32), cots)
+
+    def greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None,
+               pick=None):
+        """Greedy continuations (B rows of max_new ids; pad after a stop id), as `lm.generate` gives.
+        Given `texts` (the queries of `seqs`), returns (CoTs, embeddings (B, D) or None) instead:
+        each query embedded after its CoT from the cache the decoding left (`_embed_after`).
+        `pick` (logits -> ids) replaces argmax, e.g. sampling (`sample_cots`; decoded eagerly).
+
+        The prefix shared with the prompt template (~70 of ~85 query tokens) comes from the
+        cached KV (`shared_prefix`), expanded to the batch; each prompt's suffix follows it,
+        left-padded in the middle (mask 0, positions counted from the mask, so every token
+        sits where it would in the plain path). Then one token per step over a preallocated
+        cache, the LM head on the last position only; finished rows keep feeding pad.
+        """
+        model = self.model
+        n, kv = self.shared_prefix(seqs)
+        sufs = [x[n:] for x in seqs]
+        length = n + max(len(x) for x in sufs) + max_new + 8  # + room for `_embed_after`'s `</think><emb>`
+        if model.device.type == "cuda":
+            length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
+        step = self.step(len(seqs), length)
+        with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
+            gen, used = self._run(step, n, kv, seqs, max_new, stop, pick)
+            if texts is None:
+                return gen
+            cots = [model.decode_cot(g) for g in gen]
+            full = model.tokenizer(model.query_texts(texts, cots), add_special_tokens=False)["input_ids"]
+            if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
+                return cots, None
+            return cots, self._embed_after(step, used, seqs, gen, full)
+
+    def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
+             stop: list[int], pick=None) -> tuple[list[list[int]], int]:
+        """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
+        then one slot per generated token. Returns the generated ids and the number of cache slots
+        filled. `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`).
+        A single greedy query on the compact decoder takes drafts from its prompt and `history`."""
+        pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
+        logits, last, w = prefill(step, n, kv, seqs, pad)
+        tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
+        if len(seqs) == 1 and pick is None and step.compact is not None and k > 0:
+            past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
+            gen, used = lookup_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past)
+            self._remember(seqs, [gen], stop)
+            return [gen + [pad] * (max_new - len(gen))], used
+        gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
+        if pick is None:
+            self._remember(seqs, gen, stop)
+        return [row + [pad] * (max_new - len(row)) for row in gen], n + w + max(len(g) for g in gen) - 1  # slots used
+
+    def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
+        """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
+        tokens, as draft sources for later single queries (`history`)."""
+        if self.history.maxlen:
+            ends = [next((i + 1 for i, t in enumerate(g) if t in stop), len(g)) for g in gen]
+            self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
+
+    def _embed_after(self, step: GreedyStep, used: int, seqs: list[list[int]], gen: list[list[int]],
+                     full: list[list[int]]) -> torch.Tensor:
+        """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
+        over the first `used` cache slots `_run` filled: the prompt's KV is reused, and so is that
+        of the generated tokens each CoT starts with; the rest (at least `<emb>`) is run in new
+        slots, so each token keeps the position it has in the plain path."""
+        g0, dev = max(len(x) for x in seqs), self.model.device  # g0: first generated slot
+        pad = self.model.tokenizer.pad_token_id
+        keep = [common_prefix_len([f[len(x):], g[: used - g0] + [-1]]) for x, g, f in zip(seqs, gen, full)]
+        tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
+        k = max(len(t) for t in tails)
+        ids = torch.tensor([t + [pad] * (k - len(t)) for t in tails], device=dev)  # (B, K) right-padded
+        new = torch.tensor([[1] * len(t) + [0] * (k - len(t)) for t in tails], device=dev)
+        for r, j in enumerate(keep):
+            step.mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
+        pos = torch.tensor([[len(x) + j + i for i in range(k)] for x, j in zip(seqs, keep)], device=dev)  # (B, K)
+        return self.model.pool(step.extend(ids, pos, new, used), ids)
+
+    def _greedy_vllm(self, engine, prompts_: list[str], max_new: int, stop: list[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        seqs = self.model.tokenizer(prompts_, add_special_tokens=False)["input_ids"]
+        params = SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=stop, detokenize=False)
+        outs = engine.generate([{"prompt_token_ids": x} for x in seqs], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
