@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from .data import Pair
+
 FINISHES = ("stop", "length", "refused", "malformed")
 _REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry, |i can(no|')t (help|assist)|i cannot (help|assist|provide)"
                          r"|as an ai\b|i'?m unable to|i am unable to)", re.I)
@@ -481,16 +483,6 @@ def parse_teacher(spec: str, *, batch_size: int = 16, concurrency: int = 8, time
 
 # ---------------------------------------------------------------- judges
 
-@dataclass(frozen=True)
-class Pair:
-    """One (query, item) to judge."""
-
-    query_id: str
-    query: str
-    item_id: str
-    title: str
-
-
 JUDGE_SYSTEM = "You are a relevance judge for an e-commerce search platform."
 JUDGE_USER = ('Search query: "{query}"\nProduct: "{title}"\n'
               "Would a shopper who typed this query be satisfied to find this product? Answer yes or no.")
@@ -516,7 +508,7 @@ class LLMJudge:
         self.teacher, self.max_tokens, self.name = teacher, max_tokens, f"llm({teacher.name})"
 
     def __call__(self, pairs: list[Pair]) -> list[bool | None]:
-        chats = [Chat(JUDGE_SYSTEM, JUDGE_USER.format(query=p.query, title=p.title)) for p in pairs]
+        chats = [Chat(JUDGE_SYSTEM, JUDGE_USER.format(query=p.query, title=p.item_title)) for p in pairs]
         return [parse_yes_no(a.text) for a in generate(self.teacher, chats, self.max_tokens)]
 
 
@@ -546,7 +538,7 @@ class CrossEncoderJudge:
     def __call__(self, pairs: list[Pair]) -> list[bool | None]:
         if not pairs:
             return []
-        scores = self.model.predict([(p.query, p.title) for p in pairs], batch_size=self.batch_size,
+        scores = self.model.predict([(p.query, p.item_title) for p in pairs], batch_size=self.batch_size,
                                     show_progress_bar=False)
         return [bool(s >= self.threshold) for s in scores]
 
