@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from ._io import JsonlLog
 from .data import Pair
 
 FINISHES = ("stop", "length", "refused", "malformed")
@@ -87,62 +88,6 @@ def generate(teacher: Teacher, chats: list[Chat], max_tokens: int) -> list[Answe
     for i, answer in teacher.stream(chats, max_tokens):
         out[i] = answer
     return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- crash-safe JSONL logs
-
-class JsonlLog:
-    """An append-only JSONL file: each row is flushed and fsynced; a torn last line is dropped.
-
-    `rows()` reads the file; bytes after the last newline (a write cut short by a crash) are
-    truncated away, and a bad complete line raises a ValueError naming file and line.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._f = None
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # bytes up to the end of the last complete line
-        rows = []
-        for n, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{self.path}:{n}: malformed JSON line ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{self.path}:{n}: expected a JSON object")
-            rows.append(row)
-        if end < len(data):  # a write cut short by a crash: cut it off before appending again
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        return rows
-
-    def open(self) -> "JsonlLog":
-        """Create the file if missing (empty) and keep it open for appending: readers of a run
-        that appended nothing still find the file."""
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
-            os.fsync(self._f.fileno())
-        return self
-
-    def append(self, row: dict) -> None:
-        self.open()
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 # ---------------------------------------------------------------- teachers
