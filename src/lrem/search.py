@@ -178,7 +178,7 @@ class Searcher:
         emb = None
         if mode != "reason":
             cots, emb = await embedded("direct", queries)
-            scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, >= depth)
+            scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, depth) best first
             results = _results(scores, ids, cots, k)
             if mode == "auto":
                 reason = router.decide(queries, scores)
