@@ -1,4 +1,5 @@
-"""Small file helpers shared by every module: atomic writes, JSONL, and output folder checks.
+"""Small file helpers shared by every module: atomic writes, JSONL (written whole or appended
+and fsynced), and output folder checks.
 
 Every folder lrem writes holds a marker file (`.lrem-output`), so a later run can tell its own
 output (which it may replace when asked) from a user's folder (which it never touches).
@@ -175,3 +176,69 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+class JsonlLog:
+    """An append-only JSONL file: rows are flushed and fsynced as appended; a torn last line is dropped.
+
+    `rows()` reads the file; bytes after the last newline (a write cut short by a crash) are
+    truncated away, and a bad complete line raises a ValueError naming file and line.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._f = None
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # bytes up to the end of the last complete line
+        rows = []
+        for n, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{n}: malformed JSON line ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{self.path}:{n}: expected a JSON object")
+            rows.append(row)
+        if end < len(data):  # a write cut short by a crash: cut it off before appending again
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        return rows
+
+    def open(self) -> "JsonlLog":
+        """Create the file if missing (empty) and keep it open for appending: readers of a run
+        that appended nothing still find the file."""
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+            os.fsync(self._f.fileno())
+        return self
+
+    def append(self, *rows: dict) -> None:
+        """Write `rows` as JSON lines and fsync them (once for all): on disk when this returns."""
+        self.open()
+        for row in rows:
+            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def append_jsonl(path: str | os.PathLike, *rows: dict) -> None:
+    """Append `rows` to a JSONL file and fsync them, then close it: a log that survives a kill and
+    that resumed runs append to (a `JsonlLog` kept open is the same for many appends)."""
+    log = JsonlLog(path)
+    try:
+        log.append(*rows)
+    finally:
+        log.close()

@@ -36,8 +36,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lrem._config import load_config
-from lrem._io import claim_dir, write_json, write_jsonl
-from lrem.teachers import Chat, JsonlLog, Pair, generate
+from lrem._io import JsonlLog, claim_dir, write_json, write_jsonl
+from lrem.data import Pair
+from lrem.teachers import Chat, generate
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
                "brands", "attribute", "attributes", "related products", "etc", "none", "n/a", "various",

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
+
+import numpy as np
 
 from ._text import check_query
 from .index import ItemIndex, model_fingerprint
@@ -25,7 +30,7 @@ from .model import LREM
 from .router import LearnedRouter, Router
 from .search_types import MODES, Hit, Retriever, SearchResult
 
-__all__ = ["MODES", "Hit", "Retriever", "SearchResult", "Searcher", "random_cot"]
+__all__ = ["MODES", "Hit", "Retriever", "Routed", "SearchResult", "Searcher", "random_cot"]
 
 
 def random_cot(query: str, titles: list[str], n_phrases: int = 3) -> str:
@@ -117,39 +122,129 @@ class Searcher:
         enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
                                         show_progress=show_progress, truncate=self.truncate)
         scores, ids = self.index.search(enc.embeddings, k)
-        return [
-            SearchResult([Hit(i, float(s)) for i, s in zip(row_ids, row_scores)], cot)
-            for row_ids, row_scores, cot in zip(ids, scores, enc.cots)
-        ]
+        return _results(scores, ids, enc.cots, k)
 
     def search_auto(self, queries: list[str], k: int = 10, router: Router | LearnedRouter | None = None,
                     batch_size: int = 32, show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
         """`auto` mode: embed every query directly, search, let the router (default `self.router`)
         pick the queries reasoning should help (from the direct scores and the query), and reason
-        for those only.
+        for those only (`route`, which `lrem serve` runs too).
 
         Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned.
         """
         check_search(queries, k)
-        router = router or self.router
-        enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size, truncate=self.truncate)
-        scores, ids = self.index.search(enc.embeddings, max(k, router.depth))  # (n, >= depth)
-        routed = router.decide(queries, scores)
-        results = [SearchResult([Hit(i, float(s)) for i, s in zip(row_ids[:k], row_scores[:k])], "")
-                   for row_ids, row_scores in zip(ids, scores)]
-        picked = [j for j, r in enumerate(routed) if r]
+        routed = _run_now(self.route(queries, k, "auto", embed=self.embedder(batch_size, show_progress),
+                                     router=router))
+        return routed.results, routed.reasoned
+
+    def embedder(self, batch_size: int = 32, show_progress: bool = False) -> Embed:
+        """`route`'s default `embed`: this searcher's model, in batches of `batch_size`. A
+        coroutine that never waits, so `search_auto` runs `route` without an event loop."""
+        async def embed(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+            enc = self.model.encode_queries(texts, mode=kind, batch_size=batch_size, truncate=self.truncate,
+                                            show_progress=show_progress and kind == "reason")
+            return enc.cots, enc.embeddings
+
+        return embed
+
+    async def route(self, queries: list[str], k: int = 10, mode: str = "auto", embed: Embed | None = None,
+                    router: Router | LearnedRouter | None = None, offload: Offload | None = None) -> Routed:
+        """Direct -> route -> reason, the one place it is written: `search_auto` (eval) and
+        `lrem serve` both run it, so they cannot disagree.
+
+        `direct`: embed without a CoT, search. `reason`: generate a CoT, embed, search. `auto`:
+        embed directly, search max(k, router.depth) deep, let the router (default `self.router`)
+        decide from those scores and the query text, and reason (embed and search again) only
+        where it says. Queries and k are the caller's to check (`check_search`, serve's request
+        checks).
+
+        Args:
+            embed: `await embed(kind, texts) -> (cots, embeddings (n, dim))`, kind "direct" or
+                "reason"; default `self.embedder()`. serve's goes through its cache and batcher.
+            router: the router of `auto` (default `self.router`).
+            offload: `await offload(fn, *args)` runs the FAISS search (serve: `asyncio.to_thread`,
+                so the event loop stays free); default: here.
+        """
+        if mode not in ROUTE_MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {ROUTE_MODES}")
+        embed, router, timings = embed or self.embedder(), router or self.router, {}
+
+        async def embedded(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+            t0 = time.perf_counter()
+            cots, emb = await embed(kind, texts)
+            timings[kind] = _ms(t0)
+            return cots, emb
+
+        async def searched(emb: np.ndarray, depth: int) -> tuple[np.ndarray, list[list[str]]]:
+            t0 = time.perf_counter()
+            found = await offload(self.index.search, emb, depth) if offload else self.index.search(emb, depth)
+            timings["index"] = timings.get("index", 0.0) + _ms(t0)
+            return found
+
+        reason = [mode == "reason"] * len(queries)
+        results: list[SearchResult] = []
+        emb = None
+        if mode != "reason":
+            cots, emb = await embedded("direct", queries)
+            scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, depth) best first
+            results = _results(scores, ids, cots, k)
+            if mode == "auto":
+                reason = router.decide(queries, scores)
+        picked = [j for j, r in enumerate(reason) if r]
         if picked:
-            reasoned = self.search([queries[j] for j in picked], k, "reason", batch_size=batch_size,
-                                   show_progress=show_progress)
-            for j, res in zip(picked, reasoned):
-                results[j] = res
-        return results, routed
+            cots, reasoned = await embedded("reason", [queries[j] for j in picked])
+            scores, ids = await searched(reasoned, k)
+            if emb is None:
+                emb, results = reasoned, _results(scores, ids, cots, k)
+            else:
+                emb = np.array(emb)  # (n, dim), a copy: the rows given by `embed` may be cached
+                emb[picked] = reasoned
+                for j, res in zip(picked, _results(scores, ids, cots, k)):
+                    results[j] = res
+        return Routed(results, reason, emb, timings)
 
     def retriever(self, mode: str, router: Router | LearnedRouter | None = None) -> Retriever:
         """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate` (`router`: for auto)."""
         if mode != "auto":
             self.cots_for([], mode)  # validates the mode now, not at the first query
         return _ModeRetriever(self, mode, router)
+
+
+# route's callables: embed(kind, texts) -> (cots, embeddings (n, dim)); offload(fn, *args) -> fn(*args)
+Embed = Callable[[str, list[str]], Awaitable[tuple[list[str], np.ndarray]]]
+Offload = Callable[..., Awaitable]
+ROUTE_MODES = ("direct", "reason", "auto")  # the modes `Searcher.route` runs (serve's modes)
+
+
+@dataclass
+class Routed:
+    """What `Searcher.route` found for a batch of queries."""
+
+    results: list[SearchResult]  # top-k per query, best first; cot "" where no reasoning ran
+    reasoned: list[bool]  # per query: whether it reasoned
+    embeddings: np.ndarray  # (n, dim): the embedding each query's results were searched with
+    timings_ms: dict[str, float]  # direct, reason: embedding (serve: incl. queueing); index: the searches
+
+
+def _results(scores: np.ndarray, ids: list[list[str]], cots: list[str], k: int) -> list[SearchResult]:
+    """FAISS rows (scores (n, >= k), ids) cut to the top k, as results."""
+    return [SearchResult([Hit(i, float(s)) for i, s in zip(row_ids[:k], row_scores[:k])], cot)
+            for row_ids, row_scores, cot in zip(ids, scores, cots)]
+
+
+def _ms(t0: float) -> float:
+    return round(1000.0 * (time.perf_counter() - t0), 3)
+
+
+def _run_now(coro):
+    """The value of a coroutine that never waits (its awaits all return at once), without an
+    event loop: how `search_auto` runs `route` with the model's embedder."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("route waited on something; run it in an event loop (await it)")
 
 
 class _ModeRetriever:

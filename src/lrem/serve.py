@@ -30,128 +30,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
-import os
 import threading
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from ._text import check_query
-from .batching import Batcher, EmbeddingCache, Overloaded
-from .router import LearnedRouter, Router
+from .batching import Overloaded
+from .serve_config import ROUTER_KINDS, ServeConfig
+from .serve_http import RequestGuard, uvicorn_config
+from .serve_schemas import (EMBEDDING_MODELS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
+                            SearchItem, SearchRequest, SearchResponse, error_body)
+from .serve_service import SearchService
 
-ROUTER_KINDS = ("model", "margin")
-
-EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
-                    "lrem-item": "item"}  # /v1/embeddings `model` -> what is embedded
-
-
-@dataclass
-class ServeConfig:
-    """Settings of `lrem serve`; a YAML file of these keys (`--config`) and flags override them."""
-
-    host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on (0.0.0.0: all)."})
-    port: int = field(default=8000, metadata={"help": "TCP port."})
-    # Batching
-    max_batch: int = field(default=16, metadata={"help": "Most texts run through the model in one call."})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch's first text waits for others."})
-    max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
-    # Cache
-    cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
-    cache_path: str = field(default="", metadata={"help": ".npz loaded at start, written at shutdown; '': none."})
-    # Router (mode=auto)
-    router_kind: str = field(default="model", metadata={
-        "help": "model: the model folder's learned router (router.json, `lrem router fit`) when it has one, else "
-                "the margin router; margin: the margin router (router_margin, router_long_words) always."})
-    router_margin: float = field(default=0.02, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
-    router_share: float = field(default=0.0, metadata={
-        "help": "0: fixed router_margin (or the learned router's threshold). Else a budget: reason on about this "
-                "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "
-                "router, tracking that quantile of recent queries (score scales differ between models)."})
-    router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
-    # Limits: breaking one is a 4xx with a message naming the limit
-    max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
-    max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
-    max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call."})
-    max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
-    request_timeout_s: float = field(default=30.0, metadata={"help": "Time one request may take (503 after)."})
-    # Slow or idle clients: each holds a connection, so bound how long they may take
-    header_timeout_s: float = field(default=10.0, metadata={
-        "help": "Time a connection may take to send a request's headers (closed after)."})
-    body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
-    max_connections: int = field(default=256, metadata={"help": "Open connections and requests beyond this get a 503."})
-    keep_alive_s: int = field(default=5, metadata={"help": "Idle keep-alive connections are closed after this."})
-    # Access
-    api_key: str = field(default="", metadata={
-        "help": "Require `Authorization: Bearer KEY` on every endpoint but /health(z); '': the environment "
-                "variable LREM_API_KEY, if set, else no key."})
-
-    def __post_init__(self):
-        for f in fields(self):
-            v, want = getattr(self, f.name), type(f.default)
-            number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
-            if not (isinstance(v, str) if want is str else number):
-                raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
-            if want is not str and v < 0:
-                raise ValueError(f"{f.name}={v}; must be >= 0")
-        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue",
-                     "max_connections", "keep_alive_s"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
-        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)}; must be > 0")
-        if self.port > 65535:
-            raise ValueError(f"port={self.port}; must be <= 65535")
-        if self.router_kind not in ROUTER_KINDS:
-            raise ValueError(f"router_kind={self.router_kind!r}; expected one of {', '.join(ROUTER_KINDS)}")
-        self.router()  # checks the router settings
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None = None, sets: list[str] = (), **overrides) -> "ServeConfig":
-        """Defaults, then the YAML file's keys, then `sets` ("key=value", value read as YAML), then
-        `overrides` (None values are skipped).
-
-        >>> ServeConfig.from_yaml(sets=["max_batch=4", "cache_path=/tmp/c.npz"], port=9000).max_batch
-        4
-        """
-        import yaml
-
-        from lrem._config import load_config
-
-        values = {}
-        for item in sets:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-            try:
-                values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-            except yaml.YAMLError as e:  # also a `!!python/...` tag, which safe_load refuses
-                raise ValueError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return load_config(cls, path, values)
-
-    def router(self, learned: LearnedRouter | None = None) -> Router | LearnedRouter:
-        """The router of mode=auto: `learned` (the model's, if any) held to `router_share` when
-        router_kind is "model", else the margin router of these settings."""
-        if learned is not None and self.router_kind == "model":
-            return learned.with_share(self.router_share)
-        return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
-
-    def key(self) -> str:
-        """The API key in force: `api_key`, else $LREM_API_KEY, else '' (none)."""
-        return self.api_key or os.environ.get("LREM_API_KEY", "")
-
-    def public(self) -> dict:
-        """The settings, with the API key hidden (for /info and logs)."""
-        return {**asdict(self), "api_key": "(set)" if self.key() else ""}
+# The names this module had before its parts moved out (`from lrem.serve import ServeConfig`, ...)
+__all__ = ["ROUTER_KINDS", "EMBEDDING_MODELS", "ServeConfig", "SearchService", "SearchRequest",
+           "SearchItem", "SearchResponse", "EmbeddingRequest", "EmbeddingData", "EmbeddingUsage", "EmbeddingResponse",
+           "error_body", "normalize_query", "clean", "shorten", "create_app", "uvicorn_config", "background_server",
+           "serve"]
 
 
 def normalize_query(text: str) -> str:
@@ -163,104 +62,20 @@ def normalize_query(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-# ---------------------------------------------------------------- request and response bodies
+def clean(text: str, what: str, max_chars: int, query: bool = True) -> str:
+    """A valid text for the model, or an HTTP 422 that names the problem and the limit
+    (the rules of `lrem search`: `lrem._text.check_query`); queries come back normalised.
 
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
-                       examples=["a drink stronger than tea"])
-    k: int = Field(10, ge=1, description="Items to return (at most max_k).")
-    mode: Literal["auto", "reason", "direct"] = Field(
-        "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides.")
+    >>> clean("  Wine  Opener ", "query", max_chars=512)
+    'wine opener'
+    """
+    from fastapi import HTTPException
 
-
-class SearchItem(BaseModel):
-    item_id: str
-    title: str
-    score: float = Field(description="Cosine similarity of query and item embeddings.")
-
-
-class SearchResponse(BaseModel):
-    query: str = Field(description="The normalised query that was embedded.")
-    cot: str = Field(description="The reasoning the query was embedded after ('' when none).")
-    mode_used: Literal["reason", "direct"]
-    cached: bool = Field(description="True when every embedding came from the cache.")
-    items: list[SearchItem]
-    timings_ms: dict[str, float] = Field(description="direct, reason (embedding, incl. queueing), index, total.")
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(strict=True)
-    input: str | list[str] = Field(description="A text or a list of at most max_inputs texts.")
-    model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
-    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
-    dimensions: int | None = Field(None, description="1 to the model's dimension (GET /info: dim). Below it, the "
-                                   "first `dimensions` values, renormalised to unit length (Matryoshka-style; "
-                                   "retrieval quality below the full size is untested).")
-    truncate: bool = Field(False, description="An input over the model's token limit (max_query_tokens or "
-                           "max_item_tokens): false, a 422 naming the limit; true, cut to it (counted in /metrics).")
-    user: str | None = None
-
-
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-    cot: str = Field("", description="lrem extension: the reasoning a query was embedded after.")
-
-
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: EmbeddingUsage
-
-
-# ---------------------------------------------------------------- the service behind the endpoints
-
-class _Metrics:
-    """Prometheus metrics of one app (its own registry, so several apps can share a process)."""
-
-    def __init__(self, service: "SearchService"):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("lrem_http_requests", "HTTP requests by path and status.", ["path", "status"], registry=r)
-        self.latency = Histogram("lrem_http_request_seconds", "HTTP request latency by path.", ["path"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.batch_size = Histogram("lrem_batch_size", "Texts per model call, by kind (direct, reason, item).",
-                                    ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.batch_seconds = Histogram("lrem_batch_seconds", "Time of one model call, by kind.", ["kind"], registry=r,
-                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.cache = Counter("lrem_cache_lookups", "Cache lookups by kind and result (hit, miss).",
-                             ["kind", "result"], registry=r)
-        self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
-                               registry=r)
-        self.truncated = Counter("lrem_truncated_inputs", "Inputs cut to the model's token limit, by side "
-                                 "(query, item).", ["side"], registry=r)
-        Gauge("lrem_cache_hit_rate", "Cache hits / lookups since start.", registry=r).set_function(
-            lambda: service.cache.hit_rate)
-        Gauge("lrem_cache_entries", "Entries in the cache.", registry=r).set_function(lambda: len(service.cache))
-        Gauge("lrem_router_reason_share", "Share of mode=auto queries the router sent to reasoning.",
-              registry=r).set_function(lambda: service.reasoned_share)
-        Gauge("lrem_queue_depth", "Texts waiting for the model.", registry=r).set_function(
-            lambda: service.batcher.pending)
-
-    def observe_batch(self, kind: str, n: int, seconds: float) -> None:
-        self.batch_size.labels(kind).observe(n)
-        self.batch_seconds.labels(kind).observe(seconds)
-
-
-def error_body(status: int, message: str, **extra) -> dict:
-    """Every error's JSON: FastAPI's `detail` plus OpenAI's `error` object (its clients read that)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    code = "invalid_api_key" if status == 401 else status
-    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": code}, **extra}
+    try:
+        check_query(text, what, max_chars)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    return normalize_query(text) if query else text
 
 
 def shorten(embedding: np.ndarray, dimensions: int) -> np.ndarray:
@@ -277,190 +92,16 @@ def shorten(embedding: np.ndarray, dimensions: int) -> np.ndarray:
 
 def _problem(error: dict) -> str:
     """One validation error as text: where, then what (an unparsable body says why and where:
-    FastAPI's own message is "body.0: JSON decode error")."""
+    FastAPI's own message is "body.0: JSON decode error").
+
+    >>> _problem({"type": "missing", "loc": ("body", "query"), "msg": "Field required"})
+    'body.query: Field required'
+    """
     if error["type"] == "json_invalid":
         why = error.get("ctx", {}).get("error", error["msg"])
         return (f"request body is not JSON ({why} at character {error['loc'][-1]}); bodies are read as JSON "
                 "whatever their content-type")
     return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
-
-
-def _ms(t0: float) -> float:
-    return round(1000.0 * (time.perf_counter() - t0), 3)
-
-
-class SearchService:
-    """What the endpoints call: cache, batcher, router and index around one `Searcher`."""
-
-    def __init__(self, searcher, config: ServeConfig):
-        self.searcher, self.config = searcher, config
-        self.router = config.router(getattr(searcher.model, "router", None))
-        model = searcher.model
-        self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
-        self.cache = EmbeddingCache(config.cache_size)
-        self.n_auto = self.n_auto_reasoned = 0
-        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
-        self.metrics = _Metrics(self)
-        self.batcher.on_batch = self.metrics.observe_batch
-
-    @property
-    def reasoned_share(self) -> float:
-        return self.n_auto_reasoned / self.n_auto if self.n_auto else 0.0
-
-    def _encode(self, kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        """Runs in the model thread: one model call for a batch of texts of one kind."""
-        model = self.searcher.model
-        if kind == "item":
-            return [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
-        enc = model.encode_queries(texts, mode=kind, batch_size=len(texts))
-        return enc.cots, enc.embeddings
-
-    async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
-        """(cot, embedding, from_cache) for one normalised text."""
-        hit = self.cache.get((kind, text))
-        self.metrics.cache.labels(kind, "miss" if hit is None else "hit").inc()
-        if hit is not None:
-            return hit[0], hit[1], True
-        cot, emb = await self.batcher.submit(kind, text)
-        self.cache.put((kind, text), (cot, emb))
-        return cot, emb, False
-
-    async def query(self, text: str, mode: str, k: int) -> dict:
-        """Embed (direct, reason, or direct then routed), search; a `SearchResponse` as a dict."""
-        t_start, timings, cached, cot, mode_used = time.perf_counter(), {}, True, "", mode
-        index = self.searcher.index
-        if mode != "reason":
-            t0 = time.perf_counter()
-            cot, emb, cached = await self.embed("direct", text)
-            timings["direct"] = _ms(t0)
-            t0 = time.perf_counter()
-            scores, ids = await asyncio.to_thread(index.search, emb[None], max(k, self.router.depth))
-            timings["index"] = _ms(t0)
-            if mode == "auto":
-                mode_used = "reason" if self.router.decide([text], scores)[0] else "direct"
-                self.n_auto += 1
-                self.n_auto_reasoned += mode_used == "reason"
-        if mode_used == "reason":
-            t0 = time.perf_counter()
-            cot, emb, hit = await self.embed("reason", text)
-            cached = cached and hit
-            timings["reason"] = _ms(t0)
-            t0 = time.perf_counter()
-            scores, ids = await asyncio.to_thread(index.search, emb[None], k)
-            timings["index"] = timings.get("index", 0.0) + _ms(t0)
-        self.metrics.queries.labels(mode, mode_used).inc()
-        items = [{"item_id": i, "title": index.title(i), "score": float(s)} for i, s in zip(ids[0][:k], scores[0][:k])]
-        return {"query": text, "cot": cot, "mode_used": mode_used, "cached": cached, "items": items,
-                "embedding": emb, "timings_ms": {**timings, "total": _ms(t_start)}}
-
-    def clean(self, text: str, what: str, query: bool = True) -> str:
-        """A valid text for the model, or an HTTP 422 that names the problem and the limit
-        (the rules of `lrem search`: `lrem._text.check_query`)."""
-        from fastapi import HTTPException
-
-        try:
-            check_query(text, what, self.config.max_query_chars)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
-        return normalize_query(text) if query else text
-
-
-def _is_json(content_type: bytes | None) -> bool:
-    """Whether a content-type header names JSON (application/json, or application/*+json).
-
-    >>> _is_json(b"Application/JSON; charset=utf-8"), _is_json(b"application/x-www-form-urlencoded")
-    (True, False)
-    """
-    media = (content_type or b"").split(b";")[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-class _Guard:
-    """ASGI middleware: checks the API key, rejects slow, oversized or non-UTF-8 bodies before
-    parsing, has every body read as JSON; counts and times requests."""
-
-    PATHS = ("/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics", "/docs",
-             "/redoc", "/openapi.json")
-    OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
-
-    def __init__(self, app, max_body_bytes: int, metrics: _Metrics, api_key: str = "", body_timeout_s: float = 10.0):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
-        self.api_key, self.body_timeout_s = api_key.encode(), body_timeout_s
-
-    def authorized(self, scope) -> bool:
-        if not self.api_key or scope["path"] in self.OPEN:
-            return True
-        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)  # constant time
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.responses import JSONResponse
-
-        t0, status = time.perf_counter(), [0]
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if not self.authorized(scope):
-                return await JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)"),
-                                          401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
-            body, problem = await self._read_body(scope, receive)
-            if body is None:  # the client went away mid-body: counted as 499 (nginx's "client closed")
-                status[0] = 499
-                return
-            if problem:
-                return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
-            if body and not _is_json(dict(scope["headers"]).get(b"content-type")):
-                # curl -d sends application/x-www-form-urlencoded, other clients text/plain or nothing,
-                # and FastAPI then leaves the body unparsed (every field "missing"): read it as JSON
-                # whatever the header says, as vLLM does; a body that is not JSON is a 422 as before.
-                # Such requests need no CORS preflight, so a web page can make a browser send one to
-                # a local server (it cannot read the answer); an api_key stops that
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")]}
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay, send_counted)
-        finally:
-            path = scope["path"] if scope["path"] in self.PATHS else "other"
-            self.metrics.requests.labels(path, str(status[0] or 500)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
-
-    async def _read_body(self, scope, receive) -> tuple[bytes | None, tuple[int, str] | None]:
-        limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return b"", (413, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit} (max_body_bytes)")
-        body, more = b"", True
-        try:
-            async with asyncio.timeout(self.body_timeout_s):  # a client trickling its body holds a connection
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return None, None
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > limit:
-                        return b"", (413, f"request body is over {limit} bytes (max_body_bytes)")
-        except TimeoutError:
-            return b"", (408, f"request body not received within {self.body_timeout_s} s (body_timeout_s)")
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return b"", (400, f"request body is not valid UTF-8 (byte {e.start}); JSON must be UTF-8")
-        return body, None
 
 
 # ---------------------------------------------------------------- the app
@@ -500,7 +141,7 @@ def create_app(searcher, config: ServeConfig | None = None):
                          summary="LREM search and OpenAI-compatible embeddings: reason about a query, then embed it.",
                          swagger_ui_parameters={"validatorUrl": None})
     app.state.service = service
-    app.add_middleware(_Guard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics, api_key=cfg.key(),
+    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics, api_key=cfg.key(),
                        body_timeout_s=cfg.body_timeout_s)
 
     @app.exception_handler(RequestValidationError)
@@ -528,7 +169,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         """Top-k catalog items for a query, with the CoT it was embedded after and timings."""
         if req.k > cfg.max_k:
             raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
-        query = service.clean(req.query, "query")
+        query = clean(req.query, "query", cfg.max_query_chars)
         service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
         result = await limited(service.query(query, req.mode, req.k))
         del result["embedding"]
@@ -546,7 +187,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         dim = searcher.model.dim
         if req.dimensions is not None and not 1 <= req.dimensions <= dim:
             raise HTTPException(400, f"dimensions={req.dimensions}; this model gives 1 to {dim} (its full size)")
-        texts = [service.clean(t, f"input[{i}]", query=kind != "item") for i, t in enumerate(texts)]
+        texts = [clean(t, f"input[{i}]", cfg.max_query_chars, query=kind != "item") for i, t in enumerate(texts)]
         side = "item" if kind == "item" else "query"
         over = searcher.model.overlong(texts, side)
         if over and not req.truncate:
@@ -612,52 +253,6 @@ def create_app(searcher, config: ServeConfig | None = None):
         return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
-    """uvicorn settings that bound what slow or idle clients can hold (see `ServeConfig`)."""
-    import uvicorn
-
-    cfg = app.state.service.config
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          http=_header_timeout_protocol(cfg.header_timeout_s),
-                          timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections,
-                          h11_max_incomplete_event_size=16 * 1024)  # headers above 16 KiB: 400
-
-
-def _header_timeout_protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol, plus a deadline for each request's headers: uvicorn has none, so a
-    client sending half a request line would hold its connection for ever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeaderTimeoutH11(H11Protocol):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm_header_timer()
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            self._arm_header_timer()  # the next request on this connection gets its own deadline
-
-        def connection_lost(self, exc):
-            timer = getattr(self, "_header_timer", None)
-            if timer is not None:
-                timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm_header_timer(self):
-            timer = getattr(self, "_header_timer", None)
-            if timer is not None:
-                timer.cancel()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
-
-        def _header_timeout(self):
-            # IDLE: h11 has not yet seen a whole request line and headers since the timer started
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
-
-    return HeaderTimeoutH11
 
 
 @contextlib.contextmanager

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from ._io import JsonlLog
+from .data import Pair
+
 FINISHES = ("stop", "length", "refused", "malformed")
 _REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry, |i can(no|')t (help|assist)|i cannot (help|assist|provide)"
                          r"|as an ai\b|i'?m unable to|i am unable to)", re.I)
@@ -85,62 +88,6 @@ def generate(teacher: Teacher, chats: list[Chat], max_tokens: int) -> list[Answe
     for i, answer in teacher.stream(chats, max_tokens):
         out[i] = answer
     return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- crash-safe JSONL logs
-
-class JsonlLog:
-    """An append-only JSONL file: each row is flushed and fsynced; a torn last line is dropped.
-
-    `rows()` reads the file; bytes after the last newline (a write cut short by a crash) are
-    truncated away, and a bad complete line raises a ValueError naming file and line.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._f = None
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # bytes up to the end of the last complete line
-        rows = []
-        for n, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{self.path}:{n}: malformed JSON line ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{self.path}:{n}: expected a JSON object")
-            rows.append(row)
-        if end < len(data):  # a write cut short by a crash: cut it off before appending again
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        return rows
-
-    def open(self) -> "JsonlLog":
-        """Create the file if missing (empty) and keep it open for appending: readers of a run
-        that appended nothing still find the file."""
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
-            os.fsync(self._f.fileno())
-        return self
-
-    def append(self, row: dict) -> None:
-        self.open()
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 # ---------------------------------------------------------------- teachers
@@ -481,16 +428,6 @@ def parse_teacher(spec: str, *, batch_size: int = 16, concurrency: int = 8, time
 
 # ---------------------------------------------------------------- judges
 
-@dataclass(frozen=True)
-class Pair:
-    """One (query, item) to judge."""
-
-    query_id: str
-    query: str
-    item_id: str
-    title: str
-
-
 JUDGE_SYSTEM = "You are a relevance judge for an e-commerce search platform."
 JUDGE_USER = ('Search query: "{query}"\nProduct: "{title}"\n'
               "Would a shopper who typed this query be satisfied to find this product? Answer yes or no.")
@@ -516,7 +453,7 @@ class LLMJudge:
         self.teacher, self.max_tokens, self.name = teacher, max_tokens, f"llm({teacher.name})"
 
     def __call__(self, pairs: list[Pair]) -> list[bool | None]:
-        chats = [Chat(JUDGE_SYSTEM, JUDGE_USER.format(query=p.query, title=p.title)) for p in pairs]
+        chats = [Chat(JUDGE_SYSTEM, JUDGE_USER.format(query=p.query, title=p.item_title)) for p in pairs]
         return [parse_yes_no(a.text) for a in generate(self.teacher, chats, self.max_tokens)]
 
 
@@ -546,7 +483,7 @@ class CrossEncoderJudge:
     def __call__(self, pairs: list[Pair]) -> list[bool | None]:
         if not pairs:
             return []
-        scores = self.model.predict([(p.query, p.title) for p in pairs], batch_size=self.batch_size,
+        scores = self.model.predict([(p.query, p.item_title) for p in pairs], batch_size=self.batch_size,
                                     show_progress_bar=False)
         return [bool(s >= self.threshold) for s in scores]
 

@@ -71,6 +71,23 @@ class Query:
     hard: bool | None = None
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A query and one item relevant to it: a training example (`lrem.train`; for cold start
+    with the teacher's CoT) or a (query, item) for a judge to rate (`lrem.teachers`)."""
+
+    query_id: str
+    query: str
+    item_id: str
+    item_title: str
+    cot: str | None = None  # None: no teacher CoT (embedded after an empty CoT, no SFT target)
+
+    @property
+    def title(self) -> str:
+        """The item's title (what the judges call it)."""
+        return self.item_title
+
+
 @dataclass
 class Dataset:
     catalog: dict[str, Item]

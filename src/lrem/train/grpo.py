@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import rewards as R
+from .._io import append_jsonl
 from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from .dev_eval import log_dev, make_dev_eval
@@ -239,11 +239,12 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
             if main:
                 for k, v in vals.items():
                     writer.add_scalar(k, v, done)
-                _append(out / HISTORY, {"step": done, **vals})
-                _append(out / SAMPLES, *[{"step": done, "query": batch_pairs[r // cfg.num_generations].query,
-                                          "completion": batch["completions"][r], "reward": round(scored["reward"][r].item(), 4),
-                                          "rank": int(scored["ranks"][r])}
-                                         for r in range(0, len(rows), max(1, len(rows) // cfg.samples_per_log))])
+                append_jsonl(out / HISTORY, {"step": done, **vals})
+                append_jsonl(out / SAMPLES, *[{"step": done, "query": batch_pairs[r // cfg.num_generations].query,
+                                               "completion": batch["completions"][r],
+                                               "reward": round(scored["reward"][r].item(), 4),
+                                               "rank": int(scored["ranks"][r])}
+                                              for r in range(0, len(rows), max(1, len(rows) // cfg.samples_per_log))])
             bar.set_postfix(reward=f"{vals['reward/total']:.3f}", rank=f"{vals['rank/mean']:.2f}",
                             loss=f"{vals['loss/total']:.4f}")
         state["step"] = done
@@ -270,15 +271,6 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     acc.wait_for_everyone()
     acc.end_training()
     return state
-
-
-def _append(path: Path, *rows: dict) -> None:
-    """Append JSON lines and flush them to disk (a log that survives a kill; resumed runs append)."""
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def plot_curves(history: Path, png: Path) -> None:

@@ -18,14 +18,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir, claim_dir, prepare_output, write_json
-from ..data import DataError, read_jsonl
+from ..data import DataError, Pair, read_jsonl  # Pair: one training example
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
 from .dev_eval import log_dev, make_dev_eval
@@ -36,17 +35,6 @@ TRAIN_STATE = "train_state.json"
 RL_PAIRS = "rl_pairs.jsonl"  # the pairs held back for `lrem train rl`
 EXTRA = "extra.pt"  # a checkpoint's trainer state beyond optimizer, scheduler and RNG
 REQUIRED = ("query_id", "query", "item_id", "item_title")
-
-
-@dataclass
-class Pair:
-    """One training example: a query, a relevant item and, for cold start, the teacher CoT."""
-
-    query_id: str
-    query: str
-    item_id: str
-    item_title: str
-    cot: str | None = None  # None: no teacher CoT (embedded after an empty CoT, no SFT target)
 
 
 # ---------------------------------------------------------------- data

@@ -1,0 +1,114 @@
+"""Settings of `lrem serve` (`ServeConfig`): a YAML file of these keys (`--config`), then flags.
+
+    ServeConfig.from_yaml("serve.yaml", sets=["max_batch=32"], port=9000)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .router import LearnedRouter, Router
+
+ROUTER_KINDS = ("model", "margin")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `lrem serve`; a YAML file of these keys (`--config`) and flags override them."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on (0.0.0.0: all)."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    # Batching
+    max_batch: int = field(default=16, metadata={"help": "Most texts run through the model in one call."})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch's first text waits for others."})
+    max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
+    # Cache
+    cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
+    cache_path: str = field(default="", metadata={"help": ".npz loaded at start, written at shutdown; '': none."})
+    # Router (mode=auto)
+    router_kind: str = field(default="model", metadata={
+        "help": "model: the model folder's learned router (router.json, `lrem router fit`) when it has one, else "
+                "the margin router; margin: the margin router (router_margin, router_long_words) always."})
+    router_margin: float = field(default=0.02, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
+    router_share: float = field(default=0.0, metadata={
+        "help": "0: fixed router_margin (or the learned router's threshold). Else a budget: reason on about this "
+                "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "
+                "router, tracking that quantile of recent queries (score scales differ between models)."})
+    router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
+    # Limits: breaking one is a 4xx with a message naming the limit
+    max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
+    max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
+    max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call."})
+    max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
+    request_timeout_s: float = field(default=30.0, metadata={"help": "Time one request may take (503 after)."})
+    # Slow or idle clients: each holds a connection, so bound how long they may take
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "Time a connection may take to send a request's headers (closed after)."})
+    body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
+    max_connections: int = field(default=256, metadata={"help": "Open connections and requests beyond this get a 503."})
+    keep_alive_s: int = field(default=5, metadata={"help": "Idle keep-alive connections are closed after this."})
+    # Access
+    api_key: str = field(default="", metadata={
+        "help": "Require `Authorization: Bearer KEY` on every endpoint but /health(z); '': the environment "
+                "variable LREM_API_KEY, if set, else no key."})
+
+    def __post_init__(self):
+        for f in fields(self):
+            v, want = getattr(self, f.name), type(f.default)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
+            if not (isinstance(v, str) if want is str else number):
+                raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
+            if want is not str and v < 0:
+                raise ValueError(f"{f.name}={v}; must be >= 0")
+        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue",
+                     "max_connections", "keep_alive_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}; must be > 0")
+        if self.port > 65535:
+            raise ValueError(f"port={self.port}; must be <= 65535")
+        if self.router_kind not in ROUTER_KINDS:
+            raise ValueError(f"router_kind={self.router_kind!r}; expected one of {', '.join(ROUTER_KINDS)}")
+        self.router()  # checks the router settings
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, sets: list[str] = (), **overrides) -> "ServeConfig":
+        """Defaults, then the YAML file's keys, then `sets` ("key=value", value read as YAML), then
+        `overrides` (None values are skipped).
+
+        >>> ServeConfig.from_yaml(sets=["max_batch=4", "cache_path=/tmp/c.npz"], port=9000).max_batch
+        4
+        """
+        import yaml
+
+        from lrem._config import load_config
+
+        values = {}
+        for item in sets:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            try:
+                values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError as e:  # also a `!!python/...` tag, which safe_load refuses
+                raise ValueError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return load_config(cls, path, values)
+
+    def router(self, learned: LearnedRouter | None = None) -> Router | LearnedRouter:
+        """The router of mode=auto: `learned` (the model's, if any) held to `router_share` when
+        router_kind is "model", else the margin router of these settings."""
+        if learned is not None and self.router_kind == "model":
+            return learned.with_share(self.router_share)
+        return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
+
+    def key(self) -> str:
+        """The API key in force: `api_key`, else $LREM_API_KEY, else '' (none)."""
+        return self.api_key or os.environ.get("LREM_API_KEY", "")
+
+    def public(self) -> dict:
+        """The settings, with the API key hidden (for /info and logs)."""
+        return {**asdict(self), "api_key": "(set)" if self.key() else ""}

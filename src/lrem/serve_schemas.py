@@ -1,0 +1,73 @@
+"""The JSON bodies of `lrem serve`: requests, responses and errors (pydantic models, so FastAPI
+checks requests and the OpenAPI schema at /openapi.json describes them)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
+                    "lrem-item": "item"}  # /v1/embeddings `model` -> what is embedded
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
+                       examples=["a drink stronger than tea"])
+    k: int = Field(10, ge=1, description="Items to return (at most max_k).")
+    mode: Literal["auto", "reason", "direct"] = Field(
+        "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides.")
+
+
+class SearchItem(BaseModel):
+    item_id: str
+    title: str
+    score: float = Field(description="Cosine similarity of query and item embeddings.")
+
+
+class SearchResponse(BaseModel):
+    query: str = Field(description="The normalised query that was embedded.")
+    cot: str = Field(description="The reasoning the query was embedded after ('' when none).")
+    mode_used: Literal["reason", "direct"]
+    cached: bool = Field(description="True when every embedding came from the cache.")
+    items: list[SearchItem]
+    timings_ms: dict[str, float] = Field(description="direct, reason (embedding, incl. queueing), index, total.")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+    input: str | list[str] = Field(description="A text or a list of at most max_inputs texts.")
+    model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
+    dimensions: int | None = Field(None, description="1 to the model's dimension (GET /info: dim). Below it, the "
+                                   "first `dimensions` values, renormalised to unit length (Matryoshka-style; "
+                                   "retrieval quality below the full size is untested).")
+    truncate: bool = Field(False, description="An input over the model's token limit (max_query_tokens or "
+                           "max_item_tokens): false, a 422 naming the limit; true, cut to it (counted in /metrics).")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    cot: str = Field("", description="lrem extension: the reasoning a query was embedded after.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+def error_body(status: int, message: str, **extra) -> dict:
+    """Every error's JSON: FastAPI's `detail` plus OpenAI's `error` object (its clients read that)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = "invalid_api_key" if status == 401 else status
+    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": code}, **extra}

@@ -1,0 +1,110 @@
+"""What `lrem serve`'s endpoints call: `SearchService` (cache, batcher, router and searcher) and
+its Prometheus metrics. No web framework in here: the HTTP layer is `lrem.serve`.
+
+A query's text is looked up in the cache of (kind, text) -> (CoT, embedding); misses go to the
+`Batcher`, whose one worker runs the model. `Searcher.route` decides which embeddings a query
+needs (the same direct -> route -> reason steps as `lrem eval`'s auto mode).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from .batching import Batcher, EmbeddingCache
+from .serve_config import ServeConfig
+
+
+class ServeMetrics:
+    """Prometheus metrics of one app (its own registry, so several apps can share a process)."""
+
+    def __init__(self, service: "SearchService"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lrem_http_requests", "HTTP requests by path and status.", ["path", "status"], registry=r)
+        self.latency = Histogram("lrem_http_request_seconds", "HTTP request latency by path.", ["path"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.batch_size = Histogram("lrem_batch_size", "Texts per model call, by kind (direct, reason, item).",
+                                    ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_seconds = Histogram("lrem_batch_seconds", "Time of one model call, by kind.", ["kind"], registry=r,
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.cache = Counter("lrem_cache_lookups", "Cache lookups by kind and result (hit, miss).",
+                             ["kind", "result"], registry=r)
+        self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
+                               registry=r)
+        self.truncated = Counter("lrem_truncated_inputs", "Inputs cut to the model's token limit, by side "
+                                 "(query, item).", ["side"], registry=r)
+        Gauge("lrem_cache_hit_rate", "Cache hits / lookups since start.", registry=r).set_function(
+            lambda: service.cache.hit_rate)
+        Gauge("lrem_cache_entries", "Entries in the cache.", registry=r).set_function(lambda: len(service.cache))
+        Gauge("lrem_router_reason_share", "Share of mode=auto queries the router sent to reasoning.",
+              registry=r).set_function(lambda: service.reasoned_share)
+        Gauge("lrem_queue_depth", "Texts waiting for the model.", registry=r).set_function(
+            lambda: service.batcher.pending)
+
+    def observe_batch(self, kind: str, n: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(n)
+        self.batch_seconds.labels(kind).observe(seconds)
+
+
+class SearchService:
+    """What the endpoints call: cache, batcher, router and index around one `Searcher`."""
+
+    def __init__(self, searcher, config: ServeConfig):
+        self.searcher, self.config = searcher, config
+        self.router = config.router(getattr(searcher.model, "router", None))
+        model = searcher.model
+        self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
+        self.cache = EmbeddingCache(config.cache_size)
+        self.n_auto = self.n_auto_reasoned = 0
+        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
+        self.metrics = ServeMetrics(self)
+        self.batcher.on_batch = self.metrics.observe_batch
+
+    @property
+    def reasoned_share(self) -> float:
+        return self.n_auto_reasoned / self.n_auto if self.n_auto else 0.0
+
+    def _encode(self, kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Runs in the model thread: one model call for a batch of texts of one kind."""
+        model = self.searcher.model
+        if kind == "item":
+            return [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
+        enc = model.encode_queries(texts, mode=kind, batch_size=len(texts))
+        return enc.cots, enc.embeddings
+
+    async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
+        """(cot, embedding, from_cache) for one normalised text."""
+        hit = self.cache.get((kind, text))
+        self.metrics.cache.labels(kind, "miss" if hit is None else "hit").inc()
+        if hit is not None:
+            return hit[0], hit[1], True
+        cot, emb = await self.batcher.submit(kind, text)
+        self.cache.put((kind, text), (cot, emb))
+        return cot, emb, False
+
+    async def query(self, text: str, mode: str, k: int) -> dict:
+        """Embed (direct, reason, or direct then routed: `Searcher.route`), search; a
+        `SearchResponse` as a dict, plus the embedding the items were found with."""
+        t_start, hits = time.perf_counter(), []
+
+        async def embed(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+            rows = [await self.embed(kind, t) for t in texts]  # one text: the batcher batches across requests
+            hits.extend(hit for _, _, hit in rows)
+            return [cot for cot, _, _ in rows], np.stack([emb for _, emb, _ in rows])  # (n, dim)
+
+        routed = await self.searcher.route([text], k, mode, embed=embed, router=self.router,
+                                           offload=asyncio.to_thread)  # FAISS off the event loop
+        [result], [reasoned] = routed.results, routed.reasoned
+        mode_used = "reason" if reasoned else "direct"
+        if mode == "auto":
+            self.n_auto += 1
+            self.n_auto_reasoned += reasoned
+        self.metrics.queries.labels(mode, mode_used).inc()
+        title = self.searcher.index.title
+        items = [{"item_id": h.item_id, "title": title(h.item_id), "score": h.score} for h in result.hits]
+        return {"query": text, "cot": result.cot, "mode_used": mode_used, "cached": all(hits), "items": items,
+                "embedding": routed.embeddings[0],
+                "timings_ms": {**routed.timings_ms, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
