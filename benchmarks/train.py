@@ -24,7 +24,8 @@ from lrem.losses import IGNORE, LREMLoss
 from lrem.model import shared_prefix_len
 from lrem.train import SFTConfig
 from lrem.train.lora import add_lora, trainable_parameters
-from lrem.train.sft import Pair, collate
+from lrem.train.pairs import Pair
+from lrem.train.sft import collate
 
 COTS = ["corkscrew, wine opener, bottle opener", "wool socks, slippers, foot warmer", "coffee, espresso, energy drink",
         "moisturizer, face cream, drugstore skincare", "toddler clothes, 18-24 months, boys t-shirt",

@@ -39,9 +39,9 @@ def main() -> None:
     from lrem.losses import GRPOLoss
     from lrem.model import LREM
     from lrem.train import RLConfig
-    from lrem.train.grpo import collate_rollouts, load_rl_pairs, score_rollouts
+    from lrem.train.grpo import collate_rollouts, score_rollouts
+    from lrem.train.pairs import batch_indices, load_rl_pairs
     from lrem.train.rank_pool import RankPool, load_catalog
-    from lrem.train.sft import batch_indices
 
     model = LREM.from_pretrained(args.model, dtype="float32")
     data, _ = load_rl_pairs(args.pairs)

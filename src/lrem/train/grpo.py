@@ -17,25 +17,22 @@ depend only on (seed, step). `lora_r` > 0 trains LoRA adapters as in stage 1 (`l
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import rewards as R
 from .._io import append_jsonl
-from ..prompts import PromptConfig
 from ..losses import IGNORE, GRPOLoss, group_advantages
-from .dev_eval import log_dev, make_dev_eval
+from ..prompts import PromptConfig
 from .grpo_config import RLConfig
-from .lora import add_lora, lora_settings, merge_lora
+from .lora import lora_settings
+from .loop import Run
+from .pairs import Pair, batch_indices, load_rl_pairs, pad
 from .rank_pool import RankPool, load_catalog
-from .sft import (RL_PAIRS, Pair, _pad, _save_final, batch_indices, check_output, check_resume, claim_output,
-                  load_checkpoint, load_checkpoint_extra, load_triplets, make_optimizer, mixed_precision,
-                  resume_source, save_checkpoint)
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
@@ -62,13 +59,13 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
         tgt.append(target)
         completions.append(tok.decode(target, skip_special_tokens=False))
         cot_tokens.append(len(cot))
-    ids, mask = _pad(seqs, tok.pad_token_id)
-    d_ids, d_mask = _pad(tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"],
-                         tok.pad_token_id)
+    ids, mask = pad(seqs, tok.pad_token_id)
+    d_ids, d_mask = pad(tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"],
+                        tok.pad_token_id)
     qid, iid = [p.query_id for p in pairs], [p.item_id for p in pairs]
     exclude = torch.tensor([[qid[r // g_n] == qid[j] or iid[r // g_n] == iid[j] for j in range(len(pairs))]
                             for r in range(len(gen))])  # (R, N) other positives of the rollout's query
-    return {"ids": ids, "mask": mask, "lp_pos": _pad(pos, 0)[0], "lp_tgt": _pad(tgt, IGNORE)[0],
+    return {"ids": ids, "mask": mask, "lp_pos": pad(pos, 0)[0], "lp_tgt": pad(tgt, IGNORE)[0],
             "d_ids": d_ids, "d_mask": d_mask, "exclude": exclude,
             "labels": torch.arange(len(gen)) // g_n, "completions": completions, "cot_tokens": cot_tokens}
 
@@ -91,15 +88,6 @@ def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig,
     return {"parts": parts, "reward": total, "ranks": ranks.cpu(), "advantages": adv, "n_items": n_items}
 
 
-def load_rl_pairs(pairs=None, init=None) -> tuple[list[Pair], Path]:
-    """The RL pairs: `pairs` (a JSONL of query_id, query, item_id, item_title), or the
-    `rl_pairs.jsonl` stage 1 held back in its output folder `init`."""
-    path = Path(pairs) if pairs else Path(init) / RL_PAIRS
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no RL pairs (train stage 1 with --data and rl_holdout > 0, or pass --pairs)")
-    return [Pair(p.query_id, p.query, p.item_id, p.item_title) for p in load_triplets(path)], path
-
-
 def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_after_step: int | None = None,
              overwrite: bool = False, log=print) -> dict:
     """Train the stage-1 model `init` with GRPO + InfoNCE on the RL pairs and write the model folder `out`.
@@ -114,83 +102,50 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         overwrite: (without `resume`) start over in `out`, an earlier lrem output, deleting it.
     Returns the train state (also written to `out/train_state.json`).
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     from ..model import LREM
 
-    out = Path(out)
-    AcceleratorState._reset_state()  # see lrem.train.sft.train
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.bf16))
-    main = acc.is_main_process
-    say = log if main else (lambda *_: None)
-    torch.manual_seed(cfg.seed)
-    ckpt = check_output(out, resume, overwrite, inputs=(init, pairs))
+    run = Run(cfg, out, resume, overwrite, inputs=(init, pairs), log=log)
+    acc, say, out = run.acc, run.say, run.out
     data, data_path = load_rl_pairs(pairs, init)
-    check_resume(ckpt, cfg)
-    model = LREM.from_pretrained(resume_source(ckpt, cfg, init), dtype="float32", log=say)
-    model.source = str(init)
+    model = run.load_model(init, str(init))
     if cfg.cot_max_tokens is None:  # the prompt config owns l: the policy's, unless this run sets it
         cfg = dataclasses.replace(cfg, cot_max_tokens=model.config.cot_max_tokens)
     if cfg.rollout_max_tokens < cfg.cot_max_tokens:
         raise ValueError(f"rollout_max_tokens={cfg.rollout_max_tokens} < cot_max_tokens={cfg.cot_max_tokens}")
     model.config.cot_max_tokens = cfg.cot_max_tokens
-    adapter = add_lora(model, cfg, ckpt) if cfg.lora_r else None
+    run.add_lora(model)
     ref = None  # the frozen stage-1 model, only for the KL term
     if cfg.kl_coef > 0:
         ref_model = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False)
         ref = GRPOLoss(ref_model, sampling_temperature=cfg.sampling_temperature)
 
-    world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
+    world, rank, bs, g_n = run.world, run.rank, cfg.batch_size, cfg.num_generations
     per_epoch = len(data) // (bs * world)
     if per_epoch == 0:
         raise ValueError(f"{data_path}: {len(data)} pairs, fewer than one global batch ({bs} x {world} processes)")
     total = cfg.max_steps or per_epoch * cfg.num_epochs
-    warmup = int(round(cfg.warmup_ratio * total))
-    say(f"{len(data)} RL pairs from {data_path}, {world} process(es) x {bs} queries x G={cfg.num_generations}, "
+    say(f"{len(data)} RL pairs from {data_path}, {world} process(es) x {bs} queries x G={g_n}, "
         f"{total} steps, config {json.dumps(cfg.to_dict())}")
 
     pool = RankPool(cfg.rank_pool, data, load_catalog(cfg.rank_data) if cfg.rank_data else None,
-                    cfg.hard_negatives, cfg.refresh_steps, cfg.pool_items, cfg.num_generations, cfg.seed)
+                    cfg.hard_negatives, cfg.refresh_steps, cfg.pool_items, g_n, cfg.seed)
     say(f"r_acc ranks among: {pool}")
-    dev = make_dev_eval(cfg, None, "reason") if main else None
-    if dev is not None:
-        say(f"dev eval every {cfg.eval_steps} steps: {dev}")
+    dev = run.dev_eval(None, "reason")
     model.lm.train()
     loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps, cfg.kl_coef,
                        cfg.sampling_temperature)
-    optimizer, scheduler = make_optimizer(loss_fn, cfg, total, warmup)
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, optimizer, scheduler, {"world_size": world, "total_steps": total,
-                                "seed": cfg.seed, "batch_size": bs, "examples": len(data)})
-        pool.load_state_dict(load_checkpoint_extra(ckpt))  # the bank an uninterrupted run would hold
-        say(f"resuming from {ckpt} at step {start}")
-    wrapped, optimizer = acc.prepare(loss_fn, optimizer)
-
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        claim_output(out, resume, overwrite)
-        writer = SummaryWriter(str(out / "tb"))
-        if start == 0:  # a fresh run: no history of an earlier one
-            for name in (HISTORY, SAMPLES):
-                (out / name).unlink(missing_ok=True)
-    state = {"step": start, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
+    state = {"step": 0, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
              "examples": len(data), "precision": acc.mixed_precision, "init": str(init), "pairs": str(data_path),
              "config": cfg.to_dict(), "lora": lora_settings(cfg), "last": {}}
-    end = min(total, stop_after_step or total)
-    t0 = time.time()
-    bar = tqdm(range(start, end), initial=start, total=total, desc="rl", unit="step", disable=not main)
-    for step in bar:
+
+    def rl_step(step: int) -> dict:
         t_step = time.time()
         batch_pairs = [data[i] for i in batch_indices(len(data), step, bs, world, rank, cfg.seed)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # (seed, step, rank) only
         with acc.autocast():  # the bank (mined, catalog) follows the weights every refresh_steps
-            pool.refresh(model, step, show_progress=main)
+            pool.refresh(model, step, show_progress=run.main)
         model.lm.eval()
-        rows = model.sample_cots([p.query for p in batch_pairs], cfg.num_generations, cfg.sampling_temperature,
+        rows = model.sample_cots([p.query for p in batch_pairs], g_n, cfg.sampling_temperature,
                                  cfg.top_p, cfg.rollout_max_tokens, generator=gen)
         model.lm.train()
         batch = collate_rollouts(model, batch_pairs, rows, cfg)
@@ -202,7 +157,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                 ref_logp = ref(tensors, items=False)["logp"]
         for it in range(cfg.num_iterations):
             with acc.autocast():
-                pol = wrapped(tensors)
+                pol = run.wrapped(tensors)
             if it == 0:
                 with acc.autocast():
                     ranked = pool.ranks(model, batch_pairs, pol["q"], pol["d"], batch)
@@ -212,65 +167,44 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                 adv, old_logp = scored["advantages"].to(acc.device), pol["logp"].detach()
             parts, info = loss_fn.loss(pol, tensors, adv, old_logp, ref_logp)
             loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
-            acc.backward(loss)
-            # the norm before clipping (max_grad_norm 0: an infinite bound, which scales by 1)
-            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == end:
-            dt = time.time() - t_step
-            vals = {f"loss/{k}": v.detach().float() for k, v in {**parts, "total": loss}.items()}
-            vals |= {f"reward/{k}": torch.tensor(v).mean() for k, v in scored["parts"].items()}
-            reward = scored["reward"].view(-1, cfg.num_generations)
-            vals |= {"reward/total": reward.mean(), "reward/group_std": reward.std(dim=1).mean(),
-                     "advantage/abs_mean": scored["advantages"].abs().mean(),
-                     "advantage/zero_groups": (reward.std(dim=1) == 0).float().mean(),
-                     "rank/mean": scored["ranks"].float().mean(), "rank/top1": (scored["ranks"] == 1).float().mean(),
-                     "rank/items": torch.tensor(float(scored["n_items"])),
-                     "cot/tokens": torch.tensor(batch["cot_tokens"], dtype=torch.float).mean(),
-                     **{f"policy/{k}": torch.tensor(v) for k, v in info.items()}}
-            vals = {k: acc.reduce(v.to(acc.device).float(), "mean").item() for k, v in vals.items()}
-            vals |= {"lr": lr, "grad_norm": float(grad_norm),
-                     "time/step_s": dt, "time/sample_s": t_sample, "time/rollouts_per_s": len(rows) * world / dt}
-            state["last"] = vals
-            if main:
-                for k, v in vals.items():
-                    writer.add_scalar(k, v, done)
-                append_jsonl(out / HISTORY, {"step": done, **vals})
-                append_jsonl(out / SAMPLES, *[{"step": done, "query": batch_pairs[r // cfg.num_generations].query,
-                                               "completion": batch["completions"][r],
-                                               "reward": round(scored["reward"][r].item(), 4),
-                                               "rank": int(scored["ranks"][r])}
-                                              for r in range(0, len(rows), max(1, len(rows) // cfg.samples_per_log))])
-            bar.set_postfix(reward=f"{vals['reward/total']:.3f}", rank=f"{vals['rank/mean']:.2f}",
-                            loss=f"{vals['loss/total']:.4f}")
-        state["step"] = done
-        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == end):
-            acc.wait_for_everyone()
-            if dev is not None:
-                state["dev"] = log_dev(dev, model, done, writer, bar)
-        if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):
-            acc.wait_for_everyone()
-            if main:
-                save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit, adapter,
-                                pool.state_dict())
-    bar.close()
-    state["seconds"] = round(time.time() - t0, 2)
-    acc.wait_for_everyone()
-    if writer is not None:
-        writer.close()
-    if main and state["step"] == total:
-        plot_curves(out / HISTORY, out / CURVES)
-        if adapter is not None:
-            merge_lora(model, adapter)
-        _save_final(out, model, state, keep=("checkpoints", "tb", HISTORY, SAMPLES, CURVES))
-        say(f"wrote {out} ({total} steps, {state['seconds']:.0f} s)")
-    acc.wait_for_everyone()
-    acc.end_training()
-    return state
+            grad_norm, lr = run.optimize(loss)
+        return {"pairs": batch_pairs, "batch": batch, "rows": len(rows), "scored": scored, "parts": parts,
+                "loss": loss, "info": info, "grad_norm": grad_norm, "lr": lr, "t_step": t_step, "t_sample": t_sample}
+
+    def log_step(done: int, r: dict):
+        dt = time.time() - r["t_step"]
+        scored, batch, n_rows = r["scored"], r["batch"], r["rows"]
+        vals = {f"loss/{k}": v.detach().float() for k, v in {**r["parts"], "total": r["loss"]}.items()}
+        vals |= {f"reward/{k}": torch.tensor(v).mean() for k, v in scored["parts"].items()}
+        reward = scored["reward"].view(-1, g_n)
+        vals |= {"reward/total": reward.mean(), "reward/group_std": reward.std(dim=1).mean(),
+                 "advantage/abs_mean": scored["advantages"].abs().mean(),
+                 "advantage/zero_groups": (reward.std(dim=1) == 0).float().mean(),
+                 "rank/mean": scored["ranks"].float().mean(), "rank/top1": (scored["ranks"] == 1).float().mean(),
+                 "rank/items": torch.tensor(float(scored["n_items"])),
+                 "cot/tokens": torch.tensor(batch["cot_tokens"], dtype=torch.float).mean(),
+                 **{f"policy/{k}": torch.tensor(v) for k, v in r["info"].items()}}
+        vals = {k: acc.reduce(v.to(acc.device).float(), "mean").item() for k, v in vals.items()}
+        vals |= {"lr": r["lr"], "grad_norm": float(r["grad_norm"]),
+                 "time/step_s": dt, "time/sample_s": r["t_sample"], "time/rollouts_per_s": n_rows * world / dt}
+        state["last"] = vals
+        if run.main:
+            append_jsonl(out / HISTORY, {"step": done, **vals})
+            append_jsonl(out / SAMPLES, *[{"step": done, "query": r["pairs"][i // g_n].query,
+                                      "completion": batch["completions"][i], "reward": round(scored["reward"][i].item(), 4),
+                                      "rank": int(scored["ranks"][i])}
+                                     for i in range(0, n_rows, max(1, n_rows // cfg.samples_per_log))])
+        return vals, {"reward": f"{vals['reward/total']:.3f}", "rank": f"{vals['rank/mean']:.2f}",
+                      "loss": f"{vals['loss/total']:.4f}"}
+
+    def on_claim(start: int):
+        if start == 0:  # a fresh run: no history of an earlier one
+            for name in (HISTORY, SAMPLES):
+                (out / name).unlink(missing_ok=True)
+
+    return run.fit(model, loss_fn, total, state, rl_step, log_step, "rl", dev=dev, stop_after_step=stop_after_step,
+                   on_claim=on_claim, extra=pool, before_final=lambda: plot_curves(out / HISTORY, out / CURVES),
+                   keep=("checkpoints", "tb", HISTORY, SAMPLES, CURVES))
 
 
 def plot_curves(history: Path, png: Path) -> None:

@@ -4,14 +4,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from lrem._config import load_config
-from lrem.train.lora import LoraOptions, check_lora
+from lrem.train.base_config import TrainingConfig
 
 
 @dataclass
-class RLConfig(LoraOptions):
+class RLConfig(TrainingConfig):
+    """Stage 2's own fields, and the shared ones (`TrainingConfig`) whose default or meaning differs here."""
+
     # Objective (LREM_SPEC, "Stage 2: RL")
     num_generations: int = field(default=8, metadata={"help": "G: CoTs sampled per query (paper: 8)."})
     grpo_weight: float = field(default=1.0, metadata={"help": "Weight of L_GRPO (paper: 1.0)."})
@@ -48,50 +49,31 @@ class RLConfig(LoraOptions):
                 "RL positive (bounds the refresh cost)."})
     rank_data: str | None = field(default=None, metadata={
         "help": "mined, catalog: dataset folder whose catalog the item bank holds (`lrem train rl --data`)."})
-    # Optimisation
+    # Optimisation and logging: TrainingConfig's fields, here with stage 2's defaults and meaning
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW lr (paper: 1e-6)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warmup share (paper: 3%)."})
-    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or constant."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 = off."})
     batch_size: int = field(default=16, metadata={
         "help": "Queries per process per step (N: their positives are the items r_acc ranks among)."})
     num_epochs: int = field(default=1, metadata={"help": "Passes over the RL pairs (paper: 1), unless max_steps."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
-    # Precision, logging and checkpoints
-    bf16: bool | None = field(default=None, metadata={
-        "help": "bfloat16 autocast; None (auto): where the hardware has it natively (see SFTConfig.bf16)."})
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
     eval_steps: int = field(default=0, metadata={
         "help": "Every N steps (and at the end), dev hitrate@10 and nDCG@10 on a small fixed sample go to "
                 "TensorBoard (dev/...) and train_state.json; 0 = off. Needs eval_data."})
     eval_data: str | None = field(default=None, metadata={"help": "Dataset folder for eval_steps."})
-    eval_split: str = field(default="dev", metadata={"help": "Split the eval queries come from."})
-    eval_queries: int = field(default=32, metadata={"help": "Queries in the fixed eval sample."})
-    eval_distractors: int = field(default=500, metadata={
-        "help": "Catalog items besides the sample's judged ones (re-embedded at each eval)."})
     samples_per_log: int = field(default=4, metadata={"help": "Rollouts (query, CoT, reward) written to samples.jsonl per log."})
 
     def __post_init__(self):
-        check_lora(self)
-        if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
-            raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
-                             f"eval_distractors={self.eval_distractors}; need >= 0, >= 1, >= 0")
+        super().__post_init__()
         if self.cot_max_tokens is not None and self.cot_max_tokens < 1:
             raise ValueError(f"cot_max_tokens={self.cot_max_tokens}; need >= 1 (or null for the policy's own)")
-        for name in ("num_generations", "batch_size", "rollout_max_tokens", "num_iterations",
-                     "num_epochs", "logging_steps"):
+        for name in ("num_generations", "rollout_max_tokens", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations}; GRPO compares rollouts, need >= 2")
         if self.batch_size < 2:
             raise ValueError(f"batch_size={self.batch_size}; r_acc ranks among the batch's items, need >= 2")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps}; need >= 1 (or null for num_epochs)")
         if self.rollout_max_tokens < (self.cot_max_tokens or 0):
             raise ValueError(f"rollout_max_tokens={self.rollout_max_tokens} < cot_max_tokens={self.cot_max_tokens}")
         for name in ("grpo_weight", "infonce_weight", "format_weight", "length_weight", "acc_weight", "kl_coef"):
@@ -101,8 +83,6 @@ class RLConfig(LoraOptions):
             raise ValueError("temperature, sampling_temperature and learning_rate must be > 0")
         if not 0 < self.top_p <= 1 or not 0 < self.clip_eps < 1:
             raise ValueError(f"top_p={self.top_p}, clip_eps={self.clip_eps}; need 0 < top_p <= 1, 0 < clip_eps < 1")
-        if not 0 <= self.warmup_ratio < 1 or self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"warmup_ratio={self.warmup_ratio}, lr_schedule={self.lr_schedule!r}")
         if self.rank_pool not in ("batch", "mined", "catalog"):
             raise ValueError(f"rank_pool={self.rank_pool!r}; choose batch, mined or catalog")
         if self.rank_pool != "batch" and not self.rank_data:
@@ -110,17 +90,7 @@ class RLConfig(LoraOptions):
         if self.hard_negatives < 1 or self.refresh_steps < 1 or self.pool_items < 0:
             raise ValueError(f"hard_negatives={self.hard_negatives}, refresh_steps={self.refresh_steps}, "
                              f"pool_items={self.pool_items}; need >= 1, >= 1, >= 0")
-        if self.save_steps < 0 or self.save_total_limit < 1:
-            raise ValueError(f"save_steps={self.save_steps}, save_total_limit={self.save_total_limit}")
 
     @property
     def reward_weights(self) -> dict[str, float]:
         return {"format": self.format_weight, "length": self.length_weight, "acc": self.acc_weight}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def load(cls, path=None, **overrides) -> "RLConfig":
-        """Defaults, then a YAML file of values, then `overrides` (None values are ignored)."""
-        return load_config(cls, path, overrides)

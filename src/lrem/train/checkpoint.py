@@ -1,0 +1,144 @@
+"""A training run's folder: checkpoints, resume and the final model, for both stages.
+
+    OUT/checkpoints/step-0000100/   model/ (or adapter/ with LoRA), trainer.pt, [extra.pt], train_state.json
+    OUT/                            at the end: the LREM model folder, train_state.json; checkpoints,
+                                    tb/ and the stage's logs moved into it
+
+Every folder is written atomically (`lrem._io.atomic_dir`), so a kill leaves the last complete
+checkpoint; `last_checkpoint` finds it and `load_checkpoint` refuses one from another run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_dir, claim_dir, prepare_output, write_json
+from .lora import ADAPTER, lora_settings, save_adapter
+from .pairs import RL_PAIRS
+
+TRAIN_STATE = "train_state.json"
+EXTRA = "extra.pt"  # a checkpoint's trainer state beyond optimizer, scheduler and RNG
+
+
+def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | None:
+    """Before any work: may `out` be written? Returns the checkpoint to resume from, if any.
+
+    A foreign folder is refused (`lrem._io.prepare_output`), and an earlier run unless `resume`
+    (continue it) or `overwrite` (start over: `claim_output` deletes it).
+    """
+    ckpt = last_checkpoint(out)
+    if ckpt is not None and not (resume or overwrite):
+        raise ValueError(f"{out} already has checkpoints ({ckpt.name}); pass --resume to continue, --overwrite to "
+                         "start over, or use a new --out")
+    prepare_output(out, inputs, overwrite=overwrite, resume=resume,  # e.g. --model runs/a --out runs/a
+                   run_files=("checkpoints",) if resume else ())
+    return ckpt if resume else None
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Once the inputs are checked, before the first write: make `out` lrem's run folder
+    (checkpoints go into it as training goes), deleting an earlier run there for `overwrite`."""
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    claim_dir(out)
+
+
+def last_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder under `out/checkpoints`, or None."""
+    folder = Path(out) / "checkpoints"
+    found = sorted(p for p in folder.glob("step-*") if (p / TRAIN_STATE).exists()) if folder.exists() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, adapter=None,
+                    extra: dict | None = None) -> Path:
+    """Write `out/checkpoints/step-N` (the model, or with LoRA its `adapter`; optimizer, scheduler,
+    RNG, train state; `extra`: more trainer state as tensors, e.g. RL's item bank, read back by
+    `load_checkpoint_extra`) and delete all but the newest `keep`."""
+    path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
+    with atomic_dir(path) as tmp:
+        if adapter is not None:
+            save_adapter(adapter, tmp / ADAPTER)  # the base is the run's own: a few MB instead of the model
+        else:
+            model.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        if extra:
+            torch.save(extra, tmp / EXTRA)
+        write_json(tmp / TRAIN_STATE, state)
+    for old in sorted((Path(out) / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint_extra(ckpt: Path) -> dict:
+    """The `extra` trainer state `save_checkpoint` wrote ({} when none)."""
+    path = Path(ckpt) / EXTRA
+    return torch.load(path, weights_only=True) if path.exists() else {}
+
+
+def check_resume(ckpt: Path | None, cfg) -> None:
+    """Before loading anything from `ckpt`: it continues only a run with the same LoRA settings
+    (a LoRA checkpoint holds an adapter, a full one the model)."""
+    if ckpt is None:
+        return
+    prev, now = json.loads((ckpt / TRAIN_STATE).read_text()).get("lora"), lora_settings(cfg)
+    if prev != now:
+        raise ValueError(f"{ckpt}: LoRA {prev or 'off (full fine-tuning)'} in the checkpoint but "
+                         f"{now or 'off (lora_r=0)'} now; resume needs the same lora_* settings")
+
+
+def resume_source(ckpt: Path | None, cfg, base: str) -> str:
+    """The folder a run's model loads from: the checkpoint's model when full fine-tuning resumes;
+    else `base` (a fresh run, or a LoRA checkpoint, whose adapter goes over the run's own base)."""
+    return str(ckpt / "model") if ckpt is not None and cfg.lora_r == 0 else str(base)
+
+
+def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
+    """Restore optimizer, scheduler and torch RNG from `ckpt`; return the step it ended.
+
+    `expect` (world_size, total_steps, seed, batch_size, examples) must equal the checkpoint's:
+    any other value would not continue the same run.
+    """
+    prev = json.loads((ckpt / TRAIN_STATE).read_text())
+    for key, now in expect.items():
+        if prev[key] != now:
+            raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
+                             "same data, batch, steps, seed and processes")
+    try:  # tensors and plain containers only: a checkpoint file cannot run code when loaded
+        saved = torch.load(ckpt / "trainer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot load the optimizer state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete this checkpoint to resume from an "
+                         "earlier one") from None
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return prev["step"]
+
+
+def training_stage(state: dict) -> dict:
+    """What the model card and lrem_config.json record of a finished run (from its train state)."""
+    cfg = state.get("config", {})
+    name = "rl" if "init" in state else "coldstart" if cfg.get("use_cot", True) else "direct"
+    stage = {"stage": name, "steps": state.get("step"), "examples": state.get("examples"),
+             "data": state.get("pairs") or state.get("data"), "init": state.get("init") or cfg.get("model"),
+             "batch_size": state.get("global_batch_size", state.get("batch_size")),
+             "learning_rate": cfg.get("learning_rate"), "seed": state.get("seed")}
+    if state.get("lora"):  # trained as LoRA adapters (merged into the saved weights)
+        stage["lora"] = state["lora"]
+    return stage
+
+
+def save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS)) -> None:
+    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, stage=training_stage(state))
+        write_json(tmp / TRAIN_STATE, state)
+        for sub in keep:
+            if (out / sub).exists():
+                os.replace(out / sub, tmp / sub)
