@@ -35,6 +35,11 @@ def batches_of(ids, titles, x, size):
 
 
 def test_spec_parsing():
+    import doctest
+
+    import lrem.vectordb
+
+    assert doctest.testmod(lrem.vectordb).failed == 0
     assert parse_spec("milvus:/abs/items.db/wordnet") == ("/abs/items.db", "wordnet")
     assert parse_spec("milvus:http:/127.0.0.1:19530/c_1") == ("http://127.0.0.1:19530", "c_1")  # as pathlib folds it
     for bad in ("milvus:items.db", "milvus:items.db/1abc", "milvus:items/wordnet", "faiss:x/y"):
@@ -67,6 +72,35 @@ def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
         MilvusIndex.open(spec)
     with pytest.raises(ValueError, match="no collection 'absent'"):
         MilvusIndex.open(f"milvus:{tmp_path / 'r.db'}/absent")
+
+
+def test_a_milvus_server_by_http_uri(tmp_path):
+    """The same code against a server: `milvus-lite server` on 127.0.0.1 (what a cluster's URI is)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "srv"),
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, "milvus-lite server exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        x, ids = unit_vectors(120, 16, seed=2), [f"s{j}" for j in range(120)]
+        spec = f"milvus:http://127.0.0.1:{port}/served"
+        upload(spec, batches_of(ids, ids, x, 50), {"model": "m", "dim": 16}, 120, show_progress=False)
+        q = unit_vectors(5, 16, seed=3)
+        assert MilvusIndex.open(spec).search(q, 10)[1] == ItemIndex.from_embeddings(x, ids, ids).search(q, 10)[1]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def test_a_collection_lrem_did_not_create_is_never_touched(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -204,9 +205,10 @@ class MilvusIndex:
         for r, hits in enumerate(res):
             row = []
             for j, h in enumerate(hits):
+                item_id = h["item_id"] if "item_id" in h else h["id"]  # the primary key's name, or "id"
                 scores[r, j] = h["distance"]
-                row.append(h["item_id"])
-                self._titles[h["item_id"]] = h["entity"]["title"]
+                row.append(item_id)
+                self._titles[item_id] = h["entity"]["title"]
             ids.append(row)
         return scores, ids
 
@@ -228,12 +230,30 @@ class MilvusIndex:
         return self._all
 
     @property
-    def item_ids(self) -> list[str]:
-        return self._load_all()[0]
+    def item_ids(self) -> Sequence[str]:
+        """Every item id; `len()` asks nothing, the ids load on first use (e.g. `set(...)`)."""
+        return _Column(self, 0)
 
     @property
-    def titles(self) -> list[str]:
-        return self._load_all()[1]
+    def titles(self) -> Sequence[str]:
+        return _Column(self, 1)
+
+
+class _Column(Sequence):
+    """The item ids or titles of a MilvusIndex: the length from the collection's row count, the
+    values read from the collection only when asked for (`lrem serve` starts without them)."""
+
+    def __init__(self, index: MilvusIndex, which: int):
+        self.index, self.which = index, which
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def __getitem__(self, j):
+        return self.index._load_all()[self.which][j]
+
+    def __iter__(self):
+        return iter(self.index._load_all()[self.which])
 
 
 def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000) -> Iterator[dict]:
