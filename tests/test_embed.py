@@ -92,7 +92,8 @@ def test_resume_skips_written_chunks_and_refuses_other_settings(tmp_path, tiny):
     with pytest.raises(DataError, match=r"embed.json: field 'chunk_size': 4 in the earlier run, 5 now"):
         embed_catalog(tiny, cat, tmp_path / "ch", chunk_size=5, show_progress=False)
     with pytest.raises(DataError, match="catalog_sha1"):
-        embed_catalog(tiny, catalog(21), tmp_path / "ch", chunk_size=4, show_progress=False)
+        embed_catalog(tiny, {("x0" if k == "i0" else k): v for k, v in cat.items()}, tmp_path / "ch", chunk_size=4,
+                      show_progress=False)
 
 
 def test_float16_chunks_and_damaged_chunks(tmp_path, tiny):

@@ -295,7 +295,8 @@ def embed(
 
     from lrem._threads import set_threads
     from lrem.data import load_dataset
-    from lrem.embed import MANIFEST, VECTOR_DTYPES, embed_catalog
+    from lrem._io import OutputError
+    from lrem.embed import CHUNKS, MANIFEST, VECTOR_DTYPES, embed_catalog
     from lrem.model import LREM, default_model
 
     if vector_dtype not in VECTOR_DTYPES:
@@ -303,6 +304,11 @@ def embed(
                                  param_hint="--vector-dtype")
     model = model or default_model()
     _output(out, data, model if Path(model).exists() else None, resume=True, run_files=(MANIFEST,))
+    other = sorted(p.name for p in out.iterdir() if p.name[:1] != "." and p.name not in (MANIFEST, CHUNKS)) \
+        if out.is_dir() else []  # (".": the marker, temp files of a rank writing the manifest)
+    if other:  # another command's lrem output (an index, a model): never mixed with chunks
+        raise OutputError(f"--out {out}: holds {', '.join(other[:3])}, not a chunk folder of `lrem embed`; "
+                          "choose a new folder")
     ds = load_dataset(data)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))  # ranks wait for the slowest
     rank, world = state.process_index, state.num_processes

@@ -19,6 +19,7 @@ only the others, so a killed upload rerun writes each item once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -70,6 +71,17 @@ def connect(uri: str):
         raise ValueError(f"cannot connect to Milvus at {uri}: {' '.join(str(e).split())[:300]}") from None
 
 
+@contextlib.contextmanager
+def milvus_errors(spec: str):
+    """Milvus's own errors (a refused request, a server gone) as one-line ValueErrors naming the spec."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except MilvusException as e:
+        raise ValueError(f"{spec}: Milvus: {' '.join(str(e).split())[:300]}") from e
+
+
 def read_meta(client, name: str, spec: str) -> dict | None:
     """The lrem metadata of a collection; None where it does not exist; a ValueError where it
     exists but lrem did not create it."""
@@ -106,6 +118,7 @@ class MilvusWriter:
                 if old.get(key) != self.meta.get(key):
                     raise ValueError(f"{spec}: the collection holds {key}={old.get(key)!r}, this upload "
                                      f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
+            self.client.load_collection(self.name)  # resuming: a reopened collection starts released
             return
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
@@ -150,16 +163,17 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], Callable[[li
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
-    written = skipped = 0
-    with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
-        for ids, titles, vectors_of in batches:
-            todo = writer.missing(ids)
-            if todo:
-                writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo))
-            written, skipped = written + len(todo), skipped + len(ids) - len(todo)
-            bar.update(len(ids))
-    out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
+    with milvus_errors(spec):
+        writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
+        written = skipped = 0
+        with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
+            for ids, titles, vectors_of in batches:
+                todo = writer.missing(ids)
+                if todo:
+                    writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo))
+                written, skipped = written + len(todo), skipped + len(ids) - len(todo)
+                bar.update(len(ids))
+        out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
     out.update(written=written, skipped=skipped)
     return out
 
@@ -184,13 +198,17 @@ class MilvusIndex:
     def open(cls, spec: str) -> "MilvusIndex":
         uri, name = parse_spec(spec)
         client = connect(uri)
-        meta = read_meta(client, name, spec)
-        if meta is None:
-            raise ValueError(f"{spec}: no collection {name!r} at {uri}; create it with `lrem index --backend {spec}`")
-        if not meta.get("complete"):
-            raise ValueError(f"{spec}: the upload to this collection did not finish; rerun the same `lrem index` command")
-        client.load_collection(name)
-        return cls(spec, client, name, meta)
+        with milvus_errors(spec):
+            meta = read_meta(client, name, spec)
+            if meta is None:
+                raise ValueError(f"{spec}: no collection {name!r} at {uri}; create it with `lrem index --backend {spec}`")
+            if not meta.get("complete"):
+                raise ValueError(f"{spec}: the upload to this collection did not finish; rerun the same `lrem index` "
+                                 "command")
+            if isinstance(meta.get("dim"), bool) or not isinstance(meta.get("dim"), int):
+                raise ValueError(f"{spec}: {META_PROPERTY}: field 'dim': expected an integer, got {meta.get('dim')!r}")
+            client.load_collection(name)
+            return cls(spec, client, name, meta)
 
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
