@@ -278,7 +278,7 @@ def embed(
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
                                                  "(default: the shipped trained model lrem-wordnet-135m).")] = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Items per chunk file (the most vectors a process holds).")] = 4096,
-    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the disk; cosine error ~1e-3).")] = "float32",
+    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the disk; values rounded to ~1e-3 relative).")] = "float32",
     max_chunks: Annotated[Optional[int], typer.Option(min=1, help="Stop after encoding N chunks in each process "
                                                       "(rerun to continue).")] = None,
     batch_size: BatchSize = 64,
