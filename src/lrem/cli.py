@@ -236,7 +236,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
 
         man = read_manifest(from_chunks)
         chunk_files(from_chunks, man)  # all there, before any upload
-        meta = {k: man[k] for k in ("model", "item_template", "dim", "dataset") if k in man}
+        meta = {k: man[k] for k in ("model", "model_fingerprint", "item_template", "dim", "dataset") if k in man}
 
         def batches():
             for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
@@ -251,8 +251,9 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         model = model or default_model()
         ds = load_dataset(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
-        meta = {"model": lrem.source or model, "item_template": lrem.config.item_template, "dim": int(lrem.dim),
-                "dataset": str(data)}
+        from lrem.embed import model_identity
+
+        meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
         ids, items = list(ds.catalog), list(ds.catalog.values())
 
         def batches():

@@ -37,7 +37,19 @@ FORMAT = "lrem-chunks"
 VERSION = 1
 VECTOR_DTYPES = ("float32", "float16")
 # what must agree between the run that started a folder and the one that resumes it
-_SAME_ON_RESUME = ("model", "item_template", "dim", "n_items", "catalog_sha1", "chunk_size", "vector_dtype")
+_SAME_ON_RESUME = ("model", "model_fingerprint", "item_template", "dim", "n_items", "catalog_sha1", "chunk_size",
+                   "vector_dtype")
+
+
+def model_identity(model) -> dict:
+    """What names the model in a manifest or collection: its source, item template, dim, and the
+    weight fingerprint where this lrem's `lrem.index` computes one (an index built from the chunks
+    records it, so a search with other weights behind the same name is refused)."""
+    from . import index
+
+    fingerprint = getattr(index, "model_fingerprint", None)
+    return {"model": getattr(model, "source", "") or "", "item_template": model.config.item_template,
+            "dim": int(model.dim), **({"model_fingerprint": fingerprint(model)} if fingerprint else {})}
 
 
 def chunk_name(c: int) -> str:
@@ -90,8 +102,8 @@ def start_manifest(folder: Path, meta: dict) -> dict:
     if path.exists():
         old = read_manifest(folder)
         for name in _SAME_ON_RESUME:
-            if old.get(name) != meta[name]:
-                raise DataError(path, None, name, f"{old.get(name)!r} in the earlier run, {meta[name]!r} now; "
+            if old.get(name) != meta.get(name):
+                raise DataError(path, None, name, f"{old.get(name)!r} in the earlier run, {meta.get(name)!r} now; "
                                 "resume with the same model, catalog and chunking, or use a new --out")
         return old
     write_json(path, meta)
@@ -209,8 +221,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
     ids, items = list(catalog), list(catalog.values())
     titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
     n_chunks = -(-len(ids) // chunk_size)
-    manifest = {"format": FORMAT, "version": VERSION, "model": getattr(model, "source", "") or "",
-                "item_template": model.config.item_template, "dim": int(model.dim), "n_items": len(ids),
+    manifest = {"format": FORMAT, "version": VERSION, **model_identity(model), "n_items": len(ids),
                 "catalog_sha1": catalog_fingerprint(ids), "chunk_size": chunk_size, "n_chunks": n_chunks,
                 "vector_dtype": vector_dtype, **meta}
     if rank == 0:

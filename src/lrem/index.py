@@ -176,7 +176,7 @@ class ItemIndex:
             raise ValueError(f"{folder}: duplicate item ids across chunks")
         if search_params:
             set_search_params(index, search_params)
-        keep = {k: man[k] for k in ("model", "item_template", "dataset", "truncated_items") if k in man}
+        keep = {k: man[k] for k in ("model", "model_fingerprint", "item_template", "dataset") if k in man}
         meta = {"factory": factory, "search_params": search_params, "dim": int(man["dim"]), "n_items": len(ids),
                 **keep, "chunks": str(folder), "index_seconds": round(time.perf_counter() - t0, 3), **meta}
         return cls(index, ids, titles, meta)
