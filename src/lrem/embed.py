@@ -1,0 +1,254 @@
+"""Sharded, resumable catalog encoding: the catalog's item vectors as a folder of Parquet chunks.
+
+    lrem embed --data data/wordnet --model M --out runs/chunks --chunk-size 4096
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m lrem.cli embed ...   # 2 CPU processes or GPUs
+    lrem index --from-chunks runs/chunks --out runs/idx [--factory "HNSW32,Flat"]
+    lrem index --from-chunks runs/chunks --backend milvus:runs/items.db/wordnet
+
+The catalog (in its file order) is cut into fixed-size chunks; chunk c holds rows
+[c * chunk_size, (c + 1) * chunk_size). Rank r of a world of W processes encodes the chunks with
+c % W == r, one at a time, and writes each one atomically (temp file, then rename), so a process
+holds one chunk of vectors at most, and a killed run, rerun with the same command (any number of
+processes), encodes only the chunks that are missing. A chunk is encoded by the same
+`LREM.encode_items` call whatever W is, so 1 and N processes write the same vectors.
+
+The folder (docs/chunks.md):
+    embed.json               manifest: format, model, dim, n_items, chunk_size, n_chunks, vector_dtype, ...
+    chunks/chunk-000012.parquet   columns item_id (string), title (string),
+                             vector (fixed_size_list<float32 or float16>[dim], unit length)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ._io import atomic_write, write_json
+
+MANIFEST = "embed.json"
+CHUNKS = "chunks"
+FORMAT = "lrem-chunks"
+VERSION = 1
+VECTOR_DTYPES = ("float32", "float16")
+# what must agree between the run that started a folder and the one that resumes it
+_SAME_ON_RESUME = ("model", "model_fingerprint", "item_template", "dim", "n_items", "catalog_sha1", "chunk_size",
+                   "vector_dtype")
+
+
+def model_identity(model) -> dict:
+    """What names the model in a manifest or collection: its source, item template, dim, and the
+    weight fingerprint where this lrem's `lrem.index` computes one (an index built from the chunks
+    records it, so a search with other weights behind the same name is refused)."""
+    from . import index
+
+    fingerprint = getattr(index, "model_fingerprint", None)
+    return {"model": getattr(model, "source", "") or "", "item_template": model.config.item_template,
+            "dim": int(model.dim), **({"model_fingerprint": fingerprint(model)} if fingerprint else {})}
+
+
+def chunk_name(c: int) -> str:
+    return f"chunk-{c:06d}.parquet"
+
+
+def catalog_fingerprint(item_ids: list[str]) -> str:
+    """sha1 of the item ids in catalog order: a resumed run must cut the same catalog the same way."""
+    h = hashlib.sha1()
+    for i in item_ids:
+        h.update(i.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def shard(n_chunks: int, rank: int, world: int) -> list[int]:
+    """The chunks rank `rank` of `world` processes encodes: c % world == rank.
+
+    >>> shard(5, 0, 2), shard(5, 1, 2)
+    ([0, 2, 4], [1, 3])
+    """
+    return list(range(rank, n_chunks, world))
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a chunk folder; a DataError names the file and field when it is not one."""
+    from .data import DataError
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not an lrem chunk folder (no {MANIFEST}); write one with `lrem embed`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise DataError(path, None, None, f"malformed JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(path, None, "format", f"expected {FORMAT!r}")
+    for name in ("dim", "n_items", "chunk_size", "n_chunks"):
+        if isinstance(meta.get(name), bool) or not isinstance(meta.get(name), int) or meta[name] < 0:
+            raise DataError(path, None, name, f"expected an integer >= 0, got {meta.get(name)!r}")
+    if meta.get("vector_dtype") not in VECTOR_DTYPES:
+        raise DataError(path, None, "vector_dtype", f"expected one of {VECTOR_DTYPES}, got {meta.get('vector_dtype')!r}")
+    return meta
+
+
+def start_manifest(folder: Path, meta: dict) -> dict:
+    """Write the manifest of a new run, or check that an earlier run's matches (resume)."""
+    from .data import DataError
+
+    path = folder / MANIFEST
+    if path.exists():
+        old = read_manifest(folder)
+        for name in _SAME_ON_RESUME:
+            if old.get(name) != meta.get(name):
+                raise DataError(path, None, name, f"{old.get(name)!r} in the earlier run, {meta.get(name)!r} now; "
+                                "resume with the same model, catalog and chunking, or use a new --out")
+        return old
+    write_json(path, meta)
+    return meta
+
+
+@dataclass
+class EmbedStats:
+    """What one process did: chunks encoded and skipped (already written by an earlier run)."""
+
+    rank: int
+    world: int
+    encoded: list[int]
+    skipped: list[int]
+    items: int
+    seconds: float
+    stopped: bool  # stopped by max_chunks before its shard was done
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarray) -> None:
+    """One chunk as Parquet (item_id, title, vector), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = vectors.shape[1]
+    table = pa.table({"item_id": pa.array(ids, pa.string()), "title": pa.array(titles, pa.string()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})
+    with atomic_write(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def read_chunk(path: str | os.PathLike, dim: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """(item ids, titles, vectors (n, dim) float32, unit length) of one chunk; a DataError names
+    the file when it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .data import DataError
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(path, None, None, f"not a readable Parquet chunk ({e})") from None
+    for name in ("item_id", "title", "vector"):
+        if name not in table.column_names:
+            raise DataError(path, None, name, "missing column")
+    vec = table.column("vector").combine_chunks()
+    if not pa.types.is_fixed_size_list(vec.type) or (dim is not None and vec.type.list_size != dim):
+        raise DataError(path, None, "vector", f"expected fixed_size_list[{dim}], got {vec.type}")
+    x = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), vec.type.list_size)
+    if x.dtype != np.float32:  # float16 chunks: back to unit length in float32
+        x = x.astype(np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return table.column("item_id").to_pylist(), table.column("title").to_pylist(), x
+
+
+def chunk_files(folder: str | os.PathLike, meta: dict | None = None) -> list[Path]:
+    """The chunk files of a complete folder, in catalog order; a ValueError names the missing ones."""
+    folder = Path(folder)
+    meta = meta or read_manifest(folder)
+    files = [folder / CHUNKS / chunk_name(c) for c in range(meta["n_chunks"])]
+    missing = [c for c, f in enumerate(files) if not f.is_file()]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"{folder}: {len(missing)} of {meta['n_chunks']} chunks missing ({shown}); "
+                         "rerun the same `lrem embed` command to finish it")
+    return files
+
+
+def iter_chunks(folder: str | os.PathLike, show_progress: bool = True) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+    """(ids, titles, vectors) per chunk, in catalog order, one chunk in memory at a time; each
+    checked against the manifest (rows, dim, finite unit vectors)."""
+    from tqdm.auto import tqdm
+
+    from .data import DataError
+    from .index import check_embeddings
+
+    meta = read_manifest(folder)
+    for c, f in enumerate(tqdm(chunk_files(folder, meta), desc="chunks", unit="chunk", disable=not show_progress)):
+        ids, titles, x = read_chunk(f, meta["dim"])
+        want = min(meta["chunk_size"], meta["n_items"] - c * meta["chunk_size"])
+        if len(ids) != want:
+            raise DataError(f, None, None, f"{len(ids)} rows; expected {want} (chunk {c} of {meta['n_items']} items "
+                            f"in chunks of {meta['chunk_size']})")
+        try:
+            check_embeddings(x, len(ids), meta["dim"])
+        except ValueError as e:
+            raise DataError(f, None, "vector", str(e)) from None
+        yield ids, titles, x
+
+
+def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int = 4096, rank: int = 0,
+                  world: int = 1, vector_dtype: str = "float32", batch_size: int = 64, max_chunks: int | None = None,
+                  truncate: bool = True, show_progress: bool = True, barrier=None, **meta) -> EmbedStats:
+    """Encode this rank's shard of `catalog` (item_id -> title / Item) into `out`, chunk by chunk.
+
+    `out` must be an lrem output folder (see `lrem._io.claim_dir`) or new. Rank 0 writes (or, on
+    resume, checks) the manifest; `barrier()` (all ranks) runs after that and at the end. Chunks
+    already in `out/chunks` are skipped. `max_chunks`: stop after encoding that many (per process).
+    """
+    from tqdm.auto import tqdm
+
+    from ._io import claim_dir
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
+    if vector_dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector_dtype={vector_dtype!r}; expected one of {VECTOR_DTYPES}")
+    barrier = barrier or (lambda: None)
+    out = Path(out)
+    ids, items = list(catalog), list(catalog.values())
+    titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
+    n_chunks = -(-len(ids) // chunk_size)
+    manifest = {"format": FORMAT, "version": VERSION, **model_identity(model), "n_items": len(ids),
+                "catalog_sha1": catalog_fingerprint(ids), "chunk_size": chunk_size, "n_chunks": n_chunks,
+                "vector_dtype": vector_dtype, **meta}
+    if rank == 0:
+        claim_dir(out)
+        (out / CHUNKS).mkdir(exist_ok=True)
+        start_manifest(out, manifest)
+    barrier()
+    if rank != 0:
+        start_manifest(out, manifest)  # the same check, so every rank stops on a mismatch
+    mine = shard(n_chunks, rank, world)
+    done = [c for c in mine if (out / CHUNKS / chunk_name(c)).is_file()]
+    todo = [c for c in mine if c not in set(done)][:max_chunks]
+    t0, n = time.perf_counter(), 0
+    bar = tqdm(todo, desc=f"rank {rank} chunks" if world > 1 else "chunks", unit="chunk", disable=not show_progress,
+               position=rank if world > 1 else None)
+    for c in bar:
+        for stale in (out / CHUNKS).glob(f".{chunk_name(c)}.*.tmp"):  # a temp file a killed run left
+            stale.unlink(missing_ok=True)
+        lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
+        emb = model.encode_items(items[lo:hi], batch_size=batch_size, truncate=truncate)  # (hi - lo, dim) float32
+        write_chunk(out / CHUNKS / chunk_name(c), ids[lo:hi], titles[lo:hi], emb.astype(vector_dtype))
+        n += hi - lo
+    seconds = time.perf_counter() - t0
+    stats = EmbedStats(rank, world, todo, done, n, seconds, stopped=len(done) + len(todo) < len(mine))
+    barrier()
+    if rank == 0:
+        present = sum((out / CHUNKS / chunk_name(c)).is_file() for c in range(n_chunks))
+        if present == n_chunks and not json.loads((out / MANIFEST).read_text()).get("complete"):
+            write_json(out / MANIFEST, {**read_manifest(out), "complete": True})
+    return stats

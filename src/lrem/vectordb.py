@@ -1,0 +1,284 @@
+"""A Milvus collection as an lrem item index, through pymilvus (`pip install "lrem[milvus]"`).
+
+    lrem index --data data/wordnet --backend milvus:runs/items.db/wordnet          # Milvus Lite, a local folder
+    lrem index --from-chunks runs/chunks --backend milvus:http://10.0.0.5:19530/wordnet   # a Milvus server
+    lrem search --index milvus:runs/items.db/wordnet "a device for pulling corks"
+
+    from lrem.vectordb import MilvusIndex
+    idx = MilvusIndex.open("milvus:runs/items.db/wordnet")
+    scores, ids = idx.search(query_embeddings, k=10)      # the contract of lrem.index.ItemIndex
+
+The spec is `milvus:URI/COLLECTION`: URI a Milvus Lite path (`*.db`, a folder Milvus Lite
+creates; same process, no server) or `http://host:port` of a Milvus server or cluster (the same
+code). The collection has `item_id` (VARCHAR primary key), `title` and `vector` (FLOAT_VECTOR, inner
+product on unit vectors = cosine), and the index metadata (model, dim, item template, ...) as
+the collection property `lrem.meta` (JSON), from which `lrem search` / `serve` / `eval` load
+the model as they do from an index folder's meta.json. Uploads are batched, resumable and
+idempotent: each batch asks which of its ids the collection holds, and upserts (by primary key)
+only the others, so a killed upload rerun writes each item once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+PREFIX = "milvus:"
+META_PROPERTY = "lrem.meta"
+MAX_ID, MAX_TITLE = 512, 65535  # VARCHAR lengths (bytes); 65535 is Milvus's limit
+MILVUS_INDEXES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")  # the types Milvus Lite and servers both know
+_COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
+def is_milvus_spec(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith(PREFIX)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """"milvus:URI/COLLECTION" -> (URI, COLLECTION); a ValueError says what is wrong.
+
+    >>> parse_spec("milvus:runs/items.db/wordnet")
+    ('runs/items.db', 'wordnet')
+    >>> parse_spec("milvus:http://127.0.0.1:19530/wordnet")
+    ('http://127.0.0.1:19530', 'wordnet')
+    """
+    if not is_milvus_spec(spec):
+        raise ValueError(f"{spec!r}: expected milvus:URI/COLLECTION")
+    uri, sep, name = spec[len(PREFIX):].rpartition("/")
+    uri = re.sub(r"^(https?|tcp|unix):/(?=[^/])", r"\1://", uri)  # a shell path or pathlib folded "//"
+    if not sep or not uri or not _COLLECTION.fullmatch(name):
+        raise ValueError(f"{spec!r}: expected milvus:URI/COLLECTION, COLLECTION of letters, digits and _ "
+                         "(not starting with a digit), URI a Milvus Lite path (*.db) or http://host:port")
+    if not re.match(r"^(https?|tcp)://", uri) and not uri.endswith(".db"):
+        raise ValueError(f"{spec!r}: URI {uri!r} is neither http://host:port nor a Milvus Lite path ending in .db")
+    return uri, name
+
+
+def connect(uri: str):
+    """A pymilvus client; a clear error where pymilvus is missing or the server is unreachable."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise ValueError('the Milvus backend needs pymilvus and milvus-lite: pip install "lrem[milvus]"') from None
+    try:
+        return MilvusClient(uri)
+    except Exception as e:  # pymilvus raises its own MilvusException, a gRPC error or a timeout
+        raise ValueError(f"cannot connect to Milvus at {uri}: {' '.join(str(e).split())[:300]}") from None
+
+
+@contextlib.contextmanager
+def milvus_errors(spec: str):
+    """Milvus's own errors (a refused request, a server gone) as one-line ValueErrors naming the spec."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except MilvusException as e:
+        raise ValueError(f"{spec}: Milvus: {' '.join(str(e).split())[:300]}") from e
+
+
+def read_meta(client, name: str, spec: str) -> dict | None:
+    """The lrem metadata of a collection; None where it does not exist; a ValueError where it
+    exists but lrem did not create it."""
+    if not client.has_collection(name):
+        return None
+    props = client.describe_collection(name).get("properties", {}) or {}
+    try:
+        meta = json.loads(props[META_PROPERTY])
+        assert isinstance(meta, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise ValueError(f"{spec}: collection {name!r} was not created by lrem (no valid {META_PROPERTY} "
+                         "property); choose another collection name") from None
+    return meta
+
+
+class MilvusWriter:
+    """Create (or reopen, to resume) an lrem collection and upsert items in batches."""
+
+    def __init__(self, spec: str, meta: dict, overwrite: bool = False, index_type: str = "FLAT"):
+        from pymilvus import DataType
+
+        if index_type not in MILVUS_INDEXES:
+            raise ValueError(f"milvus index type {index_type!r}; expected one of {', '.join(MILVUS_INDEXES)}")
+        self.spec = spec
+        self.uri, self.name = parse_spec(spec)
+        self.client = connect(self.uri)
+        self.meta = {**meta, "backend": "milvus", "milvus_index": index_type}
+        old = read_meta(self.client, self.name, spec)
+        if old is not None and overwrite:
+            self.client.drop_collection(self.name)  # lrem's own (read_meta checked), as --overwrite asks
+            old = None
+        if old is not None:
+            for key in ("model", "model_fingerprint", "dim", "item_template"):
+                if old.get(key) != self.meta.get(key):
+                    raise ValueError(f"{spec}: the collection holds {key}={old.get(key)!r}, this upload "
+                                     f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
+            self.client.load_collection(self.name)  # resuming: a reopened collection starts released
+            return
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
+        schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(meta["dim"]))
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vector", index_type=index_type, metric_type="IP")
+        self.client.create_collection(self.name, schema=schema, index_params=params,
+                                      properties={META_PROPERTY: json.dumps({**self.meta, "complete": False})})
+
+    def missing(self, ids: list[str]) -> list[int]:
+        """Positions in `ids` of the items the collection does not hold yet."""
+        have = {r["item_id"] for r in self.client.get(self.name, ids=list(ids), output_fields=["item_id"])}
+        return [j for j, i in enumerate(ids) if i not in have]
+
+    def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray) -> None:
+        for i, t in zip(ids, titles):
+            if len(i.encode()) > MAX_ID or len(t.encode()) > MAX_TITLE:
+                what, v, cap = ("item_id", i, MAX_ID) if len(i.encode()) > MAX_ID else ("title", t, MAX_TITLE)
+                raise ValueError(f"{self.spec}: item {i[:80]!r}: {what} longer than Milvus's {cap} bytes")
+        rows = [{"item_id": i, "title": t, "vector": v} for i, t, v in zip(ids, titles, vectors.astype(np.float32).tolist())]
+        self.client.upsert(self.name, rows)
+
+    def finish(self, **meta) -> dict:
+        """Flush, and record the final metadata (item count, seconds, complete)."""
+        self.client.flush(self.name)
+        n = int(self.client.get_collection_stats(self.name).get("row_count", 0))
+        self.meta = {**self.meta, **meta, "n_items": n, "complete": True}
+        self.client.alter_collection_properties(self.name, properties={META_PROPERTY: json.dumps(self.meta)})
+        return self.meta
+
+
+def upload(spec: str, batches: Iterable[tuple[list[str], list[str], Callable[[list[int]], np.ndarray]]],
+           meta: dict, total: int, overwrite: bool = False, index_type: str = "FLAT", show_progress: bool = True,
+           log=print) -> dict:
+    """Upload items to the collection of `spec`, skipping those it holds; returns its metadata.
+
+    `batches` yields (ids, titles, vectors_of) where `vectors_of(positions)` gives the unit
+    vectors (len(positions), dim) of those rows of the batch, so a resumed upload encodes (or
+    reads) only the items it still needs.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with milvus_errors(spec):
+        writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
+        written = skipped = 0
+        with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
+            for ids, titles, vectors_of in batches:
+                todo = writer.missing(ids)
+                if todo:
+                    writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo))
+                written, skipped = written + len(todo), skipped + len(ids) - len(todo)
+                bar.update(len(ids))
+        out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
+    out.update(written=written, skipped=skipped)
+    return out
+
+
+class MilvusIndex:
+    """A Milvus collection with the interface of `lrem.index.ItemIndex`: `search(q, k) -> (scores,
+    ids)`, `meta`, `title(id)`, `item_ids` and `titles` (read from the collection on first use),
+    and FAISS's `d` / `ntotal` (`index.index.d` works as for an ItemIndex)."""
+
+    def __init__(self, spec: str, client, name: str, meta: dict):
+        self.spec, self.client, self.name, self.meta = spec, client, name, meta
+        self.d = int(meta["dim"])
+        self.ntotal = int(client.get_collection_stats(name).get("row_count", 0))
+        self._titles: dict[str, str] = {}
+        self._all: tuple[list[str], list[str]] | None = None
+
+    @property
+    def index(self) -> "MilvusIndex":
+        return self
+
+    @classmethod
+    def open(cls, spec: str) -> "MilvusIndex":
+        uri, name = parse_spec(spec)
+        client = connect(uri)
+        with milvus_errors(spec):
+            meta = read_meta(client, name, spec)
+            if meta is None:
+                raise ValueError(f"{spec}: no collection {name!r} at {uri}; create it with `lrem index --backend {spec}`")
+            if not meta.get("complete"):
+                raise ValueError(f"{spec}: the upload to this collection did not finish; rerun the same `lrem index` "
+                                 "command")
+            if isinstance(meta.get("dim"), bool) or not isinstance(meta.get("dim"), int):
+                raise ValueError(f"{spec}: {META_PROPERTY}: field 'dim': expected an integer, got {meta.get('dim')!r}")
+            client.load_collection(name)
+            return cls(spec, client, name, meta)
+
+    def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)  # (n, dim)
+        k = min(k, self.ntotal)
+        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)  # (n, k)
+        ids: list[list[str]] = []
+        if k == 0:
+            return scores, [[] for _ in range(q.shape[0])]
+        res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["title"],
+                                 search_params={"metric_type": "IP"})
+        for r, hits in enumerate(res):
+            row = []
+            for j, h in enumerate(hits):
+                item_id = h["item_id"] if "item_id" in h else h["id"]  # the primary key's name, or "id"
+                scores[r, j] = h["distance"]
+                row.append(item_id)
+                self._titles[item_id] = h["entity"]["title"]
+            ids.append(row)
+        return scores, ids
+
+    def title(self, item_id: str) -> str:
+        if item_id not in self._titles:
+            rows = self.client.get(self.name, ids=[item_id], output_fields=["title"])
+            if not rows:
+                raise KeyError(item_id)
+            self._titles[item_id] = rows[0]["title"]
+        return self._titles[item_id]
+
+    def _load_all(self) -> tuple[list[str], list[str]]:
+        if self._all is None:
+            ids, titles = [], []
+            for row in iter_rows(self.client, self.name, ["item_id", "title"]):
+                ids.append(row["item_id"])
+                titles.append(row["title"])
+            self._all = (ids, titles)
+        return self._all
+
+    @property
+    def item_ids(self) -> Sequence[str]:
+        """Every item id; `len()` asks nothing, the ids load on first use (e.g. `set(...)`)."""
+        return _Column(self, 0)
+
+    @property
+    def titles(self) -> Sequence[str]:
+        return _Column(self, 1)
+
+
+class _Column(Sequence):
+    """The item ids or titles of a MilvusIndex: the length from the collection's row count, the
+    values read from the collection only when asked for (`lrem serve` starts without them)."""
+
+    def __init__(self, index: MilvusIndex, which: int):
+        self.index, self.which = index, which
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def __getitem__(self, j):
+        return self.index._load_all()[self.which][j]
+
+    def __iter__(self):
+        return iter(self.index._load_all()[self.which])
+
+
+def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000) -> Iterator[dict]:
+    """Every row of a collection (the fields asked), in batches through a query iterator."""
+    it = client.query_iterator(name, batch_size=batch_size, filter="", output_fields=fields)
+    try:
+        while batch := it.next():
+            yield from batch
+    finally:
+        it.close()

@@ -1,0 +1,179 @@
+"""lrem.vectordb: a Milvus collection as the item index, against a real Milvus Lite (a local
+folder, started in the process that opens it): same top 10 as FAISS Flat, resumable upload
+with no duplicates after a SIGKILL, and search / eval / serve through the same interfaces."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from lrem.embed import embed_catalog  # noqa: E402
+from lrem.index import ItemIndex  # noqa: E402
+from lrem.vectordb import MilvusIndex, MilvusWriter, iter_rows, parse_spec, upload  # noqa: E402
+
+from test_embed import ENV, catalog, lrem, write_data  # noqa: E402
+
+
+def unit_vectors(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def batches_of(ids, titles, x, size):
+    for s in range(0, len(ids), size):
+        yield ids[s:s + size], titles[s:s + size], (lambda pos, s=s: x[s:][pos])
+
+
+def test_spec_parsing():
+    import doctest
+
+    import lrem.vectordb
+
+    assert doctest.testmod(lrem.vectordb).failed == 0
+    assert parse_spec("milvus:/abs/items.db/wordnet") == ("/abs/items.db", "wordnet")
+    assert parse_spec("milvus:http:/127.0.0.1:19530/c_1") == ("http://127.0.0.1:19530", "c_1")  # as pathlib folds it
+    for bad in ("milvus:items.db", "milvus:items.db/1abc", "milvus:items/wordnet", "faiss:x/y"):
+        with pytest.raises(ValueError, match="milvus:URI/COLLECTION|neither"):
+            parse_spec(bad)
+
+
+def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
+    x, ids = unit_vectors(400), [f"item-{j}" for j in range(400)]
+    titles = [f"title {j}" for j in range(400)]
+    spec = f"milvus:{tmp_path / 'r.db'}/rand"
+    meta = {"model": "m", "dim": 32, "item_template": "Item: {title}"}
+    info = upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)
+    assert (info["written"], info["skipped"], info["n_items"], info["complete"]) == (400, 0, 400, True)
+    again = upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)  # idempotent by id
+    assert (again["written"], again["skipped"], again["n_items"]) == (0, 400, 400)
+
+    db, flat = MilvusIndex.open(spec), ItemIndex.from_embeddings(x, ids, titles)
+    q = unit_vectors(25, seed=1)
+    (s1, i1), (s2, i2) = flat.search(q, 10), db.search(q, 10)
+    assert i1 == i2
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    assert db.meta["model"] == "m" and db.index.d == 32 and db.ntotal == 400 and db.title("item-7") == "title 7"
+    assert sorted(db.item_ids) == sorted(ids) and db.search(q[:1], 1000)[0].shape == (1, 400)
+
+    with pytest.raises(ValueError, match="model='m', this upload model='other'; pass --overwrite"):
+        MilvusWriter(spec, {**meta, "model": "other"})
+    MilvusWriter(spec, {**meta, "model": "other"}, overwrite=True)  # lrem's own collection: replaced
+    with pytest.raises(ValueError, match="upload to this collection did not finish"):
+        MilvusIndex.open(spec)
+    with pytest.raises(ValueError, match="no collection 'absent'"):
+        MilvusIndex.open(f"milvus:{tmp_path / 'r.db'}/absent")
+
+
+def test_a_milvus_server_by_http_uri(tmp_path):
+    """The same code against a server: `milvus-lite server` on 127.0.0.1 (what a cluster's URI is)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "srv"),
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, "milvus-lite server exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        x, ids = unit_vectors(120, 16, seed=2), [f"s{j}" for j in range(120)]
+        spec = f"milvus:http://127.0.0.1:{port}/served"
+        upload(spec, batches_of(ids, ids, x, 50), {"model": "m", "dim": 16}, 120, show_progress=False)
+        q = unit_vectors(5, 16, seed=3)
+        assert MilvusIndex.open(spec).search(q, 10)[1] == ItemIndex.from_embeddings(x, ids, ids).search(q, 10)[1]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_a_collection_lrem_did_not_create_is_never_touched(tmp_path):
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(str(tmp_path / "f.db"))
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("pk", DataType.INT64, is_primary=True)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+    client.create_collection("theirs", schema=schema)
+    spec = f"milvus:{tmp_path / 'f.db'}/theirs"
+    with pytest.raises(ValueError, match="was not created by lrem"):
+        MilvusWriter(spec, {"model": "m", "dim": 4}, overwrite=True)
+    with pytest.raises(ValueError, match="was not created by lrem"):
+        MilvusIndex.open(spec)
+    assert client.has_collection("theirs")
+
+
+def test_killed_upload_rerun_leaves_no_duplicates_and_searches_like_faiss(tmp_path, tiny, tiny_dir):
+    """`lrem index --backend` killed (SIGKILL) mid-upload, rerun; then search, eval and serve on it."""
+    data = write_data(tmp_path / "ds", 240)
+    embed_catalog(tiny, catalog(240), tmp_path / "ch", chunk_size=16, show_progress=False)
+    spec = f"milvus:{tmp_path / 'items.db'}/items"
+    args = ["index", "--from-chunks", tmp_path / "ch", "--backend", spec, "--upload-batch", 2]
+    bad = lrem("index", "--from-chunks", tmp_path / "ch", "--backend", "milvus:nowhere/items")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: 'milvus:nowhere/items': URI")
+
+    log = tmp_path / "upload.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "lrem.cli", *map(str, args)], env=ENV, stdout=f, stderr=f)
+        deadline, done = time.time() + 1500, 0
+        while p.poll() is None and done < 30 and time.time() < deadline:
+            time.sleep(0.05)
+            counts = re.findall(r"upload:.*?(\d+)/240", log.read_text(errors="replace"))
+            done = int(counts[-1]) if counts else 0
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert 30 <= done < 240, f"not killed mid-upload ({done} items): {log.read_text()[-2000:]}"
+    rerun = lrem(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    m = re.search(r"uploaded (\d+) items to .* \((\d+) already there; 240 in all", rerun.stdout)
+    assert m and int(m[1]) + int(m[2]) == 240 and int(m[2]) >= 30, rerun.stdout
+
+    db = MilvusIndex.open(spec)
+    rows = list(iter_rows(db.client, db.name, ["item_id"]))
+    assert len(rows) == 240 and len({r["item_id"] for r in rows}) == 240  # no duplicates
+    assert db.meta["model"] == str(tiny_dir) and db.meta["n_items"] == 240
+
+    flat = ItemIndex.from_chunks(tmp_path / "ch", show_progress=False)
+    flat.save(tmp_path / "idx")
+    q = tiny.encode_queries(["a cup", "a chair", "paper", "watch model 7"], mode="direct").embeddings
+    (s1, i1), (s2, i2) = flat.search(q, 10), db.search(q, 10)
+    assert i1 == i2
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+    # lrem search / eval / serve: the same Searcher over either index
+    from lrem.data import load_dataset
+    from lrem.evaluate import evaluate_systems
+    from lrem.search import Searcher, build_systems
+    from lrem.serve import ServeConfig, background_server, create_app
+
+    faiss_s, milvus_s = Searcher.load(tmp_path / "idx", model=tiny), Searcher.load(spec, model=tiny)
+    for mode in ("direct", "reason"):
+        a, b = faiss_s.search(["a cup"], k=5, mode=mode), milvus_s.search(["a cup"], k=5, mode=mode)
+        assert a[0].item_ids == b[0].item_ids and a[0].cot == b[0].cot
+    ds = load_dataset(data)
+    systems = build_systems({"faiss": f"{tmp_path / 'idx'}:direct", "milvus": f"{spec}:direct"}, ds, log=lambda *_: None)
+    res = evaluate_systems(ds, "dev", systems, k=10, log=lambda *_: None)
+    assert res["systems"]["faiss"]["overall"] == res["systems"]["milvus"]["overall"]
+    import httpx
+
+    with background_server(create_app(milvus_s, ServeConfig(max_batch=4, max_wait_ms=10))) as url:
+        r = httpx.post(url + "/search", json={"query": "a cup", "k": 5, "mode": "direct"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [i["item_id"] for i in r.json()["items"]] == faiss_s.search(["a cup"], k=5, mode="direct")[0].item_ids
+    assert r.json()["items"][0]["title"] == flat.title(r.json()["items"][0]["item_id"])
