@@ -111,9 +111,11 @@ def _faiss_message(e: Exception) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of the weights that shape `model`'s embeddings: the LREM tokens' embedding rows,
-    the final norm, and the first row of every linear layer (a fine-tune, full or LoRA, changes
-    these). Taken over bfloat16 values, so a float32 and a bfloat16 load of the same weights agree.
+    """A short hash of the weights that shape `model`'s embeddings: the final norm and the first row
+    of every linear layer (a fine-tune, full or LoRA, changes these). Taken over bfloat16 values,
+    so a float32 and a bfloat16 load of the same weights agree. The LREM tokens' rows are left
+    out: a plain backbone gets them at load time, computed in the load's dtype, so they differ
+    between a float32 and a bfloat16 load of the same files.
     Why: an index names its model, and a name can come to mean other weights (a newer shipped
     `lrem-wordnet-135m`, a retrained folder); queries embedded by other weights than the items
     silently rank wrong items."""
@@ -122,8 +124,7 @@ def model_fingerprint(model) -> str:
     import torch
 
     lm, h = model.lm, hashlib.sha1()
-    rows = [lm.get_input_embeddings().weight[[model.think_id, model.think_end_id, model.emb_id]]]
-    rows += [m.weight[:1] for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    rows = [m.weight[:1] for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     rows += [p for n, p in lm.named_parameters() if n.endswith("norm.weight") and ".layers." not in n]
     for r in rows:
         h.update(r.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
