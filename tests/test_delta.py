@@ -3,6 +3,7 @@ rebuilt into the same model."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -89,6 +90,16 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     (tmp_path / "delta" / "router.json").unlink()  # removed there: gone here
     materialise("lrem-test", tmp_path / "delta", log=lambda *a: None)
     assert not (folder / "router.json").exists()
+    # another install ships another delta under the same name and shares $LREM_HOME: each keeps its own
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "delta", other)
+    tensors = load_file(str(other / DELTA_WEIGHTS))
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in tensors.items()}, str(other / DELTA_WEIGHTS))
+    folder2 = materialise("lrem-test", other, log=lambda *a: None)
+    assert folder2 != folder and folder2.parent == folder.parent
+    assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt over")) == folder
 
 
 def test_a_lora_trained_model_is_held_whole_by_its_delta_at_rank_r(tmp_path, tiny_dir):

@@ -147,7 +147,14 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
 
 def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     """The full model folder of a shipped delta: base + delta, written once (atomically) under
-    `$LREM_HOME/models/NAME` and reused while the delta file is unchanged."""
+    `$LREM_HOME/models/NAME@DIGEST` and reused while the delta file is unchanged.
+
+    The folder is named by the delta's content (the first 12 hex digits of its SHA-256): two lrem
+    installs that share `$LREM_HOME` but ship different deltas under one name (an upgrade beside
+    an older venv, two checkouts) each keep their own model instead of rebuilding over the other's,
+    which gave a process the other's weights."""
+    import hashlib
+
     from safetensors.torch import load_file
 
     from .model import LREM
@@ -157,8 +164,9 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     meta = json.loads((folder / DELTA_JSON).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / DELTA_JSON}: delta format {meta.get('format')!r}, this lrem reads {FORMAT}")
-    out = lrem_home() / "models" / name
-    stamp = f"{(folder / DELTA_WEIGHTS).stat().st_size}-{int((folder / DELTA_WEIGHTS).stat().st_mtime)}"
+    with open(folder / DELTA_WEIGHTS, "rb") as f:
+        stamp = hashlib.file_digest(f, "sha256").hexdigest()  # ~20 ms for a 23 MB delta
+    out = lrem_home() / "models" / f"{name}@{stamp[:12]}"
     if (out / "delta_stamp").exists() and (out / "delta_stamp").read_text() == stamp:
         _sync_files(folder, out)
         return out
