@@ -233,10 +233,11 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
 
     if from_chunks is not None:
         from lrem.embed import chunk_files, iter_chunks, read_manifest
+        from lrem.index import MODEL_KEYS
 
         man = read_manifest(from_chunks)
         chunk_files(from_chunks, man)  # all there, before any upload
-        meta = {k: man[k] for k in ("model", "model_fingerprint", "item_template", "dim", "dataset") if k in man}
+        meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
 
         def batches():
             for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
@@ -251,7 +252,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         model = model or default_model()
         ds = load_dataset(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=_echo)
-        from lrem.embed import model_identity
+        from lrem.index import model_identity
 
         meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
         ids, items = list(ds.catalog), list(ds.catalog.values())

@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write, write_json
+from .index import MODEL_KEYS, model_identity
 
 MANIFEST = "embed.json"
 CHUNKS = "chunks"
@@ -37,19 +38,7 @@ FORMAT = "lrem-chunks"
 VERSION = 1
 VECTOR_DTYPES = ("float32", "float16")
 # what must agree between the run that started a folder and the one that resumes it
-_SAME_ON_RESUME = ("model", "model_fingerprint", "item_template", "dim", "n_items", "catalog_sha1", "chunk_size",
-                   "vector_dtype")
-
-
-def model_identity(model) -> dict:
-    """What names the model in a manifest or collection: its source, item template, dim, and the
-    weight fingerprint where this lrem's `lrem.index` computes one (an index built from the chunks
-    records it, so a search with other weights behind the same name is refused)."""
-    from . import index
-
-    fingerprint = getattr(index, "model_fingerprint", None)
-    return {"model": getattr(model, "source", "") or "", "item_template": model.config.item_template,
-            "dim": int(model.dim), **({"model_fingerprint": fingerprint(model)} if fingerprint else {})}
+_SAME_ON_RESUME = (*MODEL_KEYS, "n_items", "catalog_sha1", "chunk_size", "vector_dtype")
 
 
 def chunk_name(c: int) -> str:

@@ -131,6 +131,16 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+# what names the model that embedded an index's items (meta.json, a chunk manifest, a Milvus collection)
+MODEL_KEYS = ("model", "model_fingerprint", "item_template", "dim")
+
+
+def model_identity(model) -> dict:
+    """`MODEL_KEYS` of `model`: its source, weight fingerprint, item template and dim."""
+    return {"model": getattr(model, "source", "") or "", "model_fingerprint": model_fingerprint(model),
+            "item_template": model.config.item_template, "dim": int(model.dim)}
+
+
 @dataclass
 class ItemIndex:
     """A FAISS index plus what is needed to use it: item ids, titles, and how it was built."""
@@ -164,10 +174,9 @@ class ItemIndex:
         cut = model.truncated["item"]
         emb = model.encode_items(items, batch_size=batch_size, show_progress=show_progress, truncate=truncate)
         seconds = time.perf_counter() - t0
-        return cls.from_embeddings(emb, ids, titles, factory, search_params, model=getattr(model, "source", ""),
-                                   model_fingerprint=model_fingerprint(model),
+        return cls.from_embeddings(emb, ids, titles, factory, search_params, **model_identity(model),
                                    encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
-                                   item_template=model.config.item_template, **meta)
+                                   **meta)
 
     @classmethod
     def from_chunks(cls, folder, factory="Flat", search_params="", max_train: int = 100_000, seed: int = 0,
@@ -198,9 +207,8 @@ class ItemIndex:
             raise ValueError(f"{folder}: duplicate item ids across chunks")
         if search_params:
             set_search_params(index, search_params)
-        keep = {k: man[k] for k in ("model", "model_fingerprint", "item_template", "dataset") if k in man}
-        meta = {"factory": factory, "search_params": search_params, "dim": int(man["dim"]), "n_items": len(ids),
-                **keep, "chunks": str(folder), "index_seconds": round(time.perf_counter() - t0, 3), **meta}
+        keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
+        meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder), "index_seconds": round(time.perf_counter() - t0, 3), **meta}
         return cls(index, ids, titles, meta)
 
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:

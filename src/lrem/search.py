@@ -92,9 +92,10 @@ class Searcher:
         except ValueError as e:
             raise ValueError(f"{index_dir}: {e}") from None
         built_by = index.meta.get("model_fingerprint")
-        if built_by and built_by != model_fingerprint(model):
+        now = model_fingerprint(model) if built_by else None
+        if built_by and built_by != now:
             msg = (f"{index_dir}: its items were embedded by other weights than this {model.source!r} "
-                   f"(model fingerprint {built_by}, now {model_fingerprint(model)})")
+                   f"(model fingerprint {built_by}, now {now})")
             if where:  # the model the index names has changed (e.g. a newer built-in): its scores would be wrong
                 raise ValueError(f"{msg}; rebuild the index (`lrem index --model {model.source} ...`)")
             warnings.warn(msg + "; scores compare queries and items of different models")

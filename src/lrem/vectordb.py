@@ -114,7 +114,9 @@ class MilvusWriter:
             self.client.drop_collection(self.name)  # lrem's own (read_meta checked), as --overwrite asks
             old = None
         if old is not None:
-            for key in ("model", "model_fingerprint", "dim", "item_template"):
+            from .index import MODEL_KEYS
+
+            for key in MODEL_KEYS:
                 if old.get(key) != self.meta.get(key):
                     raise ValueError(f"{spec}: the collection holds {key}={old.get(key)!r}, this upload "
                                      f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
