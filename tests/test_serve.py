@@ -64,7 +64,7 @@ def metric(text: str, name: str, **labels) -> float:
 
 # ---------------------------------------------------------------- endpoints
 
-@pytest.mark.parametrize("mode", ["direct", "reason", "auto"])
+@pytest.mark.parametrize("mode", ["direct", "reason", "auto", "grounded", "grounded-direct"])
 def test_search_returns_what_the_library_returns(url, searcher, mode):
     r = post(url, "/search", {"query": "  A device for PULLING corks ", "k": 5, "mode": mode})
     assert r.status_code == 200, r.text
@@ -75,7 +75,9 @@ def test_search_returns_what_the_library_returns(url, searcher, mode):
     assert [i["item_id"] for i in body["items"]] == expected.item_ids
     assert [i["score"] for i in body["items"]] == pytest.approx([h.score for h in expected.hits], abs=1e-5)
     assert [i["title"] for i in body["items"]] == [searcher.index.title(i) for i in expected.item_ids]
-    assert body["cot"] == expected.cot and (body["cot"] == "") == (body["mode_used"] == "direct")
+    assert body["cot"] == expected.cot and (body["cot"] == "") == (body["mode_used"] in ("direct", "grounded-direct"))
+    if mode.startswith("grounded"):  # a direct search first, then the grounded one: both timed
+        assert body["timings_ms"]["direct"] > 0 and body["timings_ms"][mode] > 0
     assert body["timings_ms"]["total"] >= body["timings_ms"]["index"] >= 0
 
 
@@ -97,13 +99,27 @@ def test_openai_client(url, tiny):
     assert len(auto.data) == 3 and all(len(d.embedding) == tiny.dim for d in auto.data)
 
     assert {m.id for m in client.models.list()} == {"lrem-query-reason", "lrem-query-direct", "lrem-query-auto",
-                                                   "lrem-item"}
+                                                   "lrem-query-grounded", "lrem-query-grounded-direct", "lrem-item"}
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.embeddings.create(model="text-embedding-3-small", input="mug")
     with pytest.raises(openai.UnprocessableEntityError, match="max_inputs"):
         client.embeddings.create(model="lrem-item", input=["mug"] * 9)
     with pytest.raises(openai.BadRequestError, match=f"dimensions={tiny.dim + 1}; this model gives 1 to {tiny.dim}"):
         client.embeddings.create(model="lrem-item", input="mug", dimensions=tiny.dim + 1)
+
+
+def test_grounded_embeddings_are_the_grounded_searchs(url, searcher):
+    """/v1/embeddings of a grounded query model: the embedding `/search` found its items with
+    (the served index's top titles in the prompt), with its CoT."""
+    for name, mode in (("lrem-query-grounded", "grounded"), ("lrem-query-grounded-direct", "grounded-direct")):
+        r = post(url, "/v1/embeddings", {"model": name, "input": ["a cup", "hot tea"]})
+        assert r.status_code == 200, r.text
+        got = r.json()["data"]
+        first = searcher.candidates(["a cup", "hot tea"])
+        enc = searcher.model.encode_queries(["a cup", "hot tea"], mode="reason" if mode == "grounded" else "direct",
+                                            candidates=first)
+        assert [d["cot"] for d in got] == enc.cots
+        np.testing.assert_allclose([d["embedding"] for d in got], enc.embeddings, atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["lrem-item", "lrem-query-reason", "lrem-query-direct"])
@@ -152,7 +168,8 @@ def test_models_list_the_model_card_facts(searcher, tmp_path):
     assert [m.id for m in listed] == list(entries)
     assert {m: (e["mode"], e["input"]) for m, e in entries.items()} == {
         "lrem-query-reason": ("reason", "query"), "lrem-query-direct": ("direct", "query"),
-        "lrem-query-auto": ("auto", "query"), "lrem-item": ("item", "item")}
+        "lrem-query-auto": ("auto", "query"), "lrem-query-grounded": ("grounded", "query"),
+        "lrem-query-grounded-direct": ("grounded-direct", "query"), "lrem-item": ("item", "item")}
     saved_at = int((tmp_path / "m2" / "lrem_config.json").stat().st_mtime)
     cfg = trained.config
     for e in entries.values():
@@ -168,7 +185,7 @@ def test_models_list_the_model_card_facts(searcher, tmp_path):
 
 def test_models_of_an_untrained_backbone(url, tiny):
     entries = httpx.get(url + "/v1/models").json()["data"]
-    assert len(entries) == 4
+    assert len(entries) == 6
     for e in entries:
         assert e["training"] == [] and e["training_steps"] == 0 and e["created"] == 0  # no lrem_config.json
         assert e["base_model"] == tiny.source and e["dim"] == tiny.dim
@@ -270,7 +287,7 @@ BAD = [
     ("/search", {"query": "mug", "k": 5.5}, 422, "valid integer"),
     ("/search", {"query": "mug", "k": True}, 422, "valid integer"),
     ("/search", {"query": "mug", "k": 51}, 422, "max_k"),
-    ("/search", {"query": "mug", "mode": "fast"}, 422, "'auto', 'reason' or 'direct'"),
+    ("/search", {"query": "mug", "mode": "fast"}, 422, "'auto', 'reason', 'direct', 'grounded' or 'grounded-direct'"),
     ("/search", {"query": "mug", "querry": "mug"}, 422, "Extra inputs"),
     ("/search", [1, 2], 422, "valid dictionary"),
     ("/search", b'{"query": "caf\xe9"}', 400, "not valid UTF-8"),

@@ -25,7 +25,8 @@ import numpy as np
 
 from ._io import atomic_write
 
-KINDS = ("direct", "reason", "item")  # query embedding without / with a CoT, item embedding
+# query embedding without / with a CoT, the same shown first-stage titles (texts: (query, titles)), item
+KINDS = ("direct", "reason", "grounded", "grounded-direct", "item")
 
 
 class EmbeddingCache:

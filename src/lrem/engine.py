@@ -233,13 +233,13 @@ class QueryEngine:
     # ---- reasoning -----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_cots(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
-                      max_new_tokens: int | None = None, fast: bool = True) -> list[str]:
-        """`LREM.generate_cots`: greedy CoTs, batched; `fast` decodes over the prefix cache and a
+                      max_new_tokens: int | None = None, fast: bool = True, candidates: list | None = None) -> list[str]:
+        """`LREM.generate_cots`: greedy CoTs, batched (`candidates`: per query, a grounded query's titles); `fast` decodes over the prefix cache and a
         preallocated KV cache (`greedy`; vLLM instead where `vllm()` gives an engine), else plain
         `lm.generate` on left-padded prompts. Both give the same CoTs (up to float rounding on near-ties)."""
         model = self.model
         max_new, stop = max_new_tokens or model.config.cot_max_tokens, model.stop_ids
-        prompts_ = model.query_prompts(texts)
+        prompts_ = model.query_prompts(texts, candidates=candidates)
         engine = self.vllm() if fast else None
         if engine is not None:
             return [model.decode_cot(ids) for ids in self._greedy_vllm(engine, prompts_, max_new, stop)]
@@ -259,11 +259,11 @@ class QueryEngine:
     @torch.inference_mode()
     def sample_cots(self, texts: list[str], num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                     max_new_tokens: int | None = None, generator: torch.Generator | None = None,
-                    batch_size: int = 64) -> list[list[int]]:
+                    batch_size: int = 64, candidates: list | None = None) -> list[list[int]]:
         """`LREM.sample_cots`: the greedy fast path with top-p sampling at `temperature` in place of argmax."""
         model = self.model
         max_new = max_new_tokens or model.config.cot_max_tokens
-        seqs = model.tokenizer(model.query_prompts(texts), add_special_tokens=False)["input_ids"]
+        seqs = model.tokenizer(model.query_prompts(texts, candidates=candidates), add_special_tokens=False)["input_ids"]
         rows = [s for s in seqs for _ in range(num_samples)]
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
@@ -273,24 +273,29 @@ class QueryEngine:
                 for row in self.greedy(rows[s : s + batch_size], max_new, model.stop_ids, pick=pick)]
 
     @torch.inference_mode()
-    def reason(self, texts: list[str], batch_size: int = 32, show_progress: bool = False) -> QueryEncoding:
-        """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache."""
+    def reason(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
+               candidates: list | None = None) -> QueryEncoding:
+        """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache
+        (`candidates`: per query, a grounded query's titles, or None)."""
         model = self.model
-        prompts_ = model.query_prompts(texts)
+        prompts_ = model.query_prompts(texts, candidates=candidates)
         cots, embs = [], []
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
             seqs = model.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
             batch = texts[s : s + batch_size]
-            batch_cots, emb = self.greedy(seqs, model.config.cot_max_tokens, model.stop_ids, texts=batch)
+            cands = None if candidates is None else candidates[s : s + batch_size]
+            batch_cots, emb = self.greedy(seqs, model.config.cot_max_tokens, model.stop_ids, texts=batch,
+                                          candidates=cands)
             if emb is None:
-                embs.append(self.embed_texts(model.query_texts(batch, batch_cots), batch_size, "q", False))
+                embs.append(self.embed_texts(model.query_texts(batch, batch_cots, candidates=cands), batch_size, "q",
+                                             False))
             else:
                 embs.append(emb.cpu().numpy())
             cots += batch_cots
         return QueryEncoding(np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32), cots)
 
     def greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None,
-               pick=None):
+               pick=None, candidates: list | None = None):
         """Greedy continuations (B rows of max_new ids; pad after a stop id), as `lm.generate` gives.
         Given `texts` (the queries of `seqs`), returns (CoTs, embeddings (B, D) or None) instead:
         each query embedded after its CoT from the cache the decoding left (`_embed_after`).
@@ -314,7 +319,8 @@ class QueryEngine:
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
-            full = model.tokenizer(model.query_texts(texts, cots), add_special_tokens=False)["input_ids"]
+            full = model.tokenizer(model.query_texts(texts, cots, candidates=candidates),
+                                   add_special_tokens=False)["input_ids"]
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
             return cots, self._embed_after(step, used, seqs, gen, full)

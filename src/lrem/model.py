@@ -241,8 +241,12 @@ class LREM(TemplateMixin, torch.nn.Module):
 
     def encode_queries(self, texts: list[str] | str, mode: str = "reason", cots: list[str] | str | None = None,
                        batch_size: int = 32, show_progress: bool = False, fast: bool = True,
-                       truncate: bool = True) -> QueryEncoding:
+                       truncate: bool = True, candidates: list | None = None) -> QueryEncoding:
         """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`.
+
+        `candidates` (grounded queries, issue 22): per query, the titles a first-stage search
+        found (best first; `lrem.search.Searcher` mines them), shown after the query in the
+        prompt (`PromptConfig.candidates_*`), or None for a query shown none.
 
         Given `cots` (teacher CoTs, ablations), `mode` is ignored. In `reason` mode the
         embedding equals the one `encode_queries(texts, cots=result.cots)` gives; `fast`
@@ -253,7 +257,7 @@ class LREM(TemplateMixin, torch.nn.Module):
         check_batch_size(batch_size)
         if isinstance(texts, str):
             one = self.encode_queries([texts], mode, None if cots is None else [cots], batch_size, show_progress,
-                                      fast, truncate)
+                                      fast, truncate, None if candidates is None else [candidates])
             return QueryEncoding(one.embeddings[0], one.cots[0])
         texts = self.fit(list(texts), "query", truncate)
         if cots is not None:
@@ -261,14 +265,15 @@ class LREM(TemplateMixin, torch.nn.Module):
                 raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
             cots = [c.strip() for c in cots]
         elif mode == "reason" and fast and self.engine.vllm() is None:
-            return self.engine.reason(texts, batch_size, show_progress)
+            return self.engine.reason(texts, batch_size, show_progress, candidates)
         elif mode == "reason":
-            cots = self.generate_cots(texts, batch_size=batch_size, show_progress=show_progress, fast=fast)
+            cots = self.engine.generate_cots(texts, batch_size, show_progress, None, fast, candidates)
         elif mode == "direct":
             cots = [""] * len(texts)
         else:
             raise ValueError(f"mode={mode!r}; expected one of {QUERY_MODES} (or pass cots=)")
-        emb = self.engine.embed_texts(self.query_texts(texts, cots), batch_size, "queries", show_progress)
+        emb = self.engine.embed_texts(self.query_texts(texts, cots, candidates=candidates), batch_size, "queries",
+                                      show_progress)
         return QueryEncoding(emb, cots)
 
     # ---- reasoning (decoded by `self.engine`) ---------------------------------------------

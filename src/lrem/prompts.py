@@ -37,6 +37,9 @@ ITEM_SYSTEM = "You are an item assistant for an e-commerce search platform."
 ITEM_TEMPLATE = "Item: {title}"
 # Catalog fields an item template may name (`lrem.data.Item`); a field an item lacks renders as "".
 ITEM_FIELDS = ("title", "category", "text", "brand", "color", "bullets", "description")
+# Grounded queries (issue 22, beyond the paper): the first-stage top-K titles follow the query in
+# the user turn, so the reasoning and the `<emb>` state see what a direct search already found.
+CANDIDATES_TEMPLATE = "\nCandidates: {candidates}"
 
 
 @dataclass
@@ -53,18 +56,24 @@ class PromptConfig:
     cot_max_tokens: int = 16  # l in the paper: the CoT budget (tokens generated at most)
     max_query_tokens: int = 64  # longer queries: an error, or cut (and counted) with truncate=True
     max_item_tokens: int = 64  # the same for an item's text as the item template fills it in
+    candidates_k: int = 0  # K: first-stage titles a grounded query is shown; 0: the model is not grounded
+    candidates_template: str = CANDIDATES_TEMPLATE  # after the query instruction; names {candidates}
+    candidates_sep: str = "; "  # between titles (WordNet titles hold commas)
+    max_candidate_tokens: int = 96  # the rendered list's budget: later titles dropped, the last one cut
 
     def __post_init__(self):
         for name, text, allowed in (("query_instruction", self.query_instruction, ("query",)),
-                                    ("item_template", self.item_template, ITEM_FIELDS)):
+                                    ("item_template", self.item_template, ITEM_FIELDS),
+                                    ("candidates_template", self.candidates_template, ("candidates",))):
             names = template_fields(text)
             bad = sorted(names - set(allowed))
             if bad or allowed[0] not in names:
                 raise ValueError(f"prompt config {name}={text!r} must name {{{allowed[0]}}} and only fields of "
                                  f"{', '.join(allowed)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
-        for name in ("cot_max_tokens", "max_query_tokens", "max_item_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"prompt config {name}={getattr(self, name)!r}; expected an integer >= 1")
+        for name in ("cot_max_tokens", "max_query_tokens", "max_item_tokens", "max_candidate_tokens", "candidates_k"):
+            low = 0 if name == "candidates_k" else 1
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ValueError(f"prompt config {name}={getattr(self, name)!r}; expected an integer >= {low}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptConfig":
@@ -109,9 +118,13 @@ def chat(tokenizer, system: str, user: str) -> str:
     return f"{system}\n\nUser: {user}\nAssistant: "
 
 
-def query_prompt(tokenizer, query: str, cfg: PromptConfig) -> str:
-    """The query-side text up to and including `<think>`: what generation continues from."""
-    return chat(tokenizer, cfg.query_system, cfg.query_instruction.format(query=query)) + cfg.think_token
+def query_prompt(tokenizer, query: str, cfg: PromptConfig, candidates: str | None = None) -> str:
+    """The query-side text up to and including `<think>`: what generation continues from.
+    `candidates`: a grounded query's rendered candidate list (`TemplateMixin.candidate_lists`)."""
+    user = cfg.query_instruction.format(query=query)
+    if candidates is not None:
+        user += cfg.candidates_template.format(candidates=candidates)
+    return chat(tokenizer, cfg.query_system, user) + cfg.think_token
 
 
 def close_cot(cot: str, cfg: PromptConfig) -> str:
@@ -186,13 +199,48 @@ class TemplateMixin:
             self.truncated[side] += 1
         return out
 
-    def query_prompts(self, texts: list[str], truncate: bool = True) -> list[str]:
-        """Query-side texts up to `<think>` (queries fitted to `max_query_tokens`, see `fit`)."""
-        return [query_prompt(self.tokenizer, t, self.config) for t in self.fit(texts, "query", truncate)]
+    def candidate_lists(self, candidates: list) -> list[str | None]:
+        """Each grounded query's candidate titles (best first) as the text its prompt shows: the
+        first `candidates_k` (all, for a model with 0), joined by `candidates_sep`, within
+        `max_candidate_tokens` (titles that do not fit dropped, the first one that does not cut).
+        None stays None: that query is not grounded."""
+        cfg, out = self.config, []
+        for titles in candidates:
+            if titles is None:
+                out.append(None)
+                continue
+            titles = [" ".join(str(t).split()) for t in titles][: cfg.candidates_k or None]
+            kept: list[str] = []
+            for t in titles:
+                room = cfg.max_candidate_tokens - (self.token_counts([cfg.candidates_sep.join(kept + [""])])[0]
+                                                   if kept else 0)
+                if self.token_counts([t])[0] <= room:
+                    kept.append(t)
+                    continue
+                ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                if room >= 2:  # a stub of one token says little; a longer cut keeps the title's head
+                    kept.append(self.tokenizer.decode(ids[:room]).strip())
+                break
+            while kept and self.token_counts([cfg.candidates_sep.join(kept)])[0] > cfg.max_candidate_tokens:
+                kept.pop()  # joined pieces can tokenize longer than their parts
+            out.append(cfg.candidates_sep.join(kept))
+        return out
 
-    def query_texts(self, texts: list[str], cots: list[str], truncate: bool = True) -> list[str]:
+    def query_prompts(self, texts: list[str], truncate: bool = True, candidates: list | None = None) -> list[str]:
+        """Query-side texts up to `<think>` (queries fitted to `max_query_tokens`, see `fit`).
+        `candidates`: per query, the first-stage titles a grounded query is shown, or None."""
+        texts = self.fit(texts, "query", truncate)
+        if candidates is None:
+            return [query_prompt(self.tokenizer, t, self.config) for t in texts]
+        if len(candidates) != len(texts):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(texts)} queries")
+        return [query_prompt(self.tokenizer, t, self.config, c)
+                for t, c in zip(texts, self.candidate_lists(candidates))]
+
+    def query_texts(self, texts: list[str], cots: list[str], truncate: bool = True,
+                    candidates: list | None = None) -> list[str]:
         """Full query-side texts: prompt + `<think>` + CoT + `</think><emb>`."""
-        return [p + close_cot(c, self.config) for p, c in zip(self.query_prompts(texts, truncate), cots)]
+        return [p + close_cot(c, self.config) for p, c in zip(self.query_prompts(texts, truncate, candidates), cots)]
 
     def item_texts(self, items, truncate: bool = True) -> list[str]:
         """Full item-side texts: the item template filled from each item's fields (`item_fields`;

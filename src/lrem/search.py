@@ -28,7 +28,7 @@ from ._text import check_query
 from .index import ItemIndex, model_fingerprint, open_index
 from .model import LREM
 from .router import LearnedRouter, Router
-from .search_types import MODES, Hit, Retriever, SearchResult
+from .search_types import DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult, grounded_inputs
 
 __all__ = ["MODES", "Hit", "Retriever", "Routed", "SearchResult", "Searcher", "random_cot"]
 
@@ -106,6 +106,8 @@ class Searcher:
         """The fixed CoTs of a mode (None: `reason`, the model writes them)."""
         if mode == "reason":
             return None
+        if mode in GROUNDED_MODES:
+            raise ValueError(f"mode {mode!r} has no fixed CoTs: it searches twice (`Searcher.search`)")
         if mode in ("direct", "empty-cot"):
             return [""] * len(queries)
         if mode == "query-cot":
@@ -120,11 +122,27 @@ class Searcher:
         check_search(queries, k)
         if mode == "auto":
             return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress)[0]
+        if mode in GROUNDED_MODES and cots is None:
+            return _run_now(self.route(queries, k, mode, embed=self.embedder(batch_size, show_progress))).results
         cots = cots if cots is not None else self.cots_for(queries, mode)
         enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
                                         show_progress=show_progress, truncate=self.truncate)
         scores, ids = self.index.search(enc.embeddings, k)
         return _results(scores, ids, enc.cots, k)
+
+    def candidates(self, queries: list[str], k: int | None = None, batch_size: int = 32,
+                   show_progress: bool = False) -> list[list[str]]:
+        """A grounded query's first stage: the titles of each query's top-`k` items in a direct
+        search (default: the model's `candidates_k`, else `DEFAULT_CANDIDATES_K`), best first."""
+        enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size, show_progress=show_progress,
+                                        truncate=self.truncate)
+        _, ids = self.index.search(enc.embeddings, k or self.candidates_k)
+        return [[self.index.title(i) for i in row] for row in ids]
+
+    @property
+    def candidates_k(self) -> int:
+        """K of the grounded modes: the model's own (`PromptConfig.candidates_k`), else the default."""
+        return self.model.config.candidates_k or DEFAULT_CANDIDATES_K
 
     def search_auto(self, queries: list[str], k: int = 10, router: Router | LearnedRouter | None = None,
                     batch_size: int = 32, show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
@@ -142,9 +160,11 @@ class Searcher:
     def embedder(self, batch_size: int = 32, show_progress: bool = False) -> Embed:
         """`route`'s default `embed`: this searcher's model, in batches of `batch_size`. A
         coroutine that never waits, so `search_auto` runs `route` without an event loop."""
-        async def embed(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
-            enc = self.model.encode_queries(texts, mode=kind, batch_size=batch_size, truncate=self.truncate,
-                                            show_progress=show_progress and kind == "reason")
+        async def embed(kind: str, texts: list) -> tuple[list[str], np.ndarray]:
+            texts, cands = grounded_inputs(kind, texts)
+            enc = self.model.encode_queries(texts, mode=GROUNDED_MODES.get(kind, kind), batch_size=batch_size,
+                                            truncate=self.truncate, candidates=cands,
+                                            show_progress=show_progress and kind != "direct")
             return enc.cots, enc.embeddings
 
         return embed
@@ -157,12 +177,15 @@ class Searcher:
         `direct`: embed without a CoT, search. `reason`: generate a CoT, embed, search. `auto`:
         embed directly, search max(k, router.depth) deep, let the router (default `self.router`)
         decide from those scores and the query text, and reason (embed and search again) only
-        where it says. Queries and k are the caller's to check (`check_search`, serve's request
-        checks).
+        where it says. `grounded` / `grounded-direct`: embed directly, search `candidates_k`
+        deep, then embed each query again with those titles in its prompt (after reasoning /
+        without) and search. Queries and k are the caller's to check (`check_search`, serve's
+        request checks).
 
         Args:
-            embed: `await embed(kind, texts) -> (cots, embeddings (n, dim))`, kind "direct" or
-                "reason"; default `self.embedder()`. serve's goes through its cache and batcher.
+            embed: `await embed(kind, texts) -> (cots, embeddings (n, dim))`, kind "direct",
+                "reason", or a grounded mode, whose texts are (query, candidate titles) pairs
+                (`grounded_inputs`); default `self.embedder()`. serve's goes through its cache and batcher.
             router: the router of `auto` (default `self.router`).
             offload: `await offload(fn, *args)` runs the FAISS search (serve: `asyncio.to_thread`,
                 so the event loop stays free); default: here.
@@ -186,6 +209,13 @@ class Searcher:
         reason = [mode == "reason"] * len(queries)
         results: list[SearchResult] = []
         emb = None
+        if mode in GROUNDED_MODES:
+            _, emb = await embedded("direct", queries)
+            _, ids = await searched(emb, self.candidates_k)
+            title = self.index.title
+            cots, emb = await embedded(mode, [(q, tuple(title(i) for i in row)) for q, row in zip(queries, ids)])
+            scores, ids = await searched(emb, k)
+            return Routed(_results(scores, ids, cots, k), [mode == "grounded"] * len(queries), emb, timings)
         if mode != "reason":
             cots, emb = await embedded("direct", queries)
             scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, depth) best first
@@ -207,7 +237,7 @@ class Searcher:
 
     def retriever(self, mode: str, router: Router | LearnedRouter | None = None) -> Retriever:
         """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate` (`router`: for auto)."""
-        if mode != "auto":
+        if mode != "auto" and mode not in GROUNDED_MODES:
             self.cots_for([], mode)  # validates the mode now, not at the first query
         return _ModeRetriever(self, mode, router)
 
@@ -215,7 +245,8 @@ class Searcher:
 # route's callables: embed(kind, texts) -> (cots, embeddings (n, dim)); offload(fn, *args) -> fn(*args)
 Embed = Callable[[str, list[str]], Awaitable[tuple[list[str], np.ndarray]]]
 Offload = Callable[..., Awaitable]
-ROUTE_MODES = ("direct", "reason", "auto")  # the modes `Searcher.route` runs (serve's modes)
+ROUTE_MODES = ("direct", "reason", "auto", *GROUNDED_MODES)  # the modes `Searcher.route` runs (serve's modes)
+
 
 
 @dataclass
@@ -262,7 +293,7 @@ class _ModeRetriever:
             self.n_reasoned += sum(routed)
         else:
             results = self.searcher.search(queries, k=k, mode=self.mode)
-            self.n_reasoned += len(queries) if self.mode == "reason" else 0
+            self.n_reasoned += len(queries) if self.mode in ("reason", "grounded") else 0
         self.n_queries += len(queries)
         return results
 

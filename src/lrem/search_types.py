@@ -11,7 +11,22 @@ from typing import Protocol, runtime_checkable
 
 # The query modes `lrem.search.Searcher` accepts: the one list that the CLI's help and checks
 # and the searcher's validation use (here, not in lrem.search, so the CLI reads it without torch).
-MODES = ("reason", "direct", "auto", "empty-cot", "query-cot", "random-cot")
+MODES = ("reason", "direct", "auto", "grounded", "grounded-direct", "empty-cot", "query-cot", "random-cot")
+# grounded: a direct search first, then the query reasons with its top-K titles in the prompt and is
+# embedded again (issue 22); grounded-direct: the same without the reasoning (the no-generation ablation)
+GROUNDED_MODES = {"grounded": "reason", "grounded-direct": "direct"}
+DEFAULT_CANDIDATES_K = 10  # K for a model not trained grounded (`PromptConfig.candidates_k` 0)
+
+
+def grounded_inputs(kind: str, texts: list) -> tuple[list[str], list | None]:
+    """An embed call's (queries, candidates): a grounded kind's texts are (query, titles) pairs.
+
+    >>> grounded_inputs("grounded", [("mug", ("tea mug", "cup"))])
+    (['mug'], [['tea mug', 'cup']])
+    """
+    if kind not in GROUNDED_MODES:
+        return list(texts), None
+    return [q for q, _ in texts], [list(c) for _, c in texts]
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,8 @@ def create_app(searcher, config: ServeConfig | None = None):
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest) -> dict:
-        """OpenAI-compatible embeddings: `model` picks lrem-query-reason, -direct, -auto or lrem-item."""
+        """OpenAI-compatible embeddings: `model` picks lrem-query-reason, -direct, -auto, -grounded,
+        -grounded-direct or lrem-item."""
         kind = EMBEDDING_MODELS.get(req.model)
         if kind is None:
             raise HTTPException(404, f"model {req.model!r} does not exist; use one of {', '.join(EMBEDDING_MODELS)}")
@@ -197,8 +198,8 @@ def create_app(searcher, config: ServeConfig | None = None):
         service.metrics.truncated.labels(side).inc(len(over))
 
         async def one(text):
-            if kind == "auto":
-                r = await service.query(text, "auto", 1)
+            if kind in ("auto", "grounded", "grounded-direct"):  # these search the index first
+                r = await service.query(text, kind, 1)
                 return r["cot"], r["embedding"]
             return (await service.embed(kind, text))[:2]
 

@@ -6,8 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# /v1/embeddings `model` -> what is embedded; the grounded ones search the served index first (their
+# embedding depends on that index's top titles)
 EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
-                    "lrem-item": "item"}  # /v1/embeddings `model` -> what is embedded
+                    "lrem-query-grounded": "grounded", "lrem-query-grounded-direct": "grounded-direct",
+                    "lrem-item": "item"}
 
 
 class SearchRequest(BaseModel):
@@ -15,8 +18,10 @@ class SearchRequest(BaseModel):
     query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
                        examples=["a drink stronger than tea"])
     k: int = Field(10, ge=1, description="Items to return (at most max_k).")
-    mode: Literal["auto", "reason", "direct"] = Field(
-        "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides.")
+    mode: Literal["auto", "reason", "direct", "grounded", "grounded-direct"] = Field(
+        "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides; grounded: "
+                            "a direct search first, then reason with its top titles in the prompt and search again; "
+                            "grounded-direct: the same without the CoT.")
 
 
 class SearchItem(BaseModel):
@@ -28,10 +33,11 @@ class SearchItem(BaseModel):
 class SearchResponse(BaseModel):
     query: str = Field(description="The normalised query that was embedded.")
     cot: str = Field(description="The reasoning the query was embedded after ('' when none).")
-    mode_used: Literal["reason", "direct"]
+    mode_used: Literal["reason", "direct", "grounded", "grounded-direct"]
     cached: bool = Field(description="True when every embedding came from the cache.")
     items: list[SearchItem]
-    timings_ms: dict[str, float] = Field(description="direct, reason (embedding, incl. queueing), index, total.")
+    timings_ms: dict[str, float] = Field(description="direct, reason or grounded (embedding, incl. queueing), index "
+                                                     "(the searches), total.")
 
 
 class EmbeddingRequest(BaseModel):

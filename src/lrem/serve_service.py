@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from .batching import Batcher, EmbeddingCache
+from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
 
 
@@ -72,11 +73,16 @@ class SearchService:
         model = self.searcher.model
         if kind == "item":
             return [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
-        enc = model.encode_queries(texts, mode=kind, batch_size=len(texts))
+        texts, cands = grounded_inputs(kind, texts)  # a grounded kind's texts: (query, titles) pairs
+        enc = model.encode_queries(texts, mode=GROUNDED_MODES.get(kind, kind), batch_size=len(texts), candidates=cands)
         return enc.cots, enc.embeddings
 
     async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
-        """(cot, embedding, from_cache) for one normalised text."""
+        """(cot, embedding, from_cache) for one normalised text. A grounded kind's text (a query and
+        its first-stage titles, which depend on the index) is not cached: the cache file keeps strings."""
+        if not isinstance(text, str):
+            cot, emb = await self.batcher.submit(kind, text)
+            return cot, emb, False
         hit = self.cache.get((kind, text))
         self.metrics.cache.labels(kind, "miss" if hit is None else "hit").inc()
         if hit is not None:
@@ -98,7 +104,7 @@ class SearchService:
         routed = await self.searcher.route([text], k, mode, embed=embed, router=self.router,
                                            offload=asyncio.to_thread)  # FAISS off the event loop
         [result], [reasoned] = routed.results, routed.reasoned
-        mode_used = "reason" if reasoned else "direct"
+        mode_used = mode if mode in GROUNDED_MODES else "reason" if reasoned else "direct"
         if mode == "auto":
             self.n_auto += 1
             self.n_auto_reasoned += reasoned

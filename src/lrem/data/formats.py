@@ -81,6 +81,7 @@ class Pair:
     item_id: str
     item_title: str
     cot: str | None = None  # None: no teacher CoT (embedded after an empty CoT, no SFT target)
+    candidates: tuple[str, ...] | None = None  # a grounded query's first-stage titles, best first
 
     @property
     def title(self) -> str:

@@ -22,7 +22,8 @@ REQUIRED = ("query_id", "query", "item_id", "item_title")
 # ---------------------------------------------------------------- files and splits
 
 def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) -> list[Pair]:
-    """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`).
+    """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`;
+    optional `candidates`, a grounded query's first-stage titles, from `lrem.grounding.mine_candidates`).
 
     Raises `DataError` naming file, line and field for: an empty file, a malformed line, a
     missing or non-string field, a CoT longer than `cot_max_tokens` tokens (when `tokenizer` is
@@ -52,7 +53,11 @@ def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) 
         seen = titles.setdefault(row["item_id"], (row["item_title"], line_no))
         if seen[0] != row["item_title"]:
             raise DataError(path, line_no, "item_title", f"item {row['item_id']!r} has another title on line {seen[1]}")
-        pairs.append(Pair(row["query_id"], row["query"], row["item_id"], row["item_title"], cot))
+        cands = row.get("candidates")
+        if cands is not None and (not isinstance(cands, list) or not all(isinstance(t, str) for t in cands)):
+            raise DataError(path, line_no, "candidates", f"expected a list of titles, got {cands!r}")
+        pairs.append(Pair(row["query_id"], row["query"], row["item_id"], row["item_title"], cot,
+                          None if cands is None else tuple(cands)))
     if not pairs:
         raise DataError(path, None, None, "no triplets (the file is empty)")
     return pairs
@@ -102,6 +107,13 @@ def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=Non
     if not use_cot:
         pairs = without_cots(pairs)
     return pairs, held
+
+
+def grounded(pairs: list[Pair], share: float, seed: int = 0) -> list[Pair]:
+    """The same pairs, of which only the queries in a seeded `share` of ids keep their
+    `candidates` (all of a query's pairs alike; `rl_holdout`'s hash with another seed)."""
+    keep = rl_holdout({p.query_id for p in pairs if p.candidates is not None}, share, seed + 1)
+    return [p if p.query_id in keep else replace(p, candidates=None) for p in pairs]
 
 
 def without_cots(pairs: list[Pair]) -> list[Pair]:

@@ -27,7 +27,7 @@ from .loop import Run, warmup_steps
 # tests and older callers import them from here (their homes are .loop and .pairs)
 from .loop import lr_factor, mixed_precision  # noqa: F401
 from .pairs import (RL_PAIRS, BatchSampler, Pair, batch_indices, build_pairs, load_triplets,  # noqa: F401
-                    pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
+                    grounded, pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
 from .sft_config import SFTConfig
 
 
@@ -38,7 +38,8 @@ def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
     before (system prompt, instruction, query) is not a target. Pairs without a CoT get none.
     """
     tok, cfg, pad_id = model.tokenizer, model.config, model.tokenizer.pad_token_id
-    prompt_texts = model.query_prompts([p.query for p in pairs])
+    cands = [p.candidates for p in pairs]
+    prompt_texts = model.query_prompts([p.query for p in pairs], candidates=cands if any(cands) else None)
     prompt_ids = tok(prompt_texts, add_special_tokens=False)["input_ids"]
     q_ids = tok([t + close_cot(p.cot or "", cfg) for t, p in zip(prompt_texts, pairs)],
                 add_special_tokens=False)["input_ids"]
@@ -101,6 +102,9 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     sampler = BatchSampler([p.cot is not None for p in pairs], cfg.batch_size, cfg.cot_share, cfg.seed)
     if not cfg.use_cot:
         pairs = without_cots(pairs)
+    if any(p.candidates is not None for p in pairs):  # grounded training: the model keeps K
+        pairs = grounded(pairs, cfg.grounded_share, cfg.seed)
+        model.config.candidates_k = cfg.candidates_k
     dev = run.dev_eval(dataset, "reason" if cfg.use_cot else "direct")
 
     total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs

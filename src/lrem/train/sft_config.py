@@ -35,6 +35,13 @@ class SFTConfig(TrainingConfig):
     rl_holdout: float = field(default=0.1, metadata={
         "help": "Share of the split's queries without a teacher CoT held back for stage 2 (written to "
                 "OUT/rl_pairs.jsonl; the paper keeps 4M of its pairs for RL). Needs --data."})
+    # Grounded queries (issue 22): pairs whose rows carry `candidates` (first-stage titles)
+    candidates_k: int = field(default=10, metadata={
+        "help": "K: the first-stage titles a grounded query is shown; written into the trained model (with pairs "
+                "that carry candidates) so that search shows it as many."})
+    grounded_share: float = field(default=0.5, metadata={
+        "help": "Share of the queries with candidates that are shown them (a seeded hash per query id); the rest "
+                "train plain, so one model serves the first-stage search over its own index and the grounded one."})
     # Memory
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
 
@@ -52,5 +59,8 @@ class SFTConfig(TrainingConfig):
             raise ValueError(f"temperature={self.temperature}, learning_rate={self.learning_rate}; need > 0")
         if not 0 <= self.cot_share <= 1:
             raise ValueError(f"cot_share={self.cot_share}; need 0 <= cot_share <= 1")
+        if not 0 <= self.grounded_share <= 1 or self.candidates_k < 1:
+            raise ValueError(f"grounded_share={self.grounded_share}, candidates_k={self.candidates_k}; "
+                             "need 0 <= grounded_share <= 1 and candidates_k >= 1")
         if not 0 <= self.rl_holdout < 1:
             raise ValueError(f"rl_holdout={self.rl_holdout}; need 0 <= rl_holdout < 1")
