@@ -25,8 +25,15 @@ QUERIES = ["a device for pulling corks", "hot drink", "something to sit on", "a 
 
 
 def test_doctests():
+    import lrem.router_base
+    import lrem.router_fit
+    import lrem.router_learned
+
     result = doctest.testmod(lrem.router)
     assert result.attempted >= 3 and result.failed == 0
+    for mod in (lrem.router_base, lrem.router_learned, lrem.router_fit):  # the parts that moved out
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
 
 
 def test_fixed_margin_and_long_queries():

@@ -1,0 +1,184 @@
+"""`lrem index` (a FAISS folder, or a Milvus collection with --backend) and `lrem embed` (the
+catalog into resumable chunks, one share per process under torchrun)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lrem.cli.options import BatchSize, DataDir, Dtype, Threads, Truncate, check_output, echo_err, echo_truncated
+
+
+def index(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index folder (written atomically): a new or empty "
+                                                "folder, or an earlier lrem output with --overwrite. Not with --backend.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder whose catalog is embedded here "
+                                                 "(or --from-chunks).")] = None,
+    from_chunks: Annotated[Optional[Path], typer.Option(help="A chunk folder of `lrem embed` to index instead of "
+                                                        "embedding (added chunk by chunk; docs/chunks.md).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="milvus:URI/COLLECTION: upload to Milvus instead of writing a "
+                                                   "FAISS folder (URI a Milvus Lite path *.db or http://host:port); "
+                                                   "resumable, items already there are skipped.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
+                                                 "(default: the shipped trained model lrem-wordnet-135m).")] = None,
+    factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64".')] = "Flat",
+    search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
+    milvus_index: Annotated[str, typer.Option(help="Milvus index type with --backend: FLAT (exact), HNSW, IVF_FLAT, "
+                                              "AUTOINDEX.")] = "FLAT",
+    upload_batch: Annotated[int, typer.Option(min=1, help="Items per Milvus request with --backend.")] = 1000,
+    batch_size: BatchSize = 64,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (or the --backend collection) if lrem "
+                                            "wrote it earlier; never what lrem did not write.")] = False,
+    truncate: Truncate = True,
+):
+    """Embed the catalog with the model (items never reason) and build a FAISS index, or index the
+    chunks of `lrem embed`; with --backend, upload to a Milvus collection instead."""
+    from lrem._threads import set_threads
+
+    if (data is None) == (from_chunks is None):
+        raise typer.BadParameter("give --data (embed the catalog here) or --from-chunks (vectors of `lrem embed`)",
+                                 param_hint="--data / --from-chunks")
+    if backend is not None:
+        from lrem.vectordb import parse_spec
+
+        if out is not None:
+            raise typer.BadParameter("--out is the FAISS folder; with --backend the index is the collection",
+                                     param_hint="--out")
+        parse_spec(backend)  # a bad spec fails now, before any model loads
+        set_threads(threads, log=echo_err)
+        _index_to_milvus(backend, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
+                         truncate)
+        return
+    if out is None:
+        raise typer.BadParameter("missing --out (the index folder), or give --backend", param_hint="--out")
+    if from_chunks is not None:
+        from lrem.index import ItemIndex
+
+        check_output(out, from_chunks, overwrite=overwrite)
+        set_threads(threads, log=echo_err)
+        idx = ItemIndex.from_chunks(from_chunks, factory=factory, search_params=search_params)
+        idx.save(out)
+        typer.echo(f"indexed {len(idx.item_ids)} items from {from_chunks} ({factory}, dim {idx.meta['dim']}) in "
+                   f"{idx.meta['index_seconds']:.0f} s -> {out}")
+        return
+    from lrem.data import load_dataset
+    from lrem.index import ItemIndex
+    from lrem.model import LREM, default_model
+
+    model = model or default_model()
+    check_output(out, data, model if Path(model).exists() else None, overwrite=overwrite)
+    ds = load_dataset(data)
+    set_threads(threads, log=echo_err)
+    lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
+    idx = ItemIndex.build(lrem, dict(ds.catalog), factory=factory, search_params=search_params,
+                          batch_size=batch_size, truncate=truncate, dataset=str(data))
+    idx.save(out)
+    typer.echo(f"indexed {len(ds.catalog)} items ({factory}, dim {lrem.dim}) in {idx.meta['encode_seconds']:.0f} s -> {out}")
+    echo_truncated(lrem)
+
+
+def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
+                     truncate) -> None:
+    """`lrem index --backend milvus:...`: embed (only the items the collection lacks) or read chunks, upload."""
+    from lrem.vectordb import upload
+
+    if from_chunks is not None:
+        from lrem.embed import chunk_files, iter_chunks, read_manifest
+        from lrem.index import MODEL_KEYS
+
+        man = read_manifest(from_chunks)
+        chunk_files(from_chunks, man)  # all there, before any upload
+        meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
+
+        def batches():
+            for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
+                for s in range(0, len(ids), upload_batch):
+                    yield ids[s:s + upload_batch], titles[s:s + upload_batch], (lambda pos, s=s, x=x: x[s:][pos])
+
+        total, lrem = man["n_items"], None
+    else:
+        from lrem.data import load_dataset
+        from lrem.model import LREM, default_model
+
+        model = model or default_model()
+        ds = load_dataset(data)
+        lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
+        from lrem.index import model_identity
+
+        meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
+        ids, items = list(ds.catalog), list(ds.catalog.values())
+
+        def batches():
+            for s in range(0, len(ids), upload_batch):
+                part = items[s:s + upload_batch]
+                yield (ids[s:s + upload_batch], [x.title for x in part],
+                       lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
+                                                                truncate=truncate))
+
+        total = len(ids)
+    info = upload(spec, batches(), meta, total, overwrite=overwrite, index_type=milvus_index, log=echo_err)
+    typer.echo(f"uploaded {info['written']} items to {spec} ({info['skipped']} already there; {info['n_items']} in "
+               f"all, dim {info['dim']}, {milvus_index}) in {info['upload_seconds']:.0f} s")
+    if lrem is not None:
+        echo_truncated(lrem)
+
+
+def embed(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Chunk folder: a new or empty folder, or this command's "
+                                      "earlier run folder, which it resumes (only missing chunks are encoded).")],
+    model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
+                                                 "(default: the shipped trained model lrem-wordnet-135m).")] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Items per chunk file (the most vectors a process holds).")] = 4096,
+    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the disk; values rounded to ~1e-3 relative).")] = "float32",
+    max_chunks: Annotated[Optional[int], typer.Option(min=1, help="Stop after encoding N chunks in each process "
+                                                      "(rerun to continue).")] = None,
+    batch_size: BatchSize = 64,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    truncate: Truncate = True,
+):
+    """Encode the catalog into Parquet chunks, resumably; under torchrun / accelerate launch each
+    process (CPU or GPU) encodes its own share. Then `lrem index --from-chunks OUT`."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    from lrem._threads import set_threads
+    from lrem.data import load_dataset
+    from lrem._io import OutputError
+    from lrem.embed import CHUNKS, MANIFEST, VECTOR_DTYPES, embed_catalog
+    from lrem.model import LREM, default_model
+
+    if vector_dtype not in VECTOR_DTYPES:
+        raise typer.BadParameter(f"{vector_dtype!r}; expected one of {', '.join(VECTOR_DTYPES)}",
+                                 param_hint="--vector-dtype")
+    model = model or default_model()
+    check_output(out, data, model if Path(model).exists() else None, resume=True, run_files=(MANIFEST,))
+    other = sorted(p.name for p in out.iterdir() if p.name[:1] != "." and p.name not in (MANIFEST, CHUNKS)) \
+        if out.is_dir() else []  # (".": the marker, temp files of a rank writing the manifest)
+    if other:  # another command's lrem output (an index, a model): never mixed with chunks
+        raise OutputError(f"--out {out}: holds {', '.join(other[:3])}, not a chunk folder of `lrem embed`; "
+                          "choose a new folder")
+    ds = load_dataset(data)
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))  # ranks wait for the slowest
+    rank, world = state.process_index, state.num_processes
+    set_threads(threads, log=echo_err if rank == 0 else None)
+    lrem = LREM.from_pretrained(model, dtype=dtype, device=str(state.device), log=echo_err if rank == 0 else (lambda *_: None))
+    stats = embed_catalog(lrem, dict(ds.catalog), out, chunk_size=chunk_size, rank=rank, world=world,
+                          vector_dtype=vector_dtype, batch_size=batch_size, max_chunks=max_chunks, truncate=truncate,
+                          barrier=state.wait_for_everyone, dataset=str(data))
+    echo_err(f"rank {rank}/{world}: encoded {len(stats.encoded)} chunks ({stats.items} items) in {stats.seconds:.1f} s "
+          f"({stats.items_per_second:.1f} items/s); skipped {len(stats.skipped)} written earlier"
+          + ("; stopped at --max-chunks" if stats.stopped else ""))
+    echo_truncated(lrem)
+    if rank == 0:
+        import json as _json
+
+        done = _json.loads((out / MANIFEST).read_text()).get("complete", False)
+        typer.echo(f"wrote {out}: " + ("complete; next: lrem index --from-chunks " + str(out) + " --out INDEX" if done
+                                       else "not complete; rerun the same command to encode the missing chunks"))

@@ -1,0 +1,143 @@
+"""`lrem search`, `serve`, `eval`, `export` and `delta`: using a model and its index, scoring
+systems, and shipping a trained model."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lrem.cli.options import (BatchSize, DataDir, Out, Overwrite, Threads, Truncate, check_output, echo_err,
+                              echo_truncated)
+from lrem.search_types import MODES
+
+
+def _check_mode(mode: str) -> str:
+    """Reject an unknown mode before any model loads."""
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r} is not a mode; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def search(
+    queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
+    index_dir: Annotated[str, typer.Option("--index", "-i", help="Index folder from `lrem index`, or "
+                                           "milvus:URI/COLLECTION.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
+    mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
+    truncate: Truncate = True,
+):
+    """Search the index: prints the generated CoT and the top items with scores."""
+    from lrem.search import Searcher, check_search
+
+    check_search(queries, k)  # before the model loads
+    searcher = Searcher.load(index_dir, log=echo_err)
+    searcher.truncate = truncate
+    for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
+        if as_json:
+            hits = [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": h.score} for h in r.hits]
+            typer.echo(json.dumps({"query": q, "mode": mode, "cot": r.cot, "items": hits}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}\n  cot ({mode}): {r.cot or '(none)'}")
+        for rank, h in enumerate(r.hits, 1):
+            typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
+
+
+def serve(
+    index_dir: Annotated[str, typer.Option("--index", "-i", help="Index folder from `lrem index`, or "
+                                           "milvus:URI/COLLECTION.")],
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="TCP port (default 8000).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of ServeConfig keys.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override one ServeConfig key: --set max_batch=32. Repeat.")] = [],
+):
+    """Serve /search and OpenAI-compatible /v1/embeddings over HTTP, with batching, a cache and a router."""
+    from lrem.serve import ServeConfig
+    from lrem.serve import serve as run_server
+
+    run_server(index_dir, ServeConfig.from_yaml(config, sets=set_, host=host, port=port), log=echo_err)
+
+
+def eval_(
+    data: DataDir,
+    out: Out,
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json). Repeat.")],
+    split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
+    seed: int = 0,
+    k: Annotated[int, typer.Option(min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
+    batch_size: BatchSize = 32,
+    examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
+                                          "CoTs and top items, spread over the slices (report.md: 5 when 0).")] = 0,
+    figure: Annotated[Optional[list[Path]], typer.Option(help="A PNG to add to report.md (e.g. OUT/curves.png of "
+                                                         "`lrem train rl`). Repeat.")] = None,
+    threads: Threads = None,
+    overwrite: Overwrite = False,
+    truncate: Truncate = True,
+):
+    """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
+    from lrem._io import claim_dir
+    from lrem._threads import set_threads
+    from lrem.data import load_dataset
+    from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
+    from lrem.search import build_systems, parse_system
+
+    specs = dict(parse_system(s) for s in system)
+    models = [spec.rpartition(":")[0] for spec in specs.values()]
+    check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
+            run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
+    ds = load_dataset(data)
+    set_threads(threads, log=echo_err)
+    systems = build_systems(specs, ds, batch_size=batch_size, log=echo_err, truncate=truncate)
+    result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=echo_err)
+    import shlex
+
+    result["command"] = shlex.join(["lrem", *sys.argv[1:]])  # report.md records how it was made
+    for name, spec in specs.items():
+        result["systems"][name]["spec"] = spec
+    write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
+    typer.echo(format_table(result))
+    if examples:
+        typer.echo(format_examples(result, ds, examples))
+    typer.echo(f"report: {out / 'report.md'}")
+    for model in {id(r.searcher.model): r.searcher.model for r in systems.values() if hasattr(r, "searcher")}.values():
+        echo_truncated(model)
+
+
+def export(
+    out: Out,
+    model: Annotated[str, typer.Option(help="LREM folder (or a built-in name) to export.")],
+    to: Annotated[str, typer.Option(help="Target format: sentence-transformers.")] = "sentence-transformers",
+    dtype: Annotated[str, typer.Option(help="Weights to write: auto, float32 or bfloat16.")] = "float32",
+):
+    """Write a folder sentence-transformers loads (items, and queries in direct mode: same embeddings as
+    lrem); reasoning needs `lrem serve`."""
+    from lrem.export import FORMATS, export as run_export
+    from lrem.model import LREM
+
+    if to not in FORMATS:
+        raise typer.BadParameter(f"{to!r}; expected one of {', '.join(FORMATS)}", param_hint="--to")
+    run_export(LREM.from_pretrained(model, dtype=dtype, log=echo_err), to, out, log=typer.echo)
+
+
+def delta(
+    model: Annotated[str, typer.Option(help="A trained LREM folder (e.g. OUT of `lrem train`).")],
+    out: Out,
+    rank: Annotated[int, typer.Option(min=1, help="Rank of each weight matrix's change (truncated SVD).")] = 32,
+    base: Annotated[Optional[str], typer.Option(help="The built-in backbone it was trained from (default: "
+                                                "the one its lrem_config.json names).")] = None,
+    overwrite: Overwrite = False,
+):
+    """Store a trained model as a small delta from its built-in backbone (a folder under
+    src/lrem/models/ ships as a built-in model name)."""
+    from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, save_delta
+
+    check_output(out, model, overwrite=overwrite, run_files=(DELTA_JSON, DELTA_WEIGHTS))  # also a delta of an older lrem
+
+    meta = save_delta(model, out, base=base, rank=rank, log=echo_err)
+    f = meta["fidelity"]
+    typer.echo(f"wrote {out}: {meta['bytes'] / 1e6:.1f} MB, rank {rank}, base {meta['base']}; embedding cosine to "
+               f"the full model: queries min {f['query_cos_min']:.4f}, items min {f['item_cos_min']:.4f}")
