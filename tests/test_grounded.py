@@ -146,3 +146,25 @@ def test_mine_candidates_gives_each_pair_its_querys_top_titles(lively_dir, tmp_p
     with pytest.raises(DataError) as e:
         load_triplets(bad)
     assert e.value.line == 1 and e.value.field == "candidates"
+
+
+def test_cli_ground_writes_pairs_with_candidates_that_training_reads(lively_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lrem.cli import app
+
+    model = LREM.from_pretrained(str(lively_dir("llama")))
+    ItemIndex.build(model, CATALOG, show_progress=False).save(tmp_path / "idx")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query_id": f"q{i}", "query": q, "item_id": iid, "item_title": CATALOG[iid]})
+                             + "\n" for i, (q, iid) in enumerate([(Q, "i0"), ("a lamp for the desk", "i5")])))
+    args = ["ground", "--pairs", str(pairs), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "g"), "-k", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    mined = load_triplets(tmp_path / "g" / "pairs.jsonl")
+    s = Searcher.load(tmp_path / "idx")
+    assert [p.candidates for p in mined] == [tuple(c) for c in s.candidates([Q, "a lamp for the desk"], k=2)]
+    stats = json.loads((tmp_path / "g" / "stats.json").read_text())
+    assert stats["k"] == 2 and stats["n_pairs"] == 2 and stats["first_stage_recall"] == first_stage_recall(mined)
+    again = CliRunner().invoke(app, args)  # an existing output is never silently replaced
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception or again.output)

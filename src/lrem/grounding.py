@@ -32,3 +32,17 @@ def first_stage_recall(pairs: list[Pair]) -> float:
     already found the item (compare the training pairs' share with a dev split's)."""
     with_c = [p for p in pairs if p.candidates is not None]
     return sum(p.item_title in p.candidates for p in with_c) / max(len(with_c), 1)
+
+
+PAIRS_FILE = "pairs.jsonl"  # in `lrem ground`'s output folder, beside stats.json
+
+
+def write_grounded(out, pairs: list[Pair], stats: dict) -> None:
+    """`lrem ground`'s output folder, written atomically: `pairs.jsonl` (the pairs with
+    `candidates`, as `lrem train --pairs` reads them) and `stats.json` (what mined them)."""
+    from ._io import atomic_dir, write_json
+    from .train.pairs import write_pairs
+
+    with atomic_dir(out) as tmp:
+        write_pairs(tmp / PAIRS_FILE, pairs)
+        write_json(tmp / "stats.json", stats)

@@ -25,7 +25,7 @@ import typer
 from lrem.cli.data_cmds import construct, data_check, data_convert, data_sample, data_wordnet
 from lrem.cli.index_cmds import embed, index
 from lrem.cli.search_cmds import delta, eval_, export, search, serve
-from lrem.cli.train_cmds import router_fit, train_coldstart, train_direct, train_rl
+from lrem.cli.train_cmds import ground, router_fit, train_coldstart, train_direct, train_rl
 
 # No HF_HUB_OFFLINE here: built-in names and folders never ask the hub, hub names do
 # (`lrem.backbones.resolve_backbone`, which fails in a second with one line when it is unreachable).
@@ -60,6 +60,7 @@ app.add_typer(train_app, name="train")
 train_app.command("coldstart")(train_coldstart)
 train_app.command("direct")(train_direct)
 train_app.command("rl")(train_rl)
+app.command()(ground)
 
 
 def main() -> None:

@@ -150,3 +150,35 @@ def router_fit(
                    f"would reason on {100 * h['reasoned_share']:.0f}%; mrr@{k} direct {h['mrr_direct']:.4f}, "
                    f"reason {h['mrr_reason']:.4f}, routed {h['mrr_routed']:.4f}, oracle {h['mrr_oracle']:.4f}")
     typer.echo(f"wrote {target}")
+
+
+def ground(
+    out: Out,
+    pairs: Annotated[Path, typer.Option(help="Training pairs: a triplets.jsonl (`lrem construct`) or any JSONL of "
+                                        "query_id, query, item_id, item_title.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index folder of a frozen model, ideally one never "
+                                       "trained on these queries (its direct search is the first stage).")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Titles per query (training shows its model's candidates_k "
+                                   "of them).")] = 20,
+    batch_size: BatchSize = 32, threads: Threads = None, overwrite: Overwrite = False,
+):
+    """Mine first-stage candidates for grounded training: OUT/pairs.jsonl is PAIRS with each query's top-k titles."""
+    import time
+
+    from lrem._threads import set_threads
+    from lrem.grounding import PAIRS_FILE, first_stage_recall, mine_candidates, write_grounded
+    from lrem.search import Searcher
+    from lrem.train.pairs import load_triplets
+
+    check_output(out, pairs, index, overwrite=overwrite)
+    set_threads(threads)
+    rows = load_triplets(pairs)
+    searcher = Searcher.load(index)
+    t0 = time.perf_counter()
+    mined = mine_candidates(searcher, rows, k, batch_size=batch_size, show_progress=True)
+    stats = {"pairs": str(pairs), "index": index, "model": searcher.model.source, "k": k, "n_pairs": len(mined),
+             "n_queries": len({p.query_id for p in mined}), "first_stage_recall": round(first_stage_recall(mined), 4),
+             "seconds": round(time.perf_counter() - t0, 1)}
+    write_grounded(out, mined, stats)
+    echo_err(f"{stats['n_queries']} queries, {len(mined)} pairs; the item is among the top {k} for "
+             f"{100 * stats['first_stage_recall']:.1f}% of pairs -> {out / PAIRS_FILE}")
