@@ -96,6 +96,9 @@ def test_training_and_search_see_the_same_grounded_prompt_and_the_model_keeps_k(
     assert trained.config.candidates_k == 2
     assert trained.query_texts([pairs[0].query], [""], candidates=[cands]) == \
         model.query_texts([pairs[0].query], [""], candidates=[cands])
+    # grounded_share 0: the same pairs file trains the plain baseline (no titles, K not saved)
+    train(SFTConfig(**{**cfg.to_dict(), "grounded_share": 0.0}), tmp_path / "plain", triplets=path, log=lambda *_: None)
+    assert LREM.from_pretrained(str(tmp_path / "plain")).config.candidates_k == 0
 
 
 def test_grounded_modes_search_twice_with_the_first_stage_titles(lively_dir):

@@ -103,12 +103,14 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     if not cfg.use_cot:
         pairs = without_cots(pairs)
     if any(p.candidates is not None for p in pairs):  # grounded training: the model keeps K
-        pairs = grounded(pairs, cfg.grounded_share, cfg.seed)
-        model.config.candidates_k = cfg.candidates_k
+        pairs = grounded(pairs, cfg.grounded_share, cfg.seed)  # share 0: every query plain (the baseline)
+        if cfg.grounded_share > 0:
+            model.config.candidates_k = cfg.candidates_k
     dev = run.dev_eval(dataset, "reason" if cfg.use_cot else "direct")
 
     total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs
-    say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT; {len(held)} held back for RL), "
+    say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT, "
+        f"{sum(p.candidates is not None for p in pairs)} grounded; {len(held)} held back for RL), "
         f"{world} process(es) x "
         f"batch {bs}, {total} steps, warmup {warmup_steps(cfg, total)}, config {json.dumps(cfg.to_dict())}")
 

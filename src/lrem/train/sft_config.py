@@ -41,7 +41,8 @@ class SFTConfig(TrainingConfig):
                 "that carry candidates) so that search shows it as many."})
     grounded_share: float = field(default=0.5, metadata={
         "help": "Share of the queries with candidates that are shown them (a seeded hash per query id); the rest "
-                "train plain, so one model serves the first-stage search over its own index and the grounded one."})
+                "train plain, so one model serves the first-stage search over its own index and the grounded one. "
+                "0: none (the plain baseline on the same pairs file)."})
     # Memory
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
 
