@@ -242,11 +242,8 @@ class LREM(TemplateMixin, torch.nn.Module):
     def encode_queries(self, texts: list[str] | str, mode: str = "reason", cots: list[str] | str | None = None,
                        batch_size: int = 32, show_progress: bool = False, fast: bool = True,
                        truncate: bool = True, candidates: list | None = None) -> QueryEncoding:
-        """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`.
-
-        `candidates` (grounded queries, issue 22): per query, the titles a first-stage search
-        found (best first; `lrem.search.Searcher` mines them), shown after the query in the
-        prompt (`PromptConfig.candidates_*`), or None for a query shown none.
+        """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`;
+        `candidates`: per query, first-stage titles shown after it (grounded queries), or None.
 
         Given `cots` (teacher CoTs, ablations), `mode` is ignored. In `reason` mode the
         embedding equals the one `encode_queries(texts, cots=result.cots)` gives; `fast`
