@@ -233,9 +233,10 @@ class QueryEngine:
     # ---- reasoning -----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_cots(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
-                      max_new_tokens: int | None = None, fast: bool = True, candidates: list | None = None) -> list[str]:
-        """`LREM.generate_cots`: greedy CoTs, batched (`candidates`: per query, a grounded query's titles); `fast` decodes over the prefix cache and a
-        preallocated KV cache (`greedy`; vLLM instead where `vllm()` gives an engine), else plain
+                      max_new_tokens: int | None = None, fast: bool = True,
+                      candidates: list | None = None) -> list[str]:
+        """`LREM.generate_cots`: greedy CoTs, batched (`candidates`: per query, a grounded query's
+        titles, or None); `fast` decodes over the prefix cache and a preallocated KV cache (`greedy`; vLLM instead where `vllm()` gives an engine), else plain
         `lm.generate` on left-padded prompts. Both give the same CoTs (up to float rounding on near-ties)."""
         model = self.model
         max_new, stop = max_new_tokens or model.config.cot_max_tokens, model.stop_ids

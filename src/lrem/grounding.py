@@ -7,7 +7,7 @@ a frozen model, ideally one that never trained on these queries, so that the fir
 good on them as it will be on unseen ones (a model's own training queries rank their positives
 unrealistically high, and the grounded model would learn to copy the top candidate).
 
-    lrem ground --index runs/index-direct --pairs pairs.jsonl --out pairs-grounded.jsonl
+    lrem ground --index runs/index-direct --pairs pairs.jsonl --out runs/grounded-pairs   # -> pairs.jsonl, stats.json
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ from ._text import check_query
 from .index import ItemIndex, model_fingerprint, open_index
 from .model import LREM
 from .router import LearnedRouter, Router
-from .search_types import DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult, grounded_inputs
+from .search_types import (DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult,
+                           grounded_inputs)
 
 __all__ = ["MODES", "Hit", "Retriever", "Routed", "SearchResult", "Searcher", "random_cot"]
 
@@ -248,7 +249,6 @@ Offload = Callable[..., Awaitable]
 ROUTE_MODES = ("direct", "reason", "auto", *GROUNDED_MODES)  # the modes `Searcher.route` runs (serve's modes)
 
 
-
 @dataclass
 class Routed:
     """What `Searcher.route` found for a batch of queries."""
@@ -293,7 +293,7 @@ class _ModeRetriever:
             self.n_reasoned += sum(routed)
         else:
             results = self.searcher.search(queries, k=k, mode=self.mode)
-            self.n_reasoned += len(queries) if self.mode in ("reason", "grounded") else 0
+            self.n_reasoned += len(queries) if GROUNDED_MODES.get(self.mode, self.mode) == "reason" else 0
         self.n_queries += len(queries)
         return results
 

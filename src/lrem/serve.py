@@ -41,6 +41,7 @@ import numpy as np
 from ._text import check_query
 from .batching import Overloaded
 from .serve_config import ROUTER_KINDS, ServeConfig
+from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
 from .serve_schemas import (EMBEDDING_MODELS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
                             SearchItem, SearchRequest, SearchResponse, error_body)
@@ -198,7 +199,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         service.metrics.truncated.labels(side).inc(len(over))
 
         async def one(text):
-            if kind in ("auto", "grounded", "grounded-direct"):  # these search the index first
+            if kind == "auto" or kind in GROUNDED_MODES:  # these search the index first
                 r = await service.query(text, kind, 1)
                 return r["cot"], r["embedding"]
             return (await service.embed(kind, text))[:2]

@@ -80,7 +80,7 @@ class SearchService:
     async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
         """(cot, embedding, from_cache) for one normalised text. A grounded kind's text (a query and
         its first-stage titles, which depend on the index) is not cached: the cache file keeps strings."""
-        if not isinstance(text, str):
+        if kind in GROUNDED_MODES:
             cot, emb = await self.batcher.submit(kind, text)
             return cot, emb, False
         hit = self.cache.get((kind, text))

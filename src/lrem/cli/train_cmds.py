@@ -1,5 +1,5 @@
-"""`lrem train coldstart|direct|rl` (Accelerate; torchrun -m lrem.cli for several processes) and
-`lrem router fit` (when `auto` mode reasons)."""
+"""`lrem train coldstart|direct|rl` (Accelerate; torchrun -m lrem.cli for several processes),
+`lrem router fit` (when `auto` mode reasons) and `lrem ground` (candidates for grounded training)."""
 from __future__ import annotations
 
 from pathlib import Path

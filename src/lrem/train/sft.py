@@ -38,8 +38,7 @@ def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
     before (system prompt, instruction, query) is not a target. Pairs without a CoT get none.
     """
     tok, cfg, pad_id = model.tokenizer, model.config, model.tokenizer.pad_token_id
-    cands = [p.candidates for p in pairs]
-    prompt_texts = model.query_prompts([p.query for p in pairs], candidates=cands if any(cands) else None)
+    prompt_texts = model.query_prompts([p.query for p in pairs], candidates=[p.candidates for p in pairs])
     prompt_ids = tok(prompt_texts, add_special_tokens=False)["input_ids"]
     q_ids = tok([t + close_cot(p.cot or "", cfg) for t, p in zip(prompt_texts, pairs)],
                 add_special_tokens=False)["input_ids"]
