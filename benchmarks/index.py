@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from _common import machine, table, write
-from lrem.index import build_index
+from lrem.index import auto_recipe, build_index, set_search_params
 
 # factory, search parameters: HNSW with M=32 and a wide beam; IVF with ~4 sqrt(n) lists and 64
 # 4-bit PQ codes (fast-scan; 8-bit "PQ64" trains 64 k-means of 9-d points, which takes faiss
@@ -64,6 +64,62 @@ def bench(n: int, dim: int, n_queries: int, data: str, k: int = 100) -> list[dic
     return rows
 
 
+# The large-catalog recipes (issue 18): each index built once, then its search parameters swept.
+# HNSW's beam (efSearch), IVF's probed lists (nprobe), and 4-bit PQ codes re-ranked by the full
+# vectors (`,RFlat`: the k_factor_rf x k best by code distance are scored exactly).
+RECIPES = [("HNSW32,Flat", ["efSearch=128", "efSearch=256", "efSearch=512", "efSearch=1024"]),
+           ("IVF{nlist},Flat", ["nprobe=32", "nprobe=64", "nprobe=128"]),
+           ("IVF{nlist},PQ64x4fs,RFlat", ["nprobe=64,k_factor_rf=8", "nprobe=128,k_factor_rf=16",
+                                          "nprobe=256,k_factor_rf=16", "nprobe=256,k_factor_rf=32"])]
+
+
+def latency(index, xq: np.ndarray, k: int) -> tuple[list[float], np.ndarray]:
+    """Per-query seconds (batch 1) and the ids found (q, k)."""
+    index.search(xq[:10], k)  # warm-up
+    lat, found = [], np.zeros((len(xq), k), dtype=np.int64)
+    for i in range(len(xq)):
+        t = time.perf_counter()
+        found[i] = index.search(xq[i : i + 1], k)[1][0]
+        lat.append(time.perf_counter() - t)
+    return lat, found
+
+
+def bench_recipes(n: int, dim: int, n_queries: int, data: str, k: int = 100, flat_queries: int = 100) -> list[dict]:
+    """Each recipe of `RECIPES` at n items: build once, then each search parameter's p50/p99 and
+    recall@100 against exact search (the truth from one batched Flat search)."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    centres = unit_vectors(1000, dim, rng, None) if data == "clustered" else None
+    xb = unit_vectors(n, dim, rng, centres)
+    xq = unit_vectors(n_queries, dim, rng, centres)
+    flat = build_index(xb, "Flat")
+    truth = flat.search(xq, k)[1]  # batched: exact, and fast as one matrix product
+    lat, _ = latency(flat, xq[:flat_queries], k)  # Flat's own latency on fewer queries (~0.2 s each at 1M)
+    rows = [{"items": n, "index": "Flat", "search params": "", "build s": 0.0, "MB": flat.ntotal * dim * 4 / 2**20,
+             "bytes/item": dim * 4.0, "p50 ms": 1000 * np.percentile(lat, 50), "p99 ms": 1000 * np.percentile(lat, 99),
+             "recall@100": 1.0, "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}]
+    print(table(rows, list(rows[0])).splitlines()[-1], flush=True)
+    del flat
+    for factory, sweep in RECIPES:
+        factory = factory.format(nlist=1 << int(np.log2(4 * np.sqrt(n))))
+        t = time.perf_counter()
+        index = build_index(xb, factory)
+        build = time.perf_counter() - t
+        size = faiss.serialize_index(index).nbytes
+        for params in sweep:
+            set_search_params(index, params)
+            lat, found = latency(index, xq, k)
+            recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)])
+            rows.append({"items": n, "index": factory, "search params": params, "build s": build, "MB": size / 2**20,
+                         "bytes/item": size / n, "p50 ms": 1000 * np.percentile(lat, 50),
+                         "p99 ms": 1000 * np.percentile(lat, 99), "recall@100": float(recall),
+                         "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+            print(table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+        del index
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
@@ -72,10 +128,25 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
     ap.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all cores)")
+    ap.add_argument("--recipes", type=int, metavar="N", help="instead: the large-catalog recipes (RECIPES) at N "
+                    "items, each built once and its search parameters swept -> index_recipes.json")
     args = ap.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     info, t0 = machine(), time.perf_counter()
+    if args.recipes:
+        cols = ["items", "index", "search params", "build s", "MB", "bytes/item", "p50 ms", "p99 ms", "recall@100",
+                "peak RSS GB"]
+        print(table([], cols))
+        rows = bench_recipes(args.recipes, args.dim, args.queries, args.data)
+        print()
+        print(table(rows, cols))
+        write("index_recipes", {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
+                                "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
+                                "auto": {str(n): auto_recipe(n, args.dim) for n in (10_000, 100_000, 1_000_000,
+                                                                                     10_000_000)},
+                                "wall_seconds": round(time.perf_counter() - t0, 1)})
+        return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     cols = ["items", "index", "search params", "build s", "MB", "bytes/item", "p50 ms", "p99 ms", "recall@100"]
     print(table([], cols))

@@ -149,3 +149,47 @@ def test_an_index_whose_named_model_changed_weights_is_refused(tmp_path, tiny_di
         Searcher.load(tmp_path / "idx", log=lambda *a: None)
     with pytest.warns(UserWarning, match="other weights"):
         Searcher.load(tmp_path / "idx", model=m)
+
+
+def test_auto_recipe_by_catalog_size():
+    import doctest
+
+    import lrem.index
+    from lrem.index import auto_recipe, resolve_factory
+
+    assert doctest.testmod(lrem.index).failed == 0
+    assert auto_recipe(50_000, 576) == ("Flat", "")
+    assert auto_recipe(1_000_000, 576) == ("HNSW32,Flat", lrem.index.HNSW_PARAMS)
+    assert auto_recipe(20_000_000, 100) == ("IVF16384,PQ50x4fs,RFlat", lrem.index.IVFPQ_PARAMS)
+    assert auto_recipe(20_000_000, 99)[0] == "HNSW32,Flat"  # no even split of the dimension for PQ codes
+    assert resolve_factory("auto", "efSearch=64", 1_000_000, 576) == ("HNSW32,Flat", "efSearch=64")  # given params win
+    assert resolve_factory("IVF8,Flat", "nprobe=2", 10, 576) == ("IVF8,Flat", "nprobe=2")
+    # each recipe really builds and searches (thresholds scaled down to a small catalog)
+    x = unit_vectors(3000, 64)
+    ids = [f"i{n}" for n in range(len(x))]
+    for exact, hnsw, want in ((5000, 10**9, "Flat"), (100, 10**9, "HNSW32,Flat"), (100, 1000, "IVF128,PQ64x4fs,RFlat")):
+        f, p = auto_recipe(len(x), 64, exact_up_to=exact, hnsw_up_to=hnsw)
+        assert f == want
+        idx = ItemIndex.from_embeddings(x, ids, ids, f, p)
+        assert idx.search(x[:20], k=1)[1] == [[i] for i in ids[:20]]  # each vector finds itself
+
+
+def test_cli_factory_auto_records_the_recipe(tmp_path, tiny_dir):
+    """`lrem index --factory auto` on a real (small) catalog: the recipe (exact search) is built and
+    recorded in meta.json, and the CLI says which it took."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "catalog.jsonl").write_text("".join(json.dumps({"item_id": f"i{j}", "title": t}) + "\n"
+                                                  for j, t in enumerate(["mug", "teapot", "corkscrew"])))
+    (tmp_path / "d" / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (tmp_path / "d" / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "i0", "relevance": 1}\n')
+    p = subprocess.run([sys.executable, "-m", "lrem.cli", "index", "--data", str(tmp_path / "d"), "--out",
+                        str(tmp_path / "idx"), "--model", str(tiny_dir), "--factory", "auto"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "(Flat, dim" in p.stdout
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["factory"] == "Flat" and meta["search_params"] == "" and meta["n_items"] == 3

@@ -255,10 +255,42 @@ def init_special_embeddings(lm, tokenizer, tokens=prompts.SPECIAL_TOKENS) -> Non
             emb[tokenizer.convert_tokens_to_ids(t)] = emb[pieces].mean(0)
 
 
-def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: bool):
+RUNTIMES = ("transformers", "native", "auto")
+
+
+def native_supported(path: str, add_special_tokens: bool, device: str = "cpu") -> bool:
+    """Whether `load_backbone(..., runtime="native")` can load `path`: an LREM folder (its special
+    tokens in place) on the CPU whose network and tokenizer `lrem.network` and `lrem.tokenizer` read."""
+    from . import network, tokenizer
+
+    return (not add_special_tokens and str(device) == "cpu" and Path(path).is_dir()
+            and network.supports(path) and tokenizer.supports(path))
+
+
+def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: bool, runtime: str = "transformers",
+                  device: str = "cpu"):
     """(causal LM, tokenizer) from `path`, a model folder or hub name (`resolve_backbone(name)`;
     errors name `name`). With `add_special_tokens` (a backbone, not an LREM folder) the LREM
-    special tokens are added and the embedding matrix grows by their rows (`init_special_embeddings`)."""
+    special tokens are added and the embedding matrix grows by their rows (`init_special_embeddings`).
+
+    `runtime`: "transformers" (training, adapters, saving: the default), "native" (`lrem.network`
+    and `lrem.tokenizer`: inference without importing transformers, the ~3 s of a cold
+    `lrem search`; an error where it cannot load `path`) or "auto" (native where
+    `native_supported`, else transformers)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime != "transformers":
+        if native_supported(path, add_special_tokens, device):
+            from .network import CausalLM
+            from .tokenizer import Tokenizer
+
+            return CausalLM.from_folder(path, dtype), Tokenizer(path)
+        if runtime == "native":
+            from .network import ARCHS
+
+            raise ValueError(f"model {name}: runtime 'native' runs LREM folders of {', '.join(ARCHS)} "
+                             "models on the CPU (plain rotary embeddings, one model.safetensors, tokenizer.json); "
+                             "use runtime 'transformers'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(path).exists() and not (Path(path) / "config.json").exists():

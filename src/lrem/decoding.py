@@ -93,6 +93,16 @@ class Linear:
         return out if self.bias is None else out + self.bias
 
 
+def kv_cache(lm, pairs):
+    """Per-layer (key, value) pairs as the cache `lm`'s decoder takes: transformers' `DynamicCache`,
+    or the pairs themselves for the native network (`lrem.network`, which never imports transformers)."""
+    if getattr(lm, "native", False):
+        return list(pairs)
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(pairs))
+
+
 def block_linears(lm, parts: int) -> tuple[list[dict[str, Linear]], Linear]:
     """`Linear` views of each decoder layer's projections (by name) and of the LM head."""
     dec = lm.get_decoder()
@@ -243,11 +253,9 @@ class GreedyStep:
         if self.compact is not None and used + ids.shape[1] <= self.length:
             self.mask[:, used : used + ids.shape[1]] = new
             return self.compact(ids, pos, used)
-        from transformers import DynamicCache
-
         mask = torch.cat([self.mask[:, :used], new], 1)  # (B, used + K)
         return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                     past_key_values=DynamicCache(ddp_cache_data=self.kv(used)),
+                                     past_key_values=kv_cache(self.lm, self.kv(used)),
                                      use_cache=True).last_hidden_state
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -329,13 +337,11 @@ def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 def prefix_kv(lm, prefix: list[int], past=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (key, value) of `prefix` run as batch 1 after `past` (the KV of the tokens
     before it, extended, not modified)."""
-    from transformers import DynamicCache
-
     dev = next(lm.parameters()).device
     start = past[0][0].shape[2] if past else 0
     ids = torch.tensor([prefix], device=dev)
     pos = start + torch.arange(len(prefix), device=dev)[None]  # (1, P)
-    cache = DynamicCache(ddp_cache_data=past) if past else None
+    cache = kv_cache(lm, past) if past else None
     out = lm.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, lookup_decode,
-                       prefill, prefix_kv, sample_top_p)
+from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, kv_cache,
+                       lookup_decode, prefill, prefix_kv, sample_top_p)
 
 if TYPE_CHECKING:
     from .model import LREM
@@ -204,8 +204,6 @@ class QueryEngine:
     def _embed_suffixes(self, suffixes: list[list[int]], kv, n_prefix: int) -> torch.Tensor:
         """Embeddings (B, D) of prefix + each suffix; suffixes are right-padded (positions stay
         exact, and `emb_hidden` finds each row's own `<emb>`)."""
-        from transformers import DynamicCache
-
         model, dev = self.model, self.model.device
         width, pad = max(len(x) for x in suffixes), model.tokenizer.pad_token_id
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in suffixes], device=dev)  # (B, S)
@@ -225,7 +223,7 @@ class QueryEngine:
             dec.mask.copy_(full_mask)
             hidden = dec(ids, position_ids, n_prefix)
         else:
-            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+            cache = kv_cache(model.lm, [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             hidden = model.lm.get_decoder()(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
                                             past_key_values=cache, use_cache=True).last_hidden_state
         return model.pool(hidden, ids)

@@ -22,7 +22,8 @@ def index(
                                                    "resumable, items already there are skipped.")] = None,
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
                                                  "(default: the shipped trained model lrem-wordnet-135m).")] = None,
-    factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64".')] = "Flat",
+    factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64"; '
+                                         '"auto": a recipe by catalog size (lrem.index.auto_recipe).')] = "Flat",
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
     milvus_index: Annotated[str, typer.Option(help="Milvus index type with --backend: FLAT (exact), HNSW, IVF_FLAT, "
                                               "AUTOINDEX.")] = "FLAT",
@@ -61,7 +62,7 @@ def index(
         set_threads(threads, log=echo_err)
         idx = ItemIndex.from_chunks(from_chunks, factory=factory, search_params=search_params)
         idx.save(out)
-        typer.echo(f"indexed {len(idx.item_ids)} items from {from_chunks} ({factory}, dim {idx.meta['dim']}) in "
+        typer.echo(f"indexed {len(idx.item_ids)} items from {from_chunks} ({idx.meta['factory']}, dim {idx.meta['dim']}) in "
                    f"{idx.meta['index_seconds']:.0f} s -> {out}")
         return
     from lrem.data import load_dataset
@@ -76,7 +77,8 @@ def index(
     idx = ItemIndex.build(lrem, dict(ds.catalog), factory=factory, search_params=search_params,
                           batch_size=batch_size, truncate=truncate, dataset=str(data))
     idx.save(out)
-    typer.echo(f"indexed {len(ds.catalog)} items ({factory}, dim {lrem.dim}) in {idx.meta['encode_seconds']:.0f} s -> {out}")
+    typer.echo(f"indexed {len(ds.catalog)} items ({idx.meta['factory']}, dim {lrem.dim}) in "
+               f"{idx.meta['encode_seconds']:.0f} s -> {out}")
     echo_truncated(lrem)
 
 

@@ -29,12 +29,14 @@ def search(
     mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
     truncate: Truncate = True,
+    runtime: Annotated[str, typer.Option(help="auto: LREM folders run without importing transformers where they "
+                                         "can (a faster start, the same results); transformers; native.")] = "auto",
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
     from lrem.search import Searcher, check_search
 
     check_search(queries, k)  # before the model loads
-    searcher = Searcher.load(index_dir, log=echo_err)
+    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
     searcher.truncate = truncate
     for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
         if as_json:

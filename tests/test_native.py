@@ -1,0 +1,137 @@
+"""The native runtime (`lrem.network`, `lrem.tokenizer`): the same ids, CoTs and embeddings as
+transformers, without importing it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lrem.model import LREM
+
+QUERIES = ["a device for pulling corks", "red running shoes for women, size 8", "Löwe — ünïcode 🚀 café",
+           "x", "something   to keep\tcoffee hot"]
+ITEMS = ["Corkscrew (stainless steel)", "Thermos flask 1L", "Nike Air Zoom Pegasus 39 <think> literal"]
+
+
+@pytest.fixture(scope="module")
+def lrem_dirs(lively_dir, tmp_path_factory):
+    """arch -> an LREM folder (special tokens in place) of the lively random model."""
+    out = {}
+    for arch in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(f"native-{arch}")
+        LREM.from_pretrained(str(lively_dir(arch)), dtype="float32").save_pretrained(folder)
+        out[arch] = folder
+    return out
+
+
+def outputs(model: LREM) -> dict:
+    grounded = [["Corkscrew", "Wine opener"], [], ["Thermos"], ["a"], ["b", "c"]]
+    return {
+        "ids": model.tokenizer(model.query_prompts(QUERIES), add_special_tokens=False)["input_ids"],
+        "padded": {k: v.tolist() for k, v in model.tokenize(model.item_texts(ITEMS)).items()},
+        "decoded": [model.tokenizer.decode(x, skip_special_tokens=s) for s in (False, True)
+                    for x in model.tokenizer(QUERIES + ITEMS, add_special_tokens=False)["input_ids"]],
+        "cots": model.generate_cots(QUERIES),
+        "cot1": model.generate_cots(QUERIES[:1]),
+        "reason": model.encode_queries(QUERIES, mode="reason").embeddings,
+        "reason1": model.encode_queries(QUERIES[2], mode="reason").embeddings,
+        "direct": model.encode_queries(QUERIES, mode="direct").embeddings,
+        "grounded": model.encode_queries(QUERIES, mode="direct", candidates=grounded).embeddings,
+        "plain": model.engine.embed_texts(model.query_texts(QUERIES, [""] * len(QUERIES)), prefix_cache=False),
+        "items": model.encode_items(ITEMS),
+        "items64": model.encode_items(ITEMS * 30, batch_size=64),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_equals_transformers(lrem_dirs, arch, dtype):
+    from lrem.index import model_fingerprint
+    from lrem.network import CausalLM
+
+    hf = LREM.from_pretrained(str(lrem_dirs[arch]), dtype=dtype)
+    nat = LREM.from_pretrained(str(lrem_dirs[arch]), dtype=dtype, runtime="native")
+    assert isinstance(nat.lm, CausalLM) and not isinstance(hf.lm, CausalLM)
+    assert model_fingerprint(nat) == model_fingerprint(hf)  # an index built by one is searched by the other
+    a, b = outputs(hf), outputs(nat)
+    for key in ("ids", "padded", "decoded", "cots", "cot1"):
+        assert a[key] == b[key], key
+    assert len(set(a["cots"])) > 1  # the lively model writes different CoTs, so a wrong position would show
+    for key in ("reason", "reason1", "direct", "grounded", "plain", "items", "items64"):
+        # the same ops in the same order: equal, not merely close (bfloat16 included)
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_chat_template_renders_as_transformers(lrem_dirs):
+    hf = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32")
+    nat = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32", runtime="native")
+    for gen in (True, False):
+        for msgs in ([{"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": "a {{ b }} ü"}],
+                     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]):
+            assert (nat.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                    == hf.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))
+
+
+def test_real_tokenizer_ids_equal(real_model, tmp_path):
+    """SmolLM2's real tokenizer (the default model's) on texts with spaces, digits, symbols and
+    every special token."""
+    from lrem.tokenizer import Tokenizer
+
+    real_model.save_pretrained(tmp_path)
+    nat = Tokenizer(tmp_path)
+    texts = QUERIES + ITEMS + ["<|im_start|>user\nhi<|im_end|>", "</think><emb>  12.5kg  ", "   ", "a\n\nb", "日本語のテキスト"]
+    hf_ids = real_model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert nat(texts, add_special_tokens=False)["input_ids"] == hf_ids
+    assert [nat.decode(x, skip_special_tokens=True) for x in hf_ids] == \
+        [real_model.tokenizer.decode(x, skip_special_tokens=True) for x in hf_ids]
+    for name in ("eos_token_id", "pad_token_id", "unk_token_id", "bos_token_id"):
+        assert getattr(nat, name) == getattr(real_model.tokenizer, name), name
+
+
+def test_auto_falls_back_to_transformers_and_native_says_why(lively_dir, lrem_dirs):
+    from lrem.network import CausalLM
+
+    plain = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32", runtime="auto")  # a backbone: tokens to add
+    assert not isinstance(plain.lm, CausalLM)
+    with pytest.raises(ValueError, match="runtime 'native' runs LREM folders"):
+        LREM.from_pretrained(str(lively_dir("qwen3")), dtype="float32", runtime="native")
+    with pytest.raises(ValueError, match="runtime="):
+        LREM.from_pretrained(str(lrem_dirs["llama"]), runtime="fast")
+    nat = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32", runtime="auto")
+    assert isinstance(nat.lm, CausalLM)
+    with pytest.raises(NotImplementedError, match="runtime='transformers'"):
+        nat.save_pretrained(lrem_dirs["llama"].parent / "never")
+    assert not (lrem_dirs["llama"].parent / "never").exists()
+
+
+def test_lrem_search_never_imports_transformers(lrem_dirs, tmp_path):
+    """`lrem search` end to end, as a user runs it: the native runtime loads, transformers stays
+    unimported, and the results equal `--runtime transformers`'s."""
+    from lrem.index import ItemIndex
+
+    model = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32")
+    ItemIndex.build(model, {f"i{n}": t for n, t in enumerate(ITEMS * 4)}).save(tmp_path / "idx")
+    code = ("import sys, json; from lrem.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(json.dumps({'transformers': 'transformers' in sys.modules, 'dynamo': 'torch._dynamo' in sys.modules}))")
+    env = dict(os.environ)
+    runs = {}
+    for rt in ("auto", "transformers"):
+        r = subprocess.run([sys.executable, "-c", code, "search", "a device for pulling corks", "--index",
+                            str(tmp_path / "idx"), "-k", "3", "--json", "--runtime", rt],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        runs[rt] = (json.loads(lines[0]), json.loads(lines[-1]))
+    assert runs["auto"][1] == {"transformers": False, "dynamo": False}
+    assert runs["transformers"][1]["transformers"] is True
+    assert runs["auto"][0]["cot"] == runs["transformers"][0]["cot"]
+    assert [h["item_id"] for h in runs["auto"][0]["items"]] == [h["item_id"] for h in runs["transformers"][0]["items"]]
+    assert [h["score"] for h in runs["auto"][0]["items"]] == pytest.approx(
+        [h["score"] for h in runs["transformers"][0]["items"]], abs=1e-3)
