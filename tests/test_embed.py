@@ -165,3 +165,49 @@ def test_a_killed_run_resumes_without_encoding_a_chunk_twice(tmp_path, tiny_dir)
     assert done.returncode == 0 and "indexed 240 items" in done.stdout, done.stderr[-2000:]
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["n_items"] == 240 and meta["model"] == str(tiny_dir) and meta["chunks"] == str(out)
+
+
+def test_on_disk_ivf_lists_search_like_in_memory_and_travel_with_the_folder(tmp_path, tiny):
+    """`from_chunks(on_disk=...)`: each chunk a block, merged into one memory-mapped lists file that
+    `save` moves into the index folder; the results equal the in-memory IVF's, also after the
+    folder is moved and loaded again; fast-scan and refine factories are refused up front."""
+    import shutil
+
+    from lrem.index import LISTS_FILE
+
+    cat = catalog(61)
+    embed_catalog(tiny, cat, tmp_path / "ch", chunk_size=8, show_progress=False)
+    q = tiny.encode_queries(["a cup", "a chair", "a lamp"], mode="direct").embeddings
+    mem = ItemIndex.from_chunks(tmp_path / "ch", factory="IVF4,Flat", search_params="nprobe=2", show_progress=False)
+    disk = ItemIndex.from_chunks(tmp_path / "ch", factory="IVF4,Flat", search_params="nprobe=2", show_progress=False,
+                                 on_disk=tmp_path)
+    assert disk.meta["on_disk"] is True and disk.index.ntotal == 61
+    (s1, i1), (s2, i2) = mem.search(q, 20), disk.search(q, 20)
+    assert i1 == i2
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+    disk.save(tmp_path / "idx")
+    assert (tmp_path / "idx" / LISTS_FILE).stat().st_size > 0
+    assert not list(tmp_path.glob(".lrem-ivf-*"))  # the scratch folder (blocks, lists) is gone
+    shutil.move(str(tmp_path / "idx"), tmp_path / "moved")  # the lists are read from the index's own folder
+    loaded = ItemIndex.load(tmp_path / "moved")
+    assert loaded.search(q, 20)[1] == i1
+    loaded.save(tmp_path / "copy")  # a loaded on-disk index saved elsewhere takes a copy of its lists
+    assert ItemIndex.load(tmp_path / "copy").search(q, 20)[1] == i1 and (tmp_path / "moved" / LISTS_FILE).is_file()
+    for factory in ("HNSW8,Flat", "IVF4,PQ4x4fs", "IVF4,Flat,RFlat"):
+        with pytest.raises(ValueError, match="cannot keep its lists on disk"):
+            ItemIndex.from_chunks(tmp_path / "ch", factory=factory, show_progress=False, on_disk=tmp_path)
+
+
+def test_cli_on_disk_index(tmp_path, tiny, tiny_dir):
+    import subprocess
+    import sys
+
+    embed_catalog(tiny, catalog(30), tmp_path / "ch", chunk_size=8, show_progress=False)
+    base = [sys.executable, "-m", "lrem.cli", "index", "--factory", "IVF2,Flat", "--on-disk"]
+    p = subprocess.run([*base, "--from-chunks", str(tmp_path / "ch"), "--out", str(tmp_path / "idx")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ItemIndex.load(tmp_path / "idx").index.ntotal == 30 and (tmp_path / "idx" / "lists.ivfdata").is_file()
+    p = subprocess.run([*base, "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--model", str(tiny_dir)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--on-disk" in p.stderr and "Traceback" not in p.stderr

@@ -12,9 +12,13 @@ search-time knobs go through `search_params` ("efSearch=128", "nprobe=32").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ import numpy as np
 from ._io import atomic_dir, write_json, write_jsonl
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
+LISTS_FILE = "lists.ivfdata"  # an on-disk IVF index's inverted lists (`ItemIndex.from_chunks(on_disk=...)`)
 
 
 def build_index(emb: np.ndarray, factory: str = "Flat", search_params: str = "", max_train: int = 100_000,
@@ -190,6 +195,7 @@ class ItemIndex:
     item_ids: list[str]
     titles: list[str]
     meta: dict = field(default_factory=dict)  # model, factory, dim, n_items, seconds, ...
+    lists_file: Path | None = None  # on-disk inverted lists, memory-mapped (moved into the folder by `save`)
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
@@ -222,10 +228,17 @@ class ItemIndex:
 
     @classmethod
     def from_chunks(cls, folder, factory="Flat", search_params="", max_train: int = 100_000, seed: int = 0,
-                    show_progress: bool = True, **meta) -> "ItemIndex":
+                    show_progress: bool = True, on_disk: str | os.PathLike | None = None, **meta) -> "ItemIndex":
         """Index a chunk folder of `lrem embed` (`lrem.embed`), adding chunk by chunk: one chunk of
         vectors in memory besides the index. An index that needs training (IVF, PQ) is trained
-        first on a seeded sample of at most `max_train` vectors, drawn evenly from every chunk."""
+        first on a seeded sample of at most `max_train` vectors, drawn evenly from every chunk.
+
+        `on_disk` (a scratch folder, on the output's file system): an IVF index whose inverted
+        lists stay on disk, memory-mapped (FAISS's `OnDiskInvertedLists`, `faiss.contrib.ondisk`),
+        for catalogs whose index is bigger than memory. Each chunk is indexed alone and written as
+        a block, then the blocks are merged into one lists file; `save` moves it into the index
+        folder. Needs an IVF factory without fast-scan codes or a refine stage (`IVF4096,Flat`,
+        `IVF4096,PQ64`, `IVF4096,SQ8`)."""
         from .embed import chunk_files, iter_chunks, read_manifest
 
         man = read_manifest(folder)
@@ -241,18 +254,38 @@ class ItemIndex:
             rng, share = np.random.default_rng(seed), min(1.0, max_train / max(man["n_items"], 1))
             sample = [x[rng.random(len(x)) < share] for _, _, x in iter_chunks(folder, show_progress)]
             _train_or_raise(index, np.concatenate(sample), factory)
-        ids, titles = [], []
+        ids, titles, blocks = [], [], []
+        scratch = Path(tempfile.mkdtemp(prefix=".lrem-ivf-", dir=on_disk)) if on_disk is not None else None
+        if scratch is not None:
+            _check_on_disk(index, factory)
         for chunk_ids, chunk_titles, x in iter_chunks(folder, show_progress):
-            index.add(x)
+            if scratch is None:
+                index.add(x)
+            else:  # this chunk alone in a copy of the trained, empty index, written as a block
+                block = faiss.clone_index(index)
+                block.add_with_ids(x, np.arange(len(ids), len(ids) + len(x), dtype=np.int64))
+                blocks.append(str(scratch / f"block{len(blocks):05d}.index"))
+                faiss.write_index(block, blocks[-1])
+                del block
             ids += chunk_ids
             titles += chunk_titles
         if len(set(ids)) != len(ids):
             raise ValueError(f"{folder}: duplicate item ids across chunks")
+        lists = None
+        if scratch is not None:
+            from faiss.contrib.ondisk import merge_ondisk
+
+            lists = scratch / LISTS_FILE
+            with _stdout_to_stderr():  # FAISS reports the file's growth on stdout
+                merge_ondisk(index, blocks, str(lists))
+            for b in blocks:
+                os.remove(b)
         if search_params:
             set_search_params(index, search_params)
         keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
-        meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder), "index_seconds": round(time.perf_counter() - t0, 3), **meta}
-        return cls(index, ids, titles, meta)
+        meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder),
+                "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
+        return cls(index, ids, titles, meta, lists_file=lists)
 
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
@@ -267,11 +300,22 @@ class ItemIndex:
         return self.titles[self._pos[item_id]]
 
     def save(self, out: str | os.PathLike) -> None:
-        """Write `index.faiss`, `items.jsonl` and `meta.json` into `out`, atomically."""
+        """Write `index.faiss`, `items.jsonl` and `meta.json` into `out`, atomically; an on-disk
+        index's lists file moves in beside them (`LISTS_FILE`; the index reads it from its own
+        folder, wherever that is later moved)."""
         with atomic_dir(out) as tmp:
+            if self.lists_file is not None:
+                if _scratch(self.lists_file):  # made by from_chunks for this save: a rename on one file system
+                    shutil.move(str(self.lists_file), tmp / LISTS_FILE)
+                else:  # a loaded index's own lists, copied (the folder it came from keeps them)
+                    shutil.copyfile(self.lists_file, tmp / LISTS_FILE)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             write_jsonl(tmp / ITEMS_FILE, ({"item_id": i, "title": t} for i, t in zip(self.item_ids, self.titles)))
             write_json(tmp / META_FILE, self.meta)
+        if self.lists_file is not None:
+            if _scratch(self.lists_file):
+                shutil.rmtree(Path(self.lists_file).parent, ignore_errors=True)
+            self.lists_file = Path(out) / LISTS_FILE
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ItemIndex":
@@ -309,7 +353,7 @@ class ItemIndex:
             raise DataError(path / META_FILE, None, "dim", f"{meta['dim']!r}, but {INDEX_FILE} has dim {index.d}")
         if len(set(ids)) != len(ids):
             raise DataError(path / ITEMS_FILE, None, "item_id", "duplicate item ids")
-        out = cls(index, ids, titles, meta)
+        out = cls(index, ids, titles, meta, lists_file=path / LISTS_FILE if (path / LISTS_FILE).is_file() else None)
         if meta.get("search_params"):
             if not isinstance(meta["search_params"], str):
                 raise DataError(path / META_FILE, None, "search_params", f"expected a string, got {meta['search_params']!r}")
@@ -322,11 +366,52 @@ class ItemIndex:
 
 def read_index(file: str | os.PathLike) -> faiss.Index:
     """Read a FAISS index memory-mapped where its type allows (the codes stay in the page cache,
-    shared between processes, instead of being copied at every start), else read into memory."""
+    shared between processes, instead of being copied at every start), else read into memory.
+    On-disk lists are opened from the index file's own folder."""
+    same_dir = faiss.IO_FLAG_ONDISK_SAME_DIR
+    with _stdout_to_stderr():  # FAISS prints where it found on-disk lists: keep stdout for results (--json)
+        try:
+            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | same_dir)
+        except RuntimeError:  # an index type whose reader has no mmap path
+            index = faiss.read_index(str(file), same_dir)
     try:
-        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # an index type whose reader has no mmap path
-        return faiss.read_index(str(file))
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    except RuntimeError:  # not an IVF index
+        lists = None
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        # no prefetch threads: each search would start 32 of them (~4 ms) to read lists the page cache holds
+        lists.prefetch_nthread = 0
+    return index
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 pointed at 2 meanwhile (C++ printf does not go through sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _check_on_disk(index: faiss.Index, factory: str) -> None:
+    """A ValueError unless `index` can keep its inverted lists on disk."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the concrete type (extract gives IndexIVF)
+    except RuntimeError:
+        ivf = None
+    if ivf is None or isinstance(index, faiss.IndexRefine) or isinstance(ivf, faiss.IndexIVFFastScan):
+        raise ValueError(f"FAISS factory {factory!r} cannot keep its lists on disk: use an IVF factory without "
+                         "fast-scan codes or a refine stage, e.g. IVF4096,Flat, IVF4096,PQ64 or IVF4096,SQ8")
+
+
+def _scratch(file) -> bool:
+    """Whether `file` lies in a scratch folder of `from_chunks(on_disk=...)`."""
+    return Path(file).parent.name.startswith(".lrem-ivf-")
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:

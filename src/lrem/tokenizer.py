@@ -60,21 +60,13 @@ class Tokenizer:
             return self.backend.token_to_id(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
 
-    @property
-    def bos_token_id(self):
-        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
 
-    @property
-    def eos_token_id(self):
-        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
-
-    @property
-    def unk_token_id(self):
-        return None if self.unk_token is None else self.backend.token_to_id(self.unk_token)
-
-    @property
-    def pad_token_id(self):
-        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    unk_token_id = property(lambda self: self._id(self.unk_token))
+    pad_token_id = property(lambda self: self._id(self.pad_token))
 
     def __call__(self, texts, add_special_tokens: bool = True, padding: bool = False, return_tensors=None):
         """{"input_ids", "attention_mask"} of a text or a list of texts, as transformers gives them

@@ -34,11 +34,17 @@ def index(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (or the --backend collection) if lrem "
                                             "wrote it earlier; never what lrem did not write.")] = False,
     truncate: Truncate = True,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="With --from-chunks and an IVF factory: keep the "
+                                          "inverted lists on disk, memory-mapped (OUT/lists.ivfdata), for indexes "
+                                          "bigger than memory.")] = False,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index, or index the
     chunks of `lrem embed`; with --backend, upload to a Milvus collection instead."""
     from lrem._threads import set_threads
 
+    if on_disk and (from_chunks is None or backend is not None):
+        raise typer.BadParameter("--on-disk indexes the chunks of `lrem embed` into a FAISS folder: give "
+                                 "--from-chunks and --out", param_hint="--on-disk")
     if (data is None) == (from_chunks is None):
         raise typer.BadParameter("give --data (embed the catalog here) or --from-chunks (vectors of `lrem embed`)",
                                  param_hint="--data / --from-chunks")
@@ -60,7 +66,8 @@ def index(
 
         check_output(out, from_chunks, overwrite=overwrite)
         set_threads(threads, log=echo_err)
-        idx = ItemIndex.from_chunks(from_chunks, factory=factory, search_params=search_params)
+        scratch = Path(out).resolve().parent if on_disk else None  # beside OUT: moving the lists in is a rename
+        idx = ItemIndex.from_chunks(from_chunks, factory=factory, search_params=search_params, on_disk=scratch)
         idx.save(out)
         typer.echo(f"indexed {len(idx.item_ids)} items from {from_chunks} ({idx.meta['factory']}, dim {idx.meta['dim']}) in "
                    f"{idx.meta['index_seconds']:.0f} s -> {out}")
