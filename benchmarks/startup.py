@@ -35,7 +35,7 @@ def lap():
     w.append(time.perf_counter()); c.append(time.process_time())
 from lrem.search import Searcher
 lap()
-s = Searcher.load(sys.argv[1], log=lambda *a: None)  # also imports the rest of transformers (lazily loaded)
+s = Searcher.load(sys.argv[1], log=lambda *a: None)  # runtime auto: no transformers for an LREM folder (older trees: imports it)
 lap()
 s.search([sys.argv[2]], k=10)
 lap()

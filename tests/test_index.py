@@ -159,16 +159,17 @@ def test_auto_recipe_by_catalog_size():
 
     assert doctest.testmod(lrem.index).failed == 0
     assert auto_recipe(50_000, 576) == ("Flat", "")
-    assert auto_recipe(1_000_000, 576) == ("HNSW32,Flat", lrem.index.HNSW_PARAMS)
+    assert auto_recipe(60_000, 576) == ("IVF512,PQ64x4fs,RFlat", lrem.index.IVFPQ_PARAMS)
     assert auto_recipe(20_000_000, 100) == ("IVF16384,PQ50x4fs,RFlat", lrem.index.IVFPQ_PARAMS)
-    assert auto_recipe(20_000_000, 99)[0] == "HNSW32,Flat"  # no even split of the dimension for PQ codes
-    assert resolve_factory("auto", "efSearch=64", 1_000_000, 576) == ("HNSW32,Flat", "efSearch=64")  # given params win
+    assert auto_recipe(20_000_000, 99) == ("IVF16384,Flat", lrem.index.IVF_PARAMS)  # no even split into PQ codes
+    assert resolve_factory("auto", "nprobe=8", 1_000_000, 576) == ("IVF2048,PQ64x4fs,RFlat", "nprobe=8")  # given params win
     assert resolve_factory("IVF8,Flat", "nprobe=2", 10, 576) == ("IVF8,Flat", "nprobe=2")
-    # each recipe really builds and searches (thresholds scaled down to a small catalog)
-    x = unit_vectors(3000, 64)
-    ids = [f"i{n}" for n in range(len(x))]
-    for exact, hnsw, want in ((5000, 10**9, "Flat"), (100, 10**9, "HNSW32,Flat"), (100, 1000, "IVF128,PQ64x4fs,RFlat")):
-        f, p = auto_recipe(len(x), 64, exact_up_to=exact, hnsw_up_to=hnsw)
+    # each recipe really builds and searches (the exact threshold scaled down to a small catalog)
+    for dim, want in ((64, "IVF128,PQ64x4fs,RFlat"), (63, "IVF128,Flat")):
+        x = unit_vectors(3000, dim)
+        ids = [f"i{n}" for n in range(len(x))]
+        assert auto_recipe(len(x), dim, exact_up_to=len(x)) == ("Flat", "")
+        f, p = auto_recipe(len(x), dim, exact_up_to=100)
         assert f == want
         idx = ItemIndex.from_embeddings(x, ids, ids, f, p)
         assert idx.search(x[:20], k=1)[1] == [[i] for i in ids[:20]]  # each vector finds itself
