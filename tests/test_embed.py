@@ -196,6 +196,7 @@ def test_on_disk_ivf_lists_search_like_in_memory_and_travel_with_the_folder(tmp_
     for factory in ("HNSW8,Flat", "IVF4,PQ4x4fs", "IVF4,Flat,RFlat"):
         with pytest.raises(ValueError, match="cannot keep its lists on disk"):
             ItemIndex.from_chunks(tmp_path / "ch", factory=factory, show_progress=False, on_disk=tmp_path)
+    assert not list(tmp_path.glob(".lrem-ivf-*"))  # refused before any scratch folder is made
 
 
 def test_cli_on_disk_index(tmp_path, tiny, tiny_dir):

@@ -253,6 +253,8 @@ class ItemIndex:
             index = faiss.index_factory(man["dim"], factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"bad FAISS factory {factory!r}: {_faiss_message(e)}") from None
+        if on_disk is not None:
+            _check_on_disk(index, factory)  # before training: a refused factory costs nothing
         t0 = time.perf_counter()
         if not index.is_trained:
             rng, share = np.random.default_rng(seed), min(1.0, max_train / max(man["n_items"], 1))
@@ -260,30 +262,33 @@ class ItemIndex:
             _train_or_raise(index, np.concatenate(sample), factory)
         ids, titles, blocks = [], [], []
         scratch = Path(tempfile.mkdtemp(prefix=".lrem-ivf-", dir=on_disk)) if on_disk is not None else None
-        if scratch is not None:
-            _check_on_disk(index, factory)
-        for chunk_ids, chunk_titles, x in iter_chunks(folder, show_progress):
-            if scratch is None:
-                index.add(x)
-            else:  # this chunk alone in a copy of the trained, empty index, written as a block
-                block = faiss.clone_index(index)
-                block.add_with_ids(x, np.arange(len(ids), len(ids) + len(x), dtype=np.int64))
-                blocks.append(str(scratch / f"block{len(blocks):05d}.index"))
-                faiss.write_index(block, blocks[-1])
-                del block
-            ids += chunk_ids
-            titles += chunk_titles
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{folder}: duplicate item ids across chunks")
-        lists = None
-        if scratch is not None:
-            from faiss.contrib.ondisk import merge_ondisk
+        try:
+            for chunk_ids, chunk_titles, x in iter_chunks(folder, show_progress):
+                if scratch is None:
+                    index.add(x)
+                else:  # this chunk alone in a copy of the trained, empty index, written as a block
+                    block = faiss.clone_index(index)
+                    block.add_with_ids(x, np.arange(len(ids), len(ids) + len(x), dtype=np.int64))
+                    blocks.append(str(scratch / f"block{len(blocks):05d}.index"))
+                    faiss.write_index(block, blocks[-1])
+                    del block
+                ids += chunk_ids
+                titles += chunk_titles
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{folder}: duplicate item ids across chunks")
+            lists = None
+            if scratch is not None:
+                from faiss.contrib.ondisk import merge_ondisk
 
-            lists = scratch / LISTS_FILE
-            with _stdout_to_stderr():  # FAISS reports the file's growth on stdout
-                merge_ondisk(index, blocks, str(lists))
-            for b in blocks:
-                os.remove(b)
+                lists = scratch / LISTS_FILE
+                with _stdout_to_stderr():  # FAISS reports the file's growth on stdout
+                    merge_ondisk(index, blocks, str(lists))
+                for b in blocks:
+                    os.remove(b)
+        except BaseException:  # a failed or interrupted build leaves no scratch behind (a rerun starts over)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
         if search_params:
             set_search_params(index, search_params)
         keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
