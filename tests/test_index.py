@@ -194,3 +194,16 @@ def test_cli_factory_auto_records_the_recipe(tmp_path, tiny_dir):
     assert "(Flat, dim" in p.stdout
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["factory"] == "Flat" and meta["search_params"] == "" and meta["n_items"] == 3
+
+
+def test_ivf_trains_on_enough_vectors_for_its_lists():
+    """`max_train` below 39 x nlist would fail k-means: the sample grows to what the lists need."""
+    from lrem.index import train_size
+
+    x = unit_vectors(600, 16)
+    idx = build_index(x, "IVF8,Flat", "nprobe=8", max_train=50)  # 8 lists want 312 points
+    assert idx.ntotal == 600 and idx.search(x[:5], 1)[1][:, 0].tolist() == list(range(5))
+    import faiss
+
+    assert train_size(faiss.index_factory(16, "IVF8,Flat"), 600, 50) == 312
+    assert train_size(faiss.index_factory(16, "Flat"), 600, 50) == 50

@@ -135,3 +135,32 @@ def test_lrem_search_never_imports_transformers(lrem_dirs, tmp_path):
     assert [h["item_id"] for h in runs["auto"][0]["items"]] == [h["item_id"] for h in runs["transformers"][0]["items"]]
     assert [h["score"] for h in runs["auto"][0]["items"]] == pytest.approx(
         [h["score"] for h in runs["transformers"][0]["items"]], abs=1e-3)
+
+
+def test_review_edge_cases(lrem_dirs, tmp_path):
+    """Configs and tokenizer folders the native runtime must not run as if they were plain, and the
+    decode path without the compact decoder's blocked views."""
+    import shutil
+
+    from lrem import network, tokenizer
+    from lrem.network import CausalLM
+
+    folder = tmp_path / "m"
+    shutil.copytree(lrem_dirs["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for rope in ({"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_parameters": None},
+                 {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}):
+        (folder / "config.json").write_text(json.dumps({**cfg, **rope}))
+        assert not network.supports(folder)  # scaled rope: transformers runs it, not a plain-rope copy
+        assert not isinstance(LREM.from_pretrained(str(folder), dtype="float32", runtime="auto").lm, CausalLM)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok = tokenizer.Tokenizer(folder)
+    assert tok.convert_tokens_to_ids("no-such-token-xyz") == tok.unk_token_id is not None
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").write_text("{% generation %}x{% endgeneration %}" + template)
+    assert not tokenizer.supports(folder)  # transformers' own jinja extension: left to transformers
+    # the decode path with the compact decoder switched off still runs the native network
+    nat = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32", runtime="native")
+    hf = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32")
+    nat.engine.config.compact_decoder = False
+    assert nat.generate_cots(QUERIES) == hf.generate_cots(QUERIES)

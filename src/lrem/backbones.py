@@ -284,8 +284,12 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
             from .network import CausalLM
             from .tokenizer import Tokenizer
 
-            return CausalLM.from_folder(path, dtype), Tokenizer(path)
-        if runtime == "native":
+            try:
+                return CausalLM.from_folder(path, dtype), Tokenizer(path)
+            except ValueError:  # weights the native network does not lay out alike: transformers, under auto
+                if runtime == "native":
+                    raise
+        elif runtime == "native":
             from .network import ARCHS
 
             raise ValueError(f"model {name}: runtime 'native' runs LREM folders of {', '.join(ARCHS)} "

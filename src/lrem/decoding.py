@@ -201,7 +201,10 @@ class GreedyStep:
         p = next(lm.parameters())
         self.lm, self.length = lm, length
         self.compact = None
-        if linears is not None and p.device.type == "cpu" and StaticDecoder.supports(lm, length):
+        native = getattr(lm, "native", False)  # lrem.network: no transformers cache classes, so always compact
+        if native and linears is None:
+            linears = block_linears(lm, torch.get_num_threads())
+        if linears is not None and (p.device.type == "cpu" or native) and StaticDecoder.supports(lm, length):
             self.compact = StaticDecoder(lm, batch, length, linears)
             self.mask = self.compact.mask
         else:

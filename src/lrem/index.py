@@ -45,9 +45,9 @@ def build_index(emb: np.ndarray, factory: str = "Flat", search_params: str = "",
     try:
         index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            sample = emb
-            if len(emb) > max_train:
-                sample = emb[np.sort(np.random.default_rng(seed).choice(len(emb), max_train, replace=False))]
+            sample, n = emb, train_size(index, len(emb), max_train)
+            if n < len(emb):
+                sample = emb[np.sort(np.random.default_rng(seed).choice(len(emb), n, replace=False))]
             index.train(sample)
         index.add(emb)
     except RuntimeError as e:
@@ -67,7 +67,7 @@ IVFPQ_PARAMS = "nprobe=128,k_factor_rf=16"  # 128 lists probed; 16 x k candidate
 IVF_PARAMS = "nprobe=32"
 
 
-def auto_recipe(n_items: int, dim: int, exact_up_to: int = EXACT_UP_TO) -> tuple[str, str]:
+def auto_recipe(n_items: int, dim: int, exact_up_to: int = EXACT_UP_TO, on_disk: bool = False) -> tuple[str, str]:
     """(FAISS factory, search parameters) for a catalog of `n_items` vectors of `dim`: exact search
     while it is fast enough, then IVF over ~4 sqrt(n) lists with 4-bit PQ codes (fast scan) whose
     best candidates are re-ranked by the full vectors (`,RFlat`); IVF with full vectors where no
@@ -78,23 +78,36 @@ def auto_recipe(n_items: int, dim: int, exact_up_to: int = EXACT_UP_TO) -> tuple
     ('Flat', '')
     >>> auto_recipe(1_000_000, 576)
     ('IVF2048,PQ64x4fs,RFlat', 'nprobe=128,k_factor_rf=16')
+    >>> auto_recipe(1_000_000, 576, on_disk=True)
+    ('IVF2048,Flat', 'nprobe=32')
     """
-    if n_items <= exact_up_to:
+    if n_items <= exact_up_to and not on_disk:
         return "Flat", ""
-    nlist = 1 << int(np.log2(4 * np.sqrt(n_items)))  # ~4 sqrt(n) lists (a power of two), FAISS's guideline
+    nlist = 1 << int(np.log2(4 * np.sqrt(max(n_items, 1))))  # ~4 sqrt(n) lists (a power of two), FAISS's guideline
     m = next((m for m in range(64, 1, -2) if dim % m == 0), None)  # codes split the dimension (4-bit fast scan: even)
-    if m is None:
+    if m is None or on_disk:  # on-disk lists take plain IVF codes (no fast scan, no refine)
         return f"IVF{nlist},Flat", IVF_PARAMS
     return f"IVF{nlist},PQ{m}x4fs,RFlat", IVFPQ_PARAMS
 
 
-def resolve_factory(factory: str, search_params: str, n_items: int, dim: int) -> tuple[str, str]:
+def resolve_factory(factory: str, search_params: str, n_items: int, dim: int,
+                    on_disk: bool = False) -> tuple[str, str]:
     """`factory` and `search_params` as given, or for "auto" the `auto_recipe` for this catalog
     (given search parameters replace the recipe's)."""
     if factory != "auto":
         return factory, search_params
-    auto, params = auto_recipe(n_items, dim)
+    auto, params = auto_recipe(n_items, dim, on_disk=on_disk)
     return auto, search_params or params
+
+
+def train_size(index: faiss.Index, n_items: int, max_train: int) -> int:
+    """Vectors to train `index` on: at most `max_train`, but at least the 39 per IVF list FAISS's
+    k-means asks for (fewer would fail or cluster badly), and never more than there are."""
+    try:
+        lists = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index
+        lists = 0
+    return min(n_items, max(max_train, 39 * lists))
 
 
 def set_search_params(index: faiss.Index, params: str) -> None:
@@ -199,13 +212,15 @@ class ItemIndex:
     item_ids: list[str]
     titles: list[str]
     meta: dict = field(default_factory=dict)  # model, factory, dim, n_items, seconds, ...
-    lists_file: Path | None = None  # on-disk inverted lists, memory-mapped (moved into the folder by `save`)
+    lists_file: Path | None = None  # on-disk inverted lists, memory-mapped
+    lists_scratch: bool = False  # lists_file lies in from_chunks' scratch folder, removed once `save` has a copy
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
         if len(item_ids) != emb.shape[0] or len(titles) != emb.shape[0]:
             raise ValueError(f"{emb.shape[0]} embeddings for {len(item_ids)} ids and {len(titles)} titles")
         check_embeddings(emb, len(item_ids))
+        factory, search_params = resolve_factory(factory, search_params, emb.shape[0], emb.shape[1])
         index = build_index(emb, factory, search_params)
         meta = {"factory": factory, "search_params": search_params, "dim": int(emb.shape[1]),
                 "n_items": int(emb.shape[0]), **meta}
@@ -247,7 +262,7 @@ class ItemIndex:
 
         man = read_manifest(folder)
         chunk_files(folder, man)  # every chunk there, before any work
-        factory, search_params = resolve_factory(factory, search_params, man["n_items"], man["dim"])
+        factory, search_params = resolve_factory(factory, search_params, man["n_items"], man["dim"], on_disk is not None)
         check_factory(factory, search_params, man["dim"], man["n_items"])
         try:
             index = faiss.index_factory(man["dim"], factory, faiss.METRIC_INNER_PRODUCT)
@@ -255,9 +270,11 @@ class ItemIndex:
             raise ValueError(f"bad FAISS factory {factory!r}: {_faiss_message(e)}") from None
         if on_disk is not None:
             _check_on_disk(index, factory)  # before training: a refused factory costs nothing
+            Path(on_disk).mkdir(parents=True, exist_ok=True)  # (OUT's parent: lrem writes there anyway)
         t0 = time.perf_counter()
         if not index.is_trained:
-            rng, share = np.random.default_rng(seed), min(1.0, max_train / max(man["n_items"], 1))
+            rng = np.random.default_rng(seed)
+            share = min(1.0, train_size(index, man["n_items"], max_train) / max(man["n_items"], 1))
             sample = [x[rng.random(len(x)) < share] for _, _, x in iter_chunks(folder, show_progress)]
             _train_or_raise(index, np.concatenate(sample), factory)
         ids, titles, blocks = [], [], []
@@ -294,7 +311,7 @@ class ItemIndex:
         keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
         meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder),
                 "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
-        return cls(index, ids, titles, meta, lists_file=lists)
+        return cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None)
 
     def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
@@ -313,18 +330,18 @@ class ItemIndex:
         index's lists file moves in beside them (`LISTS_FILE`; the index reads it from its own
         folder, wherever that is later moved)."""
         with atomic_dir(out) as tmp:
-            if self.lists_file is not None:
-                if _scratch(self.lists_file):  # made by from_chunks for this save: a rename on one file system
-                    shutil.move(str(self.lists_file), tmp / LISTS_FILE)
-                else:  # a loaded index's own lists, copied (the folder it came from keeps them)
+            if self.lists_file is not None:  # linked where one file system allows (no copy), else copied;
+                try:                          # the source stays until the folder is in place
+                    os.link(self.lists_file, tmp / LISTS_FILE)
+                except OSError:
                     shutil.copyfile(self.lists_file, tmp / LISTS_FILE)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             write_jsonl(tmp / ITEMS_FILE, ({"item_id": i, "title": t} for i, t in zip(self.item_ids, self.titles)))
             write_json(tmp / META_FILE, self.meta)
         if self.lists_file is not None:
-            if _scratch(self.lists_file):
+            if self.lists_scratch:
                 shutil.rmtree(Path(self.lists_file).parent, ignore_errors=True)
-            self.lists_file = Path(out) / LISTS_FILE
+            self.lists_file, self.lists_scratch = Path(out) / LISTS_FILE, False
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ItemIndex":
@@ -377,12 +394,13 @@ def read_index(file: str | os.PathLike) -> faiss.Index:
     """Read a FAISS index memory-mapped where its type allows (the codes stay in the page cache,
     shared between processes, instead of being copied at every start), else read into memory.
     On-disk lists are opened from the index file's own folder."""
-    same_dir = faiss.IO_FLAG_ONDISK_SAME_DIR
-    with _stdout_to_stderr():  # FAISS prints where it found on-disk lists: keep stdout for results (--json)
+    flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR  # on-disk lists: opened read-only, beside the file
+    quiet = _stdout_to_stderr if (Path(file).parent / LISTS_FILE).is_file() else contextlib.nullcontext
+    with quiet():  # FAISS prints where it found on-disk lists: keep stdout for results (--json)
         try:
-            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | same_dir)
-        except RuntimeError:  # an index type whose reader has no mmap path
-            index = faiss.read_index(str(file), same_dir)
+            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | flags)
+        except RuntimeError:  # an index type whose reader has no mmap path (on-disk lists among them)
+            index = faiss.read_index(str(file), flags)
     try:
         lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     except RuntimeError:  # not an IVF index
@@ -395,14 +413,21 @@ def read_index(file: str | os.PathLike) -> faiss.Index:
 
 @contextlib.contextmanager
 def _stdout_to_stderr():
-    """File descriptor 1 pointed at 2 meanwhile (C++ printf does not go through sys.stdout)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    """File descriptor 1 pointed at 2 meanwhile (C++ printf does not go through sys.stdout); nothing
+    where there is no stdout to protect."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        saved = os.dup(1)
+    except OSError:  # fd 1 closed
+        yield
+        return
     try:
         os.dup2(2, 1)
         yield
     finally:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
 
@@ -416,11 +441,6 @@ def _check_on_disk(index: faiss.Index, factory: str) -> None:
     if ivf is None or isinstance(index, faiss.IndexRefine) or isinstance(ivf, faiss.IndexIVFFastScan):
         raise ValueError(f"FAISS factory {factory!r} cannot keep its lists on disk: use an IVF factory without "
                          "fast-scan codes or a refine stage, e.g. IVF4096,Flat, IVF4096,PQ64 or IVF4096,SQ8")
-
-
-def _scratch(file) -> bool:
-    """Whether `file` lies in a scratch folder of `from_chunks(on_disk=...)`."""
-    return Path(file).parent.name.startswith(".lrem-ivf-")
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:

@@ -29,9 +29,9 @@ WEIGHTS = "model.safetensors"
 
 def _rope(cfg: dict) -> dict | None:
     """The rope parameters of a config, transformers 5's `rope_parameters` or the older flat keys."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope = {"rope_theta": cfg.get("rope_theta", 10000.0), "rope_type": "default", **rope}
-    return rope if rope.get("rope_type", rope.get("type")) == "default" else None
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    kind = rope.get("rope_type") or rope.get("type") or "default"  # older configs name it "type"
+    return {"rope_theta": cfg.get("rope_theta", 10000.0), **rope} if kind == "default" else None
 
 
 def supports(folder: str | Path) -> bool:
@@ -212,6 +212,7 @@ class CausalLM(nn.Module):
         state = load_file(folder / WEIGHTS)
         with torch.device("meta"):
             lm = cls(cfg)
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints kept it
         if lm.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         missing, unexpected = lm.load_state_dict(state, strict=False, assign=True)
@@ -266,8 +267,9 @@ class Config(SimpleNamespace):
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope(cfg)["rope_theta"],
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
-            o_bias=False if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
+            # as transformers builds them: Qwen2 always has q/k/v biases, Mistral none, Llama per attention_bias
+            qkv_bias=mt == "qwen2" or (mt == "llama" and bool(cfg.get("attention_bias", False))),
+            o_bias=mt == "llama" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=None, use_sliding_window=False, raw=cfg)
 

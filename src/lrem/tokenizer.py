@@ -20,16 +20,42 @@ SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def supports(folder: str | Path) -> bool:
-    """Whether `folder` has what this tokenizer reads: tokenizer.json, and a chat template (if any)
-    as text."""
+    """Whether `folder` has what this tokenizer reads: tokenizer.json, and one chat template (if
+    any) as text that compiles here (transformers' `{% generation %}` extension is not)."""
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
+    if not (folder / "tokenizer.json").is_file() or (folder / "chat_templates").is_dir():
         return False
     try:
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(cfg.get("chat_template", ""), str)
+    if not isinstance(cfg.get("chat_template", ""), str):
+        return False
+    template = _template_text(folder, cfg)
+    if template:
+        try:
+            _environment().from_string(template)
+        except Exception:  # noqa: BLE001 - jinja2's syntax errors: transformers renders this one
+            return False
+    return True
+
+
+def _template_text(folder: Path, cfg: dict) -> str | None:
+    f = folder / "chat_template.jinja"
+    return f.read_text() if f.is_file() else cfg.get("chat_template")
+
+
+def _environment():
+    """The sandboxed jinja2 environment transformers renders chat templates in, with its globals."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: (
+        json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 def _content(tok) -> str | None:
@@ -45,10 +71,13 @@ class Tokenizer:
         self.backend.no_padding()
         self.backend.no_truncation()
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        try:  # older folders keep the special tokens here; tokenizer_config.json wins where both name one
+            extra = json.loads((folder / "special_tokens_map.json").read_text())
+        except (OSError, ValueError):
+            extra = {}
         for name in SPECIAL:
-            setattr(self, name, _content(cfg.get(name)))
-        template = folder / "chat_template.jinja"
-        self.chat_template = template.read_text() if template.is_file() else cfg.get("chat_template")
+            setattr(self, name, _content(cfg.get(name) or extra.get(name)))
+        self.chat_template = _template_text(folder, cfg)
         self.padding_side = cfg.get("padding_side", "right")
         self._compiled = None
 
@@ -56,9 +85,11 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def convert_tokens_to_ids(self, tokens):
+        """Ids of tokens; an unknown token gives the unknown token's id (None without one), as in transformers."""
         if isinstance(tokens, str):
-            return self.backend.token_to_id(tokens)
-        return [self.backend.token_to_id(t) for t in tokens]
+            found = self.backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -97,15 +128,7 @@ class Tokenizer:
         if tokenize:
             raise NotImplementedError("apply_chat_template(tokenize=True): tokenize the rendered text")
         if self._compiled is None:
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: (
-                json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled = env.from_string(self.chat_template)
+            self._compiled = _environment().from_string(self.chat_template)
         special = {n: getattr(self, n) for n in SPECIAL if getattr(self, n) is not None}
         return self._compiled.render(messages=messages, tools=None, documents=None,
                                      add_generation_prompt=add_generation_prompt, **special)
