@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from _common import machine, table, write
-from lrem.index import auto_recipe, build_index, set_search_params
+from lrem.index import auto_recipe, build_index, ivf_lists, set_search_params
 
 # factory, search parameters: HNSW with M=32 and a wide beam; IVF with ~4 sqrt(n) lists and 64
 # 4-bit PQ codes (fast-scan; 8-bit "PQ64" trains 64 k-means of 9-d points, which takes faiss
@@ -46,7 +46,7 @@ def bench(n: int, dim: int, n_queries: int, data: str, k: int = 100) -> list[dic
     xq = unit_vectors(n_queries, dim, rng, centres)  # (q, dim)
     rows, truth = [], None
     for factory, params in INDEXES:
-        factory = factory.format(nlist=1 << int(np.log2(4 * np.sqrt(n))))
+        factory = factory.format(nlist=ivf_lists(n))
         t = time.perf_counter()
         index = build_index(xb, factory, params)
         build = time.perf_counter() - t
@@ -108,7 +108,7 @@ def bench_recipes(n: int, dim: int, n_queries: int, data: str, k: int = 100, fla
     print(table(rows, list(rows[0])).splitlines()[-1], flush=True)
     del flat
     for factory, sweep in RECIPES:
-        factory = factory.format(nlist=1 << int(np.log2(4 * np.sqrt(n))))
+        factory = factory.format(nlist=ivf_lists(n))
         t = time.perf_counter()
         index = build_index(xb, factory)
         build = time.perf_counter() - t
@@ -143,7 +143,7 @@ def bench_on_disk(xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, k: int, fac
     from lrem._io import write_json
 
     n, dim = xb.shape
-    factory = factory.format(nlist=1 << int(np.log2(4 * np.sqrt(n))))
+    factory = factory.format(nlist=ivf_lists(n))
     tmp = Path(tempfile.mkdtemp(prefix="lrem-bench-ondisk-", dir="."))
     try:
         (tmp / "ch" / CHUNKS).mkdir(parents=True)

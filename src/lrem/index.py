@@ -83,7 +83,7 @@ def auto_recipe(n_items: int, dim: int, exact_up_to: int = EXACT_UP_TO, on_disk:
     """
     if n_items <= exact_up_to and not on_disk:
         return "Flat", ""
-    nlist = 1 << int(np.log2(4 * np.sqrt(max(n_items, 1))))  # ~4 sqrt(n) lists (a power of two), FAISS's guideline
+    nlist = ivf_lists(n_items)
     m = next((m for m in range(64, 1, -2) if dim % m == 0), None)  # codes split the dimension (4-bit fast scan: even)
     if m is None or on_disk:  # on-disk lists take plain IVF codes (no fast scan, no refine)
         return f"IVF{nlist},Flat", IVF_PARAMS
@@ -100,14 +100,28 @@ def resolve_factory(factory: str, search_params: str, n_items: int, dim: int,
     return auto, search_params or params
 
 
+def ivf_lists(n_items: int) -> int:
+    """IVF lists for a catalog: ~4 sqrt(n), rounded down to a power of two (FAISS's guideline).
+
+    >>> ivf_lists(1_000_000)
+    2048
+    """
+    return 1 << int(np.log2(4 * np.sqrt(max(n_items, 1))))
+
+
+def _ivf(index: faiss.Index):
+    """The IVF part of `index` as its concrete type (IndexIVFFlat, IndexIVFPQFastScan, ...), or None."""
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not an IVF index
+        return None
+
+
 def train_size(index: faiss.Index, n_items: int, max_train: int) -> int:
     """Vectors to train `index` on: at most `max_train`, but at least the 39 per IVF list FAISS's
     k-means asks for (fewer would fail or cluster badly), and never more than there are."""
-    try:
-        lists = faiss.extract_index_ivf(index).nlist
-    except RuntimeError:  # not an IVF index
-        lists = 0
-    return min(n_items, max(max_train, 39 * lists))
+    ivf = _ivf(index)
+    return min(n_items, max(max_train, 39 * (ivf.nlist if ivf is not None else 0)))
 
 
 def set_search_params(index: faiss.Index, params: str) -> None:
@@ -134,10 +148,8 @@ def check_factory(factory: str, search_params: str, dim: int, n_items: int | Non
     if search_params:
         set_search_params(index, search_params)
     if n_items is not None:
-        try:
-            nlist = faiss.extract_index_ivf(index).nlist
-        except RuntimeError:  # not an IVF index
-            nlist = 0
+        ivf = _ivf(index)
+        nlist = ivf.nlist if ivf is not None else 0
         if nlist > n_items:
             raise ValueError(f"FAISS factory {factory!r} has {nlist} lists but the catalog only {n_items} items")
     if index.is_trained:
@@ -401,10 +413,8 @@ def read_index(file: str | os.PathLike) -> faiss.Index:
             index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | flags)
         except RuntimeError:  # an index type whose reader has no mmap path (on-disk lists among them)
             index = faiss.read_index(str(file), flags)
-    try:
-        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    except RuntimeError:  # not an IVF index
-        lists = None
+    ivf = _ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
     if isinstance(lists, faiss.OnDiskInvertedLists):
         # no prefetch threads: each search would start 32 of them (~4 ms) to read lists the page cache holds
         lists.prefetch_nthread = 0
@@ -434,10 +444,7 @@ def _stdout_to_stderr():
 
 def _check_on_disk(index: faiss.Index, factory: str) -> None:
     """A ValueError unless `index` can keep its inverted lists on disk."""
-    try:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the concrete type (extract gives IndexIVF)
-    except RuntimeError:
-        ivf = None
+    ivf = _ivf(index)
     if ivf is None or isinstance(index, faiss.IndexRefine) or isinstance(ivf, faiss.IndexIVFFastScan):
         raise ValueError(f"FAISS factory {factory!r} cannot keep its lists on disk: use an IVF factory without "
                          "fast-scan codes or a refine stage, e.g. IVF4096,Flat, IVF4096,PQ64 or IVF4096,SQ8")

@@ -75,13 +75,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        # on the CPU even while the network is built on the meta device (math there imports torch's compiler)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # on the CPU even while the network is built on the meta device (math there imports torch's
+        # compiler), and a plain attribute, not a buffer: `.to(dtype)` leaves it float32, as transformers keeps it
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / (theta**exponents)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (B, T, hd / 2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, hd / 2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
@@ -156,7 +157,7 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         b, t = input_ids.shape
-        past = list(getattr(past_key_values, "pairs", past_key_values) or [])
+        past = list(past_key_values or [])
         start = past[0][0].shape[2] if past else 0
         end, dev = start + t, input_ids.device
         if position_ids is None:
@@ -184,8 +185,7 @@ class KVCache:
     """Per-layer keys and values (B, kv heads, T, head_dim), read as transformers' cache is."""
 
     def __init__(self, pairs):
-        self.pairs = [(k, v) for k, v in pairs]
-        self.layers = [SimpleNamespace(keys=k, values=v) for k, v in self.pairs]
+        self.layers = [SimpleNamespace(keys=k, values=v) for k, v in pairs]
 
 
 class CausalLM(nn.Module):
@@ -222,10 +222,7 @@ class CausalLM(nn.Module):
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if lm.config.tie_word_embeddings:
             lm.lm_head.weight = lm.model.embed_tokens.weight
-        lm = lm.to(dtype).eval()
-        # off the meta device, and float32 whatever the weights' dtype (transformers keeps it so)
-        lm.model.rotary_emb = RotaryEmbedding(lm.config.head_dim, lm.config.rope_theta)
-        return lm
+        return lm.to(dtype).eval()
 
     def get_decoder(self) -> Decoder:
         return self.model
@@ -271,7 +268,7 @@ class Config(SimpleNamespace):
             qkv_bias=mt == "qwen2" or (mt == "llama" and bool(cfg.get("attention_bias", False))),
             o_bias=mt == "llama" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=None, use_sliding_window=False, raw=cfg)
+            sliding_window=None, use_sliding_window=False)
 
     def get_text_config(self) -> "Config":
         return self

@@ -10,6 +10,7 @@ the built-in backbones' tokenizers).
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ def supports(folder: str | Path) -> bool:
     template = _template_text(folder, cfg)
     if template:
         try:
-            _environment().from_string(template)
+            _compile(template)
         except Exception:  # noqa: BLE001 - jinja2's syntax errors: transformers renders this one
             return False
     return True
@@ -43,6 +44,12 @@ def supports(folder: str | Path) -> bool:
 def _template_text(folder: Path, cfg: dict) -> str | None:
     f = folder / "chat_template.jinja"
     return f.read_text() if f.is_file() else cfg.get("chat_template")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """`template` compiled once (`supports` checks it, then the tokenizer renders with it)."""
+    return _environment().from_string(template)
 
 
 def _environment():
@@ -79,7 +86,6 @@ class Tokenizer:
             setattr(self, name, _content(cfg.get(name) or extra.get(name)))
         self.chat_template = _template_text(folder, cfg)
         self.padding_side = cfg.get("padding_side", "right")
-        self._compiled = None
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -127,11 +133,9 @@ class Tokenizer:
         with the globals transformers gives templates."""
         if tokenize:
             raise NotImplementedError("apply_chat_template(tokenize=True): tokenize the rendered text")
-        if self._compiled is None:
-            self._compiled = _environment().from_string(self.chat_template)
         special = {n: getattr(self, n) for n in SPECIAL if getattr(self, n) is not None}
-        return self._compiled.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **special)
+        return _compile(self.chat_template).render(messages=messages, tools=None, documents=None,
+                                                   add_generation_prompt=add_generation_prompt, **special)
 
     def save_pretrained(self, *args, **kwargs):
         raise NotImplementedError("a tokenizer loaded with runtime='native' is for inference; "
