@@ -216,6 +216,38 @@ def test_recent_cots_draft_single_queries(lively, monkeypatch):
         lively.engine.history = keep
 
 
+def test_single_query_embeds_in_the_forward_that_checks_its_closing_tokens(lively, monkeypatch):
+    """One query drafts its closing `</think><emb>` after each step's tokens: where the model
+    stops right there, the embedding comes from that same forward (prompt, then one forward, no
+    third), and it is the plain path's; where it goes on, the closing drafts are dropped and the
+    tokens stay greedy."""
+    model, q = copy.deepcopy(lively), QUERIES[:1]
+    seq = model.tokenizer(model.query_prompts(q), add_special_tokens=False)["input_ids"][0]
+    wine = model.tokenizer(" wine", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():  # an untied head that says " wine" after the prompt, then `</think>`
+        h0, h1 = model.lm.get_decoder()(input_ids=torch.tensor([seq + [wine]])).last_hidden_state[0, -2:]
+        head = torch.nn.Linear(model.dim, model.lm.get_output_embeddings().weight.shape[0], bias=True)
+        head.weight.normal_(0, 0.01)
+        head.bias.zero_()
+        head.bias[wine] = 5.0
+        u = h1 - (h1 @ h0) / (h0 @ h0) * h0  # orthogonal to the prompt's last state: no effect there
+        head.weight[model.think_end_id] = 50 * u / (u @ u)
+    model.lm.set_output_embeddings(head)
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == ["wine"] == model.generate_cots(q, fast=False)
+    tail = model.tokenizer(model.query_texts(q, enc.cots), add_special_tokens=False)["input_ids"][0][len(seq) + 1:]
+    assert tail[-2:] == [model.think_end_id, model.emb_id]
+    assert widths[1:] == [1 + len(tail)]  # " wine" and the closing tokens, checked in one forward
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+    for text in QUERIES:  # CoTs that go on: each forward's closing drafts are rejected
+        enc = lively.encode_queries(text, mode="reason")
+        assert enc.cots == lively.generate_cots([text], fast=False)[0]
+        plain = lively.engine.embed_texts(lively.query_texts([text], [enc.cots]), 8, "q", False, prefix_cache=False)
+        np.testing.assert_allclose(enc.embeddings, plain[0], atol=1e-5)
+
+
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
     plain_cots = tiny.generate_cots(QUERIES, fast=False)
     enc = tiny.encode_queries(QUERIES, mode="reason")

@@ -314,34 +314,56 @@ class QueryEngine:
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self.step(len(seqs), length)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, used = self._run(step, n, kv, seqs, max_new, stop, pick)
+            close = None if texts is None else self._closer(seqs, texts, candidates)
+            gen, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close)
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
+            if last is not None:  # one query whose decoding already ran its closing `</think><emb>`
+                return cots, model.pool(last[None, None], torch.tensor([[model.emb_id]], device=last.device))
             full = model.tokenizer(model.query_texts(texts, cots, candidates=candidates),
                                    add_special_tokens=False)["input_ids"]
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
             return cots, self._embed_after(step, used, seqs, gen, full)
 
+    def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
+        """For one query, `close(gen)`: the ids its full text (`query_texts`) has after the prompt
+        `seqs[0]` + `gen` should the CoT end there, or None where the text does not continue
+        those ids (`lookup_decode` drafts them). None for a batch."""
+        if len(seqs) != 1:
+            return None
+        model, head = self.model, seqs[0]
+
+        def close(gen: list[int]) -> list[int] | None:
+            full = model.tokenizer(model.query_texts(texts, [model.decode_cot(gen)], candidates=candidates),
+                                   add_special_tokens=False)["input_ids"][0]
+            return full[len(head) + len(gen) :] if full[: len(head) + len(gen)] == head + gen else None
+
+        return close
+
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
-             stop: list[int], pick=None) -> tuple[list[list[int]], int]:
+             stop: list[int], pick=None, close=None) -> tuple[list[list[int]], int, torch.Tensor | None]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
-        then one slot per generated token. Returns the generated ids and the number of cache slots
-        filled. `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`).
-        A single greedy query on the compact decoder takes drafts from its prompt and `history`."""
+        then one slot per generated token. Returns the generated ids, the number of cache slots
+        filled, and the last hidden state of the closing tokens where `lookup_decode` ran them
+        (else None). `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample
+        (`sample_cots`). A single greedy query on the compact decoder takes drafts from its
+        prompt and `history`, and `close` (`_closer`)."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         logits, last, w = prefill(step, n, kv, seqs, pad)
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         if len(seqs) == 1 and pick is None and step.compact is not None and k > 0:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
-            gen, used = lookup_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past)
+            gen, used, h = lookup_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past,
+                                         close)
             self._remember(seqs, [gen], stop)
-            return [gen + [pad] * (max_new - len(gen))], used
+            return [gen + [pad] * (max_new - len(gen))], used, h
         gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
         if pick is None:
             self._remember(seqs, gen, stop)
-        return [row + [pad] * (max_new - len(row)) for row in gen], n + w + max(len(g) for g in gen) - 1  # slots used
+        used = n + w + max(len(g) for g in gen) - 1  # slots filled
+        return [row + [pad] * (max_new - len(row)) for row in gen], used, None
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
