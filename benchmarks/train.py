@@ -1,19 +1,30 @@
-"""Cold-start training step speed on this machine: steps/s, tokens/s, and FLOP/s against the bound.
+"""Training step speed on this machine: stage 1 (cold start) and stage 2 (RL) steps of the real
+trainers' computation, steps/s, tokens/s, and FLOP/s against the bound.
 
-    .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2] [--lora-r 16]
+    .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2] [--lora-r 16] [--rl-steps 2]
 
-One step of the real trainer (`lrem.train.sft.collate` + `lrem.losses.LREMLoss`, L = 0.1 L_SFT +
-1.0 L_InfoNCE, backward, AdamW), timed side by side: with the batch's shared prompt prefix
-run once (the default, `share_prefix=True`), with every row run in full (`share_prefix=False`),
-and with the shared prefix under LoRA (`lora_r`, `lrem.train.lora`; `--lora-r 0` skips it).
+Stage 1, one step (`lrem.train.sft.collate` + `lrem.losses.LREMLoss`, L = 0.1 L_SFT + 1.0
+L_InfoNCE, backward, AdamW), timed side by side: with the batch's shared prompt prefix run once
+(the default, `share_prefix=True`), with every row run in full (`share_prefix=False`), under
+bfloat16 autocast (what the trainers run where the CPU computes bfloat16 natively, `bf16: null`:
+float32 weights and optimizer, bfloat16 matmuls), and under LoRA (`lora_r`, `lrem.train.lora`;
+`--lora-r 0` skips it) in both precisions.
+
+Stage 2 (`--rl-steps N`, 0 skips it), one GRPO step as `lrem train rl` runs it: `sample_cots`
+(`--rl-queries` x G=8 rollouts of up to 24 tokens), `collate_rollouts`, the policy pass
+(`GRPOLoss`), rank rewards among the batch items, the loss, backward, AdamW; timed as sampling
+and update, in float32 and bfloat16 autocast, full and LoRA.
+
 FLOPs: 6 x non-embedding params x tokens run (padding included) + 6 x LM-head params x CE
 positions (forward 2, backward 4; attention scores ignored); under LoRA 4 x, as the frozen
 matrices get no weight gradient (the adapters' own FLOPs ignored; the tied head's rows train,
-so its gradient is still computed whole).
+so its gradient is still computed whole). The bound is the float32 matmul's, also for the
+bfloat16 rows (so they can exceed 1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import time
 
@@ -22,7 +33,9 @@ import torch
 from _common import QUERIES, machine, matmul_gflops, seconds, setup, table, write
 from lrem.losses import IGNORE, LREMLoss
 from lrem.model import shared_prefix_len
-from lrem.train import SFTConfig
+from lrem.losses import GRPOLoss
+from lrem.train import RLConfig, SFTConfig
+from lrem.train.grpo import collate_rollouts, score_rollouts
 from lrem.train.lora import add_lora, trainable_parameters
 from lrem.train.pairs import Pair
 from lrem.train.sft import collate
@@ -49,13 +62,70 @@ def run_tokens(ids: torch.Tensor, mask: torch.Tensor, share: bool) -> int:
     return p + ids.shape[0] * (ids.shape[1] - p)
 
 
-def train_step(loss_fn, opt, batch: dict) -> dict:
-    parts = loss_fn(batch)
+def precision(bf16: bool):
+    """The trainers' autocast (Accelerate's `mixed_precision="bf16"` on the CPU is this), or none."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(loss_fn, opt, batch: dict, bf16: bool = False) -> dict:
+    with precision(bf16):
+        parts = loss_fn(batch)
     loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+
+def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf16: bool) -> dict:
+    """One GRPO step as `lrem.train.grpo.train_rl` runs it (num_iterations 1, ranks among the batch
+    items): seconds sampling, seconds for the rest, rollout tokens, loss."""
+    t0 = time.perf_counter()
+    model.lm.eval()
+    gen = torch.Generator().manual_seed(step)
+    rows = model.sample_cots([p.query for p in pairs], cfg.num_generations, cfg.sampling_temperature, cfg.top_p,
+                             cfg.rollout_max_tokens, generator=gen)
+    model.lm.train()
+    batch = collate_rollouts(model, pairs, rows, cfg)
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    t1 = time.perf_counter()
+    with precision(bf16):
+        pol = loss_fn(tensors)
+    scored = score_rollouts(batch, pol["q"], pol["d"], cfg)
+    parts, _ = loss_fn.loss(pol, tensors, scored["advantages"], pol["logp"].detach())
+    loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"sample_s": t1 - t0, "update_s": time.perf_counter() - t1, "tokens run": int(tensors["mask"].sum()),
+            "cot tokens": sum(batch["cot_tokens"]), "loss": loss.item()}
+
+
+def bench_rl(args, lora_r: int) -> list[dict]:
+    """RL rows: float32 and bfloat16 autocast, full fine-tuning then LoRA (`lora_r`; 0: none)."""
+    from lrem.model import LREM
+
+    cfg = RLConfig(lora_r=lora_r)
+    pairs = [Pair(f"q{i}", QUERIES[i % len(QUERIES)], f"d{i}", f"{TITLES[i % len(TITLES)]} #{i}", "")
+             for i in range(args.rl_queries)]
+    model = LREM.from_pretrained(args.model, dtype="float32", log=lambda *a: None)
+    model.config.cot_max_tokens = 16
+    opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-6)
+    rows = []
+    for lora, bf16 in ((False, False), (False, True)) + (((True, False), (True, True)) if lora_r else ()):
+        if lora and not any(hasattr(m, "base_layer") for m in model.lm.modules()):
+            add_lora(model, cfg)
+            opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
+        loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps)
+        name = "RL " + ("bf16 autocast" if bf16 else "float32") + (f", LoRA r={lora_r}" if lora else "")
+        rl_step(model, loss_fn, opt, pairs, cfg, 0, bf16)  # warm-up
+        runs = [rl_step(model, loss_fn, opt, pairs, cfg, s + 1, bf16) for s in range(args.rl_steps)]
+        mid = sorted(runs, key=lambda r: r["sample_s"] + r["update_s"])[len(runs) // 2]
+        rows.append({"path": name, "queries x G": f"{args.rl_queries} x {cfg.num_generations}",
+                     "s/step": mid["sample_s"] + mid["update_s"], "sampling s": mid["sample_s"],
+                     "update s": mid["update_s"], "tokens run": mid["tokens run"], "cot tokens": mid["cot tokens"],
+                     "runs": runs})
+    return rows
 
 
 def main() -> None:
@@ -64,7 +134,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the third row (0: no LoRA row)")
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA rows (0: none)")
+    ap.add_argument("--rl-steps", type=int, default=2, help="timed RL steps per setting (0: no RL rows)")
+    ap.add_argument("--rl-queries", type=int, default=8, help="queries per RL step (G=8 rollouts each)")
     args = ap.parse_args()
     setup(args.threads)
     from lrem.model import LREM
@@ -81,14 +153,18 @@ def main() -> None:
     ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
     bound = matmul_gflops(torch.float32)
     rows, losses, times = [], {}, {}
-    for share, lora_r in ((True, 0), (False, 0)) + (((True, args.lora_r),) if args.lora_r else ()):
-        if lora_r:  # last: the adapters go into the model in place
+    settings = [(True, 0, False), (False, 0, False), (True, 0, True)]
+    settings += [(True, args.lora_r, False), (True, args.lora_r, True)] if args.lora_r else []
+    for share, lora_r, bf16 in settings:
+        if lora_r and not any(hasattr(m, "base_layer") for m in model.lm.modules()):  # last: adapters go in in place
             add_lora(model, SFTConfig(lora_r=lora_r))
             opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer: adapters and rows
         loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
-        name = ("shared prefix" if share else "plain") + (f", LoRA r={lora_r}" if lora_r else "")
-        losses[name] = [train_step(loss_fn, opt, batch)]  # warm-up
-        times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch))) for _ in range(args.steps)]
+        name = (("shared prefix" if share else "plain") + (", bf16 autocast" if bf16 else "")
+                + (f", LoRA r={lora_r}" if lora_r else ""))
+        losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
+        times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
+                       for _ in range(args.steps)]
         step_s = sorted(times[name])[len(times[name]) // 2]
         ran = run_tokens(batch["q_ids"], batch["q_mask"], share) + run_tokens(batch["d_ids"], batch["d_mask"], share)
         flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
@@ -96,13 +172,26 @@ def main() -> None:
                      "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
                      "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
                      "of bound": flops / step_s / 1e9 / bound})
-    speedup = rows[1]["s/step"] / rows[0]["s/step"]
-    lora = rows[0]["s/step"] / rows[2]["s/step"] if args.lora_r else None
+    step = {r["path"]: r["s/step"] for r in rows}
+    base = step["shared prefix"]
+    speedup = step["plain"] / base
+    ratios = {name: base / s for name, s in step.items()}  # x today's float32 shared-prefix step
+    lora = ratios.get(f"shared prefix, LoRA r={args.lora_r}")
     print(table(rows, list(rows[0])))
     print(f"shared prefix / plain: {speedup:.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
-    if lora:
-        print(f"LoRA r={args.lora_r} / full fine-tuning (shared prefix): {lora:.2f}x faster per step")
-    write("train", {"machine": info, "model": args.model, "dtype": "float32", "rows": rows,
+    for name, r in ratios.items():
+        print(f"  {name}: {r:.2f}x the float32 shared-prefix step")
+    rl_rows, rl_ratios = [], {}
+    if args.rl_steps:
+        rl_rows = bench_rl(args, args.lora_r)
+        first = rl_rows[0]["s/step"]
+        rl_ratios = {r["path"]: first / r["s/step"] for r in rl_rows}
+        print(table([{k: v for k, v in r.items() if k != "runs"} for r in rl_rows],
+                    [k for k in rl_rows[0] if k != "runs"]))
+        for name, r in rl_ratios.items():
+            print(f"  {name}: {r:.2f}x the float32 RL step")
+    write("train", {"machine": info, "model": args.model, "dtype": "float32 weights; rows say the autocast",
+                    "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios,
                     "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
                     "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
                     "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
