@@ -156,17 +156,20 @@ class LREM(TemplateMixin, torch.nn.Module):
             model.router = load_router(path)
         return model
 
-    def save_pretrained(self, out: str | os.PathLike, stage: dict | None = None, metrics: dict | None = None) -> None:
+    def save_pretrained(self, out: str | os.PathLike, stage: dict | None = None, metrics: dict | None = None,
+                        state_dict: dict | None = None) -> None:
         """Write backbone, tokenizer, `lrem_config.json` and a model card (README.md) to `out`
         atomically. `stage` (a training stage: name, steps, data, ...) is recorded after the
-        stages these weights already went through; `metrics` go into the card. A learned router
+        stages these weights already went through; `metrics` go into the card; `state_dict`: the
+        backbone's weights to write in place of `self.lm`'s own (a sharded run's gathered
+        weights, `lrem.train.loop.Run.full_weights`). A learned router
         (`self.router`, from router.json) is not written: it was fitted on the scores of the
         weights it was loaded with, so a saved model gets its own (`lrem router fit`)."""
         from .card import model_card
 
         training = self.stages + ([stage] if stage else [])
         with atomic_dir(out) as tmp:
-            self.lm.save_pretrained(tmp)
+            self.lm.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
             write_json(tmp / LREM_CONFIG, {"prompts": self.config.to_dict(), "base": self.source,
                                            "base_model": self.base, "training": training})

@@ -55,16 +55,17 @@ def last_checkpoint(out) -> Path | None:
 
 
 def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, adapter=None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, weights: dict | None = None) -> Path:
     """Write `out/checkpoints/step-N` (the model, or with LoRA its `adapter`; optimizer, scheduler,
     RNG, train state; `extra`: more trainer state as tensors, e.g. RL's item bank, read back by
-    `load_checkpoint_extra`) and delete all but the newest `keep`."""
+    `load_checkpoint_extra`; `weights`: a sharded run's gathered model weights) and delete all but
+    the newest `keep`."""
     path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
     with atomic_dir(path) as tmp:
         if adapter is not None:
             save_adapter(adapter, tmp / ADAPTER)  # the base is the run's own: a few MB instead of the model
         else:
-            model.save_pretrained(tmp / "model")
+            model.save_pretrained(tmp / "model", state_dict=weights)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
         if extra:
@@ -134,10 +135,12 @@ def training_stage(state: dict) -> dict:
     return stage
 
 
-def save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS)) -> None:
-    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it."""
+def save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS),
+               weights: dict | None = None) -> None:
+    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it.
+    `weights`: a sharded run's gathered model weights (in place of the main process's shard)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, stage=training_stage(state))
+        model.save_pretrained(tmp, stage=training_stage(state), state_dict=weights)
         write_json(tmp / TRAIN_STATE, state)
         for sub in keep:
             if (out / sub).exists():

@@ -60,6 +60,9 @@ def make_optimizer(module, cfg, total: int, warmup: int):
     return optimizer, scheduler
 
 
+SHARDED = ("FSDP", "DEEPSPEED")  # Accelerate's distributed types whose processes hold weight shards
+
+
 def warmup_steps(cfg, total: int) -> int:
     """The linear warmup's steps: `cfg.warmup_ratio` of `total`."""
     return int(round(cfg.warmup_ratio * total))
@@ -98,6 +101,9 @@ class Run:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         torch.manual_seed(cfg.seed)
         self.ckpt = check_output(self.out, resume, overwrite, inputs=inputs)
+        if self.ckpt is not None and self.sharded:  # the optimizer state is sharded; the checkpoint has rank 0's
+            raise ValueError(f"{self.ckpt}: resuming under {self.acc.distributed_type.value} is not supported yet; "
+                             f"start a new run from its gathered weights (--init {self.ckpt / 'model'})")
         self.adapter = None  # the LoRA adapter (`add_lora`), or None: full fine-tuning
         self.wrapped = self.optimizer = self.scheduler = None  # set by `fit`, used by the step function
         self.start, self.t0 = 0, time.time()  # the step `fit` starts at, and when
@@ -115,6 +121,9 @@ class Run:
     def add_lora(self, model):
         """With `cfg.lora_r` > 0: LoRA adapters on `model` (the checkpoint's when resuming), kept for
         the checkpoints and merged into the final model. Returns the adapter, or None."""
+        if self.cfg.lora_r and self.sharded:  # the merge and the adapter checkpoints read whole modules
+            raise ValueError(f"lora_r={self.cfg.lora_r} under {self.acc.distributed_type.value}: LoRA runs data "
+                             "parallel only (configs/accelerate/ddp.yaml); its optimizer state is small")
         self.adapter = add_lora(model, self.cfg, self.ckpt) if self.cfg.lora_r else None
         return self.adapter
 
@@ -124,6 +133,24 @@ class Run:
         if dev is not None:
             self.say(f"dev eval every {self.cfg.eval_steps} steps: {dev}")
         return dev
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+        return self.acc.distributed_type.value in SHARDED
+
+    def full_weights(self) -> dict | None:
+        """Under FSDP / ZeRO-3, the whole backbone's weights (keys as `model.lm`'s state dict),
+        gathered from every process's shard: every process must call it, the main one gets them
+        (`Accelerator.get_state_dict`; the others get None). Otherwise None: each process's
+        module is whole, and saving reads it directly."""
+        if not self.sharded:
+            return None
+        full = self.acc.get_state_dict(self.wrapped)  # keys of the wrapped loss: "model.lm.<name>"
+        if not self.main:
+            return None
+        prefix = "model.lm."
+        return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
     def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimizer update from `loss` (the step function calls it once per update; the
@@ -201,20 +228,22 @@ class Run:
                     state["dev"] = log_dev(dev, model, done, writer, bar)
             if done < total and ((cfg.save_steps and done % cfg.save_steps == 0) or done == end):  # the last is the model
                 acc.wait_for_everyone()
+                weights = self.full_weights()  # every process: a sharded model is gathered
                 if self.main:
                     save_checkpoint(out, model, self.optimizer, self.scheduler, state, cfg.save_total_limit,
-                                    self.adapter, extra.state_dict() if extra is not None else None)
+                                    self.adapter, extra.state_dict() if extra is not None else None, weights)
         bar.close()
         state["seconds"] = round(time.time() - self.t0, 2)
         acc.wait_for_everyone()
         if writer is not None:
             writer.close()
+        weights = self.full_weights() if state["step"] == total else None
         if self.main and state["step"] == total:
             if before_final is not None:
                 before_final()
             if self.adapter is not None:
                 merge_lora(model, self.adapter)
-            save_final(out, model, state, keep)
+            save_final(out, model, state, keep, weights)
             self.say(f"wrote {out} ({total} steps, {state['seconds']:.0f} s)")
         acc.wait_for_everyone()
         acc.end_training()
