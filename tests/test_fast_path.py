@@ -46,9 +46,9 @@ def forward_widths(monkeypatch) -> list[int]:
     widths: list[int] = []
     run = StaticDecoder.__call__
 
-    def spy(self, ids, pos, start):
+    def spy(self, ids, pos, start, rows=None):
         widths.append(ids.shape[1])
-        return run(self, ids, pos, start)
+        return run(self, ids, pos, start, rows)
 
     monkeypatch.setattr(StaticDecoder, "__call__", spy)
     return widths
@@ -246,6 +246,34 @@ def test_single_query_embeds_in_the_forward_that_checks_its_closing_tokens(livel
         assert enc.cots == lively.generate_cots([text], fast=False)[0]
         plain = lively.engine.embed_texts(lively.query_texts([text], [enc.cots]), 8, "q", False, prefix_cache=False)
         np.testing.assert_allclose(enc.embeddings, plain[0], atol=1e-5)
+
+
+def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
+    """Once half a batch has stopped, the other rows decode alone, with `lm.generate`'s tokens;
+    closing tails of different lengths run in two forwards (the longer ones alone), and the
+    embeddings stay the plain path's."""
+    stop0 = [lively.think_end_id, lively.emb_id, lively.tokenizer.eos_token_id]
+    ref = plain_generate(lively, QUERIES, stop0)
+    stop = stop0 + [r[1] for r in ref[:5]]  # these rows (and any that emit one of them) now stop early
+    shapes: list[tuple[int, int]] = []
+    run = StaticDecoder.__call__
+
+    def spy(self, ids, pos, start, rows=None):
+        shapes.append(tuple(ids.shape))
+        return run(self, ids, pos, start, rows)
+
+    monkeypatch.setattr(StaticDecoder, "__call__", spy)
+    seqs = lively.tokenizer(lively.query_prompts(QUERIES), add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        gen = lively.engine.greedy(seqs, 16, stop)
+    assert gen == plain_generate(lively, QUERIES, stop)
+    assert min(b for b, t in shapes) < len(QUERIES) and max(len(set(g)) for g in gen) > 2  # rows ran alone
+    shapes.clear()
+    with torch.inference_mode():
+        cots, emb = lively.engine.greedy(seqs, 16, stop, texts=QUERIES)
+    assert shapes[-2][0] == len(QUERIES) > shapes[-1][0]  # every tail's first tokens, then the long ones' rest
+    plain = lively.engine.embed_texts(lively.query_texts(QUERIES, cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(emb.numpy(), plain, atol=1e-5)
 
 
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):

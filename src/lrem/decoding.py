@@ -157,7 +157,12 @@ class StaticDecoder:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head_lin(h)
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """`rows` (B',): run only these rows of the cache (ids and pos are theirs, (B', T)): their
+        keys and values up to `end` are gathered per layer, the new ones written back to the cache.
+        Why: once most of a batch's CoTs have stopped, a step costs the weights' reading plus ~1 ms
+        a row on this CPU, and the finished rows would only feed padding."""
         b, t = ids.shape
         end, hd = start + t, self.head_dim
         h = self.dec.embed_tokens(ids)
@@ -168,7 +173,11 @@ class StaticDecoder:
         cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # (B, 1, T, hd)
         slots = torch.arange(end, device=ids.device)
         own = start + torch.arange(t, device=ids.device)[:, None]  # (T, 1) each token's slot
-        allowed = ((self.mask[:, None, :end] > 0) | (slots == own)) & (slots <= own)  # (B, T, end)
+        mask = self.mask[:, :end] if rows is None else self.mask[rows, :end]
+        if rows is not None:
+            skip = torch.ones(len(self.mask), dtype=torch.bool, device=ids.device)
+            skip[rows] = False
+        allowed = ((mask[:, None] > 0) | (slots == own)) & (slots <= own)  # (B, T, end)
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         kv, g = self.kv_heads, self.group
         bias = bias[:, None, None].expand(b, 1, g, t, end).reshape(b, 1, g * t, end)  # (B, 1, G * T, end): each
@@ -178,9 +187,16 @@ class StaticDecoder:
             x = F.rms_norm(h, h.shape[-1:], n1.weight, n1.variance_epsilon)  # = the module's output, fewer ops
             q = lin["q_proj"](x).view(b, t, -1, hd).transpose(1, 2)
             k = lin["k_proj"](x).view(b, t, -1, hd).transpose(1, 2)
-            vc[:, :, start:end] = lin["v_proj"](x).view(b, t, -1, hd).transpose(1, 2)
+            v = lin["v_proj"](x).view(b, t, -1, hd).transpose(1, 2)
             q = q * cos + q.roll(half, -1) * sin
-            kc[:, :, start:end] = k * cos + k.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            if rows is not None:  # the rows' cache, then the new slots written to both; the other rows' new
+                # slots are zeroed: masked, but uninitialised memory may hold NaN, which a mask does not hide
+                full_k, full_v = kc, vc
+                kc, vc = kc[:, :, :end].index_select(0, rows), vc[:, :, :end].index_select(0, rows)
+                full_k[rows, :, start:end], full_v[rows, :, start:end] = k, v
+                full_k[skip, :, start:end], full_v[skip, :, start:end] = 0, 0
+            kc[:, :, start:end], vc[:, :, start:end] = k, v
             # the query heads that share a key head run as one longer query (B, KV, G * T, hd): the
             # CPU kernel is then ~5x faster on decode shapes (batch 32, one token: 0.27 vs 1.4 ms a layer)
             o = F.scaled_dot_product_attention(q.reshape(b, kv, -1, hd), kc[:, :, :end], vc[:, :, :end],
@@ -249,20 +265,28 @@ class GreedyStep:
             return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.compact.k, self.compact.v)]
         return [(layer.keys[:, :, :used], layer.values[:, :, :used]) for layer in self.cache.layers]
 
-    def run(self, ids: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, D) of ids (B, T) at positions pos, written to slots [start, start + T)
-        (the caller sets their mask); `start` is the number of slots filled so far."""
+        (the caller sets their mask); `start` is the number of slots filled so far. `rows`: only
+        these rows of the batch (the compact decoder only; see `StaticDecoder`)."""
         if self.compact is not None:
-            return self.compact(ids, pos, start)
+            return self.compact(ids, pos, start, rows)
         return self.lm.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                                      past_key_values=self.cache, use_cache=True).last_hidden_state
 
-    def extend(self, ids: torch.Tensor, pos: torch.Tensor, new: torch.Tensor, used: int) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, pos: torch.Tensor, new: torch.Tensor, used: int,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, K) of ids (B, K) after the first `used` slots (as `mask` allows them),
-        `new` (B, K) masking the new tokens; the static cache is extended in place where it has room."""
+        `new` (B, K) masking the new tokens; the static cache is extended in place where it has room.
+        `rows`: ids, pos and new are these rows' only (the compact decoder with room only)."""
         if self.compact is not None and used + ids.shape[1] <= self.length:
-            self.mask[:, used : used + ids.shape[1]] = new
-            return self.compact(ids, pos, used)
+            if rows is None:
+                self.mask[:, used : used + ids.shape[1]] = new
+            else:
+                self.mask[rows, used : used + ids.shape[1]] = new
+            return self.compact(ids, pos, used, rows)
+        if rows is not None:
+            raise ValueError("extend: row subsets need the compact decoder with room in its cache")
         mask = torch.cat([self.mask[:, :used], new], 1)  # (B, used + K)
         return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
                                      past_key_values=kv_cache(self.lm, self.kv(used)),
@@ -297,9 +321,15 @@ class GreedyStep:
             torch.cuda.synchronize()
         self.reset()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ids (B,) at positions pos (B,) into cache slot `slot`; return the next ids (B,):
-        argmax, or `pick(logits)` (eager: sampling is not graph-captured)."""
+        argmax, or `pick(logits)` (eager: sampling is not graph-captured). `rows` (compact decoder):
+        ids and pos are these rows' only, and so are the ids returned."""
+        if rows is not None:
+            self.mask[rows, slot] = 1
+            logits = self.logits(self.compact(ids[:, None], pos[:, None], slot, rows)[:, -1])
+            return pick(logits) if pick is not None else logits.argmax(-1)
         self.ids.copy_(ids[:, None])
         self.pos.copy_(pos[:, None])
         self.mask[:, slot] = 1
@@ -375,7 +405,8 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
            pad: int, pick=None) -> list[list[int]]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
     one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
-    that emitted a stop id keep feeding `pad`; stops when all have or at `max_new` tokens.
+    that emitted a stop id keep feeding `pad`, except that greedy decoding on the compact decoder
+    runs the rest alone once at least half have stopped; stops when all have or at `max_new` tokens.
     Returns the generated ids per row, up to and including its stop id (unpadded)."""
     stop_t = torch.tensor(stop, device=tok.device)
     out, done, p = [tok], torch.isin(tok, stop_t), pos
@@ -383,7 +414,13 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         if bool(done.all()):
             break
         p = p + 1
-        tok = torch.where(done, pad, step(tok, p, slot + t - 1, pick))  # (B,)
+        live = (~done).nonzero()[:, 0]
+        if pick is None and step.compact is not None and len(live) <= len(tok) // 2:  # most rows have stopped:
+            nxt = torch.full_like(tok, pad)  # run the others only (greedy: sampling keeps its draws as they were)
+            nxt[live] = step(tok[live], p[live], slot + t - 1, rows=live)
+            tok = nxt
+        else:
+            tok = torch.where(done, pad, step(tok, p, slot + t - 1, pick))  # (B,)
         out.append(tok)
         done |= torch.isin(tok, stop_t)
     rows = torch.stack(out, 1).tolist()  # (B, <= max_new)

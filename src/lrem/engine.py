@@ -75,6 +75,25 @@ class EngineConfig:
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
 
 
+def split_width(lengths: list[int], row_cost: float = 37.0) -> int:
+    """How many tokens of each row's closing tail the first `_embed_after` forward runs; rows with
+    longer tails run the rest alone in a second (a CoT whose first tokens retokenize differently
+    re-runs whole: 4-9 tokens where most rows need 3). The cost of a forward is modelled as
+    `row_cost` (its weight reading, in row-tokens: ~30 ms against ~0.8 ms a row-token for the
+    135M model on this CPU) plus its rows x width.
+
+    >>> split_width([3] * 31 + [9]), split_width([3, 3, 3, 9]), split_width([5])
+    (3, 9, 5)
+    """
+    longest, n = max(lengths), len(lengths)
+
+    def cost(k: int) -> float:
+        rest = [x for x in lengths if x > k]
+        return n * k + (row_cost + len(rest) * (longest - k) if rest else 0)
+
+    return min(sorted(set(lengths)), key=cost)
+
+
 class QueryEngine:
     """Fast reasoning and embedding over `model` (an `lrem.model.LREM`); see the module docstring.
 
@@ -309,7 +328,8 @@ class QueryEngine:
         model = self.model
         n, kv = self.shared_prefix(seqs)
         sufs = [x[n:] for x in seqs]
-        length = n + max(len(x) for x in sufs) + max_new + 8  # + room for `_embed_after`'s `</think><emb>`
+        # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
+        length = n + max(len(x) for x in sufs) + 2 * max_new + 8
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self.step(len(seqs), length)
@@ -325,7 +345,7 @@ class QueryEngine:
                                    add_special_tokens=False)["input_ids"]
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
-            return cots, self._embed_after(step, used, seqs, gen, full)
+            return cots, self._embed_after(step, used, seqs, gen, full, stop)
 
     def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
         """For one query, `close(gen)`: the ids its full text (`query_texts`) has after the prompt
@@ -373,22 +393,37 @@ class QueryEngine:
             self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
 
     def _embed_after(self, step: GreedyStep, used: int, seqs: list[list[int]], gen: list[list[int]],
-                     full: list[list[int]]) -> torch.Tensor:
+                     full: list[list[int]], stop: list[int]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
         over the first `used` cache slots `_run` filled: the prompt's KV is reused, and so is that
-        of the generated tokens each CoT starts with; the rest (at least `<emb>`) is run in new
-        slots, so each token keeps the position it has in the plain path."""
+        of the generated tokens each CoT starts with, up to its stop id (a stopped row is not always
+        run again: `decode` runs the others alone); the rest (at least `<emb>`) is run in new slots,
+        so each token keeps the position it has in the plain path."""
         g0, dev = max(len(x) for x in seqs), self.model.device  # g0: first generated slot
+        fed = [min(used - g0, next((i for i, t in enumerate(g) if t in stop), len(g))) for g in gen]
+        keep = [common_prefix_len([f[len(x):], g[:m] + [-1]]) for x, g, f, m in zip(seqs, gen, full, fed)]
         pad = self.model.tokenizer.pad_token_id
-        keep = [common_prefix_len([f[len(x):], g[: used - g0] + [-1]]) for x, g, f in zip(seqs, gen, full)]
         tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
-        k = max(len(t) for t in tails)
-        ids = torch.tensor([t + [pad] * (k - len(t)) for t in tails], device=dev)  # (B, K) right-padded
-        new = torch.tensor([[1] * len(t) + [0] * (k - len(t)) for t in tails], device=dev)
         for r, j in enumerate(keep):
             step.mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
-        pos = torch.tensor([[len(x) + j + i for i in range(k)] for x, j in zip(seqs, keep)], device=dev)  # (B, K)
-        return self.model.pool(step.extend(ids, pos, new, used), ids)
+        longest = max(len(t) for t in tails)
+        split = step.compact is not None and used + longest <= step.length  # a second forward needs the cache's room
+        k = split_width([len(t) for t in tails]) if split else longest
+        out = torch.empty(len(tails), self.model.dim, device=dev)
+        rows, first = torch.arange(len(tails), device=dev), 0
+        while len(rows):  # the first k tokens of every tail, then the rest of the longer ones (those rows alone)
+            part = [tails[r][first : first + k] for r in rows.tolist()]
+            w = max(len(t) for t in part)
+            ids = torch.tensor([t + [pad] * (w - len(t)) for t in part], device=dev)  # (B', W) right-padded
+            new = torch.tensor([[1] * len(t) + [0] * (w - len(t)) for t in part], device=dev)
+            pos = torch.tensor([[len(seqs[r]) + keep[r] + first + i for i in range(w)] for r in rows.tolist()],
+                               device=dev)  # (B', W)
+            h = step.extend(ids, pos, new, used + first, None if first == 0 else rows)
+            ends = torch.tensor([len(tails[r]) <= first + k for r in rows.tolist()], device=dev)
+            out[rows[ends]] = self.model.pool(h[ends], ids[ends])
+            rows, first = rows[~ends], first + k
+            k = longest - first
+        return out
 
     def _greedy_vllm(self, engine, prompts_: list[str], max_new: int, stop: list[int]) -> list[list[int]]:
         from vllm import SamplingParams
