@@ -46,9 +46,9 @@ def forward_widths(monkeypatch) -> list[int]:
     widths: list[int] = []
     run = StaticDecoder.__call__
 
-    def spy(self, ids, pos, start, rows=None):
+    def spy(self, ids, pos, start, rows=None, attend=None):
         widths.append(ids.shape[1])
-        return run(self, ids, pos, start, rows)
+        return run(self, ids, pos, start, rows, attend)
 
     monkeypatch.setattr(StaticDecoder, "__call__", spy)
     return widths
@@ -248,6 +248,80 @@ def test_single_query_embeds_in_the_forward_that_checks_its_closing_tokens(livel
         np.testing.assert_allclose(enc.embeddings, plain[0], atol=1e-5)
 
 
+def test_single_query_reruns_a_cot_its_text_reads_differently_in_the_same_forward(lively, monkeypatch):
+    """A CoT whose first token lacks the space the full text gives it ("wine" where the text has
+    " <think> wine </think>"): the text's tokens run as a branch from the prompt in the forward that
+    checks the model's " " and `</think>`, so the embedding still needs no third forward and is the
+    plain path's."""
+    model, q = copy.deepcopy(lively), QUERIES[:1]
+    seq = model.tokenizer(model.query_prompts(q), add_special_tokens=False)["input_ids"][0]
+    wine, space = (model.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in ("wine", " "))
+    with torch.no_grad():  # an untied head: "wine" after the prompt, then " ", then `</think>`
+        h0, h1, h2 = model.lm.get_decoder()(input_ids=torch.tensor([seq + [wine, space]])).last_hidden_state[0, -3:]
+        head = torch.nn.Linear(model.dim, model.lm.get_output_embeddings().weight.shape[0], bias=True)
+        head.weight.normal_(0, 0.01)
+        head.bias.zero_()
+        head.bias[wine] = 5.0
+        basis = []
+        for h, tok, scale in ((h1, space, 50.0), (h2, model.think_end_id, 200.0)):  # each orthogonal to the states before
+            u = h.clone()
+            for b in [h0, *basis]:
+                u -= (u @ b) / (b @ b) * b
+            head.weight[tok] = scale * u / (u @ u)
+            basis.append(u)
+    model.lm.set_output_embeddings(head)
+    assert model.generate_cots(q, fast=False) == ["wine"]
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == ["wine"]
+    text = model.tokenizer(model.query_texts(q, enc.cots), add_special_tokens=False)["input_ids"][0][len(seq):]
+    assert text[0] != wine and text[-2:] == [model.think_end_id, model.emb_id]  # " wine": read differently
+    assert widths[1:] == [2 + len(text)]  # "wine", " ", and the text's CoT and closing tokens, in one forward
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def steered(lively, q: str, cot: str):
+    """A copy of `lively` with an untied head that writes " cot" after q's prompt,
+    then `</think>`: a bias picks the first token; each later one (and `</think>`) gets a head row
+    orthogonal to the states before it, so it wins where it should and nowhere earlier."""
+    model = copy.deepcopy(lively)
+    seq = model.tokenizer(model.query_prompts([q]), add_special_tokens=False)["input_ids"][0]
+    ids = model.tokenizer(" " + cot, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        states = model.lm.get_decoder()(input_ids=torch.tensor([seq + ids])).last_hidden_state[0, len(seq) - 1:]
+        head = torch.nn.Linear(model.dim, model.lm.get_output_embeddings().weight.shape[0], bias=True)
+        head.weight.normal_(0, 0.01)
+        head.bias.zero_()
+        head.bias[ids[0]] = 5.0
+        basis = [states[0]]
+        for h, tok in zip(states[1:], ids[1:] + [model.think_end_id]):
+            u = h.clone()
+            for b in basis:
+                u -= (u @ b) / (b @ b) * b
+            head.weight[tok] = 200.0 * u / (u @ u)
+            basis.append(u)
+    model.lm.set_output_embeddings(head)
+    return model, seq
+
+
+@pytest.mark.parametrize("cot,forwards", [("device", 2), ("device for pulling corks", 2), ("device for", 3)])
+def test_single_query_closes_before_or_after_its_drafts(lively, monkeypatch, cot, forwards):
+    """The query's own words are drafted after a CoT token that copies one (" device" -> " for
+    pulling corks"), with the closing tokens after the drafts and, beside them, the closing tokens
+    should the CoT end before the drafts: a CoT that stops either way embeds from that forward
+    (the chain's end or the branch's), one that stops inside the drafts needs one more; each
+    embedding is the plain path's."""
+    q = QUERIES[:1]  # "a device for pulling corks"
+    model, seq = steered(lively, q[0], cot)
+    assert model.generate_cots(q, fast=False) == [cot]
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == [cot] and len(widths) == forwards
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
 def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
     """Once half a batch has stopped, the other rows decode alone, with `lm.generate`'s tokens;
     closing tails of different lengths run in two forwards (the longer ones alone), and the
@@ -258,9 +332,9 @@ def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
     shapes: list[tuple[int, int]] = []
     run = StaticDecoder.__call__
 
-    def spy(self, ids, pos, start, rows=None):
+    def spy(self, ids, pos, start, rows=None, attend=None):
         shapes.append(tuple(ids.shape))
-        return run(self, ids, pos, start, rows)
+        return run(self, ids, pos, start, rows, attend)
 
     monkeypatch.setattr(StaticDecoder, "__call__", spy)
     seqs = lively.tokenizer(lively.query_prompts(QUERIES), add_special_tokens=False)["input_ids"]

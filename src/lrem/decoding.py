@@ -157,12 +157,14 @@ class StaticDecoder:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head_lin(h)
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None,
+                 attend: torch.Tensor | None = None) -> torch.Tensor:
         """`rows` (B',): run only these rows of the cache (ids and pos are theirs, (B', T)): their
         keys and values up to `end` are gathered per layer, the new ones written back to the cache.
         Why: once most of a batch's CoTs have stopped, a step costs the weights' reading plus ~1 ms
-        a row on this CPU, and the finished rows would only feed padding."""
+        a row on this CPU, and the finished rows would only feed padding. `attend` (B, T, start + T)
+        bool: which slots each new token attends to, in place of `mask` and causal order (a tree
+        of drafts: `lookup_decode`'s branches)."""
         b, t = ids.shape
         end, hd = start + t, self.head_dim
         h = self.dec.embed_tokens(ids)
@@ -177,7 +179,7 @@ class StaticDecoder:
         if rows is not None:
             skip = torch.ones(len(self.mask), dtype=torch.bool, device=ids.device)
             skip[rows] = False
-        allowed = ((mask[:, None] > 0) | (slots == own)) & (slots <= own)  # (B, T, end)
+        allowed = ((mask[:, None] > 0) | (slots == own)) & (slots <= own) if attend is None else attend  # (B, T, end)
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         kv, g = self.kv_heads, self.group
         bias = bias[:, None, None].expand(b, 1, g, t, end).reshape(b, 1, g * t, end)  # (B, 1, G * T, end): each
@@ -265,12 +267,13 @@ class GreedyStep:
             return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.compact.k, self.compact.v)]
         return [(layer.keys[:, :, :used], layer.values[:, :, :used]) for layer in self.cache.layers]
 
-    def run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, rows: torch.Tensor | None = None,
+            attend: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, D) of ids (B, T) at positions pos, written to slots [start, start + T)
-        (the caller sets their mask); `start` is the number of slots filled so far. `rows`: only
-        these rows of the batch (the compact decoder only; see `StaticDecoder`)."""
+        (the caller sets their mask); `start` is the number of slots filled so far. `rows`, `attend`:
+        the compact decoder only (see `StaticDecoder`)."""
         if self.compact is not None:
-            return self.compact(ids, pos, start, rows)
+            return self.compact(ids, pos, start, rows, attend)
         return self.lm.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                                      past_key_values=self.cache, use_cache=True).last_hidden_state
 
@@ -439,33 +442,76 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
     weights once. `first` is the first generated token, to be fed at cache slot `slot` and
     position `pos`.
 
-    `close(gen)`, if given: the tokens that follow `seq + gen` in the full text should the CoT
-    end there (`</think><emb>`), or None. They are drafted after the lookup drafts, so where the
-    model stops right after them, the forward that checked them has already run the closing
-    tokens: their last hidden state comes back, and no further forward is needed to embed.
+    `close(gen)`, if given, says how the full text reads should the CoT end after `seq + gen`:
+    (keep, tokens, ends): it shares gen's first `keep` tokens, then has `tokens` (up to
+    `</think><emb>`); `ends` are the tokens the model writes between its CoT and `</think>` (" ").
+    Where keep is all of gen and the drafts, `tokens` are drafted after them. Where the text reads
+    gen differently (the model wrote "chair" where the text has " chair"), `ends` are drafted
+    after them, and `tokens` run in the same forward as a branch from gen[:keep], attending to
+    the prompt and those tokens only. Either way, where the model stops right there, that forward
+    has already run the full text's closing tokens: their last hidden state comes back, and no
+    further forward is needed to embed.
     Returns (generated ids, cache slots filled, that hidden state (D,) or None)."""
     gen, dev, past = [first], step.mask.device, past or []
+    slot0, pos0 = slot, pos
     while gen[-1] not in stop and len(gen) < max_new:
-        draft = lookup_draft(past + seq + gen, k=min(k, max_new - len(gen) - 1))
-        tail = (close(gen + draft) or []) if close else []
-        ids = [gen[-1], *draft, *tail]
+        room = min(k, max_new - len(gen) - 1)
+        # one-token matches too, cut at a stop id: a trained model's CoT often copies a phrase of the
+        # query ("recliner" from "chair and a half recliner"), and the cut stops the draft where the
+        # query (or a past CoT) ends, so the closing tokens can follow it
+        draft = lookup_draft(past + seq + gen, k=room) or lookup_draft(seq + gen, k=room, min_ngram=1)
+        draft = draft[: next((i for i, t in enumerate(draft) if t in stop), len(draft))]
+        keep, toks, ends = close(gen + draft) if close else (0, None, [])
+        tail, branch, own_close = [], [], False
+        if toks is not None and keep == len(gen) + len(draft):
+            tail = toks  # the text goes on from the drafts
+        elif toks is not None and keep < len(gen):
+            tail, branch = ends, toks  # the text reads the CoT differently: run it again beside the chain
+        if draft and not branch and close:  # and the text should the CoT end before the drafts
+            keep0, toks0, _ = close(gen)
+            if toks0 is not None and keep0 == len(gen):
+                branch, keep, own_close = toks0, len(gen), True
+        chain = 1 + len(draft) + len(tail)
+        ids = [gen[-1], *draft, *tail, *branch]
         step.mask[:, slot : slot + len(ids)] = 1
-        h = step.run(torch.tensor([ids], device=dev), pos + torch.arange(len(ids), device=dev)[None], slot)
-        best = step.logits(h[0]).argmax(-1).tolist()  # the model's pick after each fed token
+        at = pos + torch.arange(chain, device=dev)
+        attend = None
+        if branch:  # the chain causal; the branch after gen[:keep] (in the cache, or gen[-1] in this block)
+            at = torch.cat([at, pos0 + keep + torch.arange(len(branch), device=dev)])
+            end = slot + len(ids)
+            slots, own = torch.arange(end, device=dev), slot + torch.arange(len(ids), device=dev)[:, None]
+            in_chain = own < slot + chain
+            cached = step.mask[0, :end] > 0
+            before = cached & (slots < torch.where(in_chain | own_close, slot, slot0 + keep))
+            block = (slots >= torch.where(in_chain, slot, slot + chain)) & (slots <= own)
+            attend = (before | block | (own_close & (slots == slot)))[None]  # (1, T, end)
+        h = step.run(torch.tensor([ids], device=dev), at[None], slot, attend=attend)
+        picked = chain + (len(branch) - 1 if own_close else 0)  # positions whose next token is checked
+        best = step.logits(h[0, :picked]).argmax(-1).tolist()  # the model's pick after each such token
         a = 0
         while a < len(draft) and draft[a] == best[a] and best[a] not in stop:
             a += 1
+        if own_close and a == 0:  # the model ends its CoT before the drafts: the branch is its closing
+            after = [best[0], *best[chain:]]  # its picks after gen[-1], then after each branch token
+            j = 0
+            while j < len(branch) - 1 and branch[j] == after[j] and after[j] not in stop:
+                j += 1
+            if after[j] in stop and close(gen + branch[:j])[:2] == (len(gen) + j, branch[j:]):
+                return gen + branch[:j] + [after[j]], slot + len(ids), h[0, -1]
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
             room = max_new - len(gen) - len(draft) - 1  # generated tokens the budget still allows
             j = 0
             while j < min(len(tail), room) and tail[j] == best[a + j] and best[a + j] not in stop:
                 j += 1  # a closing token the model itself picks (" " before `</think>`): part of the CoT
-            if best[a + j] in stop and close(gen + draft + tail[:j]) == tail[j:]:  # the CoT ends here, and
-                # the rest of its full text is what ran
-                return gen + draft + tail[:j] + [best[a + j]], slot + len(ids), h[0, -1]
+            if best[a + j] in stop:  # the CoT ends here: is the rest of its full text what ran?
+                done = gen + draft + tail[:j]
+                kept, rest, _ = close(done)
+                rerun = branch and not own_close  # the embedding is the branch's, else the chain's
+                if (kept, rest) == ((keep, branch) if rerun else (len(done), tail[j:])):
+                    return done + [best[a + j]], slot + len(ids), h[0, -1 if rerun else chain - 1]
             a += j
             draft = draft + tail[:j]
-        step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts
+        step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts and branches
         gen += [*draft[:a], best[a]]
         slot, pos = slot + a + 1, pos + a + 1
     return gen, slot, None

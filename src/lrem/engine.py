@@ -348,17 +348,28 @@ class QueryEngine:
             return cots, self._embed_after(step, used, seqs, gen, full, stop)
 
     def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
-        """For one query, `close(gen)`: the ids its full text (`query_texts`) has after the prompt
-        `seqs[0]` + `gen` should the CoT end there, or None where the text does not continue
-        those ids (`lookup_decode` drafts them). None for a batch."""
+        """For one query, `close(gen)` (`lookup_decode` drafts with it): how its full text
+        (`query_texts`) reads should the CoT end after the prompt `seqs[0]` + `gen`, as (keep,
+        tokens, ends): the text shares gen's first `keep` tokens, then has `tokens`; `ends` are
+        its tokens between the CoT and `</think>` (whitespace). (0, None, []) where the text does
+        not start with the prompt. None for a batch."""
         if len(seqs) != 1:
             return None
         model, head = self.model, seqs[0]
+        decode, stops = model.tokenizer.decode, set(model.stop_ids)
 
-        def close(gen: list[int]) -> list[int] | None:
+        def close(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
             full = model.tokenizer(model.query_texts(texts, [model.decode_cot(gen)], candidates=candidates),
                                    add_special_tokens=False)["input_ids"][0]
-            return full[len(head) + len(gen) :] if full[: len(head) + len(gen)] == head + gen else None
+            if full[: len(head)] != head:
+                return 0, None, []
+            keep = common_prefix_len([full[len(head) :], gen + [-1]])
+            toks = full[len(head) + keep :]
+            s = next((i for i, t in enumerate(toks) if t in stops), len(toks))
+            e = s
+            while e > 0 and not decode([toks[e - 1]]).strip():
+                e -= 1
+            return keep, toks, toks[e:s]
 
         return close
 
