@@ -16,9 +16,11 @@ decode loops themselves are functions in `lrem.decoding` (gpt-fast style); `LREM
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +111,14 @@ class QueryEngine:
         self.config = config or EngineConfig.from_env()
         self.cache: dict = {}  # valid for one `_weights_key`
         self.history: collections.deque[list[int]] = collections.deque(maxlen=self.config.history)
+        self._local = threading.local()  # `same_weights`' pinned cache, per thread
 
     def __getstate__(self):
         # the caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
-        return {**self.__dict__, "cache": {}}
+        return {**self.__dict__, "cache": {}, "_local": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _local=threading.local())
 
     # ---- caches tied to the weights -----------------------------------------------------------
     def _weights_key(self) -> tuple:
@@ -122,11 +128,28 @@ class QueryEngine:
         return ps[0].device, ps[0].dtype, tuple(p.data_ptr() for p in ps), sum(p._version for p in ps)
 
     def _state(self) -> dict:
-        """`cache`, emptied first if the weights changed since it was filled."""
+        """`cache`, emptied first if the weights changed since it was filled (checked once per
+        `same_weights` scope: walking the parameters costs ~2 ms, a few times per query)."""
+        pinned = getattr(self._local, "state", None)
+        if pinned is not None:
+            return pinned
         key = self._weights_key()
         if self.cache.get("key") != key:
             self.cache = {"key": key, "prefix": {}, "steps": {}, "linears": {}}
         return self.cache
+
+    @contextlib.contextmanager
+    def same_weights(self):
+        """A scope (one call: a batch encoded, CoTs decoded) in which the weights do not change, so
+        the caches are checked against them once, at its start (per thread; scopes nest)."""
+        if getattr(self._local, "state", None) is not None:
+            yield
+            return
+        self._local.state = self._state()
+        try:
+            yield
+        finally:
+            self._local.state = None
 
     def plain_layers(self) -> bool:
         """Whether the LM's layers are its own: not wrapped by adapters (LoRA while training,
@@ -212,12 +235,13 @@ class QueryEngine:
         """
         check_batch_size(batch_size)
         seqs = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        n_prefix, kv = self.shared_prefix(seqs) if prefix_cache else (0, None)
         order = np.argsort([len(s) for s in seqs], kind="stable")
         out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
-        for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not show_progress, unit="batch"):
-            idx = order[s : s + batch_size]
-            out[idx] = self._embed_suffixes([seqs[i][n_prefix:] for i in idx], kv, n_prefix).cpu().numpy()
+        with self.same_weights():
+            n_prefix, kv = self.shared_prefix(seqs) if prefix_cache else (0, None)
+            for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+                idx = order[s : s + batch_size]
+                out[idx] = self._embed_suffixes([seqs[i][n_prefix:] for i in idx], kv, n_prefix).cpu().numpy()
         return out
 
     def _embed_suffixes(self, suffixes: list[list[int]], kv, n_prefix: int) -> torch.Tensor:
@@ -325,6 +349,11 @@ class QueryEngine:
         sits where it would in the plain path). Then one token per step over a preallocated
         cache, the LM head on the last position only; finished rows keep feeding pad.
         """
+        with self.same_weights():
+            return self._greedy(seqs, max_new, stop, texts, pick, candidates)
+
+    def _greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None,
+                pick, candidates: list | None):
         model = self.model
         n, kv = self.shared_prefix(seqs)
         sufs = [x[n:] for x in seqs]
