@@ -494,7 +494,7 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
         if own_close and a == 0:  # the model ends its CoT before the drafts: the branch is its closing
             after = [best[0], *best[chain:]]  # its picks after gen[-1], then after each branch token
             j = 0
-            while j < len(branch) - 1 and branch[j] == after[j] and after[j] not in stop:
+            while j < min(len(branch) - 1, max_new - len(gen) - 1) and branch[j] == after[j] and after[j] not in stop:
                 j += 1
             if after[j] in stop and close(gen + branch[:j])[:2] == (len(gen) + j, branch[j:]):
                 return gen + branch[:j] + [after[j]], slot + len(ids), h[0, -1]
