@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA rows (0: none)")
     ap.add_argument("--rl-steps", type=int, default=2, help="timed RL steps per setting (0: no RL rows)")
     ap.add_argument("--rl-queries", type=int, default=8, help="queries per RL step (G=8 rollouts each)")
+    ap.add_argument("--name", default="train", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     setup(args.threads)
     from lrem.model import LREM
@@ -190,7 +191,7 @@ def main() -> None:
                     [k for k in rl_rows[0] if k != "runs"]))
         for name, r in rl_ratios.items():
             print(f"  {name}: {r:.2f}x the float32 RL step")
-    write("train", {"machine": info, "model": args.model, "dtype": "float32 weights; rows say the autocast",
+    write(args.name, {"machine": info, "model": args.model, "dtype": "float32 weights; rows say the autocast",
                     "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios,
                     "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
                     "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,

@@ -342,6 +342,8 @@ def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
         gen = lively.engine.greedy(seqs, 16, stop)
     assert gen == plain_generate(lively, QUERIES, stop)
     assert min(b for b, t in shapes) < len(QUERIES) and max(len(set(g)) for g in gen) > 2  # rows ran alone
+    with torch.inference_mode():  # a `pick` (sampling's way in) gets the running rows' logits only
+        assert lively.engine.greedy(seqs, 16, stop, pick=lambda logits: logits.argmax(-1)) == gen
     shapes.clear()
     with torch.inference_mode():
         cots, emb = lively.engine.greedy(seqs, 16, stop, texts=QUERIES)

@@ -408,8 +408,9 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
            pad: int, pick=None) -> list[list[int]]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
     one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
-    that emitted a stop id keep feeding `pad`, except that greedy decoding on the compact decoder
-    runs the rest alone once at least half have stopped; stops when all have or at `max_new` tokens.
+    that emitted a stop id keep feeding `pad`, except that on the compact decoder the rest run
+    alone once at least half have stopped (sampling then draws for those rows only); stops when
+    all have or at `max_new` tokens.
     Returns the generated ids per row, up to and including its stop id (unpadded)."""
     stop_t = torch.tensor(stop, device=tok.device)
     out, done, p = [tok], torch.isin(tok, stop_t), pos
@@ -418,9 +419,9 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
             break
         p = p + 1
         live = (~done).nonzero()[:, 0]
-        if pick is None and step.compact is not None and len(live) <= len(tok) // 2:  # most rows have stopped:
-            nxt = torch.full_like(tok, pad)  # run the others only (greedy: sampling keeps its draws as they were)
-            nxt[live] = step(tok[live], p[live], slot + t - 1, rows=live)
+        if step.compact is not None and len(live) <= len(tok) // 2:  # most rows have stopped: run the others only
+            nxt = torch.full_like(tok, pad)
+            nxt[live] = step(tok[live], p[live], slot + t - 1, pick, rows=live)
             tok = nxt
         else:
             tok = torch.where(done, pad, step(tok, p, slot + t - 1, pick))  # (B,)
