@@ -121,7 +121,8 @@ class StaticDecoder:
     `__call__(ids, pos, start)` runs tokens (B, T) at positions (B, T), writes their keys and
     values into slots [start, start + T) and returns the last layer's (normed) hidden states,
     as the HF decoder would. Each token attends to the earlier slots `mask` (B, length) allows,
-    and to itself. Slots are read only up to the last one written, so the cache is never zeroed.
+    and to itself. Slots are read only up to the last one written, so the cache is never zeroed
+    (but for the slots a `rows` call skips).
     Why: at one query, a transformers decode step spends ~20 ms of its ~75 ms in module and
     mask plumbing on this 135M model; here a layer is a dozen tensor ops.
     """
@@ -431,6 +432,20 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
 
+def agreed(tokens: list[int], picks: list[int], stop: list[int], limit: int | None = None) -> int:
+    """How many leading `tokens` (drafted) the model picked itself, `picks[i]` being its pick where
+    tokens[i] was drafted, stopping at a stop id and after `limit` tokens.
+
+    >>> agreed([5, 6, 7], [5, 6, 9], stop=[0]), agreed([5, 0], [5, 0], stop=[0]), agreed([5, 6], [5, 6], [0], limit=1)
+    (2, 1, 1)
+    """
+    n = min(len(tokens), len(tokens) if limit is None else limit)
+    a = 0
+    while a < n and tokens[a] == picks[a] and picks[a] not in stop:
+        a += 1
+    return a
+
+
 def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: int, max_new: int,
                   stop: list[int], k: int, past: list[int] | None = None, close=None
                   ) -> tuple[list[int], int, torch.Tensor | None]:
@@ -489,21 +504,16 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
         h = step.run(torch.tensor([ids], device=dev), at[None], slot, attend=attend)
         picked = chain + (len(branch) - 1 if own_close else 0)  # positions whose next token is checked
         best = step.logits(h[0, :picked]).argmax(-1).tolist()  # the model's pick after each such token
-        a = 0
-        while a < len(draft) and draft[a] == best[a] and best[a] not in stop:
-            a += 1
+        a = agreed(draft, best, stop)
         if own_close and a == 0:  # the model ends its CoT before the drafts: the branch is its closing
             after = [best[0], *best[chain:]]  # its picks after gen[-1], then after each branch token
-            j = 0
-            while j < min(len(branch) - 1, max_new - len(gen) - 1) and branch[j] == after[j] and after[j] not in stop:
-                j += 1
+            j = agreed(branch, after, stop, min(len(branch) - 1, max_new - len(gen) - 1))
             if after[j] in stop and close(gen + branch[:j])[:2] == (len(gen) + j, branch[j:]):
                 return gen + branch[:j] + [after[j]], slot + len(ids), h[0, -1]
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
-            room = max_new - len(gen) - len(draft) - 1  # generated tokens the budget still allows
-            j = 0
-            while j < min(len(tail), room) and tail[j] == best[a + j] and best[a + j] not in stop:
-                j += 1  # a closing token the model itself picks (" " before `</think>`): part of the CoT
+            # closing tokens the model itself picks (" " before `</think>`) are part of the CoT, within
+            # the generated tokens the budget still allows
+            j = agreed(tail, best[a:], stop, max_new - len(gen) - len(draft) - 1)
             if best[a + j] in stop:  # the CoT ends here: is the rest of its full text what ran?
                 done = gen + draft + tail[:j]
                 kept, rest, _ = close(done)

@@ -347,7 +347,8 @@ class QueryEngine:
         cached KV (`shared_prefix`), expanded to the batch; each prompt's suffix follows it,
         left-padded in the middle (mask 0, positions counted from the mask, so every token
         sits where it would in the plain path). Then one token per step over a preallocated
-        cache, the LM head on the last position only; finished rows keep feeding pad.
+        cache, the LM head on the last position only; finished rows feed pad until half the
+        batch has stopped, then the others run alone (`lrem.decoding.decode`).
         """
         with self.same_weights():
             return self._greedy(seqs, max_new, stop, texts, pick, candidates)
@@ -386,8 +387,14 @@ class QueryEngine:
             return None
         model, head = self.model, seqs[0]
         decode, stops = model.tokenizer.decode, set(model.stop_ids)
+        seen: dict[tuple[int, ...], tuple] = {}  # a forward may ask twice (drafts, then the CoT that ran)
 
         def close(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
+            if tuple(gen) not in seen:
+                seen[tuple(gen)] = reads(gen)
+            return seen[tuple(gen)]
+
+        def reads(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
             full = model.tokenizer(model.query_texts(texts, [model.decode_cot(gen)], candidates=candidates),
                                    add_special_tokens=False)["input_ids"][0]
             if full[: len(head)] != head:
