@@ -163,13 +163,14 @@ def main(args) -> dict:
               ("auto", "auto", slices["auto"]), ("reason-warm", "reason", slices["reason"]),
               ("auto-warm", "auto", slices["auto"])]
     sets = [f"max_batch={args.max_batch}", f"max_wait_ms={args.max_wait_ms}", f"router_share={args.router_share}",
-            f"router_margin={args.router_margin}", f"request_timeout_s={args.max_seconds + 30}"]
+            f"router_margin={args.router_margin}", f"request_timeout_s={args.max_seconds + 30}",
+            f"continuous={'false' if args.static else 'true'}"]
     port, out = free_port(), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     server_log = Path(tempfile.gettempdir()) / f"lrem_serve_load_{port}.log"
     proc = start_server(args.index, port, sets, server_log)
     base = f"http://127.0.0.1:{port}"
-    rows = []
+    rows, load_start = [], os.getloadavg()
     try:
         health = httpx.get(base + "/info", timeout=10).json()  # /healthz only says "ok"
         print(f"server: {health['items']} items, model {health['model']}, dim {health['dim']}; "
@@ -189,6 +190,7 @@ def main(args) -> dict:
     result = {"index": args.index, "queries": source, "requests_per_phase": n, "concurrency": args.concurrency,
               "k": args.k, "server_settings": sets, "model": health["model"], "items": health["items"],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+              "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
               "phases": rows}
     write_json(out, result)
     print(f"wrote {out}")
@@ -205,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--static", action="store_true", help="Static batches for reasoning (continuous=false).")
     p.add_argument("--router-share", type=float, default=0.3, help="Reasoning budget of auto mode (0: fixed margin).")
     p.add_argument("--router-margin", type=float, default=0.0,
                    help="Fixed margin (also used until the budget has seen 20 queries; 0: reason none then).")
