@@ -6,9 +6,7 @@
 
 `Batcher`: callers await `submit`; one worker task drains up to `max_batch` pending texts
 (waiting at most `max_wait_ms` after the first), groups them by kind, runs `encode(kind, texts)`
-on a single model thread and resolves each caller's future with its own row. Given a `stream`
-(continuous batching, `lrem.continuous`), the texts of its kinds join it instead, and the worker
-runs its steps one at a time on the same thread, taking whatever arrived in between.
+on a single model thread and resolves each caller's future with its own row.
 `EmbeddingCache`: bounded LRU of (kind, text) -> (CoT, embedding) with hit counts, saved to and
 loaded from an .npz file.
 """
@@ -137,24 +135,18 @@ class Batcher:
         encode: `encode(kind, texts) -> (cots, embeddings (n, dim))`, run in the model thread.
         max_batch: most texts per call; max_wait_ms: how long the first text waits for others.
         on_batch: called with (kind, n_texts, seconds) after each model call (metrics).
-        stream: continuous batching for some kinds, or None: an object with `kinds`, `add(kind,
-            text) -> bool` (False: encode it the static way), `busy`, `__len__`, `step() ->
-            [((kind, text), cot, embedding)]` (run in the model thread) and `drop() -> [(kind,
-            text)]` (after a failed step). Its steps are reported to `on_batch` as kind "reason".
     """
 
-    def __init__(self, encode, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None, stream=None):
+    def __init__(self, encode, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
         self.encode, self.max_batch, self.max_wait = encode, max_batch, max_wait_ms / 1000.0
-        self.max_queue, self.on_batch, self.stream = max_queue, on_batch or (lambda kind, n, s: None), stream
+        self.max_queue, self.on_batch = max_queue, on_batch or (lambda kind, n, s: None)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._streaming: dict[tuple[str, str], list[asyncio.Future]] = {}  # (kind, text) in the stream -> callers
 
     @property
     def pending(self) -> int:
-        """Texts waiting for the model or in its stream."""
-        return (self._queue.qsize() if self._queue else 0) + len(self._streaming)
+        return self._queue.qsize() if self._queue else 0
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -173,8 +165,8 @@ class Batcher:
         """(cot, embedding) for one text, computed in a batch with whatever else is pending."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called (the app's lifespan starts it)")
-        if self.pending >= self.max_queue:
-            raise Overloaded(f"{self.pending} texts are waiting (max_queue={self.max_queue})")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self._queue.qsize()} texts are waiting (max_queue={self.max_queue})")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((kind, text, future))
         return await future
@@ -196,60 +188,16 @@ class Batcher:
                 break
         return batch
 
-    def _take(self) -> list:
-        """Whatever is pending, without waiting (a stream is running: its next step should not)."""
-        jobs = []
-        while not self._queue.empty():
-            jobs.append(self._queue.get_nowait())
-        return jobs
-
     async def _run(self) -> None:
         while True:
-            busy = self.stream is not None and self.stream.busy
-            jobs = self._take() if busy else await self._collect()
-            jobs = [j for j in jobs if not j[2].done()]  # callers that timed out are dropped
+            jobs = [j for j in await self._collect() if not j[2].done()]  # callers that timed out are dropped
             for kind in KINDS:
                 waiting: dict[str, list[asyncio.Future]] = {}
                 for k, text, future in jobs:
                     if k == kind:
                         waiting.setdefault(text, []).append(future)  # same text twice: computed once
-                if waiting and self.stream is not None and kind in self.stream.kinds:
-                    waiting = self._join(kind, waiting)
-                texts = list(waiting)
-                for s in range(0, len(texts), self.max_batch):
-                    await self._compute(kind, {t: waiting[t] for t in texts[s : s + self.max_batch]})
-            if self.stream is not None and self.stream.busy:
-                await self._step()
-
-    def _join(self, kind: str, waiting: dict[str, list[asyncio.Future]]) -> dict[str, list[asyncio.Future]]:
-        """Add texts to the stream (or to the callers of the same text in it); the rest, which it
-        cannot take, are returned."""
-        rest = {}
-        for text, futures in waiting.items():
-            key = (kind, text)
-            if key in self._streaming:
-                self._streaming[key] += futures
-            elif self.stream.add(kind, text):
-                self._streaming[key] = futures
-            else:
-                rest[text] = futures
-        return rest
-
-    async def _step(self) -> None:
-        """One step of the stream; each text it finished resolves its callers. If the step fails,
-        the stream's texts are encoded one by one the static way (a bad text fails its own callers)."""
-        n, t0 = len(self.stream), time.perf_counter()
-        try:
-            done = await asyncio.get_running_loop().run_in_executor(self._executor, self.stream.step)
-        except Exception:
-            for kind, text in self.stream.drop():
-                await self._compute(kind, {text: self._streaming.pop((kind, text))})
-            return
-        self.on_batch("reason", n, time.perf_counter() - t0)
-        for key, cot, row in done:
-            for future in self._streaming.pop(key, []):
-                if not future.done():
-                    future.set_result((cot, row))
+                if waiting:
+                    await self._compute(kind, waiting)
 
     async def _compute(self, kind: str, waiting: dict[str, list[asyncio.Future]]) -> None:
         """One model call for these texts. If it fails, each text is tried alone, so one bad text

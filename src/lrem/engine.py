@@ -77,16 +77,12 @@ class EngineConfig:
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
 
 
-# a forward's weight reading in row-tokens (~30 ms against ~0.8 ms a row-token for the 135M model on
-# this CPU): what running blocks of tokens apart costs against padding them into one forward
-ROW_COST = 37.0
-
-
-def split_width(lengths: list[int], row_cost: float = ROW_COST) -> int:
+def split_width(lengths: list[int], row_cost: float = 37.0) -> int:
     """How many tokens of each row's closing tail the first `_embed_after` forward runs; rows with
     longer tails run the rest alone in a second (a CoT whose first tokens retokenize differently
     re-runs whole: 4-9 tokens where most rows need 3). The cost of a forward is modelled as
-    `row_cost` (`ROW_COST`) plus its rows x width.
+    `row_cost` (its weight reading, in row-tokens: ~30 ms against ~0.8 ms a row-token for the
+    135M model on this CPU) plus its rows x width.
 
     >>> split_width([3] * 31 + [9]), split_width([3, 3, 3, 9]), split_width([5])
     (3, 9, 5)

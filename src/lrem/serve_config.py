@@ -23,9 +23,6 @@ class ServeConfig:
     max_batch: int = field(default=16, metadata={"help": "Most texts run through the model in one call."})
     max_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch's first text waits for others."})
     max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
-    continuous: bool = field(default=True, metadata={
-        "help": "Reasoning queries join a running decode batch between steps and leave when done (continuous "
-                "batching, up to max_batch at once; CPU compact decoder); false: static batches."})
     # Cache
     cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
     cache_path: str = field(default="", metadata={"help": ".npz loaded at start, written at shutdown; '': none."})
@@ -59,10 +56,6 @@ class ServeConfig:
     def __post_init__(self):
         for f in fields(self):
             v, want = getattr(self, f.name), type(f.default)
-            if want is bool:
-                if not isinstance(v, bool):
-                    raise ValueError(f"{f.name}={v!r}; expected true or false")
-                continue
             number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
             if not (isinstance(v, str) if want is str else number):
                 raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")

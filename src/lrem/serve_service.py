@@ -13,7 +13,6 @@ import time
 import numpy as np
 
 from .batching import Batcher, EmbeddingCache
-from .continuous import ReasonStream
 from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
 
@@ -51,36 +50,6 @@ class ServeMetrics:
         self.batch_seconds.labels(kind).observe(seconds)
 
 
-class ReasonStreams:
-    """The `Batcher`'s stream: reason and grounded queries decode in one `ReasonStream` (continuous
-    batching), made on first use and again after a failed step."""
-
-    kinds = ("reason", "grounded")
-
-    def __init__(self, model, capacity: int):
-        self.model, self.capacity, self.stream = model, capacity, None
-
-    @property
-    def busy(self) -> bool:
-        return self.stream is not None and self.stream.busy
-
-    def __len__(self) -> int:  # the queries the next step runs
-        return 0 if self.stream is None else min(self.capacity, len(self.stream))
-
-    def add(self, kind: str, text) -> bool:
-        if self.stream is None:
-            self.stream = ReasonStream(self.model.engine, self.capacity)
-        [query], cands = grounded_inputs(kind, [text])
-        return self.stream.add((kind, text), query, None if cands is None else cands[0])
-
-    def step(self) -> list:
-        return self.stream.step()
-
-    def drop(self) -> list:
-        keys, self.stream = self.stream.drop(), None
-        return keys
-
-
 class SearchService:
     """What the endpoints call: cache, batcher, router and index around one `Searcher`."""
 
@@ -91,9 +60,7 @@ class SearchService:
         self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
         self.cache = EmbeddingCache(config.cache_size)
         self.n_auto = self.n_auto_reasoned = 0
-        stream = (ReasonStreams(model, config.max_batch) if config.continuous and ReasonStream.supported(model.engine)
-                  else None)
-        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue, stream=stream)
+        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
         self.metrics = ServeMetrics(self)
         self.batcher.on_batch = self.metrics.observe_batch
 
