@@ -478,3 +478,40 @@ def test_generate_prefix_cache_stays_bounded_and_exact(lively):
         assert generate(m.lm, seqs, 4, stop, pad, prefix_cache=cache) == generate(m.lm, seqs, 4, stop, pad)
         assert len(cache) <= PREFIX_CACHE_SIZE
     assert len(cache) == PREFIX_CACHE_SIZE
+
+
+@pytest.mark.parametrize("cot,words", [("corks", 1), ("pulling corks", 2)])
+def test_single_query_whose_cot_is_its_last_words_reasons_in_its_prefill_forward(lively, monkeypatch, cot, words):
+    """A single query's prefill forward also runs its last word and its last two words, each
+    followed by the full text's closing tokens, as drafted CoTs beside the prompt: where the model
+    writes one of them, the query is reasoned and embedded in that one forward (as in direct mode),
+    with the plain path's CoT and embedding; the hit is counted for that draft."""
+    q = QUERIES[:1]  # "a device for pulling corks"
+    model, _ = steered(lively, q[0], cot)
+    model.engine.draft_hits.clear()
+    assert model.generate_cots(q, fast=False) == [cot]
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == [cot] and len(widths) == 1
+    assert {k: list(v) for k, v in model.engine.draft_hits.items()} == {1: [words == 1], 2: [words == 2]}
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def test_word_drafts_that_keep_missing_are_tried_only_to_explore(lively, monkeypatch):
+    """Drafts that miss stop being run once their hit rate (prior 1/2) no longer pays for their
+    tokens; every `EXPLORE_EVERY`-th query tries them again. The CoTs stay the plain path's."""
+    q = QUERIES[:1]
+    model, seq = steered(lively, q[0], "device")  # a word of the query, but not its last ones
+    engine = model.engine
+    engine.draft_hits.clear()
+    engine.n_drafted = 0
+    widths = forward_widths(monkeypatch)
+    drafted = []
+    for _ in range(2 * engine.EXPLORE_EVERY):
+        widths.clear()
+        assert model.encode_queries(q, mode="reason").cots == ["device"]
+        drafted.append(widths[0] > len(seq) - len(model.template_prefixes()[0]))
+    every = engine.EXPLORE_EVERY
+    assert drafted[0] and not any(drafted[every : 2 * every - 1]) and drafted[every - 1] and drafted[2 * every - 1]
+    assert not any(hit for tries in engine.draft_hits.values() for hit in tries)
