@@ -163,8 +163,7 @@ def main(args) -> dict:
               ("auto", "auto", slices["auto"]), ("reason-warm", "reason", slices["reason"]),
               ("auto-warm", "auto", slices["auto"])]
     sets = [f"max_batch={args.max_batch}", f"max_wait_ms={args.max_wait_ms}", f"router_share={args.router_share}",
-            f"router_margin={args.router_margin}", f"request_timeout_s={args.max_seconds + 30}",
-            f"continuous={'false' if args.static else 'true'}"]
+            f"router_margin={args.router_margin}", f"request_timeout_s={args.max_seconds + 30}"]
     port, out = free_port(), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     server_log = Path(tempfile.gettempdir()) / f"lrem_serve_load_{port}.log"
@@ -205,9 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="Concurrent clients.")
     p.add_argument("--max-seconds", type=float, default=120.0, help="Time limit per phase.")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=32, help="The server's max_batch (its default).")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--static", action="store_true", help="Static batches for reasoning (continuous=false).")
     p.add_argument("--router-share", type=float, default=0.3, help="Reasoning budget of auto mode (0: fixed margin).")
     p.add_argument("--router-margin", type=float, default=0.0,
                    help="Fixed margin (also used until the budget has seen 20 queries; 0: reason none then).")

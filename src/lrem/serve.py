@@ -2,7 +2,7 @@
 
     from lrem.search import Searcher
     from lrem.serve import ServeConfig, create_app
-    app = create_app(Searcher.load("runs/idx"), ServeConfig(max_batch=16))
+    app = create_app(Searcher.load("runs/idx"), ServeConfig(max_batch=32))
     # uvicorn.run(app, host="127.0.0.1", port=8000); then:
     # curl -H 'content-type: application/json' -d '{"query": "a drink stronger than tea", "k": 5}' \
     #      localhost:8000/search
