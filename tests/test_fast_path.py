@@ -149,6 +149,41 @@ def test_blocked_linear_equals_f_linear(rows, bias):
         torch.testing.assert_close(Linear(mod, parts)(x), mod(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (32, False), (40, True)])
+def test_bfloat16_linear_runs_packed_weights_as_f_linear(rows, bias):
+    """Bfloat16 CPU weights are also kept in oneDNN's packed layout, used for up to MAX_ROWS rows
+    outside autograd: the same products as F.linear; under autograd F.linear runs (gradients flow)."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(64, 101, bias=bias).to(torch.bfloat16)
+    lin = Linear(mod, 2)
+    if lin.packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, mod.weight, mod.bias))
+    lin(x).float().sum().backward()
+    assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
+
+
+def test_packed_weights_follow_weight_updates(tiny_dir):
+    """The packed copy of bfloat16 weights does not follow in-place updates, so the engine rebuilds
+    it with its other caches when the weights change (an optimizer step): a query embedded through
+    the compact decoder after the update is the plain path's."""
+    model = LREM.from_pretrained(str(tiny_dir), dtype="bfloat16")
+    q = QUERIES[:1]
+    first = model.encode_queries(q, mode="direct").embeddings
+    layers, _ = model.engine.cache["linears"][torch.get_num_threads()]
+    if layers[0]["q_proj"].packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            p.mul_(1.5)
+    second = model.encode_queries(q, mode="direct").embeddings
+    ref = model.engine.embed_texts(model.query_texts(q, [""]), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(second, ref, atol=2e-2)
+    assert np.abs(second - first).max() > 0.1  # the update did change the embedding
+
+
 def test_lookup_draft_takes_the_latest_longest_match():
     import doctest
 
