@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrem.decoding import Linear, StaticDecoder, lookup_draft
+from lrem.decoding import Linear, StaticDecoder, block_linears, lookup_draft
 from lrem.model import LREM
 
 QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea", "La Mer dupe",
@@ -166,15 +166,17 @@ def test_bfloat16_linear_runs_packed_weights_as_f_linear(rows, bias):
 
 
 def test_packed_weights_follow_weight_updates(tiny_dir):
-    """The packed copy of bfloat16 weights does not follow in-place updates, so the engine rebuilds
-    it with its other caches when the weights change (an optimizer step): a query embedded through
-    the compact decoder after the update is the plain path's."""
+    """The packed copy of bfloat16 weights does not follow in-place updates, so it is made again
+    when the weights change (an optimizer step) and the engine rebuilds its caches: a query
+    embedded through the compact decoder after the update is the plain path's."""
     model = LREM.from_pretrained(str(tiny_dir), dtype="bfloat16")
     q = QUERIES[:1]
     first = model.encode_queries(q, mode="direct").embeddings
     layers, _ = model.engine.cache["linears"][torch.get_num_threads()]
     if layers[0]["q_proj"].packed is None:
         pytest.skip("this torch build has no oneDNN linear")
+    # one packed copy per weight, whatever the thread count the views are made for
+    assert block_linears(model.lm, 1)[0][0]["q_proj"].packed is block_linears(model.lm, 3)[0][0]["q_proj"].packed
     with torch.no_grad():
         for p in model.lm.parameters():
             p.mul_(1.5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +106,29 @@ class Linear:
         return out if self.bias is None else out + self.bias
 
 
+_PACKED: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (its state, packed copy), while it lives
+
+
 def packed_weight(w: torch.Tensor) -> torch.Tensor | None:
     """A bfloat16 CPU weight (N, K) in oneDNN's packed layout for `mkldnn._linear_pointwise`, or
-    None where that does not apply (another dtype or device, or a build without oneDNN)."""
+    None where that does not apply (another dtype or device, or a build without oneDNN). Kept
+    per weight while it lives and is unchanged (address, version): `block_linears` for another
+    thread count (a teacher adapts its threads to the load) shares it instead of packing again."""
     if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
+    state = (w.data_ptr(), w._version, tuple(w.shape))
+    kept = _PACKED.get(id(w))
+    if kept is not None and kept[0] == state:
+        return kept[1]
     try:
         with torch.no_grad():
-            return torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
     except (RuntimeError, AttributeError):  # an op this build lacks: plain F.linear
         return None
+    if kept is None:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    _PACKED[id(w)] = (state, packed)
+    return packed
 
 
 def kv_cache(lm, pairs):
