@@ -87,7 +87,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.w.shape[1]
-        if self.packed is not None and x.shape[:-1].numel() <= self.MAX_ROWS and not (
+        if self.packed is not None and x.dtype == self.w.dtype and x.shape[:-1].numel() <= self.MAX_ROWS and not (
                 torch.is_grad_enabled() and self.w.requires_grad):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
         if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
