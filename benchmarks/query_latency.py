@@ -78,7 +78,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
             # drafts may come from recent CoTs (`engine.history`): those of the other queries (as a
             # server has seen), restored before each call so no timed query drafts from its own
             model.engine.history.clear()
-            model.generate_cots(QUERIES[n_single:], batch_size=8)
+            if QUERIES[n_single:]:  # --n-single of all the queries: no history
+                model.generate_cots(QUERIES[n_single:], batch_size=8)
             seen = list(model.engine.history)
             per: dict[str, list[float]] = {}
             for q in QUERIES[:n_single]:
