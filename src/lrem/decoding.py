@@ -87,10 +87,11 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.w.shape[1]
-        if self.packed is not None and x.dtype == self.w.dtype and x.shape[:-1].numel() <= self.MAX_ROWS and not (
+        few = x.numel() <= self.MAX_ROWS * k  # up to MAX_ROWS rows of x
+        if self.packed is not None and few and x.dtype == self.w.dtype and not (
                 torch.is_grad_enabled() and self.w.requires_grad):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-        if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
+        if self.parts < 2 or not few:
             return F.linear(x, self.w, self.bias)
         x2 = x.reshape(-1, k)  # (M, K)
         if len(x2) <= self.TRANSPOSED_ROWS:
