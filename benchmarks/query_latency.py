@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import time
 from pathlib import Path
@@ -74,29 +75,31 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
     """Seconds per batch for each variant and batch size, plus the equality checks."""
     rows, checks = [], {}
     for b in batches:
-        if b == 1:  # latency: each query alone, variants in turns, median over queries
+        if b == 1:  # latency: each query alone, variants in turns, median (and mean) over queries
             # drafts may come from recent CoTs (`engine.history`): those of the other queries (as a
-            # server has seen), restored before each call so no timed query drafts from its own
+            # server has seen), set before each call so no timed query drafts from its own
             model.engine.history.clear()
-            if QUERIES[n_single:]:  # --n-single of all the queries: no history
-                model.generate_cots(QUERIES[n_single:], batch_size=8)
-            seen = list(model.engine.history)
+            model.generate_cots(QUERIES, batch_size=8)
+            seen = list(model.engine.history)  # one entry per query, in order (none where vLLM generates)
             per: dict[str, list[float]] = {}
-            for q in QUERIES[:n_single]:
+            for i, q in enumerate(QUERIES[:n_single]):
                 fns = variants(model, [q])
                 for k, fn in fns.items():
                     if k not in per:
                         fn()  # warm-up, each variant before its first timing
                     model.engine.history.clear()
-                    model.engine.history.extend(seen)
+                    model.engine.history.extend(seen[:i] + seen[i + 1 :] if len(seen) == len(QUERIES) else [])
                     per.setdefault(k, []).append(seconds(fn))
             t = {k: statistics.median(v) for k, v in per.items()}
+            means = {k: statistics.mean(v) for k, v in per.items()}
         else:
             qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
             # on a GPU the first call of a batch size captures its CUDA graph: keep it out of the timing
             t = interleaved(variants(model, qs), repeat=repeat, warmup=model.device.type == "cuda")
+            means = {}
         for k, s in t.items():
-            rows.append({"batch": b, "variant": k, "ms/query": 1000 * s / b, "queries/s": b / s, "seconds": s})
+            rows.append({"batch": b, "variant": k, "ms/query": 1000 * s / b, "queries/s": b / s, "seconds": s,
+                         **({"mean ms/query": 1000 * means[k]} if k in means else {})})
         qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
         fast, plain = model.generate_cots(qs, batch_size=b), model.generate_cots(qs, batch_size=b, fast=False)
         enc = model.encode_queries(qs, mode="reason", batch_size=b)
@@ -109,6 +112,7 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
                         if "generate (no lookup)" in t else {}),
                      "reason_speedup": t["reason (plain)"] / t["reason"],
                      "reason_over_direct": t["reason"] / t["direct"],
+                     **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      "paper_reason_over_direct": round(PAPER_REASON_OVER_DIRECT, 2)}
     return {"rows": rows, "checks": checks, **batch1_floor(model, rows, QUERIES[:n_single])}
 
@@ -160,7 +164,7 @@ def qwen3b_like(device: str = "cuda"):
 
 def report(name: str, out: dict) -> None:
     print(f"\n## {name}")
-    print(table(out["rows"], ["batch", "variant", "ms/query", "queries/s"]))
+    print(table(out["rows"], ["batch", "variant", "ms/query", "mean ms/query", "queries/s"]))
     if out.get("batch1_generate_of_floor"):
         print(f"batch 1 generate floor: {out['batch1_tokens_per_query']:.1f} tokens x "
               f"{out['weights_read_per_step_MB']:.0f} MB at {out['read_GBps']:.1f} "
@@ -171,7 +175,8 @@ def report(name: str, out: dict) -> None:
         nl = (f" ({c['generate_speedup_prompt_drafts']:.2f}x with prompt drafts only, "
               f"{c['generate_speedup_no_lookup']:.2f}x without drafts)" if "generate_speedup_no_lookup" in c else "")
         print(f"batch {b}: generate fast/plain speedup {c['generate_speedup']:.2f}x{nl}, reason speedup "
-              f"{c['reason_speedup']:.2f}x, reason/direct {c['reason_over_direct']:.2f}x "
+              f"{c['reason_speedup']:.2f}x, reason/direct {c['reason_over_direct']:.2f}x"
+              + (f" (of means {c['reason_over_direct_mean']:.2f}x)" if "reason_over_direct_mean" in c else "") + " "
               f"(paper {c['paper_reason_over_direct']}x), same CoTs {c['same_cots']}, "
               f"max |emb diff| {c['max_abs_embedding_diff']:.1e}")
 
@@ -181,8 +186,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 32, 256])
-    ap.add_argument("--n-single", type=int, default=16,
-                    help="queries timed one by one at batch 1 (the other queries' CoTs are the drafts' history)")
+    ap.add_argument("--n-single", type=int, default=len(QUERIES),
+                    help="queries timed one by one at batch 1 (each drafts from the other queries' CoTs)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part even where a GPU is present")
@@ -205,7 +210,10 @@ def main() -> None:
         report(f"GPU ({torch.cuda.get_device_name()}), Qwen2.5-3B-shaped, bfloat16, fast engine: {engine}",
                results["gpu"])
     name = "query_latency" if args.model == ap.get_default("model") else f"query_latency-{Path(args.model).name}"
-    write(name, {"machine": info, **results, "wall_seconds": round(time.perf_counter() - t0, 1)})
+    end_load = round(os.getloadavg()[0], 2)
+    print(f"load average (1 min): {info['load_average_1m']} at the start, {end_load} at the end")
+    write(name, {"machine": {**info, "load_average_1m_end": end_load}, **results,
+                 "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

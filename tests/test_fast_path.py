@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrem.decoding import Linear, StaticDecoder, block_linears, lookup_draft
+from lrem.decoding import Fused, Linear, StaticDecoder, block_linears, lookup_draft
 from lrem.model import LREM
 
 QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea", "La Mer dupe",
@@ -165,6 +165,25 @@ def test_bfloat16_linear_runs_packed_weights_as_f_linear(rows, bias):
     assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows,bias", [(1, False), (7, True), (40, True)])
+def test_fused_products_are_each_linears(rows, bias):
+    """A layer's q, k and v projections (with Qwen2's biases, or none) run as one packed product
+    for up to MAX_ROWS rows: each output is that `Linear`'s own, bit for bit; above it, and under
+    autograd, each runs apart (gradients flow)."""
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(64, n, bias=bias).to(torch.bfloat16) for n in (96, 32, 32)]
+    fused = Fused([Linear(m, 2, pack=False) for m in mods])
+    if fused.packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for out, m in zip(fused(x), mods):
+            assert out.shape == (1, rows, m.out_features)
+            assert torch.equal(out, Linear(m, 2)(x))
+    sum(out.float().sum() for out in fused(x)).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in mods)
+
+
 def test_packed_weights_follow_weight_updates(tiny_dir):
     """The packed copy of bfloat16 weights does not follow in-place updates, so it is made again
     when the weights change (an optimizer step) and the engine rebuilds its caches: a query
@@ -173,10 +192,12 @@ def test_packed_weights_follow_weight_updates(tiny_dir):
     q = QUERIES[:1]
     first = model.encode_queries(q, mode="direct").embeddings
     layers, _ = model.engine.cache["linears"][torch.get_num_threads()]
-    if layers[0]["q_proj"].packed is None:
+    if layers[0]["o_proj"].packed is None:
         pytest.skip("this torch build has no oneDNN linear")
-    # one packed copy per weight, whatever the thread count the views are made for
-    assert block_linears(model.lm, 1)[0][0]["q_proj"].packed is block_linears(model.lm, 3)[0][0]["q_proj"].packed
+    # one packed copy per weight (or fused product), whatever the thread count the views are made for
+    one, three = block_linears(model.lm, 1)[0][0], block_linears(model.lm, 3)[0][0]
+    assert one["o_proj"].packed is three["o_proj"].packed and one["qkv"].packed is three["qkv"].packed
+    assert one["q_proj"].packed is None  # its product runs in the fused one: no second packed copy
     with torch.no_grad():
         for p in model.lm.parameters():
             p.mul_(1.5)
