@@ -372,6 +372,7 @@ def test_single_query_closes_before_or_after_its_drafts(lively, monkeypatch, cot
     embedding is the plain path's."""
     q = QUERIES[:1]  # "a device for pulling corks"
     model, seq = steered(lively, q[0], cot)
+    model.engine.config.word_drafts = 0  # the drafts after the first CoT token alone (not in the prefill)
     assert model.generate_cots(q, fast=False) == [cot]
     widths = forward_widths(monkeypatch)
     enc = model.encode_queries(q, mode="reason")
@@ -536,3 +537,49 @@ def test_generate_prefix_cache_stays_bounded_and_exact(lively):
         assert generate(m.lm, seqs, 4, stop, pad, prefix_cache=cache) == generate(m.lm, seqs, 4, stop, pad)
         assert len(cache) <= PREFIX_CACHE_SIZE
     assert len(cache) == PREFIX_CACHE_SIZE
+
+
+@pytest.mark.parametrize("cot,where,drafts", [("device", "first", 3), ("corks", "last", 3),
+                                              ("pulling corks", "last two", 4)])
+def test_single_query_whose_cot_is_one_of_its_words_reasons_in_its_prefill_forward(lively, monkeypatch, cot, where,
+                                                                                   drafts):
+    """A single query's prefill forward also runs its words at `WORD_POSITIONS` (up to
+    `word_drafts` of them), each followed by the full text's closing tokens, as drafted CoTs
+    beside the prompt: where the model writes one of them, the query is reasoned and embedded in
+    that one forward (as in direct mode), with the plain path's CoT and embedding; the hit is
+    counted for that word's position, a miss for the others drafted."""
+    q = QUERIES[:1]  # "a device for pulling corks": first content word "device", then "pulling"; last "corks"
+    model, _ = steered(lively, q[0], cot)
+    model.engine.config.word_drafts = drafts
+    model.engine.draft_hits.clear()
+    assert model.generate_cots(q, fast=False) == [cot]
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == [cot] and len(widths) == 1
+    tried = model.engine.WORD_POSITIONS[:drafts]
+    assert {k: list(v) for k, v in model.engine.draft_hits.items()} == {
+        k: [k == where] if k in tried else [] for k in model.engine.WORD_POSITIONS}
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def test_word_drafts_that_keep_missing_are_tried_only_to_explore(lively, monkeypatch):
+    """Drafts that miss stop being run once the hit rate of their positions (prior 1/2) no longer
+    pays for their tokens (a position not yet tried then gets its turn); every `EXPLORE_EVERY`-th
+    query tries them all again. The CoTs stay the plain path's."""
+    q = QUERIES[:1]
+    model, seq = steered(lively, q[0], "opener")  # no word of the query
+    engine = model.engine
+    engine.draft_hits.clear()
+    engine.n_drafted = 0
+    widths = forward_widths(monkeypatch)
+    drafted = []
+    every = engine.EXPLORE_EVERY
+    for _ in range(3 * every):
+        widths.clear()
+        assert model.encode_queries(q, mode="reason").cots == ["opener"]
+        drafted.append(widths[0] > len(seq) - len(model.template_prefixes()[0]))
+    assert drafted[0] and not any(drafted[2 * every : 3 * every - 1])
+    assert all(drafted[k * every - 1] for k in (1, 2, 3))  # exploring
+    assert all(len(engine.draft_hits[k]) > 0 for k in engine.WORD_POSITIONS)  # each position had its turn
+    assert not any(hit for tries in engine.draft_hits.values() for hit in tries)

@@ -489,6 +489,47 @@ def prefill(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tu
     return step.logits(step.run(ids, pos, n)[:, -1]), pos[:, -1], w
 
 
+def prefill_tree(step: GreedyStep, n: int, kv, seq: list[int], branches: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """`prefill` for one sequence, with `branches` (drafted continuations: token lists) run in the
+    same forward after its suffix `seq[n:]`. Each branch attends to the prompt and to its own
+    earlier tokens only, at the positions it would have right after the prompt, so its hidden
+    states are those of the prompt followed by it. Returns (hidden states (T, D): the suffix's W,
+    then each branch's in order; W); the branches fill the slots after the suffix's."""
+    suf, dev = seq[n:], step.mask.device
+    w, total = len(suf), sum(len(b) for b in branches)
+    step.reset(kv, n)
+    step.mask[:, n : n + w + total] = 1
+    attend = torch.zeros(w + total, n + w + total, dtype=torch.bool, device=dev)  # (T, end)
+    attend[:, : n + w] = True  # the prefix and the suffix, causal within the suffix (below)
+    attend[:w, n : n + w] = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
+    pos, at = list(range(n, n + w)), w
+    for b in branches:
+        attend[at : at + len(b), n + at : n + at + len(b)] = torch.ones(len(b), len(b), dtype=torch.bool,
+                                                                           device=dev).tril()
+        pos += range(n + w, n + w + len(b))
+        at += len(b)
+    h = step.run(torch.tensor([suf + [t for b in branches for t in b]], device=dev),
+                 torch.tensor([pos], device=dev), n, attend=attend[None])
+    return h[0], w
+
+
+def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list[int], max_new: int, close
+                 ) -> list[int] | None:
+    """Whether the model writes `draft` as its CoT and stops where `tail` (the full text's closing
+    tokens after it, up to `<emb>`) begins, `picks[i]` being its pick where token i of draft +
+    tail was fed (picks[0]: after the prompt): the generated ids (up to the stop) if so, and if
+    the full text after them is exactly the rest of tail (`close`, as in `lookup_decode`); None
+    if not. Closing tokens the model picks itself (" " before `</think>`) are part of the CoT."""
+    a = agreed(draft, picks, stop)
+    if a < len(draft):
+        return None
+    j = agreed(tail, picks[a:], stop, max_new - a - 1)
+    if picks[a + j] not in stop:
+        return None
+    done = draft + tail[:j]
+    return done + [picks[a + j]] if close(done)[:2] == (len(done), tail[j:]) else None
+
+
 def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
            pad: int, pick=None) -> list[list[int]]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),

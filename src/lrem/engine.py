@@ -7,7 +7,8 @@
 
 It owns what the fast paths keep between calls: the KV of the prompt prefix every query (or
 item) shares, the decode steps (CUDA graphs) and blocked weight views, all valid for one state
-of the weights; the recent greedy CoTs that draft single queries; and the back-end choice,
+of the weights; the recent greedy CoTs that draft single queries, and how often each position's
+word drafted in a query's prefill was its CoT (`draft_hits`); and the back-end choice,
 made once from an `EngineConfig`: the compact CPU decoder (`lrem.decoding.StaticDecoder`),
 transformers' decoder over a `StaticCache` (captured in a CUDA graph on a GPU), or vLLM. The
 decode loops themselves are functions in `lrem.decoding` (gpt-fast style); `LREM.encode_*`,
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, common_prefix_len, decode, kv_cache,
-                       lookup_decode, prefill, prefix_kv, sample_top_p)
+from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, check_branch, common_prefix_len, decode,
+                       kv_cache, lookup_decode, prefill, prefill_tree, prefix_kv, sample_top_p)
 
 if TYPE_CHECKING:
     from .model import LREM
@@ -66,6 +67,12 @@ class EngineConfig:
     # ("The product search intent is: ..."), as SuffixDecoding (Oliaro et al., 2024) uses for
     # repeated agent outputs. Drafts are checked, so outputs stay greedy. 0: the prompt only
     history: int = 32
+    # a single query's prefill forward also runs up to this many of its words as drafted CoTs, each
+    # followed by the closing tokens: where the model writes one of them (a trained model's CoT often
+    # copies the query's head noun: "a device for pulling corks" -> "device", "salon chair" -> "chair"),
+    # the query is reasoned and embedded in that one forward, as in direct mode. Which words: those at
+    # the positions (`WORD_POSITIONS`) whose drafts hit most often lately. 0: off
+    word_drafts: int = 3
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
     vllm: bool = True  # generate with vLLM where installed and the model is on CUDA (LREM_VLLM=0: off)
     vllm_memory: float = 0.3  # the GPU memory share vLLM takes (LREM_VLLM_MEMORY)
@@ -77,12 +84,16 @@ class EngineConfig:
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
 
 
-def split_width(lengths: list[int], row_cost: float = 37.0) -> int:
+# a forward's weight reading in row-tokens (~30 ms against ~0.8 ms a row-token for the 135M model on
+# this CPU): what an extra forward costs against running more tokens in one
+ROW_COST = 37.0
+
+
+def split_width(lengths: list[int], row_cost: float = ROW_COST) -> int:
     """How many tokens of each row's closing tail the first `_embed_after` forward runs; rows with
     longer tails run the rest alone in a second (a CoT whose first tokens retokenize differently
     re-runs whole: 4-9 tokens where most rows need 3). The cost of a forward is modelled as
-    `row_cost` (its weight reading, in row-tokens: ~30 ms against ~0.8 ms a row-token for the
-    135M model on this CPU) plus its rows x width.
+    `row_cost` (`ROW_COST`) plus its rows x width.
 
     >>> split_width([3] * 31 + [9]), split_width([3, 3, 3, 9]), split_width([5])
     (3, 9, 5)
@@ -105,12 +116,24 @@ class QueryEngine:
     """
 
     HISTORY_CONTEXT = 3  # prompt tokens kept before each CoT in `history` (the CoT's first n-grams)
+    EXPLORE_EVERY = 8  # every so many single queries try all word drafts, whatever their recent hit rate
+    # where a single query's CoT may be one of its words (`_word_drafts`): its first and second content
+    # word, its last word, its last two. Measured on the shipped model's CoTs: a definition's first
+    # content word for 53 of 80 WordNet queries ("a device for ..."), the last word for 22 of 64 WANDS
+    # keyword queries ("salon chair"), the first or second content word for 23 of 32 shop questions
+    WORD_POSITIONS = ("first", "second", "last", "last two")
+    # words skipped when counting content words: English articles, prepositions, pronouns and the like
+    FUNCTION_WORDS = frozenset("a an the of for to in on at by with from into as and or but not no is are was be "
+                               "that which who whom whose what when where how does do can i my me you your it "
+                               "its this these those some something someone any".split())
 
     def __init__(self, model: "LREM", config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig.from_env()
         self.cache: dict = {}  # valid for one `_weights_key`
         self.history: collections.deque[list[int]] = collections.deque(maxlen=self.config.history)
+        self.draft_hits: dict[str, collections.deque[bool]] = {}  # word position -> hits of its recent 16 tries
+        self.n_drafted = 0  # single queries `_word_drafts` was asked for
         self._local = threading.local()  # `same_weights`' pinned cache, per thread
 
     def __getstate__(self):
@@ -359,13 +382,14 @@ class QueryEngine:
         n, kv = self.shared_prefix(seqs)
         sufs = [x[n:] for x in seqs]
         # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
-        length = n + max(len(x) for x in sufs) + 2 * max_new + 8
+        close = None if texts is None else self._closer(seqs, texts, candidates)
+        drafts = self._word_drafts(texts[0], close) if close is not None and pick is None else []
+        length = n + max(len(x) for x in sufs) + 2 * max_new + 8 + sum(len(d) + len(t) for _, d, t in drafts)
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self.step(len(seqs), length)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            close = None if texts is None else self._closer(seqs, texts, candidates)
-            gen, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close)
+            gen, first, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
@@ -375,7 +399,7 @@ class QueryEngine:
                                    add_special_tokens=False)["input_ids"]
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
-            return cots, self._embed_after(step, used, seqs, gen, full, stop)
+            return cots, self._embed_after(step, first, used, seqs, gen, full, stop)
 
     def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
         """For one query, `close(gen)` (`lookup_decode` drafts with it): how its full text
@@ -409,28 +433,87 @@ class QueryEngine:
 
         return close
 
+    def _word_drafts(self, text: str, close) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
+        """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
+        at `WORD_POSITIONS`, each as (its positions, CoT tokens, the full text's closing tokens
+        after them), where its full text reads them as drafted and the draft pays: the recent hit
+        rate of its positions (`draft_hits`, prior 1/2) times a saved forward (`ROW_COST` tokens)
+        at least its tokens; the likeliest first. Why: each drafted token costs ~1/40 of the
+        forward a hit saves, and which word the CoT copies depends on the queries' form (a
+        definition's head noun comes first, a keyword query's last). Every `EXPLORE_EVERY`-th query
+        tries them all."""
+        words = [w.strip(",.;:!?\"()") for w in text.split()]
+        words = [w for w in words if w]
+        content = [w for w in words if w.lower() not in self.FUNCTION_WORDS]
+        at = {"first": content[:1], "second": content[1:2], "last": words[-1:],
+              "last two": words[-2:] if len(words) > 2 else []}
+        phrases: dict[str, list[str]] = {}
+        for where in self.WORD_POSITIONS:
+            if at[where]:
+                phrases.setdefault(" ".join(at[where]), []).append(where)
+        self.n_drafted += 1
+        explore = self.n_drafted % self.EXPLORE_EVERY == 0
+        out = []
+        for phrase, where in phrases.items():
+            draft = self.model.tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]
+            keep, toks, _ = close(draft)
+            if toks is None or keep != len(draft) or len(draft) >= self.model.config.cot_max_tokens:
+                continue
+            tries = [self.draft_hits.setdefault(w, collections.deque(maxlen=16)) for w in where]
+            rate = max((sum(t) + 1) / (len(t) + 2) for t in tries)
+            if explore or rate * ROW_COST >= len(draft) + len(toks):
+                out.append((rate, tuple(where), draft, toks))
+        out.sort(key=lambda d: -d[0])
+        return [d[1:] for d in out[: self.config.word_drafts]]
+
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
-             stop: list[int], pick=None, close=None) -> tuple[list[list[int]], int, torch.Tensor | None]:
+             stop: list[int], pick=None, close=None, drafts=()
+             ) -> tuple[list[list[int]], int, int, torch.Tensor | None]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
-        then one slot per generated token. Returns the generated ids, the number of cache slots
-        filled, and the last hidden state of the closing tokens where `lookup_decode` ran them
-        (else None). `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample
-        (`sample_cots`). A single greedy query on the compact decoder takes drafts from its
-        prompt and `history`, and `close` (`_closer`)."""
+        then one slot per generated token. Returns the generated ids, the slot of the first one
+        fed, the number of cache slots filled, and the last hidden state of the closing tokens
+        where they ran while decoding (else None). `pick` (logits (B, V) -> ids (B,)) replaces
+        argmax, e.g. to sample (`sample_cots`). A single greedy query on the compact decoder takes
+        drafts from its prompt and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT,
+        closing tokens), see `_word_drafts`) run in the prefill forward itself (`prefill_tree`)."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
-        logits, last, w = prefill(step, n, kv, seqs, pad)
+        single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
+        slot = None
+        if single and drafts:
+            hs, w = prefill_tree(step, n, kv, seqs[0], [d + t for _, d, t in drafts])
+            logits, last = step.logits(hs[w - 1])[None], torch.tensor([n + w - 1])
+            tok, at = int(logits.argmax(-1)), w
+            for j, (where, d, t) in enumerate(drafts):
+                gen = None
+                if d[0] == tok:  # the model's first CoT token: check the rest of this draft
+                    picks = [tok, *step.logits(hs[at : at + len(d) + len(t) - 1]).argmax(-1).tolist()]
+                    gen = check_branch(d, t, picks, stop, max_new, close)
+                for key in where:
+                    self.draft_hits[key].append(gen is not None)
+                if gen is not None:
+                    for rest, _, _ in drafts[j + 1 :]:  # the other drafts were not the CoT
+                        for key in rest:
+                            self.draft_hits[key].append(False)
+                    self._remember(seqs, [gen], stop)
+                    end = at + len(d) + len(t)
+                    return [gen + [pad] * (max_new - len(gen))], n + at, n + end, hs[end - 1]
+                at += len(d) + len(t)
+            slot = n + len(hs)
+            step.mask[:, n + w : slot] = 0  # no draft was the CoT: decode after their slots
+        else:
+            logits, last, w = prefill(step, n, kv, seqs, pad)
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
-        if len(seqs) == 1 and pick is None and step.compact is not None and k > 0:
+        if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
-            gen, used, h = lookup_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past,
-                                         close)
+            gen, used, h = lookup_decode(step, seqs[0], int(tok), slot or n + w, int(last[0]) + 1, max_new, stop, k,
+                                         past, close)
             self._remember(seqs, [gen], stop)
-            return [gen + [pad] * (max_new - len(gen))], used, h
+            return [gen + [pad] * (max_new - len(gen))], slot or n + w, used, h
         gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
         if pick is None:
             self._remember(seqs, gen, stop)
         used = n + w + max(len(g) for g in gen) - 1  # slots filled
-        return [row + [pad] * (max_new - len(row)) for row in gen], used, None
+        return [row + [pad] * (max_new - len(row)) for row in gen], n + w, used, None
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
@@ -439,14 +522,15 @@ class QueryEngine:
             ends = [next((i + 1 for i, t in enumerate(g) if t in stop), len(g)) for g in gen]
             self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
 
-    def _embed_after(self, step: GreedyStep, used: int, seqs: list[list[int]], gen: list[list[int]],
+    def _embed_after(self, step: GreedyStep, g0: int, used: int, seqs: list[list[int]], gen: list[list[int]],
                      full: list[list[int]], stop: list[int]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
-        over the first `used` cache slots `_run` filled: the prompt's KV is reused, and so is that
-        of the generated tokens each CoT starts with, up to its stop id (a stopped row is not always
-        run again: `decode` runs the others alone); the rest (at least `<emb>`) is run in new slots,
-        so each token keeps the position it has in the plain path."""
-        g0, dev = max(len(x) for x in seqs), self.model.device  # g0: first generated slot
+        over the first `used` cache slots `_run` filled (the generated tokens from slot `g0`): the
+        prompt's KV is reused, and so is that of the generated tokens each CoT starts with, up to
+        its stop id (a stopped row is not always run again: `decode` runs the others alone); the
+        rest (at least `<emb>`) is run in new slots, so each token keeps the position it has in
+        the plain path."""
+        dev = self.model.device
         fed = [min(used - g0, next((i for i, t in enumerate(g) if t in stop), len(g))) for g in gen]
         keep = [common_prefix_len([f[len(x):], g[:m] + [-1]]) for x, g, f, m in zip(seqs, gen, full, fed)]
         pad = self.model.tokenizer.pad_token_id
