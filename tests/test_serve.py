@@ -408,6 +408,34 @@ def test_batcher_groups_by_kind_and_isolates_a_failing_text():
     assert ("direct", ["a"]) in calls and ("direct", ["bb"]) in calls and ("direct", ["bad"]) in calls
 
 
+def test_batcher_waits_for_company_only_after_a_call_of_several_texts():
+    """A lone text after a call of one (no load) runs at once; after a call of several (load),
+    the next call waits up to max_wait for others: a text that arrives 0.3 s later joins it."""
+    calls = []
+
+    def encode(kind, texts):
+        calls.append(sorted(texts))
+        return [""] * len(texts), np.zeros((len(texts), 1), dtype=np.float32)
+
+    async def lone_then_late(batcher, first, second):
+        task = asyncio.ensure_future(batcher.submit("direct", first))
+        await asyncio.sleep(0.3)
+        await asyncio.gather(task, batcher.submit("direct", second))
+
+    async def run():
+        batcher = Batcher(encode, max_batch=2, max_wait_ms=5000, max_queue=100)
+        batcher.start()
+        try:
+            await lone_then_late(batcher, "a", "b")  # idle: "a" runs alone, then "b" alone
+            await asyncio.gather(batcher.submit("direct", "c"), batcher.submit("direct", "d"))  # a call of two
+            await lone_then_late(batcher, "e", "f")  # under load: "e" waits, and "f" joins it
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    assert calls[:2] == [["a"], ["b"]] and ["c", "d"] in calls and calls[-1] == ["e", "f"]
+
+
 def test_cache_is_a_bounded_lru_and_ignores_another_models_file(tmp_path):
     cache = EmbeddingCache(max_entries=2)
     vec = lambda x: np.full(4, x, dtype=np.float32)  # noqa: E731

@@ -23,7 +23,8 @@ class ServeConfig:
     # 32: at 32 clients, reasoning served 21.1-21.6 queries/s against 16.2-18.7 at 16 (direct 37-40 vs 33-43);
     # fewer forwards per query, where a forward's base cost is ~45 row-tokens on a 2-core CPU
     max_batch: int = field(default=32, metadata={"help": "Most texts run through the model in one call."})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch's first text waits for others."})
+    max_wait_ms: float = field(default=5.0, metadata={
+        "help": "How long a batch's first text waits for others (only after a call of several texts: under load)."})
     max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
     # Cache
     cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
