@@ -441,7 +441,9 @@ class QueryEngine:
         at least its tokens; the likeliest first. Why: each drafted token costs ~1/40 of the
         forward a hit saves, and which word the CoT copies depends on the queries' form (a
         definition's head noun comes first, a keyword query's last). Every `EXPLORE_EVERY`-th query
-        tries them all."""
+        tries them whatever their hit rate, the least tried first."""
+        if not self.config.word_drafts:
+            return []
         words = [w.strip(",.;:!?\"()") for w in text.split()]
         words = [w for w in words if w]
         content = [w for w in words if w.lower() not in self.FUNCTION_WORDS]
@@ -462,8 +464,8 @@ class QueryEngine:
             tries = [self.draft_hits.setdefault(w, collections.deque(maxlen=16)) for w in where]
             rate = max((sum(t) + 1) / (len(t) + 2) for t in tries)
             if explore or rate * ROW_COST >= len(draft) + len(toks):
-                out.append((rate, tuple(where), draft, toks))
-        out.sort(key=lambda d: -d[0])
+                out.append(((min(len(t) for t in tries) if explore else 0, -rate), tuple(where), draft, toks))
+        out.sort(key=lambda d: d[0])
         return [d[1:] for d in out[: self.config.word_drafts]]
 
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
