@@ -78,7 +78,7 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
         if b == 1:  # latency: each query alone, variants in turns, median (and mean) over queries
             # drafts may come from recent CoTs (`engine.history`): those of the other queries (as a
             # server has seen), set before each call so no timed query drafts from its own
-            model.engine.history.clear()
+            model.engine.history = collections.deque(maxlen=max(len(QUERIES), model.engine.config.history))
             model.generate_cots(QUERIES, batch_size=8)
             seen = list(model.engine.history)  # one entry per query, in order (none where vLLM generates)
             per: dict[str, list[float]] = {}

@@ -408,8 +408,8 @@ def test_batcher_groups_by_kind_and_isolates_a_failing_text():
     assert ("direct", ["a"]) in calls and ("direct", ["bb"]) in calls and ("direct", ["bad"]) in calls
 
 
-def test_batcher_waits_for_company_only_after_a_call_of_several_texts():
-    """A lone text after a call of one (no load) runs at once; after a call of several (load),
+def test_batcher_waits_for_company_only_after_a_batch_of_several_texts():
+    """A lone text after a batch of one (no load) runs at once; after a batch of several (load),
     the next call waits up to max_wait for others: a text that arrives 0.3 s later joins it."""
     calls = []
 

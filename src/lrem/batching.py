@@ -143,7 +143,7 @@ class Batcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._last_size = 0  # texts in the last model call
+        self._last_size = 0  # callers in the last batch collected
 
     @property
     def pending(self) -> int:
@@ -174,7 +174,7 @@ class Batcher:
 
     async def _collect(self) -> list:
         """The next batch: the first pending job, then others until full or `max_wait` is over.
-        After a call of one text (no load) it does not wait: a lone caller would only lose
+        After a batch of one caller (no load) it does not wait: a lone caller would only lose
         `max_wait` (measured at one client: 5 ms of ~55); under load the calls hold several texts,
         and the wait gathers the callers that arrive together."""
         batch = [await self._queue.get()]
@@ -195,6 +195,7 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             jobs = [j for j in await self._collect() if not j[2].done()]  # callers that timed out are dropped
+            self._last_size = len(jobs)  # callers, whatever their kinds and duplicates
             for kind in KINDS:
                 waiting: dict[str, list[asyncio.Future]] = {}
                 for k, text, future in jobs:
@@ -207,7 +208,6 @@ class Batcher:
         """One model call for these texts. If it fails, each text is tried alone, so one bad text
         fails only its own callers (with the model's exception) and never the worker."""
         texts = list(waiting)
-        self._last_size = len(texts)
         t0 = time.perf_counter()
         try:
             cots, emb = await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, kind, texts)

@@ -66,7 +66,8 @@ class Linear:
     query's prompt in direct mode) x @ W_block.T is the faster (measured 86-100 vs 127-143 ms).
     Float32 only: bfloat16 products go through oneDNN, which already spreads one matrix-vector
     product over the threads; cut into blocks they were slower (135M model, one token: 43 vs 32 ms).
-    Bfloat16 weights on the CPU are instead kept once more in oneDNN's packed layout (`mkldnn
+    Bfloat16 weights on the CPU are instead kept once more in oneDNN's packed layout (or, stacked
+    with the others of one input, in a `Fused` product's: `pack=False`) (`mkldnn
     ._reorder_linear_weight`, as inductor's weight prepacking does), used outside autograd: the
     same products (equal to F.linear's here), 1.2-2.6x faster at 1-32 rows (the 135M model's
     576 x 1536 layer at one row: 0.098 -> 0.037 ms; its LM head 4.8 -> 2.9 ms). That copy does not
@@ -126,13 +127,19 @@ class Fused:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.packed is not None and x.numel() <= Linear.MAX_ROWS * self.w.shape[1] and x.dtype == self.w.dtype \
-                and not (torch.is_grad_enabled() and self.w.requires_grad):
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for lin in self.parts
+                                                         for t in (lin.w, lin.bias))):
             out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
             return out.split(self.sizes, -1)
         return tuple(lin(x) for lin in self.parts)
 
 
 _PACKED: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}  # ids of the weights -> (their state, packed copy)
+
+
+def packs(w: torch.Tensor) -> bool:
+    """Whether `packed_weight` applies to `w`: a bfloat16 CPU weight, in a build with oneDNN."""
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def packed_weight(*ws: torch.Tensor) -> torch.Tensor | None:
@@ -142,7 +149,7 @@ def packed_weight(*ws: torch.Tensor) -> torch.Tensor | None:
     `block_linears` for another thread count (a teacher adapts its threads to the load) shares it
     instead of packing again."""
     w = ws[0]
-    if w.device.type != "cpu" or any(x.dtype != torch.bfloat16 for x in ws) or not torch.backends.mkldnn.is_available():
+    if not all(packs(x) for x in ws):
         return None
     key, state = tuple(id(x) for x in ws), tuple((x.data_ptr(), x._version, tuple(x.shape)) for x in ws)
     kept = _PACKED.get(key)
@@ -184,7 +191,7 @@ def block_linears(lm, parts: int) -> tuple[list[dict[str, Linear | Fused]], Line
     for layer in dec.layers:
         mods = {n: getattr(mod, n) for mod in (layer.self_attn, layer.mlp) for n in names if hasattr(mod, n)}
         fuse = {f: ns for f, ns in FUSED.items() if all(n in mods for n in ns)
-                and packed_weight(mods[ns[0]].weight) is not None}
+                and all(packs(mods[n].weight) for n in ns)}
         lins = {n: Linear(m, parts, pack=not any(n in ns for ns in fuse.values())) for n, m in mods.items()}
         layers.append({**lins, **{f: Fused([lins[n] for n in ns]) for f, ns in fuse.items()}})
     return layers, Linear(lm.get_output_embeddings(), parts)

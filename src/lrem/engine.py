@@ -383,7 +383,10 @@ class QueryEngine:
         sufs = [x[n:] for x in seqs]
         # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
         close = None if texts is None else self._closer(seqs, texts, candidates)
-        drafts = self._word_drafts(texts[0], close) if close is not None and pick is None else []
+        # word drafts run where a single greedy query decodes on the compact CPU decoder (`_run`)
+        fast = (model.device.type == "cpu" and self.config.compact_decoder and self.config.lookup_tokens > 0
+                and self.plain_layers())
+        drafts = self._word_drafts(texts[0], close, max_new) if close is not None and pick is None and fast else []
         length = n + max(len(x) for x in sufs) + 2 * max_new + 8 + sum(len(d) + len(t) for _, d, t in drafts)
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
@@ -433,7 +436,7 @@ class QueryEngine:
 
         return close
 
-    def _word_drafts(self, text: str, close) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
+    def _word_drafts(self, text: str, close, max_new: int) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
         """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
         at `WORD_POSITIONS`, each as (its positions, CoT tokens, the full text's closing tokens
         after them), where its full text reads them as drafted and the draft pays: the recent hit
@@ -445,7 +448,7 @@ class QueryEngine:
         if not self.config.word_drafts:
             return []
         words = [w.strip(",.;:!?\"()") for w in text.split()]
-        words = [w for w in words if w]
+        words = [w for w in words if any(c.isalnum() for c in w)]  # not "-", "&", "/"
         content = [w for w in words if w.lower() not in self.FUNCTION_WORDS]
         at = {"first": content[:1], "second": content[1:2], "last": words[-1:],
               "last two": words[-2:] if len(words) > 2 else []}
@@ -459,7 +462,7 @@ class QueryEngine:
         for phrase, where in phrases.items():
             draft = self.model.tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]
             keep, toks, _ = close(draft)
-            if toks is None or keep != len(draft) or len(draft) >= self.model.config.cot_max_tokens:
+            if toks is None or keep != len(draft) or len(draft) >= max_new:
                 continue
             tries = [self.draft_hits.setdefault(w, collections.deque(maxlen=16)) for w in where]
             rate = max((sum(t) + 1) / (len(t) + 2) for t in tries)
@@ -472,7 +475,8 @@ class QueryEngine:
              stop: list[int], pick=None, close=None, drafts=()
              ) -> tuple[list[list[int]], int, int, torch.Tensor | None]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
-        then one slot per generated token. Returns the generated ids, the slot of the first one
+        then the word drafts' slots if any (masked out again unless one was the CoT), then one slot
+        per generated token. Returns the generated ids, the slot of the first one
         fed, the number of cache slots filled, and the last hidden state of the closing tokens
         where they ran while decoding (else None). `pick` (logits (B, V) -> ids (B,)) replaces
         argmax, e.g. to sample (`sample_cots`). A single greedy query on the compact decoder takes

@@ -24,7 +24,7 @@ class ServeConfig:
     # fewer forwards per query, where a forward's base cost is ~45 row-tokens on a 2-core CPU
     max_batch: int = field(default=32, metadata={"help": "Most texts run through the model in one call."})
     max_wait_ms: float = field(default=5.0, metadata={
-        "help": "How long a batch's first text waits for others (only after a call of several texts: under load)."})
+        "help": "How long a batch's first text waits for others (only after a batch of several: under load)."})
     max_queue: int = field(default=1024, metadata={"help": "Pending texts beyond this are refused (503)."})
     # Cache
     cache_size: int = field(default=10_000, metadata={"help": "LRU entries (kind, text) -> (CoT, embedding); 0: off."})
