@@ -563,6 +563,13 @@ def test_single_query_whose_cot_is_one_of_its_words_reasons_in_its_prefill_forwa
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
+def test_word_drafts_follow_the_environment_switch():
+    from lrem.engine import EngineConfig
+
+    assert EngineConfig.from_env({}).word_drafts == EngineConfig().word_drafts > 0
+    assert EngineConfig.from_env({"LREM_WORD_DRAFTS": "0"}).word_drafts == 0
+
+
 def test_word_drafts_that_keep_missing_are_tried_only_to_explore(lively, monkeypatch):
     """Drafts that miss stop being run once the hit rate of their positions (prior 1/2) no longer
     pays for their tokens (a position not yet tried then gets its turn); every `EXPLORE_EVERY`-th

@@ -71,7 +71,8 @@ class EngineConfig:
     # followed by the closing tokens: where the model writes one of them (a trained model's CoT often
     # copies the query's head noun: "a device for pulling corks" -> "device", "salon chair" -> "chair"),
     # the query is reasoned and embedded in that one forward, as in direct mode. Which words: those at
-    # the positions (`WORD_POSITIONS`) whose drafts hit most often lately. 0: off
+    # the positions (`WORD_POSITIONS`) whose drafts hit most often lately. 0 (LREM_WORD_DRAFTS=0): off,
+    # for the plain path's CoTs in bfloat16 too (a branch's larger forward may break a near-tie otherwise)
     word_drafts: int = 3
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
     vllm: bool = True  # generate with vLLM where installed and the model is on CUDA (LREM_VLLM=0: off)
@@ -79,8 +80,10 @@ class EngineConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "EngineConfig":
-        """The defaults, with the LREM_CUDA_GRAPHS, LREM_VLLM and LREM_VLLM_MEMORY switches applied."""
-        return cls(cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
+        """The defaults, with the LREM_WORD_DRAFTS, LREM_CUDA_GRAPHS, LREM_VLLM and LREM_VLLM_MEMORY
+        switches applied."""
+        return cls(word_drafts=int(env.get("LREM_WORD_DRAFTS", cls.word_drafts)),
+                   cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
 
 
