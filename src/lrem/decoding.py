@@ -88,11 +88,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.w.shape[1]
-        few = x.numel() <= self.MAX_ROWS * k  # up to MAX_ROWS rows of x
-        if self.packed is not None and few and x.dtype == self.w.dtype and not (
-                torch.is_grad_enabled() and self.w.requires_grad):
+        if runs_packed(x, self.packed, [self]):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-        if self.parts < 2 or not few:
+        if self.parts < 2 or x.numel() > self.MAX_ROWS * k:
             return F.linear(x, self.w, self.bias)
         x2 = x.reshape(-1, k)  # (M, K)
         if len(x2) <= self.TRANSPOSED_ROWS:
@@ -119,19 +117,26 @@ class Fused:
 
     def __init__(self, linears: list[Linear]):
         self.parts, self.sizes = linears, [lin.w.shape[0] for lin in linears]
-        self.w = linears[0].w
         self.packed = packed_weight(*(lin.w for lin in linears))
         biases = [lin.bias for lin in linears]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else lin.w.new_zeros(lin.w.shape[0]) for b, lin in zip(biases, linears)])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.packed is not None and x.numel() <= Linear.MAX_ROWS * self.w.shape[1] and x.dtype == self.w.dtype \
-                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for lin in self.parts
-                                                         for t in (lin.w, lin.bias))):
+        if runs_packed(x, self.packed, self.parts):
             out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
             return out.split(self.sizes, -1)
         return tuple(lin(x) for lin in self.parts)
+
+
+def runs_packed(x: torch.Tensor, packed: torch.Tensor | None, linears: list[Linear]) -> bool:
+    """Whether x (up to `Linear.MAX_ROWS` rows, in the weights' dtype) runs through `packed`, the
+    packed copy of `linears`' weights: only outside autograd, or where none of their weights and
+    biases needs gradients (the packed product has no backward)."""
+    w = linears[0].w
+    return (packed is not None and x.numel() <= Linear.MAX_ROWS * w.shape[1] and x.dtype == w.dtype
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for lin in linears for t in (lin.w, lin.bias))))
 
 
 _PACKED: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}  # ids of the weights -> (their state, packed copy)
