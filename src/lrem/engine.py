@@ -193,13 +193,17 @@ class QueryEngine:
             cached[parts] = block_linears(self.model.lm, parts)
         return cached[parts]
 
+    def compact(self) -> bool:
+        """Whether decode steps run on the compact decoder (`StaticDecoder`, where it covers the
+        backbone): off CUDA, with `config.compact_decoder` on and the LM's own layers."""
+        return self.model.device.type != "cuda" and self.config.compact_decoder and self.plain_layers()
+
     def step(self, batch: int, length: int) -> GreedyStep:
         """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
         `config.cuda_graphs` is off), kept per size."""
         lm = self.model.lm
         if self.model.device.type != "cuda":
-            compact = self.config.compact_decoder and self.plain_layers()
-            return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if compact else None)
+            return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None)
         steps = self._state()["steps"]
         if (batch, length) not in steps:
             steps[(batch, length)] = GreedyStep(lm, batch, length, graph=self.config.cuda_graphs)
@@ -386,10 +390,9 @@ class QueryEngine:
         sufs = [x[n:] for x in seqs]
         # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
         close = None if texts is None else self._closer(seqs, texts, candidates)
-        # word drafts run where a single greedy query decodes on the compact CPU decoder (`_run`)
-        fast = (model.device.type == "cpu" and self.config.compact_decoder and self.config.lookup_tokens > 0
-                and self.plain_layers())
-        drafts = self._word_drafts(texts[0], close, max_new) if close is not None and pick is None and fast else []
+        # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
+        fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
+        drafts = self._word_drafts(texts[0], close, max_new) if fast else []
         length = n + max(len(x) for x in sufs) + 2 * max_new + 8 + sum(len(d) + len(t) for _, d, t in drafts)
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
