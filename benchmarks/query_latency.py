@@ -4,8 +4,9 @@ fast vs plain reasoning.
     .venv/bin/python benchmarks/query_latency.py [--threads 2] [--batches 1 32] [--no-gpu] [--model DIR]
 
 On the CPU: the default model (SmolLM2-135M). Where a GPU is present, also a model with
-Qwen2.5-3B's shape (random weights, SmolLM2's tokenizer; the paper's backbone size) in
-bfloat16, at batch 1, 32 and 256. Variants:
+Qwen2.5-3B's shape (`--shape`; random weights, SmolLM2's tokenizer unless `--tokenizer`; the
+paper's backbone size) in bfloat16, at batch 1, 32 and 256 (`benchmarks/gpu.sh` runs it on a
+GPU machine). Variants:
   direct          encode_queries(mode="direct")
   reason          encode_queries(mode="reason"): fast greedy CoT, then the embedding
   reason (plain)  lm.generate CoT, then the embedding with no prefix cache (nothing cached)
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import QUERIES, interleaved, machine, read_gbps, seconds, setup, table, write
+from _common import QUERIES, SHAPES, interleaved, machine, read_gbps, seconds, setup, shaped_model, table, write
 
 PAPER_REASON_OVER_DIRECT = 50 / 15
 
@@ -142,26 +143,6 @@ def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
             "batch1_no_lookup_of_floor": floor / one["generate (no lookup)"] if "generate (no lookup)" in one else None}
 
 
-def qwen3b_like(device: str = "cuda"):
-    """An LREM model with Qwen2.5-3B-Instruct's shape (random weights) and SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from lrem import prompts
-    from lrem.backbones import builtin_path
-    from lrem.model import LREM
-
-    tok = AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
-    tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                      num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
-                      tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        lm = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
-    return LREM(lm, tok)
-
-
 def report(name: str, out: dict) -> None:
     print(f"\n## {name}")
     print(table(out["rows"], ["batch", "variant", "ms/query", "mean ms/query", "queries/s"]))
@@ -183,7 +164,7 @@ def report(name: str, out: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model timed on the CPU ('none': skip)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--n-single", type=int, default=len(QUERIES),
@@ -191,30 +172,42 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part even where a GPU is present")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b",
+                    help="the random-weight model of the GPU part (benchmarks/_common.py SHAPES)")
+    ap.add_argument("--shape-device", default=None,
+                    help="run the shaped part on this device (default: cuda where present); "
+                         "'cpu' with --shape tiny rehearses the GPU part here")
+    ap.add_argument("--tokenizer", default=None, help="the shaped model's tokenizer folder (default: SmolLM2's)")
+    ap.add_argument("--name", default=None, help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     setup(args.threads)
     from lrem.model import LREM
 
     info, t0 = machine(), time.perf_counter()
     results = {}
-    cpu = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
-    results["cpu"] = {"model": args.model, "dtype": str(cpu.lm.dtype),
-                      **bench(cpu, args.batches, args.repeat, args.n_single)}
-    report(f"CPU, {args.model}, {cpu.lm.dtype}", results["cpu"])
-    del cpu
-    if torch.cuda.is_available() and not args.no_gpu:
-        gpu = qwen3b_like("cuda")
-        engine = "vllm" if gpu.engine.vllm() is not None else "hf static cache + CUDA graph"
-        results["gpu"] = {"model": "qwen2.5-3b-shaped (random weights)", "dtype": "bfloat16", "engine": engine,
-                          **bench(gpu, args.gpu_batches, args.repeat, args.n_single)}
-        report(f"GPU ({torch.cuda.get_device_name()}), Qwen2.5-3B-shaped, bfloat16, fast engine: {engine}",
-               results["gpu"])
-    name = "query_latency" if args.model == ap.get_default("model") else f"query_latency-{Path(args.model).name}"
+    if args.model != "none":
+        cpu = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
+        results["cpu"] = {"model": args.model, "dtype": str(cpu.lm.dtype),
+                          **bench(cpu, args.batches, args.repeat, args.n_single)}
+        report(f"CPU, {args.model}, {cpu.lm.dtype}", results["cpu"])
+        del cpu
+    device = args.shape_device or ("cuda" if torch.cuda.is_available() and not args.no_gpu else None)
+    if device:
+        shaped = shaped_model(args.shape, device, torch.bfloat16, args.tokenizer)
+        engine = "vllm" if shaped.engine.vllm() is not None else (
+            "hf static cache + CUDA graph" if device.startswith("cuda") else "lrem CPU fast path")
+        where = torch.cuda.get_device_name() if device.startswith("cuda") else device
+        results["gpu" if device.startswith("cuda") else "shaped"] = out = {
+            "model": f"{args.shape}-shaped (random weights)", "device": where, "dtype": "bfloat16",
+            "tokenizer": str(shaped.tokenizer.name_or_path), "engine": engine,
+            **bench(shaped, args.gpu_batches, args.repeat, args.n_single)}
+        report(f"{where}, {args.shape}-shaped, bfloat16, fast engine: {engine}", out)
+    name = args.name or ("query_latency" if args.model == ap.get_default("model")
+                         else f"query_latency-{Path(args.model).name}")
     end_load = round(os.getloadavg()[0], 2)
     print(f"load average (1 min): {info['load_average_1m']} at the start, {end_load} at the end")
     write(name, {"machine": {**info, "load_average_1m_end": end_load}, **results,
                  "wall_seconds": round(time.perf_counter() - t0, 1)})
-
 
 if __name__ == "__main__":
     main()

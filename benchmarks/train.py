@@ -2,6 +2,10 @@
 trainers' computation, steps/s, tokens/s, and FLOP/s against the bound.
 
     .venv/bin/python benchmarks/train.py [--batch 16] [--steps 3] [--threads 2] [--lora-r 16] [--rl-steps 2]
+    python3 benchmarks/train.py --shape qwen2.5-0.5b --device cuda --tokenizer DIR   (GPU; benchmarks/gpu.sh)
+
+`--shape` replaces the model with random weights of a published shape (`_common.SHAPES`: Qwen2.5
+0.5B or 3B, or a tiny one that rehearses the GPU run on the CPU), on `--device`.
 
 Stage 1, one step (`lrem.train.sft.collate` + `lrem.losses.LREMLoss`, L = 0.1 L_SFT + 1.0
 L_InfoNCE, backward, AdamW), timed side by side: with the batch's shared prompt prefix run once
@@ -25,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import resource
 import time
 
 import torch
 
-from _common import QUERIES, machine, matmul_gflops, seconds, setup, table, write
+from _common import QUERIES, SHAPES, machine, matmul_gflops, seconds, setup, shaped_model, sync, table, write
 from lrem.losses import IGNORE, LREMLoss
 from lrem.model import shared_prefix_len
 from lrem.losses import GRPOLoss
@@ -51,7 +56,16 @@ TITLES = ["waiter's corkscrew with foil cutter", "merino wool hiking socks", "da
 def make_batch(model, b: int) -> dict:
     pairs = [Pair(f"q{i}", QUERIES[i % len(QUERIES)], f"d{i}", f"{TITLES[i % len(TITLES)]} #{i}", COTS[i % len(COTS)])
              for i in range(b)]
-    return collate(model, pairs)
+    return {k: v.to(model.device) for k, v in collate(model, pairs).items()}
+
+
+def load(args):
+    """The trained model: the built-in `--model`, or random weights of `--shape` on `--device`, in float32."""
+    from lrem.model import LREM
+
+    if args.shape:
+        return shaped_model(args.shape, args.device, torch.float32, args.tokenizer)
+    return LREM.from_pretrained(args.model, dtype="float32", device=args.device, log=lambda *a: None)
 
 
 def run_tokens(ids: torch.Tensor, mask: torch.Tensor, share: bool) -> int:
@@ -62,13 +76,13 @@ def run_tokens(ids: torch.Tensor, mask: torch.Tensor, share: bool) -> int:
     return p + ids.shape[0] * (ids.shape[1] - p)
 
 
-def precision(bf16: bool):
-    """The trainers' autocast (Accelerate's `mixed_precision="bf16"` on the CPU is this), or none."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def precision(bf16: bool, device: torch.device):
+    """The trainers' autocast (Accelerate's `mixed_precision="bf16"` is this), or none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def train_step(loss_fn, opt, batch: dict, bf16: bool = False) -> dict:
-    with precision(bf16):
+    with precision(bf16, batch["q_ids"].device):
         parts = loss_fn(batch)
     loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
     loss.backward()
@@ -80,16 +94,18 @@ def train_step(loss_fn, opt, batch: dict, bf16: bool = False) -> dict:
 def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf16: bool) -> dict:
     """One GRPO step as `lrem.train.grpo.train_rl` runs it (num_iterations 1, ranks among the batch
     items): seconds sampling, seconds for the rest, rollout tokens, loss."""
+    sync()
     t0 = time.perf_counter()
     model.lm.eval()
-    gen = torch.Generator().manual_seed(step)
+    gen = torch.Generator(model.device).manual_seed(step)
     rows = model.sample_cots([p.query for p in pairs], cfg.num_generations, cfg.sampling_temperature, cfg.top_p,
                              cfg.rollout_max_tokens, generator=gen)
     model.lm.train()
     batch = collate_rollouts(model, pairs, rows, cfg)
-    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    sync()
     t1 = time.perf_counter()
-    with precision(bf16):
+    with precision(bf16, model.device):
         pol = loss_fn(tensors)
     scored = score_rollouts(batch, pol["q"], pol["d"], cfg)
     parts, _ = loss_fn.loss(pol, tensors, scored["advantages"], pol["logp"].detach())
@@ -97,18 +113,17 @@ def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     return {"sample_s": t1 - t0, "update_s": time.perf_counter() - t1, "tokens run": int(tensors["mask"].sum()),
             "cot tokens": sum(batch["cot_tokens"]), "loss": loss.item()}
 
 
 def bench_rl(args, lora_r: int) -> list[dict]:
     """RL rows: float32 and bfloat16 autocast, full fine-tuning then LoRA (`lora_r`; 0: none)."""
-    from lrem.model import LREM
-
     cfg = RLConfig(lora_r=lora_r)
     pairs = [Pair(f"q{i}", QUERIES[i % len(QUERIES)], f"d{i}", f"{TITLES[i % len(TITLES)]} #{i}", "")
              for i in range(args.rl_queries)]
-    model = LREM.from_pretrained(args.model, dtype="float32", log=lambda *a: None)
+    model = load(args)
     model.config.cot_max_tokens = 16
     opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-6)
     rows = []
@@ -137,13 +152,16 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA rows (0: none)")
     ap.add_argument("--rl-steps", type=int, default=2, help="timed RL steps per setting (0: no RL rows)")
     ap.add_argument("--rl-queries", type=int, default=8, help="queries per RL step (G=8 rollouts each)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="random weights of this shape in place of --model (_common.SHAPES)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokenizer", default=None, help="--shape's tokenizer folder (default: SmolLM2's)")
     ap.add_argument("--name", default="train", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     setup(args.threads)
-    from lrem.model import LREM
 
     info, t0 = machine(), time.perf_counter()
-    model = LREM.from_pretrained(args.model, dtype="float32", log=lambda *a: None)
+    model = load(args)
     model.lm.train()
     opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-5)
     batch = make_batch(model, args.batch)
@@ -152,7 +170,7 @@ def main() -> None:
     head = model.lm.get_output_embeddings().weight.numel()
     real_tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
     ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
-    bound = matmul_gflops(torch.float32)
+    bound = matmul_gflops(torch.float32, device=args.device)
     rows, losses, times = [], {}, {}
     settings = [(True, 0, False), (False, 0, False), (True, 0, True)]
     settings += [(True, args.lora_r, False), (True, args.lora_r, True)] if args.lora_r else []
@@ -182,7 +200,11 @@ def main() -> None:
     print(f"shared prefix / plain: {speedup:.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
     for name, r in ratios.items():
         print(f"  {name}: {r:.2f}x the float32 shared-prefix step")
-    rl_rows, rl_ratios = [], {}
+    rl_rows, rl_ratios, device = [], {}, str(model.device)
+    del model, opt, loss_fn, batch  # the RL rows load their own (a 3B model's AdamW state is ~37 GB)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if args.rl_steps:
         rl_rows = bench_rl(args, args.lora_r)
         first = rl_rows[0]["s/step"]
@@ -191,12 +213,14 @@ def main() -> None:
                     [k for k in rl_rows[0] if k != "runs"]))
         for name, r in rl_ratios.items():
             print(f"  {name}: {r:.2f}x the float32 RL step")
-    write(args.name, {"machine": info, "model": args.model, "dtype": "float32 weights; rows say the autocast",
+    write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)" if args.shape else args.model,
+                      "device": device, "dtype": "float32 weights; rows say the autocast",
                     "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios,
                     "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
                     "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
                     "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
                     "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                    **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
                     "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 

@@ -141,7 +141,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     def rl_step(step: int) -> dict:
         t_step = time.time()
         batch_pairs = [data[i] for i in batch_indices(len(data), step, bs, world, rank, cfg.seed)]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # (seed, step, rank) only
+        # (seed, step, rank) only; on the sampling device (torch.multinomial needs a CUDA generator for CUDA probs)
+        gen = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
         with acc.autocast():  # the bank (mined, catalog) follows the weights every refresh_steps
             pool.refresh(model, step, show_progress=run.main)
         model.lm.eval()

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Issue 20's GPU part in one device call (a drawn task has 15 minutes of device time in all):
+# query latency with Qwen2.5-3B's shape, and stage-1 and RL steps with Qwen2.5-0.5B's and 3B's,
+# all random weights built from a config (the GPU machine has no registries, and 64 MiB travels).
+#
+#   here, once:  bash benchmarks/gpu.sh --prepare     (.gpu/: a tokenizer, and the wheels the GPU
+#                                                       image lacks: trl for the RL loss, its needs)
+#   there:       device run, carry [".gpu"], timeout_s 480, command: bash benchmarks/gpu.sh
+#   rehearsal:   bash benchmarks/gpu.sh --rehearse    (the same steps on this CPU, tiny shapes,
+#                                                       seconds; tests/test_gpu_script.py runs it)
+#
+# Each step has its own time limit, and a failed step does not stop the next. Results:
+# $OUT/gpu-*.json and $OUT/gpu.log ($OUT: the device tool's, else benchmarks/results). Where the CUDA-graph decoder
+# fails, query latency runs again without graphs (LREM_CUDA_GRAPHS=0); where LoRA fails, the
+# training steps run again without the LoRA rows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+
+if [ "$mode" = --prepare ]; then
+  set -e
+  PY="${PYTHON:-.venv/bin/python}"
+  home="${LREM_HOME:-$HOME/.cache/lrem}"
+  # Qwen2.5's own tokenizer where the teacher wheels were installed (LREM_QWEN=1 scripts/setup.sh):
+  # prompts then have the paper's backbone's token counts; else SmolLM2's
+  tok="$home/models/qwen2.5-coder-0.5b-instruct"
+  [ -f "$tok/tokenizer.json" ] || tok="$("$PY" -c 'from lrem.backbones import builtin_path; print(builtin_path("smollm2-135m-instruct"))')"
+  rm -rf .gpu && mkdir -p .gpu/tokenizer .gpu/whl
+  cp "$tok"/tokenizer_config.json .gpu/tokenizer/
+  [ -f "$tok/chat_template.jinja" ] && cp "$tok/chat_template.jinja" .gpu/tokenizer/
+  gzip -9 -c "$tok/tokenizer.json" > .gpu/tokenizer/tokenizer.json.gz  # 11 MB -> ~3 MB of the 64 MiB
+  echo "$tok" > .gpu/tokenizer/SOURCE
+  pins=$(grep -iE '^(trl|datasets|dill|multiprocess)==' constraints.txt)
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl $pins
+  du -sh .gpu; ls .gpu/whl
+  echo "now: device run, carry [\".gpu\"], command \"bash benchmarks/gpu.sh\""
+  exit 0
+fi
+
+# results: $OUT where the device tool sets it, else benchmarks/results (a rehearsal: a temp folder)
+if [ "$mode" = --rehearse ]; then OUT="${OUT:-$(mktemp -d)}"; else OUT="${OUT:-benchmarks/results}"; fi
+OUT="$(realpath -m "$OUT")"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "$mode" = --rehearse ]; then
+  PY="${PYTHON:-.venv/bin/python}"
+  dev=cpu; big=tiny; small=tiny; tokdir="${LREM_BENCH_TOKENIZER:-}"
+  ql=(--shape-device cpu --gpu-batches 1 4 --n-single 3 --repeat 1 --threads 2)
+  tr=(--batch 4 --steps 1 --rl-steps 1 --rl-queries 2 --lora-r 4 --threads 2)
+  limit=(120 120 120); budget=300
+else
+  PY="${PYTHON:-python3}"
+  dev=cuda; big=qwen2.5-3b; small=qwen2.5-0.5b; tokdir=.gpu/tokenizer
+  ql=(--n-single 16 --repeat 2)
+  tr=(--batch 16 --steps 3 --rl-steps 2 --rl-queries 8 --lora-r 16)
+  limit=(210 90 150); budget="${GPU_BUDGET_S:-450}"  # under the call's timeout_s (480), whatever fails
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
+  [ -f .gpu/tokenizer/tokenizer.json.gz ] || { echo "no .gpu/: run 'bash benchmarks/gpu.sh --prepare' here and carry .gpu"; exit 2; }
+  gunzip -kf .gpu/tokenizer/tokenizer.json.gz
+  if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+      && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+[ -n "$tokdir" ] && { ql+=(--tokenizer "$tokdir"); tr+=(--tokenizer "$tokdir"); }
+"$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+rl=()
+"$PY" -c "import trl.trainer.utils" || { echo "trl does not import: no RL rows"; rl=(--rl-steps 0); }
+
+end=$((SECONDS + budget))
+step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit (and the script's); its rc is printed, not fatal
+  local name=$1 secs=$2; shift 2
+  local left=$((end - SECONDS)); [ "$secs" -gt "$left" ] && secs=$left
+  echo; echo "=== $name (limit ${secs}s): $*"
+  [ "$secs" -lt 20 ] && { echo "=== $name: skipped, the script's time is spent"; return 124; }
+  timeout --kill-after=10 "$secs" "$PY" "$@"; local rc=$?
+  echo "=== $name: rc $rc"
+  return $rc
+}
+crashed() { [ "$1" -ne 0 ] && [ "$1" -ne 124 ] && [ "$1" -ne 137 ]; }  # failed, rather than ran out of time
+
+failed=()
+step query_latency "${limit[0]}" benchmarks/query_latency.py --model none --shape "$big" "${ql[@]}" \
+  --name "$OUT/gpu-query_latency"; rc=$?
+if crashed $rc; then  # the CUDA-graph decoder is the likeliest casualty of a first run on a GPU
+  LREM_CUDA_GRAPHS=0 step "query_latency, no CUDA graphs" "${limit[0]}" benchmarks/query_latency.py --model none \
+    --shape "$big" "${ql[@]}" --n-single 8 --name "$OUT/gpu-query_latency-nographs"; rc=$?
+fi
+[ $rc -eq 0 ] || failed+=(query_latency)
+for shape in "$small" "$big"; do
+  i=1; [ "$shape" = "$big" ] && [ "$small" != "$big" ] && i=2
+  step "train $shape" "${limit[$i]}" benchmarks/train.py --shape "$shape" --device "$dev" "${tr[@]}" "${rl[@]}" \
+    --name "$OUT/gpu-train-$shape"; rc=$?
+  if crashed $rc; then
+    step "train $shape, no LoRA" "${limit[$i]}" benchmarks/train.py --shape "$shape" --device "$dev" "${tr[@]}" \
+      "${rl[@]}" --lora-r 0 --name "$OUT/gpu-train-$shape-nolora"; rc=$?
+  fi
+  [ $rc -eq 0 ] || failed+=("train $shape")
+  [ "$small" = "$big" ] && break
+done
+echo; ls -la "$OUT"
+[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }

@@ -1,0 +1,30 @@
+"""The GPU script (`benchmarks/gpu.sh`) rehearsed on the CPU: GPU sessions are rare and their time
+short, so the script that spends it must already run here, step by step, with tiny shapes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "=== query_latency: rc 0" in res.stdout and "=== train tiny: rc 0" in res.stdout, res.stdout[-3000:]
+    ql = json.loads((tmp_path / "gpu-query_latency.json").read_text())["shaped"]
+    assert ql["model"] == "tiny-shaped (random weights)"
+    assert {r["batch"] for r in ql["rows"]} == {1, 4}
+    for check in ql["checks"].values():  # the fast path gives the plain path's CoTs on the shaped model too
+        assert check["same_cots"] and check["max_abs_embedding_diff"] < 1e-2
+    tr = json.loads((tmp_path / "gpu-train-tiny.json").read_text())
+    assert tr["model"] == "tiny-shaped (random weights)" and tr["device"] == "cpu"
+    assert {r["path"] for r in tr["rl_rows"]} == {"RL float32", "RL bf16 autocast", "RL float32, LoRA r=4",
+                                                 "RL bf16 autocast, LoRA r=4"}
+    assert all(r["s/step"] > 0 for r in tr["rows"] + tr["rl_rows"])
+    assert (tmp_path / "gpu.log").read_text().count("=== ") >= 4  # the log the device call brings back
