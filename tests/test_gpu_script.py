@@ -16,7 +16,8 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     res = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "=== query_latency: rc 0" in res.stdout and "=== train tiny: rc 0" in res.stdout, res.stdout[-3000:]
+    for step in ("query_latency", "train tiny", "trainers tiny"):
+        assert f"=== {step}: rc 0" in res.stdout, res.stdout[-3000:]
     ql = json.loads((tmp_path / "gpu-query_latency.json").read_text())["shaped"]
     assert ql["model"] == "tiny-shaped (random weights)"
     assert {r["batch"] for r in ql["rows"]} == {1, 4}
@@ -27,4 +28,7 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     assert {r["path"] for r in tr["rl_rows"]} == {"RL float32", "RL bf16 autocast", "RL float32, LoRA r=4",
                                                  "RL bf16 autocast, LoRA r=4"}
     assert all(r["s/step"] > 0 for r in tr["rows"] + tr["rl_rows"])
-    assert (tmp_path / "gpu.log").read_text().count("=== ") >= 4  # the log the device call brings back
+    loop = json.loads((tmp_path / "gpu-trainers-tiny.json").read_text())  # the real trainers, both stages
+    assert [(r["stage"], r["steps"], r["checkpoints"]) for r in loop["rows"]] == [
+        ("coldstart", 2, ["step-0000001"]), ("rl", 2, ["step-0000001"])]
+    assert (tmp_path / "gpu.log").read_text().count("=== ") >= 6  # the log the device call brings back
