@@ -72,8 +72,9 @@ def variants(model, qs: list[str]) -> dict:
     return out
 
 
-def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
-    """Seconds per batch for each variant and batch size, plus the equality checks."""
+def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) -> dict:
+    """Seconds per batch for each variant and batch size, plus the equality checks; `progress`
+    gets the rows and checks so far after each batch size (a run cut short keeps them)."""
     rows, checks = [], {}
     for b in batches:
         if b == 1:  # latency: each query alone, variants in turns, median (and mean) over queries
@@ -115,6 +116,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int) -> dict:
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      "paper_reason_over_direct": round(PAPER_REASON_OVER_DIRECT, 2)}
+        if progress:
+            progress({"rows": rows, "checks": checks})
     return {"rows": rows, "checks": checks, **batch1_floor(model, rows, QUERIES[:n_single])}
 
 
@@ -185,10 +188,21 @@ def main() -> None:
 
     info, t0 = machine(), time.perf_counter()
     results = {}
+    name = args.name or ("query_latency" if args.model == ap.get_default("model")
+                         else f"query_latency-{Path(args.model).name}")
+
+    def save(part: str | None = None, head: dict | None = None):
+        def write_with(partial: dict | None = None):
+            done = {**results, **({part: {**head, **partial, "partial": True}} if partial else {})}
+            end_load = round(os.getloadavg()[0], 2)
+            write(name, {"machine": {**info, "load_average_1m_end": end_load}, **done,
+                         "wall_seconds": round(time.perf_counter() - t0, 1)})
+            return end_load
+        return write_with
     if args.model != "none":
         cpu = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
-        results["cpu"] = {"model": args.model, "dtype": str(cpu.lm.dtype),
-                          **bench(cpu, args.batches, args.repeat, args.n_single)}
+        head = {"model": args.model, "dtype": str(cpu.lm.dtype)}
+        results["cpu"] = {**head, **bench(cpu, args.batches, args.repeat, args.n_single, save("cpu", head))}
         report(f"CPU, {args.model}, {cpu.lm.dtype}", results["cpu"])
         del cpu
     device = args.shape_device or ("cuda" if torch.cuda.is_available() and not args.no_gpu else None)
@@ -197,17 +211,13 @@ def main() -> None:
         engine = "vllm" if shaped.engine.vllm() is not None else (
             "hf static cache + CUDA graph" if device.startswith("cuda") else "lrem CPU fast path")
         where = torch.cuda.get_device_name() if device.startswith("cuda") else device
-        results["gpu" if device.startswith("cuda") else "shaped"] = out = {
-            "model": f"{args.shape}-shaped (random weights)", "device": where, "dtype": "bfloat16",
-            "tokenizer": str(shaped.tokenizer.name_or_path), "engine": engine,
-            **bench(shaped, args.gpu_batches, args.repeat, args.n_single)}
+        part = "gpu" if device.startswith("cuda") else "shaped"
+        head = {"model": f"{args.shape}-shaped (random weights)", "device": where, "dtype": "bfloat16",
+                "tokenizer": str(shaped.tokenizer.name_or_path), "engine": engine}
+        results[part] = out = {**head, **bench(shaped, args.gpu_batches, args.repeat, args.n_single, save(part, head))}
         report(f"{where}, {args.shape}-shaped, bfloat16, fast engine: {engine}", out)
-    name = args.name or ("query_latency" if args.model == ap.get_default("model")
-                         else f"query_latency-{Path(args.model).name}")
-    end_load = round(os.getloadavg()[0], 2)
+    end_load = save()()
     print(f"load average (1 min): {info['load_average_1m']} at the start, {end_load} at the end")
-    write(name, {"machine": {**info, "load_average_1m_end": end_load}, **results,
-                 "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import traceback
 import resource
 import time
 
@@ -108,7 +109,7 @@ def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf
     with precision(bf16, model.device):
         pol = loss_fn(tensors)
     scored = score_rollouts(batch, pol["q"], pol["d"], cfg)
-    parts, _ = loss_fn.loss(pol, tensors, scored["advantages"], pol["logp"].detach())
+    parts, _ = loss_fn.loss(pol, tensors, scored["advantages"].to(model.device), pol["logp"].detach())
     loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
     loss.backward()
     opt.step()
@@ -116,6 +117,18 @@ def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf
     sync()
     return {"sample_s": t1 - t0, "update_s": time.perf_counter() - t1, "tokens run": int(tensors["mask"].sum()),
             "cot tokens": sum(batch["cot_tokens"]), "loss": loss.item()}
+
+
+def guarded(rows: list[dict], name: str, fn) -> None:
+    """rows += fn() (one setting's row); where the setting fails (a GPU run's LoRA, or memory), a
+    row that says why instead, and the next setting runs: the run is rare, keep what it gives."""
+    try:
+        rows.append(fn())
+    except Exception as e:  # noqa: BLE001 (any failure of one setting; the traceback is printed)
+        traceback.print_exc()
+        rows.append({"path": name, "error": f"{type(e).__name__}: {e}"[:400]})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def bench_rl(args, lora_r: int) -> list[dict]:
@@ -133,13 +146,17 @@ def bench_rl(args, lora_r: int) -> list[dict]:
             opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
         loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps)
         name = "RL " + ("bf16 autocast" if bf16 else "float32") + (f", LoRA r={lora_r}" if lora else "")
-        rl_step(model, loss_fn, opt, pairs, cfg, 0, bf16)  # warm-up
-        runs = [rl_step(model, loss_fn, opt, pairs, cfg, s + 1, bf16) for s in range(args.rl_steps)]
-        mid = sorted(runs, key=lambda r: r["sample_s"] + r["update_s"])[len(runs) // 2]
-        rows.append({"path": name, "queries x G": f"{args.rl_queries} x {cfg.num_generations}",
-                     "s/step": mid["sample_s"] + mid["update_s"], "sampling s": mid["sample_s"],
-                     "update s": mid["update_s"], "tokens run": mid["tokens run"], "cot tokens": mid["cot tokens"],
-                     "runs": runs})
+
+        def row(loss_fn=loss_fn, opt=opt, name=name, bf16=bf16) -> dict:
+            rl_step(model, loss_fn, opt, pairs, cfg, 0, bf16)  # warm-up
+            runs = [rl_step(model, loss_fn, opt, pairs, cfg, s + 1, bf16) for s in range(args.rl_steps)]
+            mid = sorted(runs, key=lambda r: r["sample_s"] + r["update_s"])[len(runs) // 2]
+            return {"path": name, "queries x G": f"{args.rl_queries} x {cfg.num_generations}",
+                    "s/step": mid["sample_s"] + mid["update_s"], "sampling s": mid["sample_s"],
+                    "update s": mid["update_s"], "tokens run": mid["tokens run"], "cot tokens": mid["cot tokens"],
+                    "runs": runs}
+
+        guarded(rows, name, row)
     return rows
 
 
@@ -165,8 +182,8 @@ def main() -> None:
     model.lm.train()
     opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-5)
     batch = make_batch(model, args.batch)
-    dec = model.lm.get_decoder()
-    params = sum(p.numel() for p in dec.parameters()) - dec.get_input_embeddings().weight.numel()
+    params = (sum(p.numel() for p in model.lm.get_decoder().parameters())
+              - model.lm.get_input_embeddings().weight.numel())
     head = model.lm.get_output_embeddings().weight.numel()
     real_tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
     ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
@@ -181,47 +198,60 @@ def main() -> None:
         loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
         name = (("shared prefix" if share else "plain") + (", bf16 autocast" if bf16 else "")
                 + (f", LoRA r={lora_r}" if lora_r else ""))
-        losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
-        times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
-                       for _ in range(args.steps)]
-        step_s = sorted(times[name])[len(times[name]) // 2]
-        ran = run_tokens(batch["q_ids"], batch["q_mask"], share) + run_tokens(batch["d_ids"], batch["d_mask"], share)
-        flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
-        rows.append({"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
-                     "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
-                     "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
-                     "of bound": flops / step_s / 1e9 / bound})
-    step = {r["path"]: r["s/step"] for r in rows}
-    base = step["shared prefix"]
-    speedup = step["plain"] / base
+
+        def row(loss_fn=loss_fn, opt=opt, name=name, share=share, lora_r=lora_r, bf16=bf16) -> dict:
+            losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
+            times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
+                           for _ in range(args.steps)]
+            step_s = sorted(times[name])[len(times[name]) // 2]
+            ran = (run_tokens(batch["q_ids"], batch["q_mask"], share)
+                   + run_tokens(batch["d_ids"], batch["d_mask"], share))
+            flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
+            return {"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
+                    "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
+                    "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
+                    "of bound": flops / step_s / 1e9 / bound}
+
+        guarded(rows, name, row)
+    step = {r["path"]: r["s/step"] for r in rows if "s/step" in r}
+    base = step["shared prefix"]  # the reference row: its failure ends the run
+    speedup = step["plain"] / base if "plain" in step else None
     ratios = {name: base / s for name, s in step.items()}  # x today's float32 shared-prefix step
     lora = ratios.get(f"shared prefix, LoRA r={args.lora_r}")
-    print(table(rows, list(rows[0])))
-    print(f"shared prefix / plain: {speedup:.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    print(f"shared prefix / plain: {speedup or float('nan'):.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
     for name, r in ratios.items():
         print(f"  {name}: {r:.2f}x the float32 shared-prefix step")
-    rl_rows, rl_ratios, device = [], {}, str(model.device)
+    device = str(model.device)
+
+    def save(rl_rows: list[dict], rl_ratios: dict, rl: str) -> None:
+        write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)" if args.shape else args.model,
+                          "device": device, "dtype": "float32 weights; rows say the autocast",
+                          "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios, "rl": rl,
+                          "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
+                          "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
+                          "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
+                          "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                          **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30}
+                             if torch.cuda.is_available() else {}),
+                          "wall_seconds": round(time.perf_counter() - t0, 1)})
+
+    if not args.rl_steps:
+        save([], {}, "not run (--rl-steps 0)")
+        return
+    save([], {}, "running (a run cut short keeps the stage-1 rows)")
     del model, opt, loss_fn, batch  # the RL rows load their own (a 3B model's AdamW state is ~37 GB)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if args.rl_steps:
-        rl_rows = bench_rl(args, args.lora_r)
-        first = rl_rows[0]["s/step"]
-        rl_ratios = {r["path"]: first / r["s/step"] for r in rl_rows}
-        print(table([{k: v for k, v in r.items() if k != "runs"} for r in rl_rows],
-                    [k for k in rl_rows[0] if k != "runs"]))
-        for name, r in rl_ratios.items():
-            print(f"  {name}: {r:.2f}x the float32 RL step")
-    write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)" if args.shape else args.model,
-                      "device": device, "dtype": "float32 weights; rows say the autocast",
-                    "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios,
-                    "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
-                    "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
-                    "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
-                    "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                    **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
-                    "wall_seconds": round(time.perf_counter() - t0, 1)})
+    rl_rows = bench_rl(args, args.lora_r)
+    timed = [r for r in rl_rows if "s/step" in r]
+    rl_ratios = {r["path"]: timed[0]["s/step"] / r["s/step"] for r in timed}  # x the first timed setting's step
+    print(table([{k: v for k, v in r.items() if k != "runs"} for r in rl_rows],
+                list(dict.fromkeys(k for r in rl_rows for k in r if k != "runs"))))
+    for name, r in rl_ratios.items():
+        print(f"  {name}: {r:.2f}x the float32 RL step")
+    save(rl_rows, rl_ratios, "done")
 
 
 if __name__ == "__main__":

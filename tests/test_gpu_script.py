@@ -19,6 +19,7 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     for step in ("query_latency", "train tiny", "trainers tiny"):
         assert f"=== {step}: rc 0" in res.stdout, res.stdout[-3000:]
     ql = json.loads((tmp_path / "gpu-query_latency.json").read_text())["shaped"]
+    assert "partial" not in ql  # the last write is the whole run's
     assert ql["model"] == "tiny-shaped (random weights)"
     assert {r["batch"] for r in ql["rows"]} == {1, 4}
     for check in ql["checks"].values():  # the fast path gives the plain path's CoTs on the shaped model too

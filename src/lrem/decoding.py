@@ -413,7 +413,8 @@ class GreedyStep:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a server's other threads may sync with the GPU meanwhile (their own work)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.out = self._forward()
             self.graph = graph
         except RuntimeError as e:  # an op that cannot be captured: decode eagerly, still correct

@@ -138,13 +138,14 @@ class QueryEngine:
         self.draft_hits: dict[str, collections.deque[bool]] = {}  # word position -> hits of its recent 16 tries
         self.n_drafted = 0  # single queries `_word_drafts` was asked for
         self._local = threading.local()  # `same_weights`' pinned cache, per thread
+        self._building = threading.Lock()  # held while a CUDA decode step is made (`step`)
 
     def __getstate__(self):
         # the caches hold CUDA graphs and tensors tied to these weights: copies rebuild them
-        return {**self.__dict__, "cache": {}, "_local": None}
+        return {**self.__dict__, "cache": {}, "_local": None, "_building": None}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _local=threading.local())
+        self.__dict__.update(state, _local=threading.local(), _building=threading.Lock())
 
     # ---- caches tied to the weights -----------------------------------------------------------
     def _weights_key(self) -> tuple:
@@ -198,16 +199,20 @@ class QueryEngine:
         backbone): off CUDA, with `config.compact_decoder` on and the LM's own layers."""
         return self.model.device.type != "cuda" and self.config.compact_decoder and self.plain_layers()
 
-    def step(self, batch: int, length: int) -> GreedyStep:
-        """A decode step over a KV cache of `length` slots; on CUDA a captured graph (unless
-        `config.cuda_graphs` is off), kept per size."""
+    def step(self, batch: int, length: int, graph: bool = True) -> GreedyStep:
+        """A decode step over a KV cache of `length` slots; on CUDA kept per size, and captured in
+        a graph where `graph` (greedy decoding: sampling runs eagerly, so its steps capture none)
+        and `config.cuda_graphs` are on, and the layers are the LM's own (PEFT's trainable-token
+        rows copy indices from the host, which a capture cannot hold)."""
         lm = self.model.lm
         if self.model.device.type != "cuda":
             return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None)
+        graph = graph and self.config.cuda_graphs and self.plain_layers()
         steps = self._state()["steps"]
-        if (batch, length) not in steps:
-            steps[(batch, length)] = GreedyStep(lm, batch, length, graph=self.config.cuda_graphs)
-        return steps[(batch, length)]
+        with self._building:  # one capture at a time: two server threads may ask for the same size
+            if (batch, length, graph) not in steps:
+                steps[(batch, length, graph)] = GreedyStep(lm, batch, length, graph=graph)
+        return steps[(batch, length, graph)]
 
     def vllm(self):
         """A vLLM engine over the current weights when vLLM is installed, the model is on CUDA and
@@ -396,7 +401,7 @@ class QueryEngine:
         length = n + max(len(x) for x in sufs) + 2 * max_new + 8 + sum(len(d) + len(t) for _, d, t in drafts)
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
-        step = self.step(len(seqs), length)
+        step = self.step(len(seqs), length, graph=pick is None)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
             gen, first, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
             if texts is None:

@@ -116,7 +116,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     run.add_lora(model)
     ref = None  # the frozen stage-1 model, only for the KL term
     if cfg.kl_coef > 0:
-        ref_model = LREM.from_pretrained(str(init), dtype="float32", log=say).requires_grad_(False)
+        ref_model = LREM.from_pretrained(str(init), dtype="float32", device=str(acc.device), log=say).requires_grad_(False)
         ref = GRPOLoss(ref_model, sampling_temperature=cfg.sampling_temperature)
 
     world, rank, bs, g_n = run.world, run.rank, cfg.batch_size, cfg.num_generations
