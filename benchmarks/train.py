@@ -119,35 +119,90 @@ def rl_step(model, loss_fn, opt, pairs: list[Pair], cfg: RLConfig, step: int, bf
             "cot tokens": sum(batch["cot_tokens"]), "loss": loss.item()}
 
 
-def guarded(rows: list[dict], name: str, fn) -> None:
-    """rows += fn() (one setting's row); where the setting fails (a GPU run's LoRA, or memory), a
-    row that says why instead, and the next setting runs: the run is rare, keep what it gives."""
+def guarded(rows: list[dict], name: str, fn, model, progress) -> None:
+    """rows += fn() (one setting's row, with the GPU memory it peaked at), then `progress()` (a run
+    cut short keeps the rows so far). Where the setting fails (a GPU run's LoRA, or memory), a row
+    that says why instead, its gradients dropped, and the next setting runs: keep what a rare run gives."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         rows.append(fn())
     except Exception as e:  # noqa: BLE001 (any failure of one setting; the traceback is printed)
         traceback.print_exc()
         rows.append({"path": name, "error": f"{type(e).__name__}: {e}"[:400]})
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        model.lm.zero_grad(set_to_none=True)
+    if cuda:  # after the except block: its traceback held the failed setting's activations
+        torch.cuda.empty_cache()
+        rows[-1]["peak GPU GB"] = torch.cuda.max_memory_allocated() / 2**30
+    progress()
 
 
-def bench_rl(args, lora_r: int) -> list[dict]:
-    """RL rows: float32 and bfloat16 autocast, full fine-tuning then LoRA (`lora_r`; 0: none)."""
+def ratios_to(rows: list[dict], base: str) -> dict[str, float]:
+    """Each timed row's speed as a multiple of row `base`'s ({} where `base` failed)."""
+    step = {r["path"]: r["s/step"] for r in rows if "s/step" in r}
+    return {name: step[base] / s for name, s in step.items()} if base in step else {}
+
+
+def bench_stage1(args, rows: list[dict], progress) -> dict:
+    """Stage-1 rows, added to `rows` (shared prefix, plain, bfloat16 autocast, then LoRA in both
+    precisions); returns the counts behind their FLOPs. The model is freed on return."""
+    model = load(args)
+    model.lm.train()
+    state = {"opt": torch.optim.AdamW(model.lm.parameters(), lr=1e-5)}
+    batch = make_batch(model, args.batch)
+    params = (sum(p.numel() for p in model.lm.get_decoder().parameters())
+              - model.lm.get_input_embeddings().weight.numel())
+    head = model.lm.get_output_embeddings().weight.numel()
+    real_tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
+    ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
+    info = {"bound GFLOP/s": matmul_gflops(torch.float32, device=args.device), "real_tokens_per_step": real_tokens,
+            "ce_positions": ce_positions, "step_seconds": {}, "losses": {}}
+    losses, times, bound = info["losses"], info["step_seconds"], info["bound GFLOP/s"]
+    settings = [(True, 0, False), (False, 0, False), (True, 0, True)]
+    settings += [(True, args.lora_r, False), (True, args.lora_r, True)] if args.lora_r else []
+    for share, lora_r, bf16 in settings:
+        name = (("shared prefix" if share else "plain") + (", bf16 autocast" if bf16 else "")
+                + (f", LoRA r={lora_r}" if lora_r else ""))
+
+        def row(name=name, share=share, lora_r=lora_r, bf16=bf16) -> dict:
+            if lora_r and not any(hasattr(m, "base_layer") for m in model.lm.modules()):  # last: adapters go in in place
+                add_lora(model, SFTConfig(lora_r=lora_r))
+                state["opt"] = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer
+            loss_fn, opt = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share), state["opt"]
+            losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
+            times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
+                           for _ in range(args.steps)]
+            step_s = sorted(times[name])[len(times[name]) // 2]
+            ran = (run_tokens(batch["q_ids"], batch["q_mask"], share)
+                   + run_tokens(batch["d_ids"], batch["d_mask"], share))
+            flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
+            return {"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
+                    "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
+                    "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
+                    "of bound": flops / step_s / 1e9 / bound}
+
+        guarded(rows, name, row, model, progress)
+    return info
+
+
+def bench_rl(args, lora_r: int, rows: list[dict], progress) -> None:
+    """RL rows, added to `rows`: float32 and bfloat16 autocast, full fine-tuning then LoRA (`lora_r`; 0: none)."""
     cfg = RLConfig(lora_r=lora_r)
     pairs = [Pair(f"q{i}", QUERIES[i % len(QUERIES)], f"d{i}", f"{TITLES[i % len(TITLES)]} #{i}", "")
              for i in range(args.rl_queries)]
     model = load(args)
     model.config.cot_max_tokens = 16
-    opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-6)
-    rows = []
+    state = {"opt": torch.optim.AdamW(model.lm.parameters(), lr=1e-6)}
     for lora, bf16 in ((False, False), (False, True)) + (((True, False), (True, True)) if lora_r else ()):
-        if lora and not any(hasattr(m, "base_layer") for m in model.lm.modules()):
-            add_lora(model, cfg)
-            opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
-        loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps)
         name = "RL " + ("bf16 autocast" if bf16 else "float32") + (f", LoRA r={lora_r}" if lora else "")
 
-        def row(loss_fn=loss_fn, opt=opt, name=name, bf16=bf16) -> dict:
+        def row(name=name, lora=lora, bf16=bf16) -> dict:
+            if lora and not any(hasattr(m, "base_layer") for m in model.lm.modules()):
+                add_lora(model, cfg)
+                state["opt"] = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
+            loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps)
+            opt = state["opt"]
             rl_step(model, loss_fn, opt, pairs, cfg, 0, bf16)  # warm-up
             runs = [rl_step(model, loss_fn, opt, pairs, cfg, s + 1, bf16) for s in range(args.rl_steps)]
             mid = sorted(runs, key=lambda r: r["sample_s"] + r["update_s"])[len(runs) // 2]
@@ -156,8 +211,7 @@ def bench_rl(args, lora_r: int) -> list[dict]:
                     "update s": mid["update_s"], "tokens run": mid["tokens run"], "cot tokens": mid["cot tokens"],
                     "runs": runs}
 
-        guarded(rows, name, row)
-    return rows
+        guarded(rows, name, row, model, progress)
 
 
 def main() -> None:
@@ -177,81 +231,41 @@ def main() -> None:
     args = ap.parse_args()
     setup(args.threads)
 
-    info, t0 = machine(), time.perf_counter()
-    model = load(args)
-    model.lm.train()
-    opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-5)
-    batch = make_batch(model, args.batch)
-    params = (sum(p.numel() for p in model.lm.get_decoder().parameters())
-              - model.lm.get_input_embeddings().weight.numel())
-    head = model.lm.get_output_embeddings().weight.numel()
-    real_tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
-    ce_positions = int((batch["sft_tgt"] != IGNORE).sum())
-    bound = matmul_gflops(torch.float32, device=args.device)
-    rows, losses, times = [], {}, {}
-    settings = [(True, 0, False), (False, 0, False), (True, 0, True)]
-    settings += [(True, args.lora_r, False), (True, args.lora_r, True)] if args.lora_r else []
-    for share, lora_r, bf16 in settings:
-        if lora_r and not any(hasattr(m, "base_layer") for m in model.lm.modules()):  # last: adapters go in in place
-            add_lora(model, SFTConfig(lora_r=lora_r))
-            opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer: adapters and rows
-        loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
-        name = (("shared prefix" if share else "plain") + (", bf16 autocast" if bf16 else "")
-                + (f", LoRA r={lora_r}" if lora_r else ""))
+    t0 = time.perf_counter()
+    out = {"machine": machine(), "model": f"{args.shape}-shaped (random weights)" if args.shape else args.model,
+           "device": args.device, "dtype": "float32 weights; rows say the autocast", "lora_r": args.lora_r,
+           "rows": [], "rl_rows": []}
 
-        def row(loss_fn=loss_fn, opt=opt, name=name, share=share, lora_r=lora_r, bf16=bf16) -> dict:
-            losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
-            times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
-                           for _ in range(args.steps)]
-            step_s = sorted(times[name])[len(times[name]) // 2]
-            ran = (run_tokens(batch["q_ids"], batch["q_mask"], share)
-                   + run_tokens(batch["d_ids"], batch["d_mask"], share))
-            flops = (4 if lora_r else 6) * params * ran + 6 * head * ce_positions
-            return {"path": name, "batch": args.batch, "query tokens/seq": batch["q_ids"].shape[1],
-                    "item tokens/seq": batch["d_ids"].shape[1], "tokens run": ran, "s/step": step_s,
-                    "steps/s": 1 / step_s, "tokens/s": real_tokens / step_s, "GFLOP/s": flops / step_s / 1e9,
-                    "of bound": flops / step_s / 1e9 / bound}
+    def save(rl: str) -> None:  # after every row: a run cut short (a GPU call's time limit) keeps the rows so far
+        out.update(rl=rl, speedups=ratios_to(out["rows"], "shared prefix"),
+                   rl_speedups=ratios_to(out["rl_rows"], "RL float32"),
+                   **{"peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "wall_seconds": round(time.perf_counter() - t0, 1)})
+        plain = ratios_to(out["rows"], "plain")  # the shared-prefix step's speed in plain steps
+        out["speedup_shared_prefix"] = plain.get("shared prefix")
+        out["speedup_lora"] = out["speedups"].get(f"shared prefix, LoRA r={args.lora_r}")
+        write(args.name, out)
 
-        guarded(rows, name, row)
-    step = {r["path"]: r["s/step"] for r in rows if "s/step" in r}
-    base = step["shared prefix"]  # the reference row: its failure ends the run
-    speedup = step["plain"] / base if "plain" in step else None
-    ratios = {name: base / s for name, s in step.items()}  # x today's float32 shared-prefix step
-    lora = ratios.get(f"shared prefix, LoRA r={args.lora_r}")
+    out.update(bench_stage1(args, out["rows"], lambda: save("not yet run")))
+    rows = out["rows"]
+    save("not run (--rl-steps 0)" if not args.rl_steps else "running")
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
-    print(f"shared prefix / plain: {speedup or float('nan'):.2f}x faster per step; FLOP bound {bound:.1f} GFLOP/s")
-    for name, r in ratios.items():
+    print(f"shared prefix / plain: {out['speedup_shared_prefix'] or float('nan'):.2f}x faster per step; "
+          f"FLOP bound {out['bound GFLOP/s']:.1f} GFLOP/s")
+    for name, r in out["speedups"].items():
         print(f"  {name}: {r:.2f}x the float32 shared-prefix step")
-    device = str(model.device)
-
-    def save(rl_rows: list[dict], rl_ratios: dict, rl: str) -> None:
-        write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)" if args.shape else args.model,
-                          "device": device, "dtype": "float32 weights; rows say the autocast",
-                          "rows": rows, "speedups": ratios, "rl_rows": rl_rows, "rl_speedups": rl_ratios, "rl": rl,
-                          "speedup_shared_prefix": speedup, "speedup_lora": lora, "lora_r": args.lora_r,
-                          "bound GFLOP/s": bound, "real_tokens_per_step": real_tokens,
-                          "ce_positions": ce_positions, "step_seconds": times, "losses": losses,
-                          "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                          **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30}
-                             if torch.cuda.is_available() else {}),
-                          "wall_seconds": round(time.perf_counter() - t0, 1)})
-
     if not args.rl_steps:
-        save([], {}, "not run (--rl-steps 0)")
         return
-    save([], {}, "running (a run cut short keeps the stage-1 rows)")
-    del model, opt, loss_fn, batch  # the RL rows load their own (a 3B model's AdamW state is ~37 GB)
-    gc.collect()
+    gc.collect()  # stage 1's model, optimizer and LoRA copy are unreferenced now: their memory goes back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    rl_rows = bench_rl(args, args.lora_r)
-    timed = [r for r in rl_rows if "s/step" in r]
-    rl_ratios = {r["path"]: timed[0]["s/step"] / r["s/step"] for r in timed}  # x the first timed setting's step
+    rl_rows = out["rl_rows"]
+    bench_rl(args, args.lora_r, rl_rows, lambda: save("running"))
+    save("done")
     print(table([{k: v for k, v in r.items() if k != "runs"} for r in rl_rows],
                 list(dict.fromkeys(k for r in rl_rows for k in r if k != "runs"))))
-    for name, r in rl_ratios.items():
+    for name, r in out["rl_speedups"].items():
         print(f"  {name}: {r:.2f}x the float32 RL step")
-    save(rl_rows, rl_ratios, "done")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,19 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="lrem-trainers-"))
     base = work / "base"
     shaped_model(args.shape, "cpu", torch.float32, args.tokenizer).save_pretrained(base)
-    save = max(1, args.steps // 2)
+    every = max(1, args.steps // 2)  # checkpoints
     rows, states = [], {}
-    cfg1 = SFTConfig(model=str(base), batch_size=args.batch, max_steps=args.steps, save_steps=save, logging_steps=1)
-    cfg2 = RLConfig(batch_size=max(1, args.batch // 2), max_steps=args.steps, save_steps=save, logging_steps=1)
+    cfg1 = SFTConfig(model=str(base), batch_size=args.batch, max_steps=args.steps, save_steps=every, logging_steps=1)
+    cfg2 = RLConfig(batch_size=max(1, args.batch // 2), max_steps=args.steps, save_steps=every, logging_steps=1)
+    cuda = torch.cuda.is_available()
+
+    def save():  # after each stage: a run cut short (a GPU call's time limit) keeps the stages done
+        write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)",
+                          "device": "cuda" if cuda else "cpu", "rows": rows,
+                          "last": {k: s.get("last", {}) for k, s in states.items()},
+                          **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30} if cuda else {}),
+                          "wall_seconds": round(time.perf_counter() - t0, 1)})
+
     for stage, fn in (("coldstart", lambda: train(cfg1, work / "cold", triplets=TRIPLETS)),
                       ("rl", lambda: train_rl(cfg2, work / "cold", work / "rl", pairs=TRIPLETS))):
         t = time.perf_counter()
@@ -60,13 +69,8 @@ def main() -> None:
                      "precision": state["precision"], "seconds (load, steps, saves)": secs,
                      "checkpoints": sorted(p.name for p in (work / ("cold" if stage == "coldstart" else "rl")
                                                             / "checkpoints").iterdir())})
+        save()
     print(table(rows, list(rows[0])))
-    write(args.name, {"machine": info, "model": f"{args.shape}-shaped (random weights)",
-                      "device": "cuda" if torch.cuda.is_available() else "cpu", "rows": rows,
-                      "last": {k: s.get("last", {}) for k, s in states.items()},
-                      **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30}
-                         if torch.cuda.is_available() else {}),
-                      "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps({k: {"step": s["step"], "precision": s["precision"]} for k, s in states.items()}))
     if not args.work:
         shutil.rmtree(work)

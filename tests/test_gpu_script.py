@@ -33,3 +33,18 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     assert [(r["stage"], r["steps"], r["checkpoints"]) for r in loop["rows"]] == [
         ("coldstart", 2, ["step-0000001"]), ("rl", 2, ["step-0000001"])]
     assert (tmp_path / "gpu.log").read_text().count("=== ") >= 6  # the log the device call brings back
+
+
+def test_train_benchmark_keeps_the_other_settings_when_one_fails(tmp_path):
+    """A setting that fails (here LoRA with an invalid rank) leaves a row naming its error, and
+    the run goes on and writes its results: a GPU run is rare, so one failure must not cost the rest."""
+    res = subprocess.run([sys.executable, "benchmarks/train.py", "--shape", "tiny", "--steps", "1", "--batch", "4",
+                          "--rl-steps", "0", "--lora-r", "-1", "--threads", "2", "--name", str(tmp_path / "t")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "t.json").read_text())
+    ok, failed = [r for r in out["rows"] if "error" not in r], [r for r in out["rows"] if "error" in r]
+    assert [r["path"] for r in ok] == ["shared prefix", "plain", "shared prefix, bf16 autocast"]
+    assert len(failed) == 2 and all("lora_r=-1" in r["error"] for r in failed)
+    assert set(out["speedups"]) == {r["path"] for r in ok} and out["speedup_lora"] is None
+    assert out["rl"] == "not run (--rl-steps 0)"

@@ -308,7 +308,13 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
                          "and not a hub model in the local cache") from e
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if add_special_tokens:
-        tok.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
-        _resize_embeddings(lm, len(tok))
-        init_special_embeddings(lm, tok)
+        add_lrem_tokens(lm, tok)
     return lm, tok
+
+
+def add_lrem_tokens(lm, tokenizer) -> None:
+    """Make a backbone an LREM one: the special tokens join `tokenizer`, and `lm`'s embedding
+    matrix is sized to the tokenizer, the new rows set by `init_special_embeddings`."""
+    tokenizer.add_tokens(list(prompts.SPECIAL_TOKENS), special_tokens=True)
+    _resize_embeddings(lm, len(tokenizer))
+    init_special_embeddings(lm, tokenizer)
