@@ -66,7 +66,8 @@ def shaped_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.bfl
     from lrem.model import LREM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(tokenizer))
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=True,
+    dims = {**SHAPES[shape], "vocab_size": max(SHAPES[shape]["vocab_size"], len(tok))}  # the pad id must fit
+    cfg = Qwen2Config(**dims, max_position_embeddings=32768, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)

@@ -8,11 +8,14 @@ the training loop runs there at all; the per-step speed comes from `benchmarks/t
     .venv/bin/python benchmarks/trainers.py --shape tiny                    (the rehearsal)
 
 Data: the committed WordNet label triplets (`data/triplets/wordnet-labels`), for both stages
-(stage 2 reads them as RL pairs, CoTs dropped). Seconds per stage include loading and saving.
+(stage 2 reads them as RL pairs, CoTs dropped), less the rows whose CoT runs over `cot_max_tokens`
+in the shaped model's tokenizer (the set was checked in SmolLM2's). Seconds per stage include
+loading and saving.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import tempfile
@@ -44,8 +47,16 @@ def main() -> None:
 
     info, t0 = machine(), time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="lrem-trainers-"))
-    base = work / "base"
-    shaped_model(args.shape, "cpu", torch.float32, args.tokenizer).save_pretrained(base)
+    base, triplets = work / "base", work / "triplets.jsonl"
+    model = shaped_model(args.shape, "cpu", torch.float32, args.tokenizer)
+    model.save_pretrained(base)
+    budget, tok = model.config.cot_max_tokens, model.tokenizer
+    with gzip.open(TRIPLETS, "rt") as f:
+        lines = f.readlines()
+    fit = [ln for ln in lines if len(tok(json.loads(ln)["cot"], add_special_tokens=False)["input_ids"]) <= budget]
+    triplets.write_text("".join(fit))
+    print(f"{len(fit)} of {len(lines)} triplets have a CoT of at most {budget} tokens in this tokenizer")
+    del model
     every = max(1, args.steps // 2)  # checkpoints
     rows, states = [], {}
     cfg1 = SFTConfig(model=str(base), batch_size=args.batch, max_steps=args.steps, save_steps=every, logging_steps=1)
@@ -59,8 +70,8 @@ def main() -> None:
                           **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30} if cuda else {}),
                           "wall_seconds": round(time.perf_counter() - t0, 1)})
 
-    for stage, fn in (("coldstart", lambda: train(cfg1, work / "cold", triplets=TRIPLETS)),
-                      ("rl", lambda: train_rl(cfg2, work / "cold", work / "rl", pairs=TRIPLETS))):
+    for stage, fn in (("coldstart", lambda: train(cfg1, work / "cold", triplets=triplets)),
+                      ("rl", lambda: train_rl(cfg2, work / "cold", work / "rl", pairs=triplets))):
         t = time.perf_counter()
         state = fn()
         secs = time.perf_counter() - t
