@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's GPU part in one device call (a drawn task has 15 minutes of device time in all):
-# query latency with Qwen2.5-3B's shape, and stage-1 and RL steps with Qwen2.5-0.5B's and 3B's,
-# and the real trainers for a few steps on 0.5B's; all random weights built from a config (the GPU machine has no registries, and 64 MiB travels).
+# query latency with Qwen2.5-3B's shape, stage-1 and RL steps with Qwen2.5-0.5B's and 3B's, and
+# the real trainers for a few steps on 0.5B's; all random weights built from a config (the GPU
+# machine has no registries, and 64 MiB travels).
 #
 #   here, once:  bash benchmarks/gpu.sh --prepare     (.gpu/: a tokenizer, and the wheels the GPU
 #                                                       image lacks: trl for the RL loss, its needs)
@@ -10,9 +11,9 @@
 #                                                       seconds; tests/test_gpu_script.py runs it)
 #
 # Each step has its own time limit, and a failed step does not stop the next. Results:
-# $OUT/gpu-*.json and $OUT/gpu.log ($OUT: the device tool's, else benchmarks/results). Where the CUDA-graph decoder
-# fails, query latency runs again without graphs (LREM_CUDA_GRAPHS=0); a training setting that
-# fails (LoRA, memory) leaves a row with its error, and the others run.
+# $OUT/gpu-*.json and $OUT/gpu.log ($OUT: the device tool's, else benchmarks/results). Where the
+# CUDA-graph decoder fails, query latency runs again without graphs (LREM_CUDA_GRAPHS=0); a
+# training setting that fails (LoRA, memory) leaves a row with its error, and the others run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -46,7 +47,7 @@ OUT="$(realpath -m "$OUT")"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 tee_pid=$!
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1  # the log in step with the steps (each benchmark's setup() sets the hub offline)
 if [ "$mode" = --rehearse ]; then
   PY="${PYTHON:-.venv/bin/python}"
   dev=cpu; big=tiny; small=tiny; tokdir=""  # SmolLM2's tokenizer

@@ -192,18 +192,21 @@ def main() -> None:
     name = args.name or ("query_latency" if args.model == ap.get_default("model")
                          else f"query_latency-{Path(args.model).name}")
 
-    def save(part: str | None = None, head: dict | None = None):
-        def write_with(partial: dict | None = None):
-            done = {**results, **({part: {**head, **partial, "partial": True}} if partial else {})}
-            end_load = round(os.getloadavg()[0], 2)
-            write(name, {"machine": {**info, "load_average_1m_end": end_load}, **done,
-                         "wall_seconds": round(time.perf_counter() - t0, 1)})
-            return end_load
-        return write_with
+    def save(partial: dict | None = None) -> float:
+        """Write the results, with `partial` (part -> its rows so far) while a part runs: a run
+        cut short (a GPU call's time limit) keeps them. Returns the load average at the end."""
+        end_load = round(os.getloadavg()[0], 2)
+        write(name, {"machine": {**info, "load_average_1m_end": end_load}, **results, **(partial or {}),
+                     "wall_seconds": round(time.perf_counter() - t0, 1)})
+        return end_load
+
+    def progress(part: str, head: dict):
+        return lambda rows: save({part: {**head, **rows, "partial": True}})
+
     if args.model != "none":
         cpu = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
         head = {"model": args.model, "dtype": str(cpu.lm.dtype)}
-        results["cpu"] = {**head, **bench(cpu, args.batches, args.repeat, args.n_single, save("cpu", head))}
+        results["cpu"] = {**head, **bench(cpu, args.batches, args.repeat, args.n_single, progress("cpu", head))}
         report(f"CPU, {args.model}, {cpu.lm.dtype}", results["cpu"])
         del cpu
     device = args.shape_device or ("cuda" if torch.cuda.is_available() and not args.no_gpu else None)
@@ -220,7 +223,7 @@ def main() -> None:
         # a failed capture decodes eagerly with a warning (`GreedyStep`): count them, or the label lies
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = bench(shaped, args.gpu_batches, args.repeat, args.n_single, save(part, head))
+            out = bench(shaped, args.gpu_batches, args.repeat, args.n_single, progress(part, head))
         failed = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
         for m in sorted({str(w.message).splitlines()[0] for w in caught})[:5]:
             print(f"warning: {m}")
@@ -228,7 +231,7 @@ def main() -> None:
                                "graph_capture_errors": sorted(set(failed))[:3]}
         report(f"{where}, {args.shape}-shaped, bfloat16, fast engine: {engine}"
                + (f" ({len(failed)} captures failed: eager)" if failed else ""), out)
-    end_load = save()()
+    end_load = save()
     print(f"load average (1 min): {info['load_average_1m']} at the start, {end_load} at the end")
 
 

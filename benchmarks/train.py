@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import traceback
 import resource
 import time
+import traceback
 
 import torch
 
@@ -149,7 +149,7 @@ def bench_stage1(args, rows: list[dict], progress) -> dict:
     precisions); returns the counts behind their FLOPs. The model is freed on return."""
     model = load(args)
     model.lm.train()
-    state = {"opt": torch.optim.AdamW(model.lm.parameters(), lr=1e-5)}
+    opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-5)
     batch = make_batch(model, args.batch)
     params = (sum(p.numel() for p in model.lm.get_decoder().parameters())
               - model.lm.get_input_embeddings().weight.numel())
@@ -166,10 +166,11 @@ def bench_stage1(args, rows: list[dict], progress) -> dict:
                 + (f", LoRA r={lora_r}" if lora_r else ""))
 
         def row(name=name, share=share, lora_r=lora_r, bf16=bf16) -> dict:
-            if lora_r and not any(hasattr(m, "base_layer") for m in model.lm.modules()):  # last: adapters go in in place
+            nonlocal opt
+            if lora_r and model.engine.plain_layers():  # the LoRA settings come last: adapters go in in place
                 add_lora(model, SFTConfig(lora_r=lora_r))
-                state["opt"] = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer
-            loss_fn, opt = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share), state["opt"]
+                opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-5)  # as the trainer: adapters and rows
+            loss_fn = LREMLoss(model, 0.1, 1.0, 0.05, share_prefix=share)
             losses[name] = [train_step(loss_fn, opt, batch, bf16)]  # warm-up
             times[name] = [seconds(lambda: losses[name].append(train_step(loss_fn, opt, batch, bf16)))
                            for _ in range(args.steps)]
@@ -193,16 +194,16 @@ def bench_rl(args, lora_r: int, rows: list[dict], progress) -> None:
              for i in range(args.rl_queries)]
     model = load(args)
     model.config.cot_max_tokens = 16
-    state = {"opt": torch.optim.AdamW(model.lm.parameters(), lr=1e-6)}
+    opt = torch.optim.AdamW(model.lm.parameters(), lr=1e-6)
     for lora, bf16 in ((False, False), (False, True)) + (((True, False), (True, True)) if lora_r else ()):
         name = "RL " + ("bf16 autocast" if bf16 else "float32") + (f", LoRA r={lora_r}" if lora else "")
 
         def row(name=name, lora=lora, bf16=bf16) -> dict:
-            if lora and not any(hasattr(m, "base_layer") for m in model.lm.modules()):
+            nonlocal opt
+            if lora and model.engine.plain_layers():
                 add_lora(model, cfg)
-                state["opt"] = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
+                opt = torch.optim.AdamW(trainable_parameters(model.lm), lr=1e-6)
             loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps)
-            opt = state["opt"]
             rl_step(model, loss_fn, opt, pairs, cfg, 0, bf16)  # warm-up
             runs = [rl_step(model, loss_fn, opt, pairs, cfg, s + 1, bf16) for s in range(args.rl_steps)]
             mid = sorted(runs, key=lambda r: r["sample_s"] + r["update_s"])[len(runs) // 2]

@@ -43,6 +43,7 @@ def main() -> None:
     setup(args.threads)
     from lrem.train import RLConfig, SFTConfig
     from lrem.train.grpo import train_rl
+    from lrem.train.pairs import cot_tokens
     from lrem.train.sft import train
 
     info, t0 = machine(), time.perf_counter()
@@ -53,7 +54,7 @@ def main() -> None:
     budget, tok = model.config.cot_max_tokens, model.tokenizer
     with gzip.open(TRIPLETS, "rt") as f:
         lines = f.readlines()
-    fit = [ln for ln in lines if len(tok(json.loads(ln)["cot"], add_special_tokens=False)["input_ids"]) <= budget]
+    fit = [ln for ln in lines if cot_tokens(tok, json.loads(ln)["cot"]) <= budget]
     triplets.write_text("".join(fit))
     print(f"{len(fit)} of {len(lines)} triplets have a CoT of at most {budget} tokens in this tokenizer")
     del model
@@ -70,16 +71,15 @@ def main() -> None:
                           **({"peak GPU memory GB": torch.cuda.max_memory_allocated() / 2**30} if cuda else {}),
                           "wall_seconds": round(time.perf_counter() - t0, 1)})
 
-    for stage, fn in (("coldstart", lambda: train(cfg1, work / "cold", triplets=triplets)),
-                      ("rl", lambda: train_rl(cfg2, work / "cold", work / "rl", pairs=triplets))):
+    for stage, out, fn in (("coldstart", work / "cold", lambda out: train(cfg1, out, triplets=triplets)),
+                           ("rl", work / "rl", lambda out: train_rl(cfg2, work / "cold", out, pairs=triplets))):
         t = time.perf_counter()
-        state = fn()
+        state = fn(out)
         secs = time.perf_counter() - t
         states[stage] = state
         rows.append({"stage": stage, "steps": state["step"], "batch": state["batch_size"],
                      "precision": state["precision"], "seconds (load, steps, saves)": secs,
-                     "checkpoints": sorted(p.name for p in (work / ("cold" if stage == "coldstart" else "rl")
-                                                            / "checkpoints").iterdir())})
+                     "checkpoints": sorted(p.name for p in (out / "checkpoints").iterdir())})
         save()
     print(table(rows, list(rows[0])))
     print(json.dumps({k: {"step": s["step"], "precision": s["precision"]} for k, s in states.items()}))

@@ -21,6 +21,11 @@ REQUIRED = ("query_id", "query", "item_id", "item_title")
 
 # ---------------------------------------------------------------- files and splits
 
+def cot_tokens(tokenizer, cot: str) -> int:
+    """A teacher CoT's length in `tokenizer`'s tokens, as `load_triplets` holds it to cot_max_tokens."""
+    return len(tokenizer(cot.strip(), add_special_tokens=False)["input_ids"])
+
+
 def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) -> list[Pair]:
     """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`;
     optional `candidates`, a grounded query's first-stage titles, from `lrem.grounding.mine_candidates`).
@@ -42,7 +47,7 @@ def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) 
                                 if f != "cot" else f"expected a string, got {value!r}")
         cot = row.get("cot", "").strip()
         if tokenizer is not None and cot:
-            n = len(tokenizer(cot, add_special_tokens=False)["input_ids"])
+            n = cot_tokens(tokenizer, cot)
             if n > cot_max_tokens:
                 raise DataError(path, line_no, "cot", f"{n} tokens, more than cot_max_tokens={cot_max_tokens}")
         if dataset is not None:
