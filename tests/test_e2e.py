@@ -51,14 +51,21 @@ def test_index_search_eval_with_the_default_model(small):
         assert r["items"][0]["score"] >= r["items"][2]["score"]
     text = lrem("search", "--index", str(small / "idx"), "--mode", "direct", "mug").stdout
     assert "cot (direct): (none)" in text and "  1. " in text
+    # hybrid: BM25 over the index's titles fused with the dense ranking; RRF scores, at most 2/61 here
+    res = lrem("search", "--index", str(small / "idx"), "--mode", "direct", "--hybrid", "--json", "-k", "4", "corkscrew")
+    [row] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert row["mode"] == "direct+bm25" and len(row["items"]) == 4
+    assert 2 / 61 >= row["items"][0]["score"] >= row["items"][3]["score"] > 0
 
     report = small / "report"
     res = lrem("eval", "--data", str(small / "small"), "--split", "dev", "--out", str(report), "--examples", "2",
                "-s", "bm25", "-s", "minilm", "-s", f"lrem-direct={small / 'idx'}:direct",
-               "-s", f"lrem-reason={small / 'idx'}:reason", "-s", "fresh-qcot=smollm2-135m-instruct:query-cot")
+               "-s", f"lrem-reason={small / 'idx'}:reason", "-s", "fresh-qcot=smollm2-135m-instruct:query-cot",
+               "-s", f"hybrid=bm25+{small / 'idx'}:direct")
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["split"] == "dev" and metrics["n_queries"] == 12
-    assert set(metrics["systems"]) == {"bm25", "minilm", "lrem-direct", "lrem-reason", "fresh-qcot"}
+    assert set(metrics["systems"]) == {"bm25", "minilm", "lrem-direct", "lrem-reason", "fresh-qcot", "hybrid"}
+    assert metrics["systems"]["hybrid"]["mode"] == "rrf: 1*bm25 + 1*direct"
     for name, s in metrics["systems"].items():
         for m in ("hitrate@1", "hitrate@10", "hitrate@100", "precision@10", "ndcg@10", "mrr@10"):
             assert 0.0 <= s["overall"][m] <= 1.0, (name, m)
@@ -122,4 +129,4 @@ def test_unknown_mode_is_rejected_with_the_modes(tmp_path):
     (tmp_path / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "a", "relevance": 1}\n')
     p = lrem("eval", "--data", str(tmp_path), "--out", str(tmp_path / "ev"), "-s", f"x={tmp_path}:think", ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert f"system x='{tmp_path}:think': expected bm25, minilm or MODEL:MODE with MODE in {MODES}" in p.stderr
+    assert f"system x='{tmp_path}:think': expected bm25, minilm, MODEL:MODE with MODE in {MODES}" in p.stderr

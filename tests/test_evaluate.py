@@ -181,7 +181,7 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
     assert set(metrics) >= {"dataset", "split", "n_queries", "systems", "significance"}
     assert not {"examples", "runs", "qrels"} & set(metrics)
     assert metrics["dataset"] == "toy" and metrics["split"] == "test"
-    assert set(metrics["systems"]["bm25"]) == {"overall", "slices", "ms_per_query", "queries_per_s"}
+    assert set(metrics["systems"]["bm25"]) == {"overall", "slices", "ms_per_query", "queries_per_s", "retriever", "index"}
 
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 12

@@ -52,6 +52,10 @@ class BM25Retriever:
         self.bm25 = bm25s.BM25(k1=k1, b=b)
         self.bm25.index(corpus_tokens, show_progress=show_progress)
 
+    def describe(self) -> dict:
+        """What the eval report records."""
+        return {"retriever": "bm25", "index": "(items indexed in memory)"}
+
     def _token_ids(self, query: str) -> list[int]:
         """Vocabulary ids of the query's tokens, unknown tokens and stopwords dropped."""
         import bm25s
@@ -115,7 +119,7 @@ class MiniLMRetriever:
 
     def describe(self) -> dict:
         """The model folder, for the eval report."""
-        return {"model": self.model_path, "index": "(items embedded in memory)"}
+        return {"retriever": "minilm", "model": self.model_path, "index": "(items embedded in memory)"}
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), dim)."""

@@ -25,6 +25,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ._text import check_query
+from .fusion import FusedRetriever, parse_fused
 from .index import ItemIndex, model_fingerprint, open_index
 from .model import LREM
 from .router import LearnedRouter, Router
@@ -244,6 +245,21 @@ class Searcher:
             self.cots_for([], mode)  # validates the mode now, not at the first query
         return _ModeRetriever(self, mode, router)
 
+    def lexical(self) -> Retriever:
+        """BM25 over this index's titles, built on the first call and kept: the lexical half of
+        hybrid search (`hybrid`, `lrem search --hybrid`, serve's `hybrid`)."""
+        if getattr(self, "_lexical", None) is None:
+            from .baselines import BM25Retriever
+
+            self._lexical = BM25Retriever(dict(zip(self.index.item_ids, self.index.titles)), show_progress=False)
+        return self._lexical
+
+    def hybrid(self, mode: str, lexical_weight: float = 1.0, router: Router | LearnedRouter | None = None
+               ) -> FusedRetriever:
+        """Hybrid search: this searcher in `mode` and BM25 over the index's titles, fused by
+        reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`."""
+        return FusedRetriever([self.retriever(mode, router), self.lexical()], weights=[1.0, lexical_weight])
+
 
 # route's callables: embed(kind, texts) -> (cots, embeddings (n, dim)); offload(fn, *args) -> fn(*args)
 Embed = Callable[[str, list[str]], Awaitable[tuple[list[str], np.ndarray]]]
@@ -341,7 +357,8 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     `auto-margin` and `auto-margin@0.3` use the margin router whatever the model folder holds
     (to compare the two). The report records each LREM system's share of queries reasoned and
     its router. `truncate`: inputs over a model's token limits are cut and counted
-    (`model.truncated`), or an error.
+    (`model.truncated`), or an error. `SPEC+SPEC[+...]` is hybrid search: the parts' rankings
+    fused by reciprocal rank fusion (`lrem.fusion`), `WEIGHT*SPEC` weighing a part (default 1).
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
@@ -349,21 +366,26 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
 
     titles = {iid: item.title for iid, item in ds.catalog.items()}
     searchers: dict[str, Searcher] = {}
-    systems: dict[str, Retriever] = {}
-    for name, spec in specs.items():
-        baseline = baseline_system(spec, titles)
-        if baseline is not None:
-            systems[name] = baseline
-            continue
+    baselines: dict[str, Retriever] = {}
+
+    def system(name: str, spec: str) -> Retriever:
+        fused = parse_fused(spec)
+        if fused is not None:
+            return FusedRetriever([system(name, part) for _, part in fused], weights=[w for w, _ in fused])
+        if spec in ("bm25", "minilm"):
+            if spec not in baselines:
+                baselines[spec] = baseline_system(spec, titles)
+            return baselines[spec]
         model, sep, mode = spec.rpartition(":")
         cot_file = mode[len("cots="):] if mode.startswith("cots=") else None
         mode, at, share = ("reason", "", "") if cot_file else mode.partition("@")
         margin = mode == "auto-margin"
         mode = "auto" if margin else mode
         if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
-            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm or MODEL:MODE with MODE in {MODES} "
+            raise ValueError(f"system {name}={spec!r}: expected bm25, minilm, MODEL:MODE with MODE in {MODES} "
                              f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router; "
-                             f"cots=FILE: the CoTs a file gives)")
+                             f"cots=FILE: the CoTs a file gives), or a fusion of these joined by '+' "
+                             f"(hybrid search, e.g. bm25+MODEL:direct; WEIGHT*SPEC weighs a part)")
         if model not in searchers:
             if is_index_dir(model) or is_milvus_spec(model):
                 searcher = Searcher.load(model, log=log)
@@ -377,13 +399,13 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
                                                           truncate=truncate), truncate=truncate)
             searchers[model] = searcher
         if cot_file:
-            systems[name] = _GivenCotRetriever(searchers[model], load_cots(cot_file), cot_file)
-            continue
+            return _GivenCotRetriever(searchers[model], load_cots(cot_file), cot_file)
         router = Router() if margin else None
         if at:
             router = (router or searchers[model].router).with_share(float(share))
-        systems[name] = searchers[model].retriever(mode, router)
-    return systems
+        return searchers[model].retriever(mode, router)
+
+    return {name: system(name, spec) for name, spec in specs.items()}
 
 
 def load_cots(path) -> dict[str, str]:

@@ -172,7 +172,9 @@ def create_app(searcher, config: ServeConfig | None = None):
             raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
         query = clean(req.query, "query", cfg.max_query_chars)
         service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
-        result = await limited(service.query(query, req.mode, req.k))
+        if req.hybrid and service.lexical is None:
+            raise HTTPException(400, "hybrid search is off on this server; start it with --set hybrid=true")
+        result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None))
         del result["embedding"]
         return result
 

@@ -39,6 +39,10 @@ class ServeConfig:
                 "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "
                 "router, tracking that quantile of recent queries (score scales differ between models)."})
     router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
+    # Hybrid search
+    hybrid: bool = field(default=False, metadata={
+        "help": "Build BM25 over the index's titles at start, so /search requests may ask for hybrid: true "
+                "(the dense ranking fused with BM25's by reciprocal rank fusion)."})
     # Limits: breaking one is a 4xx with a message naming the limit
     max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
     max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
@@ -60,9 +64,9 @@ class ServeConfig:
         for f in fields(self):
             v, want = getattr(self, f.name), type(f.default)
             number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
-            if not (isinstance(v, str) if want is str else number):
+            if not (isinstance(v, want) if want in (str, bool) else number):
                 raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
-            if want is not str and v < 0:
+            if want not in (str, bool) and v < 0:
                 raise ValueError(f"{f.name}={v}; must be >= 0")
         for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue",
                      "max_connections", "keep_alive_s"):

@@ -22,12 +22,16 @@ class SearchRequest(BaseModel):
         "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides; grounded: "
                             "a direct search first, then reason with its top titles in the prompt and search again; "
                             "grounded-direct: the same without the CoT.")
+    hybrid: bool = Field(False, description="Fuse the mode's ranking with BM25 over the titles by reciprocal rank "
+                                            "fusion (a server started with hybrid: true); scores are then RRF scores.")
+    lexical_weight: float = Field(1.0, ge=0.0, description="With hybrid: the weight of BM25's ranks (the dense "
+                                                           "ranks weigh 1).")
 
 
 class SearchItem(BaseModel):
     item_id: str
     title: str
-    score: float = Field(description="Cosine similarity of query and item embeddings.")
+    score: float = Field(description="Cosine similarity of query and item embeddings (hybrid: the RRF score).")
 
 
 class SearchResponse(BaseModel):
@@ -37,7 +41,7 @@ class SearchResponse(BaseModel):
     cached: bool = Field(description="True when every embedding came from the cache.")
     items: list[SearchItem]
     timings_ms: dict[str, float] = Field(description="direct, reason or grounded (embedding, incl. queueing), index "
-                                                     "(the searches), total.")
+                                                     "(the searches), lexical (hybrid's BM25), total.")
 
 
 class EmbeddingRequest(BaseModel):

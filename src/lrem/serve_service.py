@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from .batching import Batcher, EmbeddingCache
+from .fusion import FUSION_DEPTH, fuse
 from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
 
@@ -63,6 +64,7 @@ class SearchService:
         self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
         self.metrics = ServeMetrics(self)
         self.batcher.on_batch = self.metrics.observe_batch
+        self.lexical = searcher.lexical() if config.hybrid else None  # BM25 over the titles, built now
 
     @property
     def reasoned_share(self) -> float:
@@ -91,19 +93,28 @@ class SearchService:
         self.cache.put((kind, text), (cot, emb))
         return cot, emb, False
 
-    async def query(self, text: str, mode: str, k: int) -> dict:
+    async def query(self, text: str, mode: str, k: int, lexical_weight: float | None = None) -> dict:
         """Embed (direct, reason, or direct then routed: `Searcher.route`), search; a
-        `SearchResponse` as a dict, plus the embedding the items were found with."""
+        `SearchResponse` as a dict, plus the embedding the items were found with. `lexical_weight`
+        not None: hybrid search, the dense top `FUSION_DEPTH` fused with BM25's (`lrem.fusion`)."""
+        if lexical_weight is not None and self.lexical is None:
+            raise ValueError("hybrid search is off on this server; start it with --set hybrid=true")
         t_start, hits = time.perf_counter(), []
+        depth = k if lexical_weight is None else max(k, FUSION_DEPTH)
 
         async def embed(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
             rows = [await self.embed(kind, t) for t in texts]  # one text: the batcher batches across requests
             hits.extend(hit for _, _, hit in rows)
             return [cot for cot, _, _ in rows], np.stack([emb for _, emb, _ in rows])  # (n, dim)
 
-        routed = await self.searcher.route([text], k, mode, embed=embed, router=self.router,
+        routed = await self.searcher.route([text], depth, mode, embed=embed, router=self.router,
                                            offload=asyncio.to_thread)  # FAISS off the event loop
-        [result], [reasoned] = routed.results, routed.reasoned
+        [result], [reasoned], timings = routed.results, routed.reasoned, dict(routed.timings_ms)
+        if lexical_weight is not None:
+            t0 = time.perf_counter()
+            [lexical] = await asyncio.to_thread(self.lexical.search, [text], depth)
+            timings["lexical"] = round(1000.0 * (time.perf_counter() - t0), 3)
+            result = fuse([result, lexical], k, [1.0, lexical_weight])
         mode_used = mode if mode in GROUNDED_MODES else "reason" if reasoned else "direct"
         if mode == "auto":
             self.n_auto += 1
@@ -113,4 +124,4 @@ class SearchService:
         items = [{"item_id": h.item_id, "title": title(h.item_id), "score": h.score} for h in result.hits]
         return {"query": text, "cot": result.cot, "mode_used": mode_used, "cached": all(hits), "items": items,
                 "embedding": routed.embeddings[0],
-                "timings_ms": {**routed.timings_ms, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
+                "timings_ms": {**timings, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}

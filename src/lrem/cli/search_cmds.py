@@ -31,6 +31,10 @@ def search(
     truncate: Truncate = True,
     runtime: Annotated[str, typer.Option(help="auto: LREM folders run without importing transformers where they "
                                          "can (a faster start, the same results); transformers; native.")] = "auto",
+    hybrid: Annotated[bool, typer.Option("--hybrid", help="Hybrid search: fuse the MODE ranking with BM25 over the "
+                                         "index's titles by reciprocal rank fusion (scores are then RRF scores).")] = False,
+    lexical_weight: Annotated[float, typer.Option(min=0.0, help="With --hybrid: the weight of BM25's ranks "
+                                                  "(the dense ranks weigh 1).")] = 1.0,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
     from lrem.search import Searcher, check_search
@@ -38,12 +42,17 @@ def search(
     check_search(queries, k)  # before the model loads
     searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
     searcher.truncate = truncate
-    for q, r in zip(queries, searcher.search(queries, k=k, mode=mode)):
+    if hybrid:
+        results = searcher.hybrid(mode, lexical_weight).search(queries, k=k)
+    else:
+        results = searcher.search(queries, k=k, mode=mode)
+    label = f"{mode}+bm25" if hybrid else mode
+    for q, r in zip(queries, results):
         if as_json:
             hits = [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": h.score} for h in r.hits]
-            typer.echo(json.dumps({"query": q, "mode": mode, "cot": r.cot, "items": hits}, ensure_ascii=False))
+            typer.echo(json.dumps({"query": q, "mode": label, "cot": r.cot, "items": hits}, ensure_ascii=False))
             continue
-        typer.echo(f"query: {q}\n  cot ({mode}): {r.cot or '(none)'}")
+        typer.echo(f"query: {q}\n  cot ({label}): {r.cot or '(none)'}")
         for rank, h in enumerate(r.hits, 1):
             typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
 

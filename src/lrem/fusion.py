@@ -1,0 +1,114 @@
+"""Hybrid search: fuse the rankings of several retrievers by reciprocal rank fusion.
+
+Lexical BM25 finds exact part numbers, brands and rare words that a dense model blurs; the dense
+model finds what the words do not say. Reciprocal rank fusion (Cormack, Clarke and Buettcher,
+SIGIR 2009) adds, for each item, `weight / (rrf_k + rank)` over the rankings that hold it. It
+needs no score calibration between retrievers, which is why Elasticsearch, OpenSearch, Vespa and
+Milvus use it for hybrid search, with the same `rrf_k` = 60.
+
+    >>> [(item, round(score, 4)) for item, score in rrf([["a", "b", "c"], ["c", "a"]])]
+    [('a', 0.0325), ('c', 0.0323), ('b', 0.0161)]
+    >>> [i for i, _ in rrf([["a", "b"], ["b", "c"]], weights=[1.0, 3.0])]
+    ['b', 'c', 'a']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from lrem.search_types import Hit, Retriever, SearchResult
+
+RRF_K = 60  # the constant of the paper above, and the default of the engines that use it
+FUSION_DEPTH = 100  # hits taken from each retriever before fusing
+
+
+def rrf(rankings: Sequence[Sequence[str]], weights: Sequence[float] | None = None,
+        rrf_k: float = RRF_K) -> list[tuple[str, float]]:
+    """Fuse ranked item-id lists (best first) into one: (item_id, score) pairs, score desc.
+
+    Ties keep the order in which the items were first met (first ranking first, best rank
+    first), so the result is deterministic.
+    """
+    weights = [1.0] * len(rankings) if weights is None else list(weights)
+    if len(weights) != len(rankings):
+        raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
+    scores: dict[str, float] = {}
+    for weight, ranking in zip(weights, rankings):
+        for rank, item in enumerate(ranking, 1):
+            scores[item] = scores.get(item, 0.0) + weight / (rrf_k + rank)
+    first = {item: n for n, item in enumerate(scores)}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], first[kv[0]]))
+
+
+@dataclass
+class FusedRetriever:
+    """A `Retriever` whose ranking is the RRF of its parts' top `depth` hits.
+
+    A result's CoT is the first part's that has one (the reasoning LREM system's).
+    `weights` default to 1 each.
+    """
+
+    parts: list[Retriever]
+    weights: list[float] | None = None
+    rrf_k: float = RRF_K
+    depth: int = FUSION_DEPTH
+
+    def __post_init__(self):
+        if len(self.parts) < 2:
+            raise ValueError("fusion needs at least two retrievers")
+        if self.weights is not None and (len(self.weights) != len(self.parts) or min(self.weights) < 0):
+            raise ValueError(f"need {len(self.parts)} weights, none negative; got {self.weights}")
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        runs = [part.search(queries, k=max(k, self.depth)) for part in self.parts]
+        return [fuse([run[n] for run in runs], k, self.weights, self.rrf_k) for n in range(len(queries))]
+
+    def describe(self) -> dict:
+        """For the eval report: the parts' models and indexes, a mode naming each weighed part
+        ("rrf: 1*bm25 + 1*direct"), and each part's own description."""
+        parts = [p.describe() if hasattr(p, "describe") else {} for p in self.parts]
+        weights = self.weights or [1.0] * len(parts)
+        names = [d.get("mode") or d.get("retriever") or type(p).__name__ for p, d in zip(self.parts, parts)]
+        joined = {key: " + ".join(dict.fromkeys(str(d[key]) for d in parts if d.get(key))) for key in ("model", "index")}
+        return {**joined, "mode": "rrf: " + " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names)),
+                "fusion": {"rrf_k": self.rrf_k, "depth": self.depth, "weights": weights}, "parts": parts}
+
+    @property
+    def reasoned_share(self) -> float:
+        """The reasoning part's share of queries that generated a CoT (0 when no part reasons)."""
+        return max((getattr(p, "reasoned_share", 0.0) for p in self.parts), default=0.0)
+
+
+def fuse(results: Sequence[SearchResult], k: int, weights: Sequence[float] | None = None,
+         rrf_k: float = RRF_K) -> SearchResult:
+    """One query's results from several retrievers -> their RRF top `k` (score = the RRF score)."""
+    fused = rrf([r.item_ids for r in results], weights, rrf_k)[:k]
+    cot = next((r.cot for r in results if r.cot is not None), None)
+    return SearchResult(hits=[Hit(item, score) for item, score in fused], cot=cot)
+
+
+def parse_fused(spec: str) -> list[tuple[float, str]] | None:
+    """An eval system spec "PART+PART[+...]", each PART optionally "WEIGHT*PART" -> [(weight, part)];
+    None for a spec that is not a fusion (no "+", or a path that exists with its "+").
+
+    >>> parse_fused("bm25+runs/idx:direct")
+    [(1.0, 'bm25'), (1.0, 'runs/idx:direct')]
+    >>> parse_fused("0.5*bm25+runs/idx:reason")
+    [(0.5, 'bm25'), (1.0, 'runs/idx:reason')]
+    >>> parse_fused("minilm") is None
+    True
+    """
+    from pathlib import Path
+
+    if "+" not in spec or Path(spec.rpartition(":")[0] or spec).exists():
+        return None
+    parts = []
+    for part in spec.split("+"):
+        weight, star, rest = part.partition("*")
+        try:
+            parts.append((float(weight), rest) if star else (1.0, part))
+        except ValueError:
+            raise ValueError(f"fused system {spec!r}: {weight!r} before '*' is not a weight") from None
+        if not parts[-1][1] or parts[-1][0] < 0:
+            raise ValueError(f"fused system {spec!r}: each part is SPEC or WEIGHT*SPEC, WEIGHT >= 0")
+    return parts
