@@ -1,6 +1,7 @@
 """lrem.index: FAISS from factory strings, save/load, search parameters."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -207,3 +208,87 @@ def test_ivf_trains_on_enough_vectors_for_its_lists():
 
     assert train_size(faiss.index_factory(16, "IVF8,Flat"), 600, 50) == 312
     assert train_size(faiss.index_factory(16, "Flat"), 600, 50) == 50
+
+
+# ---------------------------------------------------------------- updating an index
+
+KITCHEN = {f"k{j}": t for j, t in enumerate(["mug", "teapot", "kettle", "saucepan", "spatula", "wine glass", "corkscrew",
+                                             "colander", "ladle", "whisk"] * 4)}
+KITCHEN = {k: f"{t} {k}" for k, t in KITCHEN.items()}  # 40 distinct titles
+
+
+def _changed(catalog: dict) -> dict:
+    """One item removed, one retitled, one added (at the end), the rest as they were."""
+    new = {k: v for k, v in catalog.items() if k != "k3"}
+    new["k5"] = "cast iron skillet"
+    new["n1"] = "egg timer"
+    return new
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8,Flat", "IVF2,Flat", "IVF2,PQ4x4fs,RFlat"])
+def test_update_embeds_only_what_changed_and_equals_a_fresh_build(tiny, factory):
+    from lrem.index import stored_vectors
+
+    old = ItemIndex.build(tiny, KITCHEN, factory=factory, show_progress=False)
+    fresh = ItemIndex.build(tiny, _changed(KITCHEN), factory=factory, show_progress=False)
+    new, counts = old.updated(tiny, _changed(KITCHEN), show_progress=False)
+    assert counts == {"added": 1, "changed": 1, "removed": 1, "kept": 38}
+    assert (new.item_ids, new.titles, new.digests) == (fresh.item_ids, fresh.titles, fresh.digests)
+    np.testing.assert_allclose(stored_vectors(new.index), stored_vectors(fresh.index), atol=1e-5)
+    # kept items keep the vectors the index holds (they are not embedded again): mark one, update
+    marked = stored_vectors(old.index)
+    marked[0] = unit_vectors(1, marked.shape[1])[0]
+    old.index = build_index(marked, factory)
+    vectors = stored_vectors(old.updated(tiny, _changed(KITCHEN), show_progress=False)[0].index)
+    np.testing.assert_array_equal(vectors[0], marked[0])
+    np.testing.assert_allclose(vectors[1:], stored_vectors(fresh.index)[1:], atol=1e-5)
+    assert new.meta["factory"] == factory and new.meta["n_items"] == 40
+    assert new.meta["updates"][-1]["changed"] == 1 and new.meta["model_fingerprint"] == old.meta["model_fingerprint"]
+
+
+def test_update_refuses_lossy_codes_and_another_model(tiny, lively_dir):
+    from lrem.model import LREM
+
+    pq = ItemIndex.build(tiny, KITCHEN, factory="IVF2,PQ4x4", show_progress=False)
+    with pytest.raises(ValueError, match="IndexIVFPQ index keeps compressed vectors.*rebuild"):
+        pq.updated(tiny, KITCHEN)
+    other = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
+    with pytest.raises(ValueError, match="embedded by another model \\(model_fingerprint"):
+        ItemIndex.build(tiny, KITCHEN, show_progress=False).updated(other, KITCHEN)
+
+
+def test_cli_update_in_place(tmp_path, tiny_dir):
+    from test_reliability import assert_clean_error, lrem
+
+    def write_dataset(folder: Path, titles: dict) -> Path:
+        folder.mkdir()
+        (folder / "catalog.jsonl").write_text("".join(json.dumps({"item_id": i, "title": t}) + "\n"
+                                                      for i, t in titles.items()))
+        (folder / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+        (folder / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "k0", "relevance": 1}\n')
+        return folder
+
+    a = write_dataset(tmp_path / "a", KITCHEN)
+    b = write_dataset(tmp_path / "b", _changed(KITCHEN))
+    idx = tmp_path / "idx"
+    assert lrem("index", "--data", str(a), "--out", str(idx), "--model", str(tiny_dir)).returncode == 0
+    p = lrem("index", "--data", str(b), "--out", str(idx), "--update")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 added, 1 changed, 1 removed, 38 kept (40 items; embedded 2" in p.stdout
+    loaded = ItemIndex.load(idx)
+    assert loaded.item_ids == list(_changed(KITCHEN)) and loaded.title("k5") == "cast iron skillet"
+    assert loaded.meta["dataset"] == str(b) and len(loaded.meta["updates"]) == 1
+    again = lrem("index", "--data", str(b), "--out", str(idx), "--update")  # nothing left to embed
+    assert "0 added, 0 changed, 0 removed, 40 kept" in again.stdout
+    # an index written before digests were kept: titles are compared
+    items = idx / "items.jsonl"
+    items.write_text("".join(line.split(', "digest"')[0] + "}\n" for line in items.read_text().splitlines()))
+    assert "0 added, 0 changed, 0 removed, 40 kept" in lrem("index", "--data", str(b), "--out", str(idx), "--update").stdout
+    assert "1 added, 1 changed, 1 removed, 38 kept" in lrem("index", "--data", str(a), "--out", str(idx), "--update").stdout
+    assert ItemIndex.load(idx).digests is not None  # written again
+    # a folder that is not lrem's index is refused, untouched
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_clean_error(lrem("index", "--data", str(b), "--out", str(other), "--update"), "not an index lrem built")
+    assert [f.name for f in other.iterdir()] == ["notes.txt"]

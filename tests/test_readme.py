@@ -67,5 +67,5 @@ def test_using_it_commands_run_as_written(tmp_path, tiny_dir):
     assert re.search(r"dev: 100 queries", ran["data sample"].stdout)
     assert "query: a device for pulling corks" in ran["search"].stdout
     metrics = json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())
-    assert metrics["n_queries"] == 100 and set(metrics["systems"]) == {"bm25", "minilm", "direct", "reason"}
+    assert metrics["n_queries"] == 100 and set(metrics["systems"]) == {"bm25", "minilm", "direct", "reason", "hybrid"}
     assert ran["eval"].stdout.count("\nquery [") == 3  # --examples 3

@@ -226,6 +226,7 @@ class ItemIndex:
     meta: dict = field(default_factory=dict)  # model, factory, dim, n_items, seconds, ...
     lists_file: Path | None = None  # on-disk inverted lists, memory-mapped
     lists_scratch: bool = False  # lists_file lies in from_chunks' scratch folder, removed once `save` has a copy
+    digests: list[str] | None = None  # per item, `item_digest` of what was embedded (None: not known)
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
@@ -246,16 +247,66 @@ class ItemIndex:
         texts over the model's `max_item_tokens` are cut (their count is `meta["truncated_items"]`)
         or an error."""
         ids, items = list(catalog), list(catalog.values())
-        titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
         factory, search_params = resolve_factory(factory, search_params, len(ids), model.dim)
         check_factory(factory, search_params, model.dim, len(ids))  # fail now, not after embedding
         t0 = time.perf_counter()
         cut = model.truncated["item"]
         emb = model.encode_items(items, batch_size=batch_size, show_progress=show_progress, truncate=truncate)
         seconds = time.perf_counter() - t0
-        return cls.from_embeddings(emb, ids, titles, factory, search_params, **model_identity(model),
-                                   encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
-                                   **meta)
+        out = cls.from_embeddings(emb, ids, [_title(x) for x in items], factory, search_params, **model_identity(model),
+                                  encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
+                                  **meta)
+        out.digests = [item_digest(model, x) for x in items]
+        return out
+
+    def updated(self, model, catalog: dict, batch_size=64, show_progress=True, truncate: bool = True,
+                **meta) -> tuple["ItemIndex", dict]:
+        """This index brought up to date with `catalog` (as `build` takes it), embedding only the
+        items that are new or changed: (the new index, counts of added, changed, removed and kept
+        items). The result equals a fresh `build` of `catalog` with the same factory (items in
+        catalog order; an index that trains, IVF, is trained again on the new set).
+
+        `model` must be the one whose weights and item template embedded this index. An item
+        counts as changed when its filled item template differs (`item_digest`; for an index
+        written before digests were kept, when its title differs). The kept items' vectors are
+        read back from the index, so its codes must hold them whole (`stored_vectors`)."""
+        now, then = model_identity(model), self.meta
+        for key in ("model_fingerprint", "item_template", "dim"):
+            if then.get(key) is not None and then[key] != now[key]:
+                raise ValueError(f"the index was embedded by another model ({key} {then[key]!r}, this model's "
+                                 f"{now[key]!r}): rebuild it (`lrem index --overwrite`)")
+        if self.lists_file is not None:
+            raise ValueError("an index with on-disk lists cannot be updated in place: rebuild it (`lrem embed` "
+                             "then `lrem index --from-chunks`)")
+        vectors = stored_vectors(self.index)  # (n_old, dim), before any work
+        ids, items = list(catalog), list(catalog.values())
+        pos = {i: n for n, i in enumerate(self.item_ids)}
+        digests = [item_digest(model, x) for x in items]
+        if self.digests is not None:
+            same = [i in pos and self.digests[pos[i]] == d for i, d in zip(ids, digests)]
+        else:
+            same = [i in pos and self.titles[pos[i]] == _title(x) for i, x in zip(ids, items)]
+        todo = [n for n, kept in enumerate(same) if not kept]
+        t0, cut = time.perf_counter(), model.truncated["item"]
+        fresh = model.encode_items([items[n] for n in todo], batch_size=batch_size, show_progress=show_progress,
+                                   truncate=truncate) if todo else np.zeros((0, model.dim), np.float32)
+        seconds = time.perf_counter() - t0
+        emb = np.empty((len(ids), vectors.shape[1]), np.float32)  # (n_new, dim), in catalog order
+        kept = [n for n, k in enumerate(same) if k]
+        emb[kept] = vectors[[pos[ids[n]] for n in kept]]
+        emb[todo] = fresh
+        counts = {"added": sum(i not in pos for i in ids), "changed": sum(ids[n] in pos for n in todo),
+                  "removed": len(set(pos) - set(ids)), "kept": len(kept)}
+        history = [*then.get("updates", []), {**counts, "encode_seconds": round(seconds, 3),
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        keep = {k: v for k, v in then.items()
+                if k not in ("factory", "search_params", "n_items", "updates", "truncated_items", "encode_seconds")}
+        out = ItemIndex.from_embeddings(emb, ids, [_title(x) for x in items],
+                                        then.get("factory", "Flat"), then.get("search_params", ""),
+                                        **{**keep, **now, **meta, "updates": history, "encode_seconds": round(seconds, 3),
+                                           "truncated_items": model.truncated["item"] - cut})
+        out.digests = digests
+        return out, counts
 
     @classmethod
     def from_chunks(cls, folder, factory="Flat", search_params="", max_train: int = 100_000, seed: int = 0,
@@ -348,7 +399,10 @@ class ItemIndex:
                 except OSError:
                     shutil.copyfile(self.lists_file, tmp / LISTS_FILE)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
-            write_jsonl(tmp / ITEMS_FILE, ({"item_id": i, "title": t} for i, t in zip(self.item_ids, self.titles)))
+            rows = ({"item_id": i, "title": t} for i, t in zip(self.item_ids, self.titles))
+            if self.digests is not None:
+                rows = ({**row, "digest": d} for row, d in zip(rows, self.digests))
+            write_jsonl(tmp / ITEMS_FILE, rows)
             write_json(tmp / META_FILE, self.meta)
         if self.lists_file is not None:
             if self.lists_scratch:
@@ -371,13 +425,14 @@ class ItemIndex:
             raise DataError(path / META_FILE, None, None, f"malformed JSON ({e})") from None
         if not isinstance(meta, dict):
             raise DataError(path / META_FILE, None, None, "expected a JSON object")
-        ids, titles = [], []
+        ids, titles, digests = [], [], []
         for line, row in read_jsonl(path / ITEMS_FILE):
             for name in ("item_id", "title"):
                 if not isinstance(row.get(name), str):
                     raise DataError(path / ITEMS_FILE, line, name, f"expected a string, got {row.get(name)!r}")
             ids.append(row["item_id"])
             titles.append(row["title"])
+            digests.append(row.get("digest"))
         if (path / INDEX_FILE).stat().st_size == 0:
             raise DataError(path / INDEX_FILE, None, None, "empty file (an interrupted write?); rebuild the index")
         try:
@@ -391,7 +446,8 @@ class ItemIndex:
             raise DataError(path / META_FILE, None, "dim", f"{meta['dim']!r}, but {INDEX_FILE} has dim {index.d}")
         if len(set(ids)) != len(ids):
             raise DataError(path / ITEMS_FILE, None, "item_id", "duplicate item ids")
-        out = cls(index, ids, titles, meta, lists_file=path / LISTS_FILE if (path / LISTS_FILE).is_file() else None)
+        out = cls(index, ids, titles, meta, lists_file=path / LISTS_FILE if (path / LISTS_FILE).is_file() else None,
+                  digests=digests if all(isinstance(d, str) for d in digests) else None)
         if meta.get("search_params"):
             if not isinstance(meta["search_params"], str):
                 raise DataError(path / META_FILE, None, "search_params", f"expected a string, got {meta['search_params']!r}")
@@ -400,6 +456,46 @@ class ItemIndex:
             except ValueError as e:
                 raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
+
+
+def _title(item) -> str:
+    """A catalog value's title: the string itself, a mapping's "title", an `Item`'s `.title`."""
+    return item if isinstance(item, str) else (item.get("title") if isinstance(item, dict) else item.title)
+
+
+def item_digest(model, item) -> str:
+    """A short hash of what `model` embeds for a catalog item (its item template, filled): what
+    `ItemIndex.updated` compares to find the items that changed."""
+    import hashlib
+
+    from .prompts import item_fields, item_text
+
+    return hashlib.sha1(item_text(item_fields(item), model.config).encode("utf-8")).hexdigest()[:16]
+
+
+def stored_vectors(index: faiss.Index) -> np.ndarray:
+    """Every vector an index holds (ntotal, d), exactly as added, in insertion order: from Flat
+    codes, HNSW's flat storage, IVF-Flat lists or a refine stage's (RFlat) full vectors. Compressed
+    codes alone (PQ, SQ) are lossy, so a ValueError says to rebuild instead."""
+    typed = faiss.downcast_index(index)  # a view: `index` must stay referenced (it owns the C++ object)
+    if isinstance(typed, faiss.IndexFlat):
+        return typed.reconstruct_n(0, typed.ntotal)
+    if isinstance(typed, faiss.IndexRefine):
+        return stored_vectors(typed.refine_index)
+    if isinstance(typed, faiss.IndexHNSW):
+        return stored_vectors(typed.storage)
+    if isinstance(typed, faiss.IndexIVFFlat):
+        out = np.empty((typed.ntotal, typed.d), np.float32)
+        lists = typed.invlists
+        for j in range(typed.nlist):  # the lists hold (id, raw float32 code) pairs; ids are positions
+            n = lists.list_size(j)
+            if n:
+                ids = faiss.rev_swig_ptr(lists.get_ids(j), n).copy()
+                codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size).copy()
+                out[ids] = codes.view(np.float32).reshape(n, typed.d)
+        return out
+    raise ValueError(f"a {type(typed).__name__} index keeps compressed vectors, not the embeddings themselves: "
+                     f"it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
 
 
 def read_index(file: str | os.PathLike) -> faiss.Index:

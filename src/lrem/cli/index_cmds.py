@@ -37,6 +37,9 @@ def index(
     on_disk: Annotated[bool, typer.Option("--on-disk", help="With --from-chunks and an IVF factory: keep the "
                                           "inverted lists on disk, memory-mapped (OUT/lists.ivfdata), for indexes "
                                           "bigger than memory.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="OUT is an index lrem built: bring it up to date with "
+                                         "--data's catalog, embedding only new and changed items (removed ones "
+                                         "leave); its model unless --model names the same weights.")] = False,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index, or index the
     chunks of `lrem embed`; with --backend, upload to a Milvus collection instead."""
@@ -48,6 +51,9 @@ def index(
     if (data is None) == (from_chunks is None):
         raise typer.BadParameter("give --data (embed the catalog here) or --from-chunks (vectors of `lrem embed`)",
                                  param_hint="--data / --from-chunks")
+    if backend is not None and update:
+        raise typer.BadParameter("--update works on a FAISS folder (--out); a Milvus collection takes new items "
+                                 "when the same command runs again", param_hint="--update")
     if backend is not None:
         from lrem.vectordb import parse_spec
 
@@ -61,6 +67,12 @@ def index(
         return
     if out is None:
         raise typer.BadParameter("missing --out (the index folder), or give --backend", param_hint="--out")
+    if update:
+        if from_chunks is not None or on_disk or overwrite:
+            raise typer.BadParameter("--update embeds --data's new and changed items into the index OUT; not with "
+                                     "--from-chunks, --on-disk or --overwrite", param_hint="--update")
+        _update_index(out, data, model, batch_size, dtype, threads, truncate)
+        return
     if from_chunks is not None:
         from lrem.index import ItemIndex
 
@@ -86,6 +98,31 @@ def index(
     idx.save(out)
     typer.echo(f"indexed {len(ds.catalog)} items ({idx.meta['factory']}, dim {lrem.dim}) in "
                f"{idx.meta['encode_seconds']:.0f} s -> {out}")
+    echo_truncated(lrem)
+
+
+def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> None:
+    """`lrem index --update`: embed the new and changed items of --data's catalog into the index OUT."""
+    from lrem._io import is_lrem_output
+    from lrem._threads import set_threads
+    from lrem.data import load_dataset
+    from lrem.index import ItemIndex, is_index_dir
+    from lrem.model import LREM
+
+    if not is_index_dir(out) or not is_lrem_output(out):
+        raise ValueError(f"--out {out}: not an index lrem built; build one first (`lrem index --data ... --out {out}`)")
+    check_output(out, data, model if model and Path(model).exists() else None, resume=True)
+    idx = ItemIndex.load(out)
+    if not isinstance(idx.meta.get("factory"), str):
+        raise ValueError(f"{out}/meta.json: field 'factory' is missing; rebuild the index")
+    ds = load_dataset(data)
+    set_threads(threads, log=echo_err)
+    lrem = LREM.from_pretrained(model or idx.meta.get("model"), dtype=dtype, log=echo_err)
+    new, counts = idx.updated(lrem, dict(ds.catalog), batch_size=batch_size, truncate=truncate, dataset=str(data))
+    new.save(out)
+    typer.echo(f"updated {out}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
+               f"{counts['kept']} kept ({len(new.item_ids)} items; embedded {counts['added'] + counts['changed']} in "
+               f"{new.meta['encode_seconds']:.0f} s)")
     echo_truncated(lrem)
 
 
