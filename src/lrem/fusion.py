@@ -20,6 +20,7 @@ from lrem.search_types import Hit, Retriever, SearchResult
 
 RRF_K = 60  # the constant of the paper above, and the default of the engines that use it
 FUSION_DEPTH = 100  # hits taken from each retriever before fusing
+LEXICAL_WEIGHT = 1.0  # hybrid search's weight of BM25's ranks against the dense ranks' 1: plain RRF
 
 
 def rrf(rankings: Sequence[Sequence[str]], weights: Sequence[float] | None = None,

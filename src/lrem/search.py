@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ._text import check_query
-from .fusion import FusedRetriever, parse_fused
+from .fusion import LEXICAL_WEIGHT, FusedRetriever, parse_fused
 from .index import ItemIndex, model_fingerprint, open_index
 from .model import LREM
 from .router import LearnedRouter, Router
@@ -254,7 +254,7 @@ class Searcher:
             self._lexical = BM25Retriever(dict(zip(self.index.item_ids, self.index.titles)), show_progress=False)
         return self._lexical
 
-    def hybrid(self, mode: str, lexical_weight: float = 1.0, router: Router | LearnedRouter | None = None
+    def hybrid(self, mode: str, lexical_weight: float = LEXICAL_WEIGHT, router: Router | LearnedRouter | None = None
                ) -> FusedRetriever:
         """Hybrid search: this searcher in `mode` and BM25 over the index's titles, fused by
         reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`."""

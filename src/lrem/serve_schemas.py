@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .fusion import LEXICAL_WEIGHT
+
 # /v1/embeddings `model` -> what is embedded; the grounded ones search the served index first (their
 # embedding depends on that index's top titles)
 EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct", "lrem-query-auto": "auto",
@@ -24,7 +26,7 @@ class SearchRequest(BaseModel):
                             "grounded-direct: the same without the CoT.")
     hybrid: bool = Field(False, description="Fuse the mode's ranking with BM25 over the titles by reciprocal rank "
                                             "fusion (a server started with hybrid: true); scores are then RRF scores.")
-    lexical_weight: float = Field(1.0, ge=0.0, description="With hybrid: the weight of BM25's ranks (the dense "
+    lexical_weight: float = Field(LEXICAL_WEIGHT, ge=0.0, description="With hybrid: the weight of BM25's ranks (the dense "
                                                            "ranks weigh 1).")
 
 

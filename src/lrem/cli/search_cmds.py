@@ -11,6 +11,7 @@ import typer
 
 from lrem.cli.options import (BatchSize, DataDir, Out, Overwrite, Threads, Truncate, check_output, echo_err,
                               echo_truncated)
+from lrem.fusion import LEXICAL_WEIGHT
 from lrem.search_types import MODES
 
 
@@ -34,7 +35,7 @@ def search(
     hybrid: Annotated[bool, typer.Option("--hybrid", help="Hybrid search: fuse the MODE ranking with BM25 over the "
                                          "index's titles by reciprocal rank fusion (scores are then RRF scores).")] = False,
     lexical_weight: Annotated[float, typer.Option(min=0.0, help="With --hybrid: the weight of BM25's ranks "
-                                                  "(the dense ranks weigh 1).")] = 1.0,
+                                                  "(the dense ranks weigh 1).")] = LEXICAL_WEIGHT,
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
     from lrem.search import Searcher, check_search
