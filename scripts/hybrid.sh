@@ -10,7 +10,7 @@ bash scripts/setup.sh
 export PATH="$PWD/${LREM_VENV:-.venv}/bin:$PATH"
 OUT="${LREM_EXP_DIR:-runs/hybrid}"
 LIMIT="${LREM_EXP_LIMIT:-400}"
-WEIGHT="${LREM_HYBRID_WEIGHT:-1}"  # BM25's weight on the test split: set it from the dev sweep
+WEIGHT="${LREM_HYBRID_WEIGHT:-0.25}"  # BM25's weight on test and ESCI besides 1: the best of dev's sweep
 DATA="$OUT/wordnet"
 D="$OUT/index-direct"   # lrem-wordnet-135m-direct
 R="$OUT/index-lrem"     # lrem-wordnet-135m (reasoning)
@@ -27,8 +27,8 @@ systems() {  # $1: BM25's weight in the fused systems
 [ -f "$OUT/eval-dev/metrics.json" ] || lrem eval --data "$DATA" --split dev --limit "$LIMIT" $(systems 1) \
   --system "hybrid-direct-w0.25=0.25*bm25+$D:direct" --system "hybrid-direct-w0.5=0.5*bm25+$D:direct" \
   --system "hybrid-direct-w2=2*bm25+$D:direct" --out "$OUT/eval-dev" --examples 5 --overwrite
-[ -f "$OUT/eval-test/metrics.json" ] || lrem eval --data "$DATA" --split test --limit "$LIMIT" $(systems "$WEIGHT") \
-  --out "$OUT/eval-test" --examples 5 --overwrite
+[ -f "$OUT/eval-test/metrics.json" ] || lrem eval --data "$DATA" --split test --limit "$LIMIT" $(systems 1) \
+  --system "hybrid-direct-w$WEIGHT=$WEIGHT*bm25+$D:direct" --out "$OUT/eval-test" --examples 5 --overwrite
 
 ESCI=../shared/data/esci_sample200/esci.csv
 if [ -f "$ESCI" ]; then
@@ -39,6 +39,7 @@ if [ -f "$ESCI" ]; then
   done
   [ -f "$OUT/eval-esci/metrics.json" ] || lrem eval --data "$OUT/esci" --split all --system bm25 --system minilm \
     --system "direct-trained=$OUT/esci-index-direct:direct" --system "auto=$OUT/esci-index-lrem:auto" \
-    --system "hybrid-direct=$WEIGHT*bm25+$OUT/esci-index-direct:direct" \
-    --system "hybrid-auto=$WEIGHT*bm25+$OUT/esci-index-lrem:auto" --out "$OUT/eval-esci" --examples 5 --overwrite
+    --system "hybrid-direct=bm25+$OUT/esci-index-direct:direct" --system "hybrid-auto=bm25+$OUT/esci-index-lrem:auto" \
+    --system "hybrid-direct-w$WEIGHT=$WEIGHT*bm25+$OUT/esci-index-direct:direct" --system "minilm+bm25=minilm+bm25" \
+    --out "$OUT/eval-esci" --examples 5 --overwrite
 fi

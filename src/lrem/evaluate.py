@@ -113,7 +113,7 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
             "ms_per_query": 1000.0 * seconds / n,
             "queries_per_s": len(qids) / seconds if seconds > 0 else 0.0,
         }
-        if hasattr(retriever, "reasoned_share"):  # LREM systems: the share of queries that generated a CoT
+        if getattr(retriever, "reasoned_share", None) is not None:  # LREM systems: the share that generated a CoT
             result["systems"][name]["reasoned_share"] = retriever.reasoned_share
         if hasattr(retriever, "describe"):  # model, index path, mode: what report.md records
             result["systems"][name].update(retriever.describe())

@@ -75,9 +75,10 @@ class FusedRetriever:
                 "fusion": {"rrf_k": self.rrf_k, "depth": self.depth, "weights": weights}, "parts": parts}
 
     @property
-    def reasoned_share(self) -> float:
-        """The reasoning part's share of queries that generated a CoT (0 when no part reasons)."""
-        return max((getattr(p, "reasoned_share", 0.0) for p in self.parts), default=0.0)
+    def reasoned_share(self) -> float | None:
+        """The LREM part's share of queries that generated a CoT (None when no part is an LREM one)."""
+        shares = [p.reasoned_share for p in self.parts if hasattr(p, "reasoned_share")]
+        return max(shares) if shares else None
 
 
 def fuse(results: Sequence[SearchResult], k: int, weights: Sequence[float] | None = None,
