@@ -523,3 +523,34 @@ def test_real_model_reasons_over_http(real_model):
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         emb = client.embeddings.create(model="lrem-query-direct", input="corkscrew").data[0].embedding
         assert len(emb) == 576 and abs(np.linalg.norm(emb) - 1.0) < 1e-3
+
+
+def test_reload_serves_an_updated_index_and_refuses_another_models(tiny, lively_dir, tmp_path):
+    folder = tmp_path / "idx"
+    catalog = {f"i{j}": t for j, t in enumerate(TITLES)}
+    ItemIndex.build(tiny, catalog, show_progress=False).save(folder)
+    searcher = Searcher.load(folder, model=tiny)
+    with background_server(create_app(searcher, ServeConfig(hybrid=True))) as url:
+        def top(query: str, **extra) -> list[str]:
+            r = post(url, "/search", {"query": query, "k": 3, "mode": "direct", **extra})
+            assert r.status_code == 200, r.text
+            return [i["item_id"] for i in r.json()["items"]]
+
+        assert "n1" not in top("egg timer", hybrid=True, lexical_weight=10.0)
+        # what `lrem index --update` does: the folder replaced by the updated index
+        new_catalog = {**{k: v for k, v in catalog.items() if k != "i0"}, "n1": "egg timer"}
+        ItemIndex.load(folder).updated(tiny, new_catalog, show_progress=False)[0].save(folder)
+        r = post(url, "/admin/reload", {})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["items"], body["previous_items"]) == (20, 20)
+        assert body["last_update"]["added"] == 1 and body["last_update"]["removed"] == 1
+        assert top("egg timer", hybrid=True, lexical_weight=10.0)[0] == "n1"  # BM25 rebuilt over the new titles
+        assert "i0" not in top("corkscrew, bottle screw")
+        assert httpx.get(url + "/info", timeout=60).json()["items"] == 20
+        # an index of other weights is refused; the server keeps serving the one it had
+        other = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
+        ItemIndex.build(other, catalog, show_progress=False).save(folder)
+        r = post(url, "/admin/reload", {})
+        assert r.status_code == 409 and "other weights" in r.json()["detail"]
+        assert top("egg timer", hybrid=True, lexical_weight=10.0)[0] == "n1"

@@ -45,7 +45,7 @@ from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
 from .serve_schemas import (EMBEDDING_MODELS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
                             SearchItem, SearchRequest, SearchResponse, error_body)
-from .serve_service import SearchService
+from .serve_service import HYBRID_OFF, SearchService
 
 # The names this module had before its parts moved out (`from lrem.serve import ServeConfig`, ...)
 __all__ = ["ROUTER_KINDS", "EMBEDDING_MODELS", "ServeConfig", "SearchService", "SearchRequest",
@@ -172,8 +172,8 @@ def create_app(searcher, config: ServeConfig | None = None):
             raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
         query = clean(req.query, "query", cfg.max_query_chars)
         service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
-        if req.hybrid and service.lexical is None:
-            raise HTTPException(400, "hybrid search is off on this server; start it with --set hybrid=true")
+        if req.hybrid and not cfg.hybrid:
+            raise HTTPException(400, HYBRID_OFF)
         result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None))
         del result["embedding"]
         return result
@@ -239,11 +239,20 @@ def create_app(searcher, config: ServeConfig | None = None):
         """Liveness only (no key needed, nothing about the deployment): {"status": "ok"}."""
         return {"status": "ok"}
 
+    @app.post("/admin/reload", responses={409: {"description": "The index cannot be served by this model."}})
+    async def reload() -> dict:
+        """Read the index folder again (after `lrem index --update`) and serve it from the next query on."""
+        try:
+            return await service.reload()
+        except (ValueError, OSError) as e:
+            raise HTTPException(409, str(e)) from None
+
     @app.get("/info")
     async def info() -> dict:
         """What is served: model, index size, cache, router and settings (the API key hidden)."""
+        index = service.searcher.index  # the one served now (POST /admin/reload replaces it)
         return {"model": searcher.model.source, "dim": searcher.model.dim,
-                "items": len(searcher.index.item_ids), "factory": searcher.index.meta.get("factory"),
+                "items": len(index.item_ids), "factory": index.meta.get("factory"),
                 "cache": {"entries": len(service.cache), "hit_rate": service.cache.hit_rate},
                 "router": service.router.describe(), "reasoned_share": service.reasoned_share,
                 "queue": service.batcher.pending, "config": cfg.public()}

@@ -18,6 +18,9 @@ from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
 
 
+HYBRID_OFF = "hybrid search is off on this server; start it with --set hybrid=true"
+
+
 class ServeMetrics:
     """Prometheus metrics of one app (its own registry, so several apps can share a process)."""
 
@@ -64,7 +67,9 @@ class SearchService:
         self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
         self.metrics = ServeMetrics(self)
         self.batcher.on_batch = self.metrics.observe_batch
-        self.lexical = searcher.lexical() if config.hybrid else None  # BM25 over the titles, built now
+        if config.hybrid:
+            searcher.lexical()  # BM25 over the titles, built now, not at the first hybrid query
+        self._reloading = asyncio.Lock()
 
     @property
     def reasoned_share(self) -> float:
@@ -97,9 +102,9 @@ class SearchService:
         """Embed (direct, reason, or direct then routed: `Searcher.route`), search; a
         `SearchResponse` as a dict, plus the embedding the items were found with. `lexical_weight`
         not None: hybrid search, the dense top `FUSION_DEPTH` fused with BM25's (`lrem.fusion`)."""
-        if lexical_weight is not None and self.lexical is None:
-            raise ValueError("hybrid search is off on this server; start it with --set hybrid=true")
-        t_start, hits = time.perf_counter(), []
+        if lexical_weight is not None and not self.config.hybrid:
+            raise ValueError(HYBRID_OFF)
+        t_start, hits, searcher = time.perf_counter(), [], self.searcher  # one index per query, reloads or not
         depth = k if lexical_weight is None else max(k, FUSION_DEPTH)
 
         async def embed(kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -107,12 +112,12 @@ class SearchService:
             hits.extend(hit for _, _, hit in rows)
             return [cot for cot, _, _ in rows], np.stack([emb for _, emb, _ in rows])  # (n, dim)
 
-        routed = await self.searcher.route([text], depth, mode, embed=embed, router=self.router,
-                                           offload=asyncio.to_thread)  # FAISS off the event loop
+        routed = await searcher.route([text], depth, mode, embed=embed, router=self.router,
+                                      offload=asyncio.to_thread)  # FAISS off the event loop
         [result], [reasoned], timings = routed.results, routed.reasoned, dict(routed.timings_ms)
         if lexical_weight is not None:
             t0 = time.perf_counter()
-            [lexical] = await asyncio.to_thread(self.lexical.search, [text], depth)
+            [lexical] = await asyncio.to_thread(searcher.lexical().search, [text], depth)
             timings["lexical"] = round(1000.0 * (time.perf_counter() - t0), 3)
             result = fuse([result, lexical], k, [1.0, lexical_weight])
         mode_used = mode if mode in GROUNDED_MODES else "reason" if reasoned else "direct"
@@ -120,8 +125,40 @@ class SearchService:
             self.n_auto += 1
             self.n_auto_reasoned += reasoned
         self.metrics.queries.labels(mode, mode_used).inc()
-        title = self.searcher.index.title
+        title = searcher.index.title
         items = [{"item_id": h.item_id, "title": title(h.item_id), "score": h.score} for h in result.hits]
         return {"query": text, "cot": result.cot, "mode_used": mode_used, "cached": all(hits), "items": items,
                 "embedding": routed.embeddings[0],
                 "timings_ms": {**timings, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
+
+    async def reload(self) -> dict:
+        """Read the served index folder again (say, after `lrem index --update`) and serve it from
+        the next query on; queries under way finish on the index they started with. The index must
+        hold this model's embeddings (its model fingerprint), else a ValueError and the old one stays.
+        The query cache stays: query embeddings depend on the model, not on the items."""
+        from .index import model_fingerprint, open_index
+        from .search import Searcher
+
+        path = getattr(self.searcher, "index_dir", None)
+        if not path:
+            raise ValueError("this server was not started from an index folder (lrem serve --index): nothing to reload")
+
+        def load():
+            index = open_index(path)
+            now, built_by = model_fingerprint(self.searcher.model), index.meta.get("model_fingerprint")
+            if built_by != now:
+                raise ValueError(f"{path}: its items were embedded by other weights (model fingerprint {built_by}, "
+                                 f"the served model's {now}); restart the server to serve another model")
+            fresh = Searcher(self.searcher.model, index, router=self.searcher.router, truncate=self.searcher.truncate)
+            fresh.index_dir = path
+            if self.config.hybrid:
+                fresh.lexical()
+            return fresh
+
+        async with self._reloading:  # one reload at a time
+            t0, before = time.perf_counter(), len(self.searcher.index.item_ids)
+            fresh = await asyncio.to_thread(load)
+            self.searcher = fresh
+        return {"index": str(path), "items": len(fresh.index.item_ids), "previous_items": before,
+                "last_update": (fresh.index.meta.get("updates") or [None])[-1],
+                "seconds": round(time.perf_counter() - t0, 3)}
