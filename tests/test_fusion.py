@@ -50,6 +50,7 @@ def test_hybrid_search_is_the_rrf_of_its_parts_rankings(searcher, mode):
     for weight in (1.0, 0.3):
         for q, d, lex, got in zip(QUERIES, dense, lexical, searcher.hybrid(mode, weight).search(QUERIES, k=k)):
             assert got.cot == d.cot  # the dense part's reasoning (the tiny model writes one in reason mode)
+            assert got.cot if mode == "reason" else got.cot == ""
             assert len(got.hits) == k
             rank_d = {i: r for r, i in enumerate(d.item_ids, 1)}
             rank_l = {i: r for r, i in enumerate(lex.item_ids, 1)}
@@ -77,10 +78,18 @@ def test_fused_eval_specs(searcher, tiny_dir):
     # the random tiny model alone ranks few relevant items high; every query here shares a word with its item
     assert metrics["hybrid"]["overall"]["hitrate@10"] > metrics["dense"]["overall"]["hitrate@10"]
     assert systems["three"].describe()["mode"] == "rrf: 1*bm25 + 1*direct + 0.5*minilm"
-    for bad, match in (("bm25+", "each part"), ("x*bm25+minilm", "not a weight"), ("-1*bm25+minilm", "each part")):
+    # the CoT of a fusion is its reasoning part's, wherever that part stands
+    mixed = build_systems({"mix": f"{model}+{tiny_dir}:reason"}, ds, log=lambda *a: None)["mix"]
+    assert mixed.search(["mug"], k=3)[0].cot == searcher.search(["mug"], k=3, mode="reason")[0].cot != ""
+    for bad, match in (("x*bm25+minilm", "not a weight"), ("-1*bm25+minilm", "finite and >= 0"),
+                       ("nan*bm25+minilm", "finite and >= 0")):
         with pytest.raises(ValueError, match=match):
             parse_fused(bad)
-    assert parse_fused(str(tiny_dir)) is None
+    with pytest.raises(ValueError, match="expected bm25, minilm, MODEL:MODE"):
+        build_systems({"x": "bm25+"}, ds, log=lambda *a: None)
+    # a '+' inside a part stays there: a path, a weight in scientific notation
+    assert parse_fused(f"1e+1*bm25+{tiny_dir}/a+b:direct") == [(10.0, "bm25"), (1.0, f"{tiny_dir}/a+b:direct")]
+    assert parse_fused(str(tiny_dir)) is None and parse_fused(f"{tiny_dir}:cots=a+b.jsonl") is None
 
 
 def test_serve_hybrid_is_the_librarys(searcher):
@@ -97,6 +106,9 @@ def test_serve_hybrid_is_the_librarys(searcher):
         assert httpx.get(url + "/info", timeout=60).json()["config"]["hybrid"] is True
         r = httpx.post(url + "/search", json={"query": "mug", "hybrid": True, "lexical_weight": -1}, timeout=60)
         assert r.status_code == 422 and "greater than or equal to 0" in r.json()["detail"]
+        r = httpx.post(url + "/search", content=b'{"query": "mug", "hybrid": true, "lexical_weight": Infinity}',
+                       timeout=60)
+        assert r.status_code == 422 and "finite number" in r.json()["detail"]
     with background_server(create_app(searcher, ServeConfig())) as url:
         r = httpx.post(url + "/search", json={"query": "mug", "hybrid": True}, timeout=60)
         assert r.status_code == 400 and "--set hybrid=true" in r.json()["detail"]

@@ -244,13 +244,28 @@ def test_update_embeds_only_what_changed_and_equals_a_fresh_build(tiny, factory)
     np.testing.assert_allclose(vectors[1:], stored_vectors(fresh.index)[1:], atol=1e-5)
     assert new.meta["factory"] == factory and new.meta["n_items"] == 40
     assert new.meta["updates"][-1]["changed"] == 1 and new.meta["model_fingerprint"] == old.meta["model_fingerprint"]
+    assert "encode_seconds" not in new.meta and new.meta["updates"][-1]["encode_seconds"] >= 0
+
+
+def test_update_of_a_multi_field_template_sees_field_changes(tiny):
+    from lrem.data import Item
+    from lrem.model import LREM
+    from lrem.prompts import PromptConfig
+
+    model = LREM(tiny.lm, tiny.tokenizer, PromptConfig(item_template="Item: {title} | brand: {brand}"))
+    old = {"a": Item("a", "mug", brand="Acme"), "b": Item("b", "teapot", brand="Zed")}
+    new = {"a": Item("a", "mug", brand="Other"), "b": Item("b", "teapot", brand="Zed")}  # a's brand only
+    index = ItemIndex.build(model, old, show_progress=False)
+    assert index.updated(model, new, show_progress=False)[1] == {"added": 0, "changed": 1, "removed": 0, "kept": 1}
+    index.digests = None  # as an index from chunks: the brands embedded then are unknown, so all are embedded again
+    assert index.updated(model, new, show_progress=False)[1] == {"added": 0, "changed": 2, "removed": 0, "kept": 0}
 
 
 def test_update_refuses_lossy_codes_and_another_model(tiny, lively_dir):
     from lrem.model import LREM
 
     pq = ItemIndex.build(tiny, KITCHEN, factory="IVF2,PQ4x4", show_progress=False)
-    with pytest.raises(ValueError, match="IndexIVFPQ index keeps compressed vectors.*rebuild"):
+    with pytest.raises(ValueError, match="IndexIVFPQ index does not keep the embeddings.*rebuild"):
         pq.updated(tiny, KITCHEN)
     other = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
     with pytest.raises(ValueError, match="embedded by another model \\(model_fingerprint"):

@@ -13,6 +13,7 @@ Milvus use it for hybrid search, with the same `rrf_k` = 60.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,8 +58,8 @@ class FusedRetriever:
     def __post_init__(self):
         if len(self.parts) < 2:
             raise ValueError("fusion needs at least two retrievers")
-        if self.weights is not None and (len(self.weights) != len(self.parts) or min(self.weights) < 0):
-            raise ValueError(f"need {len(self.parts)} weights, none negative; got {self.weights}")
+        if self.weights is not None and (len(self.weights) != len(self.parts) or not all(map(_weight_ok, self.weights))):
+            raise ValueError(f"need {len(self.parts)} finite weights, none negative; got {self.weights}")
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
         runs = [part.search(queries, k=max(k, self.depth)) for part in self.parts]
@@ -83,34 +84,58 @@ class FusedRetriever:
 
 def fuse(results: Sequence[SearchResult], k: int, weights: Sequence[float] | None = None,
          rrf_k: float = RRF_K) -> SearchResult:
-    """One query's results from several retrievers -> their RRF top `k` (score = the RRF score)."""
+    """One query's results from several retrievers -> their RRF top `k` (score = the RRF score).
+    Its CoT is the first part's that reasoned (a non-empty CoT), else the first part's."""
     fused = rrf([r.item_ids for r in results], weights, rrf_k)[:k]
-    cot = next((r.cot for r in results if r.cot is not None), None)
+    cot = next((r.cot for r in results if r.cot), next((r.cot for r in results if r.cot is not None), None))
     return SearchResult(hits=[Hit(item, score) for item, score in fused], cot=cot)
 
 
 def parse_fused(spec: str) -> list[tuple[float, str]] | None:
     """An eval system spec "PART+PART[+...]", each PART optionally "WEIGHT*PART" -> [(weight, part)];
-    None for a spec that is not a fusion (no "+", or a path that exists with its "+").
+    None for a spec that is not a fusion. A part is bm25, minilm or MODEL:MODE; a "+" inside one
+    (a path, a weight such as 1e+2) stays in it.
 
     >>> parse_fused("bm25+runs/idx:direct")
     [(1.0, 'bm25'), (1.0, 'runs/idx:direct')]
-    >>> parse_fused("0.5*bm25+runs/idx:reason")
-    [(0.5, 'bm25'), (1.0, 'runs/idx:reason')]
-    >>> parse_fused("minilm") is None
-    True
+    >>> parse_fused("0.5*bm25+runs/a+b:reason")
+    [(0.5, 'bm25'), (1.0, 'runs/a+b:reason')]
+    >>> parse_fused("minilm") is None, parse_fused("model:cots=runs/a+b.jsonl") is None
+    (True, True)
     """
-    from pathlib import Path
+    parts, piece = [], ""
+    for chunk in spec.split("+"):
+        piece = f"{piece}+{chunk}" if piece else chunk
+        weighed = _weighed(piece, spec)
+        if weighed is not None:
+            parts.append(weighed)
+            piece = ""
+    if piece:  # a tail that is no part on its own belongs to the last part (a file name with a '+')
+        if not parts:
+            return None
+        weight, last = parts.pop()
+        parts.append((weight, f"{last}+{piece}"))
+    return parts if len(parts) > 1 else None
 
-    if "+" not in spec or Path(spec.rpartition(":")[0] or spec).exists():
+
+def _weighed(piece: str, spec: str) -> tuple[float, str] | None:
+    """(weight, part) when `piece` is a whole part (bm25, minilm or MODEL:MODE, maybe after
+    "WEIGHT*"), else None."""
+    weight, star, rest = piece.partition("*")
+    if not star or ":" in weight:
+        weight, rest = "1", piece
+    if not (rest in ("bm25", "minilm") or (":" in rest and rest.rpartition(":")[2])):
         return None
-    parts = []
-    for part in spec.split("+"):
-        weight, star, rest = part.partition("*")
-        try:
-            parts.append((float(weight), rest) if star else (1.0, part))
-        except ValueError:
-            raise ValueError(f"fused system {spec!r}: {weight!r} before '*' is not a weight") from None
-        if not parts[-1][1] or parts[-1][0] < 0:
-            raise ValueError(f"fused system {spec!r}: each part is SPEC or WEIGHT*SPEC, WEIGHT >= 0")
-    return parts
+    try:
+        value = float(weight)
+    except ValueError:
+        if ":" in rest:  # MODEL:MODE whose model path holds a '*'
+            return 1.0, piece
+        raise ValueError(f"fused system {spec!r}: {weight!r} before '*' is not a weight") from None
+    if not _weight_ok(value):
+        raise ValueError(f"fused system {spec!r}: weight {weight} must be finite and >= 0")
+    return value, rest
+
+
+def _weight_ok(weight: float) -> bool:
+    return math.isfinite(weight) and weight >= 0

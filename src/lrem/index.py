@@ -268,8 +268,11 @@ class ItemIndex:
 
         `model` must be the one whose weights and item template embedded this index. An item
         counts as changed when its filled item template differs (`item_digest`; for an index
-        written before digests were kept, when its title differs). The kept items' vectors are
+        without digests, written by an older lrem or from chunks, when its title differs, or always
+        where the template names other fields too). The kept items' vectors are
         read back from the index, so its codes must hold them whole (`stored_vectors`)."""
+        from .prompts import template_fields
+
         now, then = model_identity(model), self.meta
         for key in ("model_fingerprint", "item_template", "dim"):
             if then.get(key) is not None and then[key] != now[key]:
@@ -284,8 +287,10 @@ class ItemIndex:
         digests = [item_digest(model, x) for x in items]
         if self.digests is not None:
             same = [i in pos and self.digests[pos[i]] == d for i, d in zip(ids, digests)]
-        else:
+        elif template_fields(model.config.item_template) <= {"title"}:  # the title is all that was embedded
             same = [i in pos and self.titles[pos[i]] == _title(x) for i, x in zip(ids, items)]
+        else:  # fields other than the title were embedded, and what they held then is not known
+            same = [False] * len(ids)
         todo = [n for n, kept in enumerate(same) if not kept]
         t0, cut = time.perf_counter(), model.truncated["item"]
         fresh = model.encode_items([items[n] for n in todo], batch_size=batch_size, show_progress=show_progress,
@@ -298,13 +303,15 @@ class ItemIndex:
         counts = {"added": sum(i not in pos for i in ids), "changed": sum(ids[n] in pos for n in todo),
                   "removed": len(set(pos) - set(ids)), "kept": len(kept)}
         history = [*then.get("updates", []), {**counts, "encode_seconds": round(seconds, 3),
+                                              "truncated_items": model.truncated["item"] - cut,
                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
-        keep = {k: v for k, v in then.items()
-                if k not in ("factory", "search_params", "n_items", "updates", "truncated_items", "encode_seconds")}
+        # what described the first build only (its timings, truncations, chunks) goes; updates[] says the rest
+        keep = {k: v for k, v in then.items() if k not in ("factory", "search_params", "n_items", "updates",
+                                                           "truncated_items", "encode_seconds", "index_seconds",
+                                                           "chunks")}
         out = ItemIndex.from_embeddings(emb, ids, [_title(x) for x in items],
                                         then.get("factory", "Flat"), then.get("search_params", ""),
-                                        **{**keep, **now, **meta, "updates": history, "encode_seconds": round(seconds, 3),
-                                           "truncated_items": model.truncated["item"] - cut})
+                                        **{**keep, **now, **meta, "updates": history})
         out.digests = digests
         return out, counts
 
@@ -478,13 +485,14 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
     codes, HNSW's flat storage, IVF-Flat lists or a refine stage's (RFlat) full vectors. Compressed
     codes alone (PQ, SQ) are lossy, so a ValueError says to rebuild instead."""
     typed = faiss.downcast_index(index)  # a view: `index` must stay referenced (it owns the C++ object)
-    if isinstance(typed, faiss.IndexFlat):
+    kind = type(typed)  # exact types: subclasses (IVF FlatDedup, Panorama) lay their codes out otherwise
+    if kind in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
         return typed.reconstruct_n(0, typed.ntotal)
-    if isinstance(typed, faiss.IndexRefine):
+    if kind in (faiss.IndexRefine, faiss.IndexRefineFlat):
         return stored_vectors(typed.refine_index)
-    if isinstance(typed, faiss.IndexHNSW):
+    if kind in (faiss.IndexHNSW, faiss.IndexHNSWFlat):
         return stored_vectors(typed.storage)
-    if isinstance(typed, faiss.IndexIVFFlat):
+    if kind is faiss.IndexIVFFlat:
         out = np.empty((typed.ntotal, typed.d), np.float32)
         lists = typed.invlists
         for j in range(typed.nlist):  # the lists hold (id, raw float32 code) pairs; ids are positions
@@ -494,8 +502,8 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
                 codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size).copy()
                 out[ids] = codes.view(np.float32).reshape(n, typed.d)
         return out
-    raise ValueError(f"a {type(typed).__name__} index keeps compressed vectors, not the embeddings themselves: "
-                     f"it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
+    raise ValueError(f"a {kind.__name__} index does not keep the embeddings as they were added (compressed or "
+                     f"transformed codes): it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
 
 
 def read_index(file: str | os.PathLike) -> faiss.Index:

@@ -239,7 +239,8 @@ def create_app(searcher, config: ServeConfig | None = None):
         """Liveness only (no key needed, nothing about the deployment): {"status": "ok"}."""
         return {"status": "ok"}
 
-    @app.post("/admin/reload", responses={409: {"description": "The index cannot be served by this model."}})
+    @app.post("/admin/reload", responses={409: {"description": "The index cannot be reloaded (the message says why); "
+                                                               "the old one stays in service."}})
     async def reload() -> dict:
         """Read the index folder again (after `lrem index --update`) and serve it from the next query on."""
         try:

@@ -29,7 +29,7 @@ class RequestGuard:
     parsing, has every body read as JSON; counts and times requests."""
 
     PATHS = ("/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics", "/docs",
-             "/redoc", "/openapi.json")
+             "/redoc", "/openapi.json", "/admin/reload")
     OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
 
     def __init__(self, app, max_body_bytes: int, metrics: ServeMetrics, api_key: str = "", body_timeout_s: float = 10.0):

@@ -26,7 +26,7 @@ class SearchRequest(BaseModel):
                             "grounded-direct: the same without the CoT.")
     hybrid: bool = Field(False, description="Fuse the mode's ranking with BM25 over the titles by reciprocal rank "
                                             "fusion (a server started with hybrid: true); scores are then RRF scores.")
-    lexical_weight: float = Field(LEXICAL_WEIGHT, ge=0.0, description="With hybrid: the weight of BM25's ranks (the dense "
+    lexical_weight: float = Field(LEXICAL_WEIGHT, ge=0.0, allow_inf_nan=False, description="With hybrid: the weight of BM25's ranks (the dense "
                                                            "ranks weigh 1).")
 
 

@@ -146,7 +146,7 @@ class SearchService:
         def load():
             index = open_index(path)
             now, built_by = model_fingerprint(self.searcher.model), index.meta.get("model_fingerprint")
-            if built_by != now:
+            if built_by and built_by != now:  # as `Searcher.load`: an index without a fingerprint is trusted
                 raise ValueError(f"{path}: its items were embedded by other weights (model fingerprint {built_by}, "
                                  f"the served model's {now}); restart the server to serve another model")
             fresh = Searcher(self.searcher.model, index, router=self.searcher.router, truncate=self.searcher.truncate)

@@ -68,9 +68,10 @@ def index(
     if out is None:
         raise typer.BadParameter("missing --out (the index folder), or give --backend", param_hint="--out")
     if update:
-        if from_chunks is not None or on_disk or overwrite:
-            raise typer.BadParameter("--update embeds --data's new and changed items into the index OUT; not with "
-                                     "--from-chunks, --on-disk or --overwrite", param_hint="--update")
+        if from_chunks is not None or on_disk or overwrite or factory != "Flat" or search_params:
+            raise typer.BadParameter("--update embeds --data's new and changed items into the index OUT, which keeps "
+                                     "its own factory and search parameters; not with --from-chunks, --on-disk, "
+                                     "--overwrite, --factory or --search-params", param_hint="--update")
         _update_index(out, data, model, batch_size, dtype, threads, truncate)
         return
     if from_chunks is not None:
@@ -122,7 +123,7 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
     new.save(out)
     typer.echo(f"updated {out}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
                f"{counts['kept']} kept ({len(new.item_ids)} items; embedded {counts['added'] + counts['changed']} in "
-               f"{new.meta['encode_seconds']:.0f} s)")
+               f"{new.meta['updates'][-1]['encode_seconds']:.0f} s)")
     echo_truncated(lrem)
 
 

@@ -11,7 +11,7 @@ import typer
 
 from lrem.cli.options import (BatchSize, DataDir, Out, Overwrite, Threads, Truncate, check_output, echo_err,
                               echo_truncated)
-from lrem.fusion import LEXICAL_WEIGHT
+from lrem.fusion import LEXICAL_WEIGHT, parse_fused
 from lrem.search_types import MODES
 
 
@@ -98,7 +98,8 @@ def eval_(
     from lrem.search import build_systems, parse_system
 
     specs = dict(parse_system(s) for s in system)
-    models = [spec.rpartition(":")[0] for spec in specs.values()]
+    parts = [part for spec in specs.values() for _, part in (parse_fused(spec) or [(1.0, spec)])]
+    models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
             run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
     ds = load_dataset(data)
@@ -115,7 +116,8 @@ def eval_(
     if examples:
         typer.echo(format_examples(result, ds, examples))
     typer.echo(f"report: {out / 'report.md'}")
-    for model in {id(r.searcher.model): r.searcher.model for r in systems.values() if hasattr(r, "searcher")}.values():
+    lrem_parts = [p for r in systems.values() for p in getattr(r, "parts", [r]) if hasattr(p, "searcher")]
+    for model in {id(p.searcher.model): p.searcher.model for p in lrem_parts}.values():
         echo_truncated(model)
 
 
