@@ -63,17 +63,22 @@ class BM25Retriever:
         tokens = bm25s.tokenize(query, stopwords="en", return_ids=False, show_progress=False)[0]
         return [t for t in self.bm25.get_tokens_ids(tokens) if t != self.bm25.vocab_dict.get("")]
 
-    def _search_one(self, query: str, k: int) -> SearchResult:
+    def _search_one(self, query: str, k: int, allowed: np.ndarray | None = None) -> SearchResult:
         ids = self._token_ids(query)
         if not ids or k <= 0:
             return SearchResult(hits=[])
         scores = np.asarray(self.bm25.get_scores_from_ids(ids), dtype=np.float64)  # (n_items,)
+        if allowed is not None:
+            kept = np.zeros_like(scores)
+            kept[allowed] = scores[allowed]
+            scores = kept
         top = [i for i in _top_k(scores, k) if scores[i] > 0]
         return SearchResult(hits=[Hit(self.item_ids[i], float(scores[i])) for i in top])
 
-    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
-        """Rank the catalog for each query; at most `k` hits per query, BM25 score desc."""
-        return [self._search_one(q, k) for q in queries]
+    def search(self, queries: list[str], k: int = 10, allowed: np.ndarray | None = None) -> list[SearchResult]:
+        """Rank the catalog for each query; at most `k` hits per query, BM25 score desc.
+        `allowed`: catalog positions (in the order the catalog was given) to keep to, or all."""
+        return [self._search_one(q, k, allowed) for q in queries]
 
 
 def minilm_model_path() -> str:

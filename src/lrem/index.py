@@ -29,6 +29,7 @@ import numpy as np
 from ._io import atomic_dir, write_json, write_jsonl
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
+FILTER_FIELDS = ("category", "brand", "color")  # catalog fields kept per item, to filter searches on
 LISTS_FILE = "lists.ivfdata"  # an on-disk IVF index's inverted lists (`ItemIndex.from_chunks(on_disk=...)`)
 
 
@@ -227,6 +228,30 @@ class ItemIndex:
     lists_file: Path | None = None  # on-disk inverted lists, memory-mapped
     lists_scratch: bool = False  # lists_file lies in from_chunks' scratch folder, removed once `save` has a copy
     digests: list[str] | None = None  # per item, `item_digest` of what was embedded (None: not known)
+    facets: dict[str, list] = field(default_factory=dict)  # FILTER_FIELDS present: field -> value per item
+
+    def allowed(self, where: dict) -> np.ndarray:
+        """Positions (sorted int64) of the items matching a filter: {field: value or values}, a
+        FILTER_FIELDS field each; an item matches when each field's value is one of the given ones."""
+        key = tuple(sorted((f, (v,) if isinstance(v, str) else tuple(sorted(v))) for f, v in where.items()))
+        cache = vars(self).setdefault("_allowed", {})  # a server sees the same few filters again and again
+        if key not in cache:
+            if len(cache) >= 256:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._match(where)
+        return cache[key]
+
+    def _match(self, where: dict) -> np.ndarray:
+        keep = np.ones(len(self.item_ids), dtype=bool)
+        for name, values in where.items():
+            if name not in self.facets:
+                have = ", ".join(sorted(self.facets)) or "none (its catalog had no " + "/".join(FILTER_FIELDS) + ")"
+                raise ValueError(f"filter field {name!r}: this index can filter on {have}")
+            column = vars(self).setdefault("_columns", {}).get(name)
+            if column is None:
+                column = self._columns[name] = np.array(self.facets[name], dtype=object)
+            keep &= np.isin(column, [values] if isinstance(values, str) else list(values))
+        return np.flatnonzero(keep).astype(np.int64)
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
@@ -256,7 +281,7 @@ class ItemIndex:
         out = cls.from_embeddings(emb, ids, [_title(x) for x in items], factory, search_params, **model_identity(model),
                                   encode_seconds=round(seconds, 3), truncated_items=model.truncated["item"] - cut,
                                   **meta)
-        out.digests = [item_digest(model, x) for x in items]
+        out.digests, out.facets = [item_digest(model, x) for x in items], item_facets(items)
         return out
 
     def updated(self, model, catalog: dict, batch_size=64, show_progress=True, truncate: bool = True,
@@ -312,7 +337,7 @@ class ItemIndex:
         out = ItemIndex.from_embeddings(emb, ids, [_title(x) for x in items],
                                         then.get("factory", "Flat"), then.get("search_params", ""),
                                         **{**keep, **now, **meta, "updates": history})
-        out.digests = digests
+        out.digests, out.facets = digests, item_facets(items)
         return out, counts
 
     @classmethod
@@ -383,10 +408,19 @@ class ItemIndex:
                 "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
         return cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None)
 
-    def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
-        k = min(k, len(self.item_ids))
-        scores, idx = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)  # (n, k) each
+    def search(self, q: np.ndarray, k: int = 10, where: dict | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items).
+        `where`: only items matching this filter (`allowed`), searched inside the index (FAISS's ID
+        selector), so a selective filter still gets its k best matches."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if where:
+            allowed = self.allowed(where)
+            if not len(allowed):
+                return np.zeros((len(q), 0), np.float32), [[] for _ in range(len(q))]
+            selector = faiss.IDSelectorBatch(allowed)
+            scores, idx = self.index.search(q, min(k, len(allowed)), params=selector_params(self.index, selector))
+        else:
+            scores, idx = self.index.search(q, min(k, len(self.item_ids)))  # (n, k) each
         ids = [[self.item_ids[j] for j in row if j >= 0] for row in idx]
         return scores, ids
 
@@ -406,15 +440,20 @@ class ItemIndex:
                 except OSError:
                     shutil.copyfile(self.lists_file, tmp / LISTS_FILE)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
-            rows = ({"item_id": i, "title": t} for i, t in zip(self.item_ids, self.titles))
-            if self.digests is not None:
-                rows = ({**row, "digest": d} for row, d in zip(rows, self.digests))
-            write_jsonl(tmp / ITEMS_FILE, rows)
+            write_jsonl(tmp / ITEMS_FILE, (self._row(n) for n in range(len(self.item_ids))))
             write_json(tmp / META_FILE, self.meta)
         if self.lists_file is not None:
             if self.lists_scratch:
                 shutil.rmtree(Path(self.lists_file).parent, ignore_errors=True)
             self.lists_file, self.lists_scratch = Path(out) / LISTS_FILE, False
+
+    def _row(self, n: int) -> dict:
+        """Item n's line of items.jsonl: id, title, digest and the facets it has."""
+        row = {"item_id": self.item_ids[n], "title": self.titles[n]}
+        if self.digests is not None:
+            row["digest"] = self.digests[n]
+        row.update({name: column[n] for name, column in self.facets.items() if column[n] is not None})
+        return row
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ItemIndex":
@@ -432,7 +471,7 @@ class ItemIndex:
             raise DataError(path / META_FILE, None, None, f"malformed JSON ({e})") from None
         if not isinstance(meta, dict):
             raise DataError(path / META_FILE, None, None, "expected a JSON object")
-        ids, titles, digests = [], [], []
+        ids, titles, digests, facets = [], [], [], {f: [] for f in FILTER_FIELDS}
         for line, row in read_jsonl(path / ITEMS_FILE):
             for name in ("item_id", "title"):
                 if not isinstance(row.get(name), str):
@@ -440,6 +479,11 @@ class ItemIndex:
             ids.append(row["item_id"])
             titles.append(row["title"])
             digests.append(row.get("digest"))
+            for name, column in facets.items():
+                value = row.get(name)
+                if value is not None and not isinstance(value, str):
+                    raise DataError(path / ITEMS_FILE, line, name, f"expected a string, got {value!r}")
+                column.append(value)
         if (path / INDEX_FILE).stat().st_size == 0:
             raise DataError(path / INDEX_FILE, None, None, "empty file (an interrupted write?); rebuild the index")
         try:
@@ -454,7 +498,8 @@ class ItemIndex:
         if len(set(ids)) != len(ids):
             raise DataError(path / ITEMS_FILE, None, "item_id", "duplicate item ids")
         out = cls(index, ids, titles, meta, lists_file=path / LISTS_FILE if (path / LISTS_FILE).is_file() else None,
-                  digests=digests if all(isinstance(d, str) for d in digests) else None)
+                  digests=digests if all(isinstance(d, str) for d in digests) else None,
+                  facets={f: column for f, column in facets.items() if any(v is not None for v in column)})
         if meta.get("search_params"):
             if not isinstance(meta["search_params"], str):
                 raise DataError(path / META_FILE, None, "search_params", f"expected a string, got {meta['search_params']!r}")
@@ -463,6 +508,16 @@ class ItemIndex:
             except ValueError as e:
                 raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
+
+
+def item_facets(items) -> dict[str, list]:
+    """The FILTER_FIELDS the catalog items carry: field -> value per item (None where one lacks
+    it); fields no item has are left out (titles alone give none)."""
+    from .prompts import item_fields
+
+    rows = [item_fields(x) for x in items]
+    columns = {f: [r.get(f) or None for r in rows] for f in FILTER_FIELDS}
+    return {f: column for f, column in columns.items() if any(v is not None for v in column)}
 
 
 def _title(item) -> str:
@@ -504,6 +559,21 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
         return out
     raise ValueError(f"a {kind.__name__} index does not keep the embeddings as they were added (compressed or "
                      f"transformed codes): it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
+
+
+def selector_params(index: faiss.Index, selector) -> faiss.SearchParameters:
+    """Search parameters that restrict `index`'s search to `selector`'s ids and keep the index's
+    own search-time settings (nprobe, efSearch, the refine k_factor): FAISS replaces those by its
+    defaults when given parameters."""
+    typed = faiss.downcast_index(index)
+    if isinstance(typed, faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(k_factor=typed.k_factor,
+                                                 base_index_params=selector_params(typed.base_index, selector))
+    if isinstance(typed, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=typed.hnsw.efSearch)
+    if isinstance(typed, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=typed.nprobe, max_codes=typed.max_codes)
+    return faiss.SearchParameters(sel=selector)
 
 
 def read_index(file: str | os.PathLike) -> faiss.Index:

@@ -121,18 +121,28 @@ class Searcher:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
     def search(self, queries: list[str], k: int = 10, mode: str = "reason", cots: list[str] | None = None,
-               batch_size: int = 32, show_progress: bool = False) -> list[SearchResult]:
-        """Top-k items per query, best first, with the CoT each query was embedded after."""
+               batch_size: int = 32, show_progress: bool = False, where: dict | None = None) -> list[SearchResult]:
+        """Top-k items per query, best first, with the CoT each query was embedded after.
+        `where`: only items matching this filter ({field: value or values}, `ItemIndex.allowed`)."""
         check_search(queries, k)
         if mode == "auto":
-            return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress)[0]
+            return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress, where=where)[0]
         if mode in GROUNDED_MODES and cots is None:
-            return _run_now(self.route(queries, k, mode, embed=self.embedder(batch_size, show_progress))).results
+            return _run_now(self.route(queries, k, mode, embed=self.embedder(batch_size, show_progress),
+                                       where=where)).results
         cots = cots if cots is not None else self.cots_for(queries, mode)
         enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
                                         show_progress=show_progress, truncate=self.truncate)
-        scores, ids = self.index.search(enc.embeddings, k)
+        scores, ids = self.index_search(enc.embeddings, k, where)
         return _results(scores, ids, enc.cots, k)
+
+    def index_search(self, emb: np.ndarray, k: int, where: dict | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """The index's top k for embeddings (n, dim), filtered by `where` when given."""
+        if not where:
+            return self.index.search(emb, k)
+        if not hasattr(self.index, "allowed"):
+            raise ValueError("filters need an lrem index folder (items.jsonl keeps the fields); this index cannot")
+        return self.index.search(emb, k, where=where)
 
     def candidates(self, queries: list[str], k: int | None = None, batch_size: int = 32,
                    show_progress: bool = False) -> list[list[str]]:
@@ -149,7 +159,8 @@ class Searcher:
         return self.model.config.candidates_k or DEFAULT_CANDIDATES_K
 
     def search_auto(self, queries: list[str], k: int = 10, router: Router | LearnedRouter | None = None,
-                    batch_size: int = 32, show_progress: bool = False) -> tuple[list[SearchResult], list[bool]]:
+                    batch_size: int = 32, show_progress: bool = False,
+                    where: dict | None = None) -> tuple[list[SearchResult], list[bool]]:
         """`auto` mode: embed every query directly, search, let the router (default `self.router`)
         pick the queries reasoning should help (from the direct scores and the query), and reason
         for those only (`route`, which `lrem serve` runs too).
@@ -158,7 +169,7 @@ class Searcher:
         """
         check_search(queries, k)
         routed = _run_now(self.route(queries, k, "auto", embed=self.embedder(batch_size, show_progress),
-                                     router=router))
+                                     router=router, where=where))
         return routed.results, routed.reasoned
 
     def embedder(self, batch_size: int = 32, show_progress: bool = False) -> Embed:
@@ -174,7 +185,8 @@ class Searcher:
         return embed
 
     async def route(self, queries: list[str], k: int = 10, mode: str = "auto", embed: Embed | None = None,
-                    router: Router | LearnedRouter | None = None, offload: Offload | None = None) -> Routed:
+                    router: Router | LearnedRouter | None = None, offload: Offload | None = None,
+                    where: dict | None = None) -> Routed:
         """Direct -> route -> reason, the one place it is written: `search_auto` (eval) and
         `lrem serve` both run it, so they cannot disagree.
 
@@ -193,6 +205,7 @@ class Searcher:
             router: the router of `auto` (default `self.router`).
             offload: `await offload(fn, *args)` runs the FAISS search (serve: `asyncio.to_thread`,
                 so the event loop stays free); default: here.
+            where: a filter every search keeps to (`ItemIndex.allowed`), the grounded first stage too.
         """
         if mode not in ROUTE_MODES:
             raise ValueError(f"mode={mode!r}; expected one of {ROUTE_MODES}")
@@ -206,7 +219,7 @@ class Searcher:
 
         async def searched(emb: np.ndarray, depth: int) -> tuple[np.ndarray, list[list[str]]]:
             t0 = time.perf_counter()
-            found = await offload(self.index.search, emb, depth) if offload else self.index.search(emb, depth)
+            found = await offload(self.index_search, emb, depth, where) if offload else self.index_search(emb, depth, where)
             timings["index"] = timings.get("index", 0.0) + _ms(t0)
             return found
 
@@ -239,11 +252,13 @@ class Searcher:
                     results[j] = res
         return Routed(results, reason, emb, timings)
 
-    def retriever(self, mode: str, router: Router | LearnedRouter | None = None) -> Retriever:
-        """This searcher fixed to one mode, as a `Retriever` for `lrem.evaluate` (`router`: for auto)."""
+    def retriever(self, mode: str, router: Router | LearnedRouter | None = None,
+                  where: dict | None = None) -> Retriever:
+        """This searcher fixed to one mode (and filter), as a `Retriever` for `lrem.evaluate`
+        (`router`: for auto)."""
         if mode != "auto" and mode not in GROUNDED_MODES:
             self.cots_for([], mode)  # validates the mode now, not at the first query
-        return _ModeRetriever(self, mode, router)
+        return _ModeRetriever(self, mode, router, where)
 
     def lexical(self) -> Retriever:
         """BM25 over this index's titles, built on the first call and kept: the lexical half of
@@ -254,11 +269,13 @@ class Searcher:
             self._lexical = BM25Retriever(dict(zip(self.index.item_ids, self.index.titles)), show_progress=False)
         return self._lexical
 
-    def hybrid(self, mode: str, lexical_weight: float = LEXICAL_WEIGHT, router: Router | LearnedRouter | None = None
-               ) -> FusedRetriever:
+    def hybrid(self, mode: str, lexical_weight: float = LEXICAL_WEIGHT, router: Router | LearnedRouter | None = None,
+               where: dict | None = None) -> FusedRetriever:
         """Hybrid search: this searcher in `mode` and BM25 over the index's titles, fused by
-        reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`."""
-        return FusedRetriever([self.retriever(mode, router), self.lexical()], weights=[1.0, lexical_weight])
+        reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`; both
+        kept to the filter `where`, if any."""
+        lexical = self.lexical() if not where else _Restricted(self.lexical(), self.index.allowed(where))
+        return FusedRetriever([self.retriever(mode, router, where), lexical], weights=[1.0, lexical_weight])
 
 
 # route's callables: embed(kind, texts) -> (cots, embeddings (n, dim)); offload(fn, *args) -> fn(*args)
@@ -301,16 +318,17 @@ def _run_now(coro):
 class _ModeRetriever:
     """A searcher fixed to one mode; counts how many queries it reasoned about (the cost)."""
 
-    def __init__(self, searcher: Searcher, mode: str, router: Router | LearnedRouter | None = None):
-        self.searcher, self.mode, self.router = searcher, mode, router
+    def __init__(self, searcher: Searcher, mode: str, router: Router | LearnedRouter | None = None,
+                 where: dict | None = None):
+        self.searcher, self.mode, self.router, self.where = searcher, mode, router, where
         self.n_queries = self.n_reasoned = 0
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
         if self.mode == "auto":
-            results, routed = self.searcher.search_auto(queries, k, router=self.router)
+            results, routed = self.searcher.search_auto(queries, k, router=self.router, where=self.where)
             self.n_reasoned += sum(routed)
         else:
-            results = self.searcher.search(queries, k=k, mode=self.mode)
+            results = self.searcher.search(queries, k=k, mode=self.mode, where=self.where)
             self.n_reasoned += len(queries) if GROUNDED_MODES.get(self.mode, self.mode) == "reason" else 0
         self.n_queries += len(queries)
         return results
@@ -419,6 +437,20 @@ def load_cots(path) -> dict[str, str]:
             raise ValueError(f"{path}:{line}: need a string 'query' and a string 'cot'")
         cots[row["query"]] = row.get("cot") or ""
     return cots
+
+
+@dataclass
+class _Restricted:
+    """A lexical retriever kept to some catalog positions (a filter's `ItemIndex.allowed`)."""
+
+    lexical: object  # lrem.baselines.BM25Retriever over the index's items, in index order
+    allowed: np.ndarray
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        return self.lexical.search(queries, k, allowed=self.allowed)
+
+    def describe(self) -> dict:
+        return self.lexical.describe()
 
 
 class _GivenCotRetriever(_ModeRetriever):

@@ -174,7 +174,14 @@ def create_app(searcher, config: ServeConfig | None = None):
         service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
         if req.hybrid and not cfg.hybrid:
             raise HTTPException(400, HYBRID_OFF)
-        result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None))
+        if req.filter:
+            try:
+                service.searcher.index.allowed(req.filter)  # a field the index lacks: a 422 naming the ones it has
+            except (ValueError, AttributeError) as e:
+                raise HTTPException(422, f"filter: {e}" if isinstance(e, ValueError) else
+                                    "filter: this index cannot filter (a Milvus collection)") from None
+        result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None,
+                                             req.filter))
         del result["embedding"]
         return result
 
@@ -254,6 +261,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         index = service.searcher.index  # the one served now (POST /admin/reload replaces it)
         return {"model": searcher.model.source, "dim": searcher.model.dim,
                 "items": len(index.item_ids), "factory": index.meta.get("factory"),
+                "filter_fields": sorted(getattr(index, "facets", {})),
                 "cache": {"entries": len(service.cache), "hit_rate": service.cache.hit_rate},
                 "router": service.router.describe(), "reasoned_share": service.reasoned_share,
                 "queue": service.batcher.pending, "config": cfg.public()}

@@ -24,6 +24,10 @@ class SearchRequest(BaseModel):
         "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides; grounded: "
                             "a direct search first, then reason with its top titles in the prompt and search again; "
                             "grounded-direct: the same without the CoT.")
+    filter: dict[str, str | list[str]] | None = Field(
+        None, description="Only items whose fields match: {field: value or [values]}, fields among category, brand "
+                          "and color that the index's catalog had (GET /info: filter_fields); every field must match.",
+        examples=[{"category": "kitchen", "brand": ["Acme", "Zed"]}])
     hybrid: bool = Field(False, description="Fuse the mode's ranking with BM25 over the titles by reciprocal rank "
                                             "fusion (a server started with hybrid: true); scores are then RRF scores.")
     lexical_weight: float = Field(LEXICAL_WEIGHT, ge=0.0, allow_inf_nan=False, description="With hybrid: the weight of BM25's ranks (the dense "

@@ -98,10 +98,12 @@ class SearchService:
         self.cache.put((kind, text), (cot, emb))
         return cot, emb, False
 
-    async def query(self, text: str, mode: str, k: int, lexical_weight: float | None = None) -> dict:
+    async def query(self, text: str, mode: str, k: int, lexical_weight: float | None = None,
+                    where: dict | None = None) -> dict:
         """Embed (direct, reason, or direct then routed: `Searcher.route`), search; a
         `SearchResponse` as a dict, plus the embedding the items were found with. `lexical_weight`
-        not None: hybrid search, the dense top `FUSION_DEPTH` fused with BM25's (`lrem.fusion`)."""
+        not None: hybrid search, the dense top `FUSION_DEPTH` fused with BM25's (`lrem.fusion`).
+        `where`: a filter (`ItemIndex.allowed`) both keep to."""
         if lexical_weight is not None and not self.config.hybrid:
             raise ValueError(HYBRID_OFF)
         t_start, hits, searcher = time.perf_counter(), [], self.searcher  # one index per query, reloads or not
@@ -113,11 +115,12 @@ class SearchService:
             return [cot for cot, _, _ in rows], np.stack([emb for _, emb, _ in rows])  # (n, dim)
 
         routed = await searcher.route([text], depth, mode, embed=embed, router=self.router,
-                                      offload=asyncio.to_thread)  # FAISS off the event loop
+                                      offload=asyncio.to_thread, where=where)  # FAISS off the event loop
         [result], [reasoned], timings = routed.results, routed.reasoned, dict(routed.timings_ms)
         if lexical_weight is not None:
             t0 = time.perf_counter()
-            [lexical] = await asyncio.to_thread(searcher.lexical().search, [text], depth)
+            allowed = searcher.index.allowed(where) if where else None
+            [lexical] = await asyncio.to_thread(searcher.lexical().search, [text], depth, allowed)
             timings["lexical"] = round(1000.0 * (time.perf_counter() - t0), 3)
             result = fuse([result, lexical], k, [1.0, lexical_weight])
         mode_used = mode if mode in GROUNDED_MODES else "reason" if reasoned else "direct"

@@ -36,17 +36,21 @@ def search(
                                          "index's titles by reciprocal rank fusion (scores are then RRF scores).")] = False,
     lexical_weight: Annotated[float, typer.Option(min=0.0, help="With --hybrid: the weight of BM25's ranks "
                                                   "(the dense ranks weigh 1).")] = LEXICAL_WEIGHT,
+    filter_: Annotated[list[str], typer.Option("--filter", help="FIELD=VALUE[|VALUE...]: only items whose FIELD "
+                                               "(category, brand or color, as the catalog gave them) is one of the "
+                                               "values. Repeat: every field must match.")] = [],
 ):
     """Search the index: prints the generated CoT and the top items with scores."""
     from lrem.search import Searcher, check_search
 
     check_search(queries, k)  # before the model loads
+    where = _parse_filters(filter_)
     searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
     searcher.truncate = truncate
     if hybrid:
-        results = searcher.hybrid(mode, lexical_weight).search(queries, k=k)
+        results = searcher.hybrid(mode, lexical_weight, where=where).search(queries, k=k)
     else:
-        results = searcher.search(queries, k=k, mode=mode)
+        results = searcher.search(queries, k=k, mode=mode, where=where)
     label = f"{mode}+bm25" if hybrid else mode
     for q, r in zip(queries, results):
         if as_json:
@@ -56,6 +60,22 @@ def search(
         typer.echo(f"query: {q}\n  cot ({label}): {r.cot or '(none)'}")
         for rank, h in enumerate(r.hits, 1):
             typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
+
+
+def _parse_filters(items: list[str]) -> dict[str, list[str]]:
+    """--filter FIELD=VALUE[|VALUE...], repeated -> {field: [values]}."""
+    from lrem.index import FILTER_FIELDS
+
+    where: dict[str, list[str]] = {}
+    for item in items:
+        name, eq, values = item.partition("=")
+        if not eq or not name.strip() or not values:
+            raise typer.BadParameter(f"{item!r}: expected FIELD=VALUE[|VALUE...]", param_hint="--filter")
+        if name.strip() not in FILTER_FIELDS:
+            raise typer.BadParameter(f"{name.strip()!r} is not a filter field; use one of {', '.join(FILTER_FIELDS)}",
+                                     param_hint="--filter")
+        where.setdefault(name.strip(), []).extend(values.split("|"))
+    return where
 
 
 def serve(

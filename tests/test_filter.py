@@ -1,0 +1,105 @@
+"""Filtered search: only items whose category / brand / color match, searched inside FAISS (its ID
+selector), in the library, every search mode, hybrid search, `lrem search --filter` and `lrem serve`.
+The tiny random model, real FAISS, a real server on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from lrem.data import Item
+from lrem.index import ItemIndex, stored_vectors
+from lrem.search import Searcher
+from lrem.serve import ServeConfig, background_server, create_app
+
+KINDS = ["mug", "teapot", "kettle", "sofa", "rug", "lamp", "desk", "chair"]
+CATALOG = {f"i{j}": Item(f"i{j}", f"{KINDS[j % 8]} model {j}", category="kitchen" if j % 8 < 3 else "home",
+                         brand=["Acme", "Zed", "Orla"][j % 3], color="red" if j % 5 == 0 else None) for j in range(120)}
+QUERIES = ["a teapot for green tea", "something to sit on", "a red lamp"]
+
+
+def matching(where: dict) -> set[str]:
+    def ok(item: Item) -> bool:
+        return all(getattr(item, f) in ([v] if isinstance(v, str) else v) for f, v in where.items())
+    return {i for i, item in CATALOG.items() if ok(item)}
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny):
+    return Searcher(tiny, ItemIndex.build(tiny, CATALOG, show_progress=False))
+
+
+@pytest.mark.parametrize("factory,params", [("Flat", ""), ("HNSW8,Flat", "efSearch=256"), ("IVF4,Flat", "nprobe=4"),
+                                            ("IVF4,PQ4x4fs,RFlat", "nprobe=4,k_factor_rf=64")])
+def test_a_filtered_search_is_the_exact_top_k_of_the_matching_items(tiny, tmp_path, factory, params):
+    index = ItemIndex.build(tiny, CATALOG, factory=factory, search_params=params, show_progress=False)
+    index.save(tmp_path / "idx")
+    index = ItemIndex.load(tmp_path / "idx")  # facets come back from items.jsonl, the search params from meta
+    assert sorted(index.facets) == ["brand", "category", "color"]
+    q = tiny.encode_queries(QUERIES, mode="direct").embeddings
+    vectors = stored_vectors(index.index) if "PQ" not in factory else None
+    for where in ({"category": "kitchen"}, {"category": "home", "brand": ["Zed", "Orla"]}, {"color": "red"}):
+        allowed = sorted(matching(where), key=lambda i: int(i[1:]))
+        scores, ids = index.search(q, k=10, where=where)
+        assert all(set(row) <= set(allowed) for row in ids) and all(len(row) == min(10, len(allowed)) for row in ids)
+        if vectors is not None:  # exact where the codes are the vectors (HNSW: efSearch above the catalog size)
+            pos = [int(i[1:]) for i in allowed]
+            want = [[allowed[j] for j in np.argsort(-(vectors[pos] @ qv), kind="stable")[:10]] for qv in q]
+            assert ids == want
+    assert index.search(q, k=5, where={"brand": "Nobody"})[1] == [[], [], []]
+    with pytest.raises(ValueError, match="filter field 'size': this index can filter on brand, category, color"):
+        index.search(q, k=5, where={"size": "XL"})
+
+
+@pytest.mark.parametrize("mode", ["direct", "reason", "auto", "grounded"])
+def test_every_mode_and_hybrid_keep_to_the_filter(searcher, mode):
+    where = {"category": "kitchen", "brand": "Acme"}
+    allowed = matching(where)
+    for result in searcher.search(QUERIES, k=5, mode=mode, where=where):
+        assert result.item_ids and set(result.item_ids) <= allowed
+    for result in searcher.hybrid(mode, 5.0, where=where).search(["teapot", "lamp"], k=5):
+        assert result.item_ids and set(result.item_ids) <= allowed
+    # unfiltered, the same queries reach other items
+    assert not set(searcher.search(QUERIES, k=20, mode="direct")[0].item_ids) <= allowed
+
+
+def test_serve_filter(searcher):
+    with background_server(create_app(searcher, ServeConfig(hybrid=True))) as url:
+        for body in ({"mode": "direct"}, {"mode": "reason", "hybrid": True}):
+            r = httpx.post(url + "/search", json={"query": "a teapot", "k": 8, "filter": {"brand": ["Zed", "Orla"],
+                                                  "category": "kitchen"}, **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            got = [i["item_id"] for i in r.json()["items"]]
+            assert len(got) == 8 and set(got) <= matching({"brand": ["Zed", "Orla"], "category": "kitchen"})
+        r = httpx.post(url + "/search", json={"query": "a teapot", "filter": {"size": "XL"}}, timeout=60)
+        assert r.status_code == 422 and "can filter on brand, category, color" in r.json()["detail"]
+        r = httpx.post(url + "/search", json={"query": "a teapot", "filter": {"brand": 3}}, timeout=60)
+        assert r.status_code == 422
+        assert httpx.get(url + "/info", timeout=60).json()["filter_fields"] == ["brand", "category", "color"]
+
+
+def test_cli_filter(tiny_dir, tmp_path):
+    from test_reliability import assert_clean_error, lrem
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "catalog.jsonl").write_text("".join(json.dumps({k: v for k, v in vars(x).items() if v is not None}) + "\n"
+                                                for x in CATALOG.values()))
+    (data / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (data / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "i0", "relevance": 1}\n')
+    assert lrem("index", "--data", str(data), "--out", str(tmp_path / "idx"), "--model", str(tiny_dir)).returncode == 0
+    p = lrem("search", "--index", str(tmp_path / "idx"), "--mode", "direct", "--json", "-k", "6",
+             "--filter", "category=home", "--filter", "brand=Zed|Acme", "a lamp")
+    assert p.returncode == 0, p.stderr[-2000:]
+    [row] = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(row["items"]) == 6 and {i["item_id"] for i in row["items"]} <= matching({"category": "home",
+                                                                                       "brand": ["Zed", "Acme"]})
+    p = lrem("search", "--index", str(tmp_path / "idx"), "--filter", "colour=red", "lamp")  # checked at parse time
+    assert p.returncode == 2 and "'colour' is not a filter field" in p.stderr and "Traceback" not in p.stderr
+    # a field the catalog never had: one error line naming the ones the index can filter on
+    (data / "catalog.jsonl").write_text('{"item_id": "i0", "title": "mug"}\n{"item_id": "i1", "title": "cup"}\n')
+    assert lrem("index", "--data", str(data), "--out", str(tmp_path / "bare"), "--model", str(tiny_dir)).returncode == 0
+    assert_clean_error(lrem("search", "--index", str(tmp_path / "bare"), "--filter", "brand=Zed", "mug"),
+                       "filter field 'brand': this index can filter on none")
