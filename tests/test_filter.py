@@ -63,6 +63,26 @@ def test_every_mode_and_hybrid_keep_to_the_filter(searcher, mode):
         assert result.item_ids and set(result.item_ids) <= allowed
     # unfiltered, the same queries reach other items
     assert not set(searcher.search(QUERIES, k=20, mode="direct")[0].item_ids) <= allowed
+    # a filter nothing matches: no items, whatever the mode (auto's router gets no scores to read)
+    assert [r.item_ids for r in searcher.search(QUERIES, k=5, mode=mode, where={"brand": "Nobody"})] == [[], [], []]
+
+
+@pytest.mark.parametrize("factory,params", [("IVF64,Flat", "nprobe=2"), ("IVF64,PQ8x4fs,RFlat", "nprobe=2"),
+                                            ("OPQ8,IVF16,Flat", "nprobe=2"), ("HNSW4,Flat", "efSearch=8")])
+def test_a_selective_filter_gets_k_items_where_the_probed_lists_hold_fewer(factory, params):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"i{j}" for j in range(6000)]
+    index = ItemIndex.from_embeddings(x, ids, ids, factory, params)
+    index.facets = {"brand": ["rare" if j % 300 == 0 else "common" for j in range(6000)]}  # 20 items match
+    scores, got = index.search(x[:8], k=10, where={"brand": "rare"})
+    rare = np.arange(0, 6000, 300)
+    want = [[f"i{rare[j]}" for j in np.argsort(-(x[rare] @ q), kind="stable")[:10]] for q in x[:8]]
+    assert [len(row) for row in got] == [10] * 8
+    if "PQ" not in factory:  # the full vectors: exact
+        assert got == want
+    assert scores.min() > -1.0001  # no -3.4e38 padding reaches the router
 
 
 def test_serve_filter(searcher):
@@ -73,6 +93,8 @@ def test_serve_filter(searcher):
             assert r.status_code == 200, r.text
             got = [i["item_id"] for i in r.json()["items"]]
             assert len(got) == 8 and set(got) <= matching({"brand": ["Zed", "Orla"], "category": "kitchen"})
+        r = httpx.post(url + "/search", json={"query": "a teapot", "filter": {"brand": "Nobody"}}, timeout=60)
+        assert r.status_code == 200 and r.json()["items"] == []  # mode auto, the default
         r = httpx.post(url + "/search", json={"query": "a teapot", "filter": {"size": "XL"}}, timeout=60)
         assert r.status_code == 422 and "can filter on brand, category, color" in r.json()["detail"]
         r = httpx.post(url + "/search", json={"query": "a teapot", "filter": {"brand": 3}}, timeout=60)

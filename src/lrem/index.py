@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from ._io import atomic_dir, write_json, write_jsonl
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
 FILTER_FIELDS = ("category", "brand", "color")  # catalog fields kept per item, to filter searches on
+FILTER_CACHE_IDS = 16_000_000  # positions the recent filters keep in all (128 MB, plus their selectors)
+EXACT_FILTER_UP_TO = 50_000  # a filter matching at most this many items is scored exactly where FAISS fell short
 LISTS_FILE = "lists.ivfdata"  # an on-disk IVF index's inverted lists (`ItemIndex.from_chunks(on_disk=...)`)
 
 
@@ -233,13 +236,25 @@ class ItemIndex:
     def allowed(self, where: dict) -> np.ndarray:
         """Positions (sorted int64) of the items matching a filter: {field: value or values}, a
         FILTER_FIELDS field each; an item matches when each field's value is one of the given ones."""
+        return self._filter(where)[0]
+
+    def _filter(self, where: dict) -> tuple[np.ndarray, "faiss.IDSelector"]:
+        """(allowed positions, their FAISS selector), kept for the filters seen last: a server sees
+        the same few again and again, and a selector over 1M ids takes ~90 ms to build. At most
+        FILTER_CACHE_IDS positions are kept in all, the oldest filters dropped first."""
         key = tuple(sorted((f, (v,) if isinstance(v, str) else tuple(sorted(v))) for f, v in where.items()))
-        cache = vars(self).setdefault("_allowed", {})  # a server sees the same few filters again and again
-        if key not in cache:
-            if len(cache) >= 256:
+        lock = vars(self).setdefault("_filter_lock", threading.Lock())  # serve searches from several threads
+        with lock:
+            cache = vars(self).setdefault("_filters", {})
+            if key in cache:
+                return cache[key]
+        allowed = self._match(where)
+        found = (allowed, faiss.IDSelectorBatch(allowed))
+        with lock:
+            cache[key] = found
+            while sum(len(a) for a, _ in cache.values()) > FILTER_CACHE_IDS and len(cache) > 1:
                 cache.pop(next(iter(cache)))
-            cache[key] = self._match(where)
-        return cache[key]
+        return found
 
     def _match(self, where: dict) -> np.ndarray:
         keep = np.ones(len(self.item_ids), dtype=bool)
@@ -414,15 +429,43 @@ class ItemIndex:
         selector), so a selective filter still gets its k best matches."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         if where:
-            allowed = self.allowed(where)
+            allowed, selector = self._filter(where)
             if not len(allowed):
                 return np.zeros((len(q), 0), np.float32), [[] for _ in range(len(q))]
-            selector = faiss.IDSelectorBatch(allowed)
-            scores, idx = self.index.search(q, min(k, len(allowed)), params=selector_params(self.index, selector))
+            k = min(k, len(allowed))
+            try:
+                scores, idx = self.index.search(q, k, params=selector_params(self.index, selector))
+            except RuntimeError as e:  # index types whose search takes no selector (flat PQ codes, ...)
+                raise ValueError(f"this index ({self.meta.get('factory', type(self.index).__name__)}) cannot "
+                                 f"filter: {_faiss_message(e)}; rebuild it with a Flat, HNSW or IVF recipe") from None
+            short = (idx < 0).any(axis=1)
+            if short.any() and len(allowed) <= EXACT_FILTER_UP_TO:
+                # IVF probes only some lists and HNSW's beam can miss a few matching items: score them all
+                exact = self._exact(q[short], allowed, k)
+                if exact is not None:
+                    scores[short], idx[short] = exact
         else:
             scores, idx = self.index.search(q, min(k, len(self.item_ids)))  # (n, k) each
         ids = [[self.item_ids[j] for j in row if j >= 0] for row in idx]
-        return scores, ids
+        return _fill_missing(scores, idx), ids
+
+    def _exact(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The exact top k of `allowed` for queries q, from the vectors the index holds (None
+        where it cannot give them back)."""
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+            if ivf.direct_map.type == faiss.DirectMap.NoMap and not isinstance(faiss.downcast_index(self.index),
+                                                                              faiss.IndexRefine):
+                ivf.make_direct_map()  # ids -> list entries, built once (the lists are only read)
+        except RuntimeError:  # not an IVF index
+            pass
+        try:
+            vectors = self.index.reconstruct_batch(allowed)  # (len(allowed), dim)
+        except RuntimeError:
+            return None
+        sims = q @ vectors.T  # (n, len(allowed))
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, top, axis=1), allowed[top]
 
     def title(self, item_id: str) -> str:
         if not hasattr(self, "_pos"):
@@ -561,11 +604,26 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
                      f"transformed codes): it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
 
 
+def _fill_missing(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """FAISS pads a row with fewer hits than k with -3.4e38: repeat its last real score there
+    instead (the router's margins read the k-th score), 0 where a row has none."""
+    missing = idx < 0
+    if not missing.any():
+        return scores
+    scores = scores.copy()
+    for row in np.flatnonzero(missing.any(axis=1)):
+        real = scores[row][~missing[row]]
+        scores[row][missing[row]] = real[-1] if len(real) else 0.0
+    return scores
+
+
 def selector_params(index: faiss.Index, selector) -> faiss.SearchParameters:
     """Search parameters that restrict `index`'s search to `selector`'s ids and keep the index's
     own search-time settings (nprobe, efSearch, the refine k_factor): FAISS replaces those by its
     defaults when given parameters."""
     typed = faiss.downcast_index(index)
+    if isinstance(typed, faiss.IndexPreTransform):  # OPQ, PCA: the parameters are the inner index's
+        return selector_params(typed.index, selector)
     if isinstance(typed, faiss.IndexRefine):
         return faiss.IndexRefineSearchParameters(k_factor=typed.k_factor,
                                                  base_index_params=selector_params(typed.base_index, selector))

@@ -237,7 +237,7 @@ class Searcher:
             cots, emb = await embedded("direct", queries)
             scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, depth) best first
             results = _results(scores, ids, cots, k)
-            if mode == "auto":
+            if mode == "auto" and scores.shape[1]:  # a filter nothing matches leaves nothing to reason about
                 reason = router.decide(queries, scores)
         picked = [j for j, r in enumerate(reason) if r]
         if picked:
@@ -274,6 +274,8 @@ class Searcher:
         """Hybrid search: this searcher in `mode` and BM25 over the index's titles, fused by
         reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`; both
         kept to the filter `where`, if any."""
+        if where and not hasattr(self.index, "allowed"):
+            self.index_search(np.zeros((0, self.model.dim), np.float32), 1, where)  # its error: cannot filter
         lexical = self.lexical() if not where else _Restricted(self.lexical(), self.index.allowed(where))
         return FusedRetriever([self.retriever(mode, router, where), lexical], weights=[1.0, lexical_weight])
 

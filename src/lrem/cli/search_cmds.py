@@ -74,7 +74,7 @@ def _parse_filters(items: list[str]) -> dict[str, list[str]]:
         if name.strip() not in FILTER_FIELDS:
             raise typer.BadParameter(f"{name.strip()!r} is not a filter field; use one of {', '.join(FILTER_FIELDS)}",
                                      param_hint="--filter")
-        where.setdefault(name.strip(), []).extend(values.split("|"))
+        where.setdefault(name.strip(), []).extend(v.strip() for v in values.split("|"))
     return where
 
 
