@@ -564,8 +564,10 @@ def item_facets(items) -> dict[str, list]:
 
 
 def _title(item) -> str:
-    """A catalog value's title: the string itself, a mapping's "title", an `Item`'s `.title`."""
-    return item if isinstance(item, str) else (item.get("title") if isinstance(item, dict) else item.title)
+    """A catalog value's title (a string is one; a mapping or an `Item` has one): `item_fields`'s."""
+    from .prompts import item_fields
+
+    return item_fields(item)["title"]
 
 
 def item_digest(model, item) -> str:

@@ -140,9 +140,13 @@ class Searcher:
         """The index's top k for embeddings (n, dim), filtered by `where` when given."""
         if not where:
             return self.index.search(emb, k)
+        return self.filterable().search(emb, k, where=where)
+
+    def filterable(self) -> ItemIndex:
+        """The index, where it can filter (an lrem index folder); else the ValueError saying so."""
         if not hasattr(self.index, "allowed"):
             raise ValueError("filters need an lrem index folder (items.jsonl keeps the fields); this index cannot")
-        return self.index.search(emb, k, where=where)
+        return self.index
 
     def candidates(self, queries: list[str], k: int | None = None, batch_size: int = 32,
                    show_progress: bool = False) -> list[list[str]]:
@@ -274,9 +278,7 @@ class Searcher:
         """Hybrid search: this searcher in `mode` and BM25 over the index's titles, fused by
         reciprocal rank fusion (`lrem.fusion`), BM25's ranks weighed by `lexical_weight`; both
         kept to the filter `where`, if any."""
-        if where and not hasattr(self.index, "allowed"):
-            self.index_search(np.zeros((0, self.model.dim), np.float32), 1, where)  # its error: cannot filter
-        lexical = self.lexical() if not where else _Restricted(self.lexical(), self.index.allowed(where))
+        lexical = self.lexical() if not where else _Restricted(self.lexical(), self.filterable().allowed(where))
         return FusedRetriever([self.retriever(mode, router, where), lexical], weights=[1.0, lexical_weight])
 
 
