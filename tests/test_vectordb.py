@@ -29,9 +29,10 @@ def unit_vectors(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def batches_of(ids, titles, x, size):
+def batches_of(ids, titles, x, size, facets=None):
     for s in range(0, len(ids), size):
-        yield ids[s:s + size], titles[s:s + size], (lambda pos, s=s: x[s:][pos])
+        yield (ids[s:s + size], titles[s:s + size], {f: c[s:s + size] for f, c in (facets or {}).items()},
+               (lambda pos, s=s: x[s:][pos]))
 
 
 def test_spec_parsing():
@@ -72,6 +73,74 @@ def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
         MilvusIndex.open(spec)
     with pytest.raises(ValueError, match="no collection 'absent'"):
         MilvusIndex.open(f"milvus:{tmp_path / 'r.db'}/absent")
+
+
+def test_a_filtered_milvus_search_equals_faiss_filtered(tmp_path, tiny):
+    """Milvus filters inside its search (a boolean expression); the hits are FAISS's filtered ones,
+    in every path that takes a filter: the index, Searcher modes, hybrid search."""
+    from pymilvus import DataType, MilvusClient
+
+    from lrem.data import Item
+    from lrem.search import Searcher
+
+    kinds = ["mug", "teapot", "kettle", "sofa", "rug", "lamp"]
+    items = {f"i{j}": Item(f"i{j}", f"{kinds[j % 6]} {j}", category="kitchen" if j % 6 < 3 else "home",
+                           brand=["Acme", 'Zed "Q"', "Café"][j % 3], color="red" if j % 4 == 0 else None)
+             for j in range(90)}
+    flat = ItemIndex.build(tiny, items, show_progress=False)
+    x = flat.index.reconstruct_n(0, 90)
+    spec = f"milvus:{tmp_path / 'f.db'}/facets"
+    upload(spec, batches_of(flat.item_ids, flat.titles, x, 32, flat.facets), flat.meta, 90, show_progress=False)
+    db = MilvusIndex.open(spec)
+    assert db.filter_fields == flat.filter_fields == ["brand", "category", "color"]
+    q = tiny.encode_queries(["a teapot", "a red sofa"], mode="direct").embeddings
+    for where in ({"category": "kitchen"}, {"brand": ['Zed "Q"', "Café"], "category": "home"}, {"color": "red"},
+                  {"brand": "Nobody"}):
+        (s1, i1), (s2, i2) = flat.search(q, 10, where=where), db.search(q, 10, where=where)
+        assert i1 == i2, where
+        np.testing.assert_allclose(s1[np.isfinite(s1)], s2[np.isfinite(s2)], atol=1e-5)
+        assert {db.item_ids[n] for n in db.allowed(where)} == {flat.item_ids[n] for n in flat.allowed(where)}
+    with pytest.raises(ValueError, match="filter field 'size': this index can filter on brand, category, color"):
+        db.search(q, 5, where={"size": "XL"})
+    faiss_s, milvus_s = Searcher(tiny, flat), Searcher(tiny, db)
+    where = {"category": "home", "brand": "Acme"}
+    for mode in ("direct", "auto"):
+        assert ([r.item_ids for r in faiss_s.search(["a rug"], 5, mode=mode, where=where)]
+                == [r.item_ids for r in milvus_s.search(["a rug"], 5, mode=mode, where=where)])
+    hybrid = [r.item_ids for r in milvus_s.hybrid("direct", where=where).search(["a rug"], 5)]
+    assert hybrid == [r.item_ids for r in faiss_s.hybrid("direct", where=where).search(["a rug"], 5)]
+
+    # a collection made before filters (no such fields): refused with the fields it has, none
+    client = MilvusClient(str(tmp_path / "f.db"))
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=512)
+    schema.add_field("title", DataType.VARCHAR, max_length=65535)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=x.shape[1])
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    client.create_collection("old", schema=schema, index_params=params,
+                             properties={"lrem.meta": json.dumps({**flat.meta, "complete": False})})
+    old = f"milvus:{tmp_path / 'f.db'}/old"
+    upload(old, batches_of(flat.item_ids, flat.titles, x, 32, flat.facets), flat.meta, 90, show_progress=False)
+    with pytest.raises(ValueError, match="filter field 'brand': this index can filter on none"):
+        MilvusIndex.open(old).search(q, 5, where={"brand": "Acme"})
+    assert MilvusIndex.open(old).search(q, 5)[1] == flat.search(q, 5)[1]
+
+
+def test_cli_index_data_to_milvus_then_a_filtered_search(tmp_path, tiny_dir):
+    """`lrem index --data --backend` keeps the catalog's filter fields; `lrem search --filter` uses them."""
+    from lrem.data import Dataset, Item, Query, save_dataset
+
+    items = {f"i{j}": Item(f"i{j}", f"{['mug', 'sofa', 'lamp'][j % 3]} {j}", category=["kitchen", "home"][j % 2])
+             for j in range(30)}
+    save_dataset(Dataset(items, {"q": Query("q", "a cup", "c", "dev")}, {"q": {"i1": 1}}), tmp_path / "ds")
+    spec = f"milvus:{tmp_path / 'cli.db'}/items"
+    up = lrem("index", "--data", tmp_path / "ds", "--backend", spec, "--model", tiny_dir, "--upload-batch", 8)
+    assert up.returncode == 0 and "uploaded 30 items" in up.stdout, up.stderr[-3000:]
+    p = lrem("search", "--index", spec, "--mode", "direct", "--json", "-k", "20", "--filter", "category=home", "a lamp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    [row] = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(row["items"]) == 15 and all(int(i["item_id"][1:]) % 2 == 1 for i in row["items"])
 
 
 def test_a_milvus_server_by_http_uri(tmp_path):

@@ -256,12 +256,15 @@ class ItemIndex:
                 cache.pop(next(iter(cache)))
         return found
 
+    @property
+    def filter_fields(self) -> list[str]:
+        """The FILTER_FIELDS this index can filter on (those its catalog had), sorted."""
+        return sorted(self.facets)
+
     def _match(self, where: dict) -> np.ndarray:
+        check_filter(where, self.filter_fields)
         keep = np.ones(len(self.item_ids), dtype=bool)
         for name, values in where.items():
-            if name not in self.facets:
-                have = ", ".join(sorted(self.facets)) or "none (its catalog had no " + "/".join(FILTER_FIELDS) + ")"
-                raise ValueError(f"filter field {name!r}: this index can filter on {have}")
             column = vars(self).setdefault("_columns", {}).get(name)
             if column is None:
                 column = self._columns[name] = np.array(self.facets[name], dtype=object)
@@ -551,6 +554,14 @@ class ItemIndex:
             except ValueError as e:
                 raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
+
+
+def check_filter(where: dict, fields) -> None:
+    """A ValueError naming the fields an index can filter on, where `where` asks for another."""
+    for name in where:
+        if name not in fields:
+            have = ", ".join(sorted(fields)) or "none (its catalog had no " + "/".join(FILTER_FIELDS) + ")"
+            raise ValueError(f"filter field {name!r}: this index can filter on {have}")
 
 
 def item_facets(items) -> dict[str, list]:

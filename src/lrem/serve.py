@@ -40,6 +40,7 @@ import numpy as np
 
 from ._text import check_query
 from .batching import Overloaded
+from .index import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
 from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
@@ -175,11 +176,10 @@ def create_app(searcher, config: ServeConfig | None = None):
         if req.hybrid and not cfg.hybrid:
             raise HTTPException(400, HYBRID_OFF)
         if req.filter:
-            try:
-                service.searcher.index.allowed(req.filter)  # a field the index lacks: a 422 naming the ones it has
-            except (ValueError, AttributeError) as e:
-                raise HTTPException(422, f"filter: {e}" if isinstance(e, ValueError) else
-                                    "filter: this index cannot filter (a Milvus collection)") from None
+            try:  # a field the index lacks: a 422 naming the ones it has
+                check_filter(req.filter, service.searcher.index.filter_fields)
+            except ValueError as e:
+                raise HTTPException(422, f"filter: {e}") from None
         result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None,
                                              req.filter))
         del result["embedding"]
@@ -261,7 +261,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         index = service.searcher.index  # the one served now (POST /admin/reload replaces it)
         return {"model": searcher.model.source, "dim": searcher.model.dim,
                 "items": len(index.item_ids), "factory": index.meta.get("factory"),
-                "filter_fields": sorted(getattr(index, "facets", {})),
+                "filter_fields": index.filter_fields,
                 "cache": {"entries": len(service.cache), "hit_rate": service.cache.hit_rate},
                 "router": service.router.describe(), "reasoned_share": service.reasoned_share,
                 "queue": service.batcher.pending, "config": cfg.public()}

@@ -10,8 +10,10 @@
 
 The spec is `milvus:URI/COLLECTION`: URI a Milvus Lite path (`*.db`, a folder Milvus Lite
 creates; same process, no server) or `http://host:port` of a Milvus server or cluster (the same
-code). The collection has `item_id` (VARCHAR primary key), `title` and `vector` (FLOAT_VECTOR, inner
-product on unit vectors = cosine), and the index metadata (model, dim, item template, ...) as
+code). The collection has `item_id` (VARCHAR primary key), `title`, `vector` (FLOAT_VECTOR, inner
+product on unit vectors = cosine) and the filter fields `category`, `brand` and `color` (nullable
+VARCHARs, `lrem.index.FILTER_FIELDS`; `search(q, k, where=...)` turns a filter into a Milvus
+boolean expression, so Milvus filters inside its own search), and the index metadata (model, dim, item template, ...) as
 the collection property `lrem.meta` (JSON), from which `lrem search` / `serve` / `eval` load
 the model as they do from an index folder's meta.json. Uploads are batched, resumable and
 idempotent: each batch asks which of its ids the collection holds, and upserts (by primary key)
@@ -28,9 +30,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .index import FILTER_FIELDS, check_filter
+
 PREFIX = "milvus:"
 META_PROPERTY = "lrem.meta"
-MAX_ID, MAX_TITLE = 512, 65535  # VARCHAR lengths (bytes); 65535 is Milvus's limit
+MAX_ID, MAX_TITLE, MAX_FACET = 512, 65535, 1024  # VARCHAR lengths (bytes); 65535 is Milvus's limit
 MILVUS_INDEXES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")  # the types Milvus Lite and servers both know
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
@@ -121,11 +125,15 @@ class MilvusWriter:
                     raise ValueError(f"{spec}: the collection holds {key}={old.get(key)!r}, this upload "
                                      f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
             self.client.load_collection(self.name)  # resuming: a reopened collection starts released
+            self.facet_fields = schema_facets(self.client, self.name)  # none in a collection made before filters
             return
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
         schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(meta["dim"]))
+        for name in FILTER_FIELDS:
+            schema.add_field(name, DataType.VARCHAR, max_length=MAX_FACET, nullable=True)
+        self.facet_fields = list(FILTER_FIELDS)
         params = self.client.prepare_index_params()
         params.add_index(field_name="vector", index_type=index_type, metric_type="IP")
         self.client.create_collection(self.name, schema=schema, index_params=params,
@@ -136,12 +144,16 @@ class MilvusWriter:
         have = {r["item_id"] for r in self.client.get(self.name, ids=list(ids), output_fields=["item_id"])}
         return [j for j, i in enumerate(ids) if i not in have]
 
-    def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray) -> None:
-        for i, t in zip(ids, titles):
-            if len(i.encode()) > MAX_ID or len(t.encode()) > MAX_TITLE:
-                what, v, cap = ("item_id", i, MAX_ID) if len(i.encode()) > MAX_ID else ("title", t, MAX_TITLE)
-                raise ValueError(f"{self.spec}: item {i[:80]!r}: {what} longer than Milvus's {cap} bytes")
+    def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray, facets: dict | None = None) -> None:
+        """Write items; `facets`: FILTER_FIELDS field -> value per item (None where one lacks it),
+        as `lrem.index.item_facets` gives them."""
+        facets = {f: column for f, column in (facets or {}).items() if f in self.facet_fields}
         rows = [{"item_id": i, "title": t, "vector": v} for i, t, v in zip(ids, titles, vectors.astype(np.float32).tolist())]
+        for n, row in enumerate(rows):
+            row.update({f: column[n] for f, column in facets.items()})
+            for what, cap in (("item_id", MAX_ID), ("title", MAX_TITLE), *((f, MAX_FACET) for f in facets)):
+                if row[what] is not None and len(row[what].encode()) > cap:
+                    raise ValueError(f"{self.spec}: item {ids[n][:80]!r}: {what} longer than Milvus's {cap} bytes")
         self.client.upsert(self.name, rows)
 
     def finish(self, **meta) -> dict:
@@ -153,14 +165,15 @@ class MilvusWriter:
         return self.meta
 
 
-def upload(spec: str, batches: Iterable[tuple[list[str], list[str], Callable[[list[int]], np.ndarray]]],
+def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, Callable[[list[int]], np.ndarray]]],
            meta: dict, total: int, overwrite: bool = False, index_type: str = "FLAT", show_progress: bool = True,
            log=print) -> dict:
     """Upload items to the collection of `spec`, skipping those it holds; returns its metadata.
 
-    `batches` yields (ids, titles, vectors_of) where `vectors_of(positions)` gives the unit
-    vectors (len(positions), dim) of those rows of the batch, so a resumed upload encodes (or
-    reads) only the items it still needs.
+    `batches` yields (ids, titles, facets, vectors_of): `facets` the batch's filter fields
+    (`lrem.index.item_facets`; {} where they are not known, as in chunks), and
+    `vectors_of(positions)` the unit vectors (len(positions), dim) of those rows of the batch, so
+    a resumed upload encodes (or reads) only the items it still needs.
     """
     from tqdm.auto import tqdm
 
@@ -169,10 +182,11 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], Callable[[li
         writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
         written = skipped = 0
         with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
-            for ids, titles, vectors_of in batches:
+            for ids, titles, facets, vectors_of in batches:
                 todo = writer.missing(ids)
                 if todo:
-                    writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo))
+                    writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo),
+                                  {f: [column[j] for j in todo] for f, column in facets.items()})
                 written, skipped = written + len(todo), skipped + len(ids) - len(todo)
                 bar.update(len(ids))
         out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
@@ -191,6 +205,7 @@ class MilvusIndex:
         self.ntotal = int(client.get_collection_stats(name).get("row_count", 0))
         self._titles: dict[str, str] = {}
         self._all: tuple[list[str], list[str]] | None = None
+        self._filter_fields: list[str] | None = None
 
     @property
     def index(self) -> "MilvusIndex":
@@ -212,16 +227,31 @@ class MilvusIndex:
             client.load_collection(name)
             return cls(spec, client, name, meta)
 
-    def search(self, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items)."""
+    @property
+    def filter_fields(self) -> list[str]:
+        """The FILTER_FIELDS this collection can filter on: those its items hold a value of
+        (asked once; a collection made before filters has none)."""
+        if self._filter_fields is None:
+            with milvus_errors(self.spec):
+                self._filter_fields = sorted(f for f in schema_facets(self.client, self.name)
+                                             if self.client.query(self.name, filter=f"{f} is not null",
+                                                                  output_fields=[f], limit=1))
+        return self._filter_fields
+
+    def search(self, q: np.ndarray, k: int = 10, where: dict | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items).
+        `where`: only items matching this filter (`lrem.index.ItemIndex.allowed`'s), which Milvus
+        applies inside its search; rows hold fewer than k where fewer items match."""
         q = np.ascontiguousarray(q, dtype=np.float32)  # (n, dim)
         k = min(k, self.ntotal)
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)  # (n, k)
         ids: list[list[str]] = []
         if k == 0:
             return scores, [[] for _ in range(q.shape[0])]
-        res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["title"],
-                                 search_params={"metric_type": "IP"})
+        expr = self._expression(where) if where else ""
+        with milvus_errors(self.spec):
+            res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["title"],
+                                     search_params={"metric_type": "IP"}, filter=expr)
         for r, hits in enumerate(res):
             row = []
             for j, h in enumerate(hits):
@@ -231,6 +261,26 @@ class MilvusIndex:
                 self._titles[item_id] = h["entity"]["title"]
             ids.append(row)
         return scores, ids
+
+    def allowed(self, where: dict) -> np.ndarray:
+        """Positions in `item_ids` (sorted int64) of the items matching a filter, as
+        `ItemIndex.allowed` (hybrid search restricts BM25 with them)."""
+        expr = self._expression(where)
+        pos = {i: n for n, i in enumerate(self._load_all()[0])}
+        with milvus_errors(self.spec):
+            found = [pos[r["item_id"]] for r in iter_rows(self.client, self.name, ["item_id"], filter=expr)]
+        return np.array(sorted(found), dtype=np.int64)
+
+    def _expression(self, where: dict) -> str:
+        """A filter as a Milvus boolean expression: `brand in ["Acme", "Zed"] and color in ["red"]`.
+        Field names are checked against FILTER_FIELDS; values are JSON string literals (Milvus
+        reads their escapes, but not \\u ones, hence ensure_ascii=False)."""
+        check_filter(where, self.filter_fields)
+        parts = []
+        for name, values in where.items():
+            values = [values] if isinstance(values, str) else list(values)
+            parts.append(f"{name} in [{', '.join(json.dumps(str(v), ensure_ascii=False) for v in values)}]")
+        return " and ".join(parts)
 
     def title(self, item_id: str) -> str:
         if item_id not in self._titles:
@@ -276,9 +326,16 @@ class _Column(Sequence):
         return iter(self.index._load_all()[self.which])
 
 
-def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000) -> Iterator[dict]:
-    """Every row of a collection (the fields asked), in batches through a query iterator."""
-    it = client.query_iterator(name, batch_size=batch_size, filter="", output_fields=fields)
+def schema_facets(client, name: str) -> list[str]:
+    """The FILTER_FIELDS a collection's schema has."""
+    have = {f["name"] for f in client.describe_collection(name).get("fields", [])}
+    return [f for f in FILTER_FIELDS if f in have]
+
+
+def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
+    """Every row of a collection (the fields asked; those matching `filter`, a Milvus expression),
+    in batches through a query iterator."""
+    it = client.query_iterator(name, batch_size=batch_size, filter=filter, output_fields=fields)
     try:
         while batch := it.next():
             yield from batch

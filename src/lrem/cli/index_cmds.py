@@ -143,7 +143,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         def batches():
             for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
                 for s in range(0, len(ids), upload_batch):
-                    yield ids[s:s + upload_batch], titles[s:s + upload_batch], (lambda pos, s=s, x=x: x[s:][pos])
+                    yield ids[s:s + upload_batch], titles[s:s + upload_batch], {}, (lambda pos, s=s, x=x: x[s:][pos])
 
         total, lrem = man["n_items"], None
     else:
@@ -153,7 +153,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         model = model or default_model()
         ds = load_dataset(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
-        from lrem.index import model_identity
+        from lrem.index import item_facets, model_identity
 
         meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
         ids, items = list(ds.catalog), list(ds.catalog.values())
@@ -161,7 +161,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         def batches():
             for s in range(0, len(ids), upload_batch):
                 part = items[s:s + upload_batch]
-                yield (ids[s:s + upload_batch], [x.title for x in part],
+                yield (ids[s:s + upload_batch], [x.title for x in part], item_facets(part),
                        lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
                                                                 truncate=truncate))
 
