@@ -554,3 +554,29 @@ def test_reload_serves_an_updated_index_and_refuses_another_models(tiny, lively_
         r = post(url, "/admin/reload", {})
         assert r.status_code == 409 and "other weights" in r.json()["detail"]
         assert top("egg timer", hybrid=True, lexical_weight=10.0)[0] == "n1"
+
+
+def this_machines_address() -> str | None:
+    """An address of this machine other than loopback (None where it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # a UDP "connect" sends nothing: it picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_reload_without_a_key_answers_loopback_clients_only(tiny, tmp_path):
+    ip = this_machines_address()
+    if ip is None or ip.startswith("127."):
+        pytest.skip("this machine has no address besides loopback")
+    ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False).save(tmp_path / "idx")
+    searcher = Searcher.load(tmp_path / "idx", model=tiny)
+    for key, status in (("", 403), ("k3y", 200)):
+        with background_server(create_app(searcher, ServeConfig(api_key=key)), host=ip) as url:
+            headers = {"Authorization": "Bearer k3y"} if key else {}
+            r = httpx.post(url + "/admin/reload", json={}, headers=headers, timeout=60)  # from `ip`, not loopback
+            assert r.status_code == status, r.text
+            if status == 403:
+                assert "only this machine's clients" in r.json()["detail"]
+                assert httpx.post(url + "/search", json={"query": "a mug", "mode": "direct"}, timeout=60).status_code == 200

@@ -37,6 +37,7 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+from starlette.requests import Request  # at module level: FastAPI reads the endpoints' annotations here
 
 from ._text import check_query
 from .batching import Overloaded
@@ -114,7 +115,7 @@ def create_app(searcher, config: ServeConfig | None = None):
     The batcher starts and the cache file (if any) is read in the app's lifespan, so the app
     must run under an ASGI server (uvicorn) or a lifespan-aware test client.
     """
-    from fastapi import HTTPException, Request
+    from fastapi import HTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from fastapi_offline import FastAPIOffline
@@ -246,10 +247,14 @@ def create_app(searcher, config: ServeConfig | None = None):
         """Liveness only (no key needed, nothing about the deployment): {"status": "ok"}."""
         return {"status": "ok"}
 
-    @app.post("/admin/reload", responses={409: {"description": "The index cannot be reloaded (the message says why); "
+    @app.post("/admin/reload", responses={403: {"description": "No api_key is set and the client is not on this machine."},
+                                         409: {"description": "The index cannot be reloaded (the message says why); "
                                                                "the old one stays in service."}})
-    async def reload() -> dict:
+    async def reload(request: Request) -> dict:
         """Read the index folder again (after `lrem index --update`) and serve it from the next query on."""
+        if not cfg.key() and not is_loopback(request.client.host if request.client else ""):
+            raise HTTPException(403, "POST /admin/reload: without an api_key only this machine's clients (loopback) "
+                                     "may reload; set api_key to reload from elsewhere")
         try:
             return await service.reload()
         except (ValueError, OSError) as e:
@@ -275,6 +280,17 @@ def create_app(searcher, config: ServeConfig | None = None):
         return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a client address is this machine's loopback (127.0.0.0/8, ::1); False for anything
+    that is not an IP address."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
