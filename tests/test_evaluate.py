@@ -353,3 +353,41 @@ class PaddedRetriever:
             seen = {h.item_id for h in r.hits}
             out.append(SearchResult((r.hits + [Hit(i, 0.0) for i in self.item_ids if i not in seen])[:k]))
         return out
+
+
+def test_a_run_file_scores_as_the_system_that_wrote_it_and_fuses(toy, systems, tmp_path):
+    """`run:FILE`: another engine's TREC run, here the report's own runs/*.trec, read back. It
+    scores as the system that wrote it, and fuses as that system does."""
+    from lrem.fusion import FusedRetriever
+    from lrem.search import build_systems
+
+    result = evaluate_systems(toy, "test", systems, k=100, log=lambda *_: None)
+    write_report(result, tmp_path / "first", toy)
+    runs = tmp_path / "first" / "runs"
+    specs = {"prod": f"run:{runs / 'bm25.trec'}", "fused": f"run:{runs / 'bm25.trec'}+0.5*run:{runs / 'bm25+cot.trec'}"}
+    again = evaluate_systems(toy, "test", build_systems(specs, toy, log=lambda *_: None), k=100, log=lambda *_: None)
+    assert again["systems"]["prod"]["overall"] == result["systems"]["bm25"]["overall"]
+    assert ({q: [i for i, _ in r] for q, r in again["runs"]["prod"].items()}
+            == {q: [i for i, _ in r] for q, r in result["runs"]["bm25"].items()})
+    direct = evaluate_systems(toy, "test", {"f": FusedRetriever([systems["bm25"], systems["bm25+cot"]], [1.0, 0.5])},
+                              k=100, log=lambda *_: None)
+    assert again["systems"]["fused"]["overall"] == direct["systems"]["f"]["overall"]
+    assert again["systems"]["prod"]["retriever"] == "run file" and again["systems"]["prod"]["queries_missing"] == 1  # q6: BM25 found nothing, so the run has no line for it
+    # "garden hose" is q2 (test) and q7 (train): the run ranks q2 only, so q2's ranking answers it
+    assert build_systems({"p": specs["prod"]}, toy)["p"].search(["garden hose"], 3)[0].item_ids == \
+        [i for i, _ in result["runs"]["bm25"]["q2"]][:3]
+
+
+@pytest.mark.parametrize("line,where", [("q1 Q0 k1 1 0.5", ":2: expected 6 columns"),
+                                        ("q1 Q0 k2 2 nan x", ":2: field 'score': 'nan' is not a finite number"),
+                                        ("q1 Q0 k1 2 0.1 x", ":2: field 'item_id': 'k1' appears twice")])
+def test_a_malformed_run_file_names_file_line_and_field(tmp_path, line, where):
+    from lrem.data.formats import DataError
+    from lrem.runfile import read_trec_run
+
+    path = tmp_path / "run.trec"
+    path.write_text(f"q1 Q0 k1 1 0.9 x\n{line}\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}{where}")):
+        read_trec_run(path)
+    path.write_text("q1 Q0 a 1 1.0 x\nq1 Q0 b 2 2.0 x\nq1 Q0 c 3 2.0 x\n\nq2 Q0 a 1 -1 x\n")
+    assert read_trec_run(path) == {"q1": [("b", 2.0), ("c", 2.0), ("a", 1.0)], "q2": [("a", -1.0)]}  # by score

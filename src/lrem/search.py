@@ -381,9 +381,12 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     its router. `truncate`: inputs over a model's token limits are cut and counted
     (`model.truncated`), or an error. `SPEC+SPEC[+...]` is hybrid search: the parts' rankings
     fused by reciprocal rank fusion (`lrem.fusion`), `WEIGHT*SPEC` weighing a part (default 1).
+    `run:FILE` is a TREC run file's rankings (`lrem.runfile`: another engine's, or an earlier
+    eval's runs/*.trec), by the dataset's query ids.
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
+    from lrem.runfile import RUN_PREFIX, RunFileRetriever, is_run_spec
     from lrem.vectordb import is_milvus_spec
 
     titles = {iid: item.title for iid, item in ds.catalog.items()}
@@ -398,6 +401,11 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
             if spec not in baselines:
                 baselines[spec] = baseline_system(spec, titles)
             return baselines[spec]
+        if is_run_spec(spec):
+            if spec not in baselines:
+                baselines[spec] = RunFileRetriever(spec[len(RUN_PREFIX):], [(q, x.text) for q, x in ds.queries.items()],
+                                                    titles)
+            return baselines[spec]
         model, sep, mode = spec.rpartition(":")
         cot_file = mode[len("cots="):] if mode.startswith("cots=") else None
         mode, at, share = ("reason", "", "") if cot_file else mode.partition("@")
@@ -406,7 +414,7 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
         if not sep or mode not in MODES or (at and (mode != "auto" or not _is_fraction(share))):
             raise ValueError(f"system {name}={spec!r}: expected bm25, minilm, MODEL:MODE with MODE in {MODES} "
                              f"(or auto@SHARE, SHARE in [0, 1]; auto-margin[@SHARE]: the margin router; "
-                             f"cots=FILE: the CoTs a file gives), or a fusion of these joined by '+' "
+                             f"cots=FILE: the CoTs a file gives), run:FILE (a TREC run), or a fusion of these joined by '+' "
                              f"(hybrid search, e.g. bm25+MODEL:direct; WEIGHT*SPEC weighs a part)")
         if model not in searchers:
             if is_index_dir(model) or is_milvus_spec(model):

@@ -96,7 +96,7 @@ def serve(
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json), run:FILE (a TREC run file: another engine's rankings), or PART+PART (hybrid: reciprocal rank fusion, WEIGHT*PART weighs one). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,

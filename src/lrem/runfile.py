@@ -1,0 +1,93 @@
+"""Rankings computed elsewhere, read from a TREC run file, as a retriever.
+
+Compare lrem with the search engine you run now (Elasticsearch, OpenSearch, Vespa, Solr: each can
+write a TREC run for a query set), or fuse with it, before deploying anything:
+
+    lrem eval --data data/esci --split test -s prod=run:prod.trec -s lrem=runs/idx:direct \\
+        -s hybrid=run:prod.trec+runs/idx:direct
+
+A run file has one line per (query, item): `query_id Q0 item_id rank score tag`, whitespace
+separated, as trec_eval reads it (and as `lrem eval` writes its runs/*.trec). Each query's items
+are ranked by score, highest first, as trec_eval does; equal scores keep the file's order. The
+query ids are the dataset's, so the retriever maps each query text back to its id.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lrem.search_types import Hit, SearchResult
+
+RUN_PREFIX = "run:"
+
+
+def is_run_spec(spec: str) -> bool:
+    return spec.startswith(RUN_PREFIX)
+
+
+def read_trec_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+    """query_id -> [(item_id, score)], best first. A malformed line is a `DataError` naming it."""
+    from lrem.data.formats import DataError
+
+    path = Path(path)
+    runs: dict[str, list[tuple[str, float, int]]] = {}
+    seen: set[tuple[str, str]] = set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, None, None, f"cannot read the run file: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        cols = line.split()
+        if len(cols) != 6:
+            raise DataError(path, n, None, f"expected 6 columns (query_id Q0 item_id rank score tag), got {len(cols)}")
+        qid, _, item, _, score, _ = cols
+        try:
+            value = float(score)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise DataError(path, n, "score", f"{score!r} is not a finite number")
+        if (qid, item) in seen:
+            raise DataError(path, n, "item_id", f"{item!r} appears twice for query {qid!r}")
+        seen.add((qid, item))
+        runs.setdefault(qid, []).append((item, value, n))
+    if not runs:
+        raise DataError(path, None, None, "the run file holds no ranking")
+    return {q: [(i, s) for i, s, _ in sorted(rows, key=lambda r: (-r[1], r[2]))] for q, rows in runs.items()}
+
+
+class RunFileRetriever:
+    """A `Retriever` that answers each query with its ranking in a TREC run file.
+
+    `queries`: (query id, text) pairs, the dataset's. A text several ids share (the same query
+    in two splits) takes the first of them the run ranks. A query the run does not rank gets no
+    hits (trec_eval scores it 0 too); `missing` holds their texts. `catalog_ids`: where given, the run's
+    items outside the catalog are counted (`unknown_items`: a run of another catalog shows here).
+    """
+
+    def __init__(self, path: str | Path, queries, catalog_ids=None):
+        self.path = str(path)
+        self.runs = read_trec_run(path)
+        self.query_ids: dict[str, str] = {}
+        for qid, text in queries:
+            if qid in self.runs:
+                self.query_ids.setdefault(text, qid)
+        self.missing: set[str] = set()
+        known = set(catalog_ids) if catalog_ids is not None else None
+        self.unknown_items = 0 if known is None else sum(i not in known for r in self.runs.values() for i, _ in r)
+
+    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        out = []
+        for text in queries:
+            qid = self.query_ids.get(text)
+            if qid is None:
+                self.missing.add(text)
+            out.append(SearchResult(hits=[Hit(i, s) for i, s in self.runs.get(qid, [])[:k]]))
+        return out
+
+    def describe(self) -> dict:
+        """For the eval report: the file, and what of it did not fit the dataset."""
+        return {"retriever": "run file", "mode": "run", "index": self.path, "run_queries": len(self.runs),
+                "queries_missing": len(self.missing), "unknown_items": self.unknown_items}
