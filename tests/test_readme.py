@@ -37,7 +37,7 @@ def using_it_commands() -> list[str]:
 def test_using_it_lists_data_sample():
     cmds = using_it_commands()
     assert any(c.startswith("lrem data sample ") for c in cmds)
-    assert [c.split()[1] for c in cmds] == ["data", "data", "data", "data", "index", "search", "eval"]
+    assert [c.split()[1] for c in cmds] == ["data", "data", "data", "data", "index", "search", "search", "eval"]
 
 
 @pytest.mark.slow
@@ -60,12 +60,15 @@ def test_using_it_commands_run_as_written(tmp_path, tiny_dir):
         p = subprocess.run([sys.executable, "-m", "lrem.cli", *args], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=900)
         assert p.returncode == 0, f"{line}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-        ran[" ".join(args[:2] if args[0] == "data" else args[:1])] = p
+        ran[" ".join(args[:2] if args[0] == "data" else args[:1]) + (" --from-file" if "--from-file" in args else "")] = p
         if args[:2] == ["data", "sample"]:
             sample_out = args[args.index("--out") + 1]
-    assert list(ran) == ["data wordnet", "data sample", "data convert", "data check", "index", "search", "eval"]
+    assert list(ran) == ["data wordnet", "data sample", "data convert", "data check", "index", "search",
+                         "search --from-file", "eval"]
     assert re.search(r"dev: 100 queries", ran["data sample"].stdout)
     assert "query: a device for pulling corks" in ran["search"].stdout
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "small.jsonl").read_text().splitlines()]
+    assert len(rows) == 100 and all(len(r["items"]) == 10 for r in rows)  # the sample's 100 queries
     metrics = json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())
     assert metrics["n_queries"] == 100 and set(metrics["systems"]) == {"bm25", "minilm", "direct", "reason", "hybrid"}
     assert ran["eval"].stdout.count("\nquery [") == 3  # --examples 3

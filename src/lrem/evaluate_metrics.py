@@ -4,7 +4,8 @@ on the per-query values ir_measures computes. All metric values are fractions in
 from __future__ import annotations
 
 import math
-import re
+
+from lrem.runfile import dedupe_hits, trec_name, trec_run_lines  # noqa: F401 (the report's)
 
 PRIMARY_METRIC = "hitrate@10"  # the key used to pick checkpoints and rank systems
 KS = (1, 10, 100)
@@ -92,25 +93,8 @@ def evaluate_slices(run, qrels, slices: dict[str, list[str]], ks=KS) -> dict[str
 # ---------------------------------------------------------------- TREC files and significance
 
 
-def trec_name(name: str) -> str:
-    """A system name as a TREC run tag and file name (no spaces or path characters)."""
-    return re.sub(r"[^\w.+@-]", "_", name) or "_"
-
-
-def trec_run_lines(name: str, run: dict[str, list]) -> list[str]:
-    """TREC run lines "qid Q0 item rank score tag" of one system's ranked [item, score] lists."""
-    tag = trec_name(name)
-    return [f"{q} Q0 {item} {rank} {score:.6g} {tag}" for q, hits in run.items()
-            for rank, (item, score) in enumerate(_dedupe_hits(hits), 1)]
-
-
 def trec_qrels_lines(qrels: dict[str, dict[str, int]]) -> list[str]:
     return [f"{q} 0 {item} {rel}" for q, rels in qrels.items() for item, rel in rels.items()]
-
-
-def _dedupe_hits(hits: list) -> list:
-    seen: set = set()
-    return [h for h in hits if not (h[0] in seen or seen.add(h[0]))]
 
 
 def per_query_values(run: dict[str, list], qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
@@ -122,7 +106,7 @@ def per_query_values(run: dict[str, list], qrels: dict[str, dict[str, int]]) -> 
     ranking it never returned."""
     import ir_measures
 
-    ranked = {q: {item: float(len(hits) - r) for r, (item, _) in enumerate(_dedupe_hits(hits))}
+    ranked = {q: {item: float(len(hits) - r) for r, (item, _) in enumerate(dedupe_hits(hits))}
               for q, hits in run.items()}
     out: dict[str, dict[str, float]] = {}
     for metric, measure in SIGNIFICANCE_METRICS.items():

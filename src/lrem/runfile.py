@@ -14,11 +14,30 @@ query ids are the dataset's, so the retriever maps each query text back to its i
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from lrem.search_types import Hit, SearchResult
 
 RUN_PREFIX = "run:"
+
+
+def trec_name(name: str) -> str:
+    """A system name as a TREC run tag and file name (no spaces or path characters)."""
+    return re.sub(r"[^\w.+@-]", "_", name) or "_"
+
+
+def trec_run_lines(name: str, run: dict[str, list]) -> list[str]:
+    """TREC run lines "qid Q0 item rank score tag" of one system's ranked [item, score] lists
+    (an item listed twice for a query keeps its first place)."""
+    tag = trec_name(name)
+    return [f"{q} Q0 {item} {rank} {score:.6g} {tag}" for q, hits in run.items()
+            for rank, (item, score) in enumerate(dedupe_hits(hits), 1)]
+
+
+def dedupe_hits(hits: list) -> list:
+    seen: set = set()
+    return [h for h in hits if not (h[0] in seen or seen.add(h[0]))]
 
 
 def is_run_spec(spec: str) -> bool:

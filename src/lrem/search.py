@@ -145,7 +145,8 @@ class Searcher:
     def filterable(self) -> ItemIndex:
         """The index, where it can filter (an lrem index folder); else the ValueError saying so."""
         if not hasattr(self.index, "allowed"):
-            raise ValueError("filters need an lrem index folder (items.jsonl keeps the fields); this index cannot")
+            raise ValueError("this index cannot filter: filters need an lrem index folder (items.jsonl keeps the "
+                             "fields) or a Milvus collection lrem made")
         return self.index
 
     def candidates(self, queries: list[str], k: int | None = None, batch_size: int = 32,

@@ -23,9 +23,9 @@ def _check_mode(mode: str) -> str:
 
 
 def search(
-    queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
     index_dir: Annotated[str, typer.Option("--index", "-i", help="Index folder from `lrem index`, or "
                                            "milvus:URI/COLLECTION.")],
+    queries: Annotated[Optional[list[str]], typer.Argument(help="One or more queries (or --from-file).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
     mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
@@ -39,12 +39,31 @@ def search(
     filter_: Annotated[list[str], typer.Option("--filter", help="FIELD=VALUE[|VALUE...]: only items whose FIELD "
                                                "(category, brand or color, as the catalog gave them) is one of the "
                                                "values. Repeat: every field must match.")] = [],
+    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="Search every query of this file "
+                                                      "(.jsonl of query_id/text rows, or text: a query a line) "
+                                                      "into --out, resumably.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from-file: the results file, JSON lines "
+                                                "(or a TREC run where it ends in .trec).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="With --from-file: jsonl or trec (default: by "
+                                               "--out's extension).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call with --from-file.")] = 32,
 ):
-    """Search the index: prints the generated CoT and the top items with scores."""
+    """Search the index: prints the generated CoT and the top items with scores (or, with
+    --from-file, writes every query's results to --out)."""
     from lrem.search import Searcher, check_search
 
-    check_search(queries, k)  # before the model loads
+    if (from_file is None) == (not queries):
+        raise typer.BadParameter("give queries or --from-file FILE (not both)", param_hint="QUERIES")
+    if from_file is not None and out is None:
+        raise typer.BadParameter("--from-file needs --out FILE", param_hint="--out")
+    if from_file is None and (out is not None or fmt is not None):
+        raise typer.BadParameter("--out and --format go with --from-file", param_hint="--out")
     where = _parse_filters(filter_)
+    if from_file is not None:
+        return _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybrid, lexical_weight,
+                            truncate, runtime, batch_size)
+    check_search(queries, k)  # before the model loads
     searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
     searcher.truncate = truncate
     if hybrid:
@@ -60,6 +79,31 @@ def search(
         typer.echo(f"query: {q}\n  cot ({label}): {r.cot or '(none)'}")
         for rank, h in enumerate(r.hits, 1):
             typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
+
+
+def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybrid, lexical_weight, truncate,
+                 runtime, batch_size) -> None:
+    """`lrem search --from-file`: read and check the queries and the output first, then search."""
+    from lrem.bulk import output_format, read_queries, search_to_file
+    from lrem.search import Searcher
+
+    queries = read_queries(from_file)
+    fmt = output_format(out, fmt)
+    if out.resolve() == from_file.resolve():
+        raise ValueError(f"--out {out} is the queries file")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
+    searcher.truncate = truncate
+    retriever = (searcher.hybrid(mode, lexical_weight, where=where) if hybrid else
+                 searcher.retriever(mode, where=where))
+    label = f"{mode}+bm25" if hybrid else mode
+    settings = {"index": str(index_dir), "mode": label, "filter": where or None,
+                "lexical_weight": lexical_weight if hybrid else None, "queries": str(from_file)}
+    info = search_to_file(retriever, searcher.index.title, queries, out, k=k, fmt=fmt, settings=settings,
+                          batch_size=batch_size, overwrite=overwrite)
+    typer.echo(f"wrote {info['queries']} queries' top {k} to {out} ({fmt}; {info['searched']} searched now, "
+             f"{info['resumed']} from an earlier run)")
 
 
 def _parse_filters(items: list[str]) -> dict[str, list[str]]:

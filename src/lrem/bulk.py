@@ -1,0 +1,128 @@
+"""Search a file of queries (a query log, a test set) into a results file, resumably.
+
+    lrem search --index runs/idx --mode auto --from-file queries.jsonl --out results.jsonl
+    lrem search --index runs/idx --mode direct --from-file queries.txt --out run.trec -k 100
+
+    from lrem.bulk import read_queries, search_to_file
+    search_to_file(searcher.retriever("auto"), searcher.index.title, read_queries("queries.jsonl"),
+                   "results.jsonl", k=10, settings={"mode": "auto"})
+
+Queries: a `.jsonl` file of {"query_id": ..., "text": ...} rows ("query" is taken for "text" and
+"id" for "query_id"), or plain text, one query a line, whose ids are the line numbers. Results:
+JSON lines (query_id, query, cot, items: item_id, title, score), or a TREC run (`.trec`, which
+`lrem eval -s NAME=run:FILE` scores). Queries are searched in batches and each batch is appended
+to `OUT.partial` (fsynced); a killed job rerun with the same settings searches only the queries
+the partial file lacks, and the finished file replaces OUT at once, in the input's order.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from lrem._io import JsonlLog, atomic_write
+from lrem._text import check_query
+from lrem.runfile import trec_run_lines
+from lrem.search_types import Retriever
+
+FORMATS = ("jsonl", "trec")
+PARTIAL_SUFFIX = ".partial"
+
+
+def read_queries(path: str | Path) -> list[tuple[str, str]]:
+    """(query_id, text) pairs of a queries file; a `DataError` names the file, line and field of
+    a bad row (no text, an id given twice, a control character)."""
+    from lrem.data.formats import DataError, read_jsonl
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = []
+        for line, row in read_jsonl(path):
+            text_key = "text" if "text" in row else "query"
+            qid = row.get("query_id", row.get("id", str(line)))
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip() or \
+                    any(c.isspace() for c in str(qid)):
+                raise DataError(path, line, "query_id", f"{qid!r}: expected a string or integer without spaces")
+            rows.append((line, str(qid), row.get(text_key), text_key))
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(path, None, None, f"cannot read the queries: {e}") from None
+        rows = [(n, str(n), text.rstrip("\r"), "text") for n, text in enumerate(lines, 1) if text.strip()]
+    out, seen = [], {}
+    for line, qid, text, key in rows:
+        try:
+            check_query(text, "the query")
+        except ValueError as e:
+            raise DataError(path, line, key, str(e)) from None
+        if qid in seen:
+            raise DataError(path, line, "query_id", f"{qid!r} again (first on line {seen[qid]})")
+        seen[qid] = line
+        out.append((qid, text))
+    if not out:
+        raise DataError(path, None, None, "no queries")
+    return out
+
+
+def output_format(out: str | Path, fmt: str | None = None) -> str:
+    """The results format: `fmt`, else TREC for a `.trec` file and JSON lines otherwise."""
+    fmt = fmt or ("trec" if Path(out).suffix == ".trec" else "jsonl")
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
+                   out: str | Path, k: int = 10, fmt: str | None = None, settings: dict | None = None,
+                   batch_size: int = 32, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Search `queries` ((id, text) pairs) with `retriever` and write the results to `out`.
+
+    `title(item_id)` gives the titles of JSON lines. `settings` (index, mode, filter, ...) are
+    recorded in the partial file: a rerun with other settings is refused rather than mixing two
+    searches in one file. An existing `out` is replaced only with `overwrite`. Returns counts:
+    searched now, resumed from the partial file, queries in all.
+    """
+    from tqdm.auto import tqdm
+
+    out, fmt = Path(out), output_format(out, fmt)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; --out takes a file path")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    header = {"lrem_bulk_search": 1, "k": k, "settings": settings or {}}
+    partial = JsonlLog(out.with_name(out.name + PARTIAL_SUFFIX))
+    done: dict[str, dict] = {}
+    rows = partial.rows()
+    if rows:
+        if rows[0] != json.loads(json.dumps(header)):
+            raise ValueError(f"{partial.path}: a search with other settings ({rows[0].get('settings')}, k "
+                             f"{rows[0].get('k')}) left it; delete it, or rerun that search to finish it")
+        done = {r["query_id"]: r for r in rows[1:]}
+    else:
+        partial.append(header)
+    todo = [(q, t) for q, t in queries if q not in done]
+    try:
+        with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="search", unit="q",
+                  disable=not show_progress) as bar:
+            for s in range(0, len(todo), batch_size):
+                batch = todo[s:s + batch_size]
+                results = retriever.search([t for _, t in batch], k=k)
+                new = [{"query_id": q, "query": t, "cot": r.cot,
+                        "items": [{"item_id": h.item_id, "title": title(h.item_id), "score": float(h.score)}
+                                  for h in r.hits]} for (q, t), r in zip(batch, results)]
+                partial.append(*new)
+                done.update((r["query_id"], r) for r in new)
+                bar.update(len(batch))
+    finally:
+        partial.close()
+    ordered = [done[q] for q, _ in queries]
+    with atomic_write(out) as f:
+        if fmt == "jsonl":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+        else:
+            run = {r["query_id"]: [(h["item_id"], h["score"]) for h in r["items"]] for r in ordered}
+            f.writelines(line + "\n" for line in trec_run_lines((settings or {}).get("mode") or "lrem", run))
+    os.unlink(partial.path)
+    return {"searched": len(todo), "resumed": len(queries) - len(todo), "queries": len(queries), "format": fmt}

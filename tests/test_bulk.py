@@ -1,0 +1,109 @@
+"""lrem.bulk / `lrem search --from-file`: a file of queries searched into JSON lines or a TREC run,
+resumed after a kill where it stopped. The tiny random model, real FAISS, real files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lrem.bulk import read_queries, search_to_file
+from lrem.data.formats import DataError
+from lrem.index import ItemIndex
+from lrem.runfile import read_trec_run
+from lrem.search import Searcher
+
+TITLES = ["mug", "teapot", "kettle", "sofa", "rug", "lamp", "desk", "chair", "corkscrew", "whisk"]
+QUERIES = ["a cup for coffee", "something to sit on", "a light", "open a wine bottle", "a carpet",
+           "boil water", "a table to work at", "beat eggs"]
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny):
+    return Searcher(tiny, ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES * 3)}, show_progress=False))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopsAfter:
+    """A real retriever that is killed (raises) once it has answered `batches` batches."""
+
+    def __init__(self, retriever, batches: int):
+        self.retriever, self.batches, self.calls = retriever, batches, []
+
+    def search(self, queries, k=10):
+        if len(self.calls) == self.batches:
+            raise Interrupted
+        self.calls.append(list(queries))
+        return self.retriever.search(queries, k)
+
+
+def test_results_equal_searching_directly_and_a_killed_job_resumes(searcher, tmp_path):
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("\n".join(QUERIES) + "\n\n")  # ids are line numbers; blank lines are skipped
+    queries = read_queries(qfile)
+    assert queries[:2] == [("1", QUERIES[0]), ("2", QUERIES[1])] and len(queries) == 8
+    settings = {"mode": "direct"}
+    out = tmp_path / "r.jsonl"
+    killed = StopsAfter(searcher.retriever("direct"), batches=1)
+    with pytest.raises(Interrupted):
+        search_to_file(killed, searcher.index.title, queries, out, k=5, settings=settings, batch_size=3,
+                       show_progress=False)
+    assert not out.exists() and (tmp_path / "r.jsonl.partial").exists()
+    with pytest.raises(ValueError, match="a search with other settings"):  # another search does not mix in
+        search_to_file(searcher.retriever("reason"), searcher.index.title, queries, out, k=5,
+                       settings={"mode": "reason"}, show_progress=False)
+    rerun = StopsAfter(searcher.retriever("direct"), batches=99)
+    info = search_to_file(rerun, searcher.index.title, queries, out, k=5, settings=settings, batch_size=3,
+                          show_progress=False)
+    assert info == {"searched": 5, "resumed": 3, "queries": 8, "format": "jsonl"}
+    assert [q for batch in rerun.calls for q in batch] == QUERIES[3:]  # only what the kill left
+    assert not (tmp_path / "r.jsonl.partial").exists()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = searcher.search(QUERIES, k=5, mode="direct")
+    assert [r["query_id"] for r in rows] == [str(n) for n in range(1, 9)]
+    assert [[i["item_id"] for i in r["items"]] for r in rows] == [w.item_ids for w in want]
+    assert rows[0]["items"][0]["title"] == searcher.index.title(want[0].item_ids[0]) and rows[0]["cot"] == ""
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        search_to_file(searcher.retriever("direct"), searcher.index.title, queries, out, show_progress=False)
+
+    trec = tmp_path / "run.trec"  # a TREC run: what `lrem eval -s NAME=run:FILE` reads
+    search_to_file(searcher.retriever("direct"), searcher.index.title, queries, trec, k=5, settings=settings,
+                   show_progress=False)
+    run = read_trec_run(trec)
+    assert [[i for i, _ in run[str(n)]] for n in range(1, 9)] == [w.item_ids for w in want]
+
+
+def test_jsonl_queries_and_bad_rows_name_file_line_and_field(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"query_id": "a", "text": "mug"}\n{"id": 7, "query": "lamp"}\n{"text": "rug"}\n')
+    assert read_queries(path) == [("a", "mug"), ("7", "lamp"), ("3", "rug")]
+    for rows, where in (('{"query_id": "a", "text": "mug"}\n{"query_id": "a", "text": "cup"}', ":2: field 'query_id'"),
+                        ('{"query_id": "a", "text": "  "}', ":1: field 'text': the query is empty"),
+                        ('{"query_id": "a b", "text": "mug"}', ":1: field 'query_id'"),
+                        ('{"query_id": "a", "query": "x\\u0007y"}', ":1: field 'query'")):
+        path.write_text(rows + "\n")
+        with pytest.raises(DataError, match=f"^{path}{where}"):
+            read_queries(path)
+
+
+def test_cli_search_from_file(tiny_dir, tmp_path):
+    from test_reliability import assert_clean_error, lrem
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "catalog.jsonl").write_text("".join(json.dumps({"item_id": f"i{j}", "title": t}) + "\n"
+                                                for j, t in enumerate(TITLES)))
+    (data / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
+    (data / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "i0", "relevance": 1}\n')
+    assert lrem("index", "--data", str(data), "--out", str(tmp_path / "idx"), "--model", str(tiny_dir)).returncode == 0
+    (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
+    args = ["search", "--index", str(tmp_path / "idx"), "--mode", "direct", "-k", "4", "--from-file",
+            str(tmp_path / "q.txt"), "--out", str(tmp_path / "run.trec")]
+    p = lrem(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "wrote 8 queries' top 4" in p.stdout and len(read_trec_run(tmp_path / "run.trec")) == 8
+    assert_clean_error(lrem(*args), "run.trec exists; pass --overwrite")
+    both = lrem("search", "--index", str(tmp_path / "idx"), "a mug", "--from-file", str(tmp_path / "q.txt"))
+    assert both.returncode == 2 and "give queries or --from-file" in both.stderr and "Traceback" not in both.stderr
