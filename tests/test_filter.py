@@ -31,9 +31,13 @@ def searcher(tiny):
     return Searcher(tiny, ItemIndex.build(tiny, CATALOG, show_progress=False))
 
 
+@pytest.mark.parametrize("brute_force_up_to", [0, 10_000], ids=["faiss-selector", "brute-force"])
 @pytest.mark.parametrize("factory,params", [("Flat", ""), ("HNSW8,Flat", "efSearch=256"), ("IVF4,Flat", "nprobe=4"),
                                             ("IVF4,PQ4x4fs,RFlat", "nprobe=4,k_factor_rf=64")])
-def test_a_filtered_search_is_the_exact_top_k_of_the_matching_items(tiny, tmp_path, factory, params):
+def test_a_filtered_search_is_the_exact_top_k_of_the_matching_items(tiny, tmp_path, factory, params,
+                                                                    brute_force_up_to, monkeypatch):
+    """Inside FAISS (its ID selector), or, where few items match, by brute force over their vectors."""
+    monkeypatch.setattr("lrem.index.BRUTE_FORCE_FILTER_UP_TO", brute_force_up_to)
     index = ItemIndex.build(tiny, CATALOG, factory=factory, search_params=params, show_progress=False)
     index.save(tmp_path / "idx")
     index = ItemIndex.load(tmp_path / "idx")  # facets come back from items.jsonl, the search params from meta
@@ -69,7 +73,10 @@ def test_every_mode_and_hybrid_keep_to_the_filter(searcher, mode):
 
 @pytest.mark.parametrize("factory,params", [("IVF64,Flat", "nprobe=2"), ("IVF64,PQ8x4fs,RFlat", "nprobe=2"),
                                             ("OPQ8,IVF16,Flat", "nprobe=2"), ("HNSW4,Flat", "efSearch=8")])
-def test_a_selective_filter_gets_k_items_where_the_probed_lists_hold_fewer(factory, params):
+def test_a_selective_filter_gets_k_items_where_the_probed_lists_hold_fewer(factory, params, monkeypatch):
+    """FAISS's selector search falls short (2 of 64 lists probed, a narrow beam); the matching
+    items are then scored exactly. By default so few matches are searched by brute force: exact."""
+    monkeypatch.setattr("lrem.index.BRUTE_FORCE_FILTER_UP_TO", 0)  # the FAISS path and its fallback
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -83,6 +90,11 @@ def test_a_selective_filter_gets_k_items_where_the_probed_lists_hold_fewer(facto
     if "PQ" not in factory:  # the full vectors: exact
         assert got == want
     assert scores.min() > -1.0001  # no -3.4e38 padding reaches the router
+    monkeypatch.undo()
+    index = ItemIndex.from_embeddings(x, ids, ids, factory, params)
+    index.facets = {"brand": ["rare" if j % 300 == 0 else "common" for j in range(6000)]}
+    scores, got = index.search(x[:8], k=10, where={"brand": "rare"})
+    assert got == want or ("PQ" in factory and "RFlat" not in factory)
 
 
 def test_serve_filter(searcher):

@@ -31,7 +31,11 @@ from ._io import atomic_dir, write_json, write_jsonl
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
 FILTER_FIELDS = ("category", "brand", "color")  # catalog fields kept per item, to filter searches on
-FILTER_CACHE_IDS = 16_000_000  # positions the recent filters keep in all (128 MB, plus their selectors)
+FILTER_CACHE_BYTES = 512 * 2**20  # what the recent filters keep in all: positions, selectors, vectors
+# A filter matching at most this many items is searched by brute force over their vectors: exact, and
+# cheaper than an HNSW beam or IVF's lists through a selective filter, which miss matches (as Weaviate's
+# flatSearchCutoff and Qdrant's full_scan_threshold do; measured in benchmarks/filter.py).
+BRUTE_FORCE_FILTER_UP_TO = 10_000
 EXACT_FILTER_UP_TO = 50_000  # a filter matching at most this many items is scored exactly where FAISS fell short
 LISTS_FILE = "lists.ivfdata"  # an on-disk IVF index's inverted lists (`ItemIndex.from_chunks(on_disk=...)`)
 
@@ -236,25 +240,41 @@ class ItemIndex:
     def allowed(self, where: dict) -> np.ndarray:
         """Positions (sorted int64) of the items matching a filter: {field: value or values}, a
         FILTER_FIELDS field each; an item matches when each field's value is one of the given ones."""
-        return self._filter(where)[0]
+        return self._filter(where).allowed
 
-    def _filter(self, where: dict) -> tuple[np.ndarray, "faiss.IDSelector"]:
-        """(allowed positions, their FAISS selector), kept for the filters seen last: a server sees
-        the same few again and again, and a selector over 1M ids takes ~90 ms to build. At most
-        FILTER_CACHE_IDS positions are kept in all, the oldest filters dropped first."""
+    def _filter(self, where: dict) -> _Filter:
+        """The filter's matching positions and FAISS selector (and, once scored by brute force,
+        their vectors), kept for the filters used last: a server sees the same few again and
+        again, and a selector over 1M ids takes ~90 ms to build. At most FILTER_CACHE_BYTES are
+        kept in all, the least recently used filters dropped first."""
         key = tuple(sorted((f, (v,) if isinstance(v, str) else tuple(sorted(v))) for f, v in where.items()))
         lock = vars(self).setdefault("_filter_lock", threading.Lock())  # serve searches from several threads
         with lock:
             cache = vars(self).setdefault("_filters", {})
             if key in cache:
+                cache[key] = cache.pop(key)  # most recently used last
                 return cache[key]
         allowed = self._match(where)
-        found = (allowed, faiss.IDSelectorBatch(allowed))
+        found = _Filter(allowed, faiss.IDSelectorBatch(allowed))
         with lock:
             cache[key] = found
-            while sum(len(a) for a, _ in cache.values()) > FILTER_CACHE_IDS and len(cache) > 1:
-                cache.pop(next(iter(cache)))
+        self._trim_filters()
         return found
+
+    def _trim_filters(self) -> None:
+        with self._filter_lock:
+            cache = self._filters
+            while sum(f.nbytes for f in cache.values()) > FILTER_CACHE_BYTES and len(cache) > 1:
+                cache.pop(next(iter(cache)))
+
+    def _filter_vectors(self, found: _Filter) -> np.ndarray | None:
+        """The matching items' vectors (len(allowed), dim), read back from the index once per
+        cached filter; None where its codes cannot give them back (PQ)."""
+        if found.vectors is None and not found.lossy:
+            found.vectors = self._vectors(found.allowed)
+            found.lossy = found.vectors is None
+            self._trim_filters()
+        return found.vectors
 
     @property
     def filter_fields(self) -> list[str]:
@@ -432,12 +452,17 @@ class ItemIndex:
         selector), so a selective filter still gets its k best matches."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         if where:
-            allowed, selector = self._filter(where)
+            found = self._filter(where)
+            allowed = found.allowed
             if not len(allowed):
                 return np.zeros((len(q), 0), np.float32), [[] for _ in range(len(q))]
             k = min(k, len(allowed))
+            vectors = self._filter_vectors(found) if len(allowed) <= BRUTE_FORCE_FILTER_UP_TO else None
+            if vectors is not None:  # few match: score them all, exact and cheaper than searching the index
+                scores, idx = _top_k(q, vectors, allowed, k)
+                return scores, [[self.item_ids[j] for j in row] for row in idx]
             try:
-                scores, idx = self.index.search(q, k, params=selector_params(self.index, selector))
+                scores, idx = self.index.search(q, k, params=selector_params(self.index, found.selector))
             except RuntimeError as e:  # index types whose search takes no selector (flat PQ codes, ...)
                 raise ValueError(f"this index ({self.meta.get('factory', type(self.index).__name__)}) cannot "
                                  f"filter: {_faiss_message(e)}; rebuild it with a Flat, HNSW or IVF recipe") from None
@@ -455,6 +480,12 @@ class ItemIndex:
     def _exact(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The exact top k of `allowed` for queries q, from the vectors the index holds (None
         where it cannot give them back)."""
+        vectors = self._vectors(allowed)
+        return None if vectors is None else _top_k(q, vectors, allowed, k)
+
+    def _vectors(self, positions: np.ndarray) -> np.ndarray | None:
+        """The vectors (len(positions), dim) the index holds at these positions; None where its
+        codes are lossy (PQ) or it cannot give them back."""
         try:
             ivf = faiss.extract_index_ivf(self.index)
             if ivf.direct_map.type == faiss.DirectMap.NoMap and not isinstance(faiss.downcast_index(self.index),
@@ -463,12 +494,9 @@ class ItemIndex:
         except RuntimeError:  # not an IVF index
             pass
         try:
-            vectors = self.index.reconstruct_batch(allowed)  # (len(allowed), dim)
+            return self.index.reconstruct_batch(positions)
         except RuntimeError:
             return None
-        sims = q @ vectors.T  # (n, len(allowed))
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(sims, top, axis=1), allowed[top]
 
     def title(self, item_id: str) -> str:
         if not hasattr(self, "_pos"):
@@ -554,6 +582,34 @@ class ItemIndex:
             except ValueError as e:
                 raise DataError(path / META_FILE, None, "search_params", str(e)) from None
         return out
+
+
+@dataclass(eq=False)
+class _Filter:
+    """A cached filter: the matching positions (sorted int64), their FAISS selector, and their
+    vectors once a brute-force search read them (`lossy`: the index could not give them)."""
+
+    allowed: np.ndarray
+    selector: "faiss.IDSelector"
+    vectors: np.ndarray | None = None
+    lossy: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.allowed.nbytes * 2 + (0 if self.vectors is None else self.vectors.nbytes)  # the selector copies ids
+
+
+def _top_k(q: np.ndarray, vectors: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: the k best of `vectors` (the items at `positions`) per query, by inner product,
+    ties in position order. Returns (scores (n, k), positions (n, k))."""
+    sims = q @ vectors.T  # (n, len(positions))
+    if k < sims.shape[1]:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        part.sort(axis=1)  # position order, so equal scores keep it below
+    else:
+        part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+    top = np.take_along_axis(part, np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable"), axis=1)
+    return np.take_along_axis(sims, top, axis=1), positions[top]
 
 
 def check_filter(where: dict, fields) -> None:
