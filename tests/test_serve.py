@@ -580,3 +580,33 @@ def test_reload_without_a_key_answers_loopback_clients_only(tiny, tmp_path):
             if status == 403:
                 assert "only this machine's clients" in r.json()["detail"]
                 assert httpx.post(url + "/search", json={"query": "a mug", "mode": "direct"}, timeout=60).status_code == 200
+
+
+def test_query_log_rows_rotate_and_replay(tiny, tmp_path):
+    """`query_log`: one JSON line per answered /search, written by a thread, rotated by size; the
+    file is a queries file for `lrem search --from-file`."""
+    from lrem.bulk import read_queries
+
+    ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False).save(tmp_path / "idx")
+    searcher = Searcher.load(tmp_path / "idx", model=tiny)
+    log = tmp_path / "logs" / "queries.jsonl"
+    cfg = ServeConfig(query_log=str(log), hybrid=True)
+    with background_server(create_app(searcher, cfg)) as url:
+        answers = [post(url, "/search", body).json() for body in
+                   ({"query": "a mug", "mode": "direct", "k": 3}, {"query": "a lamp", "mode": "reason", "k": 2},
+                    {"query": "a rug", "mode": "direct", "hybrid": True})]
+        assert post(url, "/search", {"query": "", "mode": "direct"}).status_code == 422  # refused: not logged
+    rows = [json.loads(line) for line in log.read_text().splitlines()]  # the server stopped: all written
+    assert [r["query"] for r in rows] == ["a mug", "a lamp", "a rug"]
+    assert [r["mode_used"] for r in rows] == ["direct", "reason", "direct"] and rows[2]["hybrid"] is True
+    assert rows[1]["cot"] == answers[1]["cot"] and rows[1]["k"] == 2
+    assert rows[0]["items"] == [[i["item_id"], round(i["score"], 6)] for i in answers[0]["items"]]
+    assert rows[0]["time"].endswith("Z") and rows[0]["ms"] > 0
+    assert read_queries(log) == [("1", "a mug"), ("2", "a lamp"), ("3", "a rug")]  # replayable
+
+    small = ServeConfig(query_log=str(log), query_log_max_mb=400 / 2**20, query_log_backups=2)  # ~400 bytes a file
+    with background_server(create_app(searcher, small)) as url:
+        for n in range(12):
+            assert post(url, "/search", {"query": f"a mug {n}", "mode": "direct", "k": 1}).status_code == 200
+    assert sorted(p.name for p in log.parent.iterdir()) == ["queries.jsonl", "queries.jsonl.1", "queries.jsonl.2"]
+    assert json.loads(log.read_text().splitlines()[-1])["query"] == "a mug 11"

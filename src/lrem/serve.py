@@ -45,6 +45,7 @@ from .index import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
 from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
+from .serve_log import QueryLog
 from .serve_schemas import (EMBEDDING_MODELS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
                             SearchItem, SearchRequest, SearchResponse, error_body)
 from .serve_service import HYBRID_OFF, SearchService
@@ -126,14 +127,19 @@ def create_app(searcher, config: ServeConfig | None = None):
 
     cfg = config or ServeConfig()
     service = SearchService(searcher, cfg)
+    query_log = QueryLog(cfg.query_log, cfg.query_log_max_mb, cfg.query_log_backups) if cfg.query_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if cfg.cache_path:
             service.cache.load(cfg.cache_path, service.model_id, dim=searcher.model.dim)
+        if query_log is not None:
+            query_log.start()
         service.batcher.start()
         yield
         await service.batcher.stop()
+        if query_log is not None:
+            query_log.stop()
         if cfg.cache_path:
             service.cache.save(cfg.cache_path, service.model_id)
 
@@ -184,6 +190,9 @@ def create_app(searcher, config: ServeConfig | None = None):
         result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None,
                                              req.filter))
         del result["embedding"]
+        if query_log is not None:
+            query_log.write({"query": query, "mode": req.mode, "k": req.k, "filter": req.filter,
+                             "hybrid": req.hybrid}, result)
         return result
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)

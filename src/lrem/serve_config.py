@@ -43,6 +43,12 @@ class ServeConfig:
     hybrid: bool = field(default=False, metadata={
         "help": "Build BM25 over the index's titles at start, so /search requests may ask for hybrid: true "
                 "(the dense ranking fused with BM25's by reciprocal rank fusion)."})
+    # Query log
+    query_log: str = field(default="", metadata={
+        "help": "JSONL file each answered /search is appended to (time, query, mode, CoT, item ids and scores, "
+                "latency; `lrem search --from-file` replays it); '': off. Queries are logged verbatim."})
+    query_log_max_mb: float = field(default=100.0, metadata={"help": "Rotate the query log at this size (MB)."})
+    query_log_backups: int = field(default=5, metadata={"help": "Rotated query logs kept (PATH.1 ... PATH.N)."})
     # Limits: breaking one is a 4xx with a message naming the limit
     max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
     max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
