@@ -31,7 +31,7 @@ def unit_vectors(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
 
 def batches_of(ids, titles, x, size, facets=None):
     for s in range(0, len(ids), size):
-        yield (ids[s:s + size], titles[s:s + size], {f: c[s:s + size] for f, c in (facets or {}).items()},
+        yield (ids[s:s + size], titles[s:s + size], {f: c[s:s + size] for f, c in (facets or {}).items()}, None,
                (lambda pos, s=s: x[s:][pos]))
 
 
@@ -125,6 +125,45 @@ def test_a_filtered_milvus_search_equals_faiss_filtered(tmp_path, tiny):
     with pytest.raises(ValueError, match="filter field 'brand': this index can filter on none"):
         MilvusIndex.open(old).search(q, 5, where={"brand": "Acme"})
     assert MilvusIndex.open(old).search(q, 5)[1] == flat.search(q, 5)[1]
+    from lrem.vectordb import update  # no digests kept: titles are compared
+
+    assert update(old, tiny, items, flat.meta, show_progress=False) == {"added": 0, "changed": 0, "removed": 0,
+                                                                         "kept": 90}
+
+
+def test_update_embeds_only_what_changed_and_searches_like_a_fresh_build(tmp_path, tiny, monkeypatch):
+    """`lrem.vectordb.update`: the collection equals a fresh upload of the new catalog; only new
+    and changed items are embedded; a rerun has nothing to do."""
+    from lrem.data import Item
+    from lrem.index import item_digest, item_facets
+    from lrem.search import Searcher
+    from lrem.vectordb import update
+
+    kinds = ["mug", "teapot", "kettle", "sofa", "rug", "lamp"]
+    old = {f"i{j}": Item(f"i{j}", f"{kinds[j % 6]} {j}", brand=["Acme", "Zed"][j % 2]) for j in range(40)}
+    new = {k: v for k, v in old.items() if k != "i3"}
+    new["i5"] = Item("i5", "cast iron skillet", brand="Zed")
+    new["n1"] = Item("n1", "egg timer", brand="Acme")
+    flat = ItemIndex.build(tiny, old, show_progress=False)
+    items = list(old.values())
+    digests = [item_digest(tiny, x) for x in items]
+    spec = f"milvus:{tmp_path / 'u.db'}/items"
+    upload(spec, [(flat.item_ids, flat.titles, item_facets(items), digests, lambda pos: flat.index.reconstruct_n(0, 40)[pos])],
+           flat.meta, 40, show_progress=False)
+    counted, encode = [], tiny.encode_items
+    monkeypatch.setattr(tiny, "encode_items", lambda xs, **kw: counted.append(len(xs)) or encode(xs, **kw))  # counts
+    counts = update(spec, tiny, new, flat.meta, upload_batch=16, show_progress=False)
+    again = update(spec, tiny, new, flat.meta, show_progress=False)
+    monkeypatch.undo()
+    assert counts == {"added": 1, "changed": 1, "removed": 1, "kept": 38} and sum(counted) == 2
+    assert again == {"added": 0, "changed": 0, "removed": 0, "kept": 40}
+    db, fresh = MilvusIndex.open(spec), ItemIndex.build(tiny, new, show_progress=False)
+    assert db.ntotal == 40 and sorted(db.item_ids) == sorted(new) and db.title("i5") == "cast iron skillet"
+    q = tiny.encode_queries(["a skillet", "an egg timer", "a rug"], mode="direct").embeddings
+    assert db.search(q, 10)[1] == fresh.search(q, 10)[1]
+    assert db.search(q, 5, where={"brand": "Acme"})[1] == fresh.search(q, 5, where={"brand": "Acme"})[1]
+    assert [u["changed"] for u in db.meta["updates"]] == [1, 0]
+    assert Searcher(tiny, db).search(["an egg timer"], 3, mode="direct")[0].item_ids == fresh.search(q[1:2], 3)[1][0]
 
 
 def test_cli_index_data_to_milvus_then_a_filtered_search(tmp_path, tiny_dir):
@@ -141,6 +180,13 @@ def test_cli_index_data_to_milvus_then_a_filtered_search(tmp_path, tiny_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     [row] = [json.loads(line) for line in p.stdout.splitlines()]
     assert len(row["items"]) == 15 and all(int(i["item_id"][1:]) % 2 == 1 for i in row["items"])
+    # the catalog changes: --update embeds the new and changed items and deletes the removed ones
+    items = {k: v for k, v in items.items() if k != "i0"}
+    items["i1"] = Item("i1", "egg timer", category="home")
+    save_dataset(Dataset(items, {"q": Query("q", "a cup", "c", "dev")}, {"q": {"i1": 1}}), tmp_path / "ds2")
+    p = lrem("index", "--data", tmp_path / "ds2", "--backend", spec, "--update")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 added, 1 changed, 1 removed, 28 kept" in p.stdout and MilvusIndex.open(spec).ntotal == 29
 
 
 def test_a_milvus_server_by_http_uri(tmp_path):

@@ -35,6 +35,7 @@ from .index import FILTER_FIELDS, check_filter
 PREFIX = "milvus:"
 META_PROPERTY = "lrem.meta"
 MAX_ID, MAX_TITLE, MAX_FACET = 512, 65535, 1024  # VARCHAR lengths (bytes); 65535 is Milvus's limit
+DIGEST = "digest"  # per item, `lrem.index.item_digest` of what was embedded: what `update` compares
 MILVUS_INDEXES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")  # the types Milvus Lite and servers both know
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
@@ -126,6 +127,8 @@ class MilvusWriter:
                                      f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
             self.client.load_collection(self.name)  # resuming: a reopened collection starts released
             self.facet_fields = schema_facets(self.client, self.name)  # none in a collection made before filters
+            self.has_digests = DIGEST in schema_fields(self.client, self.name)
+            self.previous = old
             return
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
@@ -133,7 +136,8 @@ class MilvusWriter:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(meta["dim"]))
         for name in FILTER_FIELDS:
             schema.add_field(name, DataType.VARCHAR, max_length=MAX_FACET, nullable=True)
-        self.facet_fields = list(FILTER_FIELDS)
+        schema.add_field(DIGEST, DataType.VARCHAR, max_length=64, nullable=True)
+        self.facet_fields, self.has_digests, self.previous = list(FILTER_FIELDS), True, {}
         params = self.client.prepare_index_params()
         params.add_index(field_name="vector", index_type=index_type, metric_type="IP")
         self.client.create_collection(self.name, schema=schema, index_params=params,
@@ -144,36 +148,44 @@ class MilvusWriter:
         have = {r["item_id"] for r in self.client.get(self.name, ids=list(ids), output_fields=["item_id"])}
         return [j for j, i in enumerate(ids) if i not in have]
 
-    def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray, facets: dict | None = None) -> None:
+    def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray, facets: dict | None = None,
+               digests: list[str] | None = None) -> None:
         """Write items; `facets`: FILTER_FIELDS field -> value per item (None where one lacks it),
-        as `lrem.index.item_facets` gives them."""
+        as `lrem.index.item_facets` gives them; `digests`: `lrem.index.item_digest` per item."""
         facets = {f: column for f, column in (facets or {}).items() if f in self.facet_fields}
         rows = [{"item_id": i, "title": t, "vector": v} for i, t, v in zip(ids, titles, vectors.astype(np.float32).tolist())]
         for n, row in enumerate(rows):
             row.update({f: column[n] for f, column in facets.items()})
+            if digests is not None and self.has_digests:
+                row[DIGEST] = digests[n]
             for what, cap in (("item_id", MAX_ID), ("title", MAX_TITLE), *((f, MAX_FACET) for f in facets)):
                 if row[what] is not None and len(row[what].encode()) > cap:
                     raise ValueError(f"{self.spec}: item {ids[n][:80]!r}: {what} longer than Milvus's {cap} bytes")
         self.client.upsert(self.name, rows)
 
+    def delete(self, ids: list[str]) -> None:
+        self.client.delete(self.name, ids=list(ids))
+
     def finish(self, **meta) -> dict:
         """Flush, and record the final metadata (item count, seconds, complete)."""
         self.client.flush(self.name)
-        n = int(self.client.get_collection_stats(self.name).get("row_count", 0))
+        n = row_count(self.client, self.name)
         self.meta = {**self.meta, **meta, "n_items": n, "complete": True}
         self.client.alter_collection_properties(self.name, properties={META_PROPERTY: json.dumps(self.meta)})
         return self.meta
 
 
-def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, Callable[[list[int]], np.ndarray]]],
+def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, list | None,
+                                            Callable[[list[int]], np.ndarray]]],
            meta: dict, total: int, overwrite: bool = False, index_type: str = "FLAT", show_progress: bool = True,
            log=print) -> dict:
     """Upload items to the collection of `spec`, skipping those it holds; returns its metadata.
 
-    `batches` yields (ids, titles, facets, vectors_of): `facets` the batch's filter fields
-    (`lrem.index.item_facets`; {} where they are not known, as in chunks), and
-    `vectors_of(positions)` the unit vectors (len(positions), dim) of those rows of the batch, so
-    a resumed upload encodes (or reads) only the items it still needs.
+    `batches` yields (ids, titles, facets, digests, vectors_of): `facets` the batch's filter
+    fields (`lrem.index.item_facets`; {} where they are not known, as in chunks), `digests` its
+    `lrem.index.item_digest`s (None where not known), and `vectors_of(positions)` the unit vectors
+    (len(positions), dim) of those rows of the batch, so a resumed upload encodes (or reads) only
+    the items it still needs.
     """
     from tqdm.auto import tqdm
 
@@ -182,16 +194,69 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, Callab
         writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
         written = skipped = 0
         with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
-            for ids, titles, facets, vectors_of in batches:
+            for ids, titles, facets, digests, vectors_of in batches:
                 todo = writer.missing(ids)
                 if todo:
                     writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo),
-                                  {f: [column[j] for j in todo] for f, column in facets.items()})
+                                  {f: [column[j] for j in todo] for f, column in facets.items()},
+                                  None if digests is None else [digests[j] for j in todo])
                 written, skipped = written + len(todo), skipped + len(ids) - len(todo)
                 bar.update(len(ids))
         out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
     out.update(written=written, skipped=skipped)
     return out
+
+
+def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000, batch_size: int = 64,
+           truncate: bool = True, show_progress: bool = True) -> dict:
+    """Bring the collection of `spec` up to date with `catalog` (item_id -> `lrem.data.Item`),
+    as `lrem.index.ItemIndex.updated` does a FAISS index: embed and upsert the new and changed
+    items, delete the removed ones. Changed: its `item_digest` differs (a collection without
+    digests compares titles, or re-embeds all where the item template names other fields).
+    Every step is idempotent, so a killed update rerun finishes it. Returns the counts."""
+    from tqdm.auto import tqdm
+
+    from .index import item_digest, item_facets
+    from .prompts import item_fields, template_fields
+
+    t0 = time.perf_counter()
+    with milvus_errors(spec):
+        writer = MilvusWriter(spec, meta)  # refuses a collection of another model (MODEL_KEYS)
+        if not writer.previous:
+            raise ValueError(f"{spec}: no collection to update; create it with `lrem index --data ... --backend {spec}`")
+        fields = ["item_id", "title"] + ([DIGEST] if writer.has_digests else [])
+        have = {r["item_id"]: r for r in iter_rows(writer.client, writer.name, fields)}
+        ids, items = list(catalog), list(catalog.values())
+        digests = [item_digest(model, x) for x in items]
+        title_only = template_fields(model.config.item_template) <= {"title"}
+
+        def same(i: str, x, d: str) -> bool:
+            row = have.get(i)
+            if row is None:
+                return False
+            if row.get(DIGEST) is not None:
+                return row[DIGEST] == d
+            return title_only and row["title"] == item_fields(x)["title"]  # no digest kept: compare titles
+
+        todo = [n for n, (i, x, d) in enumerate(zip(ids, items, digests)) if not same(i, x, d)]
+        removed = sorted(set(have) - set(ids))
+        with tqdm(total=len(todo), desc="update", unit="item", disable=not show_progress) as bar:
+            for s in range(0, len(todo), upload_batch):
+                part = todo[s:s + upload_batch]
+                chosen = [items[n] for n in part]
+                vectors = model.encode_items(chosen, batch_size=batch_size, truncate=truncate)
+                writer.upsert([ids[n] for n in part], [item_fields(x)["title"] for x in chosen], vectors,
+                              item_facets(chosen),
+                              [digests[n] for n in part])
+                bar.update(len(part))
+        for s in range(0, len(removed), upload_batch):
+            writer.delete(removed[s:s + upload_batch])
+        counts = {"added": sum(ids[n] not in have for n in todo), "changed": sum(ids[n] in have for n in todo),
+                  "removed": len(removed), "kept": len(ids) - len(todo)}
+        updates = list(writer.previous.get("updates", [])) + [{**counts, "seconds": round(time.perf_counter() - t0, 3),
+                                                               "dataset": meta.get("dataset")}]
+        writer.finish(updates=updates)
+    return counts
 
 
 class MilvusIndex:
@@ -202,7 +267,7 @@ class MilvusIndex:
     def __init__(self, spec: str, client, name: str, meta: dict):
         self.spec, self.client, self.name, self.meta = spec, client, name, meta
         self.d = int(meta["dim"])
-        self.ntotal = int(client.get_collection_stats(name).get("row_count", 0))
+        self.ntotal = row_count(client, name)
         self._titles: dict[str, str] = {}
         self._all: tuple[list[str], list[str]] | None = None
         self._filter_fields: list[str] | None = None
@@ -326,10 +391,20 @@ class _Column(Sequence):
         return iter(self.index._load_all()[self.which])
 
 
+def schema_fields(client, name: str) -> set[str]:
+    return {f["name"] for f in client.describe_collection(name).get("fields", [])}
+
+
 def schema_facets(client, name: str) -> list[str]:
     """The FILTER_FIELDS a collection's schema has."""
-    have = {f["name"] for f in client.describe_collection(name).get("fields", [])}
+    have = schema_fields(client, name)
     return [f for f in FILTER_FIELDS if f in have]
+
+
+def row_count(client, name: str) -> int:
+    """The items a collection holds now (a count query: a server's statistics may still count
+    deleted rows until it compacts)."""
+    return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
 
 def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000, filter: str = "") -> Iterator[dict]:

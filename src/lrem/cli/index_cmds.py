@@ -37,9 +37,10 @@ def index(
     on_disk: Annotated[bool, typer.Option("--on-disk", help="With --from-chunks and an IVF factory: keep the "
                                           "inverted lists on disk, memory-mapped (OUT/lists.ivfdata), for indexes "
                                           "bigger than memory.")] = False,
-    update: Annotated[bool, typer.Option("--update", help="OUT is an index lrem built: bring it up to date with "
-                                         "--data's catalog, embedding only new and changed items (removed ones "
-                                         "leave); its model unless --model names the same weights.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="OUT (or the --backend collection) is an index lrem "
+                                         "built: bring it up to date with --data's catalog, embedding only new and "
+                                         "changed items (removed ones leave); its model unless --model names the "
+                                         "same weights.")] = False,
 ):
     """Embed the catalog with the model (items never reason) and build a FAISS index, or index the
     chunks of `lrem embed`; with --backend, upload to a Milvus collection instead."""
@@ -51,9 +52,9 @@ def index(
     if (data is None) == (from_chunks is None):
         raise typer.BadParameter("give --data (embed the catalog here) or --from-chunks (vectors of `lrem embed`)",
                                  param_hint="--data / --from-chunks")
-    if backend is not None and update:
-        raise typer.BadParameter("--update works on a FAISS folder (--out); a Milvus collection takes new items "
-                                 "when the same command runs again", param_hint="--update")
+    if backend is not None and update and (from_chunks is not None or overwrite):
+        raise typer.BadParameter("--update embeds --data's new and changed items into the collection; not with "
+                                 "--from-chunks or --overwrite", param_hint="--update")
     if backend is not None:
         from lrem.vectordb import parse_spec
 
@@ -62,6 +63,8 @@ def index(
                                      param_hint="--out")
         parse_spec(backend)  # a bad spec fails now, before any model loads
         set_threads(threads, log=echo_err)
+        if update:
+            return _update_milvus(backend, data, model, upload_batch, batch_size, dtype, truncate)
         _index_to_milvus(backend, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
                          truncate)
         return
@@ -127,6 +130,29 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
     echo_truncated(lrem)
 
 
+def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate) -> None:
+    """`lrem index --backend milvus:... --update`: embed and upsert --data's new and changed items,
+    delete the removed ones."""
+    from lrem.data import load_dataset
+    from lrem.index import model_identity
+    from lrem.model import LREM
+    from lrem.vectordb import connect, milvus_errors, parse_spec, read_meta, update
+
+    uri, name = parse_spec(spec)
+    with milvus_errors(spec):
+        old = read_meta(connect(uri), name, spec)
+    if old is None:
+        raise ValueError(f"{spec}: no collection to update; create it with `lrem index --data ... --backend {spec}`")
+    ds = load_dataset(data)
+    lrem = LREM.from_pretrained(model or old.get("model"), dtype=dtype, log=echo_err)
+    meta = {**model_identity(lrem), "model": lrem.source or model or old.get("model"), "dataset": str(data)}
+    counts = update(spec, lrem, dict(ds.catalog), meta, upload_batch=upload_batch, batch_size=batch_size,
+                    truncate=truncate)
+    typer.echo(f"updated {spec}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
+               f"{counts['kept']} kept")
+    echo_truncated(lrem)
+
+
 def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
                      truncate) -> None:
     """`lrem index --backend milvus:...`: embed (only the items the collection lacks) or read chunks, upload."""
@@ -143,7 +169,8 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         def batches():
             for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
                 for s in range(0, len(ids), upload_batch):
-                    yield ids[s:s + upload_batch], titles[s:s + upload_batch], {}, (lambda pos, s=s, x=x: x[s:][pos])
+                    yield (ids[s:s + upload_batch], titles[s:s + upload_batch], {}, None,
+                           (lambda pos, s=s, x=x: x[s:][pos]))
 
         total, lrem = man["n_items"], None
     else:
@@ -153,7 +180,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         model = model or default_model()
         ds = load_dataset(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
-        from lrem.index import item_facets, model_identity
+        from lrem.index import item_digest, item_facets, model_identity
 
         meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
         ids, items = list(ds.catalog), list(ds.catalog.values())
@@ -162,7 +189,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
             for s in range(0, len(ids), upload_batch):
                 part = items[s:s + upload_batch]
                 yield (ids[s:s + upload_batch], [x.title for x in part], item_facets(part),
-                       lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
+                       [item_digest(lrem, x) for x in part], lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
                                                                 truncate=truncate))
 
         total = len(ids)
