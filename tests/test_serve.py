@@ -610,3 +610,32 @@ def test_query_log_rows_rotate_and_replay(tiny, tmp_path):
             assert post(url, "/search", {"query": f"a mug {n}", "mode": "direct", "k": 1}).status_code == 200
     assert sorted(p.name for p in log.parent.iterdir()) == ["queries.jsonl", "queries.jsonl.1", "queries.jsonl.2"]
     assert json.loads(log.read_text().splitlines()[-1])["query"] == "a mug 11"
+
+
+def test_a_warmed_cache_answers_head_queries_without_the_model(tiny, lively_dir, tmp_path):
+    """`lrem cache` (`warm_cache`): the head queries' CoTs and embeddings computed offline, keyed as
+    the server keys them; the server loads the file and answers those from it."""
+    from lrem.serve_service import warm_cache
+
+    ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False).save(tmp_path / "idx")
+    searcher = Searcher.load(tmp_path / "idx", model=tiny)
+    path = tmp_path / "head.npz"
+    info = warm_cache(searcher, ["A Mug", "a  lamp", "a mug"], path, batch_size=2, show_progress=False)
+    assert info == {"queries": 2, "computed": 4, "resumed": 0, "entries": 4}  # "A Mug" and "a mug" are one key
+    again = warm_cache(searcher, ["a mug", "a lamp", "a rug"], path, show_progress=False)  # resumes: 2 new entries
+    assert (again["computed"], again["resumed"], again["entries"]) == (2, 4, 6)
+    with background_server(create_app(searcher, ServeConfig(cache_path=str(path)))) as url:
+        warm = post(url, "/search", {"query": "A MUG", "mode": "reason", "k": 3}).json()
+        cold = post(url, "/search", {"query": "a sofa", "mode": "reason", "k": 3}).json()
+    assert warm["cached"] is True and cold["cached"] is False
+    assert warm["items"] == post_free_search(searcher, "a mug")
+    other = Searcher.load(tmp_path / "idx", model=LREM.from_pretrained(str(lively_dir("llama")), dtype="float32"))
+    with pytest.raises(ValueError, match="another model: pass another path"):
+        warm_cache(other, ["a mug"], tmp_path / "head.npz", show_progress=False)
+
+
+def post_free_search(searcher, query: str) -> list[dict]:
+    """What the server answers for `query` in reason mode, computed here without it."""
+    [r] = searcher.search([query], k=3, mode="reason")
+    return [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": pytest.approx(h.score, abs=1e-5)}
+            for h in r.hits]

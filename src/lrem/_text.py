@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # C0 and C1 control characters except tab, line feed and carriage return (which are whitespace):
 # a NUL or an escape code in a title or query is almost always corruption, and it reaches the
@@ -40,3 +41,13 @@ def check_query(text, what: str = "query", max_chars: int | None = None) -> str:
     if bad:
         raise ValueError(f"{what} holds a control character ({bad})")
     return text
+
+
+def normalize_query(text: str) -> str:
+    """The server's cache key and the text the model sees: NFKC, lower case, runs of whitespace
+    -> one space.
+
+    >>> normalize_query("  Ｗine   Opener\\n")
+    'wine opener'
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())

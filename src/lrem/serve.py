@@ -33,13 +33,12 @@ import contextlib
 import json
 import threading
 import time
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 from starlette.requests import Request  # at module level: FastAPI reads the endpoints' annotations here
 
-from ._text import check_query
+from ._text import check_query, normalize_query
 from .batching import Overloaded
 from .index import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
@@ -55,15 +54,6 @@ __all__ = ["ROUTER_KINDS", "EMBEDDING_MODELS", "ServeConfig", "SearchService", "
            "SearchItem", "SearchResponse", "EmbeddingRequest", "EmbeddingData", "EmbeddingUsage", "EmbeddingResponse",
            "error_body", "normalize_query", "clean", "shorten", "create_app", "uvicorn_config", "background_server",
            "serve"]
-
-
-def normalize_query(text: str) -> str:
-    """The cache key and the text the model sees: NFKC, lower case, runs of whitespace -> one space.
-
-    >>> normalize_query("  Ｗine   Opener\\n")
-    'wine opener'
-    """
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def clean(text: str, what: str, max_chars: int, query: bool = True) -> str:

@@ -19,6 +19,58 @@ from .serve_config import ServeConfig
 
 
 HYBRID_OFF = "hybrid search is off on this server; start it with --set hybrid=true"
+WARM_KINDS = ("direct", "reason")  # what `auto` asks for: the direct embedding, and the reasoned one if routed
+
+
+def cache_model_id(searcher) -> str:
+    """What a cache file's entries belong to: the model and the index's model (a file of another
+    is not loaded)."""
+    model = searcher.model
+    return f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
+
+
+def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size: int = 32, save_every_s: float = 60.0,
+               show_progress: bool = True) -> dict:
+    """Precompute the query cache of `lrem serve` (`cache_path`) for `queries`, say the head of a
+    query log: each query's CoT and embedding for each of `kinds`, keyed as the server keys them
+    (`normalize_query`). Queries the file at `path` already holds are skipped, and the file is
+    rewritten (atomically) every `save_every_s`, so a killed run resumes. The file's first queries
+    are stored newest, so a server whose `cache_size` is smaller keeps those: list the most
+    frequent first. Returns counts."""
+    from tqdm.auto import tqdm
+
+    from ._text import normalize_query
+
+    for kind in kinds:
+        if kind not in WARM_KINDS:
+            raise ValueError(f"cache kind {kind!r}; expected one of {', '.join(WARM_KINDS)}")
+    texts = list(dict.fromkeys(normalize_query(q) for q in queries))  # the server's keys, each once
+    model_id, model = cache_model_id(searcher), searcher.model
+    cache, said = EmbeddingCache(max(1, len(texts) * len(kinds))), []
+    resumed = cache.load(path, model_id, dim=model.dim, log=said.append)  # an unusable file is moved aside
+    if said and "another model" in said[0]:
+        raise ValueError(f"{said[0].split(';')[0]}: pass another path, or delete it")
+    todo = [(kind, t) for kind in kinds for t in texts if cache.get((kind, t)) is None]
+    saved = time.monotonic()
+    with tqdm(total=len(texts) * len(kinds), initial=len(texts) * len(kinds) - len(todo), desc="cache", unit="q",
+              disable=not show_progress) as bar:
+        for kind in kinds:
+            mine = [t for k, t in todo if k == kind]
+            for s in range(0, len(mine), batch_size):
+                batch = mine[s:s + batch_size]
+                enc = model.encode_queries(batch, mode=kind, batch_size=len(batch), truncate=searcher.truncate)
+                for t, cot, emb in zip(batch, enc.cots, enc.embeddings):
+                    cache.put((kind, t), (cot, emb))
+                bar.update(len(batch))
+                if time.monotonic() - saved > save_every_s:
+                    cache.save(path, model_id)
+                    saved = time.monotonic()
+    final = EmbeddingCache(cache.max_entries)  # the file's first queries newest: a smaller server cache keeps them
+    for t in reversed(texts):
+        for kind in kinds:
+            final.put((kind, t), cache.get((kind, t)))
+    final.save(path, model_id)
+    return {"queries": len(texts), "computed": len(todo), "resumed": resumed, "entries": len(final)}
 
 
 class ServeMetrics:
@@ -60,8 +112,7 @@ class SearchService:
     def __init__(self, searcher, config: ServeConfig):
         self.searcher, self.config = searcher, config
         self.router = config.router(getattr(searcher.model, "router", None))
-        model = searcher.model
-        self.model_id = f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
+        self.model_id = cache_model_id(searcher)
         self.cache = EmbeddingCache(config.cache_size)
         self.n_auto = self.n_auto_reasoned = 0
         self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)

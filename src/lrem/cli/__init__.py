@@ -24,7 +24,7 @@ import typer
 
 from lrem.cli.data_cmds import construct, data_check, data_convert, data_sample, data_wordnet
 from lrem.cli.index_cmds import embed, index
-from lrem.cli.search_cmds import delta, eval_, export, search, serve
+from lrem.cli.search_cmds import cache, delta, eval_, export, search, serve
 from lrem.cli.train_cmds import ground, router_fit, train_coldstart, train_direct, train_rl
 
 # No HF_HUB_OFFLINE here: built-in names and folders never ask the hub, hub names do
@@ -44,6 +44,7 @@ app.command()(index)
 app.command()(embed)
 app.command()(search)
 app.command()(serve)
+app.command()(cache)
 
 router_app = typer.Typer(help="The router of `auto` mode: which queries reason.", no_args_is_help=True)
 app.add_typer(router_app, name="router")

@@ -137,6 +137,32 @@ def serve(
     run_server(index_dir, ServeConfig.from_yaml(config, sets=set_, host=host, port=port), log=echo_err)
 
 
+def cache(
+    index_dir: Annotated[str, typer.Option("--index", "-i", help="Index folder from `lrem index`, or "
+                                           "milvus:URI/COLLECTION (the one `lrem serve` will serve).")],
+    from_file: Annotated[Path, typer.Option("--from-file", help="Queries (.jsonl of query_id/text rows, or text: a "
+                                            "query a line), most frequent first.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The cache file (.npz) for `lrem serve --set "
+                                      "cache_path=OUT`; an earlier one of the same model is resumed.")],
+    kinds: Annotated[str, typer.Option(help="Comma-separated: direct, reason (auto mode needs both).")] = "direct,reason",
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call.")] = 32,
+    runtime: Annotated[str, typer.Option(help="auto, transformers or native (as lrem search).")] = "auto",
+):
+    """Precompute `lrem serve`'s query cache for a file of queries (the head of a query log), so
+    those queries are answered without running the model: reasoning costs nothing for them."""
+    from lrem.bulk import read_queries
+    from lrem.search import Searcher
+    from lrem.serve_service import warm_cache
+
+    queries = [text for _, text in read_queries(from_file)]
+    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
+    info = warm_cache(searcher, queries, out, kinds=chosen, batch_size=batch_size)
+    typer.echo(f"cached {info['queries']} queries x {len(chosen)} ({', '.join(chosen)}) in {out}: {info['computed']} "
+               f"computed now, {info['resumed']} entries from an earlier run; serve with --set cache_path={out} "
+               f"--set cache_size={max(info['entries'], 10_000)}")
+
+
 def eval_(
     data: DataDir,
     out: Out,
