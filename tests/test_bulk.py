@@ -68,6 +68,19 @@ def test_results_equal_searching_directly_and_a_killed_job_resumes(searcher, tmp
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         search_to_file(searcher.retriever("direct"), searcher.index.title, queries, out, show_progress=False)
 
+    # the file edited between a kill and the rerun: lines whose text changed are searched again
+    edited = tmp_path / "e.jsonl"
+    with pytest.raises(Interrupted):
+        search_to_file(StopsAfter(searcher.retriever("direct"), 1), searcher.index.title, queries, edited, k=5,
+                       settings=settings, batch_size=3, show_progress=False)
+    moved = [("1", "a kettle")] + [(str(n + 2), t) for n, (_, t) in enumerate(queries)]  # a line inserted on top
+    rerun = StopsAfter(searcher.retriever("direct"), 99)
+    search_to_file(rerun, searcher.index.title, moved, edited, k=5, settings=settings, show_progress=False)
+    assert len([q for batch in rerun.calls for q in batch]) == 9  # ids 1-3 now hold other texts: all again
+    rows = [json.loads(line) for line in edited.read_text().splitlines()]
+    assert [[i["item_id"] for i in r["items"]] for r in rows] == \
+        [w.item_ids for w in searcher.search([t for _, t in moved], k=5, mode="direct")]
+
     trec = tmp_path / "run.trec"  # a TREC run: what `lrem eval -s NAME=run:FILE` reads
     search_to_file(searcher.retriever("direct"), searcher.index.title, queries, trec, k=5, settings=settings,
                    show_progress=False)
@@ -106,4 +119,4 @@ def test_cli_search_from_file(tiny_dir, tmp_path):
     assert "wrote 8 queries' top 4" in p.stdout and len(read_trec_run(tmp_path / "run.trec")) == 8
     assert_clean_error(lrem(*args), "run.trec exists; pass --overwrite")
     both = lrem("search", "--index", str(tmp_path / "idx"), "a mug", "--from-file", str(tmp_path / "q.txt"))
-    assert both.returncode == 2 and "give queries or --from-file" in both.stderr and "Traceback" not in both.stderr
+    assert both.returncode == 2 and "give queries, or --from-file" in both.stderr and "Traceback" not in both.stderr

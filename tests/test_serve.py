@@ -470,10 +470,11 @@ def test_config_from_yaml_sets_and_flags(tmp_path):
 def test_doctests():
     import doctest
 
+    import lrem._text
     import lrem.serve
 
-    result = doctest.testmod(lrem.serve)
-    assert result.attempted >= 4 and result.failed == 0
+    results = [doctest.testmod(lrem.serve), doctest.testmod(lrem._text)]  # _text: normalize_query, the cache key
+    assert sum(r.attempted for r in results) >= 4 and not any(r.failed for r in results)
 
 
 def _free_port() -> int:
@@ -610,6 +611,7 @@ def test_query_log_rows_rotate_and_replay(tiny, tmp_path):
             assert post(url, "/search", {"query": f"a mug {n}", "mode": "direct", "k": 1}).status_code == 200
     assert sorted(p.name for p in log.parent.iterdir()) == ["queries.jsonl", "queries.jsonl.1", "queries.jsonl.2"]
     assert json.loads(log.read_text().splitlines()[-1])["query"] == "a mug 11"
+    assert [t for _, t in read_queries(log.parent / "queries.jsonl.1")][0].startswith("a mug")  # rotated: still rows
 
 
 def test_a_warmed_cache_answers_head_queries_without_the_model(tiny, lively_dir, tmp_path):

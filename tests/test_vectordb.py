@@ -102,6 +102,9 @@ def test_a_filtered_milvus_search_equals_faiss_filtered(tmp_path, tiny):
         assert {db.item_ids[n] for n in db.allowed(where)} == {flat.item_ids[n] for n in flat.allowed(where)}
     with pytest.raises(ValueError, match="filter field 'size': this index can filter on brand, category, color"):
         db.search(q, 5, where={"size": "XL"})
+    assert db.search(q, 10, where={"brand": "Nobody"})[0].shape == (2, 0)  # as an index folder: no columns
+    scores, got = db.search(q, 60, where={"category": "kitchen"})  # 45 match: rows padded, never with -inf
+    assert [len(r) for r in got] == [45, 45] and np.isfinite(scores).all() and scores.shape == (2, 60)
     faiss_s, milvus_s = Searcher(tiny, flat), Searcher(tiny, db)
     where = {"category": "home", "brand": "Acme"}
     for mode in ("direct", "auto"):

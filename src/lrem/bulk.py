@@ -7,12 +7,14 @@
     search_to_file(searcher.retriever("auto"), searcher.index.title, read_queries("queries.jsonl"),
                    "results.jsonl", k=10, settings={"mode": "auto"})
 
-Queries: a `.jsonl` file of {"query_id": ..., "text": ...} rows ("query" is taken for "text" and
-"id" for "query_id"), or plain text, one query a line, whose ids are the line numbers. Results:
+Queries: JSON lines of {"query_id": ..., "text": ...} (a `.jsonl` file, or any file whose first
+line is a JSON object, such as a rotated query log; "query" is taken for "text" and "id" for
+"query_id"), or plain text, one query a line, whose ids are the line numbers. Results:
 JSON lines (query_id, query, cot, items: item_id, title, score), or a TREC run (`.trec`, which
 `lrem eval -s NAME=run:FILE` scores). Queries are searched in batches and each batch is appended
 to `OUT.partial` (fsynced); a killed job rerun with the same settings searches only the queries
-the partial file lacks, and the finished file replaces OUT at once, in the input's order.
+the partial file lacks (or holds with another text: an edited file), and the finished file
+replaces OUT at once, in the input's order.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     from lrem.data.formats import DataError, read_jsonl
 
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if _is_jsonl(path):
         rows = []
         for line, row in read_jsonl(path):
             text_key = "text" if "text" in row else "query"
@@ -64,6 +66,19 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise DataError(path, None, None, "no queries")
     return out
+
+
+def _is_jsonl(path: Path) -> bool:
+    """JSON lines where the name says so or the first non-blank line is a JSON object (a rotated
+    query log, `queries.jsonl.1`, keeps its rows under another suffix)."""
+    if path.suffix == ".jsonl":
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+    except OSError:
+        return False
+    return first.lstrip().startswith("{")
 
 
 def output_format(out: str | Path, fmt: str | None = None) -> str:
@@ -102,7 +117,7 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
         done = {r["query_id"]: r for r in rows[1:]}
     else:
         partial.append(header)
-    todo = [(q, t) for q, t in queries if q not in done]
+    todo = [(q, t) for q, t in queries if q not in done or done[q]["query"] != t]  # an edited line: again
     try:
         with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="search", unit="q",
                   disable=not show_progress) as bar:

@@ -269,11 +269,13 @@ class ItemIndex:
 
     def _filter_vectors(self, found: _Filter) -> np.ndarray | None:
         """The matching items' vectors (len(allowed), dim), read back from the index once per
-        cached filter; None where its codes cannot give them back (PQ)."""
-        if found.vectors is None and not found.lossy:
-            found.vectors = self._vectors(found.allowed)
-            found.lossy = found.vectors is None
-            self._trim_filters()
+        cached filter (under a lock: serve searches from several threads); None where its codes
+        cannot give them back as added (PQ, SQ)."""
+        with vars(self).setdefault("_vectors_lock", threading.Lock()):
+            if found.vectors is None and not found.lossy:
+                found.vectors = self._vectors(found.allowed)
+                found.lossy = found.vectors is None
+        self._trim_filters()
         return found.vectors
 
     @property
@@ -475,7 +477,7 @@ class ItemIndex:
         else:
             scores, idx = self.index.search(q, min(k, len(self.item_ids)))  # (n, k) each
         ids = [[self.item_ids[j] for j in row if j >= 0] for row in idx]
-        return _fill_missing(scores, idx), ids
+        return fill_missing(scores, idx), ids
 
     def _exact(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The exact top k of `allowed` for queries q, from the vectors the index holds (None
@@ -485,14 +487,17 @@ class ItemIndex:
 
     def _vectors(self, positions: np.ndarray) -> np.ndarray | None:
         """The vectors (len(positions), dim) the index holds at these positions; None where its
-        codes are lossy (PQ) or it cannot give them back."""
-        try:
-            ivf = faiss.extract_index_ivf(self.index)
-            if ivf.direct_map.type == faiss.DirectMap.NoMap and not isinstance(faiss.downcast_index(self.index),
-                                                                              faiss.IndexRefine):
-                ivf.make_direct_map()  # ids -> list entries, built once (the lists are only read)
-        except RuntimeError:  # not an IVF index
-            pass
+        codes are lossy (PQ, SQ: `keeps_vectors`) or it cannot give them back."""
+        if not keeps_vectors(self.index):
+            return None
+        with vars(self).setdefault("_direct_map_lock", threading.Lock()):  # a half-built map reads wrong vectors
+            try:
+                ivf = faiss.extract_index_ivf(self.index)
+                if ivf.direct_map.type == faiss.DirectMap.NoMap and not isinstance(faiss.downcast_index(self.index),
+                                                                                  faiss.IndexRefine):
+                    ivf.make_direct_map()  # ids -> list entries, built once (the lists are only read)
+            except RuntimeError:  # not an IVF index
+                pass
         try:
             return self.index.reconstruct_batch(positions)
         except RuntimeError:
@@ -600,24 +605,49 @@ class _Filter:
 
 
 def _top_k(q: np.ndarray, vectors: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force: the k best of `vectors` (the items at `positions`) per query, by inner product,
-    ties in position order. Returns (scores (n, k), positions (n, k))."""
+    """Brute force: the k best of `vectors` (the items at `positions`, k <= len(positions)) per
+    query, by inner product, ties in position order. Returns (scores (n, k), positions (n, k))."""
     sims = q @ vectors.T  # (n, len(positions))
-    if k < sims.shape[1]:
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        part.sort(axis=1)  # position order, so equal scores keep it below
-    else:
-        part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
-    top = np.take_along_axis(part, np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable"), axis=1)
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]  # (n,) the k-th best score per query
+    top = np.empty((len(q), k), np.int64)
+    for r in range(len(q)):
+        near = np.flatnonzero(sims[r] >= kth[r])  # the top k and all tied with the k-th, in position order
+        top[r] = near[np.argsort(-sims[r, near], kind="stable")[:k]]
     return np.take_along_axis(sims, top, axis=1), positions[top]
 
 
+def keeps_vectors(index: faiss.Index) -> bool:
+    """Whether `index.reconstruct` gives back the vectors as added (to float rounding): Flat
+    codes, HNSW's flat storage, IVF-Flat lists, a flat refine stage (RFlat), behind rotations
+    (OPQ, random rotation); not compressed codes (PQ, SQ), whose reconstructions are approximate."""
+    typed = faiss.downcast_index(index)
+    kind = type(typed)
+    if kind in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2, faiss.IndexIVFFlat):
+        return True
+    if kind in (faiss.IndexRefine, faiss.IndexRefineFlat):
+        return keeps_vectors(typed.refine_index)
+    if kind in (faiss.IndexHNSW, faiss.IndexHNSWFlat):
+        return keeps_vectors(typed.storage)
+    if kind is faiss.IndexPreTransform:
+        steps = [faiss.downcast_VectorTransform(typed.chain.at(j)) for j in range(typed.chain.size())]
+        return (all(type(t) in (faiss.OPQMatrix, faiss.RandomRotationMatrix) and t.d_in == t.d_out for t in steps)
+                and keeps_vectors(typed.index))
+    return False
+
+
 def check_filter(where: dict, fields) -> None:
-    """A ValueError naming the fields an index can filter on, where `where` asks for another."""
-    for name in where:
+    """A ValueError naming the fields an index can filter on, where `where` asks for another, or
+    naming a value that is not a string or holds a control character (which no catalog value
+    holds: the data rules refuse them, so such a filter would match nothing)."""
+    from ._text import control_char
+
+    for name, values in where.items():
         if name not in fields:
             have = ", ".join(sorted(fields)) or "none (its catalog had no " + "/".join(FILTER_FIELDS) + ")"
             raise ValueError(f"filter field {name!r}: this index can filter on {have}")
+        for value in [values] if isinstance(values, str) else values:
+            if not isinstance(value, str) or control_char(value):
+                raise ValueError(f"filter field {name!r}: value {value!r} is not a string without control characters")
 
 
 def item_facets(items) -> dict[str, list]:
@@ -673,7 +703,7 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
                      f"transformed codes): it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
 
 
-def _fill_missing(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def fill_missing(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """FAISS pads a row with fewer hits than k with -3.4e38: repeat its last real score there
     instead (the router's margins read the k-th score), 0 where a row has none."""
     missing = idx < 0

@@ -30,9 +30,9 @@ class QueryLog:
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._listener = logging.handlers.QueueListener(self._queue, handler)
-        self._logger = logging.getLogger(f"lrem.query_log.{id(self)}")
-        self._logger.propagate = False  # rows go to the file only, never to the console
-        self._logger.setLevel(logging.INFO)
+        # a logger of its own, outside logging's registry (so none outlives the app): the file only
+        self._logger = logging.Logger("lrem.query_log", logging.INFO)
+        self._logger.propagate = False
         self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
 
     def start(self) -> None:
@@ -45,7 +45,8 @@ class QueryLog:
 
     def write(self, request: dict, result: dict) -> None:
         """Log one answered search: `request` the /search body's fields, `result` its answer."""
-        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        now = time.time()
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                **request, "mode_used": result["mode_used"], "cached": result["cached"], "cot": result["cot"],
                "items": [[h["item_id"], round(float(h["score"]), 6)] for h in result["items"]],
                "ms": result["timings_ms"].get("total")}

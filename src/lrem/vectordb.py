@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .index import FILTER_FIELDS, check_filter
+from .index import FILTER_FIELDS, check_filter, fill_missing
 
 PREFIX = "milvus:"
 META_PROPERTY = "lrem.meta"
@@ -317,15 +317,18 @@ class MilvusIndex:
         with milvus_errors(self.spec):
             res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["title"],
                                      search_params={"metric_type": "IP"}, filter=expr)
+        found = np.full(scores.shape, -1, dtype=np.int64)  # (n, k): -1 where a row has fewer hits
         for r, hits in enumerate(res):
             row = []
             for j, h in enumerate(hits):
                 item_id = h["item_id"] if "item_id" in h else h["id"]  # the primary key's name, or "id"
-                scores[r, j] = h["distance"]
+                scores[r, j], found[r, j] = h["distance"], j
                 row.append(item_id)
                 self._titles[item_id] = h["entity"]["title"]
             ids.append(row)
-        return scores, ids
+        if where and not any(ids):  # nothing matches the filter: no columns, as an index folder answers
+            return scores[:, :0], ids
+        return fill_missing(scores, found), ids  # no -inf padding reaches the router's margins
 
     def allowed(self, where: dict) -> np.ndarray:
         """Positions in `item_ids` (sorted int64) of the items matching a filter, as

@@ -54,7 +54,10 @@ def search(
     from lrem.search import Searcher, check_search
 
     if (from_file is None) == (not queries):
-        raise typer.BadParameter("give queries or --from-file FILE (not both)", param_hint="QUERIES")
+        raise typer.BadParameter("give queries, or --from-file FILE (one of the two)", param_hint="QUERIES")
+    if from_file is not None and as_json:
+        raise typer.BadParameter("--from-file writes --out (JSON lines unless it ends in .trec); drop --json",
+                                 param_hint="--json")
     if from_file is not None and out is None:
         raise typer.BadParameter("--from-file needs --out FILE", param_hint="--out")
     if from_file is None and (out is not None or fmt is not None):
