@@ -73,6 +73,25 @@ def test_chunks_hold_the_catalog_in_order_and_index_like_the_in_memory_build(tmp
     # a trained index (IVF) trains on a sample of the chunks, then adds chunk by chunk
     ivf = ItemIndex.from_chunks(tmp_path / "ch", factory="IVF2,Flat", search_params="nprobe=2", show_progress=False)
     assert ivf.index.ntotal == 37 and ivf.search(q, 10)[1] == i1
+    assert chunked.digests == built.digests and chunked.facets == built.facets == {}  # titles only: no fields
+
+
+def test_chunks_keep_digests_and_filter_fields(tmp_path, tiny):
+    """The optional columns: an index from chunks filters and updates as one built in memory."""
+    import pyarrow.parquet as pq
+
+    cat = {f"i{j}": Item(f"i{j}", f"{WORDS[j % len(WORDS)]} {j}", category=["home", "kitchen"][j % 2],
+                         brand=None if j % 3 == 0 else "Acme", color="red" if j < 8 else None) for j in range(30)}
+    embed_catalog(tiny, cat, tmp_path / "ch", chunk_size=8, show_progress=False)
+    names = [set(pq.read_schema(f).names) for f in sorted((tmp_path / "ch" / CHUNKS).glob("chunk-*.parquet"))]
+    assert names[0] >= {"digest", "category", "brand", "color"} and "color" not in names[-1]  # no red item there
+    built, chunked = ItemIndex.build(tiny, cat, show_progress=False), ItemIndex.from_chunks(tmp_path / "ch",
+                                                                                         show_progress=False)
+    assert chunked.digests == built.digests and chunked.facets == built.facets
+    q = tiny.encode_queries(["a cup", "a chair"], mode="direct").embeddings
+    for where in ({"category": "home"}, {"brand": "Acme", "color": "red"}):
+        assert chunked.search(q, 5, where=where)[1] == built.search(q, 5, where=where)[1]
+    assert chunked.updated(tiny, cat, show_progress=False)[1]["kept"] == 30  # digests compared: nothing to embed
 
 
 def test_resume_skips_written_chunks_and_refuses_other_settings(tmp_path, tiny):

@@ -30,12 +30,13 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write, write_json
-from .index import MODEL_KEYS, model_identity
+from .index import FILTER_FIELDS, MODEL_KEYS, item_digest, item_facets, model_identity
 
 MANIFEST = "embed.json"
 CHUNKS = "chunks"
 FORMAT = "lrem-chunks"
 VERSION = 1
+DIGEST = "digest"  # optional column: `lrem.index.item_digest` per item (what `--update` compares)
 VECTOR_DTYPES = ("float32", "float16")
 # what must agree between the run that started a folder and the one that resumes it
 _SAME_ON_RESUME = (*MODEL_KEYS, "n_items", "catalog_sha1", "chunk_size", "vector_dtype")
@@ -116,16 +117,54 @@ class EmbedStats:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
-def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarray) -> None:
-    """One chunk as Parquet (item_id, title, vector), atomically."""
+def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarray, digests: list[str] | None = None,
+                facets: dict[str, list] | None = None) -> None:
+    """One chunk as Parquet (item_id, title, vector; and, where given, each item's digest and its
+    filter fields: `lrem.index.item_digest`, `item_facets`), atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dim = vectors.shape[1]
-    table = pa.table({"item_id": pa.array(ids, pa.string()), "title": pa.array(titles, pa.string()),
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})
+    columns = {"item_id": pa.array(ids, pa.string()), "title": pa.array(titles, pa.string()),
+               "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)}
+    if digests is not None:
+        columns[DIGEST] = pa.array(digests, pa.string())
+    columns.update({name: pa.array(values, pa.string()) for name, values in (facets or {}).items()})
     with atomic_write(path, "wb") as f:
-        pq.write_table(table, f)
+        pq.write_table(pa.table(columns), f)
+
+
+def read_chunk_fields(path: str | os.PathLike) -> tuple[list[str] | None, dict[str, list]]:
+    """(digests or None, {filter field: values}) of one chunk: the optional columns, where the
+    chunk has them (chunks of an older lrem have neither)."""
+    import pyarrow.parquet as pq
+
+    have = set(pq.read_schema(path).names)
+    wanted = [c for c in (DIGEST, *FILTER_FIELDS) if c in have]
+    table = pq.read_table(path, columns=wanted) if wanted else None
+    digests = table.column(DIGEST).to_pylist() if DIGEST in wanted else None
+    return digests, {c: table.column(c).to_pylist() for c in wanted if c != DIGEST}
+
+
+def chunk_fields(folder: str | os.PathLike) -> tuple[list[str] | None, dict[str, list]]:
+    """The digests (None unless every chunk has them) and filter fields (None where a chunk lacks
+    one) of a whole chunk folder, in catalog order: what `ItemIndex.from_chunks` keeps."""
+    files = chunk_files(folder)
+    digests: list | None = []
+    columns: dict[str, list] = {f: [] for f in FILTER_FIELDS}
+    for f in files:
+        n = _rows(f)
+        d, facets = read_chunk_fields(f)
+        digests = None if digests is None or d is None else digests + d
+        for name in FILTER_FIELDS:
+            columns[name] += facets.get(name) or [None] * n
+    return digests, {name: c for name, c in columns.items() if any(v is not None for v in c)}
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
 
 
 def read_chunk(path: str | os.PathLike, dim: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -231,7 +270,8 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
             stale.unlink(missing_ok=True)
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
         emb = model.encode_items(items[lo:hi], batch_size=batch_size, truncate=truncate)  # (hi - lo, dim) float32
-        write_chunk(out / CHUNKS / chunk_name(c), ids[lo:hi], titles[lo:hi], emb.astype(vector_dtype))
+        write_chunk(out / CHUNKS / chunk_name(c), ids[lo:hi], titles[lo:hi], emb.astype(vector_dtype),
+                    [item_digest(model, x) for x in items[lo:hi]], item_facets(items[lo:hi]))
         n += hi - lo
     seconds = time.perf_counter() - t0
     stats = EmbedStats(rank, world, todo, done, n, seconds, stopped=len(done) + len(todo) < len(mine))

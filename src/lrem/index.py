@@ -393,7 +393,7 @@ class ItemIndex:
         a block, then the blocks are merged into one lists file; `save` moves it into the index
         folder. Needs an IVF factory without fast-scan codes or a refine stage (`IVF4096,Flat`,
         `IVF4096,PQ64`, `IVF4096,SQ8`)."""
-        from .embed import chunk_files, iter_chunks, read_manifest
+        from .embed import chunk_fields, chunk_files, iter_chunks, read_manifest
 
         man = read_manifest(folder)
         chunk_files(folder, man)  # every chunk there, before any work
@@ -446,7 +446,9 @@ class ItemIndex:
         keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
         meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder),
                 "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
-        return cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None)
+        out = cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None)
+        out.digests, out.facets = chunk_fields(folder)  # where the chunks keep them (an older lrem's do not)
+        return out
 
     def search(self, q: np.ndarray, k: int = 10, where: dict | None = None) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items).

@@ -159,7 +159,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
     from lrem.vectordb import upload
 
     if from_chunks is not None:
-        from lrem.embed import chunk_files, iter_chunks, read_manifest
+        from lrem.embed import chunk_files, iter_chunks, read_chunk_fields, read_manifest
         from lrem.index import MODEL_KEYS
 
         man = read_manifest(from_chunks)
@@ -167,10 +167,12 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
 
         def batches():
-            for ids, titles, x in iter_chunks(from_chunks, show_progress=False):
+            for (ids, titles, x), f in zip(iter_chunks(from_chunks, show_progress=False), chunk_files(from_chunks, man)):
+                digests, facets = read_chunk_fields(f)  # where the chunks keep them
                 for s in range(0, len(ids), upload_batch):
-                    yield (ids[s:s + upload_batch], titles[s:s + upload_batch], {}, None,
-                           (lambda pos, s=s, x=x: x[s:][pos]))
+                    cut = slice(s, s + upload_batch)
+                    yield (ids[cut], titles[cut], {k: v[cut] for k, v in facets.items()},
+                           None if digests is None else digests[cut], (lambda pos, s=s, x=x: x[s:][pos]))
 
         total, lrem = man["n_items"], None
     else:
