@@ -101,16 +101,10 @@ def test_jsonl_queries_and_bad_rows_name_file_line_and_field(tmp_path):
             read_queries(path)
 
 
-def test_cli_search_from_file(tiny_dir, tmp_path):
+def test_cli_search_from_file(tiny, tmp_path):
     from test_reliability import assert_clean_error, lrem
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "catalog.jsonl").write_text("".join(json.dumps({"item_id": f"i{j}", "title": t}) + "\n"
-                                                for j, t in enumerate(TITLES)))
-    (data / "queries.jsonl").write_text('{"query_id": "q", "text": "cup", "category": "c", "split": "dev"}\n')
-    (data / "qrels.jsonl").write_text('{"query_id": "q", "item_id": "i0", "relevance": 1}\n')
-    assert lrem("index", "--data", str(data), "--out", str(tmp_path / "idx"), "--model", str(tiny_dir)).returncode == 0
+    ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False).save(tmp_path / "idx")
     (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
     args = ["search", "--index", str(tmp_path / "idx"), "--mode", "direct", "-k", "4", "--from-file",
             str(tmp_path / "q.txt"), "--out", str(tmp_path / "run.trec")]

@@ -27,7 +27,8 @@ def search(
                                            "milvus:URI/COLLECTION.")],
     queries: Annotated[Optional[list[str]], typer.Argument(help="One or more queries (or --from-file).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Items to show.")] = 10,
-    mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}.")] = "reason",
+    mode: Annotated[str, typer.Option(callback=_check_mode, help=f"One of {', '.join(MODES)}. auto (as lrem serve): "
+                                      "embed directly and reason only where the model's router expects a gain.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")] = False,
     truncate: Truncate = True,
     runtime: Annotated[str, typer.Option(help="auto: LREM folders run without importing transformers where they "
