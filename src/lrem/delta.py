@@ -40,8 +40,17 @@ def _factor(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | N
     m, n = d.shape
     if rank * (m + n) >= m * n:
         return None
-    u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+    # The top singular pairs from the eigenvectors of the smaller Gram matrix, in float64: the same
+    # factors as a full SVD (to float32 precision for the kept pairs) at a fraction of its cost on
+    # tall matrices (the 49k-row embeddings: ~0.5 s against ~5 s).
+    x = d.double()
+    tall = m >= n
+    g = x.T @ x if tall else x @ x.T
+    _, vecs = torch.linalg.eigh(g)  # ascending
+    v = vecs[:, -rank:].flip(-1)  # (small side, rank): right (tall) or left singular vectors
+    if tall:
+        return (x @ v).float().contiguous(), v.T.float().contiguous()  # (U S) and Vh
+    return v.float().contiguous(), (v.T @ x).float().contiguous()
 
 
 @torch.no_grad()

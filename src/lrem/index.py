@@ -336,8 +336,6 @@ class ItemIndex:
         without digests, written by an older lrem or from chunks, when its title differs, or always
         where the template names other fields too). The kept items' vectors are
         read back from the index, so its codes must hold them whole (`stored_vectors`)."""
-        from .prompts import template_fields
-
         now, then = model_identity(model), self.meta
         for key in ("model_fingerprint", "item_template", "dim"):
             if then.get(key) is not None and then[key] != now[key]:
@@ -349,13 +347,9 @@ class ItemIndex:
         vectors = stored_vectors(self.index)  # (n_old, dim), before any work
         ids, items = list(catalog), list(catalog.values())
         pos = {i: n for n, i in enumerate(self.item_ids)}
-        digests = [item_digest(model, x) for x in items]
-        if self.digests is not None:
-            same = [i in pos and self.digests[pos[i]] == d for i, d in zip(ids, digests)]
-        elif template_fields(model.config.item_template) <= {"title"}:  # the title is all that was embedded
-            same = [i in pos and self.titles[pos[i]] == _title(x) for i, x in zip(ids, items)]
-        else:  # fields other than the title were embedded, and what they held then is not known
-            same = [False] * len(ids)
+        digests, same = unchanged_items(model, items, [
+            None if i not in pos else (None if self.digests is None else self.digests[pos[i]], self.titles[pos[i]])
+            for i in ids])
         todo = [n for n, kept in enumerate(same) if not kept]
         t0, cut = time.perf_counter(), model.truncated["item"]
         fresh = model.encode_items([items[n] for n in todo], batch_size=batch_size, show_progress=show_progress,
@@ -473,19 +467,14 @@ class ItemIndex:
             short = (idx < 0).any(axis=1)
             if short.any() and len(allowed) <= EXACT_FILTER_UP_TO:
                 # IVF probes only some lists and HNSW's beam can miss a few matching items: score them all
-                exact = self._exact(q[short], allowed, k)
-                if exact is not None:
-                    scores[short], idx[short] = exact
+                # (their vectors read once and cached with the filter, within FILTER_CACHE_BYTES)
+                vectors = self._filter_vectors(found)
+                if vectors is not None:
+                    scores[short], idx[short] = _top_k(q[short], vectors, allowed, k)
         else:
             scores, idx = self.index.search(q, min(k, len(self.item_ids)))  # (n, k) each
         ids = [[self.item_ids[j] for j in row if j >= 0] for row in idx]
         return fill_missing(scores, idx), ids
-
-    def _exact(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The exact top k of `allowed` for queries q, from the vectors the index holds (None
-        where it cannot give them back)."""
-        vectors = self._vectors(allowed)
-        return None if vectors is None else _top_k(q, vectors, allowed, k)
 
     def _vectors(self, positions: np.ndarray) -> np.ndarray | None:
         """The vectors (len(positions), dim) the index holds at these positions; None where its
@@ -679,19 +668,45 @@ def item_digest(model, item) -> str:
     return hashlib.sha1(item_text(item_fields(item), model.config).encode("utf-8")).hexdigest()[:16]
 
 
+def unchanged_items(model, items: list, stored: list) -> tuple[list[str], list[bool]]:
+    """(each item's `item_digest`, whether it is unchanged) for `items` against what an index or a
+    collection holds: `stored[n]` is (digest or None, title) of the item kept under the same id, or
+    None where none is. With no digest kept (an older lrem, chunks), the title decides where it is
+    all the item template embeds; else the item counts as changed."""
+    from .prompts import template_fields
+
+    digests = [item_digest(model, x) for x in items]
+    title_only = template_fields(model.config.item_template) <= {"title"}
+
+    def same(x, d: str, kept) -> bool:
+        if kept is None:
+            return False
+        if kept[0] is not None:
+            return kept[0] == d
+        return title_only and kept[1] == _title(x)
+
+    return digests, [same(x, d, k) for x, d, k in zip(items, digests, stored)]
+
+
 def stored_vectors(index: faiss.Index) -> np.ndarray:
-    """Every vector an index holds (ntotal, d), exactly as added, in insertion order: from Flat
-    codes, HNSW's flat storage, IVF-Flat lists or a refine stage's (RFlat) full vectors. Compressed
-    codes alone (PQ, SQ) are lossy, so a ValueError says to rebuild instead."""
+    """Every vector an index holds (ntotal, d), as added (to float rounding), in insertion order,
+    from the codes that keep them (`keeps_vectors`). Compressed codes alone (PQ, SQ) are lossy,
+    so a ValueError says to rebuild instead."""
+    if not keeps_vectors(index):
+        raise ValueError(f"a {type(faiss.downcast_index(index)).__name__} index does not keep the embeddings as "
+                         f"they were added (compressed codes): it cannot be updated in place; rebuild it "
+                         f"(`lrem index --overwrite`)")
     typed = faiss.downcast_index(index)  # a view: `index` must stay referenced (it owns the C++ object)
-    kind = type(typed)  # exact types: subclasses (IVF FlatDedup, Panorama) lay their codes out otherwise
-    if kind in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
-        return typed.reconstruct_n(0, typed.ntotal)
-    if kind in (faiss.IndexRefine, faiss.IndexRefineFlat):
+    if isinstance(typed, (faiss.IndexRefine, faiss.IndexRefineFlat)):
         return stored_vectors(typed.refine_index)
-    if kind in (faiss.IndexHNSW, faiss.IndexHNSWFlat):
+    if isinstance(typed, (faiss.IndexHNSW, faiss.IndexHNSWFlat)):
         return stored_vectors(typed.storage)
-    if kind is faiss.IndexIVFFlat:
+    if isinstance(typed, faiss.IndexPreTransform):  # a rotation: the inner vectors turned back
+        inner = stored_vectors(typed.index)
+        out = np.empty((typed.ntotal, typed.d), np.float32)
+        typed.reverse_chain(len(inner), faiss.swig_ptr(inner), faiss.swig_ptr(out))
+        return out
+    if isinstance(typed, faiss.IndexIVFFlat):  # reconstruct_n would need a direct map
         out = np.empty((typed.ntotal, typed.d), np.float32)
         lists = typed.invlists
         for j in range(typed.nlist):  # the lists hold (id, raw float32 code) pairs; ids are positions
@@ -701,8 +716,7 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
                 codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size).copy()
                 out[ids] = codes.view(np.float32).reshape(n, typed.d)
         return out
-    raise ValueError(f"a {kind.__name__} index does not keep the embeddings as they were added (compressed or "
-                     f"transformed codes): it cannot be updated in place; rebuild it (`lrem index --overwrite`)")
+    return typed.reconstruct_n(0, typed.ntotal)  # Flat
 
 
 def fill_missing(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -216,8 +216,8 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
     Every step is idempotent, so a killed update rerun finishes it. Returns the counts."""
     from tqdm.auto import tqdm
 
-    from .index import item_digest, item_facets
-    from .prompts import item_fields, template_fields
+    from .index import item_facets, unchanged_items
+    from .prompts import item_fields
 
     t0 = time.perf_counter()
     with milvus_errors(spec):
@@ -227,18 +227,9 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
         fields = ["item_id", "title"] + ([DIGEST] if writer.has_digests else [])
         have = {r["item_id"]: r for r in iter_rows(writer.client, writer.name, fields)}
         ids, items = list(catalog), list(catalog.values())
-        digests = [item_digest(model, x) for x in items]
-        title_only = template_fields(model.config.item_template) <= {"title"}
-
-        def same(i: str, x, d: str) -> bool:
-            row = have.get(i)
-            if row is None:
-                return False
-            if row.get(DIGEST) is not None:
-                return row[DIGEST] == d
-            return title_only and row["title"] == item_fields(x)["title"]  # no digest kept: compare titles
-
-        todo = [n for n, (i, x, d) in enumerate(zip(ids, items, digests)) if not same(i, x, d)]
+        digests, same = unchanged_items(model, items, [
+            None if i not in have else (have[i].get(DIGEST), have[i]["title"]) for i in ids])
+        todo = [n for n, kept in enumerate(same) if not kept]
         removed = sorted(set(have) - set(ids))
         with tqdm(total=len(todo), desc="update", unit="item", disable=not show_progress) as bar:
             for s in range(0, len(todo), upload_batch):

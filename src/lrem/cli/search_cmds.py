@@ -52,7 +52,7 @@ def search(
 ):
     """Search the index: prints the generated CoT and the top items with scores (or, with
     --from-file, writes every query's results to --out)."""
-    from lrem.search import Searcher, check_search
+    from lrem.search import check_search
 
     if (from_file is None) == (not queries):
         raise typer.BadParameter("give queries, or --from-file FILE (one of the two)", param_hint="QUERIES")
@@ -68,13 +68,8 @@ def search(
         return _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybrid, lexical_weight,
                             truncate, runtime, batch_size)
     check_search(queries, k)  # before the model loads
-    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
-    searcher.truncate = truncate
-    if hybrid:
-        results = searcher.hybrid(mode, lexical_weight, where=where).search(queries, k=k)
-    else:
-        results = searcher.search(queries, k=k, mode=mode, where=where)
-    label = f"{mode}+bm25" if hybrid else mode
+    searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
+    results = retriever.search(queries, k=k)
     for q, r in zip(queries, results):
         if as_json:
             hits = [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": h.score} for h in r.hits]
@@ -85,11 +80,22 @@ def search(
             typer.echo(f"  {rank:>3}. {h.score:.4f}  {h.item_id}  {searcher.index.title(h.item_id)}")
 
 
+def _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight):
+    """(the loaded Searcher, the retriever `lrem search` asks, its label for the output): the
+    MODE ranking alone, or fused with BM25 where --hybrid."""
+    from lrem.search import Searcher
+
+    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
+    searcher.truncate = truncate
+    if hybrid:
+        return searcher, searcher.hybrid(mode, lexical_weight, where=where), f"{mode}+bm25"
+    return searcher, searcher.retriever(mode, where=where), mode
+
+
 def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybrid, lexical_weight, truncate,
                  runtime, batch_size) -> None:
     """`lrem search --from-file`: read and check the queries and the output first, then search."""
     from lrem.bulk import output_format, read_queries, search_to_file
-    from lrem.search import Searcher
 
     queries = read_queries(from_file)
     fmt = output_format(out, fmt)
@@ -97,11 +103,7 @@ def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybr
         raise ValueError(f"--out {out} is the queries file")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
-    searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
-    searcher.truncate = truncate
-    retriever = (searcher.hybrid(mode, lexical_weight, where=where) if hybrid else
-                 searcher.retriever(mode, where=where))
-    label = f"{mode}+bm25" if hybrid else mode
+    searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
     settings = {"index": str(index_dir), "mode": label, "filter": where or None,
                 "lexical_weight": lexical_weight if hybrid else None, "queries": str(from_file)}
     info = search_to_file(retriever, searcher.index.title, queries, out, k=k, fmt=fmt, settings=settings,
