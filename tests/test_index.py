@@ -247,6 +247,22 @@ def test_update_embeds_only_what_changed_and_equals_a_fresh_build(tiny, factory)
     assert "encode_seconds" not in new.meta and new.meta["updates"][-1]["encode_seconds"] >= 0
 
 
+@pytest.mark.parametrize("factory, lossy", [("OPQ4,Flat", False), ("RR32,HNSW8,Flat", False), ("IVF2,PQ4", True),
+                                            ("SQ8", True)])
+def test_stored_vectors_turns_rotations_back_and_refuses_lossy_codes(factory, lossy):
+    from lrem.index import keeps_vectors, stored_vectors
+
+    x = unit_vectors(300)
+    index = build_index(x, factory)
+    if lossy:  # compressed codes: what they give back is not what was added
+        assert not keeps_vectors(index)
+        with pytest.raises(ValueError, match="rebuild it"):
+            stored_vectors(index)
+    else:
+        assert keeps_vectors(index)
+        np.testing.assert_allclose(stored_vectors(index), x, atol=1e-5)
+
+
 def test_update_of_a_multi_field_template_sees_field_changes(tiny):
     from lrem.data import Item
     from lrem.model import LREM
