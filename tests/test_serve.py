@@ -108,6 +108,54 @@ def test_openai_client(url, tiny):
         client.embeddings.create(model="lrem-item", input="mug", dimensions=tiny.dim + 1)
 
 
+def test_rerank_scores_candidates_by_the_embeddings_cosines(url, tiny, searcher):
+    """TEI's /rerank: texts embedded as items, or the index's items by id (their stored vectors:
+    the same scores for the same titles), ranked by cosine with the query in the asked mode."""
+    texts = ["teapot", "floor lamp", "coffee, java", "mug"]
+    r = post(url, "/rerank", {"query": "Hot  TEA", "texts": texts, "mode": "direct", "return_text": True})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    q = tiny.encode_queries(["hot tea"], mode="direct").embeddings[0]
+    cos = tiny.encode_items(texts) @ q
+    assert [h["index"] for h in got] == list(np.argsort(-cos, kind="stable"))
+    assert [h["score"] for h in got] == pytest.approx(sorted(cos, reverse=True), abs=1e-4)
+    assert [h["text"] for h in got] == [texts[h["index"]] for h in got]
+    ids = ["i1", "i7", "i2", "i3"]  # the same four titles, as served items
+    assert [searcher.index.title(i) for i in ids] == texts
+    by_id = post(url, "/rerank", {"query": "hot tea", "item_ids": ids, "mode": "direct"}).json()
+    assert [(h["index"], "text" in h) for h in by_id] == [(h["index"], False) for h in got]
+    assert [h["score"] for h in by_id] == pytest.approx([h["score"] for h in got], abs=1e-4)
+    assert post(url, "/rerank", {"query": "hot tea", "item_ids": ids, "return_text": True}).json()[0]["text"] in texts
+
+    # Cohere's / Jina's shape: the query model picks the mode; top_n; documents as texts or {text}
+    v1 = post(url, "/v1/rerank", {"model": "lrem-query-reason", "query": "hot tea", "top_n": 2,
+                                   "documents": ["teapot", {"text": "floor lamp"}, "coffee, java", "mug"]}).json()
+    enc = tiny.encode_queries(["hot tea"], mode="reason")
+    cos = tiny.encode_items(texts) @ enc.embeddings[0]
+    best = list(np.argsort(-cos, kind="stable")[:2])
+    assert [x["index"] for x in v1["results"]] == best and v1["mode_used"] == "reason" and v1["cot"] == enc.cots[0]
+    assert [x["relevance_score"] for x in v1["results"]] == pytest.approx(cos[best], abs=1e-4)
+    assert [x["document"]["text"] for x in v1["results"]] == [texts[i] for i in best]
+    assert v1["model"] == "lrem-query-reason" and v1["usage"]["total_tokens"] > 0
+    plain = post(url, "/v1/rerank", {"query": "hot tea", "documents": texts, "return_documents": False}).json()
+    assert len(plain["results"]) == 4 and "document" not in plain["results"][0]
+    assert plain["model"] == "lrem-query-auto" and plain["mode_used"] in ("direct", "reason")
+
+    for path, body, status, message in [
+            ("/rerank", {"query": "tea", "texts": ["mug"], "item_ids": ["i1"]}, 422, "one of the two"),
+            ("/rerank", {"query": "tea"}, 422, "one of the two"),
+            ("/rerank", {"query": "tea", "item_ids": ["i1", "nope"]}, 422, "'nope' is not in the index"),
+            ("/rerank", {"query": "tea", "texts": ["mug"] * 9}, 422, "max_inputs"),
+            ("/rerank", {"query": "tea", "texts": ["mug", ""]}, 422, "texts[1] is empty"),
+            ("/v1/rerank", {"query": "tea", "documents": ["mug"], "model": "lrem-item"}, 404, "does not rank"),
+            ("/v1/rerank", {"query": "tea", "documents": [{"title": "mug"}]}, 422, "documents[0]")]:
+        r = post(url, path, body)
+        assert r.status_code == status and message in r.json()["detail"], (body, r.text)
+    counted = httpx.get(url + "/metrics").text  # each path its own label
+    assert metric(counted, "lrem_http_requests_total", path="/rerank", status="200") >= 3
+    assert metric(counted, "lrem_http_requests_total", path="/v1/rerank", status="404") >= 1
+
+
 def test_grounded_embeddings_are_the_grounded_searchs(url, searcher):
     """/v1/embeddings of a grounded query model: the embedding `/search` found its items with
     (the served index's top titles in the prompt), with its CoT."""

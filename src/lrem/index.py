@@ -494,10 +494,28 @@ class ItemIndex:
         except RuntimeError:
             return None
 
+    def position(self, item_id: str) -> int:
+        """The item's row in the index (a KeyError where it has none)."""
+        return self._positions()[item_id]
+
     def title(self, item_id: str) -> str:
+        return self.titles[self.position(item_id)]
+
+    def vectors_of(self, item_ids: list[str]) -> np.ndarray | None:
+        """The vectors (len(item_ids), dim) the index holds for these items, in their order: what
+        scoring given candidates needs (`lrem serve`'s /rerank by item_ids). None where its codes
+        do not keep them as added (PQ, SQ: `keeps_vectors`); a KeyError names an unknown id."""
+        missing = [i for i in item_ids if i not in self._positions()]
+        if missing:
+            raise KeyError(f"item_id {missing[0]!r} is not in the index")
+        if not item_ids:
+            return np.zeros((0, self.index.d), np.float32)
+        return self._vectors(np.array([self.position(i) for i in item_ids], np.int64))
+
+    def _positions(self) -> dict[str, int]:
         if not hasattr(self, "_pos"):
             self._pos = {i: n for n, i in enumerate(self.item_ids)}
-        return self.titles[self._pos[item_id]]
+        return self._pos
 
     def save(self, out: str | os.PathLike) -> None:
         """Write `index.faiss`, `items.jsonl` and `meta.json` into `out`, atomically; an on-disk

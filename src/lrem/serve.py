@@ -8,7 +8,8 @@
     #      localhost:8000/search
 
 Endpoints: `POST /search`, `POST /v1/embeddings` (OpenAI's embeddings API: point an OpenAI
-client's `base_url` at `http://host:port/v1`), `GET /v1/models` (with the model card's facts),
+client's `base_url` at `http://host:port/v1`), `POST /rerank` (TEI's) and `POST /v1/rerank`
+(Cohere's and Jina's: score a first stage's candidates, say Elasticsearch's), `GET /v1/models` (with the model card's facts),
 `GET /info` (model, index and settings), `GET /metrics` (Prometheus text), the OpenAPI schema at
 `/openapi.json` (browsable at `/docs` and `/redoc`, their assets served by lrem: they work
 offline), and `GET /health` (or `/healthz`: liveness only). Request bodies are JSON whatever
@@ -33,6 +34,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,9 @@ from .serve_config import ROUTER_KINDS, ServeConfig
 from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
 from .serve_log import QueryLog
-from .serve_schemas import (EMBEDDING_MODELS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
-                            SearchItem, SearchRequest, SearchResponse, error_body)
+from .serve_schemas import (EMBEDDING_MODELS, CohereRerankRequest, CohereRerankResponse, EmbeddingData,
+                            EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, RerankHit, RerankRequest, SearchItem,
+                            SearchRequest, SearchResponse, error_body)
 from .serve_service import HYBRID_OFF, SearchService
 
 # The names this module had before its parts moved out (`from lrem.serve import ServeConfig`, ...)
@@ -185,6 +188,70 @@ def create_app(searcher, config: ServeConfig | None = None):
                              "hybrid": req.hybrid}, result)
         return result
 
+    def checked(texts: list[str], side: str, truncate: bool, what: str) -> list[str]:
+        """1 to max_inputs valid texts (queries normalised), or a 422 naming the first bad one; a
+        text over the side's token limit is a 422 unless `truncate` (then cut, and counted)."""
+        if not 1 <= len(texts) <= cfg.max_inputs:
+            raise HTTPException(422, f"{what} has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
+        texts = [clean(t, f"{what}[{i}]", cfg.max_query_chars, query=side == "query") for i, t in enumerate(texts)]
+        over = searcher.model.overlong(texts, side)
+        if over and not truncate:
+            (i, n), limit = over[0], ("max_item_tokens" if side == "item" else "max_query_tokens")
+            raise HTTPException(422, f"{what}[{i}] has {n} tokens; the limit is {getattr(searcher.model.config, limit)} "
+                                     f"({limit}); send truncate=true to cut it")
+        service.metrics.truncated.labels(side).inc(len(over))
+        return texts
+
+    async def scored(query: str, mode: str, texts: list[str] | None, item_ids: list[str] | None) -> dict:
+        """`SearchService.rerank` with its candidate errors as 422s."""
+        query = clean(query, "query", cfg.max_query_chars)
+        service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
+        try:
+            return await limited(service.rerank(query, mode, texts, item_ids))
+        except KeyError as e:
+            raise HTTPException(422, f"item_ids: {e.args[0]}") from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.post("/rerank", response_model=list[RerankHit], response_model_exclude_none=True)
+    async def rerank(req: RerankRequest) -> list[dict]:
+        """TEI's rerank: each candidate's cosine with the query (embedded as `mode` asks), best
+        first. Candidates are `texts`, embedded as items, or lrem's `item_ids` of the served index."""
+        if (req.texts is None) == (req.item_ids is None):
+            raise HTTPException(422, "send the candidates as texts or as item_ids (one of the two)")
+        texts = None if req.texts is None else checked(req.texts, "item", req.truncate, "texts")
+        if req.item_ids is not None and not 1 <= len(req.item_ids) <= cfg.max_inputs:
+            raise HTTPException(422, f"item_ids has {len(req.item_ids)} ids; send 1 to {cfg.max_inputs} (max_inputs)")
+        result = await scored(req.query, req.mode, texts, req.item_ids)
+        if not req.return_text:
+            return [{"index": i, "score": s} for i, s in result["order"]]
+        shown = texts if texts is not None else [service.searcher.index.title(i) for i in req.item_ids]
+        return [{"index": i, "score": s, "text": shown[i]} for i, s in result["order"]]
+
+    @app.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True)
+    async def rerank_v1(req: CohereRerankRequest) -> dict:
+        """Cohere's and Jina's rerank API (as vLLM serves it): `documents` scored against the query
+        by cosine, best first; `model` names how the query is embedded (a query model of
+        /v1/embeddings). lrem adds the query's `cot` and `mode_used`."""
+        name = req.model or "lrem-query-auto"
+        mode = EMBEDDING_MODELS.get(name)
+        if mode in (None, "item"):
+            queries = [m for m, kind in EMBEDDING_MODELS.items() if kind != "item"]
+            raise HTTPException(404, f"model {name!r} does not rank; use one of {', '.join(queries)}")
+        docs = [d if isinstance(d, str) else d.get("text") for d in req.documents]
+        for i, d in enumerate(docs):
+            if not isinstance(d, str):
+                raise HTTPException(422, f"documents[{i}]: a document is a text or an object with a text")
+        docs = checked(docs, "item", req.truncate, "documents")
+        result = await scored(req.query, mode, docs, None)
+        n_tokens = sum(len(ids) for ids in searcher.model.tokenizer([req.query, *docs],
+                                                                    add_special_tokens=False)["input_ids"])
+        top = result["order"][:req.top_n]
+        return {"id": uuid.uuid4().hex, "model": name, "cot": result["cot"], "mode_used": result["mode_used"],
+                "usage": {"total_tokens": n_tokens},
+                "results": [{"index": i, "relevance_score": s, **({"document": {"text": docs[i]}}
+                                                                  if req.return_documents else {})} for i, s in top]}
+
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest) -> dict:
         """OpenAI-compatible embeddings: `model` picks lrem-query-reason, -direct, -auto, -grounded,
@@ -193,19 +260,10 @@ def create_app(searcher, config: ServeConfig | None = None):
         if kind is None:
             raise HTTPException(404, f"model {req.model!r} does not exist; use one of {', '.join(EMBEDDING_MODELS)}")
         texts = [req.input] if isinstance(req.input, str) else req.input
-        if not 1 <= len(texts) <= cfg.max_inputs:
-            raise HTTPException(422, f"input has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
         dim = searcher.model.dim
         if req.dimensions is not None and not 1 <= req.dimensions <= dim:
             raise HTTPException(400, f"dimensions={req.dimensions}; this model gives 1 to {dim} (its full size)")
-        texts = [clean(t, f"input[{i}]", cfg.max_query_chars, query=kind != "item") for i, t in enumerate(texts)]
-        side = "item" if kind == "item" else "query"
-        over = searcher.model.overlong(texts, side)
-        if over and not req.truncate:
-            (i, n), limit = over[0], ("max_item_tokens" if side == "item" else "max_query_tokens")
-            raise HTTPException(422, f"input[{i}] has {n} tokens; the limit is {getattr(searcher.model.config, limit)} "
-                                     f"({limit}); send truncate=true to cut it")
-        service.metrics.truncated.labels(side).inc(len(over))
+        texts = checked(texts, "item" if kind == "item" else "query", req.truncate, "input")
 
         async def one(text):
             if kind == "auto" or kind in GROUNDED_MODES:  # these search the index first

@@ -52,7 +52,7 @@ class ServeConfig:
     # Limits: breaking one is a 4xx with a message naming the limit
     max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
     max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
-    max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call."})
+    max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call, and candidates in one rerank."})
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
     request_timeout_s: float = field(default=30.0, metadata={"help": "Time one request may take (503 after)."})
     # Slow or idle clients: each holds a connection, so bound how long they may take

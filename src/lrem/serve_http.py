@@ -28,8 +28,8 @@ class RequestGuard:
     """ASGI middleware: checks the API key, rejects slow, oversized or non-UTF-8 bodies before
     parsing, has every body read as JSON; counts and times requests."""
 
-    PATHS = ("/search", "/v1/embeddings", "/v1/models", "/health", "/healthz", "/info", "/metrics", "/docs",
-             "/redoc", "/openapi.json", "/admin/reload")
+    PATHS = ("/search", "/v1/embeddings", "/rerank", "/v1/rerank", "/v1/models", "/health", "/healthz", "/info",
+             "/metrics", "/docs", "/redoc", "/openapi.json", "/admin/reload")
     OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
 
     def __init__(self, app, max_body_bytes: int, metrics: ServeMetrics, api_key: str = "", body_timeout_s: float = 10.0):

@@ -82,6 +82,58 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+QUERY_MODES = ("auto", "reason", "direct", "grounded", "grounded-direct")
+
+
+class RerankRequest(BaseModel):
+    """TEI's /rerank body, plus lrem's `item_ids` (candidates from the served index) and `mode`."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: str = Field(description="The query, at most max_query_chars; normalised before use.",
+                       examples=["a drink stronger than tea"])
+    texts: list[str] | None = Field(None, description="Candidates to score, embedded as items (at most max_inputs); "
+                                    "or item_ids.", examples=[["green tea", "whisky", "teapot"]])
+    item_ids: list[str] | None = Field(None, description="lrem: candidates from the served index, by id (their "
+                                       "stored vectors: no embedding); instead of texts.")
+    mode: Literal[QUERY_MODES] = Field("auto", description="lrem: how the query is embedded, as in /search.")
+    raw_scores: bool = Field(False, description="TEI's; accepted. Scores are cosine similarities either way.")
+    return_text: bool = Field(False, description="Return each candidate's text (for item_ids: its title).")
+    truncate: bool = Field(False, description="A text over max_item_tokens: false, a 422; true, cut to it.")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="TEI's; texts are cut at the end.")
+
+
+class RerankHit(BaseModel):
+    index: int = Field(description="The candidate's position in the request.")
+    score: float = Field(description="Cosine similarity of the query and candidate embeddings.")
+    text: str | None = None
+
+
+class CohereRerankRequest(BaseModel):
+    """The rerank body of Cohere, Jina and vLLM's /v1/rerank (fields those clients add are ignored)."""
+    model_config = ConfigDict(strict=True)
+    query: str
+    documents: list[str | dict[str, str]] = Field(description="Texts, or objects with a `text` (at most max_inputs).")
+    model: str | None = Field(None, description="A query model of /v1/embeddings (lrem-query-auto, -reason, -direct, "
+                              "-grounded, -grounded-direct): how the query is embedded; default lrem-query-auto.")
+    top_n: int | None = Field(None, ge=1, description="Return the best top_n (default: all).")
+    return_documents: bool = Field(True, description="Return each document with its score.")
+    truncate: bool = Field(False, description="lrem: a document over max_item_tokens: false, a 422; true, cut to it.")
+
+
+class CohereRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, str] | None = None
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[CohereRerankResult]
+    usage: dict[str, int]
+    cot: str = Field("", description="lrem: the reasoning the query was embedded after.")
+    mode_used: str = Field(description="lrem: reason, direct, grounded or grounded-direct.")
+
+
 def error_body(status: int, message: str, **extra) -> dict:
     """Every error's JSON: FastAPI's `detail` plus OpenAI's `error` object (its clients read that)."""
     kind = "invalid_request_error" if status < 500 else "server_error"

@@ -185,6 +185,37 @@ class SearchService:
                 "embedding": routed.embeddings[0],
                 "timings_ms": {**timings, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
 
+    async def rerank(self, query: str, mode: str, texts: list[str] | None = None,
+                     item_ids: list[str] | None = None) -> dict:
+        """Score given candidates against a query: the query embedded as `mode` asks (as in
+        `query`; auto routes on the index's scores), the candidates either `texts` embedded as
+        items (through the batcher and cache, all at once) or items of the served index by id
+        (their stored vectors, no model call). Returns {cot, mode_used, order: [(candidate index,
+        cosine)] best first (ties in request order), timings_ms}. A ValueError or KeyError says
+        what is wrong with the candidates (an unknown id; an index whose codes lost the vectors)."""
+        t_start, searcher = time.perf_counter(), self.searcher
+        if item_ids is not None:
+            vectors_of = getattr(searcher.index, "vectors_of", None)
+            vectors = None if vectors_of is None else await asyncio.to_thread(vectors_of, item_ids)
+            if vectors is None:
+                raise ValueError("this index does not keep its items' vectors as added (compressed codes, or "
+                                 "another backend): send the candidates as texts")
+        if mode in ("direct", "reason"):
+            cot, q, _ = await self.embed(mode, query)
+            mode_used = mode
+        else:  # auto and grounded search the index first
+            r = await self.query(query, mode, 1)
+            cot, q, mode_used = r["cot"], r["embedding"], r["mode_used"]
+        t_query = time.perf_counter()
+        if item_ids is None:
+            rows = await asyncio.gather(*(self.embed("item", t) for t in texts))  # one batch, not one by one
+            vectors = np.stack([emb for _, emb, _ in rows]) if rows else np.zeros((0, len(q)), np.float32)
+        scores = vectors @ q  # unit vectors: cosines
+        order = np.argsort(-scores, kind="stable")
+        return {"cot": cot, "mode_used": mode_used, "order": [(int(i), float(scores[i])) for i in order],
+                "timings_ms": {"query": round(1000.0 * (t_query - t_start), 3),
+                               "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
+
     async def reload(self) -> dict:
         """Read the served index folder again (say, after `lrem index --update`) and serve it from
         the next query on; queries under way finish on the index they started with. The index must

@@ -136,7 +136,7 @@ def serve(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of ServeConfig keys.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override one ServeConfig key: --set max_batch=32. Repeat.")] = [],
 ):
-    """Serve /search and OpenAI-compatible /v1/embeddings over HTTP, with batching, a cache and a router."""
+    """Serve /search, OpenAI-compatible /v1/embeddings and TEI/Cohere-style rerank over HTTP, with batching, a cache and a router."""
     from lrem.serve import ServeConfig
     from lrem.serve import serve as run_server
 
