@@ -498,6 +498,9 @@ class ItemIndex:
         """The item's row in the index (a KeyError where it has none)."""
         return self._positions()[item_id]
 
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._positions()
+
     def title(self, item_id: str) -> str:
         return self.titles[self.position(item_id)]
 
@@ -505,7 +508,7 @@ class ItemIndex:
         """The vectors (len(item_ids), dim) the index holds for these items, in their order: what
         scoring given candidates needs (`lrem serve`'s /rerank by item_ids). None where its codes
         do not keep them as added (PQ, SQ: `keeps_vectors`); a KeyError names an unknown id."""
-        missing = [i for i in item_ids if i not in self._positions()]
+        missing = [i for i in item_ids if i not in self]
         if missing:
             raise KeyError(f"item_id {missing[0]!r} is not in the index")
         if not item_ids:

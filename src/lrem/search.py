@@ -368,6 +368,18 @@ def parse_system(arg: str) -> tuple[str, str]:
     return (name, spec) if sep else (arg, arg)
 
 
+def system_parts(spec: str) -> list[str]:
+    """The single systems (bm25, minilm, MODEL:MODE, run:FILE) a system spec is made of: a
+    rerank's first stage and reranker, a fusion's parts."""
+    from lrem.rerank import parse_rerank
+
+    reranked = parse_rerank(spec)
+    if reranked is not None:
+        return system_parts(reranked[0]) + system_parts(reranked[2])
+    fused = parse_fused(spec)
+    return [spec] if fused is None else [p for _, part in fused for p in system_parts(part)]
+
+
 def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
                   truncate: bool = True) -> dict[str, Retriever]:
     """Turn {name: spec} into retrievers over `ds.catalog` (titles).
@@ -383,10 +395,12 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     (`model.truncated`), or an error. `SPEC+SPEC[+...]` is hybrid search: the parts' rankings
     fused by reciprocal rank fusion (`lrem.fusion`), `WEIGHT*SPEC` weighing a part (default 1).
     `run:FILE` is a TREC run file's rankings (`lrem.runfile`: another engine's, or an earlier
-    eval's runs/*.trec), by the dataset's query ids.
+    eval's runs/*.trec), by the dataset's query ids. `FIRST>MODEL:MODE` reranks FIRST's top
+    `RERANK_DEPTH` (`FIRST>N>MODEL:MODE`: top N) by MODEL's embeddings in MODE (`lrem.rerank`).
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
+    from lrem.rerank import RerankRetriever, parse_rerank
     from lrem.runfile import RUN_PREFIX, RunFileRetriever, is_run_spec
     from lrem.vectordb import is_milvus_spec
 
@@ -395,6 +409,12 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     baselines: dict[str, Retriever] = {}
 
     def system(name: str, spec: str) -> Retriever:
+        reranked = parse_rerank(spec)
+        if reranked is not None:
+            first, depth, second = reranked
+            model, _, mode = second.rpartition(":")
+            system(name, second)  # loads (and checks) the model and index once, as any MODEL:MODE
+            return RerankRetriever(system(name, first), searchers[model], mode, depth, batch_size)
         fused = parse_fused(spec)
         if fused is not None:
             return FusedRetriever([system(name, part) for _, part in fused], weights=[w for w, _ in fused])

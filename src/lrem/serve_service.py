@@ -14,6 +14,7 @@ import numpy as np
 
 from .batching import Batcher, EmbeddingCache
 from .fusion import FUSION_DEPTH, fuse
+from .rerank import rank_by_cosine
 from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
 
@@ -210,9 +211,7 @@ class SearchService:
         if item_ids is None:
             rows = await asyncio.gather(*(self.embed("item", t) for t in texts))  # one batch, not one by one
             vectors = np.stack([emb for _, emb, _ in rows]) if rows else np.zeros((0, len(q)), np.float32)
-        scores = vectors @ q  # unit vectors: cosines
-        order = np.argsort(-scores, kind="stable")
-        return {"cot": cot, "mode_used": mode_used, "order": [(int(i), float(scores[i])) for i in order],
+        return {"cot": cot, "mode_used": mode_used, "order": rank_by_cosine(q, vectors),
                 "timings_ms": {"query": round(1000.0 * (t_query - t_start), 3),
                                "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
 

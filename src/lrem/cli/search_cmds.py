@@ -11,7 +11,7 @@ import typer
 
 from lrem.cli.options import (BatchSize, DataDir, Out, Overwrite, Threads, Truncate, check_output, echo_err,
                               echo_truncated)
-from lrem.fusion import LEXICAL_WEIGHT, parse_fused
+from lrem.fusion import LEXICAL_WEIGHT
 from lrem.search_types import MODES
 
 
@@ -172,7 +172,7 @@ def cache(
 def eval_(
     data: DataDir,
     out: Out,
-    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json), run:FILE (a TREC run file: another engine's rankings), or PART+PART (hybrid: reciprocal rank fusion, WEIGHT*PART weighs one). Repeat.")],
+    system: Annotated[list[str], typer.Option("--system", "-s", help=f"NAME=SPEC, SPEC in bm25, minilm, MODEL:MODE (MODEL a model or index folder; MODE one of {', '.join(MODES)}, or auto@SHARE; auto-margin[@SHARE]: the margin router even where the model has a router.json), run:FILE (a TREC run file: another engine's rankings), PART+PART (hybrid: reciprocal rank fusion, WEIGHT*PART weighs one), or FIRST>MODEL:MODE (rerank FIRST's top 100 by MODEL in MODE; FIRST>N>MODEL:MODE: its top N). Repeat.")],
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
@@ -191,10 +191,10 @@ def eval_(
     from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
-    from lrem.search import build_systems, parse_system
+    from lrem.search import build_systems, parse_system, system_parts
 
     specs = dict(parse_system(s) for s in system)
-    parts = [part for spec in specs.values() for _, part in (parse_fused(spec) or [(1.0, spec)])]
+    parts = [part for spec in specs.values() for part in system_parts(spec)]
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
             run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
@@ -212,7 +212,8 @@ def eval_(
     if examples:
         typer.echo(format_examples(result, ds, examples))
     typer.echo(f"report: {out / 'report.md'}")
-    lrem_parts = [p for r in systems.values() for p in getattr(r, "parts", [r]) if hasattr(p, "searcher")]
+    lrem_parts = [p for r in systems.values() for p in getattr(r, "parts", [r, getattr(r, "first", None)])
+                  if hasattr(p, "searcher")]
     for model in {id(p.searcher.model): p.searcher.model for p in lrem_parts}.values():
         echo_truncated(model)
 
