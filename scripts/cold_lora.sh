@@ -3,7 +3,7 @@
 # committed label-CoT triplets, then an index and a dev report beside the shipped models (WordNet dev,
 # the 400 seeded queries of "Training results"). Each step is skipped when its output exists; the
 # training resumes from its checkpoints. ~75 min of training and ~20 of indexing on one core.
-# Then stage 2 from it (configs/wordnet-rl-lora.yaml: RL as LoRA r32, 100 steps, ~2 h on one core), its
+# Then stage 2 from it (configs/wordnet-rl-lora.yaml: RL as LoRA r32, 60 steps, ~75 min on one core), its
 # index, and a second dev report: the RL model beside the cold start and the shipped models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
