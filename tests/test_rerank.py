@@ -59,7 +59,9 @@ def test_rerank_eval_specs(tiny_dir):
     assert metrics["reason"]["reasoned_share"] == 1.0 and result["examples"]["reason"]["q0"]["cot"] != ""
     assert system_parts(f"bm25+minilm>5>{model}") == ["bm25", "minilm", model]
     for bad, match in ((f"bm25>0>{model}", "FIRST>N>MODEL:MODE"), (f"bm25>>{model}", "FIRST>N>MODEL:MODE"),
-                       (f"bm25>{tiny_dir}:auto", "one embedding per query")):
+                       (f"bm25>{tiny_dir}:auto", "one embedding per query"), ("bm25>minilm", "MODEL:MODE"),
+                       ("bm25>20>bm25", "MODEL:MODE"), ("bm25>run:x.trec", "MODEL:MODE"),
+                       (f"bm25>minilm+{model}", "MODEL:MODE")):
         with pytest.raises(ValueError, match=match):
             build_systems({"x": bad}, ds, log=lambda *a: None)
     assert parse_rerank(model) is None

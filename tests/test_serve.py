@@ -140,6 +140,16 @@ def test_rerank_scores_candidates_by_the_embeddings_cosines(url, tiny, searcher)
     plain = post(url, "/v1/rerank", {"query": "hot tea", "documents": texts, "return_documents": False}).json()
     assert len(plain["results"]) == 4 and "document" not in plain["results"][0]
     assert plain["model"] == "lrem-query-auto" and plain["mode_used"] in ("direct", "reason")
+    # what vLLM's and TEI's clients send: top_n 0 (all), documents with other keys, truncate null; long texts
+    info = httpx.get(url + "/info").json()["cache"]["entries"]
+    long = "a very long product description " * 40  # > max_query_chars, < max_item_chars: the token limit cuts it
+    r = post(url, "/v1/rerank", {"query": "hot tea", "top_n": 0, "documents": [{"text": "mug", "id": 3}, long],
+                                 "truncate": True})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    r = post(url, "/rerank", {"query": "hot tea", "texts": ["mug", "kettle"], "truncate": None,
+                              "truncation_direction": "right", "raw_scores": True})
+    assert r.status_code == 200 and -1.0 <= r.json()[0]["score"] <= 1.0, r.text
+    assert httpx.get(url + "/info").json()["cache"]["entries"] == info  # candidates do not crowd out the queries
 
     for path, body, status, message in [
             ("/rerank", {"query": "tea", "texts": ["mug"], "item_ids": ["i1"]}, 422, "one of the two"),
@@ -147,6 +157,8 @@ def test_rerank_scores_candidates_by_the_embeddings_cosines(url, tiny, searcher)
             ("/rerank", {"query": "tea", "item_ids": ["i1", "nope"]}, 422, "'nope' is not in the index"),
             ("/rerank", {"query": "tea", "texts": ["mug"] * 9}, 422, "max_inputs"),
             ("/rerank", {"query": "tea", "texts": ["mug", ""]}, 422, "texts[1] is empty"),
+            ("/rerank", {"query": "tea", "texts": ["mug"], "truncation_direction": "Left"}, 422, "Right) only"),
+            ("/rerank", {"query": "tea", "texts": ["a long text " * 100]}, 422, "send truncate=true"),
             ("/v1/rerank", {"query": "tea", "documents": ["mug"], "model": "lrem-item"}, 404, "does not rank"),
             ("/v1/rerank", {"query": "tea", "documents": [{"title": "mug"}]}, 422, "documents[0]")]:
         r = post(url, path, body)

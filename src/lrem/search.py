@@ -400,7 +400,7 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
     """
     from lrem.baselines import baseline_system
     from lrem.index import is_index_dir
-    from lrem.rerank import RerankRetriever, parse_rerank
+    from lrem.rerank import RERANK_MODES, RerankRetriever, parse_rerank
     from lrem.runfile import RUN_PREFIX, RunFileRetriever, is_run_spec
     from lrem.vectordb import is_milvus_spec
 
@@ -413,6 +413,9 @@ def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
         if reranked is not None:
             first, depth, second = reranked
             model, _, mode = second.rpartition(":")
+            if not model or mode not in RERANK_MODES or parse_fused(second) or is_run_spec(second):
+                raise ValueError(f"system {name}={spec!r}: the reranker after '>' is MODEL:MODE, MODE one of "
+                                 f"{', '.join(RERANK_MODES)} (one embedding per query)")
             system(name, second)  # loads (and checks) the model and index once, as any MODEL:MODE
             return RerankRetriever(system(name, first), searchers[model], mode, depth, batch_size)
         fused = parse_fused(spec)

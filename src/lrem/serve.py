@@ -193,7 +193,8 @@ def create_app(searcher, config: ServeConfig | None = None):
         text over the side's token limit is a 422 unless `truncate` (then cut, and counted)."""
         if not 1 <= len(texts) <= cfg.max_inputs:
             raise HTTPException(422, f"{what} has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
-        texts = [clean(t, f"{what}[{i}]", cfg.max_query_chars, query=side == "query") for i, t in enumerate(texts)]
+        max_chars = cfg.max_query_chars if side == "query" else cfg.max_item_chars
+        texts = [clean(t, f"{what}[{i}]", max_chars, query=side == "query") for i, t in enumerate(texts)]
         over = searcher.model.overlong(texts, side)
         if over and not truncate:
             (i, n), limit = over[0], ("max_item_tokens" if side == "item" else "max_query_tokens")
@@ -219,13 +220,15 @@ def create_app(searcher, config: ServeConfig | None = None):
         first. Candidates are `texts`, embedded as items, or lrem's `item_ids` of the served index."""
         if (req.texts is None) == (req.item_ids is None):
             raise HTTPException(422, "send the candidates as texts or as item_ids (one of the two)")
-        texts = None if req.texts is None else checked(req.texts, "item", req.truncate, "texts")
+        if req.truncation_direction.lower() == "left":
+            raise HTTPException(422, "truncation_direction=Left: lrem cuts a text at its end (Right) only")
+        texts = None if req.texts is None else checked(req.texts, "item", bool(req.truncate), "texts")
         if req.item_ids is not None and not 1 <= len(req.item_ids) <= cfg.max_inputs:
             raise HTTPException(422, f"item_ids has {len(req.item_ids)} ids; send 1 to {cfg.max_inputs} (max_inputs)")
         result = await scored(req.query, req.mode, texts, req.item_ids)
         if not req.return_text:
             return [{"index": i, "score": s} for i, s in result["order"]]
-        shown = texts if texts is not None else [service.searcher.index.title(i) for i in req.item_ids]
+        shown = texts if texts is not None else result["titles"]  # from the index the vectors came from
         return [{"index": i, "score": s, "text": shown[i]} for i, s in result["order"]]
 
     @app.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True)
@@ -238,7 +241,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         if mode in (None, "item"):
             queries = [m for m, kind in EMBEDDING_MODELS.items() if kind != "item"]
             raise HTTPException(404, f"model {name!r} does not rank; use one of {', '.join(queries)}")
-        docs = [d if isinstance(d, str) else d.get("text") for d in req.documents]
+        docs = [d if isinstance(d, str) else d.get("text") for d in req.documents]  # {"text", "id", ...}: the text
         for i, d in enumerate(docs):
             if not isinstance(d, str):
                 raise HTTPException(422, f"documents[{i}]: a document is a text or an object with a text")
@@ -246,7 +249,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         result = await scored(req.query, mode, docs, None)
         n_tokens = sum(len(ids) for ids in searcher.model.tokenizer([req.query, *docs],
                                                                     add_special_tokens=False)["input_ids"])
-        top = result["order"][:req.top_n]
+        top = result["order"][:req.top_n or None]  # 0 or none: all, as vLLM
         return {"id": uuid.uuid4().hex, "model": name, "cot": result["cot"], "mode_used": result["mode_used"],
                 "usage": {"total_tokens": n_tokens},
                 "results": [{"index": i, "relevance_score": s, **({"document": {"text": docs[i]}}

@@ -51,6 +51,9 @@ class ServeConfig:
     query_log_backups: int = field(default=5, metadata={"help": "Rotated query logs kept (PATH.1 ... PATH.N)."})
     # Limits: breaking one is a 4xx with a message naming the limit
     max_query_chars: int = field(default=512, metadata={"help": "Longest query or input text, in characters."})
+    max_item_chars: int = field(default=16_384, metadata={"help": "Longest item text (lrem-item input, rerank "
+                                                                "candidate), in characters; the model's token "
+                                                                "limit (max_item_tokens) then cuts or refuses it."})
     max_k: int = field(default=100, metadata={"help": "Most items one search returns."})
     max_inputs: int = field(default=64, metadata={"help": "Most texts in one /v1/embeddings call, and candidates in one rerank."})
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body (413 above)."})
@@ -74,8 +77,8 @@ class ServeConfig:
                 raise ValueError(f"{f.name}={v!r}; expected {want.__name__}")
             if want not in (str, bool) and v < 0:
                 raise ValueError(f"{f.name}={v}; must be >= 0")
-        for name in ("max_batch", "max_query_chars", "max_k", "max_inputs", "max_body_bytes", "max_queue",
-                     "max_connections", "keep_alive_s"):
+        for name in ("max_batch", "max_query_chars", "max_item_chars", "max_k", "max_inputs", "max_body_bytes",
+                     "max_queue", "max_connections", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):

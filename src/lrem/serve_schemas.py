@@ -2,7 +2,7 @@
 checks requests and the OpenAPI schema at /openapi.json describes them)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -97,13 +97,16 @@ class RerankRequest(BaseModel):
     mode: Literal[QUERY_MODES] = Field("auto", description="lrem: how the query is embedded, as in /search.")
     raw_scores: bool = Field(False, description="TEI's; accepted. Scores are cosine similarities either way.")
     return_text: bool = Field(False, description="Return each candidate's text (for item_ids: its title).")
-    truncate: bool = Field(False, description="A text over max_item_tokens: false, a 422; true, cut to it.")
-    truncation_direction: Literal["Right", "right"] = Field("Right", description="TEI's; texts are cut at the end.")
+    truncate: bool | None = Field(False, description="A text over max_item_tokens: false (or null), a 422; true, "
+                                  "cut to it. The query is cut to max_query_tokens, as in /search.")
+    truncation_direction: Literal["Right", "right", "Left", "left"] = Field(
+        "Right", description="TEI's; lrem cuts at the end (Right) only: Left is a 422.")
 
 
 class RerankHit(BaseModel):
     index: int = Field(description="The candidate's position in the request.")
-    score: float = Field(description="Cosine similarity of the query and candidate embeddings.")
+    score: float = Field(description="Cosine similarity of the query and candidate embeddings, in [-1, 1] (raw: "
+                                     "no sigmoid, whatever raw_scores says).")
     text: str | None = None
 
 
@@ -111,10 +114,11 @@ class CohereRerankRequest(BaseModel):
     """The rerank body of Cohere, Jina and vLLM's /v1/rerank (fields those clients add are ignored)."""
     model_config = ConfigDict(strict=True)
     query: str
-    documents: list[str | dict[str, str]] = Field(description="Texts, or objects with a `text` (at most max_inputs).")
+    documents: list[str | dict[str, Any]] = Field(description="Texts, or objects with a string `text` (other keys "
+                                                  "ignored); at most max_inputs.")
     model: str | None = Field(None, description="A query model of /v1/embeddings (lrem-query-auto, -reason, -direct, "
                               "-grounded, -grounded-direct): how the query is embedded; default lrem-query-auto.")
-    top_n: int | None = Field(None, ge=1, description="Return the best top_n (default: all).")
+    top_n: int | None = Field(None, ge=0, description="Return the best top_n (0 or none: all).")
     return_documents: bool = Field(True, description="Return each document with its score.")
     truncate: bool = Field(False, description="lrem: a document over max_item_tokens: false, a 422; true, cut to it.")
 

@@ -190,17 +190,20 @@ class SearchService:
                      item_ids: list[str] | None = None) -> dict:
         """Score given candidates against a query: the query embedded as `mode` asks (as in
         `query`; auto routes on the index's scores), the candidates either `texts` embedded as
-        items (through the batcher and cache, all at once) or items of the served index by id
-        (their stored vectors, no model call). Returns {cot, mode_used, order: [(candidate index,
-        cosine)] best first (ties in request order), timings_ms}. A ValueError or KeyError says
-        what is wrong with the candidates (an unknown id; an index whose codes lost the vectors)."""
-        t_start, searcher = time.perf_counter(), self.searcher
+        items (through the batcher, all at once, and not cached: a rerank's candidates would push
+        the head queries out) or items of the served index by id (their stored vectors, no model
+        call). Returns {cot, mode_used, order: [(candidate index, cosine)] best first (ties in
+        request order), titles (of item_ids, from the same index as their vectors, whatever a
+        reload does meanwhile; else None), timings_ms}. A ValueError or KeyError says what is
+        wrong with the candidates (an unknown id; an index whose codes lost the vectors)."""
+        t_start, searcher, titles = time.perf_counter(), self.searcher, None
         if item_ids is not None:
             vectors_of = getattr(searcher.index, "vectors_of", None)
             vectors = None if vectors_of is None else await asyncio.to_thread(vectors_of, item_ids)
             if vectors is None:
                 raise ValueError("this index does not keep its items' vectors as added (compressed codes, or "
                                  "another backend): send the candidates as texts")
+            titles = [searcher.index.title(i) for i in item_ids]
         if mode in ("direct", "reason"):
             cot, q, _ = await self.embed(mode, query)
             mode_used = mode
@@ -209,9 +212,9 @@ class SearchService:
             cot, q, mode_used = r["cot"], r["embedding"], r["mode_used"]
         t_query = time.perf_counter()
         if item_ids is None:
-            rows = await asyncio.gather(*(self.embed("item", t) for t in texts))  # one batch, not one by one
-            vectors = np.stack([emb for _, emb, _ in rows]) if rows else np.zeros((0, len(q)), np.float32)
-        return {"cot": cot, "mode_used": mode_used, "order": rank_by_cosine(q, vectors),
+            rows = await asyncio.gather(*(self.batcher.submit("item", t) for t in texts))  # batched, not one by one
+            vectors = np.stack([emb for _, emb in rows]) if rows else np.zeros((0, len(q)), np.float32)
+        return {"cot": cot, "mode_used": mode_used, "order": rank_by_cosine(q, vectors), "titles": titles,
                 "timings_ms": {"query": round(1000.0 * (t_query - t_start), 3),
                                "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
 
