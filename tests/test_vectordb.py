@@ -65,6 +65,11 @@ def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     assert db.meta["model"] == "m" and db.index.d == 32 and db.ntotal == 400 and db.title("item-7") == "title 7"
     assert sorted(db.item_ids) == sorted(ids) and db.search(q[:1], 1000)[0].shape == (1, 400)
+    # the stored vectors by id, in the asked order (duplicates too): what /rerank's item_ids score
+    np.testing.assert_allclose(db.vectors_of(["item-9", "item-2", "item-9"]), x[[9, 2, 9]], atol=1e-6)
+    assert "item-3" in db and "nope" not in db and db.vectors_of([]).shape == (0, 32)
+    with pytest.raises(KeyError, match="'nope' is not in the collection"):
+        db.vectors_of(["item-1", "nope"])
 
     with pytest.raises(ValueError, match="model='m', this upload model='other'; pass --overwrite"):
         MilvusWriter(spec, {**meta, "model": "other"})
@@ -112,6 +117,15 @@ def test_a_filtered_milvus_search_equals_faiss_filtered(tmp_path, tiny):
                 == [r.item_ids for r in milvus_s.search(["a rug"], 5, mode=mode, where=where)])
     hybrid = [r.item_ids for r in milvus_s.hybrid("direct", where=where).search(["a rug"], 5)]
     assert hybrid == [r.item_ids for r in faiss_s.hybrid("direct", where=where).search(["a rug"], 5)]
+    from lrem.baselines import BM25Retriever  # reranking reads the collection's stored vectors
+    from lrem.rerank import RerankRetriever
+
+    bm25 = BM25Retriever(dict(zip(flat.item_ids, flat.titles)), show_progress=False)
+    faiss_rr, milvus_rr = (RerankRetriever(bm25, s, "direct", depth=20).search(["a red rug", "kettle"], k=5)
+                           for s in (faiss_s, milvus_s))
+    assert [r.item_ids for r in milvus_rr] == [r.item_ids for r in faiss_rr]
+    np.testing.assert_allclose([h.score for r in milvus_rr for h in r.hits], [h.score for r in faiss_rr for h in r.hits],
+                               atol=1e-5)
 
     # a collection made before filters (no such fields): refused with the fields it has, none
     client = MilvusClient(str(tmp_path / "f.db"))

@@ -41,13 +41,15 @@ def parse_rerank(spec: str) -> tuple[str, int, str] | None:
 class RerankRetriever:
     """A `Retriever`: `first`'s top `depth` per query, reordered by `searcher`'s model in `mode`
     (the query embedded once; the candidates' vectors read back from the searcher's index, so
-    it must keep them: `lrem.index.keeps_vectors`). Candidates the index lacks are dropped."""
+    it must keep them: `lrem.index.keeps_vectors`, or a Milvus collection). Candidates the index
+    lacks are dropped."""
 
     def __init__(self, first: Retriever, searcher, mode: str, depth: int = RERANK_DEPTH, batch_size: int = 32):
         if mode not in RERANK_MODES:
             raise ValueError(f"rerank mode {mode!r}: one of {', '.join(RERANK_MODES)} (one embedding per query)")
         if not hasattr(searcher.index, "vectors_of"):
-            raise ValueError("reranking reads the items' vectors from an lrem index folder; this index has none")
+            raise ValueError("reranking reads the items' vectors from an lrem index folder or Milvus collection; "
+                             "this index gives none")
         self.first, self.searcher, self.mode, self.depth, self.batch_size = first, searcher, mode, depth, batch_size
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:

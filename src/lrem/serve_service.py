@@ -201,8 +201,8 @@ class SearchService:
             vectors_of = getattr(searcher.index, "vectors_of", None)
             vectors = None if vectors_of is None else await asyncio.to_thread(vectors_of, item_ids)
             if vectors is None:
-                raise ValueError("this index does not keep its items' vectors as added (compressed codes, or "
-                                 "another backend): send the candidates as texts")
+                raise ValueError("this index does not keep its items' vectors as added (compressed codes): send "
+                                 "the candidates as texts")
             titles = [searcher.index.title(i) for i in item_ids]
         if mode in ("direct", "reason"):
             cot, q, _ = await self.embed(mode, query)

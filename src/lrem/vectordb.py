@@ -349,6 +349,29 @@ class MilvusIndex:
             self._titles[item_id] = rows[0]["title"]
         return self._titles[item_id]
 
+    def vectors_of(self, item_ids: list[str]) -> np.ndarray:
+        """The stored vectors (len(item_ids), dim) of these items, in their order (as
+        `ItemIndex.vectors_of`: what `lrem serve`'s /rerank by item_ids scores); a KeyError names
+        an unknown id."""
+        if not item_ids:
+            return np.zeros((0, self.d), np.float32)
+        with milvus_errors(self.spec):
+            rows = self.client.get(self.name, ids=list(dict.fromkeys(item_ids)), output_fields=["vector", "title"])
+        got = {}
+        for row in rows:
+            item_id = row["item_id"] if "item_id" in row else row["id"]
+            got[item_id] = np.asarray(row["vector"], np.float32)
+            self._titles[item_id] = row["title"]
+        missing = [i for i in item_ids if i not in got]
+        if missing:
+            raise KeyError(f"item_id {missing[0]!r} is not in the collection")
+        return np.stack([got[i] for i in item_ids])
+
+    def __contains__(self, item_id: str) -> bool:
+        if item_id in self._titles:
+            return True
+        return item_id in vars(self).setdefault("_id_set", set(self._load_all()[0]))
+
     def _load_all(self) -> tuple[list[str], list[str]]:
         if self._all is None:
             ids, titles = [], []
