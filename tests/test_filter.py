@@ -31,13 +31,16 @@ def searcher(tiny):
     return Searcher(tiny, ItemIndex.build(tiny, CATALOG, show_progress=False))
 
 
-@pytest.mark.parametrize("brute_force_up_to", [0, 10_000], ids=["faiss-selector", "brute-force"])
+@pytest.mark.parametrize("brute_force_up_to,cache_bytes", [(0, 2**29), (10_000, 2**29), (10_000, 64)],
+                         ids=["faiss-selector", "brute-force", "brute-force-vectors-over-the-cache-budget"])
 @pytest.mark.parametrize("factory,params", [("Flat", ""), ("HNSW8,Flat", "efSearch=256"), ("IVF4,Flat", "nprobe=4"),
                                             ("IVF4,PQ4x4fs,RFlat", "nprobe=4,k_factor_rf=64")])
 def test_a_filtered_search_is_the_exact_top_k_of_the_matching_items(tiny, tmp_path, factory, params,
-                                                                    brute_force_up_to, monkeypatch):
-    """Inside FAISS (its ID selector), or, where few items match, by brute force over their vectors."""
+                                                                    brute_force_up_to, cache_bytes, monkeypatch):
+    """Inside FAISS (its ID selector), or, where few items match, by brute force over their vectors
+    (cached with the filter, or read for each call where they would not fit the cache's budget)."""
     monkeypatch.setattr("lrem.index.BRUTE_FORCE_FILTER_UP_TO", brute_force_up_to)
+    monkeypatch.setattr("lrem.index.FILTER_CACHE_BYTES", cache_bytes)
     index = ItemIndex.build(tiny, CATALOG, factory=factory, search_params=params, show_progress=False)
     index.save(tmp_path / "idx")
     index = ItemIndex.load(tmp_path / "idx")  # facets come back from items.jsonl, the search params from meta

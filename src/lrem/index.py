@@ -270,7 +270,10 @@ class ItemIndex:
     def _filter_vectors(self, found: _Filter) -> np.ndarray | None:
         """The matching items' vectors (len(allowed), dim), read back from the index once per
         cached filter (under a lock: serve searches from several threads); None where its codes
-        cannot give them back as added (PQ, SQ)."""
+        cannot give them back as added (PQ, SQ). Vectors larger than the whole cache's budget
+        are read for this call and not kept (the cache keeps its newest filter whatever its size)."""
+        if len(found.allowed) * self.index.d * 4 > FILTER_CACHE_BYTES:
+            return None if found.lossy else self._vectors(found.allowed)
         with vars(self).setdefault("_vectors_lock", threading.Lock()):
             if found.vectors is None and not found.lossy:
                 found.vectors = self._vectors(found.allowed)
