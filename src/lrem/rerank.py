@@ -68,8 +68,11 @@ class RerankRetriever:
 
     @property
     def reasoned_share(self) -> float:
-        """The share of queries that generated a CoT (the eval report's cost column)."""
-        return 1.0 if self.mode == "reason" else 0.0
+        """The share of queries that generated a CoT (the eval report's cost column): all where
+        the reranker reasons, else the first stage's share (an LREM first stage in auto mode)."""
+        if self.mode == "reason":
+            return 1.0
+        return getattr(self.first, "reasoned_share", None) or 0.0
 
     def describe(self) -> dict:
         """For the eval report: the model, the index, the mode, and the first stage's description."""

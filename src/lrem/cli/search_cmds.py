@@ -212,9 +212,11 @@ def eval_(
     if examples:
         typer.echo(format_examples(result, ds, examples))
     typer.echo(f"report: {out / 'report.md'}")
-    lrem_parts = [p for r in systems.values() for p in getattr(r, "parts", [r, getattr(r, "first", None)])
-                  if hasattr(p, "searcher")]
-    for model in {id(p.searcher.model): p.searcher.model for p in lrem_parts}.values():
+    def searchers(r) -> list:  # every LREM searcher a system uses: inside fusions and rerankers too
+        inner = [*getattr(r, "parts", []), *([r.first] if hasattr(r, "first") else [])]
+        return ([r.searcher] if hasattr(r, "searcher") else []) + [s for p in inner for s in searchers(p)]
+
+    for model in {id(s.model): s.model for r in systems.values() for s in searchers(r)}.values():
         echo_truncated(model)
 
 
