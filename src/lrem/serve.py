@@ -44,7 +44,6 @@ from ._text import check_query, normalize_query
 from .batching import Overloaded
 from .index import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
-from .search_types import GROUNDED_MODES
 from .serve_http import RequestGuard, uvicorn_config
 from .serve_log import QueryLog
 from .serve_schemas import (EMBEDDING_MODELS, CohereRerankRequest, CohereRerankResponse, EmbeddingData,
@@ -269,10 +268,9 @@ def create_app(searcher, config: ServeConfig | None = None):
         texts = checked(texts, "item" if kind == "item" else "query", req.truncate, "input")
 
         async def one(text):
-            if kind == "auto" or kind in GROUNDED_MODES:  # these search the index first
-                r = await service.query(text, kind, 1)
-                return r["cot"], r["embedding"]
-            return (await service.embed(kind, text))[:2]
+            if kind == "item":
+                return (await service.embed(kind, text))[:2]
+            return (await service.embed_query(text, kind))[:2]
 
         done = await limited(asyncio.gather(*(one(t) for t in texts)))
         if req.dimensions not in (None, dim):

@@ -186,6 +186,15 @@ class SearchService:
                 "embedding": routed.embeddings[0],
                 "timings_ms": {**timings, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
 
+    async def embed_query(self, text: str, mode: str) -> tuple[str, np.ndarray, str]:
+        """(cot, embedding, mode used) of a normalised query in any mode: direct and reason from the
+        cache or the batcher; auto and grounded search the index first (`query`)."""
+        if mode in ("direct", "reason"):
+            cot, emb, _ = await self.embed(mode, text)
+            return cot, emb, mode
+        r = await self.query(text, mode, 1)
+        return r["cot"], r["embedding"], r["mode_used"]
+
     async def rerank(self, query: str, mode: str, texts: list[str] | None = None,
                      item_ids: list[str] | None = None) -> dict:
         """Score given candidates against a query: the query embedded as `mode` asks (as in
@@ -204,12 +213,7 @@ class SearchService:
                 raise ValueError("this index does not keep its items' vectors as added (compressed codes): send "
                                  "the candidates as texts")
             titles = [searcher.index.title(i) for i in item_ids]
-        if mode in ("direct", "reason"):
-            cot, q, _ = await self.embed(mode, query)
-            mode_used = mode
-        else:  # auto and grounded search the index first
-            r = await self.query(query, mode, 1)
-            cot, q, mode_used = r["cot"], r["embedding"], r["mode_used"]
+        cot, q, mode_used = await self.embed_query(query, mode)
         t_query = time.perf_counter()
         if item_ids is None:
             rows = await asyncio.gather(*(self.batcher.submit("item", t) for t in texts))  # batched, not one by one

@@ -370,7 +370,9 @@ class MilvusIndex:
     def __contains__(self, item_id: str) -> bool:
         if item_id in self._titles:
             return True
-        return item_id in vars(self).setdefault("_id_set", set(self._load_all()[0]))
+        if not hasattr(self, "_id_set"):  # the ids are read (and the set built) once, not per call
+            self._id_set = set(self._load_all()[0])
+        return item_id in self._id_set
 
     def _load_all(self) -> tuple[list[str], list[str]]:
         if self._all is None:
