@@ -42,7 +42,7 @@ def _factor(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     # The top singular pairs from the eigenvectors of the smaller Gram matrix, in float64: the same
     # factors as a full SVD (to float32 precision for the kept pairs) at a fraction of its cost on
-    # tall matrices (the 49k-row embeddings: ~0.5 s against ~5 s).
+    # tall matrices (the 49k x 576 embeddings: 1.7 s against 4.6 s on one thread).
     x = d.double()
     tall = m >= n
     g = x.T @ x if tall else x @ x.T
