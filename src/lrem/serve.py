@@ -9,8 +9,8 @@
 
 Endpoints: `POST /search`, `POST /v1/embeddings` (OpenAI's embeddings API: point an OpenAI
 client's `base_url` at `http://host:port/v1`), `POST /rerank` (TEI's) and `POST /v1/rerank`
-(Cohere's and Jina's: score a first stage's candidates, say Elasticsearch's), `GET /v1/models` (with the model card's facts),
-`GET /info` (model, index and settings), `GET /metrics` (Prometheus text), the OpenAPI schema at
+(Cohere's and Jina's: score a first stage's candidates, say Elasticsearch's), `GET /v1/models`
+(with the model card's facts), `GET /info` (model, index and settings), `GET /metrics` (Prometheus text), the OpenAPI schema at
 `/openapi.json` (browsable at `/docs` and `/redoc`, their assets served by lrem: they work
 offline), and `GET /health` (or `/healthz`: liveness only). Request bodies are JSON whatever
 their content-type says (curl's `-d` says form encoding). With an API key (`api_key`, or the

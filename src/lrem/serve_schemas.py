@@ -15,12 +15,15 @@ EMBEDDING_MODELS = {"lrem-query-reason": "reason", "lrem-query-direct": "direct"
                     "lrem-item": "item"}
 
 
+QUERY_MODES = ("auto", "reason", "direct", "grounded", "grounded-direct")  # what /search and rerank accept
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
                        examples=["a drink stronger than tea"])
     k: int = Field(10, ge=1, description="Items to return (at most max_k).")
-    mode: Literal["auto", "reason", "direct", "grounded", "grounded-direct"] = Field(
+    mode: Literal[QUERY_MODES] = Field(
         "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides; grounded: "
                             "a direct search first, then reason with its top titles in the prompt and search again; "
                             "grounded-direct: the same without the CoT.")
@@ -80,9 +83,6 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
-
-
-QUERY_MODES = ("auto", "reason", "direct", "grounded", "grounded-direct")
 
 
 class RerankRequest(BaseModel):
