@@ -55,8 +55,10 @@ def test_a_shipped_model_loads_offline_and_retrieves(name, tmp_path):
     best, stages = p.stdout.strip().splitlines()[-2:]
     assert json.loads(best) == [0, 1, 2, 3]
     steps = {s["stage"]: s["steps"] for s in json.loads(stages)}
-    assert max(steps.values()) >= 600  # stage 1 at the scale (and RL after it, where it ran)
-    assert steps.get("rl", 100) >= 100
+    # trained at scale: stage 1 (or the direct baseline) for hundreds of steps at batch 16, and the
+    # reasoning model through both of the paper's stages
+    assert steps.get("coldstart", steps.get("direct", 0)) >= 300
+    assert name != TRAINED_MODEL or steps.get("rl", 0) >= 50
 
 
 def test_an_index_of_the_default_model_names_it_and_reopens(tmp_path):
