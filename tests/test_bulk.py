@@ -101,6 +101,27 @@ def test_jsonl_queries_and_bad_rows_name_file_line_and_field(tmp_path):
             read_queries(path)
 
 
+def test_query_tables_are_read_by_their_header(tmp_path):
+    """A CSV/TSV/Parquet file of queries is a table: its header names the columns (WANDS' query.csv
+    is tab-separated under a .csv name), not a query on line 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wands = tmp_path / "query.csv"
+    wands.write_text("query_id\tquery\tquery_class\n0\tsalon chair\tMassage Chairs\n1\tsmart coffee table\tTables\n")
+    assert read_queries(wands) == [("0", "salon chair"), ("1", "smart coffee table")]
+    plain = tmp_path / "q.csv"
+    plain.write_text('text\nmug\n"lamp, floor"\n')
+    assert read_queries(plain) == [("2", "mug"), ("3", "lamp, floor")]  # no id column: line numbers
+    pq.write_table(pa.table({"query_id": ["a", "b"], "text": ["mug", "rug"]}), tmp_path / "q.parquet")
+    assert read_queries(tmp_path / "q.parquet") == [("a", "mug"), ("b", "rug")]
+    for text, where in (("query_id,words\n1,mug\n", ":1: field 'text': missing column"),
+                        ("query_id,query\n1,mug\n1,cup\n", ":3: field 'query_id'")):
+        plain.write_text(text)
+        with pytest.raises(DataError, match=f"^{plain}{where}"):
+            read_queries(plain)
+
+
 def test_cli_search_from_file(tiny, tmp_path):
     from test_reliability import assert_clean_error, lrem
 

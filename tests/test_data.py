@@ -1,9 +1,13 @@
 """lrem.data: the dataset folder format, its validation, converters and sampling (real files)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 
 from lrem.data import (DataError, Dataset, Item, Query, convert, detect_format, from_beir, from_esci, from_wands,
                        load_dataset, read_table, read_wands_queries, sample_dataset, save_dataset)
+from lrem.data.converters import FORMATS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIELDS = {
@@ -262,19 +267,46 @@ def esci_official(folder: Path, ext: str, label: str = "I") -> Path:
     return folder
 
 
-@pytest.mark.parametrize("ext", [".csv", ".parquet"])
-def test_from_esci_official_layout(tmp_path, ext):
+@pytest.mark.parametrize("ext, line", [(".csv", 6), (".parquet", 5)])  # a CSV counts its header
+def test_from_esci_official_layout(tmp_path, ext, line):
     src = esci_official(tmp_path / "esci", ext)
-    with pytest.warns(UserWarning, match="skipped 1 ESCI rows"):
-        ds = convert(src, "auto")
+    notes = []
+    ds = convert(src, "auto", log=notes.append)
+    assert notes == [f"warning: {src}/shopping_queries_dataset_examples{ext}: skipped 1 row (line {line}): "
+                     "field 'product_title': empty"]
     assert set(ds.catalog) == {"us:B0", "us:B1", "es:B0", "es:B2"}
     assert ds.catalog["us:B0"].title == "Fan 80 CFM"
     assert ds.catalog["us:B0"].text == "Panasonic\nwhite\n1 2\nquiet"
     assert ds.qrels == {"0": {"us:B0": 3, "us:B1": 2}, "7": {"es:B0": 1, "es:B2": 0}}
     assert (ds.queries["0"].split, ds.queries["7"].split) == ("train", "test")
 
-    us = from_esci(src, locale="us")
+    us = from_esci(src, locale="us", log=notes.append)
     assert set(us.catalog) == {"B0", "B1"} and set(us.queries) == {"0"}
+
+
+def test_esci_official_products_table_problems(tmp_path):
+    """A products table without product_title is refused (not every row skipped); a null title
+    skips its rows; the same product listed twice with two titles keeps the first."""
+    src = esci_official(tmp_path / "esci", ".parquet")
+    products = src / "shopping_queries_dataset_products.parquet"
+    table = pq.read_table(products)
+    pq.write_table(table.drop(["product_title"]), products)
+    with pytest.raises(DataError) as info:
+        from_esci(src, log=print)
+    assert (info.value.path, info.value.line, info.value.field) == (str(products), None, "product_title")
+    assert "missing column" in str(info.value)
+
+    rows = table.to_pylist()
+    rows[1]["product_title"] = None  # us:B1
+    rows.append({**rows[0], "product_title": "Fan 90 CFM"})  # us:B0 again, other title: row 6
+    pq.write_table(pa.Table.from_pylist(rows), products)
+    notes = []
+    ds = from_esci(src, log=notes.append)
+    examples = src / "shopping_queries_dataset_examples.parquet"
+    assert notes == [
+        f"warning: {products}: product_id 'B0' (locale 'us') has different titles on lines 1 and 6; kept line 1's",
+        f"warning: {examples}: skipped 2 rows (lines 2, 5): field 'product_title': empty"]
+    assert ds.catalog["us:B0"].title == "Fan 80 CFM" and "us:B1" not in ds.catalog
 
 
 def test_esci_unknown_label(tmp_path):
@@ -311,10 +343,12 @@ def write_wands(folder: Path, label: str = "Partial") -> Path:
 
 
 def test_from_wands(tmp_path):
-    with pytest.warns(UserWarning) as caught:
-        ds = convert(write_wands(tmp_path / "wands"), "auto")
-    assert sorted(str(w.message) for w in caught) == [
-        "skipped 1 WANDS labels naming an unknown query or product", "skipped 1 WANDS products with an empty name"]
+    notes = []
+    src = write_wands(tmp_path / "wands")
+    ds = convert(src, "auto", log=notes.append)
+    assert notes == [f"warning: {src}/product.csv: skipped 1 row (line 4): field 'product_name': empty",
+                     f"warning: {src}/label.csv: skipped 1 row (line 5): field 'product_id': not in product.csv "
+                     "(or its name is empty)"]
     assert ds.qrels == {"0": {"0": 2, "1": 0}, "1": {"1": 1}}
     assert ds.catalog["0"] == Item("0", "solid wood chair", "Chairs", "sturdy\ncolor:brown; material:oak",
                                    bullets="color:brown\nmaterial:oak", description="sturdy")
@@ -344,6 +378,121 @@ def test_convert_rejects_unknown_inputs(tmp_path):
         convert(tmp_path, "auto")
     with pytest.raises(ValueError, match="unknown format"):
         convert(tmp_path, "msmarco")
+    with pytest.raises(ValueError, match="locale applies to ESCI sources only, not wands"):
+        convert(write_wands(tmp_path / "wands"), "auto", locale="us")
+
+
+# ----------------------------------------------------------------------------- `lrem data convert` on bad input
+
+ESCI_COLS = ["query_id", "query", "product_id", "product_locale", "esci_label", "product_title", "product_bullet_point"]
+
+
+def write_esci(path: Path, rows: list[list], cols: list[str] = ESCI_COLS) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+    return path
+
+
+def lrem_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process: exit code and stderr as a user sees them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LREM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lrem.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def stderr_lines(p: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in p.stderr and "Warning:" not in p.stderr, p.stderr  # no Python warning format
+    return p.stderr.splitlines()
+
+
+def test_cli_esci_missing_title_column(tmp_path):
+    src = write_esci(tmp_path / "nocol.csv", [[1, "fan", "B0", "us", "E", "Fan"]] * 3, ESCI_COLS[:5] + ["brand"])
+    p = lrem_cli("data", "convert", str(src), "--format", "esci", "--out", str(tmp_path / "out"))
+    lines = stderr_lines(p)
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"error: {src}:1: field 'product_title': missing column (header has: query_id,")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_esci_empty_product_id_names_its_line(tmp_path):
+    src = write_esci(tmp_path / "emptyid.csv", [[1, "fan", "B0", "us", "E", "Fan", "quiet\nsmall"],  # lines 2-3
+                                                [2, "lamp", "", "us", "E", "Lamp", ""]])  # line 4
+    p = lrem_cli("data", "convert", str(src), "--out", str(tmp_path / "out"))
+    assert p.returncode == 2 and stderr_lines(p) == [f"error: {src}:4: field 'product_id': empty string"], p.stderr
+
+
+def test_cli_skipped_rows_are_one_plain_warning_line(tmp_path):
+    rows = [[q, f"query {q}", f"B{q}", "us", "E", "" if q in (3, 4, 6, 8, 9) else f"title {q}", ""]
+            for q in range(1, 11)]  # query q on line q + 1
+    src = write_esci(tmp_path / "esci.csv", rows)
+    p = lrem_cli("data", "convert", str(src), "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+    assert stderr_lines(p) == [f"warning: {src}: skipped 5 rows (lines 4, 5, 7, ...): field 'product_title': empty"]
+    assert len(load_dataset(tmp_path / "out").catalog) == 5
+
+    empty = write_esci(tmp_path / "empty.csv", [[1, "fan", "B0", "us", "E", "  ", ""]])  # nothing left: one error
+    p = lrem_cli("data", "convert", str(empty), "--out", str(tmp_path / "out2"))
+    assert p.returncode == 2 and stderr_lines(p) == [
+        f"warning: {empty}: skipped 1 row (line 2): field 'product_title': empty",
+        f"error: {empty}: no row left to convert (every row was skipped; see the warnings)"], p.stderr
+
+
+def test_cli_unknown_format_lists_every_choice(tmp_path):
+    src = write_esci(tmp_path / "esci.csv", [[1, "fan", "B0", "us", "E", "Fan", ""]])
+    p = lrem_cli("data", "convert", str(src), "--format", "amazon", "--out", str(tmp_path / "out"))
+    lines = stderr_lines(p)
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    m = re.fullmatch(r"error: unknown format 'amazon'; use one of (.+)", lines[0])
+    listed = re.split(r", | or ", m.group(1))
+    assert listed == ["beir", "esci", "wands", "lrem", "auto"] == list(FORMATS)
+    help_text = " ".join(lrem_cli("data", "convert", "--help").stdout.replace("│", " ").split())
+    assert f"One of {', '.join(listed)} (lrem:" in help_text
+    for fmt in listed:  # each is accepted: a plain ValueError (unknown format) escapes, a DataError about
+        with contextlib.suppress(DataError):  # this file not being that layout does not
+            convert(src, fmt, log=lambda _: None)
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_cli_wands_folder_without_product_csv(tmp_path, real):
+    if real:
+        src = SHARED / "wands_queries"
+        if not (src / "query.csv").is_file():
+            pytest.skip(f"shared data not found at {src}")
+        missing = "product.csv and label.csv"
+    else:
+        src = write_wands(tmp_path / "wands")
+        (src / "product.csv").unlink()
+        missing = "product.csv"
+    p = lrem_cli("data", "convert", str(src), "--format", "wands", "--out", str(tmp_path / "out"))
+    assert p.returncode == 2 and stderr_lines(p) == [
+        f"error: {src}: the folder has no {missing} (WANDS needs product.csv, query.csv and label.csv)"], p.stderr
+
+
+def test_wands_empty_product_id_names_its_line(tmp_path):
+    src = write_wands(tmp_path / "wands")
+    text = (src / "product.csv").read_text().replace("\n1\tvelvet", "\n\tvelvet")
+    (src / "product.csv").write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{src}/product.csv:3: field 'product_id': empty string")):
+        from_wands(src, log=print)
+
+
+def test_cli_esci_conflicting_titles_warn_and_keep_the_first(tmp_path):
+    src = write_esci(tmp_path / "dup.csv", [
+        [1, "fan", "B0", "us", "E", "Fan 80", ""],
+        [2, "quiet fan", "B0", "us", "S", "Fan 80", ""],  # the same title again: normal in ESCI
+        [3, "lamp", "B1", "us", "E", "Lamp", ""],
+        [4, "cheap fan", "B0", "us", "E", "Fan 110", ""],  # line 5: another title for B0
+        [5, "big fan", "B0", "us", "E", "Fan 120", ""],  # said once per id
+    ])
+    p = lrem_cli("data", "convert", str(src), "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+    assert stderr_lines(p) == [
+        f"warning: {src}: product_id 'B0' has different titles on lines 2 and 5; kept line 2's"]
+    ds = load_dataset(tmp_path / "out")
+    assert ds.catalog["B0"].title == "Fan 80" and ds.qrels["4"] == {"B0": 3}
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -105,8 +105,8 @@ def test_every_command_has_help(cmd):
 
 
 def _plain(text: str) -> str:
-    """Help or error text without rich's box drawing and line wrapping."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+    """Help or error text without box drawing and line wrapping (click also wraps after a hyphen)."""
+    return re.sub(r"(\w-) (?=\w)", r"\1", " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split()))
 
 
 def test_mode_options_list_exactly_the_modes_of_the_searcher(tmp_path):

@@ -239,3 +239,24 @@ def test_export_of_a_multi_field_template_takes_the_filled_template(tiny, tmp_pa
     got = st.encode_document([item_text(vars(x), cfg) for x in items])
     assert (got * m.encode_items(items)).sum(1).min() >= 0.9999
     assert "pass each item as that template filled in" in (tmp_path / "st" / "README.md").read_text()
+
+
+def test_cli_index_takes_a_bare_catalog(tiny_dir, tmp_path):
+    """A production catalog has no queries or qrels: `lrem index --data` takes a folder holding
+    only its catalog table, or the catalog file itself, and indexes the same items either way."""
+    from lrem.index import ItemIndex
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "catalog.csv").write_text('item_id,title,brand\na,mug,Acme\nb,"teapot, glass",Zed\n')
+    ok = lrem_cli("index", "--data", str(tmp_path / "shop"), "--out", str(tmp_path / "idx"), "--model", str(tiny_dir),
+                  "--threads", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    one = lrem_cli("index", "--data", str(tmp_path / "shop" / "catalog.csv"), "--out", str(tmp_path / "idx2"),
+                   "--model", str(tiny_dir), "--threads", "1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = ItemIndex.load(tmp_path / "idx"), ItemIndex.load(tmp_path / "idx2")
+    assert a.item_ids == b.item_ids == ["a", "b"] and a.title("b") == "teapot, glass"
+    (tmp_path / "bad.csv").write_text("item_id,name\na,mug\n")
+    bad = lrem_cli("index", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "idx3"), "--model", str(tiny_dir))
+    assert bad.returncode == 2 and "bad.csv:1: field 'title': missing column" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "idx3").exists()

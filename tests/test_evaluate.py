@@ -2,11 +2,13 @@
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
 from lrem.baselines import BM25Retriever
-from lrem.data import Dataset, Item, Query, sample_query_ids
+from lrem.data import Dataset, Item, Query, sample_query_ids, save_dataset
 from lrem.evaluate import (KS, PRIMARY_METRIC, evaluate, evaluate_slices, evaluate_systems, format_examples,
                            format_table, pick_examples, query_metrics, run_system, slices_for,
                            write_report)
@@ -391,3 +393,22 @@ def test_a_malformed_run_file_names_file_line_and_field(tmp_path, line, where):
         read_trec_run(path)
     path.write_text("q1 Q0 a 1 1.0 x\nq1 Q0 b 2 2.0 x\nq1 Q0 c 3 2.0 x\n\nq2 Q0 a 1 -1 x\n")
     assert read_trec_run(path) == {"q1": [("b", 2.0), ("c", 2.0), ("a", 1.0)], "q2": [("a", -1.0)]}  # by score
+
+
+def test_min_relevance_counts_only_the_higher_grades(toy, systems, tmp_path):
+    """ESCI's "Exact only" hit rate: at relevance 3, q4's 2-graded travel mug and q6's only item
+    (2) stop counting, so q6 is no longer scored; grade 1 complements never count."""
+    exact = toy.at_relevance(3)
+    assert toy.at_relevance(1) is toy and exact.qrels["q4"] == {"k3": 3} and "q6" not in exact.qrels
+    assert toy.qrels["q4"] == {"k3": 3, "k4": 2, "k6": 0}  # the loaded dataset is left as it was
+    everything = evaluate_systems(toy, "test", systems, log=lambda *_: None)
+    strict = evaluate_systems(exact, "test", systems, log=lambda *_: None)
+    assert (everything["n_queries"], strict["n_queries"]) == (6, 5)
+    data = tmp_path / "toy"
+    save_dataset(toy, data)
+    p = subprocess.run([sys.executable, "-m", "lrem.cli", "eval", "--data", str(data), "--split", "test", "-s", "bm25",
+                        "--min-relevance", "3", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["n_queries"] == 5
+    assert metrics["systems"]["bm25"]["overall"] == pytest.approx(strict["systems"]["bm25"]["overall"])

@@ -134,6 +134,10 @@ def test_cli_filter(tiny, tiny_dir, tmp_path):
     [row] = [json.loads(line) for line in p.stdout.splitlines()]
     assert len(row["items"]) == 6 and {i["item_id"] for i in row["items"]} <= matching({"category": "home",
                                                                                        "brand": ["Zed", "Acme"]})
+    p = lrem("search", "--index", str(tmp_path / "idx"), "--mode", "direct", "--filter", "brand=acme|Zed", "lamp")
+    assert p.returncode == 0 and "note: no item has brand='acme' (filters match exactly; the index has 'Acme')" \
+        in p.stderr, p.stderr[-2000:]
+    assert "brand='Zed'" not in p.stderr  # a value some item has gets no note
     p = lrem("search", "--index", str(tmp_path / "idx"), "--filter", "colour=red", "lamp")  # checked at parse time
     assert p.returncode == 2 and "'colour' is not a filter field" in p.stderr and "Traceback" not in p.stderr
     # a field the catalog never had: the error names the ones the index can filter on

@@ -212,6 +212,17 @@ def test_numeric_and_choice_options_are_checked_at_parse_time(tmp_path, args, ne
     assert not (tmp_path / "o").exists()
 
 
+def test_version_and_short_help():
+    import lrem as package
+
+    p = lrem("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"lrem {package.__version__}", p.stderr
+    for args in (["-h"], ["index", "-h"], ["data", "convert", "-h"]):
+        p = lrem(*args)
+        usage = " ".join(["Usage: python -m lrem.cli", *args[:-1], "[OPTIONS]"])  # `lrem` in a shell
+        assert p.returncode == 0 and usage in " ".join(p.stdout.split()), (args, p.stdout[:300])
+
+
 def test_bad_embeddings_never_reach_an_index(tiny):
     from lrem.index import check_embeddings
 
@@ -318,6 +329,18 @@ def test_search_serve_eval_on_a_corrupt_index_exit_2_without_traceback(tmp_path,
     assert_clean_error(lrem("eval", "--data", str(data), "--system", f"x={bad}:direct", "--out", str(tmp_path / "r")),
                        "index.faiss")
     assert_clean_error(lrem("search", "--index", str(bad), "   "), "empty")  # checked before loading
+
+
+def test_serve_on_a_port_in_use_is_one_error_before_the_model_loads(index_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        p = lrem("serve", "--index", str(index_dir), "--port", port)
+    assert_clean_error(p, f"cannot listen on 127.0.0.1:{port}", "--port")
+    assert "serving" not in p.stderr + p.stdout  # it bound first, so it never loaded the model
 
 
 def test_index_of_another_dimension_is_refused(tmp_path, tiny):

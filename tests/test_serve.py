@@ -33,7 +33,7 @@ from lrem.serve import ServeConfig, background_server, create_app, normalize_que
 TITLES = ["corkscrew, bottle screw", "teapot", "coffee, java", "mug", "spatula", "wine glass", "sofa, couch",
           "floor lamp", "rug", "throw pillow", "dining chair", "coffee table", "bookcase", "bed frame", "mirror",
           "curtain", "desk", "office chair", "saucepan", "kettle"]
-LIMITS = dict(max_query_chars=200, max_k=50, max_inputs=8, max_body_bytes=16_384)
+LIMITS = dict(max_query_chars=200, max_item_chars=2000, max_k=50, max_inputs=8, max_body_bytes=16_384)
 
 
 @pytest.fixture(scope="module")
@@ -357,9 +357,13 @@ BAD = [
     ("/v1/embeddings", {"model": "lrem-item"}, 422, "input: Field required"),
     ("/v1/embeddings", {"input": "mug"}, 422, "model: Field required"),
     ("/v1/embeddings", {"input": [], "model": "lrem-item"}, 422, "max_inputs"),
-    ("/v1/embeddings", {"input": [1, 2], "model": "lrem-item"}, 422, "valid string"),
+    ("/v1/embeddings", {"input": [1, 2], "model": "lrem-item"}, 422, "token ids are not accepted"),
+    ("/v1/embeddings", {"input": [[15339, 1917]], "model": "lrem-item"}, 422, "check_embedding_ctx_length=False"),
+    ("/v1/embeddings", {"input": [1, "mug"], "model": "lrem-item"}, 422, "valid string"),
     ("/v1/embeddings", {"input": ["mug", " "], "model": "lrem-item"}, 422, "input[1] is empty"),
     ("/v1/embeddings", {"input": "x" * 201, "model": "lrem-query-direct"}, 422, "max_query_chars"),
+    ("/v1/embeddings", {"input": "x" * 2001, "model": "lrem-item"}, 422, "the limit is 2000 (max_item_chars)"),
+    ("/rerank", {"query": "mug", "texts": ["x" * 2001]}, 422, "the limit is 2000 (max_item_chars)"),
     ("/v1/embeddings", {"input": "mug", "model": "lrem-item", "encoding_format": "hex"}, 422, "'float' or 'base64'"),
 ]
 

@@ -21,16 +21,17 @@ def strip_controls(text: str) -> str:
     return CONTROL_RE.sub(" ", text)
 
 
-def check_query(text, what: str = "query", max_chars: int | None = None) -> str:
+def check_query(text, what: str = "query", max_chars: int | None = None, limit: str = "max_query_chars") -> str:
     """`text` if it is a usable query, else a ValueError naming `what` and the problem.
 
     Refused: a non-string, an empty or whitespace-only text, a lone surrogate (not Unicode), a
-    control character, and (with `max_chars`) a longer text.
+    control character, and (with `max_chars`) a longer text: the message names the setting
+    `limit` that sets it.
     """
     if not isinstance(text, str):
         raise ValueError(f"{what} is not a string ({type(text).__name__})")
     if max_chars is not None and len(text) > max_chars:
-        raise ValueError(f"{what} has {len(text)} characters; the limit is {max_chars} (max_query_chars)")
+        raise ValueError(f"{what} has {len(text)} characters; the limit is {max_chars} ({limit})")
     if not text.strip():
         raise ValueError(f"{what} is empty (or only whitespace)")
     try:

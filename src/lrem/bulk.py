@@ -9,7 +9,8 @@
 
 Queries: JSON lines of {"query_id": ..., "text": ...} (a `.jsonl` file, or any file whose first
 line is a JSON object, such as a rotated query log; "query" is taken for "text" and "id" for
-"query_id"), or plain text, one query a line, whose ids are the line numbers. Results:
+"query_id"), a table with a header and those columns (`.csv`, `.tsv`, `.parquet`), or plain
+text, one query a line, whose ids are the line numbers (a table's rows without an id too). Results:
 JSON lines (query_id, query, cot, items: item_id, title, score), or a TREC run (`.trec`, which
 `lrem eval -s NAME=run:FILE` scores). Queries are searched in batches and each batch is appended
 to `OUT.partial` (fsynced); a killed job rerun with the same settings searches only the queries
@@ -32,27 +33,38 @@ FORMATS = ("jsonl", "trec")
 PARTIAL_SUFFIX = ".partial"
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+
+
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
     """(query_id, text) pairs of a queries file; a `DataError` names the file, line and field of
     a bad row (no text, an id given twice, a control character)."""
-    from lrem.data.formats import DataError, read_jsonl
+    from lrem.data.formats import DataError, read_jsonl, read_table
 
     path = Path(path)
-    if _is_jsonl(path):
-        rows = []
-        for line, row in read_jsonl(path):
-            text_key = "text" if "text" in row else "query"
-            qid = row.get("query_id", row.get("id", str(line)))
-            if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip() or \
-                    any(c.isspace() for c in str(qid)):
-                raise DataError(path, line, "query_id", f"{qid!r}: expected a string or integer without spaces")
-            rows.append((line, str(qid), row.get(text_key), text_key))
+    if path.suffix.lower() in TABLE_SUFFIXES:  # a table with a header, e.g. WANDS' query.csv (tab-separated)
+        table = read_table(path, {}, {"query_id": str, "id": str, "text": str, "query": str})
+        text_key = next((k for k in ("text", "query") if any(r[k] is not None for r in table)), None)
+        if text_key is None:
+            raise DataError(path, 1, "text", "missing column (a table of queries needs 'text' or 'query')")
+        found = [(r.line, {k: v for k, v in r.items() if v is not None}) for r in table]
+    elif _is_jsonl(path):
+        found, text_key = read_jsonl(path), None
     else:
         try:
             lines = path.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(path, None, None, f"cannot read the queries: {e}") from None
-        rows = [(n, str(n), text.rstrip("\r"), "text") for n, text in enumerate(lines, 1) if text.strip()]
+        found = [(n, {"text": text.rstrip("\r")}) for n, text in enumerate(lines, 1) if text.strip()]
+        text_key = "text"
+    rows = []
+    for line, row in found:
+        key = text_key or ("text" if "text" in row else "query")
+        qid = row.get("query_id", row.get("id", str(line)))
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip() or \
+                any(c.isspace() for c in str(qid)):
+            raise DataError(path, line, "query_id", f"{qid!r}: expected a string or integer without spaces")
+        rows.append((line, str(qid), row.get(key), key))
     out, seen = [], {}
     for line, qid, text, key in rows:
         try:

@@ -286,6 +286,22 @@ class ItemIndex:
         """The FILTER_FIELDS this index can filter on (those its catalog had), sorted."""
         return sorted(self.facets)
 
+    def filter_hints(self, where: dict) -> list[str]:
+        """A line for each filter value no item has, naming the values that differ from it only in
+        case or spacing: filters match exactly, so "acme" finds no "Acme", silently otherwise."""
+        hints = []
+        for name, values in where.items():
+            have = {v for v in self.facets.get(name, ()) if v is not None}
+            folded: dict[str, list[str]] = {}
+            for v in have:
+                folded.setdefault(" ".join(v.casefold().split()), []).append(v)
+            for value in [values] if isinstance(values, str) else values:
+                if value not in have:
+                    near = sorted(folded.get(" ".join(str(value).casefold().split()), []))
+                    hints.append(f"no item has {name}={value!r}" + (
+                        f" (filters match exactly; the index has {', '.join(map(repr, near))})" if near else ""))
+        return hints
+
     def _match(self, where: dict) -> np.ndarray:
         check_filter(where, self.filter_fields)
         keep = np.ones(len(self.item_ids), dtype=bool)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from ._io import atomic_dir, write_json
+from ._text import check_query
 from .backbones import default_dtype, load_backbone, resolve_backbone
 from .decoding import kv_cache, shared_prefix_len
 from .engine import EngineConfig, QueryEncoding, QueryEngine, check_batch_size
 from .prompts import InputTooLong, PromptConfig, TemplateMixin  # noqa: F401  InputTooLong: users catch it from here
+from .prompts import item_fields
 from .router import load_router
 
 LREM_CONFIG = "lrem_config.json"
@@ -78,6 +81,58 @@ def similarity(a, b) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
+
+
+def as_batch(texts, name: str = "texts") -> tuple[list, bool]:
+    """(`texts` as a list, whether it was one string): the sentence-transformers convention of the
+    encoders and `Searcher.search`: one string is one input, whose result comes back unwrapped.
+
+    >>> as_batch("tea"), as_batch(("tea", "mug"))
+    ((['tea'], True), (['tea', 'mug'], False))
+    """
+    if isinstance(texts, str):
+        return [texts], True
+    if isinstance(texts, Mapping):  # list() would give its keys: a catalog {id: title} would embed the ids
+        raise TypeError(f"{name}: expected a list (or one string), got a {type(texts).__name__}; for a catalog "
+                        f"{{id: item}} pass list(catalog.values())")
+    return list(texts), False
+
+
+def check_items(items: list) -> None:
+    """Each item a usable title (the query rule, `lrem._text.check_query`: what a dataset's titles
+    and the server's item texts must be too), or a mapping / `lrem.data.Item` with one."""
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            check_query(x, f"items[{i}]")
+            continue
+        title = item_fields(x)["title"]
+        if title is None:
+            err = ValueError if isinstance(x, Mapping) or hasattr(x, "title") else TypeError
+            raise err(f"items[{i}]: {x!r:.80}; expected a title string, or a dict / lrem.data.Item with a 'title'")
+        check_query(title, f"items[{i}] title")
+
+
+def st_options(show_progress: bool, show_progress_bar: bool | None, normalize_embeddings: bool,
+               convert_to_numpy: bool, convert_to_tensor: bool) -> tuple[bool, bool]:
+    """sentence-transformers' encode keywords, for code written against it: (show progress,
+    return a torch tensor)."""
+    if not normalize_embeddings:
+        raise ValueError("normalize_embeddings=False: lrem's embeddings are always L2-normalised (the model is "
+                         "trained for cosine = inner product); there are no unnormalised ones")
+    return (show_progress if show_progress_bar is None else bool(show_progress_bar),
+            bool(convert_to_tensor) or not convert_to_numpy)
+
+
+def mode_error(mode: str) -> str:
+    """Why the model alone cannot encode queries in `mode`: the other modes are search modes, which
+    need an index (`lrem.search.Searcher.search`)."""
+    if mode == "auto":
+        return ("mode='auto' needs an index: its router reads each query's direct scores over the items to pick "
+                "the queries that reason, so the model alone cannot run it; use Searcher(model, index)"
+                ".search(queries, mode='auto') (or .search_auto). Here: mode 'reason' or 'direct' (or cots=)")
+    return (f"mode={mode!r}; the model encodes in {' or '.join(map(repr, QUERY_MODES))} (or after cots=); "
+            f"the search modes (grounded, the *-cot ablations) need an index: Searcher(model, index).search("
+            f"queries, mode={mode!r})")
 
 
 class LREM(TemplateMixin, torch.nn.Module):
@@ -225,14 +280,34 @@ class LREM(TemplateMixin, torch.nn.Module):
                   past_key_values=kv_cache(self.lm, kv), use_cache=True).last_hidden_state
         return torch.cat([pre.last_hidden_state.expand(b, -1, -1), out], dim=1)
 
-    def encode_items(self, items, batch_size: int = 64, show_progress: bool = False,
-                     truncate: bool = True) -> np.ndarray:
+    def encode_items(self, items, batch_size: int = 64, show_progress: bool = False, truncate: bool = True, *,
+                     show_progress_bar: bool | None = None, normalize_embeddings: bool = True,
+                     convert_to_numpy: bool = True, convert_to_tensor: bool = False) -> np.ndarray:
         """Item embeddings (n, dim), float32, L2-normalised; items never reason. `items`: titles,
         or mappings / `lrem.data.Item`s whose fields the item template names; one item (a
-        string) gives one vector (dim,). `truncate`: see `fit`."""
-        if isinstance(items, str):
-            return self.encode_items([items], batch_size, show_progress, truncate)[0]
-        return self.engine.embed_texts(self.item_texts(list(items), truncate), batch_size, "items", show_progress)
+        string) gives one vector (dim,), no items (0, dim). A title must be a non-empty string
+        without control characters (the rule of datasets and the server); else a ValueError /
+        TypeError naming `items[i]`. `truncate`: see `fit`.
+
+        sentence-transformers' keywords are accepted: `show_progress_bar` (= `show_progress`),
+        `normalize_embeddings=True` (always so; False is an error), `convert_to_numpy=False` or
+        `convert_to_tensor=True` (a torch tensor on the model's device)."""
+        check_batch_size(batch_size)
+        show_progress, as_tensor = st_options(show_progress, show_progress_bar, normalize_embeddings,
+                                              convert_to_numpy, convert_to_tensor)
+        items, one = as_batch(items, "items")
+        check_items(items)
+        emb = (self.engine.embed_texts(self.item_texts(items, truncate), batch_size, "items", show_progress)
+               if items else np.zeros((0, self.dim), dtype=np.float32))
+        return self._output(emb[0] if one else emb, as_tensor)
+
+    def _output(self, emb: np.ndarray, as_tensor: bool):
+        """`emb` as the caller asked: a numpy array, or a torch tensor on the model's device."""
+        return torch.from_numpy(emb).to(self.device) if as_tensor else emb
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """`dim`, under sentence-transformers' name."""
+        return self.dim
 
     def encode_document(self, items, **kwargs) -> np.ndarray:
         """`encode_items` under sentence-transformers' name."""
@@ -247,34 +322,55 @@ class LREM(TemplateMixin, torch.nn.Module):
 
     def encode_queries(self, texts: list[str] | str, mode: str = "reason", cots: list[str] | str | None = None,
                        batch_size: int = 32, show_progress: bool = False, fast: bool = True,
-                       truncate: bool = True, candidates: list | None = None) -> QueryEncoding:
+                       truncate: bool = True, candidates: list | None = None, *, show_progress_bar: bool | None = None,
+                       normalize_embeddings: bool = True, convert_to_numpy: bool = True,
+                       convert_to_tensor: bool = False) -> QueryEncoding:
         """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`;
         `candidates`: per query, first-stage titles shown after it (grounded queries), or None.
 
-        Given `cots` (teacher CoTs, ablations), `mode` is ignored. In `reason` mode the
+        Given `cots` (teacher CoTs, ablations), `mode` is ignored. `auto` and the other search
+        modes need an index: `lrem.search.Searcher.search`. In `reason` mode the
         embedding equals the one `encode_queries(texts, cots=result.cots)` gives; `fast`
         (default) embeds each query from the KV cache its reasoning left (`engine.reason`).
-        One query as a string gives embeddings (dim,) and its CoT as a string. `truncate`:
+        One query as a string gives embeddings (dim,) and its CoT as a string; no queries give
+        (0, dim) and []. A query must be a non-empty string without control characters (the rule
+        of `lrem search` and the server); else a ValueError naming `texts[i]`. `truncate`:
         queries over `max_query_tokens` are cut and counted (True) or an error (False).
+        sentence-transformers' keywords: as `encode_items`.
         """
         check_batch_size(batch_size)
-        if isinstance(texts, str):
-            one = self.encode_queries([texts], mode, None if cots is None else [cots], batch_size, show_progress,
-                                      fast, truncate, None if candidates is None else [candidates])
-            return QueryEncoding(one.embeddings[0], one.cots[0])
-        texts = self.fit(list(texts), "query", truncate)
+        show_progress, as_tensor = st_options(show_progress, show_progress_bar, normalize_embeddings,
+                                              convert_to_numpy, convert_to_tensor)
+        if cots is None and mode not in QUERY_MODES:
+            raise ValueError(mode_error(mode))
+        texts, one = as_batch(texts)
+        if one:
+            cots = None if cots is None else [cots]
+            candidates = None if candidates is None else [candidates]
+        for i, t in enumerate(texts):
+            check_query(t, "query" if one else f"texts[{i}]")
+        if cots is not None and len(cots) != len(texts):
+            raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
+        if not texts:
+            enc = QueryEncoding(np.zeros((0, self.dim), dtype=np.float32), [])
+        else:
+            enc = self._encode_queries(texts, mode, cots, batch_size, show_progress, fast, truncate, candidates)
+        if one:
+            enc = QueryEncoding(enc.embeddings[0], enc.cots[0])
+        return QueryEncoding(self._output(enc.embeddings, as_tensor), enc.cots)
+
+    def _encode_queries(self, texts: list[str], mode: str, cots: list[str] | None, batch_size: int,
+                        show_progress: bool, fast: bool, truncate: bool, candidates: list | None) -> QueryEncoding:
+        """`encode_queries` of a checked, non-empty list."""
+        texts = self.fit(texts, "query", truncate)
         if cots is not None:
-            if len(cots) != len(texts):
-                raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
             cots = [c.strip() for c in cots]
         elif mode == "reason" and fast and self.engine.vllm() is None:
             return self.engine.reason(texts, batch_size, show_progress, candidates)
         elif mode == "reason":
             cots = self.engine.generate_cots(texts, batch_size, show_progress, None, fast, candidates)
-        elif mode == "direct":
-            cots = [""] * len(texts)
         else:
-            raise ValueError(f"mode={mode!r}; expected one of {QUERY_MODES} (or pass cots=)")
+            cots = [""] * len(texts)  # direct
         emb = self.engine.embed_texts(self.query_texts(texts, cots, candidates=candidates), batch_size, "queries",
                                       show_progress)
         return QueryEncoding(emb, cots)

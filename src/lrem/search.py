@@ -27,7 +27,7 @@ import numpy as np
 from ._text import check_query
 from .fusion import LEXICAL_WEIGHT, FusedRetriever, parse_fused
 from .index import ItemIndex, model_fingerprint, open_index
-from .model import LREM
+from .model import LREM, as_batch
 from .router import LearnedRouter, Router
 from .search_types import (DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult,
                            grounded_inputs)
@@ -120,21 +120,33 @@ class Searcher:
             return [random_cot(q, self.index.titles) for q in queries]
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
-    def search(self, queries: list[str], k: int = 10, mode: str = "reason", cots: list[str] | None = None,
-               batch_size: int = 32, show_progress: bool = False, where: dict | None = None) -> list[SearchResult]:
+    def search(self, queries: list[str] | str, k: int = 10, mode: str = "reason", cots: list[str] | str | None = None,
+               batch_size: int = 32, show_progress: bool = False,
+               where: dict | None = None) -> list[SearchResult] | SearchResult:
         """Top-k items per query, best first, with the CoT each query was embedded after.
-        `where`: only items matching this filter ({field: value or values}, `ItemIndex.allowed`)."""
+        `where`: only items matching this filter ({field: value or values}, `ItemIndex.allowed`).
+        One query as a string gives its SearchResult alone (as `LREM.encode_queries` gives its
+        encoding), no queries []."""
+        queries, one = as_batch(queries, "queries")
+        if one and cots is not None:
+            cots = [cots]
         check_search(queries, k)
-        if mode == "auto":
-            return self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress, where=where)[0]
-        if mode in GROUNDED_MODES and cots is None:
-            return _run_now(self.route(queries, k, mode, embed=self.embedder(batch_size, show_progress),
-                                       where=where)).results
-        cots = cots if cots is not None else self.cots_for(queries, mode)
-        enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
-                                        show_progress=show_progress, truncate=self.truncate)
-        scores, ids = self.index_search(enc.embeddings, k, where)
-        return _results(scores, ids, enc.cots, k)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if not queries:
+            results = []
+        elif mode == "auto":
+            results = self.search_auto(queries, k, batch_size=batch_size, show_progress=show_progress, where=where)[0]
+        elif mode in GROUNDED_MODES and cots is None:
+            results = _run_now(self.route(queries, k, mode, embed=self.embedder(batch_size, show_progress),
+                                          where=where)).results
+        else:
+            cots = cots if cots is not None else self.cots_for(queries, mode)
+            enc = self.model.encode_queries(queries, mode="reason", cots=cots, batch_size=batch_size,
+                                            show_progress=show_progress, truncate=self.truncate)
+            scores, ids = self.index_search(enc.embeddings, k, where)
+            results = _results(scores, ids, enc.cots, k)
+        return results[0] if one else results
 
     def index_search(self, emb: np.ndarray, k: int, where: dict | None = None) -> tuple[np.ndarray, list[list[str]]]:
         """The index's top k for embeddings (n, dim), filtered by `where` when given."""
@@ -149,33 +161,42 @@ class Searcher:
                              "fields) or a Milvus collection lrem made")
         return self.index
 
-    def candidates(self, queries: list[str], k: int | None = None, batch_size: int = 32,
-                   show_progress: bool = False) -> list[list[str]]:
+    def candidates(self, queries: list[str] | str, k: int | None = None, batch_size: int = 32,
+                   show_progress: bool = False) -> list[list[str]] | list[str]:
         """A grounded query's first stage: the titles of each query's top-`k` items in a direct
-        search (default: the model's `candidates_k`, else `DEFAULT_CANDIDATES_K`), best first."""
+        search (default: the model's `candidates_k`, else `DEFAULT_CANDIDATES_K`), best first.
+        One query as a string gives its titles alone."""
+        queries, one = as_batch(queries, "queries")
+        if not queries:
+            return []
         enc = self.model.encode_queries(queries, mode="direct", batch_size=batch_size, show_progress=show_progress,
                                         truncate=self.truncate)
         _, ids = self.index.search(enc.embeddings, k or self.candidates_k)
-        return [[self.index.title(i) for i in row] for row in ids]
+        titles = [[self.index.title(i) for i in row] for row in ids]
+        return titles[0] if one else titles
 
     @property
     def candidates_k(self) -> int:
         """K of the grounded modes: the model's own (`PromptConfig.candidates_k`), else the default."""
         return self.model.config.candidates_k or DEFAULT_CANDIDATES_K
 
-    def search_auto(self, queries: list[str], k: int = 10, router: Router | LearnedRouter | None = None,
+    def search_auto(self, queries: list[str] | str, k: int = 10, router: Router | LearnedRouter | None = None,
                     batch_size: int = 32, show_progress: bool = False,
-                    where: dict | None = None) -> tuple[list[SearchResult], list[bool]]:
+                    where: dict | None = None) -> tuple[list[SearchResult], list[bool]] | tuple[SearchResult, bool]:
         """`auto` mode: embed every query directly, search, let the router (default `self.router`)
         pick the queries reasoning should help (from the direct scores and the query), and reason
         for those only (`route`, which `lrem serve` runs too).
 
-        Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned.
+        Returns the results (cot "" where no reasoning ran) and, per query, whether it reasoned;
+        for one query as a string, its result and that flag alone.
         """
+        queries, one = as_batch(queries, "queries")
         check_search(queries, k)
+        if not queries:
+            return [], []
         routed = _run_now(self.route(queries, k, "auto", embed=self.embedder(batch_size, show_progress),
                                      router=router, where=where))
-        return routed.results, routed.reasoned
+        return (routed.results[0], routed.reasoned[0]) if one else (routed.results, routed.reasoned)
 
     def embedder(self, batch_size: int = 32, show_progress: bool = False) -> Embed:
         """`route`'s default `embed`: this searcher's model, in batches of `batch_size`. A

@@ -44,7 +44,7 @@ from ._text import check_query, normalize_query
 from .batching import Overloaded
 from .index import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
-from .serve_http import RequestGuard, uvicorn_config
+from .serve_http import RequestGuard, listen, uvicorn_config
 from .serve_log import QueryLog
 from .serve_schemas import (EMBEDDING_MODELS, CohereRerankRequest, CohereRerankResponse, EmbeddingData,
                             EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, RerankHit, RerankRequest, SearchItem,
@@ -68,7 +68,7 @@ def clean(text: str, what: str, max_chars: int, query: bool = True) -> str:
     from fastapi import HTTPException
 
     try:
-        check_query(text, what, max_chars)
+        check_query(text, what, max_chars, limit="max_query_chars" if query else "max_item_chars")
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
     return normalize_query(text) if query else text
@@ -381,13 +381,16 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
 
     from .search import Searcher
 
-    searcher = Searcher.load(index_dir, log=log)
-    log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
-        f"on http://{config.host}:{config.port}  settings: {json.dumps(config.public())}")
-    server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))
+    sock = listen(config.host, config.port)
     try:
-        server.run()
+        searcher = Searcher.load(index_dir, log=log)
+        log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
+            f"on http://{config.host}:{sock.getsockname()[1]}  settings: {json.dumps(config.public())}")
+        server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is a normal stop
-        pass
+        return
+    finally:
+        sock.close()
     if not server.started:
         raise SystemExit(3)  # uvicorn has logged why (port in use, ...), and exits 3 itself so

@@ -112,6 +112,28 @@ class RequestGuard:
         return body, None
 
 
+def listen(host: str, port: int):
+    """A listening socket on host:port, or a ValueError that names them: `lrem serve` binds before
+    it loads the model, so a port in use is one line at once, not a traceback after the load."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
     """uvicorn settings that bound what slow or idle clients can hold (see `ServeConfig`)."""
     import uvicorn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .fusion import LEXICAL_WEIGHT
 
@@ -64,6 +64,17 @@ class EmbeddingRequest(BaseModel):
     truncate: bool = Field(False, description="An input over the model's token limit (max_query_tokens or "
                            "max_item_tokens): false, a 422 naming the limit; true, cut to it (counted in /metrics).")
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value):
+        # LangChain's OpenAIEmbeddings sends tiktoken ids by default; they are OpenAI's tokens, not
+        # this model's, so they are refused with the fix rather than decoded into other words
+        if isinstance(value, list) and value and all(
+                isinstance(v, int) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v)) for v in value):
+            raise ValueError("token ids are not accepted, send the texts (LangChain: OpenAIEmbeddings(..., "
+                             "check_embedding_ctx_length=False))")
+        return value
 
 
 class EmbeddingData(BaseModel):

@@ -21,6 +21,7 @@ import os
 import sys
 
 import typer
+from typing import Annotated
 
 from lrem.cli.data_cmds import construct, data_check, data_convert, data_sample, data_wordnet
 from lrem.cli.index_cmds import embed, index
@@ -32,7 +33,23 @@ from lrem.cli.train_cmds import ground, router_fit, train_coldstart, train_direc
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(help="LREM: reason about a query, then embed it. Dense retrieval for product search.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None,  # plain click output: errors without boxes, help that pipes
+                  context_settings={"help_option_names": ["-h", "--help"]})  # subcommands inherit -h
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lrem import __version__
+
+        typer.echo(f"lrem {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print lrem's version and exit.")] = False) -> None:
+    """LREM: reason about a query, then embed it. Dense retrieval for product search."""
 data_app = typer.Typer(help="Build, convert, check and sample datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 data_app.command("wordnet")(data_wordnet)
@@ -69,6 +86,8 @@ def main() -> None:
     code 2, like a usage error. LREM_DEBUG=1 shows the traceback instead."""
     import yaml
 
+    if not sys.stderr.isatty():  # a log file or a pipe: a progress line every 30 s, not a frame per batch
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         app()
     except (ValueError, OSError, RecursionError, yaml.YAMLError) as e:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from lrem.cli.options import DataDir, Out, Overwrite, check_output, echo_err
+from lrem.data.converters import FORMATS
 
 
 def _print_counts(ds) -> None:
@@ -34,18 +35,16 @@ def data_wordnet(out: Out, wordnet_dir: Annotated[Path, typer.Option(help="WordN
 def data_convert(
     src: Annotated[Path, typer.Argument(help="Source folder or file.")],
     out: Out,
-    fmt: Annotated[str, typer.Option("--format", help="beir, esci, wands, lrem (a folder of CSV/TSV/Parquet/JSONL) or auto.")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FORMATS)} (lrem: a folder of "
+                                     "CSV/TSV/Parquet/JSONL tables; auto: guess from the files).")] = "auto",
     locale: Annotated[Optional[str], typer.Option(help="ESCI only: keep one locale (us, es, jp).")] = None,
     overwrite: Overwrite = False,
 ):
     """Convert BEIR / ESCI / WANDS data (or CSV/TSV/Parquet tables) to the lrem folder format."""
-    from lrem.data import convert, load_dataset, save_dataset
+    from lrem.data import convert, save_dataset
 
     check_output(out, src, overwrite=overwrite)
-    if fmt == "lrem":
-        ds = load_dataset(src)
-    else:
-        ds = convert(src, fmt, **({"locale": locale} if locale else {}))
+    ds = convert(src, fmt, locale=locale, log=echo_err)  # warnings: one plain line each on stderr
     save_dataset(ds, out)
     if ds.source_rows:
         typer.echo("read " + ", ".join(f"{n} rows from {f}" for f, n in ds.source_rows.items()))

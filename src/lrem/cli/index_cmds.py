@@ -7,14 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from lrem.cli.options import BatchSize, DataDir, Dtype, Threads, Truncate, check_output, echo_err, echo_truncated
+from lrem.cli.options import BatchSize, Dtype, Threads, Truncate, check_output, echo_err, echo_truncated
 
 
 def index(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index folder (written atomically): a new or empty "
                                                 "folder, or an earlier lrem output with --overwrite. Not with --backend.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder whose catalog is embedded here "
-                                                 "(or --from-chunks).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder whose catalog is embedded "
+                                                 "here (queries and qrels not needed), or one catalog file (.jsonl, "
+                                                 ".csv, .tsv, .parquet); or --from-chunks.")] = None,
     from_chunks: Annotated[Optional[Path], typer.Option(help="A chunk folder of `lrem embed` to index instead of "
                                                         "embedding (added chunk by chunk; docs/chunks.md).")] = None,
     backend: Annotated[Optional[str], typer.Option(help="milvus:URI/COLLECTION: upload to Milvus instead of writing a "
@@ -88,19 +89,19 @@ def index(
         typer.echo(f"indexed {len(idx.item_ids)} items from {from_chunks} ({idx.meta['factory']}, dim {idx.meta['dim']}) in "
                    f"{idx.meta['index_seconds']:.0f} s -> {out}")
         return
-    from lrem.data import load_dataset
+    from lrem.data import load_catalog
     from lrem.index import ItemIndex
     from lrem.model import LREM, default_model
 
     model = model or default_model()
     check_output(out, data, model if Path(model).exists() else None, overwrite=overwrite)
-    ds = load_dataset(data)
+    catalog = load_catalog(data)
     set_threads(threads, log=echo_err)
     lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
-    idx = ItemIndex.build(lrem, dict(ds.catalog), factory=factory, search_params=search_params,
+    idx = ItemIndex.build(lrem, catalog, factory=factory, search_params=search_params,
                           batch_size=batch_size, truncate=truncate, dataset=str(data))
     idx.save(out)
-    typer.echo(f"indexed {len(ds.catalog)} items ({idx.meta['factory']}, dim {lrem.dim}) in "
+    typer.echo(f"indexed {len(catalog)} items ({idx.meta['factory']}, dim {lrem.dim}) in "
                f"{idx.meta['encode_seconds']:.0f} s -> {out}")
     echo_truncated(lrem)
 
@@ -109,7 +110,7 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
     """`lrem index --update`: embed the new and changed items of --data's catalog into the index OUT."""
     from lrem._io import is_lrem_output
     from lrem._threads import set_threads
-    from lrem.data import load_dataset
+    from lrem.data import load_catalog
     from lrem.index import ItemIndex, is_index_dir
     from lrem.model import LREM
 
@@ -119,10 +120,10 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
     idx = ItemIndex.load(out)
     if not isinstance(idx.meta.get("factory"), str):
         raise ValueError(f"{out}/meta.json: field 'factory' is missing; rebuild the index")
-    ds = load_dataset(data)
+    catalog = load_catalog(data)
     set_threads(threads, log=echo_err)
     lrem = LREM.from_pretrained(model or idx.meta.get("model"), dtype=dtype, log=echo_err)
-    new, counts = idx.updated(lrem, dict(ds.catalog), batch_size=batch_size, truncate=truncate, dataset=str(data))
+    new, counts = idx.updated(lrem, catalog, batch_size=batch_size, truncate=truncate, dataset=str(data))
     new.save(out)
     typer.echo(f"updated {out}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
                f"{counts['kept']} kept ({len(new.item_ids)} items; embedded {counts['added'] + counts['changed']} in "
@@ -133,7 +134,7 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
 def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate) -> None:
     """`lrem index --backend milvus:... --update`: embed and upsert --data's new and changed items,
     delete the removed ones."""
-    from lrem.data import load_dataset
+    from lrem.data import load_catalog
     from lrem.index import model_identity
     from lrem.model import LREM
     from lrem.vectordb import connect, milvus_errors, parse_spec, read_meta, update
@@ -143,10 +144,10 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
         old = read_meta(connect(uri), name, spec)
     if old is None:
         raise ValueError(f"{spec}: no collection to update; create it with `lrem index --data ... --backend {spec}`")
-    ds = load_dataset(data)
+    catalog = load_catalog(data)
     lrem = LREM.from_pretrained(model or old.get("model"), dtype=dtype, log=echo_err)
     meta = {**model_identity(lrem), "model": lrem.source or model or old.get("model"), "dataset": str(data)}
-    counts = update(spec, lrem, dict(ds.catalog), meta, upload_batch=upload_batch, batch_size=batch_size,
+    counts = update(spec, lrem, catalog, meta, upload_batch=upload_batch, batch_size=batch_size,
                     truncate=truncate)
     typer.echo(f"updated {spec}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
                f"{counts['kept']} kept")
@@ -176,16 +177,16 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
 
         total, lrem = man["n_items"], None
     else:
-        from lrem.data import load_dataset
+        from lrem.data import load_catalog
         from lrem.model import LREM, default_model
 
         model = model or default_model()
-        ds = load_dataset(data)
+        catalog = load_catalog(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
         from lrem.index import item_digest, item_facets, model_identity
 
         meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
-        ids, items = list(ds.catalog), list(ds.catalog.values())
+        ids, items = list(catalog), list(catalog.values())
 
         def batches():
             for s in range(0, len(ids), upload_batch):
@@ -203,7 +204,8 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
 
 
 def embed(
-    data: DataDir,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (its catalog alone is read) or one "
+                                       "catalog file (.jsonl, .csv, .tsv, .parquet).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Chunk folder: a new or empty folder, or this command's "
                                       "earlier run folder, which it resumes (only missing chunks are encoded).")],
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
@@ -225,7 +227,7 @@ def embed(
     from accelerate import PartialState
 
     from lrem._threads import set_threads
-    from lrem.data import load_dataset
+    from lrem.data import load_catalog
     from lrem._io import OutputError
     from lrem.embed import CHUNKS, MANIFEST, VECTOR_DTYPES, embed_catalog
     from lrem.model import LREM, default_model
@@ -240,12 +242,12 @@ def embed(
     if other:  # another command's lrem output (an index, a model): never mixed with chunks
         raise OutputError(f"--out {out}: holds {', '.join(other[:3])}, not a chunk folder of `lrem embed`; "
                           "choose a new folder")
-    ds = load_dataset(data)
+    catalog = load_catalog(data)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))  # ranks wait for the slowest
     rank, world = state.process_index, state.num_processes
     set_threads(threads, log=echo_err if rank == 0 else None)
     lrem = LREM.from_pretrained(model, dtype=dtype, device=str(state.device), log=echo_err if rank == 0 else (lambda *_: None))
-    stats = embed_catalog(lrem, dict(ds.catalog), out, chunk_size=chunk_size, rank=rank, world=world,
+    stats = embed_catalog(lrem, catalog, out, chunk_size=chunk_size, rank=rank, world=world,
                           vector_dtype=vector_dtype, batch_size=batch_size, max_chunks=max_chunks, truncate=truncate,
                           barrier=state.wait_for_everyone, dataset=str(data))
     echo_err(f"rank {rank}/{world}: encoded {len(stats.encoded)} chunks ({stats.items} items) in {stats.seconds:.1f} s "

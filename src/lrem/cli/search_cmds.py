@@ -41,7 +41,8 @@ def search(
                                                "(category, brand or color, as the catalog gave them) is one of the "
                                                "values. Repeat: every field must match.")] = [],
     from_file: Annotated[Optional[Path], typer.Option("--from-file", help="Search every query of this file "
-                                                      "(.jsonl of query_id/text rows, or text: a query a line) "
+                                                      "(.jsonl of query_id/text rows, a .csv/.tsv/.parquet table "
+                                                      "with those columns, or text: a query a line) "
                                                       "into --out, resumably.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from-file: the results file, JSON lines "
                                                 "(or a TREC run where it ends in .trec).")] = None,
@@ -87,6 +88,9 @@ def _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight
 
     searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)
     searcher.truncate = truncate
+    if where and hasattr(searcher.index, "filter_hints"):  # a Milvus collection filters in Milvus
+        for hint in searcher.index.filter_hints(where):
+            echo_err(f"note: {hint}")
     if hybrid:
         return searcher, searcher.hybrid(mode, lexical_weight, where=where), f"{mode}+bm25"
     return searcher, searcher.retriever(mode, where=where), mode
@@ -146,8 +150,8 @@ def serve(
 def cache(
     index_dir: Annotated[str, typer.Option("--index", "-i", help="Index folder from `lrem index`, or "
                                            "milvus:URI/COLLECTION (the one `lrem serve` will serve).")],
-    from_file: Annotated[Path, typer.Option("--from-file", help="Queries (.jsonl of query_id/text rows, or text: a "
-                                            "query a line), most frequent first.")],
+    from_file: Annotated[Path, typer.Option("--from-file", help="Queries (.jsonl of query_id/text rows, a .csv/.tsv/"
+                                            ".parquet table, or text: a query a line), most frequent first.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The cache file (.npz) for `lrem serve --set "
                                       "cache_path=OUT`; an earlier one of the same model is resumed.")],
     kinds: Annotated[str, typer.Option(help="Comma-separated: direct, reason (auto mode needs both).")] = "direct,reason",
@@ -176,6 +180,8 @@ def eval_(
     split: Annotated[str, typer.Option(help="dev, test, train, ... or all.")] = "dev",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a fixed, seeded sample of N queries.")] = None,
     seed: int = 0,
+    min_relevance: Annotated[int, typer.Option(min=1, help="Count only judgements of at least N as relevant (ESCI: "
+                                               "3 Exact, 2 Substitute, 1 Complement); nDCG keeps their grades.")] = 1,
     k: Annotated[int, typer.Option(min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
     batch_size: BatchSize = 32,
     examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
@@ -198,7 +204,7 @@ def eval_(
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
             run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
-    ds = load_dataset(data)
+    ds = load_dataset(data).at_relevance(min_relevance)
     set_threads(threads, log=echo_err)
     systems = build_systems(specs, ds, batch_size=batch_size, log=echo_err, truncate=truncate)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=echo_err)

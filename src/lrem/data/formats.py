@@ -19,7 +19,8 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lrem._io import atomic_dir, write_jsonl
@@ -106,6 +107,14 @@ class Dataset:
             raise ValueError(f"no queries in split {split!r}; available splits: {', '.join(have)}")
         return found
 
+    def at_relevance(self, min_relevance: int) -> Dataset:
+        """This dataset where only judgements of at least `min_relevance` count (ESCI: 3 = Exact
+        alone); lower ones are dropped, so metrics score them as not relevant."""
+        if min_relevance <= 1:
+            return self
+        qrels = {q: {i: r for i, r in rels.items() if r >= min_relevance} for q, rels in self.qrels.items()}
+        return replace(self, qrels={q: rels for q, rels in qrels.items() if rels})
+
     def relevant(self, query_id: str) -> set[str]:
         """Items judged relevant (relevance > 0) to a query."""
         return {item for item, rel in self.qrels.get(query_id, {}).items() if rel > 0}
@@ -139,25 +148,26 @@ def hash_split(key: str) -> str:
 # ----------------------------------------------------------------------------- reading
 
 def read_table(path, required: dict[str, type], optional: dict[str, type], *,
-               allow_empty: bool = False) -> list[Row]:
+               raw: Collection[str] = ()) -> list[Row]:
     """Read a .jsonl/.csv/.tsv/.parquet table into typed rows, checking every field.
 
     Types are str, int or bool. Text formats (CSV/TSV) give strings, which are parsed ("2" is an
-    int, "true"/"0" a bool); an empty optional cell means None. `allow_empty` keeps empty
-    strings (converters reading raw sources use it and decide themselves).
+    int, "true"/"0" a bool); an empty optional cell means None. A required column must exist.
+    `raw` names the str fields of a raw benchmark source that its converter checks and cleans
+    itself: empty or null values (a required one as "") and control characters are kept. Ids
+    stay out of `raw`, so an empty id is reported here, at its own line.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        raw, from_text = read_jsonl(path), False
+        found, from_text = read_jsonl(path), False
     elif suffix in (".csv", ".tsv"):
-        raw, from_text = _read_delimited(path, required), True
+        found, from_text = _read_delimited(path, required), True
     elif suffix == ".parquet":
-        raw, from_text = _read_parquet(path), False
+        found, from_text = _read_parquet(path, required), False
     else:
         raise DataError(path, None, None, f"unsupported format (use one of {', '.join(EXTENSIONS)})")
-    rows = [_coerce(values, line, path, required, optional, from_text, allow_empty)
-            for line, values in raw]
+    rows = [_coerce(values, line, path, required, optional, from_text, raw) for line, values in found]
     if not rows:
         raise DataError(path, 1, None, "no data rows (empty file)")
     return rows
@@ -230,14 +240,18 @@ def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, di
     return out
 
 
-def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+def _read_parquet(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
+    """(row number, values); a required column that is absent is named like a CSV's."""
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(path, None, None, f"cannot read parquet: {e}") from None
-    return [(i + 1, values) for i, values in enumerate(rows)]
+    for name in required:
+        if name not in table.column_names:
+            raise DataError(path, None, name, f"missing column (columns: {', '.join(table.column_names)})")
+    return [(i + 1, values) for i, values in enumerate(table.to_pylist())]
 
 
 class _BadValue(ValueError):
@@ -245,7 +259,7 @@ class _BadValue(ValueError):
 
 
 def _coerce(values: dict, line: int, path: Path, required: dict, optional: dict,
-            from_text: bool, allow_empty: bool) -> Row:
+            from_text: bool, raw: Collection[str] = ()) -> Row:
     """Check and convert one row's fields to their declared types; extra fields are dropped."""
     out = {}
     for name, kind in (*required.items(), *optional.items()):
@@ -253,27 +267,29 @@ def _coerce(values: dict, line: int, path: Path, required: dict, optional: dict,
         is_required = name in required
         if from_text and value == "" and (not is_required or kind is not str):
             value = None  # an empty cell is an absent value (a required str reports "empty" below)
+        if value is None and is_required and name in raw and name in values:
+            value = ""  # a null cell of a raw source's column: its converter judges empty values
         if value is None:
             if is_required:
                 raise DataError(path, line, name, "missing")
             out[name] = None
             continue
         try:
-            out[name] = _convert(value, kind, from_text, allow_empty)
+            out[name] = _convert(value, kind, from_text, name in raw)
         except _BadValue as e:
             raise DataError(path, line, name, str(e)) from None
     return Row(out, line)
 
 
-def _convert(value, kind: type, from_text: bool, allow_empty: bool):
+def _convert(value, kind: type, from_text: bool, raw: bool):
     """One value to `kind` (str/int/bool); _BadValue says what is wrong with it."""
     if isinstance(value, str):
         if not value.isascii() and _SURROGATE_RE.search(value):
             raise _BadValue("not valid UTF-8")
         if kind is str:
-            if not allow_empty and not value.strip():
+            if not raw and not value.strip():
                 raise _BadValue("empty string")
-            bad = None if allow_empty else control_char(value)  # raw sources are cleaned by their converter
+            bad = None if raw else control_char(value)  # raw sources are cleaned by their converter
             if bad:
                 raise _BadValue(f"control character {bad} (remove it)")
             return value
@@ -298,10 +314,7 @@ def _assemble(tables: dict[str, tuple[Path, list[Row]]], name: str) -> Dataset:
     cat_path, cat_rows = tables["catalog"]
     q_path, q_rows = tables["queries"]
     r_path, r_rows = tables["qrels"]
-    catalog: dict[str, Item] = {}
-    for row in cat_rows:
-        _unique(row["item_id"], catalog, cat_path, row.line, "item_id")
-        catalog[row["item_id"]] = Item(**row)
+    catalog = _items(cat_path, cat_rows)
     queries: dict[str, Query] = {}
     for row in q_rows:
         _unique(row["query_id"], queries, q_path, row.line, "query_id")
@@ -317,6 +330,14 @@ def _assemble(tables: dict[str, tuple[Path, list[Row]]], name: str) -> Dataset:
         _unique(iid, rels, r_path, row.line, "item_id", what=f"pair ({qid!r}, {iid!r})")
         rels[iid] = row["relevance"]
     return Dataset(catalog, queries, qrels, name)
+
+
+def _items(path: Path, rows: list[Row]) -> dict[str, Item]:
+    catalog: dict[str, Item] = {}
+    for row in rows:
+        _unique(row["item_id"], catalog, path, row.line, "item_id")
+        catalog[row["item_id"]] = Item(**row)
+    return catalog
 
 
 def _unique(key: str, seen: dict, path, line: int, field: str, what: str | None = None) -> None:
@@ -348,6 +369,16 @@ def load_dataset(path) -> Dataset:
         file = _table_file(folder, table)
         tables[table] = (file, read_table(file, *SCHEMAS[table]))
     return _assemble(tables, name=folder.name)
+
+
+def load_catalog(path) -> dict[str, Item]:
+    """The items of a dataset folder, from its catalog table alone (a production catalog has no
+    queries or qrels), or of one catalog file (.jsonl, .csv, .tsv or .parquet)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "no such dataset folder or catalog file")
+    file = _table_file(path, "catalog") if path.is_dir() else path
+    return _items(file, read_table(file, *CATALOG_SCHEMA))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -382,7 +413,7 @@ def validate_dataset(ds: Dataset, root="<dataset>") -> Dataset:
         path = root / f"{table}.jsonl"
         if not rows:
             raise DataError(path, 1, None, f"no {table} rows (empty table)")
-        checked = [_coerce(r, i, path, *SCHEMAS[table], from_text=False, allow_empty=False)
+        checked = [_coerce(r, i, path, *SCHEMAS[table], from_text=False)
                    for i, r in enumerate(rows, start=1)]
         tables[table] = (path, checked)
     return _assemble(tables, name=ds.name)
