@@ -81,6 +81,16 @@ def test_search_returns_what_the_library_returns(url, searcher, mode):
     assert body["timings_ms"]["total"] >= body["timings_ms"]["index"] >= 0
 
 
+def test_min_score_drops_the_weaker_items(url):
+    full = post(url, "/search", {"query": "a mug for coffee", "k": 8, "mode": "direct"}).json()["items"]
+    cut = (full[2]["score"] + full[3]["score"]) / 2  # between the 3rd and 4th scores
+    body = post(url, "/search", {"query": "a mug for coffee", "k": 8, "mode": "direct", "min_score": cut}).json()
+    assert body["items"] == [it for it in full if it["score"] >= cut] and 0 < len(body["items"]) < len(full)
+    again = post(url, "/search", {"query": "a mug for coffee", "k": 8, "mode": "direct"}).json()
+    assert again["cached"] and again["items"] == full  # the cached list is whole
+    assert post(url, "/search", {"query": "mug", "min_score": "high"}).status_code == 422
+
+
 def test_openai_client(url, tiny):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     items = client.embeddings.create(model="lrem-item", input=["mug", "teapot"])  # base64 on the wire

@@ -182,6 +182,8 @@ def create_app(searcher, config: ServeConfig | None = None):
         result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None,
                                              req.filter))
         del result["embedding"]
+        if req.min_score is not None:  # after the search: the cache keeps whole top-k lists
+            result["items"] = [it for it in result["items"] if it["score"] >= req.min_score]
         if query_log is not None:
             query_log.write({"query": query, "mode": req.mode, "k": req.k, "filter": req.filter,
                              "hybrid": req.hybrid}, result)

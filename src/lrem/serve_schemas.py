@@ -35,6 +35,8 @@ class SearchRequest(BaseModel):
                                             "fusion (a server started with hybrid: true); scores are then RRF scores.")
     lexical_weight: float = Field(LEXICAL_WEIGHT, ge=0.0, allow_inf_nan=False, description="With hybrid: the weight of BM25's ranks (the dense "
                                                            "ranks weigh 1).")
+    min_score: float | None = Field(None, allow_inf_nan=False, description="Drop items scoring below this (cosine; "
+                                    "hybrid: RRF score), so fewer than k may come back; none: keep all k.")
 
 
 class SearchItem(BaseModel):
