@@ -262,7 +262,9 @@ def test_killed_upload_rerun_leaves_no_duplicates_and_searches_like_faiss(tmp_pa
 
     log = tmp_path / "upload.log"
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "lrem.cli", *map(str, args)], env=ENV, stdout=f, stderr=f)
+        # off a terminal the bar redraws every 30 s; this test reads each step of it
+        p = subprocess.Popen([sys.executable, "-m", "lrem.cli", *map(str, args)], env={**ENV, "TQDM_MININTERVAL": "0"},
+                             stdout=f, stderr=f)
         deadline, done = time.time() + 1500, 0
         while p.poll() is None and done < 30 and time.time() < deadline:
             time.sleep(0.05)
