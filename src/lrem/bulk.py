@@ -33,16 +33,13 @@ FORMATS = ("jsonl", "trec")
 PARTIAL_SUFFIX = ".partial"
 
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
-
-
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
     """(query_id, text) pairs of a queries file; a `DataError` names the file, line and field of
     a bad row (no text, an id given twice, a control character)."""
-    from lrem.data.formats import DataError, read_jsonl, read_table
+    from lrem.data.formats import EXTENSIONS, DataError, read_jsonl, read_table
 
     path = Path(path)
-    if path.suffix.lower() in TABLE_SUFFIXES:  # a table with a header, e.g. WANDS' query.csv (tab-separated)
+    if path.suffix.lower() in EXTENSIONS and path.suffix.lower() != ".jsonl":  # a table with a header, e.g. WANDS' query.csv (tab-separated)
         table = read_table(path, {}, {"query_id": str, "id": str, "text": str, "query": str})
         text_key = next((k for k in ("text", "query") if any(r[k] is not None for r in table)), None)
         if text_key is None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
-from typing import Annotated
 
 from lrem.cli.data_cmds import construct, data_check, data_convert, data_sample, data_wordnet
 from lrem.cli.index_cmds import embed, index
@@ -49,7 +49,9 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="Print lrem's version and exit.")] = False) -> None:
-    """LREM: reason about a query, then embed it. Dense retrieval for product search."""
+    """The root's one option, --version (the help text is the app's)."""
+
+
 data_app = typer.Typer(help="Build, convert, check and sample datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 data_app.command("wordnet")(data_wordnet)
