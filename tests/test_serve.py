@@ -91,6 +91,16 @@ def test_min_score_drops_the_weaker_items(url):
     assert post(url, "/search", {"query": "mug", "min_score": "high"}).status_code == 422
 
 
+def test_offset_pages_through_one_ranking(url):
+    whole = post(url, "/search", {"query": "a mug for coffee", "k": 9, "mode": "direct"}).json()["items"]
+    pages = [post(url, "/search", {"query": "a mug for coffee", "k": 3, "offset": o, "mode": "direct"}).json()["items"]
+             for o in (0, 3, 6)]
+    assert [it for page in pages for it in page] == whole and len(whole) == 9
+    over = post(url, "/search", {"query": "mug", "k": 30, "offset": 30})
+    assert over.status_code == 422 and "offset + k = 60" in over.json()["error"]["message"]
+    assert post(url, "/search", {"query": "mug", "offset": -1}).status_code == 422
+
+
 def test_openai_client(url, tiny):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     items = client.embeddings.create(model="lrem-item", input=["mug", "teapot"])  # base64 on the wire

@@ -168,8 +168,10 @@ def create_app(searcher, config: ServeConfig | None = None):
     @app.post("/search", response_model=SearchResponse, responses={422: {"description": "Invalid request."}})
     async def search(req: SearchRequest) -> dict:
         """Top-k catalog items for a query, with the CoT it was embedded after and timings."""
-        if req.k > cfg.max_k:
-            raise HTTPException(422, f"k={req.k}; the limit is {cfg.max_k} (max_k)")
+        depth = req.offset + req.k  # the ranking is cut at depth, then the page taken from it
+        if depth > cfg.max_k:
+            what = f"offset + k = {depth}" if req.offset else f"k={req.k}"
+            raise HTTPException(422, f"{what}; the limit is {cfg.max_k} (max_k)")
         query = clean(req.query, "query", cfg.max_query_chars)
         service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
         if req.hybrid and not cfg.hybrid:
@@ -179,13 +181,14 @@ def create_app(searcher, config: ServeConfig | None = None):
                 check_filter(req.filter, service.searcher.index.filter_fields)
             except ValueError as e:
                 raise HTTPException(422, f"filter: {e}") from None
-        result = await limited(service.query(query, req.mode, req.k, req.lexical_weight if req.hybrid else None,
+        result = await limited(service.query(query, req.mode, depth, req.lexical_weight if req.hybrid else None,
                                              req.filter))
         del result["embedding"]
+        result["items"] = result["items"][req.offset :]
         if req.min_score is not None:  # after the search: the cache keeps whole top-k lists
             result["items"] = [it for it in result["items"] if it["score"] >= req.min_score]
         if query_log is not None:
-            query_log.write({"query": query, "mode": req.mode, "k": req.k, "filter": req.filter,
+            query_log.write({"query": query, "mode": req.mode, "k": req.k, "offset": req.offset, "filter": req.filter,
                              "hybrid": req.hybrid}, result)
         return result
 

@@ -22,7 +22,9 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(description="Search query, at most max_query_chars; normalised before use.",
                        examples=["a drink stronger than tea"])
-    k: int = Field(10, ge=1, description="Items to return (at most max_k).")
+    k: int = Field(10, ge=1, description="Items to return (offset + k at most max_k).")
+    offset: int = Field(0, ge=0, description="Items to skip first, for paging: offset 0, then k, then 2k, ... "
+                                             "(the same ranking: page n is items n*k to (n+1)*k of one top list).")
     mode: Literal[QUERY_MODES] = Field(
         "auto", description="reason: generate a CoT, then embed; direct: no CoT; auto: the router decides; grounded: "
                             "a direct search first, then reason with its top titles in the prompt and search again; "
