@@ -92,7 +92,11 @@ def test_slices_for():
     assert slices_for(qs) == {"category=garden": ["b"], "category=kitchen": ["a", "c"],
                               "hard": ["a"], "easy": ["b", "c"]}
     unflagged = {"a": Query("a", "t", "kitchen", "test")}
-    assert slices_for(unflagged) == {"category=kitchen": ["a"]}
+    assert slices_for(unflagged) == {"category=kitchen": ["a"]}  # one length: no length slices
+    lengths = {"a": Query("a", "mug", "x", "test"), "b": Query("b", "a mug for tea", "x", "test"),
+               "c": Query("c", "a big mug for hot tea", "x", "test"), "d": Query("d", "blue mug", "x", "test")}
+    assert slices_for(lengths) == {"category=x": ["a", "b", "c", "d"], "words=1-2": ["a", "d"], "words=3-4": ["b"],
+                                   "words=5+": ["c"]}
 
 
 # ---------------------------------------------------------------- end to end with BM25
@@ -172,7 +176,10 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
     assert bm25["slices"]["easy"]["hitrate@10"] == 1.0 and bm25["slices"]["hard"]["hitrate@10"] == 0.0
     assert cot["slices"]["hard"]["hitrate@10"] == 1.0
     assert bm25["slices"]["hard"]["n_queries"] == 3
-    assert set(bm25["slices"]) == {"category=garden", "category=kitchen", "category=office", "hard", "easy"}
+    assert set(bm25["slices"]) == {"category=garden", "category=kitchen", "category=office", "hard", "easy",
+                                   "words=1-2", "words=3-4", "words=5+"}
+    assert bm25["slices"]["words=5+"]["n_queries"] == 2  # q4, q5: hard, BM25 finds neither
+    assert bm25["slices"]["words=5+"]["hitrate@10"] == 0.0 and cot["slices"]["words=5+"]["hitrate@10"] == 1.0
     assert bm25["ms_per_query"] > 0 and bm25["queries_per_s"] > 0
     assert result["examples"]["bm25+cot"]["q6"] == {"cot": "patio lounge chair",
                                                     "top": result["examples"]["bm25+cot"]["q6"]["top"]}

@@ -40,11 +40,18 @@ __all__ = ["PRIMARY_METRIC", "KS", "SLICE_METRICS", "REPORT_METRICS", "CHART_MET
 # ---------------------------------------------------------------- running systems
 
 
+# query lengths in words the report slices by: short head-like queries against long descriptive
+# ones, where reasoning is expected to matter most (a dataset such as ESCI has no other slice)
+LENGTH_SLICES = (("words=1-2", 1, 2), ("words=3-4", 3, 4), ("words=5+", 5, None))
+
+
 def slices_for(queries: dict) -> dict[str, list[str]]:
-    """Query slices for the report: "category=<c>" per category, then "hard" and "easy".
+    """Query slices for the report: "category=<c>" per category, then "hard" and "easy", then
+    query length ("words=1-2", "words=3-4", "words=5+", `LENGTH_SLICES`).
 
     hard: `query.hard is True`; easy: every other query. Empty slices are left out, and so are
-    hard/easy when no query carries a hard flag (all None).
+    hard/easy when no query carries a hard flag (all None), and the length slices when every
+    query falls in one (the overall figures already say it).
     """
     slices: dict[str, list[str]] = {}
     for qid, q in sorted(queries.items()):
@@ -55,6 +62,10 @@ def slices_for(queries: dict) -> dict[str, list[str]]:
         hard = sorted(qid for qid, q in queries.items() if q.hard is True)
         easy = sorted(qid for qid, q in queries.items() if q.hard is not True)
         slices.update({name: ids for name, ids in (("hard", hard), ("easy", easy)) if ids})
+    by_length = {name: sorted(qid for qid, q in queries.items() if lo <= len(q.text.split()) <= (hi or lo + 10**6))
+                 for name, lo, hi in LENGTH_SLICES}
+    if sum(bool(ids) for ids in by_length.values()) > 1:
+        slices.update({name: ids for name, ids in by_length.items() if ids})
     return slices
 
 
