@@ -115,6 +115,11 @@ def test_query_tables_are_read_by_their_header(tmp_path):
     assert read_queries(plain) == [("2", "mug"), ("3", "lamp, floor")]  # no id column: line numbers
     pq.write_table(pa.table({"query_id": ["a", "b"], "text": ["mug", "rug"]}), tmp_path / "q.parquet")
     assert read_queries(tmp_path / "q.parquet") == [("a", "mug"), ("b", "rug")]
+    pq.write_table(pa.table({"query_id": [7, 8], "query": ["mug", "rug"]}), tmp_path / "n.parquet")  # int64 ids
+    assert read_queries(tmp_path / "n.parquet") == [("7", "mug"), ("8", "rug")]
+    pq.write_table(pa.table({"query_id": [True], "query": ["mug"]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match="b.parquet:1: field 'query_id': expected a string or an integer, got True"):
+        read_queries(tmp_path / "b.parquet")
     for text, where in (("query_id,words\n1,mug\n", ":1: field 'text': missing column"),
                         ("query_id,query\n1,mug\n1,cup\n", ":3: field 'query_id'")):
         plain.write_text(text)

@@ -36,11 +36,11 @@ PARTIAL_SUFFIX = ".partial"
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
     """(query_id, text) pairs of a queries file; a `DataError` names the file, line and field of
     a bad row (no text, an id given twice, a control character)."""
-    from lrem.data.formats import EXTENSIONS, DataError, read_jsonl, read_table
+    from lrem.data.formats import EXTENSIONS, DataError, Id, read_jsonl, read_table
 
     path = Path(path)
     if path.suffix.lower() in EXTENSIONS and path.suffix.lower() != ".jsonl":  # a table with a header, e.g. WANDS' query.csv (tab-separated)
-        table = read_table(path, {}, {"query_id": str, "id": str, "text": str, "query": str})
+        table = read_table(path, {}, {"query_id": Id, "id": Id, "text": str, "query": str})
         text_key = next((k for k in ("text", "query") if any(r[k] is not None for r in table)), None)
         if text_key is None:
             raise DataError(path, 1, "text", "missing column (a table of queries needs 'text' or 'query')")

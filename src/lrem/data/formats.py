@@ -37,6 +37,11 @@ QRELS_SCHEMA = ({"query_id": str, "item_id": str, "relevance": int}, {})
 SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
 
 _INT_RE = re.compile(r"\s*[+-]?\d+\s*")
+
+
+class Id(str):
+    """A field type for `read_table`: an id, a string or (in a JSON or Parquet source) an integer,
+    read as its decimal string (a query log's or a Parquet export's numeric query ids)."""
 _BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
 _SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 
@@ -286,7 +291,7 @@ def _convert(value, kind: type, from_text: bool, raw: bool):
     if isinstance(value, str):
         if not value.isascii() and _SURROGATE_RE.search(value):
             raise _BadValue("not valid UTF-8")
-        if kind is str:
+        if kind in (str, Id):
             if not raw and not value.strip():
                 raise _BadValue("empty string")
             bad = None if raw else control_char(value)  # raw sources are cleaned by their converter
@@ -299,11 +304,13 @@ def _convert(value, kind: type, from_text: bool, raw: bool):
             return int(value)
         if from_text and kind is bool and value.strip().lower() in _BOOL_TEXT:
             return _BOOL_TEXT[value.strip().lower()]
+    elif kind is Id and type(value) is int:  # not bool
+        return str(value)
     elif type(value) is kind:  # int or bool from JSON/parquet (bool is not accepted as int)
         if kind is int and not -2**63 <= value < 2**63:
             raise _BadValue("integer too large")
         return value
-    expected = {str: "a string", int: "an integer", bool: "true/false"}[kind]
+    expected = {str: "a string", Id: "a string or an integer", int: "an integer", bool: "true/false"}[kind]
     raise _BadValue(f"expected {expected}, got {value!r}")
 
 
