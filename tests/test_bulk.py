@@ -138,5 +138,10 @@ def test_cli_search_from_file(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "wrote 8 queries' top 4" in p.stdout and len(read_trec_run(tmp_path / "run.trec")) == 8
     assert_clean_error(lrem(*args), "run.trec exists; pass --overwrite")
+    piped = lrem(*args[:-1], "-", "--format", "trec")  # standard output: the same run, nothing else on it
+    assert piped.returncode == 0 and "to standard output (trec)" in piped.stderr
+    assert piped.stdout == (tmp_path / "run.trec").read_text() and not list(tmp_path.glob("*.partial"))
+    rows = [json.loads(line) for line in lrem(*args[:-1], "-").stdout.splitlines()]  # JSON lines by default
+    assert [r["query"] for r in rows] == QUERIES and all(len(r["items"]) == 4 for r in rows)
     both = lrem("search", "--index", str(tmp_path / "idx"), "a mug", "--from-file", str(tmp_path / "q.txt"))
     assert both.returncode == 2 and "give queries, or --from-file" in both.stderr and "Traceback" not in both.stderr

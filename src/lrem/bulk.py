@@ -15,14 +15,15 @@ JSON lines (query_id, query, cot, items: item_id, title, score), or a TREC run (
 `lrem eval -s NAME=run:FILE` scores). Queries are searched in batches and each batch is appended
 to `OUT.partial` (fsynced); a killed job rerun with the same settings searches only the queries
 the partial file lacks (or holds with another text: an edited file), and the finished file
-replaces OUT at once, in the input's order.
+replaces OUT at once, in the input's order. OUT `-` is standard output (`search_to_stream`): each
+batch is written as it is searched, and nothing is kept to resume from.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 from lrem._io import JsonlLog, atomic_write
 from lrem._text import check_query
@@ -98,6 +99,41 @@ def output_format(out: str | Path, fmt: str | None = None) -> str:
     return fmt
 
 
+def _result_rows(batch: list[tuple[str, str]], results, title: Callable[[str], str]) -> list[dict]:
+    """The JSON-lines rows of one batch of (id, text) queries and their search results."""
+    return [{"query_id": q, "query": t, "cot": r.cot,
+             "items": [{"item_id": h.item_id, "title": title(h.item_id), "score": float(h.score)} for h in r.hits]}
+            for (q, t), r in zip(batch, results)]
+
+
+def _format_rows(rows: list[dict], fmt: str, tag: str) -> list[str]:
+    """Lines of `rows` as JSON lines or a TREC run named `tag`."""
+    if fmt == "jsonl":
+        return [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    run = {r["query_id"]: [(h["item_id"], h["score"]) for h in r["items"]] for r in rows}
+    return [line + "\n" for line in trec_run_lines(tag, run)]
+
+
+def search_to_stream(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
+                     stream: TextIO, k: int = 10, fmt: str = "jsonl", tag: str = "lrem", batch_size: int = 32,
+                     show_progress: bool = True) -> dict:
+    """`search_to_file` into an open text stream (`lrem search --out -`: standard output, for a
+    pipe), each batch written and flushed as it is searched, in the input's order. Nothing is
+    kept to resume from. `tag` names a TREC run. Returns counts as `search_to_file` does."""
+    from tqdm.auto import tqdm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    with tqdm(total=len(queries), desc="search", unit="q", disable=not show_progress) as bar:
+        for s in range(0, len(queries), batch_size):
+            batch = queries[s:s + batch_size]
+            stream.writelines(_format_rows(_result_rows(batch, retriever.search([t for _, t in batch], k=k), title),
+                                           fmt, tag))
+            stream.flush()
+            bar.update(len(batch))
+    return {"searched": len(queries), "resumed": 0, "queries": len(queries), "format": fmt}
+
+
 def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
                    out: str | Path, k: int = 10, fmt: str | None = None, settings: dict | None = None,
                    batch_size: int = 32, overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -132,10 +168,7 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
                   disable=not show_progress) as bar:
             for s in range(0, len(todo), batch_size):
                 batch = todo[s:s + batch_size]
-                results = retriever.search([t for _, t in batch], k=k)
-                new = [{"query_id": q, "query": t, "cot": r.cot,
-                        "items": [{"item_id": h.item_id, "title": title(h.item_id), "score": float(h.score)}
-                                  for h in r.hits]} for (q, t), r in zip(batch, results)]
+                new = _result_rows(batch, retriever.search([t for _, t in batch], k=k), title)
                 partial.append(*new)
                 done.update((r["query_id"], r) for r in new)
                 bar.update(len(batch))
@@ -143,10 +176,6 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
         partial.close()
     ordered = [done[q] for q, _ in queries]
     with atomic_write(out) as f:
-        if fmt == "jsonl":
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
-        else:
-            run = {r["query_id"]: [(h["item_id"], h["score"]) for h in r["items"]] for r in ordered}
-            f.writelines(line + "\n" for line in trec_run_lines((settings or {}).get("mode") or "lrem", run))
+        f.writelines(_format_rows(ordered, fmt, (settings or {}).get("mode") or "lrem"))
     os.unlink(partial.path)
     return {"searched": len(todo), "resumed": len(queries) - len(todo), "queries": len(queries), "format": fmt}

@@ -45,7 +45,8 @@ def search(
                                                       "with those columns, or text: a query a line) "
                                                       "into --out, resumably.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from-file: the results file, JSON lines "
-                                                "(or a TREC run where it ends in .trec).")] = None,
+                                                "(or a TREC run where it ends in .trec); - for standard output "
+                                                "(not resumable).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="With --from-file: jsonl or trec (default: by "
                                                "--out's extension).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
@@ -99,10 +100,16 @@ def _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight
 def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybrid, lexical_weight, truncate,
                  runtime, batch_size) -> None:
     """`lrem search --from-file`: read and check the queries and the output first, then search."""
-    from lrem.bulk import output_format, read_queries, search_to_file
+    from lrem.bulk import output_format, read_queries, search_to_file, search_to_stream
 
     queries = read_queries(from_file)
     fmt = output_format(out, fmt)
+    if str(out) == "-":  # a pipe: results as they come, the summary on stderr
+        searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
+        search_to_stream(retriever, searcher.index.title, queries, sys.stdout, k=k, fmt=fmt, tag=label,
+                         batch_size=batch_size)
+        typer.echo(f"wrote {len(queries)} queries' top {k} to standard output ({fmt})", err=True)
+        return
     if out.resolve() == from_file.resolve():
         raise ValueError(f"--out {out} is the queries file")
     if out.exists() and not overwrite:
