@@ -96,6 +96,8 @@ def test_offset_pages_through_one_ranking(url):
     pages = [post(url, "/search", {"query": "a mug for coffee", "k": 3, "offset": o, "mode": "direct"}).json()["items"]
              for o in (0, 3, 6)]
     assert [it for page in pages for it in page] == whole and len(whole) == 9
+    past = post(url, "/search", {"query": "a mug for coffee", "k": 5, "offset": len(TITLES), "mode": "direct"})
+    assert past.status_code == 200 and past.json()["items"] == []  # past the catalog's end: an empty page
     over = post(url, "/search", {"query": "mug", "k": 30, "offset": 30})
     assert over.status_code == 422 and "offset + k = 60" in over.json()["error"]["message"]
     assert post(url, "/search", {"query": "mug", "offset": -1}).status_code == 422

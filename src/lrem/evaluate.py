@@ -47,7 +47,7 @@ LENGTH_SLICES = (("words=1-2", 1, 2), ("words=3-4", 3, 4), ("words=5+", 5, None)
 
 def slices_for(queries: dict) -> dict[str, list[str]]:
     """Query slices for the report: "category=<c>" per category, then "hard" and "easy", then
-    query length ("words=1-2", "words=3-4", "words=5+", `LENGTH_SLICES`).
+    query length in whitespace-separated words ("words=1-2", "words=3-4", "words=5+", `LENGTH_SLICES`).
 
     hard: `query.hard is True`; easy: every other query. Empty slices are left out, and so are
     hard/easy when no query carries a hard flag (all None), and the length slices when every

@@ -105,6 +105,8 @@ def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybr
     queries = read_queries(from_file)
     fmt = output_format(out, fmt)
     if str(out) == "-":  # a pipe: results as they come, the summary on stderr
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(encoding="utf-8")  # JSON lines are UTF-8, as the file path writes them
         searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
         search_to_stream(retriever, searcher.index.title, queries, sys.stdout, k=k, fmt=fmt, tag=label,
                          batch_size=batch_size)

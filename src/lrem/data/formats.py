@@ -37,13 +37,14 @@ QRELS_SCHEMA = ({"query_id": str, "item_id": str, "relevance": int}, {})
 SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
 
 _INT_RE = re.compile(r"\s*[+-]?\d+\s*")
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
+_SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 
 
 class Id(str):
     """A field type for `read_table`: an id, a string or (in a JSON or Parquet source) an integer,
-    read as its decimal string (a query log's or a Parquet export's numeric query ids)."""
-_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
-_SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+    read as its decimal string (a query log's or a Parquet export's numeric query ids). A CSV/TSV
+    cell stays as written ("007")."""
 
 
 class DataError(ValueError):
@@ -156,7 +157,7 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
                raw: Collection[str] = ()) -> list[Row]:
     """Read a .jsonl/.csv/.tsv/.parquet table into typed rows, checking every field.
 
-    Types are str, int or bool. Text formats (CSV/TSV) give strings, which are parsed ("2" is an
+    Types are str, int, bool or `Id` (a string or an integer, read as a string). Text formats (CSV/TSV) give strings, which are parsed ("2" is an
     int, "true"/"0" a bool); an empty optional cell means None. A required column must exist.
     `raw` names the str fields of a raw benchmark source that its converter checks and cleans
     itself: empty or null values (a required one as "") and control characters are kept. Ids
@@ -287,7 +288,7 @@ def _coerce(values: dict, line: int, path: Path, required: dict, optional: dict,
 
 
 def _convert(value, kind: type, from_text: bool, raw: bool):
-    """One value to `kind` (str/int/bool); _BadValue says what is wrong with it."""
+    """One value to `kind` (str/Id/int/bool); _BadValue says what is wrong with it."""
     if isinstance(value, str):
         if not value.isascii() and _SURROGATE_RE.search(value):
             raise _BadValue("not valid UTF-8")
