@@ -18,7 +18,9 @@ GPU machine). Variants:
 The paper reports reason/direct = 50 ms / 15 ms = 3.3x online (Qwen2.5-3B, its serving stack).
 At batch 1 each forward reads every weight once, so decoding one token per forward cannot beat
 tokens generated x weight bytes / read bandwidth (the "floor", measured in the same run);
-drafted tokens, several checked per forward, can.
+drafted tokens, several checked per forward, can. At batch 1 on the CPU it also counts the forwards
+and rows (tokens run) per query of direct and reason (`batch1_counts`): what the times are made of,
+the same on any machine, where the ratio of a forward's cost to a row's is not.
 """
 from __future__ import annotations
 
@@ -95,11 +97,12 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                     per.setdefault(k, []).append(seconds(fn))
             t = {k: statistics.median(v) for k, v in per.items()}
             means = {k: statistics.mean(v) for k, v in per.items()}
+            counts = batch1_counts(model, QUERIES[:n_single], seen)
         else:
             qs = (QUERIES * (b // len(QUERIES) + 1))[:b]
             # on a GPU the first call of a batch size captures its CUDA graph: keep it out of the timing
             t = interleaved(variants(model, qs), repeat=repeat, warmup=model.device.type == "cuda")
-            means = {}
+            means, counts = {}, {}
         for k, s in t.items():
             rows.append({"batch": b, "variant": k, "ms/query": 1000 * s / b, "queries/s": b / s, "seconds": s,
                          **({"mean ms/query": 1000 * means[k]} if k in means else {})})
@@ -116,10 +119,42 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                      "reason_speedup": t["reason (plain)"] / t["reason"],
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
+                     **counts,
                      "paper_reason_over_direct": round(PAPER_REASON_OVER_DIRECT, 2)}
         if progress:
             progress({"rows": rows, "checks": checks})
     return {"rows": rows, "checks": checks, **batch1_floor(model, rows, QUERIES[:n_single])}
+
+
+def batch1_counts(model, queries: list[str], seen: list) -> dict:
+    """Forwards and rows (tokens run) per query at batch 1, direct and reason, counted on the
+    compact decoder's calls (CPU) with the timing's draft history: what the timings are made of,
+    and, unlike them, the same on any machine. {} where the compact decoder does not run."""
+    from lrem.decoding import StaticDecoder
+
+    calls: list[int] = []
+    run = StaticDecoder.__call__
+
+    def counted(self, ids, *args, **kwargs):
+        calls.append(ids.shape[-1])
+        return run(self, ids, *args, **kwargs)
+
+    out: dict[str, list[tuple[int, int]]] = {"direct": [], "reason": []}
+    StaticDecoder.__call__ = counted
+    try:
+        for i, q in enumerate(queries):
+            for mode in out:
+                model.engine.history.clear()
+                model.engine.history.extend(seen[:i] + seen[i + 1 :] if len(seen) == len(QUERIES) else [])
+                calls.clear()
+                model.encode_queries([q], mode=mode, batch_size=1)
+                out[mode].append((len(calls), sum(calls)))
+    finally:
+        StaticDecoder.__call__ = run
+    if not all(f for rows in out.values() for f, _ in rows):
+        return {}
+    return {f"{mode}_{what}_per_query": statistics.mean(r[j] for r in rows)
+            for mode, rows in out.items() for j, what in enumerate(("forwards", "rows"))}
 
 
 def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
@@ -164,6 +199,10 @@ def report(name: str, out: dict) -> None:
               + (f" (of means {c['reason_over_direct_mean']:.2f}x)" if "reason_over_direct_mean" in c else "") + " "
               f"(paper {c['paper_reason_over_direct']}x), same CoTs {c['same_cots']}, "
               f"max |emb diff| {c['max_abs_embedding_diff']:.1e}")
+        if "reason_forwards_per_query" in c:
+            print(f"batch {b}: forwards / rows per query: reason {c['reason_forwards_per_query']:.2f} / "
+                  f"{c['reason_rows_per_query']:.1f}, direct {c['direct_forwards_per_query']:.2f} / "
+                  f"{c['direct_rows_per_query']:.1f}")
 
 
 def main() -> None:
