@@ -92,8 +92,7 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                 for k, fn in fns.items():
                     if k not in per:
                         fn()  # warm-up, each variant before its first timing
-                    model.engine.history.clear()
-                    model.engine.history.extend(seen[:i] + seen[i + 1 :] if len(seen) == len(QUERIES) else [])
+                    others_history(model, seen, i)
                     per.setdefault(k, []).append(seconds(fn))
             t = {k: statistics.median(v) for k, v in per.items()}
             means = {k: statistics.mean(v) for k, v in per.items()}
@@ -126,6 +125,13 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
     return {"rows": rows, "checks": checks, **batch1_floor(model, rows, QUERIES[:n_single])}
 
 
+def others_history(model, seen: list, i: int) -> None:
+    """Set the engine's draft history to the CoTs of every query but the i-th (`seen`: one per
+    query of QUERIES; none where vLLM generated them), as a server that has seen the others."""
+    model.engine.history.clear()
+    model.engine.history.extend(seen[:i] + seen[i + 1 :] if len(seen) == len(QUERIES) else [])
+
+
 def batch1_counts(model, queries: list[str], seen: list) -> dict:
     """Forwards and rows (tokens run) per query at batch 1, direct and reason, counted on the
     compact decoder's calls (CPU) with the timing's draft history: what the timings are made of,
@@ -144,8 +150,7 @@ def batch1_counts(model, queries: list[str], seen: list) -> dict:
     try:
         for i, q in enumerate(queries):
             for mode in out:
-                model.engine.history.clear()
-                model.engine.history.extend(seen[:i] + seen[i + 1 :] if len(seen) == len(QUERIES) else [])
+                others_history(model, seen, i)
                 calls.clear()
                 model.encode_queries([q], mode=mode, batch_size=1)
                 out[mode].append((len(calls), sum(calls)))

@@ -115,15 +115,15 @@ def _format_rows(rows: list[dict], fmt: str, tag: str) -> list[str]:
 
 
 def search_to_stream(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
-                     stream: TextIO, k: int = 10, fmt: str = "jsonl", tag: str = "lrem", batch_size: int = 32,
+                     stream: TextIO, k: int = 10, fmt: str | None = None, tag: str = "lrem", batch_size: int = 32,
                      show_progress: bool = True) -> dict:
     """`search_to_file` into an open text stream (`lrem search --out -`: standard output, for a
     pipe), each batch written and flushed as it is searched, in the input's order. Nothing is
-    kept to resume from. `tag` names a TREC run. Returns counts as `search_to_file` does."""
+    kept to resume from. `fmt`: jsonl (default) or trec. `tag` names a TREC run. Returns counts as
+    `search_to_file` does."""
     from tqdm.auto import tqdm
 
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt = output_format("-", fmt)
     with tqdm(total=len(queries), desc="search", unit="q", disable=not show_progress) as bar:
         for s in range(0, len(queries), batch_size):
             batch = queries[s:s + batch_size]

@@ -62,8 +62,12 @@ def slices_for(queries: dict) -> dict[str, list[str]]:
         hard = sorted(qid for qid, q in queries.items() if q.hard is True)
         easy = sorted(qid for qid, q in queries.items() if q.hard is not True)
         slices.update({name: ids for name, ids in (("hard", hard), ("easy", easy)) if ids})
-    by_length = {name: sorted(qid for qid, q in queries.items() if lo <= len(q.text.split()) <= (hi or lo + 10**6))
-                 for name, lo, hi in LENGTH_SLICES}
+    by_length: dict[str, list[str]] = {name: [] for name, _, _ in LENGTH_SLICES}
+    for qid, q in sorted(queries.items()):
+        n = len(q.text.split())
+        name = next((name for name, lo, hi in LENGTH_SLICES if lo <= n and (hi is None or n <= hi)), None)
+        if name is not None:
+            by_length[name].append(qid)
     if sum(bool(ids) for ids in by_length.values()) > 1:
         slices.update({name: ids for name, ids in by_length.items() if ids})
     return slices
