@@ -40,6 +40,15 @@ def test_r_length_and_r_acc_hand_cases():
         R.r_acc([1], n_items=1)
 
 
+def test_r_novel_counts_the_cot_words_the_query_lacks():
+    q = "A Device for opening WINE bottles"
+    assert R.r_novel(["corkscrew, wine-opener", "wine bottles", "", "Corkscrew corkscrew", "  , "], [q] * 5) \
+        == [pytest.approx(2 / 3), 0.0, 0.0, 1.0, 0.0]
+    assert R.r_novel(["café crème"], ["un café"]) == [0.5]  # letters beyond ASCII are words too
+    with pytest.raises(ValueError, match="2 CoTs for 1 queries"):
+        R.r_novel(["a", "b"], ["a"])
+
+
 def test_combine_uses_the_paper_weights():
     cfg = RLConfig()
     assert cfg.reward_weights == {"format": 0.5, "length": 0.2, "acc": 1.0}
@@ -135,6 +144,11 @@ def test_collate_rollouts_targets_and_scores(tiny):
     scored = score_rollouts(batch, q, q[::2], cfg)  # item j = rollout 2j's own embedding: that one ranks 1st
     assert scored["ranks"][0::2].tolist() == [1, 1, 1, 1]
     assert scored["advantages"].shape == (8,) and torch.isfinite(scored["advantages"]).all()
+    assert batch["queries"] == [p.query for p in PAIRS[:4] for _ in range(2)]
+    assert batch["cots"][2] == "" and scored["parts"]["novel"][2] == 0.0  # logged even at weight 0
+    assert scored["parts"]["novel"] == R.r_novel(batch["cots"], batch["queries"])
+    novel = score_rollouts(batch, q, q[::2], RLConfig(**{**vars(cfg), "novel_weight": 0.5}))
+    assert (novel["reward"] - scored["reward"]).tolist() == pytest.approx([0.5 * x for x in scored["parts"]["novel"]])
 
 
 def test_a_few_rl_updates_lower_the_clipped_loss_on_a_fixed_batch(tiny):

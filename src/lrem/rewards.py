@@ -16,6 +16,7 @@ with `</think><emb>` itself, so r_format checks what the policy did on its own.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import Tensor
@@ -61,6 +62,26 @@ def r_acc(ranks: list[int], n_items: int, **_) -> list[float]:
     if n_items < 2:
         raise ValueError(f"n_items={n_items}: the rank reward needs at least 2 items in the batch")
     return [1.0 - math.log(r) / math.log(n_items) for r in ranks]
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def r_novel(cots: list[str], queries: list[str], **_) -> list[float]:
+    """Share of the CoT's words that its query lacks (lower-cased letters and digits): 1.0 when
+    every word is new, 0.0 when the CoT only repeats the query or is empty. Not in the paper: a
+    push towards reformulation for a policy that learns to echo its query's head noun.
+
+    >>> r_novel(["corkscrew, wine opener", "wine", ""], ["a device for opening wine"] * 3)
+    [0.6666666666666666, 0.0, 0.0]
+    """
+    if len(cots) != len(queries):
+        raise ValueError(f"{len(cots)} CoTs for {len(queries)} queries")
+    out = []
+    for cot, query in zip(cots, queries):
+        words, seen = _WORD.findall(cot.lower()), set(_WORD.findall(query.lower()))
+        out.append(sum(w not in seen for w in words) / len(words) if words else 0.0)
+    return out
 
 
 def combine(parts: dict[str, list[float]], weights: dict[str, float]) -> list[float]:

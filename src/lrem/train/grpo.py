@@ -48,7 +48,7 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
     tok, g_n = model.tokenizer, cfg.num_generations
     stops = set(model.stop_ids)
     prompt_ids = tok(model.query_prompts([p.query for p in pairs]), add_special_tokens=False)["input_ids"]
-    seqs, pos, tgt, completions, cot_tokens = [], [], [], [], []
+    seqs, pos, tgt, completions, cot_tokens, cots = [], [], [], [], [], []
     for r, g in enumerate(gen):
         prompt = prompt_ids[r // g_n]
         k = next((i for i, t in enumerate(g) if t in stops), None)
@@ -59,6 +59,7 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
         tgt.append(target)
         completions.append(tok.decode(target, skip_special_tokens=False))
         cot_tokens.append(len(cot))
+        cots.append(tok.decode(cot, skip_special_tokens=True))
     ids, mask = pad(seqs, tok.pad_token_id)
     d_ids, d_mask = pad(tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"],
                         tok.pad_token_id)
@@ -67,7 +68,8 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
                             for r in range(len(gen))])  # (R, N) other positives of the rollout's query
     return {"ids": ids, "mask": mask, "lp_pos": pad(pos, 0)[0], "lp_tgt": pad(tgt, IGNORE)[0],
             "d_ids": d_ids, "d_mask": d_mask, "exclude": exclude,
-            "labels": torch.arange(len(gen)) // g_n, "completions": completions, "cot_tokens": cot_tokens}
+            "labels": torch.arange(len(gen)) // g_n, "completions": completions, "cot_tokens": cot_tokens,
+            "cots": cots, "queries": [pairs[r // g_n].query for r in range(len(gen))]}
 
 
 def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig,
@@ -82,7 +84,8 @@ def score_rollouts(batch: dict, q: torch.Tensor, d: torch.Tensor, cfg: RLConfig,
     parts = {"format": R.r_format(batch["completions"]),
              # unset outside `train_rl` (which resolves it to the policy's): the prompt config's default
              "length": R.r_length(batch["cot_tokens"], cot_max_tokens=cfg.cot_max_tokens or PromptConfig.cot_max_tokens),
-             "acc": R.r_acc(ranks.tolist(), n_items=n_items)}
+             "acc": R.r_acc(ranks.tolist(), n_items=n_items),
+             "novel": R.r_novel(batch["cots"], batch["queries"])}
     total = torch.tensor(R.combine(parts, cfg.reward_weights))  # (R,)
     adv = group_advantages(total.view(-1, cfg.num_generations)).flatten()  # (R,)
     return {"parts": parts, "reward": total, "ranks": ranks.cpu(), "advantages": adv, "n_items": n_items}
@@ -222,7 +225,7 @@ def plot_curves(history: Path, png: Path) -> None:
         return
     # the GRPO loss itself is ~0 by construction (advantages are centred per group, ratio 1 on the
     # first pass), so it is not plotted; noisy per-batch values get a 5-step running mean
-    panels = [("reward", ["reward/total", "reward/acc", "reward/format", "reward/length"]),
+    panels = [("reward", ["reward/total", "reward/acc", "reward/format", "reward/length", "reward/novel"]),
               ("mean rank of the positive (1 = first)", ["rank/mean"]), ("CoT tokens", ["cot/tokens"]),
               ("InfoNCE loss", ["loss/infonce"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))

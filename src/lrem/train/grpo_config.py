@@ -22,6 +22,9 @@ class RLConfig(TrainingConfig):
     format_weight: float = field(default=0.5, metadata={"help": "Weight of r_format (paper: 0.5)."})
     length_weight: float = field(default=0.2, metadata={"help": "Weight of r_length (paper: 0.2)."})
     acc_weight: float = field(default=1.0, metadata={"help": "Weight of r_acc = 1 - log(rank)/log(N) (paper: 1.0)."})
+    novel_weight: float = field(default=0.0, metadata={
+        "help": "Weight of r_novel, the share of CoT words the query lacks (not in the paper; 0 = off): rewards "
+                "reformulation over echoing the query."})
     cot_max_tokens: int | None = field(default=None, metadata={
         "help": "l: r_length is 1 for a CoT of at most l tokens. None: the policy's own (`PromptConfig`); a value "
                 "is written into the trained model."})
@@ -76,7 +79,8 @@ class RLConfig(TrainingConfig):
             raise ValueError(f"batch_size={self.batch_size}; r_acc ranks among the batch's items, need >= 2")
         if self.rollout_max_tokens < (self.cot_max_tokens or 0):
             raise ValueError(f"rollout_max_tokens={self.rollout_max_tokens} < cot_max_tokens={self.cot_max_tokens}")
-        for name in ("grpo_weight", "infonce_weight", "format_weight", "length_weight", "acc_weight", "kl_coef"):
+        for name in ("grpo_weight", "infonce_weight", "format_weight", "length_weight", "acc_weight", "novel_weight",
+                     "kl_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 0")
         if self.temperature <= 0 or self.sampling_temperature <= 0 or self.learning_rate <= 0:
@@ -93,4 +97,5 @@ class RLConfig(TrainingConfig):
 
     @property
     def reward_weights(self) -> dict[str, float]:
-        return {"format": self.format_weight, "length": self.length_weight, "acc": self.acc_weight}
+        paper = {"format": self.format_weight, "length": self.length_weight, "acc": self.acc_weight}
+        return paper | ({"novel": self.novel_weight} if self.novel_weight else {})
