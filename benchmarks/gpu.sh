@@ -77,12 +77,21 @@ else
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 [ -n "$tokdir" ] && { ql+=(--tokenizer "$tokdir"); tr+=(--tokenizer "$tokdir"); lp+=(--tokenizer "$tokdir"); }
-"$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
-'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+# versions, and what the steps need, in one interpreter (importing trl alone takes seconds): trl for
+# the RL loss; the training loop's own needs besides (TensorBoard logs, the curves' plot at the end)
 rl=(); loop=1
-"$PY" -c "import trl.trainer.utils" || { echo "trl does not import: no RL rows"; rl=(--rl-steps 0); }
-# the training loop's own needs besides (TensorBoard logs, the curves' plot at the end)
-"$PY" -c "import accelerate, tensorboard, matplotlib, trl.trainer.utils" || { echo "no trainers step"; loop=0; }
+missing=$("$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)
+try:
+    import trl.trainer.utils
+except Exception as e:
+    print(repr(e)[:300], file=sys.stderr); print('trl')
+try:
+    import accelerate, tensorboard, matplotlib
+except Exception as e:
+    print(repr(e)[:300], file=sys.stderr); print('loop')")
+case "$missing" in *trl*) echo "trl does not import: no RL rows"; rl=(--rl-steps 0); loop=0 ;; esac
+case "$missing" in *loop*) echo "no trainers step"; loop=0 ;; esac
 
 end=$budget  # bash's SECONDS counts from the script's start, setup included
 step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit (and the script's); its rc is printed, not fatal
