@@ -77,21 +77,22 @@ else
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 [ -n "$tokdir" ] && { ql+=(--tokenizer "$tokdir"); tr+=(--tokenizer "$tokdir"); lp+=(--tokenizer "$tokdir"); }
-# versions, and what the steps need, in one interpreter (importing trl alone takes seconds): trl for
-# the RL loss; the training loop's own needs besides (TensorBoard logs, the curves' plot at the end)
+# versions, and what the steps need, in one interpreter (a rehearsal's only start-up before the
+# steps; importing trl takes seconds): trl for the RL loss; the training loop's own needs besides
+# (TensorBoard logs, the curves' plot at the end). It prints MISSING:trl / MISSING:loop lines.
 rl=(); loop=1
 missing=$("$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)
 try:
     import trl.trainer.utils
 except Exception as e:
-    print(repr(e)[:300], file=sys.stderr); print('trl')
+    print(repr(e)[:300], file=sys.stderr); print('MISSING:trl')
 try:
     import accelerate, tensorboard, matplotlib
 except Exception as e:
-    print(repr(e)[:300], file=sys.stderr); print('loop')")
-case "$missing" in *trl*) echo "trl does not import: no RL rows"; rl=(--rl-steps 0); loop=0 ;; esac
-case "$missing" in *loop*) echo "no trainers step"; loop=0 ;; esac
+    print(repr(e)[:300], file=sys.stderr); print('MISSING:loop')") || missing=$'MISSING:trl\nMISSING:loop'  # it crashed
+grep -qx MISSING:trl <<< "$missing" && { echo "trl does not import: no RL rows"; rl=(--rl-steps 0); loop=0; }
+grep -qx MISSING:loop <<< "$missing" && { echo "no trainers step"; loop=0; }
 
 end=$budget  # bash's SECONDS counts from the script's start, setup included
 step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit (and the script's); its rc is printed, not fatal

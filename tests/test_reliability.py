@@ -395,6 +395,25 @@ def test_a_live_writers_temp_folder_is_left_alone(tmp_path):
     assert (tmp_path / "idx" / "b").exists()
 
 
+def test_writers_replacing_one_folder_at_once_all_succeed(tmp_path):
+    """Test workers, or two `lrem serve` processes on a fresh machine, may build one model cache
+    at once: each replace sets the old folder aside under a name of its own, so none fails."""
+    script = textwrap.dedent(f"""
+        import os
+        from lrem._io import atomic_dir
+        for i in range(40):
+            with atomic_dir({str(tmp_path / "cache")!r}) as tmp:
+                for name in ("weights", "config"):
+                    (tmp / name).write_text(f"{{os.getpid()}} {{i}}")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errs
+    final = tmp_path / "cache"
+    assert (final / "weights").read_text() == (final / "config").read_text()  # one writer's whole folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing set aside is left
+
+
 # ---------------------------------------------------------------- 8. no tracebacks
 
 def _deep_json(tmp_path):

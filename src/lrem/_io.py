@@ -7,11 +7,13 @@ output (which it may replace when asked) from a user's folder (which it never to
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -119,9 +121,16 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(path: Path) -> list[Path]:
     """Remove temp folders `atomic_dir` left beside `path` when its writer died (SIGKILL, power
-    loss): those whose marker names a process of this host that no longer runs."""
+    loss): those whose marker names a process of this host that no longer runs (a replaced
+    output's, set aside as `.NAME.*.old`, names its own long-gone writer)."""
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+    for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.*.old")]:
+        if tmp.suffix == ".old":
+            # an empty one is a name a writer reserved: safe to drop even while it runs (its rename
+            # makes it again); rmdir refuses a full one
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+                continue
         try:
             info = json.loads((tmp / MARKER).read_text())
         except (OSError, ValueError):
@@ -131,6 +140,20 @@ def clean_stale_temps(path: Path) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def _foreign(path: Path, tries: int = 3) -> bool:
+    """`path` exists and is a file or someone else's non-empty folder. Looked at again after a
+    moment when it seems so: another writer's swap (`_swap_in`) may be moving it just now."""
+    for i in range(tries):
+        try:
+            if not (path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_lrem_output(path)))):
+                return False
+        except FileNotFoundError:
+            return False
+        if i + 1 < tries:
+            time.sleep(0.01)
+    return True
 
 
 @contextlib.contextmanager
@@ -143,7 +166,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     Temp folders of writers that died are removed first.
     """
     path = Path(path).resolve()  # "." has no name to put a temp folder beside
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_lrem_output(path))):
+    if _foreign(path):
         raise OutputError(f"{path}: exists and is not an lrem output folder; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
@@ -152,17 +175,35 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         write_marker(tmp)
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the finished `tmp` at `path`, setting aside and removing what is there. Writers that
+    finish at once (test workers, or two servers, building one model cache) each set the old folder
+    aside under a name of their own, and retry when another's folder lands in between: the last
+    one wins whole."""
+    while True:
+        old = None
+        if path.exists():
+            # rename may replace an empty folder: an empty temp one reserves the name
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            try:
+                os.replace(path, old)
+            except FileNotFoundError:  # another writer set it aside first
+                pass
+        try:
+            os.replace(tmp, path)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
