@@ -70,7 +70,8 @@ _WORD = re.compile(r"[^\W_]+")
 def r_novel(cots: list[str], queries: list[str], **_) -> list[float]:
     """Share of the CoT's words that its query lacks (lower-cased letters and digits): 1.0 when
     every word is new, 0.0 when the CoT only repeats the query or is empty. Not in the paper: a
-    push towards reformulation for a policy that learns to echo its query's head noun.
+    push towards reformulation for a policy that learns to echo its query's head noun. Filler, a
+    plural or a repeated word counts as new too: only r_acc holds such CoTs back.
 
     >>> r_novel(["corkscrew, wine opener", "wine", ""], ["a device for opening wine"] * 3)
     [0.6666666666666666, 0.0, 0.0]
