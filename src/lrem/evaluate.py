@@ -109,12 +109,11 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
     (per system and query, the CoT and top-10 ids), "runs" (per system and query, the ranked
     [item id, score] pairs to depth k) and "qrels" (the scored queries' judgements).
     """
-    split_queries = ds.split_queries(split)
-    judged = [q for q in split_queries if any(r > 0 for r in ds.qrels.get(q, {}).values())]
-    qids = sample_query_ids(judged, limit, seed)
-    queries = {q: split_queries[q].text for q in qids}
-    slices = slices_for({q: split_queries[q] for q in qids})
-    log(f"{ds.name}/{split}: {len(qids)} queries scored ({len(judged)} judged of {len(split_queries)}), "
+    judged = ds.judged_queries(split)
+    qids = sample_query_ids(list(judged), limit, seed)
+    queries = {q: judged[q].text for q in qids}
+    slices = slices_for({q: judged[q] for q in qids})
+    log(f"{ds.name}/{split}: {len(qids)} queries scored ({len(judged)} judged of {len(ds.split_queries(split))}), "
         f"{len(ds.catalog)} items")
     result = {"dataset": ds.name, "split": split, "n_queries": len(qids), "k": k,
               "limit": limit, "seed": seed, "systems": {}, "examples": {}, "runs": {},

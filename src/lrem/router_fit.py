@@ -90,6 +90,5 @@ def judged_sample(ds, split: str, limit: int | None, seed: int = 0) -> dict[str,
     item (the sample `lrem eval --limit` draws)."""
     from .data import sample_query_ids
 
-    split_queries = ds.split_queries(split)
-    judged = [q for q in split_queries if any(r > 0 for r in ds.qrels.get(q, {}).values())]
-    return {q: split_queries[q].text for q in sample_query_ids(judged, limit, seed)}
+    judged = ds.judged_queries(split)
+    return {q: judged[q].text for q in sample_query_ids(list(judged), limit, seed)}

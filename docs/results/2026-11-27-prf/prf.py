@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lrem.data.formats import load_dataset, sample_query_ids
+from lrem.data import load_dataset
 from lrem.index import ItemIndex
 from lrem.model import LREM
+from lrem.router import judged_sample
 from lrem.runfile import trec_run_lines
 
 ap = argparse.ArgumentParser()
@@ -23,10 +24,8 @@ ap.add_argument("--limit", type=int, default=None, help="as lrem eval --limit; d
 ap.add_argument("--mode", default="direct")
 args = ap.parse_args()
 
-ds = load_dataset(args.data)
-split = ds.split_queries(args.split)
-qids = sample_query_ids([q for q in split if any(r > 0 for r in ds.qrels.get(q, {}).values())], args.limit)
-queries = {q: split[q].text for q in qids}  # the sample `lrem eval --limit` scores
+queries = judged_sample(load_dataset(args.data), args.split, args.limit)  # the sample `lrem eval --limit` scores
+qids = list(queries)
 index = ItemIndex.load(args.index)
 X = index.index.reconstruct_n(0, index.index.ntotal)  # (n, dim), unit rows
 ids = np.array(index.item_ids)

@@ -113,6 +113,11 @@ class Dataset:
             raise ValueError(f"no queries in split {split!r}; available splits: {', '.join(have)}")
         return found
 
+    def judged_queries(self, split: str) -> dict[str, Query]:
+        """The split's queries with at least one relevant item (relevance > 0): the ones metrics can score."""
+        return {qid: q for qid, q in self.split_queries(split).items()
+                if any(r > 0 for r in self.qrels.get(qid, {}).values())}
+
     def at_relevance(self, min_relevance: int) -> Dataset:
         """This dataset where only judgements of at least `min_relevance` count (ESCI: 3 = Exact
         alone); lower ones are dropped, so metrics score them as not relevant."""
