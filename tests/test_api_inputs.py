@@ -109,3 +109,65 @@ def test_doctests():
     import lrem.model
 
     assert doctest.testmod(lrem.model).failed == 0  # as_batch's examples
+
+
+def test_item_ids_are_distinct_strings_checked_before_any_embedding(searcher, tmp_path):
+    model = searcher.model
+    for catalog, match in (({1: "teapot", 2: "mug"}, "item id 1 is a int"), ({}, "no items"),
+                           (["teapot", "mug"], "expected a mapping")):
+        with pytest.raises(ValueError, match=match):
+            ItemIndex.build(model, catalog, show_progress=False)
+    emb = model.encode_items(["teapot", "mug"])
+    with pytest.raises(ValueError, match="'p' appears twice"):
+        ItemIndex.from_embeddings(emb, ["p", "p"], ["teapot", "mug"])
+    ItemIndex.from_embeddings(emb, ["p", "q"], ["teapot", "mug"]).save(tmp_path / "idx")
+    assert ItemIndex.load(tmp_path / "idx").item_ids == ["p", "q"]  # what build accepts, load reads back
+
+
+def test_k_may_be_a_numpy_integer_and_one_vector_is_one_query(searcher):
+    q = searcher.model.encode_queries("a hot drink", mode="direct").embeddings  # (dim,)
+    scores, ids = searcher.index.search(q, np.int64(2))
+    assert scores.shape == (1, 2) and ids == searcher.index.search(q[None], 2)[1]
+    assert searcher.search("a hot drink", k=np.int64(2), mode="direct").item_ids == ids[0]
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="k="):
+            searcher.search("a hot drink", k=k, mode="direct")
+    with pytest.raises(ValueError, match="k=0"):
+        searcher.index.search(q, 0)
+
+
+def test_search_defaults_to_auto_as_the_cli_and_the_server(searcher):
+    assert searcher.search("a hot drink", k=2) == searcher.search_auto("a hot drink", k=2)[0]
+    with pytest.raises(ValueError, match="cots with mode='auto'"):
+        searcher.search("a hot drink", k=2, mode="auto", cots="tea")
+    with pytest.raises(ValueError, match="one query .* one CoT as a string"):
+        searcher.model.encode_queries("a hot drink", cots=["tea"])
+    with pytest.raises(TypeError, match="items: expected a list .* got NoneType"):
+        searcher.model.encode_items(None)
+
+
+def test_a_hybrid_retriever_takes_one_query_as_a_string(searcher):
+    hybrid = searcher.hybrid("direct")
+    assert hybrid.search("a hot drink", k=2) == hybrid.search(["a hot drink"], k=2)[0]
+
+
+def test_similarity_of_tensors_is_a_tensor_with_its_gradient(searcher):
+    from lrem.model import similarity
+
+    a = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    sim = similarity(a, np.array([[6.0, 8.0], [-4.0, 3.0]]))
+    assert isinstance(sim, torch.Tensor) and torch.allclose(sim, torch.tensor([[1.0, 0.0]]), atol=1e-6)
+    sim.sum().backward()
+    assert a.grad is not None
+    assert similarity(a.detach().bfloat16(), a.detach()).dtype == torch.float32
+    assert isinstance(similarity([3.0, 4.0], [[6.0, 8.0]]), np.ndarray)
+
+
+def test_an_index_loaded_without_mmap_is_its_own(searcher, tmp_path):
+    searcher.index.save(tmp_path / "idx")
+    own = ItemIndex.load(tmp_path / "idx", mmap=False)
+    (tmp_path / "idx" / "index.faiss").write_bytes(b"overwritten in place")  # cannot touch the copy in memory
+    q = searcher.model.encode_queries("a hot drink", mode="direct").embeddings
+    assert own.search(q, 2)[1] == searcher.index.search(q, 2)[1]
+    own.index.add(q[None])  # its own vectors: FAISS may change them (a mapped index would abort)
+    assert own.index.ntotal == len(CATALOG) + 1

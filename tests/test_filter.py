@@ -157,3 +157,21 @@ def test_brute_force_ties_keep_catalog_order_at_the_kth_place():
     want = np.argsort(-x[:, 0], kind="stable")[:50]
     assert top[0].tolist() == want.tolist() and scores[0].tolist() == x[want, 0].tolist()
     assert _top_k(q, x[:7], np.arange(7) * 3, 7)[1][0].tolist() == (np.argsort(-x[:7, 0], kind="stable") * 3).tolist()
+
+
+def test_a_filter_value_that_is_not_a_string_is_one_clear_error(searcher):
+    q = searcher.model.encode_queries(["tea"], mode="direct").embeddings
+    for where in ({"brand": 3}, {"brand": ["Acme", 3]}, {"brand": None}):
+        with pytest.raises(ValueError, match="filter field 'brand'"):  # not a TypeError from sorting the cache key
+            searcher.index.search(q, 3, where=where)
+
+
+def test_auto_searches_directly_where_a_filter_matches_fewer_items_than_the_router_reads(searcher):
+    from lrem.router import Router
+
+    router = Router(margin=10.0)  # every query looks ambiguous: it would reason
+    narrow = {"brand": "Acme", "color": "red", "category": "kitchen"}
+    assert 0 < len(matching(narrow)) < router.depth
+    results, reasoned = searcher.search_auto(QUERIES, k=5, router=router, where=narrow)
+    assert reasoned == [False] * len(QUERIES) and all(set(r.item_ids) == matching(narrow) for r in results)
+    assert all(searcher.search_auto(QUERIES, k=5, router=router, where={"category": "home"})[1])

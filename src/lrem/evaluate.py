@@ -115,6 +115,9 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
     slices = slices_for({q: judged[q] for q in qids})
     log(f"{ds.name}/{split}: {len(qids)} queries scored ({len(judged)} judged of {len(ds.split_queries(split))}), "
         f"{len(ds.catalog)} items")
+    if k < max(KS):  # the metrics' cutoffs are fixed: deeper ones count only what the runs hold
+        log(f"note: k={k} retrieves less than the metrics' deepest cutoff; "
+            f"{', '.join(f'@{c}' for c in KS if c > k)} count only the top {k}")
     result = {"dataset": ds.name, "split": split, "n_queries": len(qids), "k": k,
               "limit": limit, "seed": seed, "systems": {}, "examples": {}, "runs": {},
               "qrels": {q: dict(ds.qrels[q]) for q in qids}}

@@ -61,9 +61,13 @@ class FusedRetriever:
         if self.weights is not None and (len(self.weights) != len(self.parts) or not all(map(_weight_ok, self.weights))):
             raise ValueError(f"need {len(self.parts)} finite weights, none negative; got {self.weights}")
 
-    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+    def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
+        """The fused top k per query; one query as a string gives its result alone (as `Searcher.search`)."""
+        one = isinstance(queries, str)
+        queries = [queries] if one else list(queries)  # the parts are retrievers: they take lists
         runs = [part.search(queries, k=max(k, self.depth)) for part in self.parts]
-        return [fuse([run[n] for run in runs], k, self.weights, self.rrf_k) for n in range(len(queries))]
+        fused = [fuse([run[n] for run in runs], k, self.weights, self.rrf_k) for n in range(len(queries))]
+        return fused[0] if one else fused
 
     def describe(self) -> dict:
         """For the eval report: the parts' models and indexes, a mode naming each weighed part

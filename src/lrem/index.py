@@ -247,6 +247,7 @@ class ItemIndex:
         their vectors), kept for the filters used last: a server sees the same few again and
         again, and a selector over 1M ids takes ~90 ms to build. At most FILTER_CACHE_BYTES are
         kept in all, the least recently used filters dropped first."""
+        check_filter(where, self.filter_fields)  # before the key: sorting an int or None would raise a TypeError
         key = tuple(sorted((f, (v,) if isinstance(v, str) else tuple(sorted(v))) for f, v in where.items()))
         lock = vars(self).setdefault("_filter_lock", threading.Lock())  # serve searches from several threads
         with lock:
@@ -303,7 +304,6 @@ class ItemIndex:
         return hints
 
     def _match(self, where: dict) -> np.ndarray:
-        check_filter(where, self.filter_fields)
         keep = np.ones(len(self.item_ids), dtype=bool)
         for name, values in where.items():
             column = vars(self).setdefault("_columns", {}).get(name)
@@ -314,8 +314,10 @@ class ItemIndex:
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
+        """An index of these embeddings (n, dim), one per item id (distinct strings) and title."""
         if len(item_ids) != emb.shape[0] or len(titles) != emb.shape[0]:
             raise ValueError(f"{emb.shape[0]} embeddings for {len(item_ids)} ids and {len(titles)} titles")
+        check_item_ids(item_ids)
         check_embeddings(emb, len(item_ids))
         factory, search_params = resolve_factory(factory, search_params, emb.shape[0], emb.shape[1])
         index = build_index(emb, factory, search_params)
@@ -330,7 +332,10 @@ class ItemIndex:
         model's item template may name) with `model.encode_items` and index it. `truncate`: item
         texts over the model's `max_item_tokens` are cut (their count is `meta["truncated_items"]`)
         or an error."""
+        if not hasattr(catalog, "values"):
+            raise ValueError(f"catalog: expected a mapping of item id -> title or item, got {type(catalog).__name__}")
         ids, items = list(catalog), list(catalog.values())
+        check_item_ids(ids)  # before the embedding, not after
         factory, search_params = resolve_factory(factory, search_params, len(ids), model.dim)
         check_factory(factory, search_params, model.dim, len(ids))  # fail now, not after embedding
         t0 = time.perf_counter()
@@ -467,7 +472,8 @@ class ItemIndex:
         """Top-k (scores (n, k'), item ids) for query embeddings q (n, dim); k' = min(k, n_items).
         `where`: only items matching this filter (`allowed`), searched inside the index (FAISS's ID
         selector), so a selective filter still gets its k best matches."""
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)  # one vector (dim,): one query
+        k = check_k(k)
         if where:
             found = self._filter(where)
             allowed = found.allowed
@@ -566,9 +572,13 @@ class ItemIndex:
         return row
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ItemIndex":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "ItemIndex":
         """Read an index folder; a ValueError names the file and what is wrong with it
-        (unreadable FAISS file, malformed meta.json or items.jsonl, counts that disagree)."""
+        (unreadable FAISS file, malformed meta.json or items.jsonl, counts that disagree).
+
+        `mmap` (`read_index`): map the FAISS file rather than copy it into memory. A mapped index
+        is read-only (`updated` builds a new one), and a process mapping it dies (SIGBUS) if the
+        file is overwritten in place (`cp`, `rsync --inplace`); lrem replaces files by rename."""
         from .data import DataError, read_jsonl
 
         path = Path(path)
@@ -597,7 +607,7 @@ class ItemIndex:
         if (path / INDEX_FILE).stat().st_size == 0:
             raise DataError(path / INDEX_FILE, None, None, "empty file (an interrupted write?); rebuild the index")
         try:
-            index = read_index(path / INDEX_FILE)
+            index = read_index(path / INDEX_FILE, mmap=mmap)
         except RuntimeError as e:
             raise DataError(path / INDEX_FILE, None, None, f"not a readable FAISS index ({_faiss_message(e)})") from None
         if index.ntotal != len(ids):
@@ -666,6 +676,37 @@ def keeps_vectors(index: faiss.Index) -> bool:
     return False
 
 
+def check_item_ids(item_ids) -> None:
+    """A ValueError unless the ids are at least one, all strings (items.jsonl and every reader
+    take them as strings: `str(id)` an integer id), and distinct."""
+    if not len(item_ids):
+        raise ValueError("no items to index (an empty catalog)")
+    bad = next((i for i in item_ids if not isinstance(i, str)), None)
+    if bad is not None:
+        raise ValueError(f"item id {bad!r} is a {type(bad).__name__}; item ids are strings (pass str(id))")
+    if len(set(item_ids)) != len(item_ids):
+        seen, dup = set(), None
+        for i in item_ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
+        raise ValueError(f"item id {dup!r} appears twice; item ids must be distinct")
+
+
+def check_k(k) -> int:
+    """k as an int (numpy integers too), or a ValueError unless it is a whole number >= 1."""
+    import operator
+
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k={k!r}; must be an integer >= 1") from None
+    if k < 1:
+        raise ValueError(f"k={k}; must be an integer >= 1")
+    return k
+
+
 def check_filter(where: dict, fields) -> None:
     """A ValueError naming the fields an index can filter on, where `where` asks for another, or
     naming a value that is not a string or holds a control character (which no catalog value
@@ -676,6 +717,8 @@ def check_filter(where: dict, fields) -> None:
         if name not in fields:
             have = ", ".join(sorted(fields)) or "none (its catalog had no " + "/".join(FILTER_FIELDS) + ")"
             raise ValueError(f"filter field {name!r}: this index can filter on {have}")
+        if not isinstance(values, (str, list, tuple, set, frozenset)):
+            raise ValueError(f"filter field {name!r}: {values!r} is not a string or a list of strings")
         for value in [values] if isinstance(values, str) else values:
             if not isinstance(value, str) or control_char(value):
                 raise ValueError(f"filter field {name!r}: value {value!r} is not a string without control characters")
@@ -789,15 +832,16 @@ def selector_params(index: faiss.Index, selector) -> faiss.SearchParameters:
     return faiss.SearchParameters(sel=selector)
 
 
-def read_index(file: str | os.PathLike) -> faiss.Index:
-    """Read a FAISS index memory-mapped where its type allows (the codes stay in the page cache,
-    shared between processes, instead of being copied at every start), else read into memory.
-    On-disk lists are opened from the index file's own folder."""
+def read_index(file: str | os.PathLike, mmap: bool = True) -> faiss.Index:
+    """Read a FAISS index memory-mapped where its type allows and `mmap` (the codes stay in the
+    page cache, shared between processes, instead of being copied at every start), else read into
+    memory (an index of its own, which a later overwrite of the file cannot touch). On-disk lists
+    are opened from the index file's own folder, mapped whatever `mmap` says."""
     flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR  # on-disk lists: opened read-only, beside the file
     quiet = _stdout_to_stderr if (Path(file).parent / LISTS_FILE).is_file() else contextlib.nullcontext
     with quiet():  # FAISS prints where it found on-disk lists: keep stdout for results (--json)
         try:
-            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC | flags)
+            index = faiss.read_index(str(file), (faiss.IO_FLAG_MMAP_IFC if mmap else 0) | flags)
         except RuntimeError:  # an index type whose reader has no mmap path (on-disk lists among them)
             index = faiss.read_index(str(file), flags)
     ivf = _ivf(index)
@@ -849,9 +893,10 @@ def _train_or_raise(index: faiss.Index, x: np.ndarray, factory: str) -> None:
                          f"{_faiss_message(e)}") from e
 
 
-def open_index(spec: str | os.PathLike):
-    """An index folder (`ItemIndex.load`) or a vector database collection, `milvus:URI/COLLECTION`
-    (`lrem.vectordb.MilvusIndex`): both give `search(q, k) -> (scores, ids)`, `meta` and `title`."""
+def open_index(spec: str | os.PathLike, mmap: bool = True):
+    """An index folder (`ItemIndex.load`, `mmap` as there) or a vector database collection,
+    `milvus:URI/COLLECTION` (`lrem.vectordb.MilvusIndex`): both give `search(q, k) -> (scores,
+    ids)`, `meta` and `title`."""
     from .vectordb import MilvusIndex, is_milvus_spec
 
-    return MilvusIndex.open(str(spec)) if is_milvus_spec(str(spec)) else ItemIndex.load(spec)
+    return MilvusIndex.open(str(spec)) if is_milvus_spec(str(spec)) else ItemIndex.load(spec, mmap=mmap)

@@ -74,9 +74,14 @@ def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> to
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
 
 
-def similarity(a, b) -> np.ndarray:
-    """Cosine similarity of every row of `a` with every row of `b`: (n, m) float32; a 1-D vector
-    counts as one row (as `SentenceTransformer.similarity`, which returns a tensor)."""
+def similarity(a, b) -> np.ndarray | torch.Tensor:
+    """Cosine similarity of every row of `a` with every row of `b`: (n, m); a 1-D vector counts as
+    one row. numpy in, float32 numpy out; where either is a tensor, a tensor out, on its device
+    and with its gradient (as `SentenceTransformer.similarity`)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        t = a if isinstance(a, torch.Tensor) else b
+        a, b = (torch.atleast_2d(torch.as_tensor(x, device=t.device)).float() for x in (a, b))
+        return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
     a, b = (np.atleast_2d(np.asarray(x, dtype=np.float32)) for x in (a, b))
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
@@ -95,7 +100,10 @@ def as_batch(texts, name: str = "texts") -> tuple[list, bool]:
     if isinstance(texts, Mapping):  # list() would give its keys: a catalog {id: title} would embed the ids
         raise TypeError(f"{name}: expected a list (or one string), got a {type(texts).__name__}; for a catalog "
                         f"{{id: item}} pass list(catalog.values())")
-    return list(texts), False
+    try:
+        return list(texts), False
+    except TypeError:  # None, a number: say which argument
+        raise TypeError(f"{name}: expected a list (or one string), got {type(texts).__name__}") from None
 
 
 def check_items(items: list) -> None:
@@ -345,8 +353,12 @@ class LREM(TemplateMixin, torch.nn.Module):
             raise ValueError(mode_error(mode))
         texts, one = as_batch(texts)
         if one:
+            if cots is not None and not isinstance(cots, str):  # one query, one CoT: both strings
+                raise ValueError(f"one query (a string) takes one CoT as a string, got {type(cots).__name__}")
             cots = None if cots is None else [cots]
             candidates = None if candidates is None else [candidates]
+        elif isinstance(cots, str):
+            raise ValueError("cots: a list of strings, one per query (a string is the CoT of one query given as a string)")
         for i, t in enumerate(texts):
             check_query(t, "query" if one else f"texts[{i}]")
         if cots is not None and len(cots) != len(texts):

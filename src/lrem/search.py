@@ -26,7 +26,7 @@ import numpy as np
 
 from ._text import check_query
 from .fusion import LEXICAL_WEIGHT, FusedRetriever, parse_fused
-from .index import ItemIndex, model_fingerprint, open_index
+from .index import ItemIndex, check_k, model_fingerprint, open_index
 from .model import LREM, as_batch
 from .router import LearnedRouter, Router
 from .search_types import (DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult,
@@ -46,12 +46,15 @@ def random_cot(query: str, titles: list[str], n_phrases: int = 3) -> str:
     return ", ".join(t.split(",")[0].strip() for t in picks)
 
 
-def check_search(queries: list[str], k: int) -> None:
-    """The same query rules as the server (`lrem._text.check_query`), and k >= 1."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+def check_search(queries: list[str], k: int) -> int:
+    """The same query rules as the server (`lrem._text.check_query`), and k >= 1 (returned as an
+    int: a numpy integer is one too)."""
+    if isinstance(k, bool):
         raise ValueError(f"k={k!r}; must be an integer >= 1")
+    k = check_k(k)
     for n, q in enumerate(queries, 1):
         check_query(q, f"query {n}" if len(queries) > 1 else "query")
+    return k
 
 
 class Searcher:
@@ -75,12 +78,14 @@ class Searcher:
         self.truncate = truncate  # queries over the model's max_query_tokens: cut and counted, or an error
 
     @classmethod
-    def load(cls, index_dir, model: LREM | str | None = None, runtime: str = "auto", **model_kwargs) -> "Searcher":
+    def load(cls, index_dir, model: LREM | str | None = None, runtime: str = "auto", mmap: bool = True,
+             **model_kwargs) -> "Searcher":
         """Load an index folder (or a `milvus:URI/COLLECTION`, `lrem.vectordb`) and (unless given)
         the model recorded in its `meta.json` (the collection's metadata). `runtime`: see
         `LREM.from_pretrained`; "auto" runs an LREM folder on the CPU without importing
-        transformers (the same embeddings and CoTs, a cold start ~3 s shorter)."""
-        index = open_index(index_dir)
+        transformers (the same embeddings and CoTs, a cold start ~3 s shorter). `mmap`: see
+        `ItemIndex.load` (a long-lived server reads the index into memory instead)."""
+        index = open_index(index_dir, mmap=mmap)
         where = ""
         if model is None:
             model, where = index.meta.get("model"), f"{index_dir}/meta.json: "
@@ -120,19 +125,24 @@ class Searcher:
             return [random_cot(q, self.index.titles) for q in queries]
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
-    def search(self, queries: list[str] | str, k: int = 10, mode: str = "reason", cots: list[str] | str | None = None,
-               batch_size: int = 32, show_progress: bool = False,
+    def search(self, queries: list[str] | str, k: int = 10, mode: str | None = None,
+               cots: list[str] | str | None = None, batch_size: int = 32, show_progress: bool = False,
                where: dict | None = None) -> list[SearchResult] | SearchResult:
         """Top-k items per query, best first, with the CoT each query was embedded after.
-        `where`: only items matching this filter ({field: value or values}, `ItemIndex.allowed`).
-        One query as a string gives its SearchResult alone (as `LREM.encode_queries` gives its
-        encoding), no queries []."""
+        `mode`: one of MODES; by default `auto` (as `lrem search` and `lrem serve`: the router
+        reasons where it expects a gain), or `reason` where `cots` are given (embedded after
+        those CoTs). `where`: only items matching this filter ({field: value or values},
+        `ItemIndex.allowed`). One query as a string gives its SearchResult alone (as
+        `LREM.encode_queries` gives its encoding), no queries []."""
         queries, one = as_batch(queries, "queries")
         if one and cots is not None:
             cots = [cots]
-        check_search(queries, k)
+        k = check_search(queries, k)
+        mode = mode or ("reason" if cots is not None else "auto")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if cots is not None and (mode == "auto" or mode in GROUNDED_MODES):
+            raise ValueError(f"cots with mode={mode!r}: that mode writes its own CoTs; give cots with mode='reason'")
         if not queries:
             results = []
         elif mode == "auto":
@@ -191,7 +201,7 @@ class Searcher:
         for one query as a string, its result and that flag alone.
         """
         queries, one = as_batch(queries, "queries")
-        check_search(queries, k)
+        k = check_search(queries, k)
         if not queries:
             return [], []
         routed = _run_now(self.route(queries, k, "auto", embed=self.embedder(batch_size, show_progress),
@@ -264,7 +274,10 @@ class Searcher:
             scores, ids = await searched(emb, max(k, router.depth) if mode == "auto" else k)  # (n, depth) best first
             results = _results(scores, ids, cots, k)
             if mode == "auto" and scores.shape[1]:  # a filter nothing matches leaves nothing to reason about
-                reason = router.decide(queries, scores)
+                # a filter matching fewer items than the router's depth gives them all back either way, and
+                # its padded scores (`fill_missing`) are outside what the router was fitted on: direct
+                reason = [r and not (where and len(row) < router.depth)
+                          for r, row in zip(router.decide(queries, scores), ids)]
         picked = [j for j, r in enumerate(reason) if r]
         if picked:
             cots, reasoned = await embedded("reason", [queries[j] for j in picked])
@@ -350,6 +363,7 @@ class _ModeRetriever:
         self.n_queries = self.n_reasoned = 0
 
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+        queries = [queries] if isinstance(queries, str) else list(queries)  # a retriever answers lists
         if self.mode == "auto":
             results, routed = self.searcher.search_auto(queries, k, router=self.router, where=self.where)
             self.n_reasoned += sum(routed)

@@ -191,7 +191,7 @@ def eval_(
     seed: int = 0,
     min_relevance: Annotated[int, typer.Option(min=1, help="Count only judgements of at least N as relevant (ESCI: "
                                                "3 Exact, 2 Substitute, 1 Complement); nDCG keeps their grades.")] = 1,
-    k: Annotated[int, typer.Option(min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
     batch_size: BatchSize = 32,
     examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
                                           "CoTs and top items, spread over the slices (report.md: 5 when 0).")] = 0,
