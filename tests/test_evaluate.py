@@ -414,8 +414,10 @@ def test_min_relevance_counts_only_the_higher_grades(toy, systems, tmp_path):
     data = tmp_path / "toy"
     save_dataset(toy, data)
     p = subprocess.run([sys.executable, "-m", "lrem.cli", "eval", "--data", str(data), "--split", "test", "-s", "bm25",
-                        "--min-relevance", "3", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+                        "--min-relevance", "3", "--out", str(tmp_path / "r"), "-k", "5"], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "note: k=5 retrieves less than the metrics' deepest cutoff; @10, @100 count only the top 5" in p.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert metrics["n_queries"] == 5
+    assert metrics["n_queries"] == 5 and metrics["k"] == 5
     assert metrics["systems"]["bm25"]["overall"] == pytest.approx(strict["systems"]["bm25"]["overall"])
