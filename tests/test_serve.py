@@ -28,7 +28,7 @@ from lrem.batching import Batcher, EmbeddingCache
 from lrem.index import ItemIndex
 from lrem.model import LREM
 from lrem.search import Searcher
-from lrem.serve import ServeConfig, background_server, create_app, normalize_query
+from lrem.serve import ServeConfig, background_server, create_app, load_searcher, normalize_query
 
 TITLES = ["corkscrew, bottle screw", "teapot", "coffee, java", "mug", "spatula", "wine glass", "sofa, couch",
           "floor lamp", "rug", "throw pillow", "dining chair", "coffee table", "bookcase", "bed frame", "mirror",
@@ -171,7 +171,8 @@ def test_rerank_scores_candidates_by_the_embeddings_cosines(url, tiny, searcher)
     r = post(url, "/rerank", {"query": "hot tea", "texts": ["mug", "kettle"], "truncate": None,
                               "truncation_direction": "right", "raw_scores": True})
     assert r.status_code == 200 and -1.0 <= r.json()[0]["score"] <= 1.0, r.text
-    assert httpx.get(url + "/info").json()["cache"]["entries"] == info  # candidates do not crowd out the queries
+    assert post(url, "/v1/embeddings", {"model": "lrem-item", "input": ["an item never seen"]}).status_code == 200
+    assert httpx.get(url + "/info").json()["cache"]["entries"] == info  # items do not crowd out the queries
 
     for path, body, status, message in [
             ("/rerank", {"query": "tea", "texts": ["mug"], "item_ids": ["i1"]}, 422, "one of the two"),
@@ -314,6 +315,23 @@ HOSTS = re.compile(r"(?:https?:)?//[\w.:-]+")  # the host part of a URL (absolut
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_docs_pages_load_nothing_from_other_hosts(url, page):
+    check_docs_page(url, page)
+
+
+def test_docs_load_without_the_api_key(searcher):
+    """The API's description is open (as vLLM's): a browser sends no key for the page's schema
+    and scripts; everything else still wants the key."""
+    with background_server(create_app(searcher, ServeConfig(api_key="k3y"))) as base:
+        for page in ("/docs", "/redoc"):
+            check_docs_page(base, page)
+        assert httpx.get(base + "/openapi.json").json()["info"]["title"] == "lrem"
+        for path in ("/info", "/metrics", "/v1/models"):
+            assert httpx.get(base + path).status_code == 401, path
+        assert httpx.post(base + "/search", json={"query": "mug"}).status_code == 401
+
+
+def check_docs_page(url: str, page: str) -> None:
+    """The page and each asset it loads come from this server, with nothing from elsewhere."""
     r = httpx.get(url + page)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
@@ -353,6 +371,53 @@ def test_health_info_openapi_and_metrics(url, tiny):
         r.text, "lrem_queries_total", mode="auto", mode_used="reason") >= 1
 
 
+def test_what_other_clients_send_and_ask(url, tiny):
+    """HEAD health checks, the openai client's models.retrieve, and an unset encoding_format sent
+    as null (read as float)."""
+    for path in ("/health", "/healthz"):
+        r = httpx.head(url + path)
+        assert r.status_code == 200 and r.content == b"", path
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    one = client.models.retrieve("lrem-item")
+    assert one.id == "lrem-item" and one.model_extra["input"] == "item"
+    assert one.model_dump() == [m for m in client.models.list().model_dump()["data"] if m["id"] == "lrem-item"][0]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("text-embedding-3-small")
+    r = httpx.get(url + "/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = post(url, "/v1/embeddings", {"model": "lrem-item", "input": "mug", "encoding_format": None})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny.encode_items(["mug"])[0], atol=1e-4)
+
+
+def test_usage_and_truncation_count_what_the_model_embeds(url, tiny):
+    """A cut input counts at most its side's token limit in `usage`; lrem_truncated_inputs counts
+    a text once, where the model embeds it, not again for its cache hits and next pages."""
+    cfg, long_item = tiny.config, "a very long product description " * 40
+    assert tiny.token_counts([long_item])[0] > cfg.max_item_tokens
+    r = post(url, "/v1/embeddings", {"model": "lrem-item", "input": [long_item, "mug"], "truncate": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == cfg.max_item_tokens + tiny.token_counts(["mug"])[0]
+    r = post(url, "/v1/rerank", {"query": "Hot  TEA", "documents": [long_item, "mug"], "truncate": True,
+                                 "model": "lrem-query-direct"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["total_tokens"] == (tiny.token_counts(["hot tea"])[0] + cfg.max_item_tokens
+                                                 + tiny.token_counts(["mug"])[0])
+
+    long_query = "a1 " * 66  # within max_query_chars (200), over max_query_tokens
+    assert tiny.token_counts([long_query.strip()])[0] > cfg.max_query_tokens
+    before = httpx.get(url + "/metrics").text
+    pages = [post(url, "/search", {"query": long_query, "k": 2, "offset": o, "mode": "direct"}) for o in (0, 0, 2)]
+    assert [r.status_code for r in pages] == [200] * 3 and [r.json()["cached"] for r in pages] == [False, True, True]
+    r = post(url, "/v1/embeddings", {"model": "lrem-query-direct", "input": long_query, "truncate": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == cfg.max_query_tokens, r.text
+    after = httpx.get(url + "/metrics").text
+    for side, n in (("query", 1), ("item", 0)):  # the query embedded once; no item since `before`
+        assert metric(after, "lrem_truncated_inputs_total", side=side) - metric(
+            before, "lrem_truncated_inputs_total", side=side) == n, side
+    assert metric(after, "lrem_truncated_inputs_total", side="item") >= 2  # the two cut candidates above
+
+
 # ---------------------------------------------------------------- bad input
 
 BAD = [
@@ -372,8 +437,10 @@ BAD = [
     ("/search", {"query": "mug", "mode": "fast"}, 422, "'auto', 'reason', 'direct', 'grounded' or 'grounded-direct'"),
     ("/search", {"query": "mug", "querry": "mug"}, 422, "Extra inputs"),
     ("/search", [1, 2], 422, "valid dictionary"),
-    ("/search", b'{"query": "caf\xe9"}', 400, "not valid UTF-8"),
+    ("/search", b'{"query": "caf\xe9"}', 422, "not valid UTF-8"),
     ("/search", b'{"query": "mug"', 422, "JSON"),
+    ("/search", b"[" * 5000 + b"]" * 5000, 422, "nested too deep"),
+    ("/search", b'{"query": "mug", "k": ' + b"9" * 5000 + b"}", 422, "a number is too long"),
     ("/search", b'{"query": "\\ud800"}', 422, "lone surrogate"),
     ("/search", b'{"query": "' + b"a" * 20_000 + b'"}', 413, "max_body_bytes"),
     ("/v1/embeddings", {"model": "lrem-item"}, 422, "input: Field required"),
@@ -412,6 +479,76 @@ def test_server_keeps_serving_after_bad_requests(url):
     text = httpx.get(url + "/metrics").text
     assert metric(text, "lrem_http_requests_total", path="/search", status="422") >= 15
     assert not re.search(r'lrem_http_requests_total\{[^}]*status="5\d\d"', text)  # no 5xx ever
+
+
+def raw_request(path: str, body: bytes, declared: int | None = None) -> bytes:
+    """An HTTP/1.1 POST as bytes; `declared`: a Content-Length other than the body's."""
+    return (f"POST {path} HTTP/1.1\r\nHost: lrem\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if declared is None else declared}\r\n\r\n").encode() + body
+
+
+def test_clients_that_hang_up_are_not_computed_and_count_as_499(searcher):
+    """Reason-mode requests queued one text per model call; their clients close the connection
+    after 0.3 s: the server stops those requests (499), the batcher drops their queued texts, and
+    what the model did compute is cached all the same."""
+    n = 16
+    with background_server(create_app(searcher, ServeConfig(max_batch=1))) as base:
+        host, port = base.removeprefix("http://").split(":")
+
+        async def hang_up(i: int) -> None:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({"query": f"a gift idea number {i}", "k": 3, "mode": "reason"}).encode()
+            writer.write(raw_request("/search", body))
+            await asyncio.sleep(0.3)
+            writer.close()
+
+        async def run():
+            await asyncio.gather(*(hang_up(i) for i in range(n)))
+
+        asyncio.run(run())
+        deadline = time.monotonic() + 60
+        while True:  # the server hears each hang-up (or had answered) shortly after
+            text = httpx.get(base + "/metrics", timeout=60).text
+            left, answered = (metric(text, "lrem_http_requests_total", path="/search", status=s) for s in ("499", "200"))
+            if left + answered == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert left + answered == n and left >= 1, (left, answered)
+        r = post(base, "/search", {"query": "a lamp", "k": 3, "mode": "reason"})  # queued after them: they are done
+        assert r.status_code == 200, r.text
+        text = httpx.get(base + "/metrics").text
+        computed = metric(text, "lrem_batch_size_sum", kind="reason") - 1  # less "a lamp"
+        assert answered <= computed < n, (answered, computed)  # the texts of clients gone were mostly skipped
+        assert httpx.get(base + "/info").json()["cache"]["entries"] == computed + 1  # a computed row kept, caller or not
+
+
+def test_max_requests_is_a_503_that_spares_health_checks(searcher):
+    """One request in flight (its body still coming) with max_requests=1: the next gets a 503 in
+    the error shape with Retry-After, /health still answers, and the held one then completes."""
+    with background_server(create_app(searcher, ServeConfig(max_requests=1))) as base:
+        body = json.dumps({"query": "a mug", "k": 2, "mode": "direct"}).encode()
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as held:
+            held.sendall(raw_request("/search", body[:5], declared=len(body)))
+            deadline = time.monotonic() + 30
+            while (r := post(base, "/search", {"query": "a lamp"})).status_code != 503:  # once the held one is in
+                assert r.status_code == 200 and time.monotonic() < deadline, r.text
+            assert "max_requests=1" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
+            assert httpx.get(base + "/info").status_code == 503
+            for path in ("/health", "/healthz"):
+                assert httpx.get(base + path).status_code == 200 and httpx.head(base + path).status_code == 200
+            held.sendall(body[5:])
+            assert held.recv(65536).startswith(b"HTTP/1.1 200")
+        assert post(base, "/search", {"query": "a lamp", "mode": "direct"}).status_code == 200
+        assert metric(httpx.get(base + "/metrics").text, "lrem_http_requests_total", path="/search", status="503") >= 1
+
+
+def test_a_forwarded_client_is_not_local(url):
+    """A proxy on this machine that names the real client in X-Forwarded-For: /admin/reload
+    without a key is refused to it (uvicorn's proxy_headers, trusted from 127.0.0.1)."""
+    r = httpx.post(url + "/admin/reload", json={}, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.status_code == 403 and "only this machine's clients" in r.json()["detail"]
+    assert httpx.post(url + "/admin/reload", json={}).status_code == 409  # loopback itself: allowed (no folder here)
 
 
 def test_timeout_is_a_503_and_the_server_recovers(searcher):
@@ -591,6 +728,14 @@ def test_lrem_serve_command(searcher, tmp_path):
         assert info["config"]["max_batch"] == 4 and info["items"] == len(TITLES)
         r = post(base, "/search", {"query": "mug", "k": 2, "mode": "direct"})
         assert r.status_code == 200 and len(r.json()["items"]) == 2
+        # the index file overwritten in place (what cp does): the copy in memory serves on, and a
+        # reload reads the broken file and refuses it
+        (tmp_path / "idx" / "index.faiss").write_bytes(b"not an index")
+        r = post(base, "/search", {"query": "a teapot", "k": 2, "mode": "direct"})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+        r = post(base, "/admin/reload", {})
+        assert r.status_code == 409 and "index.faiss" in r.json()["detail"], r.text
+        assert post(base, "/search", {"query": "a mug", "k": 2, "mode": "direct"}).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0].decode()
@@ -653,6 +798,28 @@ def this_machines_address() -> str | None:
             return None
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("mmap_index", [False, True])
+def test_mmap_index_maps_the_index_file_at_start_and_reload(tiny, tmp_path, mmap_index):
+    folder = tmp_path / "idx"
+    index = ItemIndex.build(tiny, {f"i{j}": t for j, t in enumerate(TITLES)}, show_progress=False)
+    index.save(folder)
+    file = str(folder / "index.faiss")
+
+    def mapped() -> bool:  # a mapping of the file now in the folder (one replaced since ends "(deleted)")
+        return any(line.endswith(file) for line in Path("/proc/self/maps").read_text().splitlines())
+
+    cfg = ServeConfig(mmap_index=mmap_index)
+    searcher = load_searcher(folder, cfg, log=lambda *_: None)
+    assert searcher.model.source == tiny.source and mapped() == mmap_index
+    index.save(folder)  # replaced by rename, as lrem index does
+    assert not mapped()
+    with background_server(create_app(searcher, cfg)) as base:
+        assert post(base, "/admin/reload", {}).status_code == 200
+        assert mapped() == mmap_index
+        assert post(base, "/search", {"query": "a mug", "mode": "direct"}).status_code == 200
+
+
 def test_reload_without_a_key_answers_loopback_clients_only(tiny, tmp_path):
     ip = this_machines_address()
     if ip is None or ip.startswith("127."):
@@ -680,12 +847,15 @@ def test_query_log_rows_rotate_and_replay(tiny, tmp_path):
     cfg = ServeConfig(query_log=str(log), hybrid=True)
     with background_server(create_app(searcher, cfg)) as url:
         answers = [post(url, "/search", body).json() for body in
-                   ({"query": "a mug", "mode": "direct", "k": 3}, {"query": "a lamp", "mode": "reason", "k": 2},
-                    {"query": "a rug", "mode": "direct", "hybrid": True})]
+                   ({"query": "a mug", "mode": "direct", "k": 3, "min_score": -1.0},
+                    {"query": "a lamp", "mode": "reason", "k": 2},
+                    {"query": "a rug", "mode": "direct", "hybrid": True, "lexical_weight": 2.5})]
         assert post(url, "/search", {"query": "", "mode": "direct"}).status_code == 422  # refused: not logged
     rows = [json.loads(line) for line in log.read_text().splitlines()]  # the server stopped: all written
     assert [r["query"] for r in rows] == ["a mug", "a lamp", "a rug"]
     assert [r["mode_used"] for r in rows] == ["direct", "reason", "direct"] and rows[2]["hybrid"] is True
+    # what a replay needs to answer the same: hybrid's weight and the score floor
+    assert [(r["lexical_weight"], r["min_score"]) for r in rows] == [(1.0, -1.0), (1.0, None), (2.5, None)]
     assert rows[1]["cot"] == answers[1]["cot"] and rows[1]["k"] == 2
     assert rows[0]["items"] == [[i["item_id"], round(i["score"], 6)] for i in answers[0]["items"]]
     assert rows[0]["time"].endswith("Z") and rows[0]["ms"] > 0

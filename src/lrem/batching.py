@@ -135,11 +135,14 @@ class Batcher:
         encode: `encode(kind, texts) -> (cots, embeddings (n, dim))`, run in the model thread.
         max_batch: most texts per call; max_wait_ms: how long the first text waits for others.
         on_batch: called with (kind, n_texts, seconds) after each model call (metrics).
+        on_result: called with (kind, text, cot, row) for each text computed, before its callers
+            get it, whether or not any is still waiting (the cache keeps what was paid for).
     """
 
-    def __init__(self, encode, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
+    def __init__(self, encode, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None, on_result=None):
         self.encode, self.max_batch, self.max_wait = encode, max_batch, max_wait_ms / 1000.0
         self.max_queue, self.on_batch = max_queue, on_batch or (lambda kind, n, s: None)
+        self.on_result = on_result or (lambda kind, text, cot, row: None)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -194,7 +197,7 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            jobs = [j for j in await self._collect() if not j[2].done()]  # callers that timed out are dropped
+            jobs = [j for j in await self._collect() if not j[2].done()]  # callers gone (timeout, hang-up): dropped
             self._last_size = len(jobs)  # callers, whatever their kinds and duplicates
             for kind in KINDS:
                 waiting: dict[str, list[asyncio.Future]] = {}
@@ -222,6 +225,8 @@ class Batcher:
             return
         self.on_batch(kind, len(texts), time.perf_counter() - t0)
         for text, cot, row in zip(texts, cots, emb):
+            row = row.copy()  # a copy: a cached row must not pin the whole batch
+            self.on_result(kind, text, cot, row)
             for future in waiting[text]:
                 if not future.done():
-                    future.set_result((cot, row.copy()))  # a copy: a cached row must not pin the whole batch
+                    future.set_result((cot, row))

@@ -14,8 +14,8 @@ client's `base_url` at `http://host:port/v1`), `POST /rerank` (TEI's) and `POST 
 `/openapi.json` (browsable at `/docs` and `/redoc`, their assets served by lrem: they work
 offline), and `GET /health` (or `/healthz`: liveness only). Request bodies are JSON whatever
 their content-type says (curl's `-d` says form encoding). With an API key (`api_key`, or the
-environment variable LREM_API_KEY) every endpoint but /health and /healthz wants
-`Authorization: Bearer KEY` and answers 401 without it.
+environment variable LREM_API_KEY) every endpoint but /health, /healthz and the API's docs
+(/docs, /redoc, /openapi.json) wants `Authorization: Bearer KEY` and answers 401 without it.
 
 How a query is served: the text is normalised (NFKC, lower case, single spaces) and looked up in
 an LRU cache of (kind, text) -> (CoT, embedding). Misses go to a `Batcher`: one worker drains
@@ -86,6 +86,33 @@ def shorten(embedding: np.ndarray, dimensions: int) -> np.ndarray:
     return head / max(float(np.linalg.norm(head)), 1e-12)  # an all-zero head stays zero
 
 
+def seen_tokens(model, texts: list[str], side: str) -> int:
+    """Tokens of `texts` the model is given (API usage): a text over the side's token limit is cut
+    to it, so it counts at most the limit."""
+    from .prompts import SIDES
+
+    limit = getattr(model.config, SIDES[side])
+    return sum(min(n, limit) for n in model.token_counts(texts))
+
+
+def unparsable(error: BaseException) -> str:
+    """Why a body that json.loads refused with other than a JSONDecodeError is not JSON lrem reads
+    (FastAPI answers those with a bare 400).
+
+    >>> unparsable(RecursionError("maximum recursion depth exceeded"))
+    'request body is not JSON lrem can read: its arrays or objects are nested too deep'
+    """
+    import sys
+
+    if isinstance(error, RecursionError):
+        why = "its arrays or objects are nested too deep"
+    elif isinstance(error, ValueError) and "digits" in str(error):  # Python's int_max_str_digits
+        why = f"a number is too long (over {sys.get_int_max_str_digits()} digits)"
+    else:
+        why = f"{type(error).__name__}: {error}"
+    return f"request body is not JSON lrem can read: {why}"
+
+
 def _problem(error: dict) -> str:
     """One validation error as text: where, then what (an unparsable body says why and where:
     FastAPI's own message is "body.0: JSON decode error").
@@ -143,7 +170,7 @@ def create_app(searcher, config: ServeConfig | None = None):
                          swagger_ui_parameters={"validatorUrl": None})
     app.state.service = service
     app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, metrics=service.metrics, api_key=cfg.key(),
-                       body_timeout_s=cfg.body_timeout_s)
+                       body_timeout_s=cfg.body_timeout_s, max_requests=cfg.max_requests)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -153,6 +180,8 @@ def create_app(searcher, config: ServeConfig | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's "There was an error parsing the body"
+            return JSONResponse(error_body(422, unparsable(exc.__cause__)), 422)
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
     async def limited(coro):
@@ -173,7 +202,6 @@ def create_app(searcher, config: ServeConfig | None = None):
             what = f"offset + k = {depth}" if req.offset else f"k={req.k}"
             raise HTTPException(422, f"{what}; the limit is {cfg.max_k} (max_k)")
         query = clean(req.query, "query", cfg.max_query_chars)
-        service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
         if req.hybrid and not cfg.hybrid:
             raise HTTPException(400, HYBRID_OFF)
         if req.filter:
@@ -189,12 +217,14 @@ def create_app(searcher, config: ServeConfig | None = None):
             result["items"] = [it for it in result["items"] if it["score"] >= req.min_score]
         if query_log is not None:
             query_log.write({"query": query, "mode": req.mode, "k": req.k, "offset": req.offset, "filter": req.filter,
-                             "hybrid": req.hybrid}, result)
+                             "hybrid": req.hybrid, "lexical_weight": req.lexical_weight, "min_score": req.min_score},
+                            result)
         return result
 
     def checked(texts: list[str], side: str, truncate: bool, what: str) -> list[str]:
         """1 to max_inputs valid texts (queries normalised), or a 422 naming the first bad one; a
-        text over the side's token limit is a 422 unless `truncate` (then cut, and counted)."""
+        text over the side's token limit is a 422 unless `truncate` (then the model cuts it, and
+        `SearchService` counts it where it is embedded)."""
         if not 1 <= len(texts) <= cfg.max_inputs:
             raise HTTPException(422, f"{what} has {len(texts)} texts; send 1 to {cfg.max_inputs} (max_inputs)")
         max_chars = cfg.max_query_chars if side == "query" else cfg.max_item_chars
@@ -204,15 +234,13 @@ def create_app(searcher, config: ServeConfig | None = None):
             (i, n), limit = over[0], ("max_item_tokens" if side == "item" else "max_query_tokens")
             raise HTTPException(422, f"{what}[{i}] has {n} tokens; the limit is {getattr(searcher.model.config, limit)} "
                                      f"({limit}); send truncate=true to cut it")
-        service.metrics.truncated.labels(side).inc(len(over))
         return texts
 
     async def scored(query: str, mode: str, texts: list[str] | None, item_ids: list[str] | None) -> dict:
-        """`SearchService.rerank` with its candidate errors as 422s."""
+        """`SearchService.rerank` (and the normalised query) with its candidate errors as 422s."""
         query = clean(query, "query", cfg.max_query_chars)
-        service.metrics.truncated.labels("query").inc(len(searcher.model.overlong([query], "query")))  # cut, counted
         try:
-            return await limited(service.rerank(query, mode, texts, item_ids))
+            return {"query": query, **await limited(service.rerank(query, mode, texts, item_ids))}
         except KeyError as e:
             raise HTTPException(422, f"item_ids: {e.args[0]}") from None
         except ValueError as e:
@@ -251,8 +279,7 @@ def create_app(searcher, config: ServeConfig | None = None):
                 raise HTTPException(422, f"documents[{i}]: a document is a text or an object with a text")
         docs = checked(docs, "item", req.truncate, "documents")
         result = await scored(req.query, mode, docs, None)
-        n_tokens = sum(len(ids) for ids in searcher.model.tokenizer([req.query, *docs],
-                                                                    add_special_tokens=False)["input_ids"])
+        n_tokens = seen_tokens(searcher.model, [result["query"]], "query") + seen_tokens(searcher.model, docs, "item")
         top = result["order"][:req.top_n or None]  # 0 or none: all, as vLLM
         return {"id": uuid.uuid4().hex, "model": name, "cot": result["cot"], "mode_used": result["mode_used"],
                 "usage": {"total_tokens": n_tokens},
@@ -280,7 +307,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         done = await limited(asyncio.gather(*(one(t) for t in texts)))
         if req.dimensions not in (None, dim):
             done = [(cot, shorten(emb, req.dimensions)) for cot, emb in done]
-        n_tokens = sum(len(ids) for ids in searcher.model.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        n_tokens = seen_tokens(searcher.model, texts, "item" if kind == "item" else "query")
         as_b64 = req.encoding_format == "base64"
         data = [{"index": i, "cot": cot,
                  "embedding": base64.b64encode(emb.astype("<f4").tobytes()).decode() if as_b64 else emb.tolist()}
@@ -304,11 +331,22 @@ def create_app(searcher, config: ServeConfig | None = None):
 
         return {"object": "list", "data": [entry(m, kind) for m, kind in EMBEDDING_MODELS.items()]}
 
+    @app.get("/v1/models/{model}", responses={404: {"description": "No such model."}})
+    async def model_entry(model: str) -> dict:
+        """One entry of /v1/models (what the openai client's `models.retrieve` asks for)."""
+        for entry in (await models())["data"]:
+            if entry["id"] == model:
+                return entry
+        raise HTTPException(404, f"model {model!r} does not exist; use one of {', '.join(EMBEDDING_MODELS)}")
+
     @app.get("/health")
     @app.get("/healthz")
     async def health() -> dict:
         """Liveness only (no key needed, nothing about the deployment): {"status": "ok"}."""
         return {"status": "ok"}
+
+    for path in ("/health", "/healthz"):  # HEAD too, as some load balancers check; kept out of the schema
+        app.add_api_route(path, health, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/admin/reload", responses={403: {"description": "No api_key is set and the client is not on this machine."},
                                          409: {"description": "The index cannot be reloaded (the message says why); "
@@ -380,15 +418,24 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeo
         thread.join(timeout=60)
 
 
-def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
-    """Load the index and its model, then serve until interrupted (what `lrem serve` runs)."""
-    import uvicorn
-
+def load_searcher(index_dir: str | Path, config: ServeConfig, log=print):
+    """The `Searcher` `lrem serve` serves: the index folder and its model, the index read into
+    memory unless `mmap_index` (as `SearchService.reload` reads it again)."""
     from .search import Searcher
 
+    return Searcher.load(index_dir, log=log, mmap=config.mmap_index)
+
+
+def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
+    """Load the index and its model, then serve until interrupted (what `lrem serve` runs)."""
+    import faulthandler
+
+    import uvicorn
+
+    faulthandler.enable()  # a fatal signal (SIGBUS from a mapped index overwritten in place) says where, on stderr
     sock = listen(config.host, config.port)
     try:
-        searcher = Searcher.load(index_dir, log=log)
+        searcher = load_searcher(index_dir, config, log)
         log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
             f"on http://{config.host}:{sock.getsockname()[1]}  settings: {json.dumps(config.public())}")
         server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))

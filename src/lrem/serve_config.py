@@ -62,8 +62,17 @@ class ServeConfig:
     header_timeout_s: float = field(default=10.0, metadata={
         "help": "Time a connection may take to send a request's headers (closed after)."})
     body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
-    max_connections: int = field(default=256, metadata={"help": "Open connections and requests beyond this get a 503."})
+    max_requests: int = field(default=256, metadata={
+        "help": "Requests in progress beyond this get a 503 in the error shape, with Retry-After (/health(z) exempt)."})
+    max_connections: int = field(default=1024, metadata={
+        "help": "Open connections beyond this get uvicorn's own plain-text 503, health checks included (a backstop "
+                "above max_requests: a proxy in front should cap connections)."})
     keep_alive_s: int = field(default=5, metadata={"help": "Idle keep-alive connections are closed after this."})
+    # Index
+    mmap_index: bool = field(default=False, metadata={
+        "help": "Memory-map the index file (shared page cache across server processes and a faster start) instead "
+                "of reading it into memory. A mapped file overwritten in place (cp, rsync --inplace) crashes the "
+                "process, so replace it by rename, as lrem index does."})
     # Access
     api_key: str = field(default="", metadata={
         "help": "Require `Authorization: Bearer KEY` on every endpoint but /health(z); '': the environment "
@@ -78,7 +87,7 @@ class ServeConfig:
             if want not in (str, bool) and v < 0:
                 raise ValueError(f"{f.name}={v}; must be >= 0")
         for name in ("max_batch", "max_query_chars", "max_item_chars", "max_k", "max_inputs", "max_body_bytes",
-                     "max_queue", "max_connections", "keep_alive_s"):
+                     "max_queue", "max_requests", "max_connections", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):

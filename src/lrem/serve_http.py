@@ -25,19 +25,27 @@ def is_json(content_type: bytes | None) -> bool:
 
 
 class RequestGuard:
-    """ASGI middleware: checks the API key, rejects slow, oversized or non-UTF-8 bodies before
-    parsing, has every body read as JSON; counts and times requests."""
+    """ASGI middleware: checks the API key, refuses requests beyond `max_requests` in progress,
+    rejects slow, oversized or non-UTF-8 bodies before parsing, has every body read as JSON, stops
+    a request whose client has gone; counts and times requests."""
 
     PATHS = ("/search", "/v1/embeddings", "/rerank", "/v1/rerank", "/v1/models", "/health", "/healthz", "/info",
              "/metrics", "/docs", "/redoc", "/openapi.json", "/admin/reload")
-    OPEN = ("/health", "/healthz")  # for load balancers: no key, and they say nothing but "ok"
+    OPEN = ("/health", "/healthz")  # for load balancers: no key, no max_requests, and they say nothing but "ok"
+    # The API's description, open as vLLM keeps it: a browser loading /docs sends no key for the
+    # page's schema and scripts, so with a key they would not load
+    DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+    DOCS_ASSETS = "/static-offline-docs/"
 
-    def __init__(self, app, max_body_bytes: int, metrics: ServeMetrics, api_key: str = "", body_timeout_s: float = 10.0):
+    def __init__(self, app, max_body_bytes: int, metrics: ServeMetrics, api_key: str = "", body_timeout_s: float = 10.0,
+                 max_requests: int = 256):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
         self.api_key, self.body_timeout_s = api_key.encode(), body_timeout_s
+        self.max_requests, self.in_progress = max_requests, 0
 
     def authorized(self, scope) -> bool:
-        if not self.api_key or scope["path"] in self.OPEN:
+        path = scope["path"]
+        if not self.api_key or path in self.OPEN or path in self.DOCS or path.startswith(self.DOCS_ASSETS):
             return True
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)  # constant time
@@ -47,45 +55,82 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         from starlette.responses import JSONResponse
 
-        t0, status = time.perf_counter(), [0]
+        t0, status, finished = time.perf_counter(), [0], [False]
+        holds = scope["path"] not in self.OPEN  # counts toward max_requests; health checks answer whatever the load
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished[0] = True  # from now on uvicorn's receive() says http.disconnect: not a client gone
             await send(message)
 
         try:
             if not self.authorized(scope):
                 return await JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)"),
                                           401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
-            body, problem = await self._read_body(scope, receive)
-            if body is None:  # the client went away mid-body: counted as 499 (nginx's "client closed")
-                status[0] = 499
-                return
-            if problem:
-                return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
-            if body and not is_json(dict(scope["headers"]).get(b"content-type")):
-                # curl -d sends application/x-www-form-urlencoded, other clients text/plain or nothing,
-                # and FastAPI then leaves the body unparsed (every field "missing"): read it as JSON
-                # whatever the header says, as vLLM does; a body that is not JSON is a 422 as before.
-                # Such requests need no CORS preflight, so a web page can make a browser send one to
-                # a local server (it cannot read the answer); an api_key stops that
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")]}
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay, send_counted)
+            if holds and self.in_progress >= self.max_requests:
+                message = f"server busy: {self.in_progress} requests in progress (max_requests={self.max_requests})"
+                return await JSONResponse(error_body(503, message), 503, headers={"Retry-After": "1"})(
+                    scope, receive, send_counted)
+            self.in_progress += holds
+            try:
+                await self._serve(scope, receive, send_counted, status, finished)
+            finally:
+                self.in_progress -= holds
         finally:
-            path = scope["path"] if scope["path"] in self.PATHS else "other"
+            path = scope["path"] if scope["path"] in self.PATHS else (
+                "/v1/models/{model}" if scope["path"].startswith("/v1/models/") else "other")  # ids: no label each
             self.metrics.requests.labels(path, str(status[0] or 500)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+    async def _serve(self, scope, receive, send, status: list, finished: list) -> None:
+        """Read the body, then run the app while watching the client: one gone before its answer
+        cancels the app (the batcher then drops its queued texts) and counts as 499 (nginx's
+        "client closed")."""
+        from starlette.responses import JSONResponse
+
+        body, problem = await self._read_body(scope, receive)
+        if body is None:  # the client went away mid-body
+            status[0] = 499
+            return
+        if problem:
+            return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send)
+        if body and not is_json(dict(scope["headers"]).get(b"content-type")):
+            # curl -d sends application/x-www-form-urlencoded, other clients text/plain or nothing,
+            # and FastAPI then leaves the body unparsed (every field "missing"): read it as JSON
+            # whatever the header says, as vLLM does; a body that is not JSON is a 422 as before.
+            # Such requests need no CORS preflight, so a web page can make a browser send one to
+            # a local server (it cannot read the answer); an api_key stops that
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+
+        async def watch():  # after the body, the client's next message is http.disconnect (or the response done)
+            while (message := await receive())["type"] != "http.disconnect":
+                pass
+            return message
+
+        watcher, replayed = asyncio.ensure_future(watch()), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # one reader of the client: the app hears what the watcher hears
+                return await asyncio.shield(watcher)
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        app = asyncio.ensure_future(self.app(scope, replay, send))
+        try:
+            await asyncio.wait((app, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not app.done() and not finished[0]:  # the client left before its answer
+                app.cancel()
+                status[0] = 499
+                await asyncio.wait((app,))  # its cancellation, not raised here: the request is over
+                return
+            await app
+        finally:
+            watcher.cancel()
+            app.cancel()  # this task cancelled (server shutdown): the app too; a no-op once it is done
 
     async def _read_body(self, scope, receive) -> tuple[bytes | None, tuple[int, str] | None]:
         limit = self.max_body_bytes
@@ -108,7 +153,7 @@ class RequestGuard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
-            return b"", (400, f"request body is not valid UTF-8 (byte {e.start}); JSON must be UTF-8")
+            return b"", (422, f"request body is not valid UTF-8 (byte {e.start}); JSON must be UTF-8")
         return body, None
 
 
@@ -139,10 +184,16 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
     import uvicorn
 
     cfg = app.state.service.config
+    # proxy_headers: a client at forwarded_allow_ips (a proxy on this machine) is replaced by the
+    # one its X-Forwarded-For names, so /admin/reload's loopback rule sees the real client; said
+    # here, not left to uvicorn's defaults (FORWARDED_ALLOW_IPS in the environment would widen it).
+    # h11_max_incomplete_event_size: a request line and headers still incomplete after 16 KiB
+    # buffered (sent in pieces) are a 400; a larger header block that arrives whole passes
     return uvicorn.Config(app, host=host, port=port, log_level=log_level,
                           http=_header_timeout_protocol(cfg.header_timeout_s),
                           timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections,
-                          h11_max_incomplete_event_size=16 * 1024)  # headers above 16 KiB: 400
+                          proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+                          h11_max_incomplete_event_size=16 * 1024)
 
 
 def _header_timeout_protocol(header_timeout_s: float):

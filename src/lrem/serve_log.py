@@ -2,10 +2,11 @@
 
 A search team's query log is what it tunes and trains on: which queries came, what lrem answered
 (the CoT, the items and their scores), how long it took. With `query_log: PATH` each answered
-/search appends {"time", "query", "mode", "mode_used", "k", "offset", "filter", "hybrid", "cached", "cot",
-"items": [[item_id, score], ...], "ms"}; `lrem search --from-file PATH` replays it. Rows go
-through a queue to a thread (Python's QueueHandler / QueueListener), so a slow disk never holds
-a request, and the file is rotated by size (RotatingFileHandler: PATH.1 ... PATH.N kept).
+/search appends {"time", "query", "mode", "mode_used", "k", "offset", "filter", "hybrid", "lexical_weight",
+"min_score", "cached", "cot", "items": [[item_id, score], ...], "ms"}; `lrem search --from-file
+PATH` replays it. Rows go through a queue to a thread (Python's QueueHandler / QueueListener), so
+a slow disk never holds a request, and the file is rotated by size (RotatingFileHandler: PATH.1
+... PATH.N kept).
 Queries are logged verbatim: where they may hold personal data, treat the file accordingly.
 """
 from __future__ import annotations

@@ -61,7 +61,8 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(strict=True)
     input: str | list[str] = Field(description="A text or a list of at most max_inputs texts.")
     model: str = Field(description=f"One of {', '.join(EMBEDDING_MODELS)}.", examples=["lrem-query-reason"])
-    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
+    encoding_format: Literal["float", "base64"] | None = Field("float", description="base64: little-endian float32; "
+                                                               "null (a client's unset field): float.")
     dimensions: int | None = Field(None, description="1 to the model's dimension (GET /info: dim). Below it, the "
                                    "first `dimensions` values, renormalised to unit length (Matryoshka-style; "
                                    "retrieval quality below the full size is untested).")

@@ -21,6 +21,7 @@ from .serve_config import ServeConfig
 
 HYBRID_OFF = "hybrid search is off on this server; start it with --set hybrid=true"
 WARM_KINDS = ("direct", "reason")  # what `auto` asks for: the direct embedding, and the reasoned one if routed
+CACHED_KINDS = WARM_KINDS  # what the server caches: query embeddings that depend on the query text only
 
 
 def cache_model_id(searcher) -> str:
@@ -92,8 +93,8 @@ class ServeMetrics:
                              ["kind", "result"], registry=r)
         self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
                                registry=r)
-        self.truncated = Counter("lrem_truncated_inputs", "Inputs cut to the model's token limit, by side "
-                                 "(query, item).", ["side"], registry=r)
+        self.truncated = Counter("lrem_truncated_inputs", "Texts cut to the model's token limit when embedded, by "
+                                 "side (query, item).", ["side"], registry=r)
         Gauge("lrem_cache_hit_rate", "Cache hits / lookups since start.", registry=r).set_function(
             lambda: service.cache.hit_rate)
         Gauge("lrem_cache_entries", "Entries in the cache.", registry=r).set_function(lambda: len(service.cache))
@@ -116,7 +117,8 @@ class SearchService:
         self.model_id = cache_model_id(searcher)
         self.cache = EmbeddingCache(config.cache_size)
         self.n_auto = self.n_auto_reasoned = 0
-        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue)
+        self.batcher = Batcher(self._encode, config.max_batch, config.max_wait_ms, config.max_queue,
+                               on_result=self._computed)
         self.metrics = ServeMetrics(self)
         self.batcher.on_batch = self.metrics.observe_batch
         if config.hybrid:
@@ -128,18 +130,34 @@ class SearchService:
         return self.n_auto_reasoned / self.n_auto if self.n_auto else 0.0
 
     def _encode(self, kind: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        """Runs in the model thread: one model call for a batch of texts of one kind."""
+        """Runs in the model thread: one model call for a batch of texts of one kind. Texts the
+        model cuts to its token limit are counted here, where they are embedded: once per text
+        computed, not per request (a cache hit or a next page cuts nothing)."""
         model = self.searcher.model
+        side = "item" if kind == "item" else "query"
+        cut = model.truncated[side]  # the model counts what it cuts; this thread is its only caller
         if kind == "item":
-            return [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
-        texts, cands = grounded_inputs(kind, texts)  # a grounded kind's texts: (query, titles) pairs
-        enc = model.encode_queries(texts, mode=GROUNDED_MODES.get(kind, kind), batch_size=len(texts), candidates=cands)
-        return enc.cots, enc.embeddings
+            cots, emb = [""] * len(texts), model.encode_items(texts, batch_size=len(texts))
+        else:
+            texts, cands = grounded_inputs(kind, texts)  # a grounded kind's texts: (query, titles) pairs
+            enc = model.encode_queries(texts, mode=GROUNDED_MODES.get(kind, kind), batch_size=len(texts),
+                                       candidates=cands)
+            cots, emb = enc.cots, enc.embeddings
+        self.metrics.truncated.labels(side).inc(model.truncated[side] - cut)
+        return cots, emb
+
+    def _computed(self, kind: str, text: str, cot: str, row: np.ndarray) -> None:
+        """The batcher's `on_result`: every query embedding computed goes into the cache, its
+        callers gone or not (the only writer of the cache while serving). Not cached: a grounded
+        kind's text (a query and its first-stage titles, which depend on the index), and items
+        (rerank candidates and lrem-item inputs would push the head queries out)."""
+        if kind in CACHED_KINDS:
+            self.cache.put((kind, text), (cot, row))
 
     async def embed(self, kind: str, text: str) -> tuple[str, np.ndarray, bool]:
-        """(cot, embedding, from_cache) for one normalised text. A grounded kind's text (a query and
-        its first-stage titles, which depend on the index) is not cached: the cache file keeps strings."""
-        if kind in GROUNDED_MODES:
+        """(cot, embedding, from_cache) for one normalised text: from the cache, else the batcher
+        (whose `on_result` caches it)."""
+        if kind not in CACHED_KINDS:
             cot, emb = await self.batcher.submit(kind, text)
             return cot, emb, False
         hit = self.cache.get((kind, text))
@@ -147,7 +165,6 @@ class SearchService:
         if hit is not None:
             return hit[0], hit[1], True
         cot, emb = await self.batcher.submit(kind, text)
-        self.cache.put((kind, text), (cot, emb))
         return cot, emb, False
 
     async def query(self, text: str, mode: str, k: int, lexical_weight: float | None = None,
@@ -235,7 +252,7 @@ class SearchService:
             raise ValueError("this server was not started from an index folder (lrem serve --index): nothing to reload")
 
         def load():
-            index = open_index(path)
+            index = open_index(path, mmap=self.config.mmap_index)
             now, built_by = model_fingerprint(self.searcher.model), index.meta.get("model_fingerprint")
             if built_by and built_by != now:  # as `Searcher.load`: an index without a fingerprint is trusted
                 raise ValueError(f"{path}: its items were embedded by other weights (model fingerprint {built_by}, "
