@@ -109,6 +109,28 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     return out
 
 
+def prepare_file_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
+                        also: Iterable[str | os.PathLike] = ()) -> Path:
+    """Check, before any work, that the file `out` may be written; returns it resolved. Refused
+    with an `OutputError`: `out` (or a file in `also`, such as its partial file) that is an
+    input or lies inside an input folder, a folder, or an existing file without `overwrite`."""
+    given = str(out)
+    out = Path(out).resolve()
+    for path in (out, *(Path(a).resolve() for a in also)):
+        for inp in inputs:
+            if inp is None:
+                continue
+            src = Path(inp).resolve()
+            if src == path or src in path.parents:
+                raise OutputError(f"--out {given}: {path} {'is' if src == path else 'lies inside'} the input {inp}; "
+                                  "writing it would destroy the input (choose another --out)")
+    if out.is_dir():
+        raise OutputError(f"--out {given}: is a folder; --out takes a file path")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputError(f"--out {given} exists; pass --overwrite to replace it")
+    return out
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -230,7 +252,8 @@ class JsonlLog:
         self.path = Path(path)
         self._f = None
 
-    def rows(self) -> list[dict]:
+    def rows(self, repair: bool = True) -> list[dict]:
+        """The rows; `repair`: cut a torn last line off the file (else it is only left out)."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -246,7 +269,7 @@ class JsonlLog:
             if not isinstance(row, dict):
                 raise ValueError(f"{self.path}:{n}: expected a JSON object")
             rows.append(row)
-        if end < len(data):  # a write cut short by a crash: cut it off before appending again
+        if repair and end < len(data):  # a write cut short by a crash: cut it off before appending again
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())

@@ -154,12 +154,15 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
     header = {"lrem_bulk_search": 1, "k": k, "settings": settings or {}}
     partial = JsonlLog(out.with_name(out.name + PARTIAL_SUFFIX))
     done: dict[str, dict] = {}
-    rows = partial.rows()
+    rows = partial.rows(repair=False)  # read-only until it is known to be this search's
+    if rows and "lrem_bulk_search" not in rows[0]:
+        raise ValueError(f"{partial.path}: exists and is not a partial result of lrem search; move it, or choose "
+                         "another --out")
     if rows:
         if rows[0] != json.loads(json.dumps(header)):
             raise ValueError(f"{partial.path}: a search with other settings ({rows[0].get('settings')}, k "
                              f"{rows[0].get('k')}) left it; delete it, or rerun that search to finish it")
-        done = {r["query_id"]: r for r in rows[1:]}
+        done = {r["query_id"]: r for r in partial.rows()[1:]}  # now a torn last line is cut off
     else:
         partial.append(header)
     todo = [(q, t) for q, t in queries if q not in done or done[q]["query"] != t]  # an edited line: again

@@ -112,17 +112,30 @@ def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybr
                          batch_size=batch_size)
         typer.echo(f"wrote {len(queries)} queries' top {k} to standard output ({fmt})", err=True)
         return
-    if out.resolve() == from_file.resolve():
-        raise ValueError(f"--out {out} is the queries file")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+    from lrem._io import prepare_file_output
+    from lrem.bulk import PARTIAL_SUFFIX
+
+    local = index_dir if Path(index_dir).exists() else None  # not a milvus: spec
+    prepare_file_output(out, (from_file, local), overwrite, also=[f"{out}{PARTIAL_SUFFIX}"])
     searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
-    settings = {"index": str(index_dir), "mode": label, "filter": where or None,
+    settings = {"index": _index_identity(index_dir, searcher.index), "mode": label, "filter": where or None,
                 "lexical_weight": lexical_weight if hybrid else None, "queries": str(from_file)}
     info = search_to_file(retriever, searcher.index.title, queries, out, k=k, fmt=fmt, settings=settings,
                           batch_size=batch_size, overwrite=overwrite)
     typer.echo(f"wrote {info['queries']} queries' top {k} to {out} ({fmt}; {info['searched']} searched now, "
              f"{info['resumed']} from an earlier run)")
+
+
+def _index_identity(index_dir: str, index) -> dict | str:
+    """What a resumed `--from-file` search must find again: the index folder (its real path), the
+    weights that embedded it and its FAISS file's size and time, so a rebuilt index is not mixed
+    in; a milvus: spec as given."""
+    path = Path(index_dir)
+    if not path.is_dir():
+        return str(index_dir)
+    stat = (path / "index.faiss").stat()
+    return {"path": str(path.resolve()), "model_fingerprint": index.meta.get("model_fingerprint"),
+            "index_file": [stat.st_size, stat.st_mtime_ns]}
 
 
 def _parse_filters(items: list[str]) -> dict[str, list[str]]:
