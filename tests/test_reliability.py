@@ -119,6 +119,37 @@ def test_out_replaces_only_lrems_own_output_and_only_with_overwrite(tmp_path):
     assert lrem("data", "convert", str(data), "--format", "lrem", "--out", str(empty)).returncode == 0
 
 
+def test_an_output_of_another_command_is_neither_resumed_nor_replaced_unasked(tmp_path, index_dir, tiny_dir):
+    import shutil
+
+    data = write_dataset(tmp_path / "t")
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    before = tree(idx)
+    # --resume continues a training run only (the final save would replace the whole folder)
+    assert_clean_error(lrem("train", "direct", "--data", str(data), "--split", "train", "--max-steps", "1", "--resume",
+                            "--out", str(idx)), "--resume continues a training run")
+    # export checks its --out first: an earlier output wants --overwrite, and the input model is never replaced
+    assert_clean_error(lrem("export", "--model", str(tiny_dir), "--out", str(idx)), "--overwrite")
+    assert_clean_error(lrem("export", "--model", str(tiny_dir), "--out", str(tiny_dir)), "is the input")
+    # a results file inside the searched index, or over its own partial file's name
+    queries = tmp_path / "q.txt"
+    queries.write_text("a mug\na teapot\n")
+    assert_clean_error(lrem("search", "--index", str(idx), "--from-file", str(queries), "--out",
+                            str(idx / "items.jsonl"), "--overwrite"), "lies inside the input")
+    mine = tmp_path / "log.partial"
+    mine.write_text('{"query_id": "a", "text": "a mug"}\n{"query_id": "b", "text": "a te')  # no final newline
+    kept = mine.read_bytes()
+    assert_clean_error(lrem("search", "--index", str(idx), "--from-file", str(queries), "--out", str(tmp_path / "log")),
+                       "not a partial result of lrem search")
+    assert mine.read_bytes() == kept and tree(idx) == before
+    assert_clean_error(lrem("eval", "--data", str(data), "-s", "a=bm25", "-s", "a=bm25", "--out", str(tmp_path / "e")),
+                       "'a' is given twice")
+    for systems in (["-s", "a=bm25", "-s", "b=bm25"], ["-s", "c=bm25", "--overwrite"]):  # a refreshed report
+        assert lrem("eval", "--data", str(data), "--split", "dev", *systems, "--out", str(tmp_path / "e")).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "e" / "runs").iterdir()) == ["c.trec"]  # no stale runs of a and b
+
+
 def test_library_writers_refuse_a_foreign_folder(tmp_path):
     from lrem._io import OutputError, prepare_output
 

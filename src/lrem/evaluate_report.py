@@ -209,6 +209,10 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
         with atomic_write(out / names[-1], "wb", encoding=None) as f:
             f.write(fig.read_bytes())
     write_json(out / "metrics.json", {k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")})
+    fresh = {f"{trec_name(name)}.trec" for name in result.get("runs", {})}
+    for stale in (out / "runs").glob("*.trec"):  # an earlier report's systems (--overwrite): not this report's
+        if stale.name not in fresh:
+            stale.unlink()
     for name, run in result.get("runs", {}).items():
         with atomic_write(out / "runs" / f"{trec_name(name)}.trec") as f:
             f.writelines(line + "\n" for line in trec_run_lines(name, run))

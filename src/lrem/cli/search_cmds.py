@@ -221,7 +221,11 @@ def eval_(
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
     from lrem.search import build_systems, parse_system, system_parts
 
-    specs = dict(parse_system(s) for s in system)
+    pairs = [parse_system(s) for s in system]
+    specs = dict(pairs)
+    if len(specs) < len(pairs):
+        twice = next(name for n, (name, _) in enumerate(pairs) if name in dict(pairs[:n]))
+        raise ValueError(f"--system: the name {twice!r} is given twice; name each system once")
     parts = [part for spec in specs.values() for part in system_parts(spec)]
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
@@ -253,6 +257,7 @@ def export(
     model: Annotated[str, typer.Option(help="LREM folder (or a built-in name) to export.")],
     to: Annotated[str, typer.Option(help="Target format: sentence-transformers.")] = "sentence-transformers",
     dtype: Annotated[str, typer.Option(help="Weights to write: auto, float32 or bfloat16.")] = "float32",
+    overwrite: Overwrite = False,
 ):
     """Write a folder sentence-transformers loads (items, and queries in direct mode: same embeddings as
     lrem); reasoning needs `lrem serve`."""
@@ -261,6 +266,7 @@ def export(
 
     if to not in FORMATS:
         raise typer.BadParameter(f"{to!r}; expected one of {', '.join(FORMATS)}", param_hint="--to")
+    check_output(out, model if Path(model).exists() else None, overwrite=overwrite)  # before the model loads
     run_export(LREM.from_pretrained(model, dtype=dtype, log=echo_err), to, out, log=typer.echo)
 
 

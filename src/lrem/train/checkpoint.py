@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_dir, claim_dir, prepare_output, write_json
+from .._io import MARKER, OutputError, atomic_dir, claim_dir, prepare_output, write_json
 from .lora import ADAPTER, lora_settings, save_adapter
 from .pairs import RL_PAIRS
 
@@ -36,7 +36,20 @@ def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | 
                          "start over, or use a new --out")
     prepare_output(out, inputs, overwrite=overwrite, resume=resume,  # e.g. --model runs/a --out runs/a
                    run_files=("checkpoints",) if resume else ())
+    if resume and not overwrite and not is_training_run(out):  # else the final save would replace, say, an index
+        raise OutputError(f"--out {out}: --resume continues a training run, and this folder holds none (no "
+                          f"checkpoints/, tb/ or {TRAIN_STATE}); use a new --out, or --overwrite to replace it")
     return ckpt if resume else None
+
+
+def is_training_run(out: Path) -> bool:
+    """Whether `out` may be resumed: missing or empty (save the marker), or a training run's folder."""
+    out = Path(out)
+    if not out.is_dir():
+        return True
+    if not [p for p in out.iterdir() if p.name != MARKER]:
+        return True
+    return any((out / name).exists() for name in ("checkpoints", "tb", TRAIN_STATE))
 
 
 def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
