@@ -150,6 +150,24 @@ def test_an_output_of_another_command_is_neither_resumed_nor_replaced_unasked(tm
     assert sorted(p.name for p in (tmp_path / "e" / "runs").iterdir()) == ["c.trec"]  # no stale runs of a and b
 
 
+def test_truncated_model_weights_are_one_clear_error(tmp_path, tiny_dir, index_dir):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    data = write_dataset(tmp_path / "t")
+    assert_clean_error(lrem("index", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "o")),
+                       "unreadable weights", "a truncated copy?")
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    meta = json.loads((idx / "meta.json").read_text())
+    (idx / "meta.json").write_text(json.dumps({**meta, "model": str(model)}))
+    for runtime in ("auto", "transformers"):  # the tiny model is not one the native runtime runs
+        assert_clean_error(lrem("search", "--index", str(idx), "--runtime", runtime, "a mug"), "unreadable weights")
+
+
 def test_library_writers_refuse_a_foreign_folder(tmp_path):
     from lrem._io import OutputError, prepare_output
 

@@ -295,6 +295,7 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
             raise ValueError(f"model {name}: runtime 'native' runs LREM folders of {', '.join(ARCHS)} "
                              "models on the CPU (plain rotary embeddings, one model.safetensors, tokenizer.json); "
                              "use runtime 'transformers'")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(path).exists() and not (Path(path) / "config.json").exists():
@@ -306,7 +307,10 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
             raise ValueError(f"model {name}: cannot load its tokenizer: {str(e).splitlines()[0]}") from e
         raise ValueError(f"model {name!r}: no such folder, not a built-in name ({', '.join(BUILTINS)}) "
                          "and not a hub model in the local cache") from e
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except SafetensorError as e:  # neither an OSError nor a ValueError: say which folder, in one line
+        raise ValueError(f"model {name}: unreadable weights in {path} ({e}); a truncated copy? copy it again") from e
     if add_special_tokens:
         add_lrem_tokens(lm, tok)
     return lm, tok

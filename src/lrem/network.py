@@ -205,11 +205,15 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "CausalLM":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
-        state = load_file(folder / WEIGHTS)
+        try:
+            state = load_file(folder / WEIGHTS)
+        except SafetensorError as e:  # neither an OSError nor a ValueError: say which file, in one line
+            raise ValueError(f"{folder / WEIGHTS}: unreadable weights ({e}); a truncated copy? copy it again") from e
         with torch.device("meta"):
             lm = cls(cfg)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints kept it
