@@ -205,6 +205,28 @@ def test_construct_resumes_its_own_run_folder(tmp_path, tiny_dir):
     assert any("1 already done, 0 to go" in line for line in log)
 
 
+def test_construct_writes_only_into_its_own_runs_and_a_failed_start_binds_nothing(tmp_path, index_dir, tiny_dir):
+    import shutil
+
+    data = write_dataset(tmp_path / "t")
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    before = tree(idx)
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text(json.dumps({"query_id": "q", "cot": "cup, mug"}) + "\n")
+    args = ["construct", "--data", str(data), "--split", "dev", "--keep-all", "--k-mine", "2", "--k-gain", "2",
+            "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text(f"student: {tiny_dir}\n")
+    assert_clean_error(lrem(*args, "--teacher", f"file:{cots}", "--out", str(idx)), "not a `lrem construct` run")
+    assert tree(idx) == before
+    run = tmp_path / "run"
+    p = lrem(*args, "--teacher", f"file:{tmp_path / 'missing.jsonl'}", "--out", str(run))
+    assert p.returncode != 0 and (run / "config.json").is_file()  # it failed after writing its settings
+    p = lrem(*args, "--teacher", f"file:{cots}", "--out", str(run))  # other settings: nothing was made with those
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["teacher"] == f"file:{cots}"
+
+
 def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path):
     """Interrupted construct and train runs of an older lrem (no marker) must stay resumable."""
     from lrem._io import OutputError, prepare_output

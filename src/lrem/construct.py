@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lrem._io import JsonlLog, claim_dir, write_json, write_jsonl
+from lrem._io import MARKER, JsonlLog, claim_dir, write_json, write_jsonl
 from lrem.construct_config import DEFAULT_BAN, ConstructConfig
 from lrem.construct_stats import (FUNNEL_LABELS, STATUS_WHY, STATUSES, compute_stats, distribution, format_stats,
                                   why_empty)
@@ -194,10 +194,27 @@ class TripletBuilder:
         return out
 
 
+def is_construct_run(out: Path) -> bool:
+    """Whether `out` may be resumed by `construct`: missing or empty (but for lrem's marker), or a
+    construct run's folder (its outcomes, or its config.json, which a model folder's is not)."""
+    import json
+
+    out = Path(out)
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name != MARKER] or (out / OUTCOMES).exists():
+        return True
+    try:
+        return "teacher" in json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_config(out: Path, cfg: ConstructConfig) -> None:
-    """Refuse to resume a run directory that was started with other (non-runtime) settings."""
+    """Refuse to resume a run directory that was started with other (non-runtime) settings. A
+    run that has no outcome yet (it failed at the start: a missing teacher file, a bad split)
+    takes the new settings: nothing was made with the old ones."""
     path, new = out / CONFIG, cfg.to_dict()
-    if path.exists():
+    outcomes = out / OUTCOMES
+    if path.exists() and outcomes.exists() and outcomes.stat().st_size:
         import json
 
         old = json.loads(path.read_text(encoding="utf-8"))

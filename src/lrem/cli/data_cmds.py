@@ -100,7 +100,8 @@ def construct(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Queries per step (outcomes are appended per batch).")] = None,
 ):
     """Build Query-CoT-Item triplets: mine, reason, extract, post-process, gain set, judge (resumable)."""
-    from lrem.construct import CONFIG, OUTCOMES, ConstructConfig, construct as run_construct, format_stats
+    from lrem.construct import (CONFIG, OUTCOMES, ConstructConfig, construct as run_construct, format_stats,
+                                is_construct_run)
     from lrem.teachers import TeacherError
 
     flags = dict(split=split, teacher=teacher, judge=judge, retriever=retriever, hint=hint, teacher_mode=teacher_mode, candidates=candidates,
@@ -108,6 +109,8 @@ def construct(
                  k_mine=k_mine, mine_max_hitrate=mine_max_hitrate, keep_all=keep_all, k_gain=k_gain,
                  batch_size=batch_size)
     check_output(out, data, config, resume=True, run_files=(CONFIG, OUTCOMES))  # its own run folder is resumed
+    if not is_construct_run(out):  # another command's output (an index, a model): not to be written into
+        raise ValueError(f"--out {out}: an lrem output, but not a `lrem construct` run; use a new --out")
     try:
         stats = run_construct(data, out, ConstructConfig.load(config, **flags), log=echo_err)
     except TeacherError as e:
