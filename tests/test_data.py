@@ -225,12 +225,15 @@ def test_from_beir(tmp_path):
         {"_id": "d1", "title": "Aspirin", "text": "An analgesic."},
         {"_id": "d2", "title": "", "text": "x" * 300},
         {"_id": "d3", "title": "Unjudged", "text": ""},
+        {"_id": "d1", "title": "Aspirin again", "text": "A second document of the same id."},
     ], [])
     write_table(src / "queries.jsonl", [{"_id": f"q{i}", "text": f"question {i}"} for i in range(1, 5)], [])
     (src / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t0\nq3\td1\t1\n")
     (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq3\td2\t2\n")
     assert detect_format(src) == "beir"
-    ds = from_beir(src)
+    said = []
+    ds = from_beir(src, log=said.append)
+    assert ds.catalog["d1"].title == "Aspirin" and any("'d1' again" in line for line in said)  # the first, and a note
     assert ds.catalog["d2"].title == "x" * 200 and ds.catalog["d3"].text is None
     assert {q.query_id: q.split for q in ds.queries.values()} == {"q1": "train", "q2": "train", "q3": "test"}
     assert ds.qrels["q3"] == {"d1": 1, "d2": 2} and ds.relevant("q2") == set()

@@ -128,6 +128,12 @@ def test_float16_chunks_and_damaged_chunks(tmp_path, tiny):
     (tmp_path / "h" / CHUNKS / chunk_name(1)).write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"chunk-000001.parquet: not a readable Parquet chunk"):
         ItemIndex.from_chunks(tmp_path / "h", show_progress=False)
+    whole = (tmp_path / "h" / CHUNKS / chunk_name(2)).read_bytes()
+    (tmp_path / "h" / CHUNKS / chunk_name(2)).write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    again = embed_catalog(tiny, cat, tmp_path / "h", chunk_size=4, vector_dtype="float16", show_progress=False)
+    assert (again.encoded, again.skipped) == ([1, 2], [0])  # the damaged chunks are embedded again
+    assert (tmp_path / "h" / CHUNKS / chunk_name(2)).read_bytes() == whole
+    assert len(ItemIndex.from_chunks(tmp_path / "h", show_progress=False).item_ids) == 10
 
 
 def test_two_processes_write_the_vectors_of_one(tmp_path, tiny_dir):

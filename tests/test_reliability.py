@@ -346,6 +346,17 @@ def test_control_characters_in_dataset_files_are_rejected(tmp_path, table, row, 
     assert_clean_error(p, f"{table}.jsonl:1", f"field '{field}'", "control character")
 
 
+@pytest.mark.parametrize("table, row, field", [
+    ("catalog", {"item_id": "SKU 0298", "title": "mug"}, "item_id"),
+    ("queries", {"query_id": "q 1", "text": "cup", "category": "c", "split": "dev"}, "query_id"),
+])
+def test_ids_with_whitespace_are_rejected(tmp_path, table, row, field):
+    """A TREC run line is split on whitespace: such an id would shift its columns."""
+    data = write_dataset(tmp_path / "t")
+    (data / f"{table}.jsonl").write_text(json.dumps(row) + "\n")
+    assert_clean_error(lrem("data", "check", str(data)), f"{table}.jsonl:1", f"field '{field}'", "holds whitespace")
+
+
 def test_converters_clean_control_characters_of_raw_sources(tmp_path):
     from lrem.data import convert
 

@@ -161,6 +161,15 @@ def chunk_fields(folder: str | os.PathLike) -> tuple[list[str] | None, dict[str,
     return digests, {name: c for name, c in columns.items() if any(v is not None for v in c)}
 
 
+def _chunk_ok(path: Path, n: int) -> bool:
+    """Whether a chunk file is there whole (its Parquet footer readable, n rows): a copy cut short
+    or damaged outside lrem is embedded again (lrem's own writes are atomic)."""
+    try:
+        return path.is_file() and _rows(path) == n
+    except Exception:  # noqa: BLE001 - pyarrow's errors for a bad footer vary (ArrowInvalid, OSError)
+        return False
+
+
 def _rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -260,7 +269,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
     if rank != 0:
         start_manifest(out, manifest)  # the same check, so every rank stops on a mismatch
     mine = shard(n_chunks, rank, world)
-    done = [c for c in mine if (out / CHUNKS / chunk_name(c)).is_file()]
+    done = [c for c in mine if _chunk_ok(out / CHUNKS / chunk_name(c), min(chunk_size, len(ids) - c * chunk_size))]
     todo = [c for c in mine if c not in set(done)][:max_chunks]
     t0, n = time.perf_counter(), 0
     bar = tqdm(todo, desc=f"rank {rank} chunks" if world > 1 else "chunks", unit="chunk", disable=not show_progress,

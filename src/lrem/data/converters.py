@@ -149,6 +149,9 @@ def from_beir(src, log: Log = _stderr) -> Dataset:
         if not title:
             corpus_notes.skip(row.line, "neither a title nor a text")
             continue
+        if row["_id"] in catalog:  # which document the qrels judged is unknown: keep the first, say so
+            corpus_notes.skip(row.line, f"field '_id': {row['_id']!r} again (the first one is kept)")
+            continue
         catalog[row["_id"]] = Item(row["_id"], title, "beir", text or None)
     texts = {r["_id"]: strip_controls(r["text"]).strip()
              for r in read_table(src / "queries.jsonl", {"_id": str, "text": str}, {}, raw=("text",))}

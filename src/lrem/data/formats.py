@@ -331,6 +331,7 @@ def _assemble(tables: dict[str, tuple[Path, list[Row]]], name: str) -> Dataset:
     queries: dict[str, Query] = {}
     for row in q_rows:
         _unique(row["query_id"], queries, q_path, row.line, "query_id")
+        _single_token(row["query_id"], q_path, row.line, "query_id")
         queries[row["query_id"]] = Query(**row)
     qrels: dict[str, dict[str, int]] = {}
     for row in r_rows:
@@ -349,8 +350,14 @@ def _items(path: Path, rows: list[Row]) -> dict[str, Item]:
     catalog: dict[str, Item] = {}
     for row in rows:
         _unique(row["item_id"], catalog, path, row.line, "item_id")
+        _single_token(row["item_id"], path, row.line, "item_id")
         catalog[row["item_id"]] = Item(**row)
     return catalog
+
+
+def _single_token(key: str, path, line: int, field: str) -> None:
+    if any(c.isspace() for c in key):  # TREC run and qrels files split their lines on whitespace
+        raise DataError(path, line, field, f"{key!r} holds whitespace; ids are single tokens (replace it, e.g. by '_')")
 
 
 def _unique(key: str, seen: dict, path, line: int, field: str, what: str | None = None) -> None:
