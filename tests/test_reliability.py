@@ -604,7 +604,6 @@ def _cache_files(tmp_path: Path, searcher) -> dict[str, Path]:
     np.savez(good, kinds=np.array(["direct"]), texts=np.array(["mug"]), cots=np.array([""]),
              emb=np.ones((1, searcher.model.dim), np.float32) / np.sqrt(searcher.model.dim), model=np.array(model_id))
     path("truncated").write_bytes(good.read_bytes()[:200])
-    path("directory").mkdir()
     np.savez(path("missing_key"), kinds=np.array(["direct"]), texts=np.array(["mug"]), model=np.array(model_id))
     np.savez(path("pickled"), kinds=np.array([{"x": 1}], dtype=object), texts=np.array(["mug"]),
              cots=np.array([""]), emb=np.zeros((1, 4)), model=np.array(model_id))

@@ -1,6 +1,8 @@
 """Loading a config dataclass from defaults, a YAML file and flags, with checked keys and types."""
 from __future__ import annotations
 
+import math
+import re
 import types
 import typing
 from dataclasses import fields
@@ -10,32 +12,83 @@ from pathlib import Path
 def load_config(cls, path=None, overrides: dict | None = None):
     """Defaults, then a YAML file of values, then `overrides` (None values are ignored).
 
-    An unknown key, a value of the wrong type or malformed YAML raises a ValueError naming the
-    file (and line) or "flag", and the key.
+    An unknown key, a value of the wrong type, a number that is not finite (NaN, infinity: no lrem
+    setting takes one), malformed YAML, a file that is not UTF-8 text, or a value the class's own
+    checks (`__post_init__`) refuse raises a ValueError naming where the value came from (the
+    file, or "flag") and the key.
     """
-    import yaml
-
-    overrides = overrides or {}
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ValueError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys to values")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values, source = _read_yaml(path) if path is not None else ({}, {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # a flag left unset is no source
+    values.update(given)
+    source.update(dict.fromkeys(given, "flag"))
     hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
     for key, value in values.items():
-        src = "flag" if key in overrides else path
+        src = source[key]
         if key not in known:
             raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         if not type_ok(value, hints[key]):
             want = getattr(hints[key], "__name__", None) if not isinstance(hints[key], types.UnionType) else None
             raise ValueError(f"{src}: key {key!r}: expected {want or hints[key]}, got {value!r}")
-    return cls(**values)
+        if not finite(value):
+            shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) else repr(value)
+            raise ValueError(f"{src}: key {key!r}: {shown} is not a finite number")
+    try:
+        return cls(**values)
+    except ValueError as e:  # the class's own range checks: say which source the keys they name came from
+        named = [k for k in values if re.search(rf"\b{re.escape(k)}\b", str(e))] or list(values)
+        where = ", ".join(dict.fromkeys(source[k] for k in named)) or cls.__name__
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _read_yaml(path) -> tuple[dict, dict]:
+    """(the file's mapping of keys to values, each key's source: the file)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # its own message names no file
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                         "a config is a YAML text file") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (a control character): its line
+        line = text[:e.position].count("\n") + 1
+        raise ValueError(f"{path}:{line}: malformed YAML (character {e.character:#x} is not allowed)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    except ValueError as e:  # a value the constructor cannot make (an int of over 4300 digits)
+        raise ValueError(f"{path}: malformed YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys to values")
+    return values, dict.fromkeys(values, str(path))
+
+
+def finite(value) -> bool:
+    """False for a number that is NaN, infinite or beyond a float's range (an int of 400 digits),
+    which no lrem setting takes (max_grad_norm: 0 is off, not inf; router_share: 1 reasons on
+    every query); True for anything else, non-numbers included.
+
+    >>> finite(0.5), finite(float("nan")), finite(float("-inf")), finite(10**400), finite("x")
+    (True, False, False, False, True)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def check_finite(config) -> None:
+    """Refuse a config dataclass whose numeric field is not `finite` (for direct construction:
+    `load_config` names the file or flag first); called first in `__post_init__`, so a NaN never
+    reaches the range checks, which it would pass (every comparison with NaN is False)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not finite(value):
+            raise ValueError(f"{f.name}={value!r}; need a finite number")
 
 
 def type_ok(value, hint) -> bool:

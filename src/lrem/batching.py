@@ -69,15 +69,37 @@ class EmbeddingCache:
             np.savez(f, kinds=np.array([k[0] for k in keys], dtype=str), texts=np.array([k[1] for k in keys], dtype=str),
                      cots=np.array([v[0] for v in values], dtype=str), emb=emb, model=np.array(model_id))
 
+    @staticmethod
+    def check_file(path: str | Path) -> None:
+        """Raise a ValueError saying why `path` may not be written as a cache file: a folder, or
+        an existing file that is not a readable lrem cache (of any model: which model wrote it is
+        `load`'s question). An absent path passes. For writers that were given the path and must
+        not move or replace someone else's file (`lrem cache --out`)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, not a cache file")
+        if not (path.exists() or path.is_symlink()):
+            return
+        try:
+            with open(path, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":  # numpy's guess at other bytes is "pickled data": say what it is
+                    raise ValueError("not an .npz archive")
+            _read_cache(path, None, None)
+        except Exception as e:  # noqa: BLE001 - whatever the reader trips on, it is no cache of lrem's
+            raise ValueError(f"{path}: exists and is not an lrem cache file ({type(e).__name__}: {e})") from None
+
     def load(self, path: str | Path, model_id: str, dim: int | None = None, log=None) -> int:
         """Add the entries of a saved cache; returns how many (0 if absent or from another model).
 
         A cache is disposable: a file that cannot be read or holds entries of the wrong shape
         (`dim`: the model's) is moved aside as `PATH.bad-TIME` with one warning (`log`, default
-        the `lrem` logger), and the service starts with an empty cache.
+        the `lrem` logger), and the service starts with an empty cache. A folder is a ValueError,
+        never moved: it is no cache, and may be anyone's.
         """
         path = Path(path)
         warn = log or logging.getLogger("lrem").warning
+        if path.is_dir():
+            raise ValueError(f"cache {path}: is a folder, not a cache file")
         if not (path.exists() or path.is_symlink()):
             return 0
         try:
@@ -99,14 +121,15 @@ class EmbeddingCache:
         return len(entries)
 
 
-def _read_cache(path: Path, model_id: str, dim: int | None) -> list | None:
-    """The (key, value) entries of a cache file, None if another model wrote it; a ValueError
-    (or the reader's own error) for anything malformed. Never unpickles."""
+def _read_cache(path: Path, model_id: str | None, dim: int | None) -> list | None:
+    """The (key, value) entries of a cache file, None if another model wrote it (`model_id`
+    None: any model's entries); a ValueError (or the reader's own error) for anything malformed.
+    Never unpickles."""
     with np.load(path, allow_pickle=False) as z:
         missing = {"kinds", "texts", "cots", "emb", "model"} - set(z.files)
         if missing:
             raise ValueError(f"missing arrays {sorted(missing)}")
-        if str(z["model"]) != model_id:
+        if model_id is not None and str(z["model"]) != model_id:
             return None
         kinds, texts, cots, emb = z["kinds"], z["texts"], z["cots"], z["emb"]
     n = len(kinds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from lrem._config import load_config
+from lrem._config import check_finite, load_config
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
                "brands", "attribute", "attributes", "related products", "etc", "none", "n/a", "various",
@@ -72,6 +72,7 @@ class ConstructConfig:
                "teacher_backoff", "batch_size")
 
     def __post_init__(self):
+        check_finite(self)  # first: a NaN passes the range checks below
         if self.hint not in ("none", "gold"):
             raise ValueError(f"hint={self.hint!r}; expected none or gold")
         if not 0 <= self.candidates <= self.k_gain:

@@ -145,6 +145,7 @@ def create_app(searcher, config: ServeConfig | None = None):
     from .model import LREM_CONFIG
 
     cfg = config or ServeConfig()
+    cfg.check_paths(getattr(searcher, "index_dir", None))  # as `serve` does, for apps made in Python
     service = SearchService(searcher, cfg)
     query_log = QueryLog(cfg.query_log, cfg.query_log_max_mb, cfg.query_log_backups) if cfg.query_log else None
 
@@ -433,6 +434,7 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
     import uvicorn
 
     faulthandler.enable()  # a fatal signal (SIGBUS from a mapped index overwritten in place) says where, on stderr
+    config.check_paths(index_dir)  # before the port and the model: a minute's load, then a refusal, helps no one
     sock = listen(config.host, config.port)
     try:
         searcher = load_searcher(index_dir, config, log)

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ._config import check_finite
 from .router import LearnedRouter, Router
 
 ROUTER_KINDS = ("model", "margin")
@@ -79,6 +80,7 @@ class ServeConfig:
                 "variable LREM_API_KEY, if set, else no key."})
 
     def __post_init__(self):
+        check_finite(self)  # first: NaN passes every range check below (its comparisons are all False)
         for f in fields(self):
             v, want = getattr(self, f.name), type(f.default)
             number = isinstance(v, (int, float)) and not isinstance(v, bool) and (want is float or isinstance(v, int))
@@ -98,6 +100,25 @@ class ServeConfig:
         if self.router_kind not in ROUTER_KINDS:
             raise ValueError(f"router_kind={self.router_kind!r}; expected one of {', '.join(ROUTER_KINDS)}")
         self.router()  # checks the router settings
+
+    def check_paths(self, index_dir: str | Path | None = None) -> None:
+        """Refuse, before the model loads, files the server would write over something else's:
+        `cache_path` or `query_log` inside the served index folder (`index_dir`), either one a
+        folder (someone's, not a cache to move aside), or the two the same file. An unreadable
+        cache FILE is not refused: a cache is disposable, and it is moved aside at start."""
+        named = {"cache_path": self.cache_path, "query_log": self.query_log}
+        index = Path(index_dir).resolve() if index_dir is not None and Path(index_dir).is_dir() else None
+        for name, value in named.items():
+            if not value:
+                continue
+            path = Path(value).resolve()
+            if index is not None and (path == index or index in path.parents):
+                raise ValueError(f"{name}={value}: inside the served index folder {index_dir}; writing it would "
+                                 "corrupt the index (choose a path outside it)")
+            if path.is_dir():
+                raise ValueError(f"{name}={value}: is a folder; {name} takes a file path")
+        if self.cache_path and self.query_log and Path(self.cache_path).resolve() == Path(self.query_log).resolve():
+            raise ValueError(f"cache_path and query_log are the same file ({self.query_log}); give each its own")
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, sets: list[str] = (), **overrides) -> "ServeConfig":

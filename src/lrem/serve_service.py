@@ -38,7 +38,8 @@ def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size:
     (`normalize_query`). Queries the file at `path` already holds are skipped, and the file is
     rewritten (atomically) every `save_every_s`, so a killed run resumes. The file's first queries
     are stored newest, so a server whose `cache_size` is smaller keeps those: list the most
-    frequent first. Returns counts."""
+    frequent first. Returns counts. A folder, a file that is no lrem cache, or another model's
+    cache at `path` is a ValueError: the caller named this file, so nothing is moved aside."""
     from tqdm.auto import tqdm
 
     from ._text import normalize_query
@@ -49,8 +50,9 @@ def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size:
     texts = list(dict.fromkeys(normalize_query(q) for q in queries))  # the server's keys, each once
     model_id, model = cache_model_id(searcher), searcher.model
     cache, said = EmbeddingCache(max(1, len(texts) * len(kinds))), []
-    resumed = cache.load(path, model_id, dim=model.dim, log=said.append)  # an unusable file is moved aside
-    if said and "another model" in said[0]:
+    EmbeddingCache.check_file(path)  # refused, not moved aside as a server's cache would be
+    resumed = cache.load(path, model_id, dim=model.dim, log=said.append)
+    if said:  # another model's cache: check_file passed, and the model id holds the dim, so nothing moved
         raise ValueError(f"{said[0].split(';')[0]}: pass another path, or delete it")
     todo = [(kind, t) for kind in kinds for t in texts if cache.get((kind, t)) is None]
     saved = time.monotonic()

@@ -182,10 +182,20 @@ def cache(
 ):
     """Precompute `lrem serve`'s query cache for a file of queries (the head of a query log), so
     those queries are answered without running the model: reasoning costs nothing for them."""
+    from lrem._io import prepare_file_output
+    from lrem.batching import EmbeddingCache
     from lrem.bulk import read_queries
     from lrem.search import Searcher
     from lrem.serve_service import warm_cache
 
+    # before the model loads: OUT may be new or an lrem cache (resumed), never an input, a folder or another file
+    local = index_dir if Path(index_dir).exists() else None  # not a milvus: spec
+    prepare_file_output(out, (from_file, local), overwrite=True)  # overwrite: an existing cache is checked next
+    try:
+        EmbeddingCache.check_file(out)
+    except ValueError as e:
+        raise ValueError(f"--out {e}; choose another path (lrem cache resumes or replaces only its own cache "
+                         "files)") from None
     queries = [text for _, text in read_queries(from_file)]
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
     searcher = Searcher.load(index_dir, log=echo_err, runtime=runtime)

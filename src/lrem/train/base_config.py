@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Self
 
-from lrem._config import load_config
+from lrem._config import check_finite, load_config
 from lrem.train.lora import LoraOptions, check_lora
 
 
@@ -49,6 +49,7 @@ class TrainingConfig(LoraOptions):
 
     def __post_init__(self):
         """The shared fields' checks; each stage's `__post_init__` calls this first, then checks its own."""
+        check_finite(self)  # first, for every stage's fields: a NaN passes the range checks (temperature <= 0)
         check_lora(self)
         if self.eval_steps < 0 or self.eval_queries < 1 or self.eval_distractors < 0:
             raise ValueError(f"eval_steps={self.eval_steps}, eval_queries={self.eval_queries}, "
