@@ -84,12 +84,9 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     out = Path(out).resolve()
     if out.parent == out:
         raise OutputError(f"--out {given}: cannot write the root folder")
-    for inp in inputs:
-        if inp is None:
-            continue
-        src = Path(inp).resolve()
-        if src == out or out in src.parents:
-            raise OutputError(f"--out {given}: it {'is' if src == out else 'holds'} the input {inp}; "
+    for inp, relation in _clashes(out, inputs):
+        if relation in ("is", "holds"):  # a folder written inside an input folder leaves the input as it was
+            raise OutputError(f"--out {given}: it {relation} the input {inp}; "
                               "writing it would destroy the input (choose another --out)")
     if not (out.exists() or out.is_symlink()):
         return out
@@ -117,18 +114,29 @@ def prepare_file_output(out: str | os.PathLike, inputs: Iterable = (), overwrite
     given = str(out)
     out = Path(out).resolve()
     for path in (out, *(Path(a).resolve() for a in also)):
-        for inp in inputs:
-            if inp is None:
-                continue
-            src = Path(inp).resolve()
-            if src == path or src in path.parents:
-                raise OutputError(f"--out {given}: {path} {'is' if src == path else 'lies inside'} the input {inp}; "
+        for inp, relation in _clashes(path, inputs):
+            if relation in ("is", "lies inside"):  # a file written into an input folder changes that input
+                raise OutputError(f"--out {given}: {path} {relation} the input {inp}; "
                                   "writing it would destroy the input (choose another --out)")
     if out.is_dir():
         raise OutputError(f"--out {given}: is a folder; --out takes a file path")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputError(f"--out {given} exists; pass --overwrite to replace it")
     return out
+
+
+def _clashes(path: Path, inputs: Iterable) -> list[tuple[object, str]]:
+    """(input, how `path` (resolved) meets it: "is", "holds" or "lies inside") for each input it meets."""
+    found = []
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        relation = ("is" if src == path else "holds" if path in src.parents
+                    else "lies inside" if src in path.parents else None)
+        if relation:
+            found.append((inp, relation))
+    return found
 
 
 def _pid_alive(pid: int) -> bool:
