@@ -145,3 +145,16 @@ def test_cli_search_from_file(tiny, tmp_path):
     assert [r["query"] for r in rows] == QUERIES and all(len(r["items"]) == 4 for r in rows)
     both = lrem("search", "--index", str(tmp_path / "idx"), "a mug", "--from-file", str(tmp_path / "q.txt"))
     assert both.returncode == 2 and "give queries, or --from-file" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_a_partial_file_without_a_whole_line_is_resumed_if_lrems_and_left_alone_if_not(searcher, tmp_path):
+    queries = [("q1", "a teapot"), ("q2", "a sofa")]
+    out = tmp_path / "res.jsonl"
+    partial = tmp_path / "res.jsonl.partial"
+    partial.write_bytes(b"my notes, no newline")
+    with pytest.raises(ValueError, match="not a partial result of lrem search"):
+        search_to_file(searcher.retriever("direct"), searcher.index.title, queries, out, k=2, show_progress=False)
+    assert partial.read_bytes() == b"my notes, no newline" and not out.exists()
+    partial.write_bytes(b'{"lrem_bulk_search": 1, "k"')  # lrem's header, cut short by a crash
+    info = search_to_file(searcher.retriever("direct"), searcher.index.title, queries, out, k=2, show_progress=False)
+    assert info["searched"] == 2 and not partial.exists() and len(out.read_text().splitlines()) == 2

@@ -155,6 +155,12 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
     partial = JsonlLog(out.with_name(out.name + PARTIAL_SUFFIX))
     done: dict[str, dict] = {}
     rows = partial.rows(repair=False)  # read-only until it is known to be this search's
+    torn = partial.path.read_bytes() if not rows and partial.path.is_file() else b""  # no whole line: whose?
+    mark = b'{"lrem_bulk_search"'
+    if torn and not (torn.startswith(mark) or mark.startswith(torn)):
+        rows = [{}]  # bytes of something else: refused below, untouched
+    elif torn:
+        partial.rows()  # lrem's own header, cut short by a crash: nothing was searched, cut it off
     if rows and "lrem_bulk_search" not in rows[0]:
         raise ValueError(f"{partial.path}: exists and is not a partial result of lrem search; move it, or choose "
                          "another --out")
