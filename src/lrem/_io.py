@@ -69,6 +69,12 @@ def claim_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def is_unstarted(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is missing, or holds nothing but lrem's marker (claimed, nothing written yet)."""
+    folder = Path(folder)
+    return not folder.is_dir() or all(p.name == MARKER for p in folder.iterdir())
+
+
 def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
                    resume: bool = False, run_files: Iterable[str] = ()) -> Path:
     """Check, before any work, that `out` may be written; returns it resolved.
@@ -84,7 +90,7 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     out = Path(out).resolve()
     if out.parent == out:
         raise OutputError(f"--out {given}: cannot write the root folder")
-    for inp, relation in _clashes(out, inputs):
+    for inp, relation in clashes(out, inputs):
         if relation in ("is", "holds"):  # a folder written inside an input folder leaves the input as it was
             raise OutputError(f"--out {given}: it {relation} the input {inp}; "
                               "writing it would destroy the input (choose another --out)")
@@ -114,7 +120,7 @@ def prepare_file_output(out: str | os.PathLike, inputs: Iterable = (), overwrite
     given = str(out)
     out = Path(out).resolve()
     for path in (out, *(Path(a).resolve() for a in also)):
-        for inp, relation in _clashes(path, inputs):
+        for inp, relation in clashes(path, inputs):
             if relation in ("is", "lies inside"):  # a file written into an input folder changes that input
                 raise OutputError(f"--out {given}: {path} {relation} the input {inp}; "
                                   "writing it would destroy the input (choose another --out)")
@@ -125,7 +131,7 @@ def prepare_file_output(out: str | os.PathLike, inputs: Iterable = (), overwrite
     return out
 
 
-def _clashes(path: Path, inputs: Iterable) -> list[tuple[object, str]]:
+def clashes(path: Path, inputs: Iterable) -> list[tuple[object, str]]:
     """(input, how `path` (resolved) meets it: "is", "holds" or "lies inside") for each input it meets."""
     found = []
     for inp in inputs:

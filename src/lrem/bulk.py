@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Callable, TextIO
 
-from lrem._io import JsonlLog, atomic_write
+from lrem._io import JsonlLog, atomic_write, prepare_file_output
 from lrem._text import check_query
 from lrem.runfile import trec_run_lines
 from lrem.search_types import Retriever
@@ -147,23 +147,18 @@ def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: l
     from tqdm.auto import tqdm
 
     out, fmt = Path(out), output_format(out, fmt)
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder; --out takes a file path")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    prepare_file_output(out, overwrite=overwrite)
     header = {"lrem_bulk_search": 1, "k": k, "settings": settings or {}}
     partial = JsonlLog(out.with_name(out.name + PARTIAL_SUFFIX))
     done: dict[str, dict] = {}
     rows = partial.rows(repair=False)  # read-only until it is known to be this search's
     torn = partial.path.read_bytes() if not rows and partial.path.is_file() else b""  # no whole line: whose?
     mark = b'{"lrem_bulk_search"'
-    if torn and not (torn.startswith(mark) or mark.startswith(torn)):
-        rows = [{}]  # bytes of something else: refused below, untouched
-    elif torn:
-        partial.rows()  # lrem's own header, cut short by a crash: nothing was searched, cut it off
-    if rows and "lrem_bulk_search" not in rows[0]:
+    if (rows and "lrem_bulk_search" not in rows[0]) or (torn and not (torn.startswith(mark) or mark.startswith(torn))):
         raise ValueError(f"{partial.path}: exists and is not a partial result of lrem search; move it, or choose "
                          "another --out")
+    if torn:
+        partial.rows()  # lrem's own header, cut short by a crash: nothing was searched, cut it off
     if rows:
         if rows[0] != json.loads(json.dumps(header)):
             raise ValueError(f"{partial.path}: a search with other settings ({rows[0].get('settings')}, k "

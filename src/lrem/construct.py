@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lrem._io import MARKER, JsonlLog, claim_dir, write_json, write_jsonl
+from lrem._io import JsonlLog, claim_dir, is_unstarted, write_json, write_jsonl
 from lrem.construct_config import DEFAULT_BAN, ConstructConfig
 from lrem.construct_stats import (FUNNEL_LABELS, STATUS_WHY, STATUSES, compute_stats, distribution, format_stats,
                                   why_empty)
@@ -200,7 +200,7 @@ def is_construct_run(out: Path) -> bool:
     import json
 
     out = Path(out)
-    if not out.is_dir() or not [p for p in out.iterdir() if p.name != MARKER] or (out / OUTCOMES).exists():
+    if is_unstarted(out) or (out / OUTCOMES).exists():
         return True
     try:
         return "teacher" in json.loads((out / CONFIG).read_text(encoding="utf-8"))

@@ -681,23 +681,22 @@ def check_item_ids(item_ids) -> None:
     take them as strings: `str(id)` an integer id), and distinct."""
     if not len(item_ids):
         raise ValueError("no items to index (an empty catalog)")
-    bad = next((i for i in item_ids if not isinstance(i, str)), None)
-    if bad is not None:
-        raise ValueError(f"item id {bad!r} is a {type(bad).__name__}; item ids are strings (pass str(id))")
-    if len(set(item_ids)) != len(item_ids):
-        seen, dup = set(), None
-        for i in item_ids:
-            if i in seen:
-                dup = i
-                break
-            seen.add(i)
-        raise ValueError(f"item id {dup!r} appears twice; item ids must be distinct")
+    seen = set()
+    for i in item_ids:
+        if not isinstance(i, str):
+            raise ValueError(f"item id {i!r} is a {type(i).__name__}; item ids are strings (pass str(id))")
+        if i in seen:
+            raise ValueError(f"item id {i!r} appears twice; item ids must be distinct")
+        seen.add(i)
 
 
 def check_k(k) -> int:
-    """k as an int (numpy integers too), or a ValueError unless it is a whole number >= 1."""
+    """k as an int (numpy integers too), or a ValueError unless it is a whole number >= 1 (a bool
+    is not one, though Python counts True as 1)."""
     import operator
 
+    if isinstance(k, bool):
+        raise ValueError(f"k={k!r}; must be an integer >= 1")
     try:
         k = operator.index(k)
     except TypeError:

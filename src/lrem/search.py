@@ -49,8 +49,6 @@ def random_cot(query: str, titles: list[str], n_phrases: int = 3) -> str:
 def check_search(queries: list[str], k: int) -> int:
     """The same query rules as the server (`lrem._text.check_query`), and k >= 1 (returned as an
     int: a numpy integer is one too)."""
-    if isinstance(k, bool):
-        raise ValueError(f"k={k!r}; must be an integer >= 1")
     k = check_k(k)
     for n, q in enumerate(queries, 1):
         check_query(q, f"query {n}" if len(queries) > 1 else "query")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ._config import check_finite
+from ._io import clashes
 from .router import LearnedRouter, Router
 
 ROUTER_KINDS = ("model", "margin")
@@ -107,12 +108,12 @@ class ServeConfig:
         folder (someone's, not a cache to move aside), or the two the same file. An unreadable
         cache FILE is not refused: a cache is disposable, and it is moved aside at start."""
         named = {"cache_path": self.cache_path, "query_log": self.query_log}
-        index = Path(index_dir).resolve() if index_dir is not None and Path(index_dir).is_dir() else None
+        index = index_dir if index_dir is not None and Path(index_dir).is_dir() else None
         for name, value in named.items():
             if not value:
                 continue
             path = Path(value).resolve()
-            if index is not None and (path == index or index in path.parents):
+            if any(relation in ("is", "lies inside") for _, relation in clashes(path, [index])):
                 raise ValueError(f"{name}={value}: inside the served index folder {index_dir}; writing it would "
                                  "corrupt the index (choose a path outside it)")
             if path.is_dir():

@@ -231,11 +231,11 @@ def eval_(
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
     from lrem.search import build_systems, parse_system, system_parts
 
-    pairs = [parse_system(s) for s in system]
-    specs = dict(pairs)
-    if len(specs) < len(pairs):
-        twice = next(name for n, (name, _) in enumerate(pairs) if name in dict(pairs[:n]))
-        raise ValueError(f"--system: the name {twice!r} is given twice; name each system once")
+    specs = {}
+    for name, spec in map(parse_system, system):
+        if name in specs:  # dict() would keep the last silently
+            raise ValueError(f"--system: the name {name!r} is given twice; name each system once")
+        specs[name] = spec
     parts = [part for spec in specs.values() for part in system_parts(spec)]
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,

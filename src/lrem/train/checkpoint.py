@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import MARKER, OutputError, atomic_dir, claim_dir, prepare_output, write_json
+from .._io import OutputError, atomic_dir, claim_dir, is_unstarted, prepare_output, write_json
 from .lora import ADAPTER, lora_settings, save_adapter
 from .pairs import RL_PAIRS
 
@@ -45,11 +45,7 @@ def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | 
 def is_training_run(out: Path) -> bool:
     """Whether `out` may be resumed: missing or empty (save the marker), or a training run's folder."""
     out = Path(out)
-    if not out.is_dir():
-        return True
-    if not [p for p in out.iterdir() if p.name != MARKER]:
-        return True
-    return any((out / name).exists() for name in ("checkpoints", "tb", TRAIN_STATE))
+    return is_unstarted(out) or any((out / name).exists() for name in ("checkpoints", "tb", TRAIN_STATE))
 
 
 def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
