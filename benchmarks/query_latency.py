@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import statistics
 import time
@@ -72,7 +73,19 @@ def variants(model, qs: list[str]) -> dict:
     }
     if b > 1 or model.device.type != "cpu":  # drafts from the prompt serve one query on the CPU only
         del out["generate (prompt drafts)"], out["generate (no lookup)"]
+    if model.device.type == "cuda":  # before the several-token forwards had graphs: the decode step's only
+        for k in ("direct", "reason"):
+            out[f"{k} (decode graph only)"] = functools.partial(narrow, model, out[k])
     return out
+
+
+def narrow(model, fn):
+    """fn() with no several-token forward padded and graph-captured (`EngineConfig.graph_widths`)."""
+    keep, model.engine.config.graph_widths = model.engine.config.graph_widths, ()
+    try:
+        return fn()
+    finally:
+        model.engine.config.graph_widths = keep
 
 
 def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) -> dict:
@@ -116,6 +129,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                          "generate_speedup_prompt_drafts": t["generate (plain)"] / t["generate (prompt drafts)"]}
                         if "generate (no lookup)" in t else {}),
                      "reason_speedup": t["reason (plain)"] / t["reason"],
+                     **({f"{k}_speedup_wide_graphs": t[f"{k} (decode graph only)"] / t[k] for k in ("direct", "reason")}
+                        if "reason (decode graph only)" in t else {}),
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      **counts,
@@ -204,6 +219,9 @@ def report(name: str, out: dict) -> None:
               + (f" (of means {c['reason_over_direct_mean']:.2f}x)" if "reason_over_direct_mean" in c else "") + " "
               f"(paper {c['paper_reason_over_direct']}x), same CoTs {c['same_cots']}, "
               f"max |emb diff| {c['max_abs_embedding_diff']:.1e}")
+        if "reason_speedup_wide_graphs" in c:
+            print(f"batch {b}: graphs for several-token forwards too, over the decode step's only: direct "
+                  f"{c['direct_speedup_wide_graphs']:.2f}x, reason {c['reason_speedup_wide_graphs']:.2f}x faster")
         if "reason_forwards_per_query" in c:
             print(f"batch {b}: forwards / rows per query: reason {c['reason_forwards_per_query']:.2f} / "
                   f"{c['reason_rows_per_query']:.1f}, direct {c['direct_forwards_per_query']:.2f} / "

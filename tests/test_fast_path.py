@@ -109,6 +109,45 @@ def test_gpu_decoding_path_keeps_cots_and_embeddings_on_the_cpu(lively):
     np.testing.assert_allclose(enc.embeddings, compact.embeddings, atol=1e-5)
 
 
+@pytest.mark.parametrize("widths", [(4, 8, 16, 32, 64), (64,)])
+def test_gpu_path_padded_to_graph_widths_keeps_cots_and_embeddings(lively, widths):
+    """The GPU path with its several-token forwards padded to the widths a CUDA graph is captured
+    for (`EngineConfig.graph_widths`; on the CPU they run eagerly, padded the same): the prompt's
+    suffix, the closing tokens in the static cache (not a copy of it: the cache keeps room for
+    their padded width), and direct queries. Same CoTs and embeddings as the compact decoder."""
+    from transformers import DynamicCache, StaticCache
+
+    plain = lively.generate_cots(QUERIES, fast=False)
+    reason = lively.encode_queries(QUERIES, mode="reason")
+    direct = lively.encode_queries(QUERIES, mode="direct").embeddings
+    seen = []  # (width, cache type) of each forward of the decoder
+
+    def hook(module, args, kwargs, out):
+        ids = kwargs.get("input_ids")
+        seen.append((ids.shape[1], type(kwargs.get("past_key_values"))))
+
+    cfg = lively.engine.config
+    handle = lively.lm.get_decoder().register_forward_hook(hook, with_kwargs=True)
+    cfg.compact_decoder, cfg.graph_widths = False, widths
+    try:
+        assert lively.engine.step(3, 128).widths == widths
+        assert lively.generate_cots(QUERIES, batch_size=3) == plain
+        assert [lively.generate_cots([q])[0] for q in QUERIES[:3]] == plain[:3]
+        enc = lively.encode_queries(QUERIES, mode="reason", batch_size=3)
+        one = lively.encode_queries(QUERIES[:2], mode="reason", batch_size=1)
+        dir_ = lively.encode_queries(QUERIES, mode="direct", batch_size=3).embeddings
+    finally:
+        cfg.compact_decoder, cfg.graph_widths = True, None
+        handle.remove()
+    assert enc.cots == reason.cots == plain and one.cots == plain[:2]
+    np.testing.assert_allclose(enc.embeddings, reason.embeddings, atol=1e-5)
+    np.testing.assert_allclose(one.embeddings, reason.embeddings[:2], atol=1e-5)
+    np.testing.assert_allclose(dir_, direct, atol=1e-5)
+    wide = [w for w, cache in seen if cache is StaticCache and w > 1]
+    assert wide and set(wide) <= set(widths)  # every several-token forward over the step's cache was padded
+    assert not [w for w, cache in seen if cache is DynamicCache], seen  # `extend`'s fallback copies the cache
+
+
 def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
     """Left-padded prompts in one forward, then one token per row: every unmasked position's
     hidden state equals transformers' (same mask, positions and cache contents), at 1 and 2 threads."""

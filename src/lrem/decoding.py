@@ -317,9 +317,15 @@ class GreedyStep:
     live in fixed buffers (ids, positions, the 2-D mask), so on CUDA the step is captured once in
     a CUDA graph and replayed: a 3B model's decode step is hundreds of small kernels, and
     launching them one by one costs more than running them.
+
+    `widths` (the HF decoder only): forwards of several tokens a row (a prompt's suffix, a CoT's
+    closing tokens, a direct query) are padded to the smallest of these widths that holds them
+    (`width`), and on a graph step each width is captured too. At batch 1 on a GPU such a
+    forward is launch-bound: a 3B model's prefill took ~43 ms eagerly, about what 16 tokens of
+    its captured decode step took.
     """
 
-    def __init__(self, lm, batch: int, length: int, graph: bool, linears=None):
+    def __init__(self, lm, batch: int, length: int, graph: bool, linears=None, widths: tuple[int, ...] = ()):
         p = next(lm.parameters())
         self.lm, self.length = lm, length
         self.compact = None
@@ -336,12 +342,20 @@ class GreedyStep:
             self.cache = StaticCache(config=cfg, max_cache_len=length)
             self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim(cfg), p.dtype, p.device)
             self.mask = torch.zeros(batch, length, dtype=torch.long, device=p.device)  # 1 = a slot to attend to
+        # a wide forward must leave room in the cache for the tokens after it
+        self.widths = () if self.compact is not None else tuple(sorted(w for w in set(widths) if 1 < w < length))
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.graph = None
+        self.wide: dict[int, tuple] = {}  # width -> (graph, ids (B, W), pos (B, W), hidden (B, W, D))
         self.lock = threading.Lock()
         if graph and self.compact is None:
             self._capture()
+
+    def width(self, w: int) -> int:
+        """The width a forward of `w` tokens a row runs at: the smallest of `widths` that holds
+        it, else w itself."""
+        return next((x for x in self.widths if x >= w), w)
 
     # ---- the cache -------------------------------------------------------------------------
     def reset(self, kv=None, n: int = 0) -> None:
@@ -358,6 +372,10 @@ class GreedyStep:
         for layer, (k, v) in zip(self.cache.layers, kv or []):
             layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
 
+    def filled(self) -> int:
+        """Slots the HF decoder's static cache has written since `reset` (where its next tokens go)."""
+        return int(self.cache.layers[0].cumulative_length)
+
     def kv(self, used: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (key, value) of the first `used` slots."""
         if self.compact is not None:
@@ -368,9 +386,19 @@ class GreedyStep:
             attend: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, D) of ids (B, T) at positions pos, written to slots [start, start + T)
         (the caller sets their mask); `start` is the number of slots filled so far. `rows`, `attend`:
-        the compact decoder only (see `StaticDecoder`)."""
+        the compact decoder only (see `StaticDecoder`). A width captured in a graph replays it."""
         if self.compact is not None:
             return self.compact(ids, pos, start, rows, attend)
+        wide = self.wide.get(ids.shape[1])
+        if wide is not None:
+            graph, ids_, pos_, out = wide
+            ids_.copy_(ids)
+            pos_.copy_(pos)
+            graph.replay()
+            return out.clone()  # the next replay of a graph in this pool overwrites it
+        return self._decoder(ids, pos)
+
+    def _decoder(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.lm.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                                      past_key_values=self.cache, use_cache=True).last_hidden_state
 
@@ -379,14 +407,22 @@ class GreedyStep:
         """Hidden states (B, K) of ids (B, K) after the first `used` slots (as `mask` allows them),
         `new` (B, K) masking the new tokens; the static cache is extended in place where it has room.
         `rows`: ids, pos and new are these rows' only (the compact decoder with room only)."""
-        if self.compact is not None and used + ids.shape[1] <= self.length:
+        k = ids.shape[1]
+        if self.compact is not None and used + k <= self.length:
             if rows is None:
-                self.mask[:, used : used + ids.shape[1]] = new
+                self.mask[:, used : used + k] = new
             else:
-                self.mask[rows, used : used + ids.shape[1]] = new
+                self.mask[rows, used : used + k] = new
             return self.compact(ids, pos, used, rows)
         if rows is not None:
             raise ValueError("extend: row subsets need the compact decoder with room in its cache")
+        w = self.width(k)
+        if self.compact is None and self.widths and used + w <= self.length and self.filled() == used:
+            # in place at the padded width (a captured graph where there is one); the padding is masked
+            more = w - k
+            ids, pos = F.pad(ids, (0, more), value=0), torch.cat([pos, pos[:, -1:].expand(-1, more)], 1)
+            self.mask[:, used : used + w] = F.pad(new, (0, more))
+            return self.run(ids, pos, used)[:, :k]
         mask = torch.cat([self.mask[:, :used], new], 1)  # (B, used + K)
         return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
                                      past_key_values=kv_cache(self.lm, self.kv(used)),
@@ -405,22 +441,49 @@ class GreedyStep:
         return self._logits(-1).argmax(-1)  # (B,); the static cache keeps its own count
 
     def _capture(self) -> None:
+        """Capture the decode step and each of `widths`' forwards, widest first, in one memory
+        pool: they replay one at a time, and each output is copied out (`run`) or its own."""
+        pool, failed, b, dev = None, False, self.ids.shape[0], self.ids.device
+        for w in [*sorted(self.widths, reverse=True), 1]:
+            if w == 1:
+                fn = self._forward
+            else:
+                ids, pos = torch.zeros(b, w, dtype=torch.long, device=dev), torch.zeros(b, w, dtype=torch.long, device=dev)
+                fn = (lambda ids=ids, pos=pos: self._decoder(ids, pos))
+            if w > 1 and failed:
+                continue
+            graph, out = self._graph(fn, pool, warmups=3 if w == 1 else 1)
+            if graph is None:  # an op that cannot be captured: run eagerly, still correct; the
+                failed, pool = True, None  # decode step is still tried on its own
+                continue
+            pool = graph.pool()
+            if w == 1:
+                self.graph, self.out = graph, out
+            else:
+                self.wide[w] = (graph, ids, pos, out)
+        self.reset()
+
+    def _graph(self, fn, pool, warmups: int):
+        """(graph, output) of `fn` captured, or (None, None) with a warning; the cache is reset
+        before each run, so warm-ups and capture write from slot 0."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocations, kernel choice) off the capture
-            for _ in range(3):
-                self._forward()
+            for _ in range(warmups):
+                self.reset()
+                fn()
         torch.cuda.current_stream().wait_stream(side)
+        self.reset()
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a server's other threads may sync with the GPU meanwhile (their own work)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.out = self._forward()
-            self.graph = graph
-        except RuntimeError as e:  # an op that cannot be captured: decode eagerly, still correct
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = fn()
+            return graph, out
+        except RuntimeError as e:
             warnings.warn(f"CUDA graph capture failed, decoding without it: {e}")
             torch.cuda.synchronize()
-        self.reset()
+            return None, None
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int, pick=None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -491,9 +554,9 @@ def prefill(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tu
     """Put the prefix KV `kv` (batch 1) in slots [0, n) of `step`'s cache and run each row's
     suffix `seqs[i][n:]` after it, left-padded in the middle (mask 0; positions counted from the
     mask, so every token sits where it would unpadded). Returns (last logits (B, V), last
-    positions (B,), suffix width W): the first generated token goes to slot n + W."""
+    positions (B,), suffix width W, padded to `step.width`): the first generated token goes to slot n + W."""
     sufs = [x[n:] for x in seqs]
-    w, dev = max(len(x) for x in sufs), step.mask.device
+    w, dev = step.width(max(len(x) for x in sufs)), step.mask.device  # a captured width: more padding
     step.reset(kv, n)
     ids = torch.tensor([[pad] * (w - len(x)) + x for x in sufs], device=dev)  # (B, W)
     mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)

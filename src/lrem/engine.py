@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, check_branch, common_prefix_len, decode,
@@ -75,6 +76,11 @@ class EngineConfig:
     # for the plain path's CoTs in bfloat16 too (a branch's larger forward may break a near-tie otherwise)
     word_drafts: int = 3
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
+    # widths (tokens a row) that forwards of several tokens (a prompt's suffix, closing tokens, a
+    # direct query) on transformers' decoder pad to, each captured in a graph (`GreedyStep.widths`),
+    # up to `GRAPH_TOKENS` a forward. None: `GRAPH_WIDTHS` where the decode step is captured (CUDA),
+    # none elsewhere; a tuple applies on the CPU too (the CPU check of the GPU path)
+    graph_widths: tuple[int, ...] | None = None
     vllm: bool = True  # generate with vLLM where installed and the model is on CUDA (LREM_VLLM=0: off)
     vllm_memory: float = 0.3  # the GPU memory share vLLM takes (LREM_VLLM_MEMORY)
 
@@ -86,6 +92,12 @@ class EngineConfig:
                    cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
 
+
+# a GPU forward of a few tokens is launch-bound (Qwen2.5-3B, batch 1: ~43 ms eagerly, an H200):
+# such forwards pad to one of these widths and replay a graph captured for it; beyond
+# GRAPH_TOKENS (batch x width) a forward is compute-bound and runs eagerly
+GRAPH_WIDTHS = (4, 8, 16, 32, 64)
+GRAPH_TOKENS = 2048
 
 # a forward's weight reading in row-tokens (~30 ms against ~0.8 ms a row-token for the 135M model on
 # this CPU): what an extra forward costs against running more tokens in one
@@ -204,15 +216,24 @@ class QueryEngine:
         a graph where `graph` (greedy decoding: sampling runs eagerly, so its steps capture none)
         and `config.cuda_graphs` are on, and the layers are the LM's own (PEFT's trainable-token
         rows copy indices from the host, which a capture cannot hold)."""
-        lm = self.model.lm
+        lm, widths = self.model.lm, self.widths(batch, graph)
         if self.model.device.type != "cuda":
-            return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None)
+            return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None,
+                              widths=widths)
         graph = graph and self.config.cuda_graphs and self.plain_layers()
         steps = self._state()["steps"]
         with self._building:  # one capture at a time: two server threads may ask for the same size
-            if (batch, length, graph) not in steps:
-                steps[(batch, length, graph)] = GreedyStep(lm, batch, length, graph=graph)
-        return steps[(batch, length, graph)]
+            if (batch, length, graph, widths) not in steps:
+                steps[(batch, length, graph, widths)] = GreedyStep(lm, batch, length, graph=graph, widths=widths)
+        return steps[(batch, length, graph, widths)]
+
+    def widths(self, batch: int, graph: bool = True) -> tuple[int, ...]:
+        """The widths a step of `batch` rows pads several-token forwards to (`config.graph_widths`)."""
+        widths = self.config.graph_widths
+        if widths is None:
+            on = graph and self.model.device.type == "cuda" and self.config.cuda_graphs and self.plain_layers()
+            widths = GRAPH_WIDTHS if on else ()
+        return tuple(w for w in widths if batch * w <= GRAPH_TOKENS)
 
     def vllm(self):
         """A vLLM engine over the current weights when vLLM is installed, the model is on CUDA and
@@ -293,6 +314,7 @@ class QueryEngine:
         position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
         few = (self.config.compact_decoder and ids.numel() <= Linear.MAX_ROWS and dev.type == "cpu"
                and self.plain_layers())
+        wide = [w for w in self.widths(b) if w >= width]
         if few and StaticDecoder.supports(model.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
             # one query); larger batches run as fast through transformers
@@ -300,6 +322,17 @@ class QueryEngine:
             dec.fill(kv, n_prefix)
             dec.mask.copy_(full_mask)
             hidden = dec(ids, position_ids, n_prefix)
+        elif wide and not self.compact():
+            # a few tokens a row (a GPU): a step's captured forward at the padded width (`widths`)
+            more = wide[0] - width
+            ids, mask = F.pad(ids, (0, more), value=pad), F.pad(mask, (0, more))
+            position_ids = n_prefix + torch.arange(wide[0], device=dev).expand(b, -1)
+            length = n_prefix + wide[0] + 1  # a width is captured only where the cache has room after it
+            step = self.step(b, -(-length // 64) * 64 if dev.type == "cuda" else length)
+            with step.lock:
+                step.reset(kv, n_prefix)
+                step.mask[:, n_prefix : n_prefix + wide[0]] = mask
+                hidden = step.run(ids, position_ids, n_prefix)
         else:
             cache = kv_cache(model.lm, [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             hidden = model.lm.get_decoder()(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
@@ -398,7 +431,11 @@ class QueryEngine:
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
-        length = n + max(len(x) for x in sufs) + 2 * max_new + 8 + sum(len(d) + len(t) for _, d, t in drafts)
+        widths = self.widths(len(seqs), pick is None)
+        padded = lambda w: next((x for x in widths if x >= w), w)  # noqa: E731 (`prefill` and `extend` pad so)
+        # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8)
+        length = (n + padded(max(len(x) for x in sufs)) + max_new + padded(max_new + 8)
+                  + sum(len(d) + len(t) for _, d, t in drafts))
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
         step = self.step(len(seqs), length, graph=pick is None)
