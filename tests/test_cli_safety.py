@@ -155,7 +155,7 @@ def test_a_cache_folder_is_refused_and_a_corrupt_cache_file_moved_aside(tmp_path
 def test_serve_refuses_a_number_that_is_not_finite_before_the_model_loads(modelless_idx, setting):
     key = setting.split("=")[0]
     p = lrem("serve", "--index", str(modelless_idx), "--port", "0", "--set", setting, timeout=120)
-    assert_clean_error(p, "flag", f"key '{key}'", "not a finite number")
+    assert_clean_error(p, f"--set {key}=...", f"key '{key}'", "not a finite number")
     assert "no-such-model" not in p.stderr
 
 

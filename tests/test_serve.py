@@ -683,10 +683,14 @@ def test_config_from_yaml_sets_and_flags(tmp_path):
     cfg = ServeConfig.from_yaml(path, sets=["max_wait_ms=2.5", "cache_path="], port=9001, host=None)
     assert (cfg.max_batch, cfg.router_share, cfg.max_wait_ms, cfg.port, cfg.host) == (4, 0.3, 2.5, 9001, "127.0.0.1")
     assert cfg.router().share == 0.3
-    for bad, match in ((["max_bacth=4"], "unknown key 'max_bacth'"), (["max_batch=four"], "expected int"),
-                       (["max_batch=0"], ">= 1"), (["router_share=2"], "share"), (["port"], "KEY=VALUE")):
+    for bad, match in ((["max_bacth=4"], "^--set max_bacth=...: unknown key 'max_bacth'"),
+                       (["max_batch=four"], "^--set max_batch=...: key 'max_batch': expected int"),
+                       (["max_batch=0"], "^--set max_batch=...: .*>= 1"), (["router_share=2"], "share"),
+                       (["port"], "KEY=VALUE")):
         with pytest.raises(ValueError, match=match):
             ServeConfig.from_yaml(sets=bad)
+    with pytest.raises(ValueError, match="^--port: port=70000"):  # the option, not "flag"
+        ServeConfig.from_yaml(port=70000)
     assert normalize_query("Ｍug\u3000 CUP ") == "mug cup"
 
 

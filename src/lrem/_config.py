@@ -9,8 +9,9 @@ from dataclasses import fields
 from pathlib import Path
 
 
-def load_config(cls, path=None, overrides: dict | None = None):
-    """Defaults, then a YAML file of values, then `overrides` (None values are ignored).
+def load_config(cls, path=None, overrides: dict | None = None, sources: dict[str, str] | None = None):
+    """Defaults, then a YAML file of values, then `overrides` (None values are ignored), each
+    override's source named by `sources` (a key's "--set key=..."), else "flag".
 
     An unknown key, a value of the wrong type, a number that is not finite (NaN, infinity: no lrem
     setting takes one), malformed YAML, a file that is not UTF-8 text, or a value the class's own
@@ -20,7 +21,7 @@ def load_config(cls, path=None, overrides: dict | None = None):
     values, source = _read_yaml(path) if path is not None else ({}, {})
     given = {k: v for k, v in (overrides or {}).items() if v is not None}  # a flag left unset is no source
     values.update(given)
-    source.update(dict.fromkeys(given, "flag"))
+    source.update({k: (sources or {}).get(k, "flag") for k in given})
     hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
     for key, value in values.items():
         src = source[key]

@@ -142,8 +142,10 @@ class ServeConfig:
                 values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
             except yaml.YAMLError as e:  # also a `!!python/...` tag, which safe_load refuses
                 raise ValueError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+        sources = {k: f"--set {k}=..." for k in values}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return load_config(cls, path, values)
+        sources.update({k: f"--{k}" for k, v in overrides.items() if v is not None})
+        return load_config(cls, path, values, sources)
 
     def router(self, learned: LearnedRouter | None = None) -> Router | LearnedRouter:
         """The router of mode=auto: `learned` (the model's, if any) held to `router_share` when
