@@ -389,6 +389,8 @@ class GreedyStep:
         the compact decoder only (see `StaticDecoder`). A width captured in a graph replays it."""
         if self.compact is not None:
             return self.compact(ids, pos, start, rows, attend)
+        if start + ids.shape[1] > self.length:  # on CUDA an index past the cache is a device assert, fatal
+            raise ValueError(f"{ids.shape[1]} tokens after slot {start} overflow a cache of {self.length} slots")
         wide = self.wide.get(ids.shape[1])
         if wide is not None:
             graph, ids_, pos_, out = wide

@@ -227,13 +227,25 @@ class QueryEngine:
                 steps[(batch, length, graph, widths)] = GreedyStep(lm, batch, length, graph=graph, widths=widths)
         return steps[(batch, length, graph, widths)]
 
+    def roomy_step(self, batch: int, length: int) -> GreedyStep:
+        """A greedy step of `batch` rows with at least `length` slots: on CUDA the shortest already
+        built (its graphs captured) rather than a new size, else `step`."""
+        if self.model.device.type == "cuda":
+            widths = self.widths(batch)
+            graph = self.config.cuda_graphs and self.plain_layers()
+            built = [k for k in self._state()["steps"] if k[0] == batch and k[1] >= length and k[2:] == (graph, widths)]
+            if built:
+                return self._state()["steps"][min(built)]
+            length = -(-length // 64) * 64  # a few sizes only, as `_greedy`'s
+        return self.step(batch, length)
+
     def widths(self, batch: int, graph: bool = True) -> tuple[int, ...]:
         """The widths a step of `batch` rows pads several-token forwards to (`config.graph_widths`)."""
         widths = self.config.graph_widths
         if widths is None:
             on = graph and self.model.device.type == "cuda" and self.config.cuda_graphs and self.plain_layers()
             widths = GRAPH_WIDTHS if on else ()
-        return tuple(w for w in widths if batch * w <= GRAPH_TOKENS)
+        return tuple(sorted(w for w in set(widths) if batch * w <= GRAPH_TOKENS))
 
     def vllm(self):
         """A vLLM engine over the current weights when vLLM is installed, the model is on CUDA and
@@ -327,8 +339,7 @@ class QueryEngine:
             more = wide[0] - width
             ids, mask = F.pad(ids, (0, more), value=pad), F.pad(mask, (0, more))
             position_ids = n_prefix + torch.arange(wide[0], device=dev).expand(b, -1)
-            length = n_prefix + wide[0] + 1  # a width is captured only where the cache has room after it
-            step = self.step(b, -(-length // 64) * 64 if dev.type == "cuda" else length)
+            step = self.roomy_step(b, n_prefix + wide[0] + 1)  # a width is captured where the cache has room after it
             with step.lock:
                 step.reset(kv, n_prefix)
                 step.mask[:, n_prefix : n_prefix + wide[0]] = mask
