@@ -189,6 +189,20 @@ def test_training_configs_built_directly_refuse_nan():
             cls(**{field: float("nan")})
 
 
+def test_a_float_written_as_yaml_1_1_reads_as_text_and_is_taken_as_the_number(tmp_path):
+    """PyYAML reads `1e-5` as a string (YAML 1.1 wants `1.0e-5`), the form papers and the shipped
+    config's comments use: a float field takes it; a string field and other text are unchanged."""
+    from lrem.serve_config import ServeConfig
+    from lrem.train import SFTConfig
+
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-5\ntemperature: 5E-2\n")
+    cfg = SFTConfig.load(tmp_path / "c.yaml")
+    assert (cfg.learning_rate, cfg.temperature) == (1e-5, 0.05)
+    assert ServeConfig.from_yaml(sets=["router_margin=2e-2", "api_key=1e5"]).api_key == "1e5"
+    with pytest.raises(ValueError, match="key 'learning_rate': expected float, got '1e-5x'"):
+        SFTConfig.load(None, learning_rate="1e-5x")
+
+
 # ---------------------------------------------------------------- 4. errors name the source of the value
 
 def test_config_errors_name_the_file_or_flag_a_value_came_from(tmp_path):

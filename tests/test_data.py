@@ -376,8 +376,14 @@ def test_wands_real_queries():
     assert 0.7 < splits["train"] / 480 < 0.9 and splits["dev"] and splits["test"]
 
 
+def test_convert_detects_lrem_tables_in_any_format(tmp_path):
+    src = write_folder(tmp_path / "ds", tiny(), ".csv")
+    assert detect_format(src) == "lrem"
+    assert same_content(convert(src), tiny())
+
+
 def test_convert_rejects_unknown_inputs(tmp_path):
-    with pytest.raises(DataError, match="cannot detect"):
+    with pytest.raises(DataError, match="cannot detect.*lrem's tables"):
         convert(tmp_path, "auto")
     with pytest.raises(ValueError, match="unknown format"):
         convert(tmp_path, "msmarco")

@@ -27,6 +27,7 @@ def load_config(cls, path=None, overrides: dict | None = None, sources: dict[str
         src = source[key]
         if key not in known:
             raise ValueError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
+        values[key] = value = float_text(value, hints[key])
         if not type_ok(value, hints[key]):
             want = getattr(hints[key], "__name__", None) if not isinstance(hints[key], types.UnionType) else None
             raise ValueError(f"{src}: key {key!r}: expected {want or hints[key]}, got {value!r}")
@@ -90,6 +91,23 @@ def check_finite(config) -> None:
         value = getattr(config, f.name)
         if not finite(value):
             raise ValueError(f"{f.name}={value!r}; need a finite number")
+
+
+# what YAML 1.1 (PyYAML) leaves a string although it is a number: `1e-5` (1.1 wants `1.0e-5`)
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def float_text(value, hint):
+    """`value` as a float where the field takes one and the value is a number YAML read as text
+    (`learning_rate: 1e-5`); else `value` as it is.
+
+    >>> float_text("1e-5", float), float_text("1e-5", str), float_text("x", float)
+    (1e-05, '1e-5', 'x')
+    """
+    takes = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if float in takes and str not in takes and isinstance(value, str) and EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def type_ok(value, hint) -> bool:

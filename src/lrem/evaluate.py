@@ -27,6 +27,7 @@ from lrem.evaluate_metrics import (KS, PRIMARY_METRIC, RANDOMIZATION_ROUNDS, SIG
                                    trec_qrels_lines, trec_run_lines)
 from lrem.evaluate_report import (CHART_METRICS, N_EXAMPLES, REPORT_METRICS, SLICE_METRICS, format_examples,
                                   format_table, pick_examples, report_markdown, write_report)
+from lrem.runfile import QueryText
 from lrem.search_types import Retriever
 
 # The names this module had before its parts moved out (`from lrem.evaluate import write_report`, ...)
@@ -79,7 +80,8 @@ def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batc
     """Search all queries in batches with a progress bar.
 
     Returns (run: qid -> ranked item ids, cots: qid -> reasoning or None, seconds spent inside
-    `retriever.search` only, scores: qid -> the score of each ranked id).
+    `retriever.search` only, scores: qid -> the score of each ranked id). Each text goes in as a
+    `QueryText` carrying its id: a run file answers two queries of the same text apart.
     """
     qids = list(queries)
     run, cots, seconds, scores = {}, {}, 0.0, {}
@@ -87,7 +89,7 @@ def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batc
         for start in range(0, len(qids), batch_size):
             batch = qids[start:start + batch_size]
             t0 = time.perf_counter()
-            results = retriever.search([queries[q] for q in batch], k=k)
+            results = retriever.search([QueryText(queries[q], q) for q in batch], k=k)
             seconds += time.perf_counter() - t0
             if len(results) != len(batch):
                 raise ValueError(f"{desc}: got {len(results)} results for {len(batch)} queries")

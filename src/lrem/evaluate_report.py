@@ -5,16 +5,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrem._io import atomic_write, write_json, write_jsonl
+from lrem._io import atomic_write, is_unstarted, write_json, write_jsonl
 from lrem.evaluate_charts import bar_chart, quality_cost_chart
-from lrem.evaluate_metrics import (PRIMARY_METRIC, RANDOMIZATION_ROUNDS, query_metrics, trec_name, trec_qrels_lines,
-                                   trec_run_lines)
+from lrem.evaluate_metrics import PRIMARY_METRIC, RANDOMIZATION_ROUNDS, query_metrics, trec_qrels_lines, trec_run_lines
+from lrem.runfile import trec_files
 
 SLICE_METRICS = ("hitrate@10", "ndcg@10")
 REPORT_METRICS = ("hitrate@1", "hitrate@10", "hitrate@100", "precision@1", "precision@10",
                   "precision@100", "ndcg@10", "mrr@10")
 CHART_METRICS = ("hitrate@10", "hitrate@100", "ndcg@10", "mrr@10")
 N_EXAMPLES = 5  # queries shown with their CoT and top items in report.md (when ds is given)
+METRICS_JSON = "metrics.json"  # written first: a folder holding it is an `lrem eval` report
+
+
+def is_eval_output(out) -> bool:
+    """Whether `lrem eval --overwrite` may write into `out`: missing or empty (but for lrem's
+    marker), or an earlier report (its metrics.json), not another command's output (a model, an index)."""
+    out = Path(out)
+    return is_unstarted(out) or (out / METRICS_JSON).is_file()
+
+
+def check_figures(figures) -> None:
+    """Every --figure is an existing file (checked before any system runs)."""
+    for fig in map(Path, figures):
+        if not fig.is_file():
+            raise FileNotFoundError(f"{fig}: no such figure")
 
 
 # ---------------------------------------------------------------- tables and report
@@ -56,6 +71,11 @@ def _slice_table(result: dict, metric: str) -> list[str]:
 
 def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _title(ds, item_id: str) -> str:
+    """An item's title, or its id where the catalog lacks it (a run file of another system can name such items)."""
+    return ds.catalog[item_id].title if item_id in ds.catalog else item_id
 
 
 def _compared_systems(names: list[str]) -> tuple[str, str] | None:
@@ -118,7 +138,7 @@ def format_examples(result: dict, ds, n: int) -> str:
         rel = ds.relevant(q)
         lines.append(f"\nquery [{_slice_of(ds.queries[q])}]: {ds.queries[q].text}" + (f"  ({why})" if why else ""))
         for name, ex in result["examples"].items():
-            top = ", ".join(("+" if i in rel else "") + ds.catalog[i].title.split(",")[0] for i in ex[q]["top"][:3])
+            top = ", ".join(("+" if i in rel else "") + _title(ds, i).split(",")[0] for i in ex[q]["top"][:3])
             cot = f" cot: {ex[q]['cot']!r}" if ex[q]["cot"] is not None else ""
             lines.append(f"  {name:<14}{cot}\n  {'':<14} top: {top}")
     return "\n".join(lines) + "\n(+ = relevant)"
@@ -138,7 +158,7 @@ def _examples_md(result: dict, ds, n: int = N_EXAMPLES) -> list[str]:
                 continue
             cot = f" (cot: {ex[qid]['cot']})" if ex[qid]["cot"] else ""
             tops = "; ".join(("+ " if rels.get(i, 0) > 0 else "") +
-                             _short(ds.catalog[i].title if i in ds.catalog else i)
+                             _short(_title(ds, i))
                              for i in ex[qid]["top"][:3])
             lines.append(f"- {name}{cot}: {tops}")
         lines.append("")
@@ -201,20 +221,20 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
     after their parent folder ("runs/rl/curves.png" -> "rl-curves.png").
     """
     out = Path(out_dir)
+    check_figures(figures)
+    files = trec_files(result.get("runs", {}))  # before any write: no system's file replaces another's
+    # metrics.json first: an interrupted report is still recognised as one (`is_eval_output`)
+    write_json(out / METRICS_JSON, {k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")})
     names = []
     for fig in map(Path, figures):
-        if not fig.is_file():
-            raise FileNotFoundError(f"{fig}: no such figure")
         names.append(f"{fig.parent.name}-{fig.name}")
         with atomic_write(out / names[-1], "wb", encoding=None) as f:
             f.write(fig.read_bytes())
-    write_json(out / "metrics.json", {k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")})
-    fresh = {f"{trec_name(name)}.trec" for name in result.get("runs", {})}
     for stale in (out / "runs").glob("*.trec"):  # an earlier report's systems (--overwrite): not this report's
-        if stale.name not in fresh:
+        if stale.name not in files.values():
             stale.unlink()
     for name, run in result.get("runs", {}).items():
-        with atomic_write(out / "runs" / f"{trec_name(name)}.trec") as f:
+        with atomic_write(out / "runs" / files[name]) as f:
             f.writelines(line + "\n" for line in trec_run_lines(name, run))
     if "qrels" in result:
         with atomic_write(out / "qrels.trec") as f:

@@ -9,7 +9,8 @@ write a TREC run for a query set), or fuse with it, before deploying anything:
 A run file has one line per (query, item): `query_id Q0 item_id rank score tag`, whitespace
 separated, as trec_eval reads it (and as `lrem eval` writes its runs/*.trec). Each query's items
 are ranked by score, highest first, as trec_eval does; equal scores keep the file's order. The
-query ids are the dataset's, so the retriever maps each query text back to its id.
+query ids are the dataset's: `lrem eval` hands the retriever each query's id with its text
+(`QueryText`), so two queries of the same text keep their own rankings.
 """
 from __future__ import annotations
 
@@ -25,6 +26,32 @@ RUN_PREFIX = "run:"
 def trec_name(name: str) -> str:
     """A system name as a TREC run tag and file name (no spaces or path characters)."""
     return re.sub(r"[^\w.+@-]", "_", name) or "_"
+
+
+def trec_files(names) -> dict[str, str]:
+    """System name -> its run file's name ("<trec_name>.trec"). Names that would share a file
+    ("r/1" and "r_1", or "A" and "a" on a case-insensitive disk) are a ValueError naming both."""
+    files: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for name in names:
+        files[name] = f"{trec_name(name)}.trec"
+        other = taken.setdefault(files[name].casefold(), name)
+        if other != name:
+            raise ValueError(f"the systems {other!r} and {name!r} would both write runs/{files[name]}; "
+                             "rename one (letters, digits and . + @ - _ are kept as they are)")
+    return files
+
+
+class QueryText(str):
+    """A query's text that also carries its id (`query_id`), for retrievers that answer by id (a
+    run file): every other retriever sees the plain text."""
+
+    query_id: str
+
+    def __new__(cls, text: str, query_id: str):
+        self = super().__new__(cls, text)
+        self.query_id = query_id
+        return self
 
 
 def trec_run_lines(name: str, run: dict[str, list]) -> list[str]:
@@ -80,9 +107,11 @@ def read_trec_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
 class RunFileRetriever:
     """A `Retriever` that answers each query with its ranking in a TREC run file.
 
-    `queries`: (query id, text) pairs, the dataset's. A text several ids share (the same query
-    in two splits) takes the first of them the run ranks. A query the run does not rank gets no
-    hits (trec_eval scores it 0 too); `missing` holds their texts. `catalog_ids`: where given, the run's
+    `queries`: (query id, text) pairs, the dataset's. A query that comes as a `QueryText` (as
+    `lrem eval` asks) is answered by its id; a plain text by the first id of that text the run
+    ranks (a text several ids share, such as the same query in two splits, cannot tell them
+    apart). A query the run does not rank gets no hits (trec_eval scores it 0 too); `missing`
+    holds their ids (or texts). `catalog_ids`: where given, the run's
     items outside the catalog are counted (`unknown_items`: a run of another catalog shows here).
     """
 
@@ -100,9 +129,10 @@ class RunFileRetriever:
     def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
         out = []
         for text in queries:
-            qid = self.query_ids.get(text)
-            if qid is None:
-                self.missing.add(text)
+            qid = getattr(text, "query_id", None)
+            qid = qid if qid is not None else self.query_ids.get(text)
+            if qid not in self.runs:
+                self.missing.add(qid if qid is not None else text)
             out.append(SearchResult(hits=[Hit(i, s) for i, s in self.runs.get(qid, [])[:k]]))
         return out
 

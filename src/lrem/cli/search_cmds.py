@@ -229,6 +229,8 @@ def eval_(
     from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
+    from lrem.evaluate_report import METRICS_JSON, check_figures, is_eval_output
+    from lrem.runfile import trec_files
     from lrem.search import build_systems, parse_system, system_parts
 
     specs = {}
@@ -236,11 +238,17 @@ def eval_(
         if name in specs:  # dict() would keep the last silently
             raise ValueError(f"--system: the name {name!r} is given twice; name each system once")
         specs[name] = spec
+    trec_files(specs)  # two names that share a runs/*.trec file: refused now, not after every system ran
+    check_figures(figure or ())
     parts = [part for spec in specs.values() for part in system_parts(spec)]
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
-            run_files=("metrics.json", "report.md"))  # a report of an older lrem can be refreshed too
+            run_files=(METRICS_JSON, "report.md"))  # a report of an older lrem can be refreshed too
+    if not is_eval_output(out):  # another command's output (a model, an index): not to be written into
+        raise ValueError(f"--out {out}: an lrem output, but not a `lrem eval` report; use a new --out "
+                         "(--overwrite replaces only an earlier report)")
     ds = load_dataset(data).at_relevance(min_relevance)
+    ds.split_queries(split)  # an unknown split: refused before the catalog is embedded
     set_threads(threads, log=echo_err)
     systems = build_systems(specs, ds, batch_size=batch_size, log=echo_err, truncate=truncate)
     result = evaluate_systems(ds, split, systems, limit=limit, seed=seed, k=k, log=echo_err)

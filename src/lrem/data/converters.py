@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .._text import strip_controls
-from .formats import DataError, Dataset, Item, Query, Row, hash_split, load_dataset, read_table, validate_dataset
+from .formats import (EXTENSIONS, TABLES, DataError, Dataset, Item, Query, Row, hash_split, load_dataset, read_table,
+                      validate_dataset)
 
 # what `convert` and `lrem data convert --format` accept ("lrem": a folder in lrem's own format)
 FORMATS = ("beir", "esci", "wands", "lrem", "auto")
@@ -349,8 +350,11 @@ def detect_format(src) -> str:
         return "wands"
     if _find(src, ESCI_EXAMPLES) or (src.is_dir() and _esci_merged_file(src)):
         return "esci"
+    if all(any((src / f"{t}{ext}").is_file() for ext in EXTENSIONS) for t in TABLES):
+        return "lrem"  # lrem's own tables (catalog, queries, qrels in any format): checked and rewritten
     raise DataError(src, None, None, f"cannot detect the format: expected BEIR ({BEIR_FILES[0]}), "
-                    f"WANDS ({', '.join(WANDS_FILES)}) or ESCI files")
+                    f"WANDS ({', '.join(WANDS_FILES)}), ESCI files, or lrem's tables "
+                    f"({', '.join(t + '.*' for t in TABLES)})")
 
 
 def convert(src, fmt: str = "auto", *, locale: str | None = None, log: Log = _stderr) -> Dataset:
