@@ -419,3 +419,21 @@ def test_list_mode_asks_once_per_query_and_labels_need_no_teacher(tmp_path, tiny
     assert rows["q_irrelevant"]["extraction"] == "spade, shovel"  # the relevant item's names
     assert rows["q_tea"]["cot"] and stats["funnel"]["cots"] == stats["funnel"]["mined"]
     assert stats["this_run"]["teacher_calls"] == 0
+
+
+def test_a_resume_with_a_smaller_limit_keeps_and_counts_what_the_larger_one_wrote(tmp_path, tiny_dir):
+    """`limit` may change on a resume (it does not change any query's outcome); a smaller one
+    leaves the queries a larger one did in the folder, so the stats count them too: they describe
+    triplets.jsonl as it is."""
+    save_dataset(many_queries(12), tmp_path / "data")
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text("".join(json.dumps({"query_id": f"q{k:03d}", "cot": f"{KITCHEN[(k + 1) % 10]}, {KITCHEN[(k + 3) % 10]}"})
+                            + "\n" for k in range(12)))
+    cfg = dict(teacher=f"file:{cots}", student=str(tiny_dir), retriever="bm25", keep_all=True, k_mine=3, k_gain=3)
+    out, said = tmp_path / "run", []
+    first = construct(tmp_path / "data", out, ConstructConfig(limit=8, **cfg), **QUIET)
+    again = construct(tmp_path / "data", out, ConstructConfig(limit=4, **cfg), log=said.append, show_progress=False)
+    assert first["funnel"]["done"] == again["funnel"]["done"] == 8
+    assert again["funnel"]["triplets"] == first["funnel"]["triplets"] == len(read(out / "triplets.jsonl")) > 0
+    assert any("4 more queries done earlier" in line for line in said), said
+    assert json.loads((out / "stats.json").read_text())["funnel"]["done"] == 8

@@ -263,6 +263,12 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
         f.open().close()
     todo = {q: t for q, t in queries.items() if q not in done}
     log(f"{ds.name}/{cfg.split}: {len(queries)} queries, {len(queries) - len(todo)} already done, {len(todo)} to go")
+    # a resume with a smaller --limit keeps what a larger one wrote (triplets.jsonl has it): the
+    # stats count every query of the folder, so they describe the files beside them
+    earlier = {q: r.get("query", "") for q, r in done.items() if q not in queries}
+    if earlier:
+        log(f"{len(earlier)} more queries done earlier (a larger limit) stay in {out} and are counted")
+    counted = {**queries, **earlier}
     run = {"seconds": 0.0, "mine_seconds": 0.0, "teacher_calls": 0, "teacher_cache_hits": 0}
     if todo:
         t0 = time.perf_counter()
@@ -290,7 +296,7 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
                 bar.update(len(hard[s:s + cfg.batch_size]))
                 bar.set_postfix(triplets=n_triplets)
                 if time.perf_counter() - last_stats > STATS_EVERY_S:  # partial stats for a long run
-                    write_json(out / STATS, compute_stats(queries, done, cfg, run))
+                    write_json(out / STATS, compute_stats(counted, done, cfg, run))
                     last_stats = time.perf_counter()
         finally:
             bar.close()
@@ -299,7 +305,7 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
         run["seconds"] = round(time.perf_counter() - t0, 3)
         run["teacher_calls"] = getattr(builder.teacher, "calls", 0)
         run["teacher_cache_hits"] = getattr(builder.teacher, "hits", 0)
-    stats = compute_stats(queries, done, cfg, run)
+    stats = compute_stats(counted, done, cfg, run)
     write_json(out / STATS, stats)
     return stats
 
