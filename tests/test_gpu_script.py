@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     res = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+                         text=True, timeout=800)
+    steps = "\n".join(line for line in res.stdout.splitlines() if line.startswith("=== "))  # which step failed
+    assert res.returncode == 0, steps + "\n" + res.stdout[-3000:] + res.stderr[-3000:]
     for step in ("query_latency", "train tiny", "trainers tiny"):
         assert f"=== {step}: rc 0" in res.stdout, res.stdout[-3000:]
     ql = json.loads((tmp_path / "gpu-query_latency.json").read_text())["shaped"]
