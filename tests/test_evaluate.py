@@ -421,3 +421,101 @@ def test_min_relevance_counts_only_the_higher_grades(toy, systems, tmp_path):
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["n_queries"] == 5 and metrics["k"] == 5
     assert metrics["systems"]["bm25"]["overall"] == pytest.approx(strict["systems"]["bm25"]["overall"])
+
+
+# ---------------------------------------------------------------- run files and `lrem eval`'s checks
+
+
+def test_a_run_file_answers_queries_of_the_same_text_by_id(toy, tmp_path):
+    """Two test queries of one text, each with its own ranking in the run: each keeps its own
+    (by text, q9 would get q1's), so the score is ir_measures' and runs/*.trec is the input."""
+    import dataclasses
+
+    import ir_measures
+
+    from lrem.search import build_systems
+
+    twin = dataclasses.replace(toy, queries={**toy.queries, "q9": Query("q9", "cast iron skillet", "kitchen", "test",
+                                                                        False)},
+                               qrels={**toy.qrels, "q9": {"k9": 2}})
+    run = tmp_path / "prod.trec"
+    run.write_text("q1 Q0 k1 1 9 x\nq1 Q0 k2 2 8 x\nq9 Q0 k9 1 7 x\nq9 Q0 k1 2 6 x\nq3 Q0 o1 1 5 x\n")
+    result = evaluate_systems(twin, "test", build_systems({"p": f"run:{run}"}, twin, log=lambda *_: None),
+                              log=lambda *_: None)
+    assert result["examples"]["p"]["q9"]["top"] == ["k9", "k1"] and result["examples"]["p"]["q1"]["top"] == ["k1", "k2"]
+    write_report(result, tmp_path / "r", twin)
+    qrels = list(ir_measures.read_trec_qrels(str(tmp_path / "r" / "qrels.trec")))
+    [r10] = ir_measures.calc_aggregate([ir_measures.R @ 10], qrels, list(ir_measures.read_trec_run(str(run)))).values()
+    assert result["systems"]["p"]["overall"]["hitrate@10"] == pytest.approx(r10) == pytest.approx(3 / 7)  # q1, q9, q3
+    rewritten = (tmp_path / "r" / "runs" / "p.trec").read_text().splitlines()
+    assert sorted(ln.split()[:4] for ln in rewritten) == sorted(ln.split()[:4] for ln in run.read_text().splitlines())
+
+
+def eval_cli(data, *args):
+    """`lrem eval` in this process: (exit code, output, the exception it raised or None)."""
+    from typer.testing import CliRunner
+
+    from lrem.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--data", str(data), "--split", "test", *map(str, args)])
+    return res.exit_code, res.output, None if isinstance(res.exception, SystemExit) else res.exception
+
+
+@pytest.fixture()
+def toy_dir(toy, tmp_path):
+    save_dataset(toy, tmp_path / "toy")
+    return tmp_path / "toy"
+
+
+def test_eval_examples_show_a_run_files_unknown_items_by_id(toy_dir, tmp_path):
+    """A run from another system can name items this catalog lacks: the terminal's examples show
+    their ids, as report.md does, instead of a KeyError after the report was written."""
+    run = tmp_path / "other.trec"
+    run.write_text("".join(f"q{n} Q0 zz{n} 1 9 x\nq{n} Q0 k1 2 8 x\n" for n in range(1, 7)))
+    code, output, error = eval_cli(toy_dir, "-s", f"p=run:{run}", "--examples", "6", "--out", tmp_path / "r")
+    assert (code, error) == (0, None), output
+    assert "top: zz1, +cast iron skillet 12 inch" in output
+    assert "- p: zz1; + cast iron skillet 12 inch" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_eval_refuses_bad_inputs_before_any_system_is_built(toy_dir, tmp_path):
+    """A missing --figure, an unknown --split and two system names sharing a runs/*.trec file are
+    refused first: the malformed run file (read when the systems are built) is never reached,
+    and no --out is made."""
+    bad = tmp_path / "bad.trec"
+    bad.write_text("q1 Q0 k1 1\n")
+    out = tmp_path / "r"
+    code, _, error = eval_cli(toy_dir, "-s", f"p=run:{bad}", "--figure", tmp_path / "nope.png", "--out", out)
+    assert isinstance(error, FileNotFoundError) and str(error) == f"{tmp_path / 'nope.png'}: no such figure"
+    code, _, error = eval_cli(toy_dir, "-s", f"p=run:{bad}", "--split", "tst", "--out", out)
+    assert isinstance(error, ValueError) and "no queries in split 'tst'; available splits: test, train" in str(error)
+    code, _, error = eval_cli(toy_dir, "-s", f"r/1=run:{bad}", "-s", "r_1=bm25", "--out", out)
+    assert isinstance(error, ValueError) and str(error).startswith(
+        "the systems 'r/1' and 'r_1' would both write runs/r_1.trec; rename one")
+    assert not out.exists()
+    code, _, error = eval_cli(toy_dir, "-s", f"p=run:{bad}", "--out", out)  # the run file is read next
+    assert "expected 6 columns" in str(error)
+
+
+def test_two_system_names_never_share_a_trec_file(toy, systems, tmp_path):
+    result = evaluate_systems(toy, "test", {"r/1": systems["bm25"], "R_1": systems["bm25+cot"]}, log=lambda *_: None)
+    with pytest.raises(ValueError, match="'r/1' and 'R_1' would both write runs/R_1.trec"):  # a case-blind disk too
+        write_report(result, tmp_path / "r", toy)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_eval_overwrite_replaces_only_an_earlier_report(toy_dir, tmp_path):
+    """--overwrite refreshes an eval report, but never writes into another lrem output (a model)."""
+    from lrem._io import MARKER
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / MARKER).write_text("{}\n")
+    (model / "config.json").write_text("{}\n")
+    code, _, error = eval_cli(toy_dir, "-s", "bm25", "--overwrite", "--out", model)
+    assert isinstance(error, ValueError) and str(error).startswith(f"--out {model}: an lrem output, but not a `lrem eval`")
+    assert sorted(p.name for p in model.iterdir()) == sorted([MARKER, "config.json"])
+    for _ in range(2):  # a new folder, then the report it holds
+        code, output, error = eval_cli(toy_dir, "-s", "bm25", "--overwrite", "--out", tmp_path / "r")
+        assert (code, error) == (0, None), output
+    assert (tmp_path / "r" / "runs" / "bm25.trec").is_file()
