@@ -75,6 +75,10 @@ def test_sentence_transformers_loads_the_export_with_lrem_embeddings(real_model,
     assert items.min() >= 0.9999 and queries.min() >= 0.9999
     # encode() without a task embeds items (what TEI / vLLM / Infinity serve)
     assert (st.encode(ITEMS[:3]) * real_model.encode_items(ITEMS[:3])).sum(1).min() >= 0.9999
+    # prompt_name="query", as MTEB and LangChain ask for queries, embeds queries (it embedded items)
+    direct = real_model.encode_queries(QUERIES[:3], mode="direct").embeddings
+    assert (st.encode(QUERIES[:3], prompt_name="query") * direct).sum(1).min() >= 0.9999
+    assert (st.encode(QUERIES[:3], prompt_name="document") * real_model.encode_items(QUERIES[:3])).sum(1).min() >= 0.9999
     # the plain prefix + suffix of lrem_export.json give the same tokens as lrem (for servers without chat templates)
     sides = read_export(tmp_path / "st")
     tok = real_model.tokenizer

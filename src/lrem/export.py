@@ -27,6 +27,10 @@ from .card import model_card
 EXPORT_FILE = "lrem_export.json"
 FORMATS = ("sentence-transformers",)
 _SLOT = "\x00LREM-TEXT\x00"  # a marker no prompt contains: where the caller's text goes
+# the export's "query" prompt: sentence-transformers puts it before the text (`prompt_name="query"`,
+# as MTEB and LangChain call it, and `encode_query`), and the chat template strips it and renders
+# the query side; an empty prompt would embed such a query as an item
+QUERY_MARK = "[lrem query]"
 
 
 def _split(rendered: str) -> tuple[str, str]:
@@ -58,14 +62,26 @@ def _raw(text: str) -> str:
 
 def chat_template(sides: dict[str, str]) -> str:
     """A Jinja chat template that renders the last user message as an LREM query (task="query",
-    sentence-transformers' `encode_query`) or item (anything else), nothing else added."""
-    return ("{%- set ns = namespace(text='') -%}"
+    sentence-transformers' `encode_query`; a system message `QUERY_MARK`, the export's "query"
+    prompt; or a text that starts with `QUERY_MARK` and a space, which is cut) or item (anything
+    else), nothing else added."""
+    return ("{%- set ns = namespace(text='', query=false) -%}"
             "{%- for m in messages if m['role'] == 'user' -%}"
             "{%- if m['content'] is string -%}{%- set ns.text = m['content'] -%}"
             "{%- else -%}{%- set ns.text = m['content'] | selectattr('type', 'equalto', 'text') "
             "| map(attribute='text') | join('') -%}{%- endif -%}"
             "{%- endfor -%}"
-            "{%- if task is defined and task == 'query' -%}"
+            "{%- set ns.query = task is defined and task == 'query' -%}"
+            # sentence-transformers 6 sends a prompt as a system message; other callers prepend it
+            "{%- for m in messages if m['role'] == 'system' -%}"
+            "{%- set said = m['content'] if m['content'] is string else m['content'] "
+            "| selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+            "{%- if said | trim == '" + QUERY_MARK + "' -%}{%- set ns.query = true -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if ns.text.startswith('" + QUERY_MARK + " ') -%}"
+            "{%- set ns.text = ns.text[" + str(len(QUERY_MARK) + 1) + ":] -%}{%- set ns.query = true -%}"
+            "{%- endif -%}"
+            "{%- if ns.query -%}"
             + _raw(sides["query_prefix"]) + "{{ ns.text }}" + _raw(sides["query_suffix"]) +
             "{%- else -%}"
             + _raw(sides["item_prefix"]) + "{{ ns.text }}" + _raw(sides["item_suffix"]) +
@@ -94,6 +110,7 @@ def export_sentence_transformers(model, out, log=print) -> Path:
     transformer.max_seq_length = frame + max(model.config.max_query_tokens, model.config.max_item_tokens)
     st.append(Normalize())
     st.similarity_fn_name = "cosine"
+    st.prompts = {"query": QUERY_MARK, "document": ""}
     with atomic_dir(out) as folder:
         st.save(str(folder), create_model_card=False)
         write_json(folder / EXPORT_FILE, {"format": "sentence-transformers", "source": model.source,
