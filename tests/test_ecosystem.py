@@ -243,6 +243,13 @@ def test_export_of_a_multi_field_template_takes_the_filled_template(tiny, tmp_pa
     got = st.encode_document([item_text(vars(x), cfg) for x in items])
     assert (got * m.encode_items(items)).sum(1).min() >= 0.9999
     assert "pass each item as that template filled in" in (tmp_path / "st" / "README.md").read_text()
+    # lrem refuses the export: its chat template would wrap lrem's prompts a second time
+    with pytest.raises(ValueError, match="a sentence-transformers export .*load it with SentenceTransformer"):
+        LREM.from_pretrained(str(tmp_path / "st"))
+    (tmp_path / "catalog.jsonl").write_text('{"item_id": "1", "title": "teapot"}\n')
+    cli = lrem_cli("index", "--data", str(tmp_path / "catalog.jsonl"), "--out", str(tmp_path / "idx"), "--model",
+                   str(tmp_path / "st"), "--threads", "1")
+    assert cli.returncode == 2 and "a sentence-transformers export" in cli.stderr and "Traceback" not in cli.stderr
 
 
 def test_cli_index_takes_a_bare_catalog(tiny_dir, tmp_path):

@@ -143,6 +143,17 @@ def mode_error(mode: str) -> str:
             f"queries, mode={mode!r})")
 
 
+def check_not_export(path) -> None:
+    """Refuse a folder `lrem export` wrote: its chat template is the export's, which wraps lrem's
+    prompts again, so lrem would embed every text with both (cosine ~0.9 to the model's own)."""
+    from .export import EXPORT_FILE, read_export
+
+    if (Path(path) / EXPORT_FILE).is_file():
+        source = read_export(path).get("source") or "the model it was exported from"
+        raise ValueError(f"{path}: a sentence-transformers export ({EXPORT_FILE}), not an lrem model; load it with "
+                         f"SentenceTransformer, or give lrem {source}")
+
+
 class LREM(TemplateMixin, torch.nn.Module):
     """A causal LM backbone plus the LREM prompts and special tokens.
 
@@ -207,6 +218,7 @@ class LREM(TemplateMixin, torch.nn.Module):
         name_or_path = name_or_path or default_model()  # recorded below: an index must name a loadable model
         path = resolve_backbone(name_or_path, log=log)
         cfg_file = Path(path) / LREM_CONFIG
+        check_not_export(path)
         lm, tok = load_backbone(path, name_or_path, dtype, add_special_tokens=not cfg_file.exists(), runtime=runtime,
                                 device=device)
         saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
