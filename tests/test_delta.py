@@ -62,15 +62,20 @@ def test_a_delta_of_another_shape_is_refused(tiny_dir, lively_dir):
 def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_model):
     """`lrem delta` on a model fine-tuned from the built-in SmolLM2 writes a small folder; a
     shipped-model name built from it gives the fine-tuned model's embeddings."""
+    from lrem.prompts import PromptConfig
+
     tuned = LREM.from_pretrained("smollm2-135m-instruct", dtype="float32")
     fine_tune_stand_in(tuned, rank=4)
     tuned.source = "smollm2-135m-instruct"
+    # prompts of its own: the fidelity is measured with them (it was measured with the base's: 0.97)
+    tuned.config = PromptConfig(item_template="Product: {title}", query_system="You find products for shoppers.")
     tuned.save_pretrained(tmp_path / "trained")
     r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "trained"),
                         "--out", str(tmp_path / "delta"), "--rank", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((tmp_path / "delta" / DELTA_JSON).read_text())
     assert meta["base"] == "smollm2-135m-instruct" and meta["fidelity"]["query_cos_min"] > 0.999
+    assert meta["fidelity"]["item_cos_min"] > 0.999 and meta["prompts"]["item_template"] == "Product: {title}"
     size = (tmp_path / "delta" / DELTA_WEIGHTS).stat().st_size
     assert size < 12e6, size  # rank 8 of a 135M model (plus norms and new rows), float16
     assert "MB, rank 8" in r.stdout
@@ -131,3 +136,12 @@ def test_a_lora_trained_model_is_held_whole_by_its_delta_at_rank_r(tmp_path, tin
     apply_delta(low, make_delta(tuned, LREM.from_pretrained(str(tiny_dir), dtype="float32"), rank=2))
     w = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(dict(low.lm.named_parameters())[w], dict(tuned.lm.named_parameters())[w], atol=1e-4)
+
+
+def test_lrem_delta_refuses_a_folder_that_is_not_a_trained_lrem_model_before_loading(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "plain"),
+                        "--out", str(tmp_path / "delta")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a trained lrem model (no lrem_config.json)" in r.stderr, r.stderr
+    assert "Errno" not in r.stderr and not (tmp_path / "delta").exists()

@@ -127,11 +127,15 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
     lrem_config.json unless given) and return its metadata, fidelity included."""
     from safetensors.torch import save_file
 
-    from .backbones import BUILTINS
+    from .backbones import BUILTINS, resolve_backbone
     from .model import LREM
 
-    model = LREM.from_pretrained(model_path, dtype="float32", log=log)
-    saved = json.loads((Path(model_path) / "lrem_config.json").read_text())
+    folder = Path(resolve_backbone(model_path, log=log))
+    if not (folder / "lrem_config.json").is_file():  # before loading anything
+        raise ValueError(f"{model_path}: not a trained lrem model (no lrem_config.json); a delta is taken from "
+                         "the folder `lrem train` wrote")
+    model = LREM.from_pretrained(str(folder), dtype="float32", log=log)
+    saved = json.loads((folder / "lrem_config.json").read_text())
     if base is None:
         base = saved.get("base_model") or saved.get("base")
     if base not in BUILTINS:
@@ -140,6 +144,7 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
     ref = LREM.from_pretrained(base, dtype="float32", log=log)
     tensors = make_delta(model, ref, rank)
     apply_delta(ref, tensors)
+    ref.config = model.config  # the prompts travel in delta.json: fidelity is measured with them, as loaded
     meta = {"format": FORMAT, "base": base, "rank": rank, "source": str(model_path),
             "prompts": model.config.to_dict(), "training": saved.get("training", []),
             "fidelity": fidelity(model, ref, PROBE_QUERIES, PROBE_TITLES),
