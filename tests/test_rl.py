@@ -58,6 +58,11 @@ def test_combine_uses_the_paper_weights():
         R.combine({"acc": [1.0]}, cfg.reward_weights)
 
 
+def test_rl_config_refuses_no_samples_per_log():
+    with pytest.raises(ValueError, match=r"samples_per_log=0; need >= 1"):  # was a ZeroDivisionError at step 1
+        RLConfig(samples_per_log=0)
+
+
 def test_positive_ranks_ties_and_excluded_items():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.9],  # own item 0 is last of 4
                            [0.7, 0.7, 0.2, 0.1],  # a tie counts against the positive: rank 2
@@ -203,13 +208,37 @@ def test_train_rl_writes_a_model_and_resumes_to_the_same_weights(tmp_path, tiny_
     assert samples and {"query", "completion", "reward", "rank"} <= set(json.loads(samples[0]))
     assert list((tmp_path / "full" / "tb").glob("events.*"))
 
-    train_rl(cfg, tiny_dir, tmp_path / "cut", pairs=pairs, stop_after_step=2, log=lambda *a: None)
-    assert not (tmp_path / "cut" / "config.json").exists()  # interrupted: no final model yet
+    import re
+    import shutil
+
+    cut = tmp_path / "cut"
+    train_rl(cfg, tiny_dir, cut, pairs=pairs, stop_after_step=2, log=lambda *a: None)
+    assert not (cut / "config.json").exists()  # interrupted: no final model yet
     with pytest.raises(ValueError, match="--resume"):
-        train_rl(cfg, tiny_dir, tmp_path / "cut", pairs=pairs, log=lambda *a: None)
-    train_rl(cfg, tiny_dir, tmp_path / "cut", pairs=pairs, resume=True, log=lambda *a: None)
+        train_rl(cfg, tiny_dir, cut, pairs=pairs, log=lambda *a: None)
+    # killed after logging step 2, before its checkpoint, halfway through a history line
+    shutil.rmtree(cut / "checkpoints" / "step-0000002")
+    with open(cut / "history.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    shutil.copytree(tiny_dir, tmp_path / "init2")
+    with pytest.raises(ValueError, match=re.escape(f"base model {tiny_dir.resolve()} in the checkpoint but "
+                                                   f"{(tmp_path / 'init2').resolve()} now")):
+        train_rl(cfg, tmp_path / "init2", cut, pairs=pairs, resume=True, log=lambda *a: None)
+    with pytest.raises(ValueError, match="sampling_temperature=1.0 in the checkpoint but 0.5 now"):
+        train_rl(RLConfig(**{**vars(cfg), "sampling_temperature": 0.5}), tiny_dir, cut, pairs=pairs, resume=True,
+                 log=lambda *a: None)
+    train_rl(cfg, tiny_dir, cut, pairs=pairs, resume=True, log=lambda *a: None)
+    hist = [json.loads(x) for x in (cut / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [1, 2, 3]  # step 2 once: the interrupted run's was cut on resume
+    steps = [json.loads(x)["step"] for x in (cut / "samples.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and set(steps) == {1, 2, 3} and steps.count(2) == steps.count(1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(cut / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("reward/total")] == [1, 2, 3]
     a = LREM.from_pretrained(str(tmp_path / "full"), dtype="float32").lm.state_dict()
-    b = LREM.from_pretrained(str(tmp_path / "cut"), dtype="float32").lm.state_dict()
+    b = LREM.from_pretrained(str(cut), dtype="float32").lm.state_dict()
     base = LREM.from_pretrained(str(tiny_dir), dtype="float32").lm.state_dict()
     assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # resumed == uninterrupted

@@ -84,6 +84,18 @@ def test_unknown_ids_and_pairs_from_dataset(triplets):
         build_pairs(triplets, ds, "train")
 
 
+def test_triplets_of_another_split_are_refused(tmp_path):
+    """Training on dev or test queries would leak into their evaluation."""
+    ds = _dev_dataset()
+    path = _write(tmp_path / "t.jsonl", [_rows()[0], {**_rows()[1], "query_id": "d1", "query": "a chair please"}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: field 'query_id': query 'd1' is in the 'dev' split, not 'train'"):
+        build_pairs(path, ds, "train")
+    with pytest.raises(DataError, match=r"t\.jsonl:1: .*query 'q0' is in the 'train' split, not 'dev'"):
+        build_pairs(path, ds, "dev")
+    pairs, _ = build_pairs(path, ds, "all")  # every split, asked for
+    assert [p.query_id for p in pairs[:2]] == ["q0", "d1"]
+
+
 def test_batch_sampler_mixes_cot_pairs_deterministically():
     from lrem.train.sft import BatchSampler
 
@@ -191,6 +203,52 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir, tri
         train(cfg, resumed, triplets=triplets, log=lambda *_: None)  # no silent restart over a run
     with pytest.raises(ValueError, match="batch_size=4 in the checkpoint but 2 now"):
         train(_cfg(tiny_dir, max_steps=6, batch_size=2), resumed, triplets=triplets, resume=True, log=lambda *_: None)
+
+
+def _base_changed(before, now) -> str:
+    import re
+
+    return re.escape(f"base model {Path(before).resolve()} in the checkpoint but {Path(now).resolve()} now")
+
+
+def test_resume_refuses_other_settings_data_or_base_and_takes_new_logging_settings(tmp_path, tiny_dir, triplets,
+                                                                                   monkeypatch):
+    """A resume that changed what trains would record one run and train another."""
+    import shutil
+
+    cfg, out = _cfg(tiny_dir, max_steps=4, save_steps=2), tmp_path / "run"
+    train(cfg, out, triplets=triplets, stop_after_step=2, log=lambda *_: None)
+
+    def resume(cfg, data=triplets):
+        return train(cfg, out, triplets=data, resume=True, log=lambda *_: None)
+
+    with pytest.raises(ValueError, match=r"learning_rate=0.001 in the checkpoint but 0.002 now; "
+                                         r"temperature=0.05 in the checkpoint but 5.0 now; resume needs the same"):
+        resume(_cfg(tiny_dir, max_steps=4, save_steps=2, learning_rate=2e-3, temperature=5.0))
+    with pytest.raises(ValueError, match="lr_schedule=cosine in the checkpoint but constant now"):
+        resume(_cfg(tiny_dir, max_steps=4, save_steps=2, lr_schedule="constant"))
+    other = _write(tmp_path / "other.jsonl", [{**r, "query": r["query"].upper()} for r in _rows()])  # same length
+    with pytest.raises(ValueError, match="examples_sha256=.* in the checkpoint but .* now"):
+        resume(cfg, other)
+    shutil.copytree(tiny_dir, tmp_path / "base2")
+    with pytest.raises(ValueError, match=_base_changed(tiny_dir, tmp_path / "base2")):
+        resume(_cfg(tmp_path / "base2", max_steps=4, save_steps=2))
+    assert json.loads((out / "checkpoints" / "step-0000002" / "train_state.json").read_text())["step"] == 2
+    # the same base spelt another way, and new logging and checkpoint settings: resumed
+    monkeypatch.chdir(Path(tiny_dir).parent)
+    state = resume(_cfg(Path(tiny_dir).name, max_steps=4, save_steps=1, logging_steps=2, save_total_limit=3))
+    assert state["step"] == 4 and state["config"]["learning_rate"] == 1e-3
+
+
+def test_a_resume_after_a_crash_logs_each_step_once(tmp_path, tiny_dir, triplets):
+    """Steps an interrupted run logged after its last checkpoint are dropped from TensorBoard, not doubled."""
+    import shutil
+
+    cfg, out = _cfg(tiny_dir, max_steps=4, save_steps=2), tmp_path / "run"
+    train(cfg, out, triplets=triplets, stop_after_step=3, log=lambda *_: None)
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # killed after logging step 3, before its checkpoint
+    train(cfg, out, triplets=triplets, resume=True, log=lambda *_: None)
+    assert [s for s, _ in _scalars(out / "tb")["loss/total"]] == [1, 2, 3, 4]
 
 
 class _RunsCode:
@@ -397,6 +455,13 @@ def test_lora_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_dir
     with pytest.raises(ValueError, match=r"LoRA .*'r': 4.* in the checkpoint but off \(lora_r=0\) now"):
         train(_cfg(tiny_dir, max_steps=4, save_steps=2), tmp_path / "b", triplets=triplets, resume=True,
               log=lambda *_: None)
+    import shutil
+
+    train(cfg, tmp_path / "c", triplets=triplets, stop_after_step=2, log=lambda *_: None)
+    shutil.copytree(tiny_dir, tmp_path / "base2")  # the adapter was trained over tiny_dir, not this
+    with pytest.raises(ValueError, match=_base_changed(tiny_dir, tmp_path / "base2")):
+        train(_cfg(tmp_path / "base2", max_steps=4, save_steps=2, lora_r=4, lora_dropout=0.1), tmp_path / "c",
+              triplets=triplets, resume=True, log=lambda *_: None)
 
 
 def test_an_lrem_with_lora_layers_encodes_as_its_merged_weights(lively_dir):

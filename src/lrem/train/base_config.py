@@ -13,6 +13,13 @@ from typing import Self
 from lrem._config import check_finite, load_config
 from lrem.train.lora import LoraOptions, check_lora
 
+# The settings (of either stage) a resumed run may change: they decide what is logged, evaluated
+# (on the side: no RNG, weights restored to train mode) and kept, or trade memory for compute
+# (gradient_checkpointing: the same gradients), never what trains. Every other field must equal the
+# checkpoint's (`lrem.train.checkpoint.load_checkpoint`).
+RESUME_FREE = ("logging_steps", "save_steps", "save_total_limit", "eval_steps", "eval_data", "eval_split",
+               "eval_queries", "eval_distractors", "samples_per_log", "gradient_checkpointing")
+
 
 @dataclass
 class TrainingConfig(LoraOptions):

@@ -17,11 +17,15 @@ from pathlib import Path
 import torch
 
 from .._io import OutputError, atomic_dir, claim_dir, is_unstarted, prepare_output, write_json
+from .base_config import RESUME_FREE
 from .lora import ADAPTER, lora_settings, save_adapter
 from .pairs import RL_PAIRS
 
 TRAIN_STATE = "train_state.json"
 EXTRA = "extra.pt"  # a checkpoint's trainer state beyond optimizer, scheduler and RNG
+# the train state's own keys a resumed run must match, besides its config (`resume_view`); the base
+# model ("base") and the LoRA settings are checked before loading (`check_resume`)
+RESUME_KEYS = ("world_size", "total_steps", "seed", "batch_size", "examples", "examples_sha256", "precision")
 
 
 def check_output(out: Path, resume: bool, overwrite: bool, inputs=()) -> Path | None:
@@ -91,15 +95,35 @@ def load_checkpoint_extra(ckpt: Path) -> dict:
     return torch.load(path, weights_only=True) if path.exists() else {}
 
 
-def check_resume(ckpt: Path | None, cfg) -> None:
+def base_identity(base) -> str:
+    """What a train state records as the run's base model: a local folder's resolved path (however
+    it is spelt), else the name given (a built-in or hub name)."""
+    path = Path(base)
+    return str(path.resolve()) if path.exists() else str(base)
+
+
+def check_resume(ckpt: Path | None, cfg, base) -> None:
     """Before loading anything from `ckpt`: it continues only a run with the same LoRA settings
-    (a LoRA checkpoint holds an adapter, a full one the model)."""
+    (a LoRA checkpoint holds an adapter, a full one the model) and the same base model `base`
+    (an adapter trained over one base means nothing over another)."""
     if ckpt is None:
         return
-    prev, now = json.loads((ckpt / TRAIN_STATE).read_text()).get("lora"), lora_settings(cfg)
+    saved = json.loads((ckpt / TRAIN_STATE).read_text())
+    prev, now = saved.get("lora"), lora_settings(cfg)
     if prev != now:
         raise ValueError(f"{ckpt}: LoRA {prev or 'off (full fine-tuning)'} in the checkpoint but "
                          f"{now or 'off (lora_r=0)'} now; resume needs the same lora_* settings")
+    prev, now = saved.get("base", "<not recorded>"), base_identity(base)
+    if prev != now:
+        raise ValueError(f"{ckpt}: base model {prev} in the checkpoint but {now} now; resume needs the same base "
+                         "(--model / --init)")
+
+
+def resume_view(state: dict) -> dict:
+    """What of a train state a resume must match: `RESUME_KEYS` and every config value but the
+    `RESUME_FREE` ones (and `model`, whose resolved path `check_resume` compares as "base")."""
+    config = {k: v for k, v in state.get("config", {}).items() if k not in RESUME_FREE and k != "model"}
+    return config | {k: state.get(k, "<not recorded>") for k in RESUME_KEYS}
 
 
 def resume_source(ckpt: Path | None, cfg, base: str) -> str:
@@ -108,17 +132,21 @@ def resume_source(ckpt: Path | None, cfg, base: str) -> str:
     return str(ckpt / "model") if ckpt is not None and cfg.lora_r == 0 else str(base)
 
 
-def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
+def load_checkpoint(ckpt: Path, optimizer, scheduler, state: dict) -> int:
     """Restore optimizer, scheduler and torch RNG from `ckpt`; return the step it ended.
 
-    `expect` (world_size, total_steps, seed, batch_size, examples) must equal the checkpoint's:
-    any other value would not continue the same run.
+    The run's train `state` must match the checkpoint's (`resume_view`: data, processes, steps and
+    every setting but the logging ones): any other value would not continue the same run, or would
+    record settings it did not train with. One error names every difference.
     """
-    prev = json.loads((ckpt / TRAIN_STATE).read_text())
-    for key, now in expect.items():
-        if prev[key] != now:
-            raise ValueError(f"{ckpt}: {key}={prev[key]} in the checkpoint but {now} now; resume needs the "
-                             "same data, batch, steps, seed and processes")
+    prev_state = json.loads((ckpt / TRAIN_STATE).read_text())
+    prev, now = resume_view(prev_state), resume_view(state)
+    missing = "<not set>"
+    diff = [f"{k}={prev.get(k, missing)} in the checkpoint but {now.get(k, missing)} now"
+            for k in sorted(prev.keys() | now.keys()) if prev.get(k, missing) != now.get(k, missing)]
+    if diff:
+        raise ValueError(f"{ckpt}: {'; '.join(diff)}; resume needs the same data, processes and settings (only "
+                         f"{', '.join(RESUME_FREE)} may change)")
     try:  # tensors and plain containers only: a checkpoint file cannot run code when loaded
         saved = torch.load(ckpt / "trainer.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -128,7 +156,7 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, expect: dict) -> int:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
-    return prev["step"]
+    return prev_state["step"]
 
 
 def training_stage(state: dict) -> dict:

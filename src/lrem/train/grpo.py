@@ -12,7 +12,7 @@ L = 1.0 L_GRPO (PPO-clipped, on the CoT tokens) + 0.1 L_InfoNCE over the N*G rol
 The output folder is an LREM model folder plus `train_state.json`, `history.jsonl` (every logged
 value), `samples.jsonl` (some rollouts with their rewards), `curves.png`, `tb/` and
 `checkpoints/`. `--resume` gives the same weights as an uninterrupted run: batches and sampling
-depend only on (seed, step). `lora_r` > 0 trains LoRA adapters as in stage 1 (`lrem.train.lora`).
+depend only on (seed, step); the logs are cut back to the checkpoint's step first (`cut_log`). `lora_r` > 0 trains LoRA adapters as in stage 1 (`lrem.train.lora`).
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from .. import rewards as R
-from .._io import append_jsonl
+from .._io import JsonlLog, append_jsonl, write_jsonl
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from ..prompts import PromptConfig
 from .grpo_config import RLConfig
 from .lora import lora_settings
 from .loop import Run
-from .pairs import Pair, batch_indices, load_rl_pairs, pad
+from .pairs import Pair, batch_indices, examples_sha256, load_rl_pairs, pad
 from .rank_pool import RankPool, load_catalog
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
@@ -137,8 +137,9 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     loss_fn = GRPOLoss(model, cfg.grpo_weight, cfg.infonce_weight, cfg.temperature, cfg.clip_eps, cfg.kl_coef,
                        cfg.sampling_temperature)
     state = {"step": 0, "total_steps": total, "world_size": world, "batch_size": bs, "seed": cfg.seed,
-             "examples": len(data), "precision": acc.mixed_precision, "init": str(init), "pairs": str(data_path),
-             "config": cfg.to_dict(), "lora": lora_settings(cfg), "last": {}}
+             "examples": len(data), "examples_sha256": examples_sha256(data), "precision": acc.mixed_precision,
+             "init": str(init), "pairs": str(data_path), "config": cfg.to_dict(), "lora": lora_settings(cfg),
+             "last": {}}
 
     def rl_step(step: int) -> dict:
         t_step = time.time()
@@ -201,13 +202,22 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                       "loss": f"{vals['loss/total']:.4f}"}
 
     def on_claim(start: int):
-        if start == 0:  # a fresh run: no history of an earlier one
-            for name in (HISTORY, SAMPLES):
+        for name in (HISTORY, SAMPLES):
+            if start == 0:  # a fresh run: no history of an earlier one
                 (out / name).unlink(missing_ok=True)
+            else:  # resumed: the steps logged after the checkpoint come again
+                cut_log(out / name, start)
 
     return run.fit(model, loss_fn, total, state, rl_step, log_step, "rl", dev=dev, stop_after_step=stop_after_step,
                    on_claim=on_claim, extra=pool, before_final=lambda: plot_curves(out / HISTORY, out / CURVES),
                    keep=("checkpoints", "tb", HISTORY, SAMPLES, CURVES))
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep a JSONL log's rows up to `step` (and drop a line torn by a kill), atomically: a crash
+    here leaves the old file."""
+    if path.exists():
+        write_jsonl(path, [row for row in JsonlLog(path).rows(repair=False) if row.get("step", 0) <= step])
 
 
 def plot_curves(history: Path, png: Path) -> None:

@@ -70,7 +70,7 @@ class RLConfig(TrainingConfig):
         super().__post_init__()
         if self.cot_max_tokens is not None and self.cot_max_tokens < 1:
             raise ValueError(f"cot_max_tokens={self.cot_max_tokens}; need >= 1 (or null for the policy's own)")
-        for name in ("num_generations", "rollout_max_tokens", "num_iterations"):
+        for name in ("num_generations", "rollout_max_tokens", "num_iterations", "samples_per_log"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; need >= 1")
         if self.num_generations < 2:

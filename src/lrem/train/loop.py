@@ -20,14 +20,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (check_output, check_resume, claim_output, load_checkpoint, load_checkpoint_extra,
-                         resume_source, save_checkpoint, save_final)
+from .checkpoint import (base_identity, check_output, check_resume, claim_output, load_checkpoint,
+                         load_checkpoint_extra, resume_source, save_checkpoint, save_final)
 from .dev_eval import log_dev, make_dev_eval
 from .lora import add_lora, merge_lora, trainable_parameters
 from .pairs import RL_PAIRS
-
-# the train state's keys a resumed run must match (any other value would not continue the same run)
-RESUME_KEYS = ("world_size", "total_steps", "seed", "batch_size", "examples")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
@@ -104,6 +101,7 @@ class Run:
         if self.ckpt is not None and self.sharded:  # the optimizer state is sharded; the checkpoint has rank 0's
             raise ValueError(f"{self.ckpt}: resuming under {self.acc.distributed_type.value} is not supported yet; "
                              f"start a new run from its gathered weights (--init {self.ckpt / 'model'})")
+        self.base = None  # the base model's identity (`load_model`), which a resume must match
         self.adapter = None  # the LoRA adapter (`add_lora`), or None: full fine-tuning
         self.wrapped = self.optimizer = self.scheduler = None  # set by `fit`, used by the step function
         self.start, self.t0 = 0, time.time()  # the step `fit` starts at, and when
@@ -113,7 +111,8 @@ class Run:
         loads), or the checkpoint's when full fine-tuning resumes; `source` is what it records as its origin."""
         from ..model import LREM
 
-        check_resume(self.ckpt, self.cfg)
+        check_resume(self.ckpt, self.cfg, base)
+        self.base = base_identity(base)
         model = LREM.from_pretrained(resume_source(self.ckpt, self.cfg, base), dtype="float32", log=self.say)
         model.source = source
         return model
@@ -175,8 +174,9 @@ class Run:
             loss_fn: the loss module holding it; its trainable parameters are optimised. Wrapped by
                 Accelerate as `self.wrapped`, which the step function calls.
             total: the run's steps (the schedule's length).
-            state: the train state, the stage's keys in it (`RESUME_KEYS` among them); `fit` keeps its
-                "step" (and "dev", "seconds") up to date, and checkpoints and the final model save it.
+            state: the train state, the stage's keys in it (`lrem.train.checkpoint.RESUME_KEYS` among them);
+                `fit` adds "base" and keeps "step" (and "dev", "seconds") up to date, and checkpoints and
+                the final model save it.
             step: `step(s) -> result`, step s (from 0) on every process: the batch, forward, `optimize`.
             log_step: `log_step(done, result) -> (scalars, postfix)` every `cfg.logging_steps` steps and
                 at the end, on every process (it may reduce across them): `scalars` go to TensorBoard,
@@ -192,8 +192,9 @@ class Run:
         cfg, acc, out = self.cfg, self.acc, self.out
         self.optimizer, self.scheduler = make_optimizer(loss_fn, cfg, total, warmup_steps(cfg, total))
         start = 0
+        state["base"] = self.base
         if self.ckpt is not None:
-            start = load_checkpoint(self.ckpt, self.optimizer, self.scheduler, {k: state[k] for k in RESUME_KEYS})
+            start = load_checkpoint(self.ckpt, self.optimizer, self.scheduler, state)
             if extra is not None:  # the state an uninterrupted run would hold
                 extra.load_state_dict(load_checkpoint_extra(self.ckpt))
             self.say(f"resuming from {self.ckpt} at step {start}")
@@ -206,7 +207,8 @@ class Run:
             claim_output(out, self.resume, self.overwrite)
             if on_claim is not None:
                 on_claim(start)
-            writer = SummaryWriter(str(out / "tb"))
+            # a resume drops the events an interrupted run logged after its checkpoint (they come again)
+            writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
         state["step"] = start
         end = min(total, stop_after_step or total)
         self.start, self.t0 = start, time.time()

@@ -26,13 +26,14 @@ def cot_tokens(tokenizer, cot: str) -> int:
     return len(tokenizer(cot.strip(), add_special_tokens=False)["input_ids"])
 
 
-def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) -> list[Pair]:
+def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None, split: str | None = None) -> list[Pair]:
     """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`;
     optional `candidates`, a grounded query's first-stage titles, from `lrem.grounding.mine_candidates`).
 
     Raises `DataError` naming file, line and field for: an empty file, a malformed line, a
     missing or non-string field, a CoT longer than `cot_max_tokens` tokens (when `tokenizer` is
-    given), an id unknown to `dataset` (when given), or one item id with two titles.
+    given), an id unknown to `dataset` (when given), a query of another split of `dataset` than
+    `split` (when given; "all": any), or one item id with two titles.
     """
     path = Path(path)
     if not path.exists():
@@ -51,8 +52,12 @@ def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None) 
             if n > cot_max_tokens:
                 raise DataError(path, line_no, "cot", f"{n} tokens, more than cot_max_tokens={cot_max_tokens}")
         if dataset is not None:
-            if row["query_id"] not in dataset.queries:
+            query = dataset.queries.get(row["query_id"])
+            if query is None:
                 raise DataError(path, line_no, "query_id", f"unknown query id {row['query_id']!r}")
+            if split not in (None, "all", query.split):  # training on it would leak into that split's scores
+                raise DataError(path, line_no, "query_id", f"query {row['query_id']!r} is in the {query.split!r} "
+                                f"split, not {split!r}: training on it leaks into that split's evaluation")
             if row["item_id"] not in dataset.catalog:
                 raise DataError(path, line_no, "item_id", f"unknown item id {row['item_id']!r}")
         seen = titles.setdefault(row["item_id"], (row["item_title"], line_no))
@@ -101,7 +106,7 @@ def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=Non
     """
     if triplets is None and dataset is None:
         raise ValueError("give a triplet/pair file, a dataset folder and split, or both")
-    pairs = load_triplets(triplets, tokenizer, cot_max_tokens, dataset) if triplets is not None else []
+    pairs = load_triplets(triplets, tokenizer, cot_max_tokens, dataset, split) if triplets is not None else []
     held: list[Pair] = []
     if dataset is not None:
         have = {p.query_id for p in pairs}
@@ -112,6 +117,17 @@ def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=Non
     if not use_cot:
         pairs = without_cots(pairs)
     return pairs, held
+
+
+def examples_sha256(pairs: list[Pair]) -> str:
+    """A digest of the examples, in order (every field): a resume must train on the same data."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(list(vars(p).values())).encode() + b"\n")
+    return h.hexdigest()[:16]  # enough to tell data sets apart, short enough for an error line
 
 
 def grounded(pairs: list[Pair], share: float, seed: int = 0) -> list[Pair]:

@@ -26,8 +26,8 @@ from .loop import Run, warmup_steps
 # lr_factor, mixed_precision, batch_indices, load_triplets, pairs_from_qrels, rl_holdout: re-exported,
 # tests and older callers import them from here (their homes are .loop and .pairs)
 from .loop import lr_factor, mixed_precision  # noqa: F401
-from .pairs import (RL_PAIRS, BatchSampler, Pair, batch_indices, build_pairs, load_triplets,  # noqa: F401
-                    grounded, pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
+from .pairs import (RL_PAIRS, BatchSampler, Pair, batch_indices, build_pairs, examples_sha256,  # noqa: F401
+                    grounded, load_triplets, pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
 from .sft_config import SFTConfig
 
 
@@ -119,7 +119,8 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
     model.lm.train()
     loss_fn = LREMLoss(model, cfg.sft_weight, cfg.infonce_weight, cfg.temperature)
     state = {"step": 0, "total_steps": total, "world_size": world, "batch_size": bs, "global_batch_size": bs * world,
-             "seed": cfg.seed, "examples": len(pairs), "precision": acc.mixed_precision, "config": cfg.to_dict(),
+             "seed": cfg.seed, "examples": len(pairs), "examples_sha256": examples_sha256(pairs + held),
+             "precision": acc.mixed_precision, "config": cfg.to_dict(),
              "lora": lora_settings(cfg),
              "losses": {},
              "data": ", ".join(x for x in (str(triplets or ""), dataset and f"{dataset.name} ({split} qrels)") if x)}
