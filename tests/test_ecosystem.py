@@ -79,6 +79,11 @@ def test_sentence_transformers_loads_the_export_with_lrem_embeddings(real_model,
     direct = real_model.encode_queries(QUERIES[:3], mode="direct").embeddings
     assert (st.encode(QUERIES[:3], prompt_name="query") * direct).sum(1).min() >= 0.9999
     assert (st.encode(QUERIES[:3], prompt_name="document") * real_model.encode_items(QUERIES[:3])).sum(1).min() >= 0.9999
+    # the classic keys servers read (TEI, older readers): last-token pooling, lrem's cut
+    pooling = json.loads((tmp_path / "st" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_lasttoken"] is True and pooling["pooling_mode_mean_tokens"] is False
+    bert = json.loads((tmp_path / "st" / "sentence_bert_config.json").read_text())
+    assert bert["max_seq_length"] == st.max_seq_length == read_export(tmp_path / "st")["max_seq_length"]
     # the plain prefix + suffix of lrem_export.json give the same tokens as lrem (for servers without chat templates)
     sides = read_export(tmp_path / "st")
     tok = real_model.tokenizer

@@ -113,12 +113,28 @@ def export_sentence_transformers(model, out, log=print) -> Path:
     st.prompts = {"query": QUERY_MARK, "document": ""}
     with atomic_dir(out) as folder:
         st.save(str(folder), create_model_card=False)
+        classic_keys(folder, transformer.max_seq_length)
         write_json(folder / EXPORT_FILE, {"format": "sentence-transformers", "source": model.source,
                                           "base_model": model.base, "prompts": model.config.to_dict(),
                                           "max_seq_length": transformer.max_seq_length, **sides})
         (folder / "README.md").write_text(model_card(model, export="sentence-transformers"), encoding="utf-8")
     log(f"exported {model.source} -> {out} (sentence-transformers: items, and queries in direct mode)")
     return Path(out)
+
+
+def classic_keys(folder: Path, max_seq_length: int) -> None:
+    """Add the keys of the sentence-transformers layout before 6.0 beside the new ones, which 6.x
+    also reads: servers and older readers (TEI among them) take the pooling from the
+    `pooling_mode_*` flags and the cut from `max_seq_length`; without them they may pool
+    otherwise and cut at the model's 8,192 positions, not where lrem cuts."""
+    pooling = folder / "1_Pooling" / "config.json"
+    cfg = json.loads(pooling.read_text(encoding="utf-8"))
+    if cfg.get("pooling_mode") != "lasttoken":
+        raise ValueError(f"the export pools by {cfg.get('pooling_mode')!r}, not the last token (`<emb>`)")
+    flags = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    write_json(pooling, {**cfg, **{f"pooling_mode_{f}": f == "lasttoken" for f in flags}})
+    bert = folder / "sentence_bert_config.json"
+    write_json(bert, {**json.loads(bert.read_text(encoding="utf-8")), "max_seq_length": max_seq_length})
 
 
 def export(model, to: str, out: str | os.PathLike, log=print) -> Path:
