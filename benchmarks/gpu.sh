@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 20's GPU part in one device call (a drawn task has 15 minutes of device time in all):
-# query latency with Qwen2.5-3B's shape, stage-1 and RL steps with Qwen2.5-0.5B's and 3B's, and
+# the CUDA graphs checked against eager steps, query latency with Qwen2.5-3B's shape, stage-1 and RL steps with Qwen2.5-0.5B's and 3B's, and
 # the real trainers for a few steps on 0.5B's; all random weights built from a config (the GPU
 # machine has no registries, and 64 MiB travels).
 #
@@ -107,6 +107,10 @@ step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit (and the
 crashed() { [ "$1" -ne 0 ] && [ "$1" -ne 124 ] && [ "$1" -ne 137 ]; }  # failed, rather than ran out of time
 
 failed=()
+# the CUDA graphs against the same steps run eagerly (float32): a wrong replay fails here, not as
+# noise in the bfloat16 latency rows; seconds
+gc=(); [ "$dev" = cpu ] && gc=(--device cpu)
+step graph_check 60 benchmarks/graph_check.py "${gc[@]}" || failed+=(graph_check)
 step query_latency "${limit[0]}" benchmarks/query_latency.py --model none --shape "$big" "${ql[@]}" \
   --name "$OUT/gpu-query_latency"; rc=$?
 if crashed $rc; then  # the CUDA-graph decoder is the likeliest casualty of a first run on a GPU

@@ -17,7 +17,7 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
                          text=True, timeout=800)
     steps = "\n".join(line for line in res.stdout.splitlines() if line.startswith("=== "))  # which step failed
     assert res.returncode == 0, steps + "\n" + res.stdout[-3000:] + res.stderr[-3000:]
-    for step in ("query_latency", "train tiny", "trainers tiny"):
+    for step in ("graph_check", "query_latency", "train tiny", "trainers tiny"):
         assert f"=== {step}: rc 0" in res.stdout, res.stdout[-3000:]
     ql = json.loads((tmp_path / "gpu-query_latency.json").read_text())["shaped"]
     assert "partial" not in ql  # the last write is the whole run's
@@ -33,7 +33,7 @@ def test_gpu_script_rehearsal_runs_every_step_and_writes_its_results(tmp_path):
     loop = json.loads((tmp_path / "gpu-trainers-tiny.json").read_text())  # the real trainers, both stages
     assert [(r["stage"], r["steps"], r["checkpoints"]) for r in loop["rows"]] == [
         ("coldstart", 2, ["step-0000001"]), ("rl", 2, ["step-0000001"])]
-    assert (tmp_path / "gpu.log").read_text().count("=== ") >= 6  # the log the device call brings back
+    assert (tmp_path / "gpu.log").read_text().count("=== ") >= 8  # the log the device call brings back
 
 
 def test_train_benchmark_keeps_the_other_settings_when_one_fails(tmp_path):
