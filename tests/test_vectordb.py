@@ -4,7 +4,6 @@ with no duplicates after a SIGKILL, and search / eval / serve through the same i
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -48,15 +47,26 @@ def test_spec_parsing():
             parse_spec(bad)
 
 
+def interrupted(batches, n: int):
+    """The first n batches, then the error of an upload killed mid-way."""
+    for j, batch in enumerate(batches):
+        if j == n:
+            raise KeyboardInterrupt("killed")
+        yield batch
+
+
 def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
     x, ids = unit_vectors(400), [f"item-{j}" for j in range(400)]
     titles = [f"title {j}" for j in range(400)]
     spec = f"milvus:{tmp_path / 'r.db'}/rand"
     meta = {"model": "m", "dim": 32, "item_template": "Item: {title}"}
-    info = upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)
-    assert (info["written"], info["skipped"], info["n_items"], info["complete"]) == (400, 0, 400, True)
-    again = upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)  # idempotent by id
-    assert (again["written"], again["skipped"], again["n_items"]) == (0, 400, 400)
+    with pytest.raises(KeyboardInterrupt):
+        upload(spec, interrupted(batches_of(ids, titles, x, 64), 3), meta, 400, show_progress=False)
+    info = upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)  # resumed: by id
+    assert (info["written"], info["skipped"], info["n_items"], info["complete"]) == (400 - 192, 192, 400, True)
+    with pytest.raises(ValueError, match=r"holds a complete index \(400 items of None\); pass --update .* or "
+                       "--overwrite"):  # never merged into silently
+        upload(spec, batches_of(ids, titles, x, 64), meta, 400, show_progress=False)
 
     db, flat = MilvusIndex.open(spec), ItemIndex.from_embeddings(x, ids, titles)
     q = unit_vectors(25, seed=1)
@@ -311,3 +321,209 @@ def test_killed_upload_rerun_leaves_no_duplicates_and_searches_like_faiss(tmp_pa
     assert r.status_code == 200, r.text
     assert [i["item_id"] for i in r.json()["items"]] == faiss_s.search(["a cup"], k=5, mode="direct")[0].item_ids
     assert r.json()["items"][0]["title"] == flat.title(r.json()["items"][0]["item_id"])
+
+
+ODD_IDS = ["it's", '~q"uote', "~~back\\slash", 'q"uote', "back\\slash", "a\\'b", "\\", "x\\\"y", "tab\tx", "nl\nx",
+           "cr\rx", "bell\x07x", "nul\x00x", "ünï", "emoji😀", "\u2028ls", "\\u0041", "$ {} %s"]
+
+
+def test_any_id_is_looked_up_resumed_updated_and_deleted(tmp_path, tiny):
+    """Ids (and filter values) with quotes, backslashes, control characters: Milvus expressions
+    are written with its own escapes (`milvus_string`), never pymilvus's unescaped get/delete."""
+    from lrem.data import Item
+    from lrem.index import item_digest, item_facets
+    from lrem.vectordb import milvus_string, update
+
+    kinds = ["mug", "teapot", "kettle", "sofa", "rug", "lamp"]
+    ids = [f"p{j}" for j in range(8)] + ODD_IDS
+    items = {i: Item(i, f"{kinds[j % 6]} {j}", brand=["O'Neil \\ co", 'Zed "Q"\n', "Acme"][j % 3])
+             for j, i in enumerate(ids)}
+    flat = ItemIndex.build(tiny, items, show_progress=False)
+    x, vals = flat.index.reconstruct_n(0, len(ids)), list(items.values())
+    digests = [item_digest(tiny, v) for v in vals]
+
+    def batches(size=5):
+        for s in range(0, len(ids), size):
+            yield (ids[s:s + size], flat.titles[s:s + size], item_facets(vals[s:s + size]), digests[s:s + size],
+                   (lambda pos, s=s: x[s:][pos]))
+
+    spec = f"milvus:{tmp_path / 'odd.db'}/odd"
+    with pytest.raises(KeyboardInterrupt):  # killed after 2 batches (odd ids in the second): then resumed
+        upload(spec, interrupted(batches(), 2), flat.meta, len(ids), show_progress=False)
+    info = upload(spec, batches(), flat.meta, len(ids), show_progress=False)
+    assert (info["written"], info["skipped"], info["n_items"]) == (len(ids) - 10, 10, len(ids))
+    db = MilvusIndex.open(spec)
+    assert sorted(db.item_ids) == sorted(ids)
+    for size in (1, 3, 100):  # pages after an odd id (in primary-key order): every row once
+        rows = [r["item_id"] for r in iter_rows(db.client, db.name, ["title"], batch_size=size)]
+        assert sorted(rows) == sorted(ids), size
+        assert sorted(r["item_id"] for r in iter_rows(db.client, db.name, [], size, 'brand == "Acme"')) == sorted(
+            i for i in ids if items[i].brand == "Acme")
+    assert [db.title(i) for i in ODD_IDS] == [items[i].title for i in ODD_IDS] and all(i in db for i in ODD_IDS)
+    np.testing.assert_allclose(db.vectors_of(ODD_IDS[::-1]), x[[ids.index(i) for i in ODD_IDS[::-1]]], atol=1e-6)
+    with pytest.raises(KeyError, match="is not in the collection"):
+        db.vectors_of(["it's not"])
+    q = tiny.encode_queries(["a teapot", "a red sofa"], mode="direct").embeddings
+    assert db.search(q, 10)[1] == flat.search(q, 10)[1]
+    for where in ({"brand": "O'Neil \\ co"}, {"brand": ['Zed "Q"\n', "Acme"]}):
+        assert db.search(q, 5, where=where)[1] == flat.search(q, 5, where=where)[1], where
+    assert milvus_string('a"b\\c\n') == '"a\\"b\\\\c\\n"'
+    # the catalog changes: odd ids leave (deleted by expression) or change (upserted)
+    new = {i: v for i, v in items.items() if i not in ODD_IDS[:8]}
+    new["ünï"] = Item("ünï", "cast iron skillet", brand="Acme")
+    assert update(spec, tiny, new, flat.meta, show_progress=False) == {"added": 0, "changed": 1, "removed": 8,
+                                                                       "kept": len(new) - 1}
+    db = MilvusIndex.open(spec)
+    assert sorted(db.item_ids) == sorted(new) and db.title("ünï") == "cast iron skillet"
+    assert db.search(q, 10)[1] == ItemIndex.build(tiny, new, show_progress=False).search(q, 10)[1]
+
+
+def test_an_unfinished_upload_resumes_only_with_its_own_catalog(tmp_path):
+    """Rerunning finishes an interrupted upload of the same catalog; another catalog (its
+    fingerprint, an item's digest, items beyond it) is refused, and a complete collection too."""
+    from lrem.embed import catalog_fingerprint
+    from lrem.vectordb import CATALOG, catalog_digest
+
+    x, ids = unit_vectors(60, 8), [f"i{j}" for j in range(60)]
+    digests = [f"d{j}" for j in range(60)]
+    meta = {"model": "m", "dim": 8, "dataset": "A"}
+    meta_a = {**meta, CATALOG: catalog_digest(catalog_fingerprint(ids), digests)}
+
+    def batches(ids=ids, digests=digests, size=20):
+        for s in range(0, len(ids), size):
+            yield ids[s:s + size], ids[s:s + size], {}, digests and digests[s:s + size], (lambda pos, s=s: x[s:][pos])
+
+    spec = f"milvus:{tmp_path / 'c.db'}/items"
+    with pytest.raises(KeyboardInterrupt):
+        upload(spec, interrupted(batches(), 1), meta_a, 60, show_progress=False)
+    changed = digests[:5] + ["other"] + digests[6:]
+    meta_b = {**meta, "dataset": "B", CATALOG: catalog_digest(catalog_fingerprint(ids), changed)}
+    with pytest.raises(ValueError, match=r"unfinished upload of another catalog \(A\); rerun that upload"):
+        upload(spec, batches(digests=changed), meta_b, 60, show_progress=False)  # its fingerprint differs
+    with pytest.raises(ValueError, match="item 'i5' in the collection differs from this catalog's"):
+        upload(spec, batches(digests=changed), meta, 60, show_progress=False)  # no fingerprint: the digests tell
+    others = [f"o{j}" for j in range(60)]
+    with pytest.raises(ValueError, match="holds 20 items not in this catalog"):  # neither: the count tells
+        upload(spec, batches(ids=others, digests=None), meta, 60, show_progress=False)
+    with pytest.raises(ValueError, match="did not finish"):
+        MilvusIndex.open(spec)  # never marked complete with the two catalogs mixed
+    MilvusWriter(spec, meta_a).client.delete("items", filter='item_id like "o%"')  # what that rerun added
+    info = upload(spec, batches(), meta_a, 60, show_progress=False)  # the same catalog: resumed
+    assert (info["written"], info["skipped"], info["n_items"]) == (40, 20, 60)
+    assert sorted(MilvusIndex.open(spec).item_ids) == sorted(ids)
+    with pytest.raises(ValueError, match=r"holds a complete index \(60 items of A\)"):
+        upload(spec, batches(), meta_a, 60, show_progress=False)
+    info = upload(spec, batches(ids=others, digests=None), meta_b, 60, overwrite=True, show_progress=False)
+    assert sorted(MilvusIndex.open(spec).item_ids) == sorted(others) and info["dataset"] == "B"
+
+
+def test_cli_refuses_a_complete_collection_and_uploads_any_id(tmp_path, tiny_dir):
+    """`lrem index --data B --backend X` on a complete collection: one line, nothing written;
+    --update brings it to B (odd ids deleted); a password in the URI is never printed."""
+    def catalog_file(path, n, odd):
+        rows = [{"item_id": f"i{j}", "title": f"{['mug', 'sofa', 'lamp'][j % 3]} {j}"} for j in range(n)]
+        rows += [{"item_id": i, "title": f"odd {k}", "brand": "O'Neil"} for k, i in enumerate(odd)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    a = catalog_file(tmp_path / "a.jsonl", 10, ["it's", "back\\slash", 'q"uote', "a\\'b"])
+    b = catalog_file(tmp_path / "b.jsonl", 12, ["it's"])
+    spec = f"milvus:{tmp_path / 'cli.db'}/items"
+    up = lrem("index", "--data", a, "--backend", spec, "--model", tiny_dir, "--upload-batch", 5)
+    assert up.returncode == 0 and "uploaded 14 items" in up.stdout and ", FLAT)" in up.stdout, up.stderr[-3000:]
+    for args in ([], ["--milvus-index", "HNSW"]):
+        p = lrem("index", "--data", b, "--backend", spec, "--model", tiny_dir, *args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert p.stderr.strip().splitlines()[-1] == (f"error: {spec}: the collection holds a complete index (14 items "
+                                                     f"of {a}); pass --update to bring it up to date with this "
+                                                     "catalog, or --overwrite to replace it")
+    # (Milvus Lite: one process at a time holds the folder, so this one opens it after the CLI's)
+    p = lrem("index", "--data", b, "--backend", spec, "--update")  # its counts: A's 14 items were all it held
+    assert p.returncode == 0 and "2 added, 0 changed, 3 removed, 11 kept" in p.stdout, p.stderr[-3000:]
+    db = MilvusIndex.open(spec)
+    assert sorted(db.item_ids) == sorted([f"i{j}" for j in range(12)] + ["it's"]) and db.meta["milvus_index"] == "FLAT"
+    assert [u["dataset"] for u in db.meta["updates"]] == [str(b)] and db.meta["upload_seconds"] > 0
+    p = lrem("index", "--data", b, "--backend", "milvus:http://root:S3cret@127.0.0.1:1/items", "--model", tiny_dir)
+    assert p.returncode == 2 and "S3cret" not in p.stdout + p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: cannot connect to Milvus at http://root:***@127.0.0.1:1")
+
+
+def test_ivf_flat_gets_its_lists_and_probes(tmp_path):
+    """IVF_FLAT: nlist ~4 sqrt(n) and nprobe min(nlist, 256) by default, or as given; both reach
+    Milvus (its index reports nlist, and few probes lose recall), and the defaults keep recall@10."""
+    from lrem.vectordb import default_params, index_type_of, parse_params
+
+    assert default_params("IVF_FLAT", 5000) == {"nlist": 256, "nprobe": 256}
+    assert default_params("IVF_FLAT", 1_000_000) == {"nlist": 2048, "nprobe": 256}
+    assert default_params("IVF_FLAT", 5000, {"nprobe": 64}) == {"nlist": 256, "nprobe": 64}
+    assert default_params("HNSW", 5000) == {} and parse_params("M=8,ef=32", "HNSW") == {"M": 8, "ef": 32}
+    for bad, match in (("nlist=0", "a positive integer"), ("ef=5", "expected nlist, nprobe"), ("nlist=x", "integer")):
+        with pytest.raises(ValueError, match=match):
+            parse_params(bad, "IVF_FLAT")
+    with pytest.raises(ValueError, match="'nlist' for FLAT; expected none"):
+        MilvusWriter(f"milvus:{tmp_path / 'i.db'}/bad", {"model": "m", "dim": 32}, index_params={"nlist": 8})
+
+    n, x = 3000, unit_vectors(3000, seed=4)
+    ids, q = [f"v{j}" for j in range(n)], unit_vectors(40, seed=5)
+    want = ItemIndex.from_embeddings(x, ids, ids).search(q, 10)[1]
+
+    def recall(db):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, db.search(q, 10)[1])])
+
+    spec = f"milvus:{tmp_path / 'i.db'}/ivf"
+    info = upload(spec, batches_of(ids, ids, x, 1000), {"model": "m", "dim": 32}, n, index_type="IVF_FLAT",
+                  show_progress=False)
+    assert info["milvus_index"] == "IVF_FLAT" and info["milvus_params"] == {"nlist": 128, "nprobe": 128}
+    db = MilvusIndex.open(spec)
+    assert db.client.describe_index("ivf", "vector")["params"]["nlist"] == 128 and recall(db) >= 0.95
+    spec2 = f"milvus:{tmp_path / 'i.db'}/few"
+    upload(spec2, batches_of(ids, ids, x, 1000), {"model": "m", "dim": 32}, n, index_type="IVF_FLAT",
+           index_params={"nlist": 64, "nprobe": 1}, show_progress=False)
+    few = MilvusIndex.open(spec2)
+    assert few.meta["milvus_params"] == {"nlist": 64, "nprobe": 1} and index_type_of(few.client, "few") == "IVF_FLAT"
+    deadline = time.time() + 60  # Milvus Lite builds the index in the background (until then it scans all)
+    while recall(few) > 0.6 and time.time() < deadline:
+        time.sleep(0.5)
+    assert recall(few) <= 0.6  # 1 of 64 lists probed: nprobe and nlist reach Milvus
+    few.meta = {**few.meta, "milvus_params": {"nlist": 64, "nprobe": 64}}
+    assert recall(few) == 1.0  # all lists probed
+
+
+def test_an_existing_collection_keeps_its_index(tmp_path):
+    """--milvus-index / --milvus-params other than the collection's are refused, not recorded;
+    overwrite rebuilds; resuming and updating keep (and record) the index it has."""
+    from lrem.vectordb import index_type_of, read_meta
+
+    x, ids = unit_vectors(40, 8), [f"i{j}" for j in range(40)]
+    meta = {"model": "m", "dim": 8}
+    spec = f"milvus:{tmp_path / 'k.db'}/items"
+    with pytest.raises(KeyboardInterrupt):
+        upload(spec, interrupted(batches_of(ids, ids, x, 10), 1), meta, 40, show_progress=False)
+    with pytest.raises(ValueError, match="has a FLAT index, not HNSW; pass --overwrite to rebuild it as HNSW"):
+        upload(spec, batches_of(ids, ids, x, 10), meta, 40, index_type="HNSW", show_progress=False)
+    writer = MilvusWriter(spec, meta)
+    assert read_meta(writer.client, "items", spec)["milvus_index"] == "FLAT" and index_type_of(writer.client, "items") == "FLAT"
+    info = upload(spec, batches_of(ids, ids, x, 10), meta, 40, index_type="FLAT", show_progress=False)
+    assert (info["milvus_index"], info["written"]) == ("FLAT", 30)
+    info = upload(spec, batches_of(ids, ids, x, 10), meta, 40, overwrite=True, index_type="IVF_FLAT",
+                  index_params={"nprobe": 4}, show_progress=False)
+    assert (info["milvus_index"], info["milvus_params"]) == ("IVF_FLAT", {"nprobe": 4, "nlist": 16})
+    assert index_type_of(MilvusIndex.open(spec).client, "items") == "IVF_FLAT"
+    updating = MilvusWriter(spec, meta, updating=True)  # what `update` opens: the index it has
+    assert (updating.meta["milvus_index"], updating.meta["milvus_params"]) == ("IVF_FLAT", {"nprobe": 4, "nlist": 16})
+    with pytest.raises(ValueError, match="has nprobe=4, not 8; pass --overwrite"):
+        MilvusWriter(spec, meta, index_params={"nprobe": 8}, updating=True)
+
+
+def test_credentials_never_appear_in_messages(tmp_path):
+    from lrem.vectordb import connect, redact
+
+    assert redact("milvus:http://root:S3cret@10.0.0.5:19530/items") == "milvus:http://root:***@10.0.0.5:19530/items"
+    assert redact("cannot reach https://u:p@ss@host:1/x") == "cannot reach https://u:***@host:1/x"
+    assert redact(f"milvus:{tmp_path / 'a.db'}/c") == f"milvus:{tmp_path / 'a.db'}/c"
+    for call in (lambda: connect("http://root:S3cret@127.0.0.1:1"),
+                 lambda: MilvusIndex.open("milvus:http://root:S3cret@127.0.0.1:1/c"),
+                 lambda: parse_spec("milvus:http://root:S3cret@127.0.0.1:1/1bad")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "S3cret" not in str(e.value) and "root:***@127.0.0.1:1" in str(e.value)

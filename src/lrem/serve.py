@@ -50,6 +50,7 @@ from .serve_schemas import (EMBEDDING_MODELS, CohereRerankRequest, CohereRerankR
                             EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, RerankHit, RerankRequest, SearchItem,
                             SearchRequest, SearchResponse, error_body)
 from .serve_service import HYBRID_OFF, SearchService
+from .vectordb import redact
 
 # The names this module had before its parts moved out (`from lrem.serve import ServeConfig`, ...)
 __all__ = ["ROUTER_KINDS", "EMBEDDING_MODELS", "ServeConfig", "SearchService", "SearchRequest",
@@ -438,7 +439,7 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
     sock = listen(config.host, config.port)
     try:
         searcher = load_searcher(index_dir, config, log)
-        log(f"serving {index_dir} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
+        log(f"serving {redact(str(index_dir))} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
             f"on http://{config.host}:{sock.getsockname()[1]}  settings: {json.dumps(config.public())}")
         server = uvicorn.Server(uvicorn_config(create_app(searcher, config), config.host, config.port))
         server.run(sockets=[sock])

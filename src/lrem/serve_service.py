@@ -17,6 +17,7 @@ from .fusion import FUSION_DEPTH, fuse
 from .rerank import rank_by_cosine
 from .search_types import GROUNDED_MODES, grounded_inputs
 from .serve_config import ServeConfig
+from .vectordb import redact
 
 
 HYBRID_OFF = "hybrid search is off on this server; start it with --set hybrid=true"
@@ -269,6 +270,7 @@ class SearchService:
             t0, before = time.perf_counter(), len(self.searcher.index.item_ids)
             fresh = await asyncio.to_thread(load)
             self.searcher = fresh
-        return {"index": str(path), "items": len(fresh.index.item_ids), "previous_items": before,
+        # redacted: a milvus: spec may hold a password
+        return {"index": redact(str(path)), "items": len(fresh.index.item_ids), "previous_items": before,
                 "last_update": (fresh.index.meta.get("updates") or [None])[-1],
                 "seconds": round(time.perf_counter() - t0, 3)}

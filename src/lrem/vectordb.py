@@ -17,7 +17,13 @@ boolean expression, so Milvus filters inside its own search), and the index meta
 the collection property `lrem.meta` (JSON), from which `lrem search` / `serve` / `eval` load
 the model as they do from an index folder's meta.json. Uploads are batched, resumable and
 idempotent: each batch asks which of its ids the collection holds, and upserts (by primary key)
-only the others, so a killed upload rerun writes each item once.
+only the others, so a killed upload rerun writes each item once. A complete collection is never
+uploaded to again (`update` brings it up to date; `overwrite` replaces it), and an unfinished
+one only by the same catalog (its `catalog_digest`, of the ids and item digests, is kept).
+
+Ids are looked up and deleted through filter expressions this module writes (`milvus_string`:
+any string, quotes, backslashes and control characters included). Credentials in a URI
+(`http://user:password@host`) never appear in a message (`redact`).
 """
 from __future__ import annotations
 
@@ -37,6 +43,12 @@ META_PROPERTY = "lrem.meta"
 MAX_ID, MAX_TITLE, MAX_FACET = 512, 65535, 1024  # VARCHAR lengths (bytes); 65535 is Milvus's limit
 DIGEST = "digest"  # per item, `lrem.index.item_digest` of what was embedded: what `update` compares
 MILVUS_INDEXES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")  # the types Milvus Lite and servers both know
+# the parameters `--milvus-params` takes per index type: "build" (creating the index) or "search" (each query)
+MILVUS_PARAMS = {"FLAT": {}, "AUTOINDEX": {}, "IVF_FLAT": {"nlist": "build", "nprobe": "search"},
+                 "HNSW": {"M": "build", "efConstruction": "build", "ef": "search"}}
+IVF_NPROBE = 256  # IVF_FLAT's default lists probed (all where there are fewer; README: recall)
+CATALOG = "catalog_digest"  # meta: `catalog_digest` of the catalog an upload writes (same catalog, resume)
+QUERY_IDS = 1000  # ids per lookup / delete expression
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
@@ -53,15 +65,104 @@ def parse_spec(spec: str) -> tuple[str, str]:
     ('http://127.0.0.1:19530', 'wordnet')
     """
     if not is_milvus_spec(spec):
-        raise ValueError(f"{spec!r}: expected milvus:URI/COLLECTION")
+        raise ValueError(f"{redact(spec)!r}: expected milvus:URI/COLLECTION")
     uri, sep, name = spec[len(PREFIX):].rpartition("/")
     uri = re.sub(r"^(https?|tcp|unix):/(?=[^/])", r"\1://", uri)  # a shell path or pathlib folded "//"
     if not sep or not uri or not _COLLECTION.fullmatch(name):
-        raise ValueError(f"{spec!r}: expected milvus:URI/COLLECTION, COLLECTION of letters, digits and _ "
+        raise ValueError(f"{redact(spec)!r}: expected milvus:URI/COLLECTION, COLLECTION of letters, digits and _ "
                          "(not starting with a digit), URI a Milvus Lite path (*.db) or http://host:port")
     if not re.match(r"^(https?|tcp)://", uri) and not uri.endswith(".db"):
-        raise ValueError(f"{spec!r}: URI {uri!r} is neither http://host:port nor a Milvus Lite path ending in .db")
+        raise ValueError(f"{redact(spec)!r}: URI {redact(uri)!r} is neither http://host:port nor a Milvus Lite path ending in .db")
     return uri, name
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any URI in it (scheme://user:password@host) replaced by ***.
+
+    >>> redact("milvus:http://root:S3cret@10.0.0.5:19530/items")
+    'milvus:http://root:***@10.0.0.5:19530/items'
+    >>> redact("cannot reach https://u:p@ss@host/x and tcp://h:1")
+    'cannot reach https://u:***@host/x and tcp://h:1'
+    """
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*):[^\s/]*@", r"\1:***@", str(text))
+
+
+def milvus_string(value: str) -> str:
+    r"""A Milvus expression string literal holding exactly `value`: double-quoted, with backslash,
+    double quote, newline, carriage return and tab escaped and every other character as it is
+    (Milvus's parser knows no \u escapes, so JSON's would not do).
+
+    >>> print(milvus_string('it\'s "q" back\\slash'))
+    "it's \"q\" back\\slash"
+    """
+    return '"' + str(value).translate(_ESCAPES) + '"'
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def ids_filter(ids: Iterable[str]) -> str:
+    """The Milvus expression matching these item ids: `item_id in ["a", "b"]`."""
+    return f"item_id in [{', '.join(milvus_string(i) for i in ids)}]"
+
+
+def catalog_digest(ids_sha1: str, digests: Iterable[str | None] | None) -> str:
+    """A fingerprint of a catalog: `lrem.embed.catalog_fingerprint` of its ids (in order) and the
+    items' `lrem.index.item_digest`s (None: not known, as in chunks of an older lrem). Kept in a
+    collection's meta, so a rerun finishes an unfinished upload only of the same catalog."""
+    import hashlib
+
+    h = hashlib.sha1(ids_sha1.encode() + b"\n")
+    h.update(b"-" if digests is None else "\n".join(d or "" for d in digests).encode())
+    return h.hexdigest()
+
+
+def parse_params(text: str, index_type: str | None = None) -> dict[str, int]:
+    """ "nlist=1024,nprobe=64" -> {"nlist": 1024, "nprobe": 64}, the keys `index_type` takes
+    (MILVUS_PARAMS; None: any type's, as for an existing collection, whose own type decides),
+    positive integers; a ValueError says what is wrong.
+
+    >>> parse_params("nlist=256, nprobe=32", "IVF_FLAT")
+    {'nlist': 256, 'nprobe': 32}
+    """
+    known = MILVUS_PARAMS.get(index_type, {}) if index_type else {k: 0 for p in MILVUS_PARAMS.values() for k in p}
+    out = {}
+    for kv in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = (x.strip() for x in kv.partition("="))
+        if name not in known:
+            raise ValueError(f"milvus parameter {name!r} for {index_type or 'any index'}; expected "
+                             + (", ".join(known) if known else f"none ({index_type} has no parameters)"))
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+            raise ValueError(f"milvus parameter {kv!r}: expected {name}=a positive integer")
+        out[name] = int(value)
+    return out
+
+
+def default_params(index_type: str, n_items: int | None, given: dict | None = None) -> dict[str, int]:
+    """The parameters a new index gets: `given`, and for IVF_FLAT nlist ~4 sqrt(n) (FAISS's
+    guideline, `lrem.index.ivf_lists`) and nprobe min(nlist, IVF_NPROBE) where not given."""
+    out = dict(given or {})
+    if index_type == "IVF_FLAT":
+        from .index import ivf_lists
+
+        out.setdefault("nlist", min(65536, ivf_lists(n_items or 0)))
+        out.setdefault("nprobe", min(out["nlist"], IVF_NPROBE))
+    return out
+
+
+def search_params(meta: dict, k: int) -> dict:
+    """The search parameters of a collection's index (its meta's `milvus_params`) for a top-k."""
+    kinds = MILVUS_PARAMS.get(meta.get("milvus_index"), {})
+    params = {n: v for n, v in (meta.get("milvus_params") or {}).items() if kinds.get(n) == "search"}
+    if "ef" in params:
+        params["ef"] = max(params["ef"], k)  # HNSW's ef is at least k
+    return {"metric_type": "IP", **({"params": params} if params else {})}
+
+
+def index_type_of(client, name: str) -> str | None:
+    """The index type of a collection's vector field, as Milvus reports it (None: no index)."""
+    names = client.list_indexes(name, field_name="vector") or client.list_indexes(name)
+    return client.describe_index(name, names[0]).get("index_type") if names else None
 
 
 def connect(uri: str):
@@ -73,7 +174,7 @@ def connect(uri: str):
     try:
         return MilvusClient(uri)
     except Exception as e:  # pymilvus raises its own MilvusException, a gRPC error or a timeout
-        raise ValueError(f"cannot connect to Milvus at {uri}: {' '.join(str(e).split())[:300]}") from None
+        raise ValueError(f"cannot connect to Milvus at {redact(uri)}: {redact(' '.join(str(e).split()))[:300]}") from None
 
 
 @contextlib.contextmanager
@@ -84,7 +185,7 @@ def milvus_errors(spec: str):
     try:
         yield
     except MilvusException as e:
-        raise ValueError(f"{spec}: Milvus: {' '.join(str(e).split())[:300]}") from e
+        raise ValueError(f"{redact(spec)}: Milvus: {redact(' '.join(str(e).split()))[:300]}") from e
 
 
 def read_meta(client, name: str, spec: str) -> dict | None:
@@ -97,23 +198,52 @@ def read_meta(client, name: str, spec: str) -> dict | None:
         meta = json.loads(props[META_PROPERTY])
         assert isinstance(meta, dict)
     except (KeyError, ValueError, AssertionError):
-        raise ValueError(f"{spec}: collection {name!r} was not created by lrem (no valid {META_PROPERTY} "
+        raise ValueError(f"{redact(spec)}: collection {name!r} was not created by lrem (no valid {META_PROPERTY} "
                          "property); choose another collection name") from None
     return meta
 
 
-class MilvusWriter:
-    """Create (or reopen, to resume) an lrem collection and upsert items in batches."""
+def complete_message(spec: str, meta: dict) -> str:
+    """Why an upload to a complete collection is refused (`lrem index --backend` without --update)."""
+    return (f"{redact(spec)}: the collection holds a complete index ({meta.get('n_items')} items of "
+            f"{meta.get('dataset')}); pass --update to bring it up to date with this catalog, or --overwrite to "
+            "replace it")
 
-    def __init__(self, spec: str, meta: dict, overwrite: bool = False, index_type: str = "FLAT"):
+
+def check_upload(spec: str, overwrite: bool = False) -> None:
+    """Refuse now (before a model loads) an upload `MilvusWriter` would refuse: to a complete
+    collection, without `overwrite`."""
+    if overwrite:
+        return
+    uri, name = parse_spec(spec)
+    client = connect(uri)
+    with milvus_errors(spec):
+        old = read_meta(client, name, spec)
+        client.close()
+    if old is not None and old.get("complete"):
+        raise ValueError(complete_message(spec, old))
+
+
+class MilvusWriter:
+    """Create (or reopen, to resume or update) an lrem collection and upsert items in batches.
+
+    `index_type` / `index_params` (`parse_params`): the new collection's index, FLAT and the
+    `default_params` where not given; an existing collection keeps its own, and asking for
+    another (type or parameter) is refused: rebuilding is `overwrite`. `n_items`: the catalog's
+    size (IVF_FLAT's default nlist). An existing collection is reopened only to finish its
+    upload of the same catalog (`meta[CATALOG]`, where both have one) or, with `updating`, to
+    update it; a complete one otherwise is refused."""
+
+    def __init__(self, spec: str, meta: dict, overwrite: bool = False, index_type: str | None = None,
+                 index_params: dict | None = None, n_items: int | None = None, updating: bool = False):
         from pymilvus import DataType
 
-        if index_type not in MILVUS_INDEXES:
+        if index_type is not None and index_type not in MILVUS_INDEXES:
             raise ValueError(f"milvus index type {index_type!r}; expected one of {', '.join(MILVUS_INDEXES)}")
         self.spec = spec
+        self.shown = shown = redact(spec)  # what messages name: no password
         self.uri, self.name = parse_spec(spec)
         self.client = connect(self.uri)
-        self.meta = {**meta, "backend": "milvus", "milvus_index": index_type}
         old = read_meta(self.client, self.name, spec)
         if old is not None and overwrite:
             self.client.drop_collection(self.name)  # lrem's own (read_meta checked), as --overwrite asks
@@ -122,14 +252,37 @@ class MilvusWriter:
             from .index import MODEL_KEYS
 
             for key in MODEL_KEYS:
-                if old.get(key) != self.meta.get(key):
-                    raise ValueError(f"{spec}: the collection holds {key}={old.get(key)!r}, this upload "
-                                     f"{key}={self.meta.get(key)!r}; pass --overwrite to replace it")
+                if old.get(key) != meta.get(key):
+                    raise ValueError(f"{shown}: the collection holds {key}={old.get(key)!r}, this upload "
+                                     f"{key}={meta.get(key)!r}; pass --overwrite to replace it")
+            if not updating and old.get("complete"):
+                raise ValueError(complete_message(spec, old))
+            if not updating and old.get(CATALOG) and meta.get(CATALOG) and old[CATALOG] != meta[CATALOG]:
+                raise ValueError(f"{shown}: the collection holds an unfinished upload of another catalog "
+                                 f"({old.get('dataset')}); rerun that upload to finish it, or pass --overwrite "
+                                 "to replace it")
+            have = index_type_of(self.client, self.name) or old.get("milvus_index")
+            kept = old.get("milvus_params") or {}
+            if index_type is not None and index_type != have:
+                raise ValueError(f"{shown}: the collection has a {have} index, not {index_type}; pass --overwrite "
+                                 f"to rebuild it as {index_type}, or leave out --milvus-index")
+            for key, value in (index_params or {}).items():
+                if kept.get(key) != value:
+                    raise ValueError(f"{shown}: the collection's {have} index has {key}={kept.get(key)}, not "
+                                     f"{value}; pass --overwrite to rebuild it, or leave out --milvus-params")
+            self.meta = {**meta, "backend": "milvus", "milvus_index": have, "milvus_params": kept}
             self.client.load_collection(self.name)  # resuming: a reopened collection starts released
             self.facet_fields = schema_facets(self.client, self.name)  # none in a collection made before filters
             self.has_digests = DIGEST in schema_fields(self.client, self.name)
             self.previous = old
             return
+        index_type = index_type or "FLAT"
+        for key in index_params or {}:
+            if key not in MILVUS_PARAMS[index_type]:
+                raise ValueError(f"milvus parameter {key!r} for {index_type}; expected "
+                                 + (", ".join(MILVUS_PARAMS[index_type]) or f"none ({index_type} has no parameters)"))
+        resolved = default_params(index_type, n_items, index_params)
+        self.meta = {**meta, "backend": "milvus", "milvus_index": index_type, "milvus_params": resolved}
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
         schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE)
@@ -138,14 +291,36 @@ class MilvusWriter:
             schema.add_field(name, DataType.VARCHAR, max_length=MAX_FACET, nullable=True)
         schema.add_field(DIGEST, DataType.VARCHAR, max_length=64, nullable=True)
         self.facet_fields, self.has_digests, self.previous = list(FILTER_FIELDS), True, {}
+        build = {n: v for n, v in resolved.items() if MILVUS_PARAMS[index_type][n] == "build"}
         params = self.client.prepare_index_params()
-        params.add_index(field_name="vector", index_type=index_type, metric_type="IP")
+        # a server reads the parameters as keys of their own; Milvus Lite only as the JSON "params"
+        params.add_index(field_name="vector", index_type=index_type, metric_type="IP",
+                         params={**build, "params": build} if build else None)
         self.client.create_collection(self.name, schema=schema, index_params=params,
                                       properties={META_PROPERTY: json.dumps({**self.meta, "complete": False})})
 
-    def missing(self, ids: list[str]) -> list[int]:
-        """Positions in `ids` of the items the collection does not hold yet."""
-        have = {r["item_id"] for r in self.client.get(self.name, ids=list(ids), output_fields=["item_id"])}
+    def stored(self, ids: list[str], fields: list[str]) -> dict[str, dict]:
+        """item_id -> {field: value} of those of `ids` the collection holds."""
+        out = {}
+        for s in range(0, len(ids), QUERY_IDS):
+            for row in self.client.query(self.name, filter=ids_filter(ids[s:s + QUERY_IDS]),
+                                         output_fields=["item_id", *fields]):
+                out[row["item_id"]] = row
+        return out
+
+    def missing(self, ids: list[str], digests: list[str | None] | None = None) -> list[int]:
+        """Positions in `ids` of the items the collection does not hold yet; a ValueError where
+        it holds one with another digest than `digests` gives (an unfinished upload of another
+        catalog: resuming would mix the two)."""
+        check = digests is not None and self.has_digests
+        have = self.stored(list(ids), [DIGEST] if check else [])
+        if check:
+            for i, d in zip(ids, digests):
+                old = have.get(i, {}).get(DIGEST)
+                if old is not None and d is not None and old != d:
+                    raise ValueError(f"{self.shown}: item {i[:80]!r} in the collection differs from this catalog's "
+                                     "(an unfinished upload of another catalog); pass --overwrite to replace it, "
+                                     "or --update to update a complete one")
         return [j for j, i in enumerate(ids) if i not in have]
 
     def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray, facets: dict | None = None,
@@ -160,16 +335,20 @@ class MilvusWriter:
                 row[DIGEST] = digests[n]
             for what, cap in (("item_id", MAX_ID), ("title", MAX_TITLE), *((f, MAX_FACET) for f in facets)):
                 if row[what] is not None and len(row[what].encode()) > cap:
-                    raise ValueError(f"{self.spec}: item {ids[n][:80]!r}: {what} longer than Milvus's {cap} bytes")
+                    raise ValueError(f"{self.shown}: item {ids[n][:80]!r}: {what} longer than Milvus's {cap} bytes")
         self.client.upsert(self.name, rows)
 
     def delete(self, ids: list[str]) -> None:
-        self.client.delete(self.name, ids=list(ids))
+        for s in range(0, len(ids), QUERY_IDS):
+            self.client.delete(self.name, filter=ids_filter(ids[s:s + QUERY_IDS]))
+
+    def count(self) -> int:
+        self.client.flush(self.name)
+        return row_count(self.client, self.name)
 
     def finish(self, **meta) -> dict:
         """Flush, and record the final metadata (item count, seconds, complete)."""
-        self.client.flush(self.name)
-        n = row_count(self.client, self.name)
+        n = self.count()
         self.meta = {**self.meta, **meta, "n_items": n, "complete": True}
         self.client.alter_collection_properties(self.name, properties={META_PROPERTY: json.dumps(self.meta)})
         return self.meta
@@ -177,31 +356,38 @@ class MilvusWriter:
 
 def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, list | None,
                                             Callable[[list[int]], np.ndarray]]],
-           meta: dict, total: int, overwrite: bool = False, index_type: str = "FLAT", show_progress: bool = True,
-           log=print) -> dict:
+           meta: dict, total: int, overwrite: bool = False, index_type: str | None = None,
+           index_params: dict | None = None, show_progress: bool = True, log=print) -> dict:
     """Upload items to the collection of `spec`, skipping those it holds; returns its metadata.
 
     `batches` yields (ids, titles, facets, digests, vectors_of): `facets` the batch's filter
     fields (`lrem.index.item_facets`; {} where they are not known, as in chunks), `digests` its
     `lrem.index.item_digest`s (None where not known), and `vectors_of(positions)` the unit vectors
     (len(positions), dim) of those rows of the batch, so a resumed upload encodes (or reads) only
-    the items it still needs.
+    the items it still needs. A complete collection is refused (`update` it, or `overwrite`), and
+    so is an unfinished one of another catalog: `meta[CATALOG]` (`catalog_digest`) differs, an
+    item's digest differs, or items of this catalog are not all it holds.
     """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     with milvus_errors(spec):
-        writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type)
+        writer = MilvusWriter(spec, meta, overwrite=overwrite, index_type=index_type, index_params=index_params,
+                              n_items=total)
         written = skipped = 0
         with tqdm(total=total, desc="upload", unit="item", disable=not show_progress) as bar:
             for ids, titles, facets, digests, vectors_of in batches:
-                todo = writer.missing(ids)
+                todo = writer.missing(ids, digests)
                 if todo:
                     writer.upsert([ids[j] for j in todo], [titles[j] for j in todo], vectors_of(todo),
                                   {f: [column[j] for j in todo] for f, column in facets.items()},
                                   None if digests is None else [digests[j] for j in todo])
                 written, skipped = written + len(todo), skipped + len(ids) - len(todo)
                 bar.update(len(ids))
+        if writer.previous and writer.count() > written + skipped:  # items no batch named: another catalog's
+            raise ValueError(f"{writer.shown}: the collection holds {writer.count() - written - skipped} items not in "
+                             "this catalog (an unfinished upload of another catalog); pass --overwrite to replace "
+                             "it")
         out = writer.finish(upload_seconds=round(time.perf_counter() - t0, 3))
     out.update(written=written, skipped=skipped)
     return out
@@ -221,9 +407,11 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
 
     t0 = time.perf_counter()
     with milvus_errors(spec):
-        writer = MilvusWriter(spec, meta)  # refuses a collection of another model (MODEL_KEYS)
+        writer = MilvusWriter(spec, meta, updating=True)  # refuses a collection of another model (MODEL_KEYS)
         if not writer.previous:
-            raise ValueError(f"{spec}: no collection to update; create it with `lrem index --data ... --backend {spec}`")
+            raise ValueError(f"{writer.shown}: no collection to update; create it with `lrem index --data ... "
+                             f"--backend {writer.shown}`")
+        writer.meta = {**writer.previous, **writer.meta}  # keeps what the upload recorded (its seconds, ...)
         fields = ["item_id", "title"] + ([DIGEST] if writer.has_digests else [])
         have = {r["item_id"]: r for r in iter_rows(writer.client, writer.name, fields)}
         ids, items = list(catalog), list(catalog.values())
@@ -231,6 +419,9 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
             None if i not in have else (have[i].get(DIGEST), have[i]["title"]) for i in ids])
         todo = [n for n, kept in enumerate(same) if not kept]
         removed = sorted(set(have) - set(ids))
+        from .embed import catalog_fingerprint
+
+        writer.meta[CATALOG] = catalog_digest(catalog_fingerprint(ids), digests)  # the catalog it now holds
         with tqdm(total=len(todo), desc="update", unit="item", disable=not show_progress) as bar:
             for s in range(0, len(todo), upload_batch):
                 part = todo[s:s + upload_batch]
@@ -271,15 +462,17 @@ class MilvusIndex:
     def open(cls, spec: str) -> "MilvusIndex":
         uri, name = parse_spec(spec)
         client = connect(uri)
+        shown = redact(spec)
         with milvus_errors(spec):
             meta = read_meta(client, name, spec)
             if meta is None:
-                raise ValueError(f"{spec}: no collection {name!r} at {uri}; create it with `lrem index --backend {spec}`")
+                raise ValueError(f"{shown}: no collection {name!r} at {redact(uri)}; create it with `lrem index "
+                                 f"--backend {shown}`")
             if not meta.get("complete"):
-                raise ValueError(f"{spec}: the upload to this collection did not finish; rerun the same `lrem index` "
+                raise ValueError(f"{shown}: the upload to this collection did not finish; rerun the same `lrem index` "
                                  "command")
             if isinstance(meta.get("dim"), bool) or not isinstance(meta.get("dim"), int):
-                raise ValueError(f"{spec}: {META_PROPERTY}: field 'dim': expected an integer, got {meta.get('dim')!r}")
+                raise ValueError(f"{shown}: {META_PROPERTY}: field 'dim': expected an integer, got {meta.get('dim')!r}")
             client.load_collection(name)
             return cls(spec, client, name, meta)
 
@@ -307,7 +500,7 @@ class MilvusIndex:
         expr = self._expression(where) if where else ""
         with milvus_errors(self.spec):
             res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["title"],
-                                     search_params={"metric_type": "IP"}, filter=expr)
+                                     search_params=search_params(self.meta, k), filter=expr)
         found = np.full(scores.shape, -1, dtype=np.int64)  # (n, k): -1 where a row has fewer hits
         for r, hits in enumerate(res):
             row = []
@@ -332,18 +525,18 @@ class MilvusIndex:
 
     def _expression(self, where: dict) -> str:
         """A filter as a Milvus boolean expression: `brand in ["Acme", "Zed"] and color in ["red"]`.
-        Field names are checked against FILTER_FIELDS; values are JSON string literals (Milvus
-        reads their escapes, but not \\u ones, hence ensure_ascii=False)."""
+        Field names are checked against FILTER_FIELDS; values are `milvus_string` literals."""
         check_filter(where, self.filter_fields)
         parts = []
         for name, values in where.items():
             values = [values] if isinstance(values, str) else list(values)
-            parts.append(f"{name} in [{', '.join(json.dumps(str(v), ensure_ascii=False) for v in values)}]")
+            parts.append(f"{name} in [{', '.join(milvus_string(v) for v in values)}]")
         return " and ".join(parts)
 
     def title(self, item_id: str) -> str:
         if item_id not in self._titles:
-            rows = self.client.get(self.name, ids=[item_id], output_fields=["title"])
+            with milvus_errors(self.spec):
+                rows = self.client.query(self.name, filter=ids_filter([item_id]), output_fields=["title"])
             if not rows:
                 raise KeyError(item_id)
             self._titles[item_id] = rows[0]["title"]
@@ -355,8 +548,11 @@ class MilvusIndex:
         an unknown id."""
         if not item_ids:
             return np.zeros((0, self.d), np.float32)
+        wanted, rows = list(dict.fromkeys(item_ids)), []
         with milvus_errors(self.spec):
-            rows = self.client.get(self.name, ids=list(dict.fromkeys(item_ids)), output_fields=["vector", "title"])
+            for s in range(0, len(wanted), QUERY_IDS):
+                rows += self.client.query(self.name, filter=ids_filter(wanted[s:s + QUERY_IDS]),
+                                          output_fields=["item_id", "vector", "title"])
         got = {}
         for row in rows:
             item_id = row["item_id"] if "item_id" in row else row["id"]
@@ -428,10 +624,16 @@ def row_count(client, name: str) -> int:
 
 def iter_rows(client, name: str, fields: list[str], batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
     """Every row of a collection (the fields asked; those matching `filter`, a Milvus expression),
-    in batches through a query iterator."""
-    it = client.query_iterator(name, batch_size=batch_size, filter=filter, output_fields=fields)
-    try:
-        while batch := it.next():
-            yield from batch
-    finally:
-        it.close()
+    in pages of `batch_size` in primary-key order (a query in Milvus's iterator mode), each page
+    after the last id of the one before: pymilvus's query_iterator writes that id into its
+    expression unescaped, which an id with a double quote or backslash breaks."""
+    last = None
+    while True:
+        cursor = None if last is None else f"item_id > {milvus_string(last)}"
+        expr = " and ".join(f"({e})" for e in (cursor, filter) if e)
+        rows = client.query(name, filter=expr, output_fields=list(dict.fromkeys(["item_id", *fields])),
+                            limit=batch_size, iterator="True", reduce_stop_for_best="True")
+        if not rows:
+            return
+        yield from rows
+        last = max(r["item_id"] for r in rows)

@@ -20,14 +20,20 @@ def index(
                                                         "embedding (added chunk by chunk; docs/chunks.md).")] = None,
     backend: Annotated[Optional[str], typer.Option(help="milvus:URI/COLLECTION: upload to Milvus instead of writing a "
                                                    "FAISS folder (URI a Milvus Lite path *.db or http://host:port); "
-                                                   "resumable, items already there are skipped.")] = None,
+                                                   "resumable: rerun to finish an upload; a complete collection "
+                                                   "takes --update or --overwrite.")] = None,
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
                                                  "(default: the shipped trained model lrem-wordnet-135m).")] = None,
     factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64"; '
                                          '"auto": a recipe by catalog size (lrem.index.auto_recipe).')] = "Flat",
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
-    milvus_index: Annotated[str, typer.Option(help="Milvus index type with --backend: FLAT (exact), HNSW, IVF_FLAT, "
-                                              "AUTOINDEX.")] = "FLAT",
+    milvus_index: Annotated[Optional[str], typer.Option(help="Milvus index type of a new --backend collection: FLAT "
+                                                        "(exact; the default), HNSW, IVF_FLAT, AUTOINDEX. An existing "
+                                                        "one keeps its own (rebuild: --overwrite).")] = None,
+    milvus_params: Annotated[str, typer.Option(help='Milvus index parameters of a new --backend collection: IVF_FLAT '
+                                               '"nlist=1024,nprobe=64" (default nlist ~4 sqrt(n), nprobe '
+                                               'min(nlist, 256)), HNSW "M=16,efConstruction=200,ef=64"; kept in '
+                                               'its metadata.')] = "",
     upload_batch: Annotated[int, typer.Option(min=1, help="Items per Milvus request with --backend.")] = 1000,
     batch_size: BatchSize = 64,
     dtype: Dtype = "auto",
@@ -53,21 +59,34 @@ def index(
     if (data is None) == (from_chunks is None):
         raise typer.BadParameter("give --data (embed the catalog here) or --from-chunks (vectors of `lrem embed`)",
                                  param_hint="--data / --from-chunks")
-    if backend is not None and update and (from_chunks is not None or overwrite):
-        raise typer.BadParameter("--update embeds --data's new and changed items into the collection; not with "
-                                 "--from-chunks or --overwrite", param_hint="--update")
+    if backend is not None and update and (from_chunks is not None or overwrite or milvus_index or milvus_params):
+        raise typer.BadParameter("--update embeds --data's new and changed items into the collection, which keeps "
+                                 "its own index; not with --from-chunks, --overwrite, --milvus-index or "
+                                 "--milvus-params", param_hint="--update")
+    if backend is None and (milvus_index is not None or milvus_params):
+        raise typer.BadParameter("--milvus-index and --milvus-params are for a --backend collection; a FAISS "
+                                 "folder takes --factory and --search-params", param_hint="--milvus-index")
     if backend is not None:
-        from lrem.vectordb import parse_spec
+        from lrem.vectordb import MILVUS_INDEXES, parse_params, parse_spec
 
         if out is not None:
             raise typer.BadParameter("--out is the FAISS folder; with --backend the index is the collection",
                                      param_hint="--out")
+        if factory != "Flat" or search_params:
+            raise typer.BadParameter("--factory and --search-params are FAISS's; a --backend collection takes "
+                                     "--milvus-index and --milvus-params", param_hint="--factory / --search-params")
         parse_spec(backend)  # a bad spec fails now, before any model loads
+        if milvus_index is not None:
+            milvus_index = milvus_index.upper()
+            if milvus_index not in MILVUS_INDEXES:
+                raise typer.BadParameter(f"{milvus_index!r}; expected one of {', '.join(MILVUS_INDEXES)}",
+                                         param_hint="--milvus-index")
+        params = parse_params(milvus_params, milvus_index) if milvus_params else None
         set_threads(threads, log=echo_err)
         if update:
             return _update_milvus(backend, data, model, upload_batch, batch_size, dtype, truncate)
-        _index_to_milvus(backend, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
-                         truncate)
+        _index_to_milvus(backend, data, from_chunks, model, milvus_index, params, upload_batch, batch_size, dtype,
+                         overwrite, truncate)
         return
     if out is None:
         raise typer.BadParameter("missing --out (the index folder), or give --backend", param_hint="--out")
@@ -137,35 +156,43 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
     from lrem.data import load_catalog
     from lrem.index import model_identity
     from lrem.model import LREM
-    from lrem.vectordb import connect, milvus_errors, parse_spec, read_meta, update
+    from lrem.vectordb import connect, milvus_errors, parse_spec, read_meta, redact, update
 
     uri, name = parse_spec(spec)
     with milvus_errors(spec):
         old = read_meta(connect(uri), name, spec)
     if old is None:
-        raise ValueError(f"{spec}: no collection to update; create it with `lrem index --data ... --backend {spec}`")
+        raise ValueError(f"{redact(spec)}: no collection to update; create it with `lrem index --data ... "
+                         f"--backend {redact(spec)}`")
     catalog = load_catalog(data)
     lrem = LREM.from_pretrained(model or old.get("model"), dtype=dtype, log=echo_err)
     meta = {**model_identity(lrem), "model": lrem.source or model or old.get("model"), "dataset": str(data)}
     counts = update(spec, lrem, catalog, meta, upload_batch=upload_batch, batch_size=batch_size,
                     truncate=truncate)
-    typer.echo(f"updated {spec}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
+    typer.echo(f"updated {redact(spec)}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
                f"{counts['kept']} kept")
     echo_truncated(lrem)
 
 
-def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch, batch_size, dtype, overwrite,
-                     truncate) -> None:
+def _index_to_milvus(spec, data, from_chunks, model, milvus_index, milvus_params, upload_batch, batch_size, dtype,
+                     overwrite, truncate) -> None:
     """`lrem index --backend milvus:...`: embed (only the items the collection lacks) or read chunks, upload."""
-    from lrem.vectordb import upload
+    from lrem.vectordb import CATALOG, catalog_digest, check_upload, redact, upload
 
+    check_upload(spec, overwrite)  # a complete collection: refused before any model loads
     if from_chunks is not None:
         from lrem.embed import chunk_files, iter_chunks, read_chunk_fields, read_manifest
         from lrem.index import MODEL_KEYS
 
         man = read_manifest(from_chunks)
-        chunk_files(from_chunks, man)  # all there, before any upload
+        files = chunk_files(from_chunks, man)  # all there, before any upload
         meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
+        if man.get("catalog_sha1"):  # the chunks' catalog: their ids, and the items' digests where all have them
+            every: list | None = []
+            for f in files:
+                d = read_chunk_fields(f)[0]
+                every = None if every is None or d is None else every + d
+            meta[CATALOG] = catalog_digest(man["catalog_sha1"], every)
 
         def batches():
             for (ids, titles, x), f in zip(iter_chunks(from_chunks, show_progress=False), chunk_files(from_chunks, man)):
@@ -178,6 +205,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         total, lrem = man["n_items"], None
     else:
         from lrem.data import load_catalog
+        from lrem.embed import catalog_fingerprint
         from lrem.model import LREM, default_model
 
         model = model or default_model()
@@ -185,20 +213,25 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, upload_batch,
         lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
         from lrem.index import item_digest, item_facets, model_identity
 
-        meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data)}
         ids, items = list(catalog), list(catalog.values())
+        digests = [item_digest(lrem, x) for x in items]  # what tells this catalog's unfinished upload from another's
+        meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data),
+                CATALOG: catalog_digest(catalog_fingerprint(ids), digests)}
 
         def batches():
             for s in range(0, len(ids), upload_batch):
                 part = items[s:s + upload_batch]
-                yield (ids[s:s + upload_batch], [x.title for x in part], item_facets(part),
-                       [item_digest(lrem, x) for x in part], lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
+                yield (ids[s:s + upload_batch], [x.title for x in part], item_facets(part), digests[s:s + upload_batch],
+                       lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
                                                                 truncate=truncate))
 
         total = len(ids)
-    info = upload(spec, batches(), meta, total, overwrite=overwrite, index_type=milvus_index, log=echo_err)
-    typer.echo(f"uploaded {info['written']} items to {spec} ({info['skipped']} already there; {info['n_items']} in "
-               f"all, dim {info['dim']}, {milvus_index}) in {info['upload_seconds']:.0f} s")
+    info = upload(spec, batches(), meta, total, overwrite=overwrite, index_type=milvus_index,
+                  index_params=milvus_params, log=echo_err)
+    params = ",".join(f"{k}={v}" for k, v in info["milvus_params"].items())
+    typer.echo(f"uploaded {info['written']} items to {redact(spec)} ({info['skipped']} already there; "
+               f"{info['n_items']} in all, dim {info['dim']}, {info['milvus_index']}{' ' + params if params else ''}) "
+               f"in {info['upload_seconds']:.0f} s")
     if lrem is not None:
         echo_truncated(lrem)
 
