@@ -202,26 +202,34 @@ def batch1_floor(model, rows: list[dict], queries: list[str]) -> dict:
             "batch1_no_lookup_of_floor": floor / one["generate (no lookup)"] if "generate (no lookup)" in one else None}
 
 
-def batch1_profile(model, query: str) -> dict:
-    """Where one reasoned query's GPU time goes (torch.profiler, after the timings, so the graphs
-    exist): the kernels launched, their total time and the costliest names, and the wall time.
+def gpu_profile(model, queries: list[str], mode: str = "reason") -> dict:
+    """Where one call's time goes (torch.profiler, after the timings, so the graphs exist): the
+    kernels launched, their total GPU time and the costliest, the host ops with the most time of
+    their own, and the wall time. Wall time well above kernel time is the GPU waiting on the host.
     A decode step replayed from a graph is still one kernel per small op (norms, rotary, adds):
     their count against the bandwidth floor says whether fusing them (torch.compile) would pay."""
     from torch.profiler import ProfilerActivity, profile
 
-    model.encode_queries([query], mode="reason")  # warm: the graphs of this size are captured
+    def call():
+        if mode == "generate":
+            return model.generate_cots(queries, batch_size=len(queries))
+        return model.encode_queries(queries, mode=mode, batch_size=len(queries))
+
+    call()  # warm: the graphs of this size are captured
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        model.encode_queries([query], mode="reason")
+        call()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name = collections.Counter()
     for e in kernels:
         by_name[e.name[:80]] += e.device_time_total / 1000  # ms
-    return {"wall_ms": 1000 * wall, "kernels": len(kernels), "kernel_ms": sum(by_name.values()),
-            "top_kernels_ms": dict(by_name.most_common(8))}
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"queries": len(queries), "mode": mode, "wall_ms": 1000 * wall, "kernels": len(kernels),
+            "kernel_ms": sum(by_name.values()), "top_kernels_ms": dict(by_name.most_common(8)),
+            "top_host_ops_self_ms": {e.key[:80]: e.self_cpu_time_total / 1000 for e in host}}
 
 
 def report(name: str, out: dict) -> None:
@@ -313,13 +321,18 @@ def main() -> None:
             print(f"warning: {m}")
         results[part] = out = {**head, **out, "graph_capture_failures": len(failed),
                                "graph_capture_errors": sorted(set(failed))[:3]}
-        if cuda and 1 in args.gpu_batches:
+        # one reasoned query, and the largest batch generating (its fast path beat plain by 1.43x only)
+        for b, mode in ((1, "reason"), (max(args.gpu_batches), "generate")) if cuda else ():
+            if b not in args.gpu_batches:
+                continue
+            key = f"profile_batch{b}_{mode}"
             try:
-                out["batch1_profile"] = prof = batch1_profile(shaped, QUERIES[0])
-                print(f"batch 1 profile of one reasoned query: {prof['wall_ms']:.1f} ms wall, {prof['kernels']} "
-                      f"kernels, {prof['kernel_ms']:.1f} ms in kernels; top: {prof['top_kernels_ms']}")
+                out[key] = prof = gpu_profile(shaped, (QUERIES * (b // len(QUERIES) + 1))[:b], mode)
+                print(f"profile, batch {b} {mode}: {prof['wall_ms']:.1f} ms wall, {prof['kernels']} kernels, "
+                      f"{prof['kernel_ms']:.1f} ms in kernels; top kernels {prof['top_kernels_ms']}; "
+                      f"top host ops {prof['top_host_ops_self_ms']}")
             except Exception as e:  # noqa: BLE001 (the profile is extra: keep the timings)
-                out["batch1_profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         report(f"{where}, {args.shape}-shaped, bfloat16, fast engine: {engine}"
                + (f" ({len(failed)} captures failed: eager)" if failed else ""), out)
     end_load = save()
