@@ -95,7 +95,9 @@ class EngineConfig:
 
 # a GPU forward of a few tokens is launch-bound (Qwen2.5-3B, batch 1: ~43 ms eagerly, an H200):
 # such forwards pad to one of these widths and replay a graph captured for it; beyond
-# GRAPH_TOKENS (batch x width) a forward is compute-bound and runs eagerly
+# GRAPH_TOKENS (batch x width) a forward is compute-bound and runs eagerly. Each step (a batch
+# size and cache length) keeps one memory pool for its graphs, sized by its widest forward: ~150 MB
+# at 2,048 tokens for a 3B model (an estimate), about what the step's static cache takes
 GRAPH_WIDTHS = (4, 8, 16, 32, 64)
 GRAPH_TOKENS = 2048
 
