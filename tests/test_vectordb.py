@@ -527,3 +527,24 @@ def test_credentials_never_appear_in_messages(tmp_path):
         with pytest.raises(ValueError) as e:
             call()
         assert "S3cret" not in str(e.value) and "root:***@127.0.0.1:1" in str(e.value)
+
+
+def test_a_local_folder_held_by_another_process_is_waited_for(tmp_path):
+    """Milvus Lite lets one process hold a .db folder; the server of a command that just ended can
+    hold it a moment longer, so `connect` waits for it (`LOCAL_OPEN_WAIT_S`), and names the cause
+    when the wait runs out."""
+    from lrem.vectordb import connect
+
+    db = tmp_path / "held.db"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pymilvus import MilvusClient\n"
+                               f"c = MilvusClient({str(db)!r}); print('held', flush=True); time.sleep(4); c.close()"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="another process may hold this Milvus Lite folder"):
+            connect(str(db), wait_s=0.5)
+        t0 = time.monotonic()
+        connect(str(db)).close()  # opened once the holder lets go
+        assert time.monotonic() - t0 < 15
+    finally:
+        holder.kill()

@@ -165,16 +165,30 @@ def index_type_of(client, name: str) -> str | None:
     return client.describe_index(name, names[0]).get("index_type") if names else None
 
 
-def connect(uri: str):
-    """A pymilvus client; a clear error where pymilvus is missing or the server is unreachable."""
+LOCAL_OPEN_WAIT_S = 20.0  # Milvus Lite: how long to wait for another process to let go of a .db folder
+
+
+def connect(uri: str, wait_s: float = LOCAL_OPEN_WAIT_S):
+    """A pymilvus client; a clear error where pymilvus is missing or the server is unreachable.
+
+    A Milvus Lite folder (a local path) is held by one process at a time, and the server of a
+    command that just ended can hold it a moment longer: its opening is retried for `wait_s`."""
     try:
         from pymilvus import MilvusClient
     except ImportError:
         raise ValueError('the Milvus backend needs pymilvus and milvus-lite: pip install "lrem[milvus]"') from None
-    try:
-        return MilvusClient(uri)
-    except Exception as e:  # pymilvus raises its own MilvusException, a gRPC error or a timeout
-        raise ValueError(f"cannot connect to Milvus at {redact(uri)}: {redact(' '.join(str(e).split()))[:300]}") from None
+    local = "://" not in uri
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return MilvusClient(uri)
+        except Exception as e:  # pymilvus raises its own MilvusException, a gRPC error or a timeout
+            if local and "Open local milvus failed" in str(e) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            held = " (another process may hold this Milvus Lite folder)" if local else ""
+            raise ValueError(f"cannot connect to Milvus at {redact(uri)}{held}: "
+                             f"{redact(' '.join(str(e).split()))[:300]}") from None
 
 
 @contextlib.contextmanager
