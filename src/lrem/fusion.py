@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from lrem.search_types import Hit, Retriever, SearchResult
+from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch
 
 RRF_K = 60  # the constant of the paper above, and the default of the engines that use it
 FUSION_DEPTH = 100  # hits taken from each retriever before fusing
@@ -63,8 +63,8 @@ class FusedRetriever:
 
     def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
         """The fused top k per query; one query as a string gives its result alone (as `Searcher.search`)."""
-        one = isinstance(queries, str)
-        queries = [queries] if one else list(queries)  # the parts are retrievers: they take lists
+        queries, one = query_batch(queries)  # the parts are retrievers: they take lists
+        k = check_k(k)
         runs = [part.search(queries, k=max(k, self.depth)) for part in self.parts]
         fused = [fuse([run[n] for run in runs], k, self.weights, self.rrf_k) for n in range(len(queries))]
         return fused[0] if one else fused

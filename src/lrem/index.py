@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import faiss
 import numpy as np
 
 from ._io import atomic_dir, write_json, write_jsonl
+from .search_types import check_k  # noqa: F401  (re-exported: lrem.search and users import it from here)
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
 FILTER_FIELDS = ("category", "brand", "color")  # catalog fields kept per item, to filter searches on
@@ -132,13 +134,27 @@ def train_size(index: faiss.Index, n_items: int, max_train: int) -> int:
     return min(n_items, max(max_train, 39 * (ivf.nlist if ivf is not None else 0)))
 
 
+# search parameters that count something (probes, graph candidates, a re-rank factor): FAISS takes
+# 0 or a negative value without a word and then returns one wrong hit (efSearch) or fails every
+# search (nprobe), and cuts 2.7 to 2
+COUNTS = ("nprobe", "efSearch", "k_factor", "k_factor_rf", "max_codes")
+
+
 def set_search_params(index: faiss.Index, params: str) -> None:
     """Apply "name=value,name=value" search-time parameters (nprobe, efSearch, ...)."""
     ps = faiss.ParameterSpace()
     for kv in filter(None, (p.strip() for p in params.split(","))):
         name, _, value = kv.partition("=")
         try:
-            ps.set_index_parameter(index, name, float(value))
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"bad FAISS search parameter {kv!r}: {value!r} is not a number") from None
+        counts = name.strip().split("_", 1)[-1] in COUNTS or name.strip() in COUNTS  # quantizer_efSearch too
+        if not math.isfinite(number) or (counts and not (number.is_integer() and 1 <= number < 2**31)):
+            want = "a whole number from 1 to 2^31 - 1" if counts else "a finite number"
+            raise ValueError(f"bad FAISS search parameter {kv!r}: {name.strip()} takes {want}")
+        try:
+            ps.set_index_parameter(index, name, number)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"bad FAISS search parameter {kv!r}: {_faiss_message(e)}") from None
 
@@ -678,32 +694,19 @@ def keeps_vectors(index: faiss.Index) -> bool:
 
 def check_item_ids(item_ids) -> None:
     """A ValueError unless the ids are at least one, all strings (items.jsonl and every reader
-    take them as strings: `str(id)` an integer id), and distinct."""
+    take them as strings: `str(id)` an integer id), non-empty, free of whitespace (a TREC run
+    line splits on it; the dataset loader refuses it too), and distinct."""
     if not len(item_ids):
         raise ValueError("no items to index (an empty catalog)")
     seen = set()
     for i in item_ids:
         if not isinstance(i, str):
             raise ValueError(f"item id {i!r} is a {type(i).__name__}; item ids are strings (pass str(id))")
+        if not i or any(c.isspace() for c in i):
+            raise ValueError(f"item id {i!r} is empty or holds whitespace, which TREC run files split on")
         if i in seen:
             raise ValueError(f"item id {i!r} appears twice; item ids must be distinct")
         seen.add(i)
-
-
-def check_k(k) -> int:
-    """k as an int (numpy integers too), or a ValueError unless it is a whole number >= 1 (a bool
-    is not one, though Python counts True as 1)."""
-    import operator
-
-    if isinstance(k, bool):
-        raise ValueError(f"k={k!r}; must be an integer >= 1")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"k={k!r}; must be an integer >= 1") from None
-    if k < 1:
-        raise ValueError(f"k={k}; must be an integer >= 1")
-    return k
 
 
 def check_filter(where: dict, fields) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrem.search_types import Hit, Retriever, SearchResult
+from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch
 
 RERANK_DEPTH = 100  # candidates taken from the first stage, as hybrid search's FUSION_DEPTH
 RERANK_MODES = ("direct", "reason", "empty-cot", "query-cot", "random-cot")  # one embedding per query, no routing
@@ -52,7 +52,9 @@ class RerankRetriever:
                              "this index gives none")
         self.first, self.searcher, self.mode, self.depth, self.batch_size = first, searcher, mode, depth, batch_size
 
-    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+    def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
+        queries, one = query_batch(queries)
+        k = check_k(k)
         firsts = self.first.search(queries, k=self.depth)
         enc = self.searcher.model.encode_queries(queries, mode="reason", cots=self.searcher.cots_for(queries, self.mode),
                                                  batch_size=self.batch_size, truncate=self.searcher.truncate)
@@ -64,7 +66,7 @@ class RerankRetriever:
                 raise ValueError(f"this index ({index.meta.get('factory')}) keeps compressed codes: its vectors "
                                  f"cannot rerank; use a Flat, HNSW-Flat or IVF-Flat index")
             out.append(SearchResult([Hit(ids[j], s) for j, s in rank_by_cosine(q, vectors)[:k]], cot))
-        return out
+        return out[0] if one else out
 
     @property
     def reasoned_share(self) -> float:

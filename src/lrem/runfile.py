@@ -18,6 +18,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from lrem.search_types import Hit, SearchResult
 
 RUN_PREFIX = "run:"
@@ -56,10 +58,35 @@ class QueryText(str):
 
 def trec_run_lines(name: str, run: dict[str, list]) -> list[str]:
     """TREC run lines "qid Q0 item rank score tag" of one system's ranked [item, score] lists
-    (an item listed twice for a query keeps its first place)."""
+    (an item listed twice for a query keeps its first place), scores written strictly decreasing
+    (`written_scores`)."""
     tag = trec_name(name)
-    return [f"{q} Q0 {item} {rank} {score:.6g} {tag}" for q, hits in run.items()
-            for rank, (item, score) in enumerate(dedupe_hits(hits), 1)]
+    lines = []
+    for q, hits in run.items():
+        hits = dedupe_hits(hits)
+        for rank, ((item, _), score) in enumerate(zip(hits, written_scores([s for _, s in hits])), 1):
+            lines.append(f"{q} Q0 {item} {rank} {score} {tag}")
+    return lines
+
+
+def written_scores(scores: list[float]) -> list[str]:
+    """Scores as a run file holds them, in rank order and strictly decreasing: trec_eval and
+    ir_measures order a query's lines by score, breaking ties by item id (descending), not by the
+    rank column, so a tie (common in RRF) would score another ranking than lrem's. Six digits
+    where they keep the order; a tied or out-of-order score becomes the next single-precision
+    float below the one before it (trec_eval reads scores as C floats), in 9 digits.
+
+    >>> written_scores([0.5, 0.25, 0.25, 0.1, 0.2])
+    ['0.5', '0.25', '0.249999985', '0.1', '0.099999994']
+    """
+    out, prev = [], np.float32(np.inf)
+    for s in scores:
+        text = f"{float(s):.6g}"
+        if np.float32(text) >= prev:
+            text = f"{np.nextafter(prev, np.float32(-np.inf)):.9g}"
+        out.append(text)
+        prev = np.float32(text)
+    return out
 
 
 def dedupe_hits(hits: list) -> list:

@@ -29,6 +29,35 @@ def grounded_inputs(kind: str, texts: list) -> tuple[list[str], list | None]:
     return [q for q, _ in texts], [list(c) for _, c in texts]
 
 
+def check_k(k) -> int:
+    """k as an int (numpy integers too), or a ValueError unless it is a whole number >= 1 (a bool
+    is not one, though Python counts True as 1)."""
+    import operator
+
+    if isinstance(k, bool):
+        raise ValueError(f"k={k!r}; must be an integer >= 1")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k={k!r}; must be an integer >= 1") from None
+    if k < 1:
+        raise ValueError(f"k={k}; must be an integer >= 1")
+    return k
+
+
+def query_batch(queries) -> tuple[list, bool]:
+    """(the queries as a list, whether one string was given): a retriever's `search` takes a list,
+    or one query as a string and then returns its result alone (as `SentenceTransformer.encode`
+    treats a string), never one query per character.
+
+    >>> query_batch("mug"), query_batch(("mug", "cup"))
+    ((['mug'], True), (['mug', 'cup'], False))
+    """
+    if isinstance(queries, str):
+        return [queries], True
+    return list(queries), False
+
+
 @dataclass(frozen=True)
 class Hit:
     """One retrieved item: its catalog id and the retriever's score (higher is better)."""
