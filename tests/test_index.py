@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -325,3 +326,17 @@ def test_cli_update_in_place(tmp_path, tiny_dir):
     (other / "notes.txt").write_text("mine")
     assert_clean_error(lrem("index", "--data", str(b), "--out", str(other), "--update"), "not an index lrem built")
     assert [f.name for f in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_pq_factory_with_more_centroids_than_items_is_refused_before_embedding():
+    """FAISS's k-means refuses fewer points than centroids: 8-bit PQ (256 centroids) on 200 items
+    failed only after the catalog was embedded."""
+    from lrem.index import check_factory, pq_centroids
+
+    for factory in ("IVF4,PQ8", "OPQ8,IVF4,PQ8", "HNSW16,PQ8", "PQ8"):
+        with pytest.raises(ValueError, match="trains 256 PQ centroids .* only 200 items"):
+            check_factory(factory, "", 64, 200)
+        check_factory(factory, "", 64, 256)
+    check_factory("IVF4,PQ8x4fs,RFlat", "", 64, 200)  # 4-bit codes: 16 centroids
+    assert pq_centroids(faiss.index_factory(64, "IVF4,PQ8x4fs,RFlat")) == 16
+    assert pq_centroids(faiss.index_factory(64, "HNSW16,Flat")) is None

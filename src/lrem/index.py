@@ -159,6 +159,22 @@ def set_search_params(index: faiss.Index, params: str) -> None:
             raise ValueError(f"bad FAISS search parameter {kv!r}: {_faiss_message(e)}") from None
 
 
+def pq_centroids(index: faiss.Index) -> int | None:
+    """Centroids per sub-vector of the product quantizer inside `index` (2^nbits), or None: found
+    through pre-transforms (OPQ), refinement, HNSW storage and IVF."""
+    index = faiss.downcast_index(index)
+    if hasattr(index, "pq"):
+        return int(index.pq.ksub)
+    for attr in ("index", "base_index", "storage"):
+        inner = getattr(index, attr, None)
+        if inner is not None:
+            found = pq_centroids(inner)
+            if found:
+                return found
+    ivf = _ivf(index)
+    return int(ivf.pq.ksub) if ivf is not None and hasattr(ivf, "pq") else None
+
+
 def check_factory(factory: str, search_params: str, dim: int, n_items: int | None = None) -> None:
     """Raise a ValueError now, before hours of embedding, for a factory string or search
     parameters FAISS would reject, or an IVF index with more lists than items.
@@ -176,6 +192,10 @@ def check_factory(factory: str, search_params: str, dim: int, n_items: int | Non
         nlist = ivf.nlist if ivf is not None else 0
         if nlist > n_items:
             raise ValueError(f"FAISS factory {factory!r} has {nlist} lists but the catalog only {n_items} items")
+        ksub = pq_centroids(index)
+        if ksub and ksub > n_items:  # FAISS's k-means refuses fewer points than centroids, after the embedding
+            raise ValueError(f"FAISS factory {factory!r} trains {ksub} PQ centroids per sub-vector but the catalog "
+                             f"has only {n_items} items; use 4-bit codes (e.g. PQ64x4fs: 16 centroids) or Flat/HNSW")
     if index.is_trained:
         x = np.random.default_rng(0).standard_normal((4, dim)).astype(np.float32)
         index.add(x / np.linalg.norm(x, axis=1, keepdims=True))
