@@ -90,6 +90,7 @@ def model_card(model, training: list[dict] | None = None, metrics: dict | None =
                   "model = SentenceTransformer(\"PATH\")",
                   "items = model.encode_document([\"corkscrew, bottle screw\"])   # = lrem encode_items",
                   "queries = model.encode_query([\"a device for pulling corks\"])  # = lrem direct mode",
+                  "# the same: model.encode([...], prompt_name=\"query\") (MTEB, LangChain)",
                   "model.similarity(queries, items)", "```", "",
                   *([] if prompts.template_fields(cfg.item_template) == {"title"} else [
                       "", f"The item template names more than the title ({cfg.item_template!r}): pass each item as "
