@@ -52,7 +52,8 @@ def test_bm25_k_larger_than_catalog(bm25):
     [res] = bm25.search(["garden chair mug kettle hose corkscrew"], k=1000)
     assert sorted(_ids(res)) == sorted(CATALOG)  # every item matches one word, none twice
     _assert_sorted(res)
-    assert bm25.search(["hose"], k=0)[0].hits == []
+    with pytest.raises(ValueError, match="k=0"):  # as every retriever (`check_k`): k counts hits, from 1
+        bm25.search(["hose"], k=0)
 
 
 def test_bm25_query_without_known_tokens(bm25):
