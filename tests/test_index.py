@@ -297,6 +297,10 @@ def test_update_refuses_lossy_codes_and_another_model(tiny, lively_dir):
     other = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32")
     with pytest.raises(ValueError, match="embedded by another model \\(model_fingerprint"):
         ItemIndex.build(tiny, KITCHEN, show_progress=False).updated(other, KITCHEN)
+    ivf = ItemIndex.build(tiny, KITCHEN, factory="IVF8,Flat", search_params="nprobe=8", show_progress=False)
+    few = dict(list(KITCHEN.items())[:5])  # fewer items than lists: said before embedding, with the way out
+    with pytest.raises(ValueError, match="8 lists but the catalog only 5 items; rebuild the index with a smaller factory"):
+        ivf.updated(tiny, few)
 
 
 def test_cli_update_in_place(tmp_path, tiny_dir):

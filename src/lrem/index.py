@@ -404,6 +404,11 @@ class ItemIndex:
         if self.lists_file is not None:
             raise ValueError("an index with on-disk lists cannot be updated in place: rebuild it (`lrem embed` "
                              "then `lrem index --from-chunks`)")
+        try:  # a catalog that shrank below the factory's lists or PQ centroids: now, not after the embedding
+            check_factory(then.get("factory", "Flat"), then.get("search_params", ""), self.index.d, len(catalog))
+        except ValueError as e:
+            raise ValueError(f"{e}; rebuild the index with a smaller factory (`lrem index --overwrite --factory "
+                             "...`)") from None
         vectors = stored_vectors(self.index)  # (n_old, dim), before any work
         ids, items = list(catalog), list(catalog.values())
         pos = {i: n for n, i in enumerate(self.item_ids)}
