@@ -307,6 +307,15 @@ class StaticDecoder:
         return F.rms_norm(h, h.shape[-1:], norm.weight, norm.variance_epsilon)
 
 
+def padded_width(widths, w: int) -> int:
+    """The smallest of `widths` that holds `w` tokens, else `w` itself.
+
+    >>> padded_width((4, 8, 16), 5), padded_width((4, 8, 16), 17), padded_width((), 5)
+    (8, 17, 5)
+    """
+    return min((x for x in widths if x >= w), default=w)
+
+
 class GreedyStep:
     """Decoding state for one batch shape: a KV cache of `length` slots, the mask over them,
     and the decode step, (B,) ids -> (B,) next ids.
@@ -353,9 +362,8 @@ class GreedyStep:
             self._capture()
 
     def width(self, w: int) -> int:
-        """The width a forward of `w` tokens a row runs at: the smallest of `widths` that holds
-        it, else w itself."""
-        return next((x for x in self.widths if x >= w), w)
+        """The width a forward of `w` tokens a row runs at (`padded_width` of its `widths`)."""
+        return padded_width(self.widths, w)
 
     # ---- the cache -------------------------------------------------------------------------
     def reset(self, kv=None, n: int = 0) -> None:
@@ -447,13 +455,13 @@ class GreedyStep:
         pool: they replay one at a time, and each output is copied out (`run`) or its own."""
         pool, failed, b, dev = None, False, self.ids.shape[0], self.ids.device
         for w in [*sorted(self.widths, reverse=True), 1]:
+            if w > 1 and failed:
+                continue
             if w == 1:
                 fn = self._forward
             else:
                 ids, pos = torch.zeros(b, w, dtype=torch.long, device=dev), torch.zeros(b, w, dtype=torch.long, device=dev)
                 fn = (lambda ids=ids, pos=pos: self._decoder(ids, pos))
-            if w > 1 and failed:
-                continue
             graph, out = self._graph(fn, pool, warmups=3 if w == 1 else 1)
             if graph is None:  # an op that cannot be captured: run eagerly, still correct; the
                 failed, pool = True, None  # decode step is still tried on its own

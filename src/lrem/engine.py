@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, check_branch, common_prefix_len, decode,
-                       kv_cache, lookup_decode, prefill, prefill_tree, prefix_kv, sample_top_p)
+                       kv_cache, lookup_decode, padded_width, prefill, prefill_tree, prefix_kv, sample_top_p)
 
 if TYPE_CHECKING:
     from .model import LREM
@@ -328,7 +328,8 @@ class QueryEngine:
         position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
         few = (self.config.compact_decoder and ids.numel() <= Linear.MAX_ROWS and dev.type == "cpu"
                and self.plain_layers())
-        wide = [w for w in self.widths(b) if w >= width]
+        widths = self.widths(b)
+        wide = padded_width(widths, width)  # one of widths, or width itself where none holds it
         if few and StaticDecoder.supports(model.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
             # one query); larger batches run as fast through transformers
@@ -336,15 +337,15 @@ class QueryEngine:
             dec.fill(kv, n_prefix)
             dec.mask.copy_(full_mask)
             hidden = dec(ids, position_ids, n_prefix)
-        elif wide and not self.compact():
+        elif wide in widths and not self.compact():
             # a few tokens a row (a GPU): a step's captured forward at the padded width (`widths`)
-            more = wide[0] - width
+            more = wide - width
             ids, mask = F.pad(ids, (0, more), value=pad), F.pad(mask, (0, more))
-            position_ids = n_prefix + torch.arange(wide[0], device=dev).expand(b, -1)
-            step = self.roomy_step(b, n_prefix + wide[0] + 1)  # a width is captured where the cache has room after it
+            position_ids = n_prefix + torch.arange(wide, device=dev).expand(b, -1)
+            step = self.roomy_step(b, n_prefix + wide + 1)  # a width is captured where the cache has room after it
             with step.lock:
                 step.reset(kv, n_prefix)
-                step.mask[:, n_prefix : n_prefix + wide[0]] = mask
+                step.mask[:, n_prefix : n_prefix + wide] = mask
                 hidden = step.run(ids, position_ids, n_prefix)
         else:
             cache = kv_cache(model.lm, [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
@@ -444,10 +445,9 @@ class QueryEngine:
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
-        widths = self.widths(len(seqs), pick is None)
-        padded = lambda w: next((x for x in widths if x >= w), w)  # noqa: E731 (`prefill` and `extend` pad so)
+        widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
         # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8)
-        length = (n + padded(max(len(x) for x in sufs)) + max_new + padded(max_new + 8)
+        length = (n + padded_width(widths, max(len(x) for x in sufs)) + max_new + padded_width(widths, max_new + 8)
                   + sum(len(d) + len(t) for _, d, t in drafts))
         if model.device.type == "cuda":
             length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls

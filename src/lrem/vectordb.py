@@ -101,9 +101,14 @@ def milvus_string(value: str) -> str:
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
+def in_filter(field: str, values: Iterable[str]) -> str:
+    """The Milvus expression matching rows whose `field` is one of `values`: `brand in ["a", "b"]`."""
+    return f"{field} in [{', '.join(milvus_string(v) for v in values)}]"
+
+
 def ids_filter(ids: Iterable[str]) -> str:
     """The Milvus expression matching these item ids: `item_id in ["a", "b"]`."""
-    return f"item_id in [{', '.join(milvus_string(i) for i in ids)}]"
+    return in_filter("item_id", ids)
 
 
 def catalog_digest(ids_sha1: str, digests: Iterable[str | None] | None) -> str:
@@ -544,7 +549,7 @@ class MilvusIndex:
         parts = []
         for name, values in where.items():
             values = [values] if isinstance(values, str) else list(values)
-            parts.append(f"{name} in [{', '.join(milvus_string(v) for v in values)}]")
+            parts.append(in_filter(name, values))
         return " and ".join(parts)
 
     def title(self, item_id: str) -> str:
