@@ -220,6 +220,12 @@ def test_evaluate_systems_and_write_report(toy, systems, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such figure"):
         write_report(result, tmp_path / "r3", toy, figures=[tmp_path / "missing.png"])
 
+    # a refreshed report (--overwrite) drops the figure the earlier one copied in, and only that
+    (tmp_path / "r2" / "notes.png").write_bytes(b"the user's own")
+    write_report(result, tmp_path / "r2", toy, n_examples=1)
+    assert not (tmp_path / "r2" / "rl-curves.png").exists() and (tmp_path / "r2" / "notes.png").is_file()
+    assert "rl-curves" not in (tmp_path / "r2" / "report.md").read_text()
+
 
 class CoTOnlyRetriever:
     """A 'reasoning' system that searches by its CoT alone: a good CoT finds what the query

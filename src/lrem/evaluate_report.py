@@ -3,6 +3,7 @@ picked over the slices, report.md, and `write_report` (metrics.json, runs.jsonl,
 report.md and its charts)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lrem._io import atomic_write, is_unstarted, write_json, write_jsonl
@@ -23,6 +24,16 @@ def is_eval_output(out) -> bool:
     marker), or an earlier report (its metrics.json), not another command's output (a model, an index)."""
     out = Path(out)
     return is_unstarted(out) or (out / METRICS_JSON).is_file()
+
+
+def _earlier_figures(out: Path) -> set[str]:
+    """The figures an earlier report in `out` copied in (its metrics.json lists them); only plain
+    file names, so a hand-edited list cannot reach outside the folder."""
+    try:
+        listed = json.loads((out / METRICS_JSON).read_text()).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in listed if isinstance(n, str) and n == Path(n).name and n.endswith(".png")} if isinstance(listed, list) else set()
 
 
 def check_figures(figures) -> None:
@@ -223,12 +234,16 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
     out = Path(out_dir)
     check_figures(figures)
     files = trec_files(result.get("runs", {}))  # before any write: no system's file replaces another's
-    # metrics.json first: an interrupted report is still recognised as one (`is_eval_output`)
-    write_json(out / METRICS_JSON, {k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")})
-    names = []
-    for fig in map(Path, figures):
-        names.append(f"{fig.parent.name}-{fig.name}")
-        with atomic_write(out / names[-1], "wb", encoding=None) as f:
+    names = [f"{fig.parent.name}-{fig.name}" for fig in map(Path, figures)]
+    earlier = _earlier_figures(out)
+    # metrics.json first: an interrupted report is still recognised as one (`is_eval_output`); it
+    # lists the copied figures, so that a later --overwrite removes those this report lacks
+    write_json(out / METRICS_JSON, {**{k: v for k, v in result.items() if k not in ("examples", "runs", "qrels")},
+                                    "figures": names})
+    for name in earlier - set(names):
+        (out / name).unlink(missing_ok=True)
+    for fig, name in zip(map(Path, figures), names):
+        with atomic_write(out / name, "wb", encoding=None) as f:
             f.write(fig.read_bytes())
     for stale in (out / "runs").glob("*.trec"):  # an earlier report's systems (--overwrite): not this report's
         if stale.name not in files.values():
