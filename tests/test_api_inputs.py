@@ -98,9 +98,33 @@ def test_sentence_transformers_keywords(real_model, capsys):
     np.testing.assert_allclose(q.numpy(), real_model.encode_query("a hot drink", mode="direct"), atol=1e-6)
     with pytest.raises(ValueError, match="normalize_embeddings=False: lrem's embeddings are always L2-normalised"):
         real_model.encode_queries(["tea"], mode="direct", normalize_embeddings=False)
-    with pytest.raises(TypeError, match="device"):  # other keywords stay errors
-        real_model.encode_items(titles, device="cpu")
+    np.testing.assert_array_equal(real_model.encode_items(titles, device="cpu"), ref)  # already there: no move
+    with pytest.raises(TypeError, match="truncate_dim"):  # other keywords stay errors
+        real_model.encode_items(titles, truncate_dim=64)
     assert real_model.get_sentence_embedding_dimension() == real_model.dim == ref.shape[1]
+
+
+def test_sentence_transformers_precision(real_model):
+    """precision= quantises as sentence-transformers does (its own quantize_embeddings), for items
+    and queries, one input or many; an unknown precision is refused before anything is embedded."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    titles = ["teapot", "sofa, couch", "corkscrew"]
+    ref = real_model.encode_items(titles)
+    for precision, dtype, width in (("ubinary", np.uint8, ref.shape[1] // 8), ("binary", np.int8, ref.shape[1] // 8),
+                                    ("int8", np.int8, ref.shape[1]), ("uint8", np.uint8, ref.shape[1])):
+        got = real_model.encode_items(titles, precision=precision)
+        assert got.dtype == dtype and got.shape == (3, width), precision
+        np.testing.assert_array_equal(got, quantize_embeddings(ref, precision))
+    bits = real_model.encode_document("teapot", precision="ubinary", convert_to_tensor=True)
+    assert isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8 and bits.shape == (ref.shape[1] // 8,)
+    np.testing.assert_array_equal(bits.numpy(), np.packbits(ref[0] > 0))
+    queries = real_model.encode_queries(["a hot drink", "a seat"], mode="direct", precision="ubinary")
+    direct = real_model.encode_query(["a hot drink", "a seat"], mode="direct")
+    np.testing.assert_array_equal(queries.embeddings, np.packbits(direct > 0, axis=-1))
+    assert len(queries.cots) == 2
+    with pytest.raises(ValueError, match="precision='float16'; one of 'float32', 'int8'"):
+        real_model.encode_items(titles, precision="float16")
 
 
 def test_doctests():

@@ -26,6 +26,7 @@ import collections
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +121,39 @@ def check_items(items: list) -> None:
         check_query(title, f"items[{i}] title")
 
 
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")  # sentence-transformers' `precision` values
+
+
+@dataclass(frozen=True)
+class STOptions:
+    """sentence-transformers' encode keywords, read: show a progress bar, return a torch tensor,
+    quantise to `precision`."""
+    show_progress: bool
+    as_tensor: bool
+    precision: str
+
+
 def st_options(show_progress: bool, show_progress_bar: bool | None, normalize_embeddings: bool,
-               convert_to_numpy: bool, convert_to_tensor: bool) -> tuple[bool, bool]:
-    """sentence-transformers' encode keywords, for code written against it: (show progress,
-    return a torch tensor)."""
+               convert_to_numpy: bool, convert_to_tensor: bool, precision: str = "float32") -> STOptions:
+    """sentence-transformers' encode keywords, for code written against it, checked before any
+    embedding runs."""
     if not normalize_embeddings:
         raise ValueError("normalize_embeddings=False: lrem's embeddings are always L2-normalised (the model is "
                          "trained for cosine = inner product); there are no unnormalised ones")
-    return (show_progress if show_progress_bar is None else bool(show_progress_bar),
-            bool(convert_to_tensor) or not convert_to_numpy)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; one of {', '.join(map(repr, PRECISIONS))}")
+    return STOptions(show_progress if show_progress_bar is None else bool(show_progress_bar),
+                     bool(convert_to_tensor) or not convert_to_numpy, precision)
+
+
+def quantized(emb: np.ndarray, precision: str) -> np.ndarray:
+    """`emb` (n, dim) at sentence-transformers' `precision`, by its own `quantize_embeddings`:
+    int8 / uint8 scale each dimension by the range it has in `emb` (so quantise a whole batch, or
+    a catalog, at once), binary / ubinary pack the signs 8 to a byte (dim / 8 columns)."""
+    if precision == "float32":
+        return emb
+    from sentence_transformers.util.quantization import quantize_embeddings
+    return quantize_embeddings(emb, precision)
 
 
 def mode_error(mode: str) -> str:
@@ -302,7 +327,8 @@ class LREM(TemplateMixin, torch.nn.Module):
 
     def encode_items(self, items, batch_size: int = 64, show_progress: bool = False, truncate: bool = True, *,
                      show_progress_bar: bool | None = None, normalize_embeddings: bool = True,
-                     convert_to_numpy: bool = True, convert_to_tensor: bool = False) -> np.ndarray:
+                     convert_to_numpy: bool = True, convert_to_tensor: bool = False, precision: str = "float32",
+                     device: str | torch.device | None = None) -> np.ndarray:
         """Item embeddings (n, dim), float32, L2-normalised; items never reason. `items`: titles,
         or mappings / `lrem.data.Item`s whose fields the item template names; one item (a
         string) gives one vector (dim,), no items (0, dim). A title must be a non-empty string
@@ -311,19 +337,30 @@ class LREM(TemplateMixin, torch.nn.Module):
 
         sentence-transformers' keywords are accepted: `show_progress_bar` (= `show_progress`),
         `normalize_embeddings=True` (always so; False is an error), `convert_to_numpy=False` or
-        `convert_to_tensor=True` (a torch tensor on the model's device)."""
+        `convert_to_tensor=True` (a torch tensor on the model's device), `precision` ("int8",
+        "uint8", "binary", "ubinary": its `quantize_embeddings`, see `quantized`) and `device`
+        (the model moves there first, and stays, as sentence-transformers' model does)."""
         check_batch_size(batch_size)
-        show_progress, as_tensor = st_options(show_progress, show_progress_bar, normalize_embeddings,
-                                              convert_to_numpy, convert_to_tensor)
+        opts = st_options(show_progress, show_progress_bar, normalize_embeddings, convert_to_numpy,
+                          convert_to_tensor, precision)
         items, one = as_batch(items, "items")
         check_items(items)
-        emb = (self.engine.embed_texts(self.item_texts(items, truncate), batch_size, "items", show_progress)
+        self._move(device)
+        emb = (self.engine.embed_texts(self.item_texts(items, truncate), batch_size, "items", opts.show_progress)
                if items else np.zeros((0, self.dim), dtype=np.float32))
-        return self._output(emb[0] if one else emb, as_tensor)
+        return self._output(emb, one, opts)
 
-    def _output(self, emb: np.ndarray, as_tensor: bool):
-        """`emb` as the caller asked: a numpy array, or a torch tensor on the model's device."""
-        return torch.from_numpy(emb).to(self.device) if as_tensor else emb
+    def _move(self, device) -> None:
+        """sentence-transformers' `device=`: run there (the engine rebuilds its caches for moved weights)."""
+        if device is not None and torch.device(device) != self.device:
+            self.lm.to(device)
+
+    def _output(self, emb: np.ndarray, one: bool, opts: STOptions):
+        """`emb` (n, dim) as the caller asked: quantised to `opts.precision`, one row for one input,
+        a numpy array or a torch tensor on the model's device."""
+        emb = quantized(emb, opts.precision)
+        emb = emb[0] if one else emb
+        return torch.from_numpy(emb).to(self.device) if opts.as_tensor else emb
 
     def get_sentence_embedding_dimension(self) -> int:
         """`dim`, under sentence-transformers' name."""
@@ -344,7 +381,8 @@ class LREM(TemplateMixin, torch.nn.Module):
                        batch_size: int = 32, show_progress: bool = False, fast: bool = True,
                        truncate: bool = True, candidates: list | None = None, *, show_progress_bar: bool | None = None,
                        normalize_embeddings: bool = True, convert_to_numpy: bool = True,
-                       convert_to_tensor: bool = False) -> QueryEncoding:
+                       convert_to_tensor: bool = False, precision: str = "float32",
+                       device: str | torch.device | None = None) -> QueryEncoding:
         """Query embeddings after reasoning (`reason`), after none (`direct`), or after `cots`;
         `candidates`: per query, first-stage titles shown after it (grounded queries), or None.
 
@@ -359,8 +397,8 @@ class LREM(TemplateMixin, torch.nn.Module):
         sentence-transformers' keywords: as `encode_items`.
         """
         check_batch_size(batch_size)
-        show_progress, as_tensor = st_options(show_progress, show_progress_bar, normalize_embeddings,
-                                              convert_to_numpy, convert_to_tensor)
+        opts = st_options(show_progress, show_progress_bar, normalize_embeddings, convert_to_numpy,
+                          convert_to_tensor, precision)
         if cots is None and mode not in QUERY_MODES:
             raise ValueError(mode_error(mode))
         texts, one = as_batch(texts)
@@ -375,13 +413,12 @@ class LREM(TemplateMixin, torch.nn.Module):
             check_query(t, "query" if one else f"texts[{i}]")
         if cots is not None and len(cots) != len(texts):
             raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
+        self._move(device)
         if not texts:
             enc = QueryEncoding(np.zeros((0, self.dim), dtype=np.float32), [])
         else:
-            enc = self._encode_queries(texts, mode, cots, batch_size, show_progress, fast, truncate, candidates)
-        if one:
-            enc = QueryEncoding(enc.embeddings[0], enc.cots[0])
-        return QueryEncoding(self._output(enc.embeddings, as_tensor), enc.cots)
+            enc = self._encode_queries(texts, mode, cots, batch_size, opts.show_progress, fast, truncate, candidates)
+        return QueryEncoding(self._output(enc.embeddings, one, opts), enc.cots[0] if one else enc.cots)
 
     def _encode_queries(self, texts: list[str], mode: str, cots: list[str] | None, batch_size: int,
                         show_progress: bool, fast: bool, truncate: bool, candidates: list | None) -> QueryEncoding:
