@@ -101,6 +101,13 @@ class EngineConfig:
 GRAPH_WIDTHS = (4, 8, 16, 32, 64)
 GRAPH_TOKENS = 2048
 
+
+def cuda_length(length: int) -> int:
+    """A CUDA step's cache length: `length` rounded up to a multiple of 64, so that a few sizes
+    (and their captured graphs) serve every call."""
+    return -(-length // 64) * 64
+
+
 # a forward's weight reading in row-tokens (~30 ms against ~0.8 ms a row-token for the 135M model on
 # this CPU): what an extra forward costs against running more tokens in one
 ROW_COST = 37.0
@@ -215,14 +222,12 @@ class QueryEngine:
 
     def step(self, batch: int, length: int, graph: bool = True) -> GreedyStep:
         """A decode step over a KV cache of `length` slots; on CUDA kept per size, and captured in
-        a graph where `graph` (greedy decoding: sampling runs eagerly, so its steps capture none)
-        and `config.cuda_graphs` are on, and the layers are the LM's own (PEFT's trainable-token
-        rows copy indices from the host, which a capture cannot hold)."""
+        graphs where `captures(graph)`."""
         lm, widths = self.model.lm, self.widths(batch, graph)
         if self.model.device.type != "cuda":
             return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None,
                               widths=widths)
-        graph = graph and self.config.cuda_graphs and self.plain_layers()
+        graph = self.captures(graph)
         steps = self._state()["steps"]
         with self._building:  # one capture at a time: two server threads may ask for the same size
             if (batch, length, graph, widths) not in steps:
@@ -233,20 +238,24 @@ class QueryEngine:
         """A greedy step of `batch` rows with at least `length` slots: on CUDA the shortest already
         built (its graphs captured) rather than a new size, else `step`."""
         if self.model.device.type == "cuda":
-            widths = self.widths(batch)
-            graph = self.config.cuda_graphs and self.plain_layers()
-            built = [k for k in self._state()["steps"] if k[0] == batch and k[1] >= length and k[2:] == (graph, widths)]
+            key = (self.captures(True), self.widths(batch))
+            built = [k for k in self._state()["steps"] if k[0] == batch and k[1] >= length and k[2:] == key]
             if built:
                 return self._state()["steps"][min(built)]
-            length = -(-length // 64) * 64  # a few sizes only, as `_greedy`'s
+            length = cuda_length(length)
         return self.step(batch, length)
+
+    def captures(self, graph: bool) -> bool:
+        """Whether a CUDA step captures graphs: asked to (`graph`: greedy decoding; sampling runs
+        eagerly), `config.cuda_graphs` on, and the layers the LM's own (PEFT's trainable-token rows
+        copy indices from the host, which a capture cannot hold)."""
+        return graph and self.config.cuda_graphs and self.plain_layers()
 
     def widths(self, batch: int, graph: bool = True) -> tuple[int, ...]:
         """The widths a step of `batch` rows pads several-token forwards to (`config.graph_widths`)."""
         widths = self.config.graph_widths
         if widths is None:
-            on = graph and self.model.device.type == "cuda" and self.config.cuda_graphs and self.plain_layers()
-            widths = GRAPH_WIDTHS if on else ()
+            widths = GRAPH_WIDTHS if self.model.device.type == "cuda" and self.captures(graph) else ()
         return tuple(sorted(w for w in set(widths) if batch * w <= GRAPH_TOKENS))
 
     def vllm(self):
@@ -450,7 +459,7 @@ class QueryEngine:
         length = (n + padded_width(widths, max(len(x) for x in sufs)) + max_new + padded_width(widths, max_new + 8)
                   + sum(len(d) + len(t) for _, d, t in drafts))
         if model.device.type == "cuda":
-            length = -(-length // 64) * 64  # a few sizes only, so CUDA graphs are reused across calls
+            length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
             gen, first, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
