@@ -710,24 +710,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _lrem_serve(index, *args) -> tuple[subprocess.Popen, str]:
+    """`lrem serve --index index *args` in a new process on a free port, once /healthz answers:
+    (the process, its base URL); stdout and stderr on one pipe."""
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lrem.cli", "serve", "--index", str(index), "--port", str(port),
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        try:
+            assert httpx.get(base + "/healthz", timeout=2).json() == {"status": "ok"}
+            return proc, base
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("lrem serve did not come up in 120 s") from None
+            time.sleep(0.5)
+
+
 def test_lrem_serve_command(searcher, tmp_path):
     searcher.index.save(tmp_path / "idx")
-    port, cache = _free_port(), tmp_path / "cache.npz"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lrem.cli", "serve", "--index", str(tmp_path / "idx"),
-                             "--port", str(port), "--set", "max_batch=4", "--set", f"cache_path={cache}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    cache = tmp_path / "cache.npz"
+    proc, base = _lrem_serve(tmp_path / "idx", "--set", "max_batch=4", "--set", f"cache_path={cache}")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                assert httpx.get(base + "/healthz", timeout=2).json() == {"status": "ok"}
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "lrem serve did not come up in 120 s"
-                time.sleep(0.5)
         info = httpx.get(base + "/info", timeout=10).json()
         assert info["config"]["max_batch"] == 4 and info["items"] == len(TITLES)
         r = post(base, "/search", {"query": "mug", "k": 2, "mode": "direct"})
@@ -745,6 +754,18 @@ def test_lrem_serve_command(searcher, tmp_path):
         out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
     assert cache.exists()  # written at shutdown
+
+
+def test_lrem_serve_says_where_a_fatal_signal_struck(searcher, tmp_path):
+    """A fatal signal (SIGBUS: a memory-mapped index file truncated under the server) kills the
+    process, but faulthandler first writes every thread's Python stack to stderr, so the log says
+    where instead of ending silently."""
+    searcher.index.save(tmp_path / "idx")
+    proc, _ = _lrem_serve(tmp_path / "idx", "--set", "mmap_index=true")
+    proc.send_signal(signal.SIGBUS)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == -signal.SIGBUS, out
+    assert "Fatal Python error: Bus error" in out and 'File "' in out, out
 
 
 # ---------------------------------------------------------------- the real default model
