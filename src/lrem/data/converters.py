@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .._text import strip_controls
-from .formats import (EXTENSIONS, TABLES, DataError, Dataset, Item, Query, Row, hash_split, load_dataset, read_table,
-                      validate_dataset)
+from .formats import (EXTENSIONS, TABLES, DataError, Dataset, Id, Item, Query, Row, hash_split, load_dataset,
+                      read_table, validate_dataset)
 
 # what `convert` and `lrem data convert --format` accept ("lrem": a folder in lrem's own format)
 FORMATS = ("beir", "esci", "wands", "lrem", "auto")
@@ -142,7 +142,7 @@ def from_beir(src, log: Log = _stderr) -> Dataset:
     _require_files(src, BEIR_FILES, "BEIR")
     catalog, read = {}, {}
     corpus_notes = _Notes(src / "corpus.jsonl", log)
-    corpus = read_table(src / "corpus.jsonl", {"_id": str}, {"title": str, "text": str}, raw=("title", "text"))
+    corpus = read_table(src / "corpus.jsonl", {"_id": Id}, {"title": str, "text": str}, raw=("title", "text"))
     read["corpus.jsonl"] = len(corpus)
     for row in corpus:
         text = strip_controls(row["text"] or "").strip()
@@ -154,10 +154,16 @@ def from_beir(src, log: Log = _stderr) -> Dataset:
             corpus_notes.skip(row.line, f"field '_id': {row['_id']!r} again (the first one is kept)")
             continue
         catalog[row["_id"]] = Item(row["_id"], title, "beir", text or None)
-    texts = {r["_id"]: strip_controls(r["text"]).strip()
-             for r in read_table(src / "queries.jsonl", {"_id": str, "text": str}, {}, raw=("text",))}
+    texts, query_notes = {}, _Notes(src / "queries.jsonl", log)
+    query_rows = read_table(src / "queries.jsonl", {"_id": Id, "text": str}, {}, raw=("text",))
+    read["queries.jsonl"] = len(query_rows)
+    for row in query_rows:
+        if row["_id"] in texts:  # as with the corpus: the first one is kept, said
+            query_notes.skip(row.line, f"field '_id': {row['_id']!r} again (the first one is kept)")
+            continue
+        texts[row["_id"]] = strip_controls(row["text"]).strip()
 
-    queries, qrels, notes = {}, {}, [corpus_notes]
+    queries, qrels, notes = {}, {}, [corpus_notes, query_notes]
     for split in ("train", "dev", "test"):
         path = src / "qrels" / f"{split}.tsv"
         if not path.is_file():
@@ -179,7 +185,7 @@ def from_beir(src, log: Log = _stderr) -> Dataset:
         n.report()
     if not queries:
         raise DataError(src / "qrels", None, None, "no qrels/{train,dev,test}.tsv with usable judgements")
-    return _finish(catalog, queries, qrels, src, src.name, {**read, "queries.jsonl": len(texts)}, src / "qrels")
+    return _finish(catalog, queries, qrels, src, src.name, read, src / "qrels")
 
 
 # ----------------------------------------------------------------------------- ESCI
@@ -197,7 +203,14 @@ def _esci_merged_file(src: Path) -> Path | None:
         return src
     for path in sorted(src.glob("*.csv")) + sorted(src.glob("*.parquet")):
         if path.suffix == ".parquet":
-            return path
+            import pyarrow.parquet as pq
+
+            try:  # by its columns: lrem's own tables may be Parquet too
+                if "esci_label" in pq.read_schema(path).names:
+                    return path
+            except Exception:  # pyarrow raises several types; reading it as ESCI then names the file
+                return path
+            continue
         with open(path, encoding="utf-8", errors="replace") as f:
             if "esci_label" in f.readline():
                 return path
@@ -308,6 +321,9 @@ def from_wands(src, log: Log = _stderr) -> Dataset:
         title = _clean(row["product_name"])
         if not title:
             product_notes.skip(row.line, "field 'product_name': empty")
+            continue
+        if row["product_id"] in catalog:  # which product label.csv judged is unknown: keep the first, say so
+            product_notes.skip(row.line, f"field 'product_id': {row['product_id']!r} again (the first one is kept)")
             continue
         features = (row["product_features"] or "").replace("|", "; ")
         category = _clean(row["product_class"]) or None

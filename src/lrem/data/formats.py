@@ -11,6 +11,7 @@ user can open the file and fix it without reading a traceback.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -29,22 +30,24 @@ from lrem._text import control_char
 TABLES = ("catalog", "queries", "qrels")
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
 
-# the optional item fields are what a model's item template may name (lrem.prompts.ITEM_FIELDS)
-CATALOG_SCHEMA = ({"item_id": str, "title": str},
-                  {"category": str, "text": str, "brand": str, "color": str, "bullets": str, "description": str})
-QUERIES_SCHEMA = ({"query_id": str, "text": str, "category": str, "split": str}, {"hard": bool})
-QRELS_SCHEMA = ({"query_id": str, "item_id": str, "relevance": int}, {})
-SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
-
-_INT_RE = re.compile(r"\s*[+-]?\d+\s*")
-_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
-_SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
-
 
 class Id(str):
     """A field type for `read_table`: an id, a string or (in a JSON or Parquet source) an integer,
     read as its decimal string (a query log's or a Parquet export's numeric query ids). A CSV/TSV
     cell stays as written ("007")."""
+
+
+# ids are `Id`s (a shop's Parquet or JSON export often holds numeric ones); the optional item
+# fields are what a model's item template may name (lrem.prompts.ITEM_FIELDS)
+CATALOG_SCHEMA = ({"item_id": Id, "title": str},
+                  {"category": str, "text": str, "brand": str, "color": str, "bullets": str, "description": str})
+QUERIES_SCHEMA = ({"query_id": Id, "text": str, "category": str, "split": str}, {"hard": bool})
+QRELS_SCHEMA = ({"query_id": Id, "item_id": Id, "relevance": int}, {})
+SCHEMAS = {"catalog": CATALOG_SCHEMA, "queries": QUERIES_SCHEMA, "qrels": QRELS_SCHEMA}
+
+_INT_RE = re.compile(r"\s*[+-]?\d+(?:\.0*)?\s*")  # "2.0": a grade a float column wrote
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "": None}
+_SURROGATE_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 
 
 class DataError(ValueError):
@@ -162,8 +165,9 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
                raw: Collection[str] = ()) -> list[Row]:
     """Read a .jsonl/.csv/.tsv/.parquet table into typed rows, checking every field.
 
-    Types are str, int, bool or `Id` (a string or an integer, read as a string). Text formats (CSV/TSV) give strings, which are parsed ("2" is an
-    int, "true"/"0" a bool); an empty optional cell means None. A required column must exist.
+    Types are str, int, bool or `Id` (a string or an integer, read as a string). Text formats
+    (CSV/TSV) give strings, which are parsed ("2" and "2.0" are an int, "true"/"0" a bool); an
+    empty optional cell means None. A required column must exist.
     `raw` names the str fields of a raw benchmark source that its converter checks and cleans
     itself: empty or null values (a required one as "") and control characters are kept. Ids
     stay out of `raw`, so an empty id is reported here, at its own line.
@@ -175,7 +179,7 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
     elif suffix in (".csv", ".tsv"):
         found, from_text = _read_delimited(path, required), True
     elif suffix == ".parquet":
-        found, from_text = _read_parquet(path, required), False
+        found, from_text = _read_parquet(path, required, optional), False
     else:
         raise DataError(path, None, None, f"unsupported format (use one of {', '.join(EXTENSIONS)})")
     rows = [_coerce(values, line, path, required, optional, from_text, raw) for line, values in found]
@@ -196,6 +200,11 @@ def _decode(path: Path) -> str:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(path, None, None, f"not a readable gzip file ({e})") from None
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Excel's "Unicode Text" export
+        try:
+            return data.decode("utf-16")  # the codec drops the mark
+        except UnicodeDecodeError as e:
+            raise DataError(path, None, None, f"not valid UTF-16 (it starts with a UTF-16 mark): {e}") from None
     text = data.decode("utf-8", errors="surrogateescape")
     return text[1:] if text.startswith("\ufeff") else text
 
@@ -244,6 +253,12 @@ def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, di
                 continue  # blank line
             if len(cells) > len(header):
                 raise DataError(path, line, None, f"{len(cells)} fields but the header has {len(header)}")
+            if tabbed:  # a stray quote opens a field that swallows the next rows, tabs and all
+                for name, cell in zip(header, cells):
+                    if "\t" in cell.partition("\n")[2]:
+                        raise DataError(path, line, name, f"a quoted field runs to line {reader.line_num} and takes in "
+                                        "tab-separated lines (a stray '\"'?); remove the quote, or quote the whole "
+                                        "field and double the quotes in it")
             out.append((line, dict(zip(header, cells))))
     except csv.Error as e:  # e.g. a NUL byte, or an unterminated quote (a truncated file)
         what = "unterminated quoted field (is the file truncated?)" if "unexpected end of data" in str(e) else e
@@ -251,17 +266,23 @@ def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, di
     return out
 
 
-def _read_parquet(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
-    """(row number, values); a required column that is absent is named like a CSV's."""
+def _read_parquet(path: Path, required: dict[str, type], optional: dict[str, type]) -> list[tuple[int, dict]]:
+    """(row number, values) of the named columns only: an export's other columns (an embedding
+    per row, say) would cost gigabytes as Python objects. A required column that is absent is
+    named like a CSV's."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as file:
+            names = file.schema_arrow.names
+            for name in required:
+                if name not in names:
+                    raise DataError(path, None, name, f"missing column (columns: {', '.join(names)})")
+            table = file.read(columns=[n for n in names if n in required or n in optional])
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(path, None, None, f"cannot read parquet: {e}") from None
-    for name in required:
-        if name not in table.column_names:
-            raise DataError(path, None, name, f"missing column (columns: {', '.join(table.column_names)})")
     return [(i + 1, values) for i, values in enumerate(table.to_pylist())]
 
 
@@ -305,14 +326,17 @@ def _convert(value, kind: type, from_text: bool, raw: bool):
                 raise _BadValue(f"control character {bad} (remove it)")
             return value
         if from_text and kind is int and _INT_RE.fullmatch(value):
-            if len(value.strip().lstrip("+-")) > 18:
+            digits = value.strip().split(".")[0]
+            if len(digits.lstrip("+-")) > 18:
                 raise _BadValue(f"integer of {len(value.strip())} characters is too large")
-            return int(value)
+            return int(digits)
         if from_text and kind is bool and value.strip().lower() in _BOOL_TEXT:
             return _BOOL_TEXT[value.strip().lower()]
     elif kind is Id and type(value) is int:  # not bool
         return str(value)
-    elif type(value) is kind:  # int or bool from JSON/parquet (bool is not accepted as int)
+    elif kind is int and type(value) is float and value.is_integer():  # 2.0: a float column's grade
+        value = int(value)
+    if type(value) is kind:  # int or bool from JSON/parquet (bool is not accepted as int)
         if kind is int and not -2**63 <= value < 2**63:
             raise _BadValue("integer too large")
         return value
