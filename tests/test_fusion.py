@@ -114,3 +114,16 @@ def test_serve_hybrid_is_the_librarys(searcher):
         assert r.status_code == 400 and "--set hybrid=true" in r.json()["detail"]
     with pytest.raises(ValueError, match="hybrid='yes'; expected bool"):
         ServeConfig(hybrid="yes")
+
+
+def test_rrf_counts_a_repeated_item_once_and_keeps_exact_ties():
+    # a ranking that repeats an item (chunks of one product) counts it once, at its best rank; the
+    # items after it move up. Before, "a" scored 1/61 + 1/62 from one retriever and beat "b".
+    assert rrf([["a", "a", "b"], ["b"]]) == [("b", 1 / (RRF_K + 2) + 1 / (RRF_K + 1)), ("a", 1 / (RRF_K + 1))]
+    # x and y hold ranks {1, 2, 7} each: a tie, so x (met first) leads; summed in ranking order, float
+    # rounding made y's sum one ulp larger and put it first
+    fused = rrf([["x", "f1", "f2", "f3", "f4", "f5", "y"], ["g1", "y", "g2", "g3", "g4", "g5", "x"], ["y", "x"]])
+    assert fused[:2] == [("x", fused[0][1]), ("y", fused[0][1])]
+    for bad in (-1, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="rrf_k"):
+            FusedRetriever([BM25Retriever(CATALOG, show_progress=False)] * 2, rrf_k=bad)

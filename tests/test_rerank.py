@@ -73,3 +73,26 @@ def test_rerank_needs_an_index_that_keeps_its_vectors(tiny):
     with pytest.raises(ValueError, match="compressed codes"):
         RerankRetriever(bm25, searcher, "direct").search(["coffee"], k=2)
     assert np.array_equal(ItemIndex.build(tiny, CATALOG, show_progress=False).vectors_of([]).shape, (0, tiny.dim))
+
+
+def test_rerank_shallower_than_k_keeps_the_first_stages_tail(tiny, tiny_dir):
+    """k past the depth: the top `depth` reordered, then the first stage's next items in its own order
+    (a rescore window), scored below any cosine; before, the list stopped at the depth."""
+    searcher = Searcher(tiny, ItemIndex.build(tiny, CATALOG, show_progress=False))
+    bm25 = BM25Retriever(CATALOG, show_progress=False)
+    query = "coffee table chair"
+    first = bm25.search(query, k=10)
+    assert len(first.hits) == 5  # coffee, java; coffee table; coffee grinder; dining chair; office chair
+    got = RerankRetriever(bm25, searcher, "direct", depth=2).search(query, k=4)
+    assert sorted(got.item_ids[:2]) == sorted(first.item_ids[:2]) and got.item_ids[2:] == first.item_ids[2:4]
+    assert all(-1 <= h.score <= 1 for h in got.hits[:2]) and [h.score for h in got.hits[2:]] == [-2.0, -3.0]
+    # in eval: reranking BM25's top 1 keeps BM25's whole ranking, so every metric at every depth is BM25's
+    catalog = {i: Item(i, t) for i, t in CATALOG.items()}
+    queries = {f"q{n}": Query(f"q{n}", q, "c", "dev") for n, q in enumerate(QUERIES + [query])}
+    ds = Dataset(catalog, queries, {"q0": {"i1": 1}, "q1": {"i21": 1}, "q2": {"i17": 1}, "q3": {"i0": 1},
+                                    "q4": {"i17": 1}}, "kitchen")
+    systems = build_systems({"bm25": "bm25", "top1": f"bm25>1>{tiny_dir}:direct"}, ds, log=lambda *a: None)
+    result = evaluate_systems(ds, "dev", systems, log=lambda *a: None)
+    assert {q: [i for i, _ in run] for q, run in result["runs"]["top1"].items()} == \
+        {q: [i for i, _ in run] for q, run in result["runs"]["bm25"].items()}
+    assert result["systems"]["top1"]["overall"]["hitrate@10"] == result["systems"]["bm25"]["overall"]["hitrate@10"] > 0

@@ -43,6 +43,9 @@ def test_fixed_margin_and_long_queries():
     long = Router(margin=0.0, long_query_words=3, depth=3)
     assert long.decide(["one two three", "one two", "x"], scores) == [True, False, False]
     assert Router(share=1.0, depth=3).decide(["a", "b", "c"], scores) == [True, True, True]
+    # a NaN margin compares False with every margin, so it reasoned on nothing without a word
+    with pytest.raises(ValueError, match="margin >= 0"):
+        Router(margin=float("nan"))
 
 
 def test_share_is_a_budget_whatever_the_score_scale():

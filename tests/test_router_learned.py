@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from test_router import QUERIES, TITLES
 
 from lrem._io import OutputError
@@ -310,3 +311,28 @@ def test_router_fit_command_writes_router_json_and_refuses_bad_outputs(tiny, tmp
     p = _lrem(*fit, "--out", model_dir, "--overwrite", "--threshold", 0.2)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((model_dir / ROUTER_FILE).read_text())["threshold"] == 0.2
+
+
+def test_a_router_fitted_on_other_weights_is_refused(plain, routed_dir, tmp_path):
+    """router.json records the weights it was fitted on; beside another model (copied into a retrained
+    folder or a delta's), loading it with that model's fingerprint is an error, not a silent misroute."""
+    from lrem.index import model_fingerprint
+    from lrem.router import load_router
+
+    mine = model_fingerprint(plain.model)
+    assert json.loads((routed_dir / ROUTER_FILE).read_text())["fitted"]["model_fingerprint"] == mine
+    assert isinstance(load_router(routed_dir, mine), LearnedRouter)
+    other = LREM.from_pretrained(str(routed_dir), dtype="float32")
+    with torch.no_grad():
+        next(m for m in other.lm.modules() if isinstance(m, torch.nn.Linear)).weight[0] += 0.5  # other weights
+    other.save_pretrained(tmp_path / "retrained")
+    (tmp_path / "retrained" / ROUTER_FILE).write_text((routed_dir / ROUTER_FILE).read_text())
+    theirs = model_fingerprint(other)
+    assert theirs != mine
+    with pytest.raises(ValueError, match=f"fitted on other weights \\(model fingerprint {mine}\\).*refit"):
+        load_router(tmp_path / "retrained", theirs)
+    # a router written before the fingerprint was recorded loads as before
+    old = json.loads((routed_dir / ROUTER_FILE).read_text())
+    del old["fitted"]["model_fingerprint"]
+    (tmp_path / "retrained" / ROUTER_FILE).write_text(json.dumps(old))
+    assert isinstance(load_router(tmp_path / "retrained", theirs), LearnedRouter)

@@ -29,15 +29,18 @@ def rrf(rankings: Sequence[Sequence[str]], weights: Sequence[float] | None = Non
     """Fuse ranked item-id lists (best first) into one: (item_id, score) pairs, score desc.
 
     Ties keep the order in which the items were first met (first ranking first, best rank
-    first), so the result is deterministic.
+    first), so the result is deterministic. An item a ranking repeats (chunks of one product)
+    counts once there, at its best rank, and the items after it move up.
     """
     weights = [1.0] * len(rankings) if weights is None else list(weights)
     if len(weights) != len(rankings):
         raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
-    scores: dict[str, float] = {}
+    parts: dict[str, list[float]] = {}
     for weight, ranking in zip(weights, rankings):
-        for rank, item in enumerate(ranking, 1):
-            scores[item] = scores.get(item, 0.0) + weight / (rrf_k + rank)
+        for rank, item in enumerate(dict.fromkeys(ranking), 1):
+            parts.setdefault(item, []).append(weight / (rrf_k + rank))
+    # fsum is exactly rounded, so equal rank sets tie whatever order the rankings added them in
+    scores = {item: math.fsum(p) for item, p in parts.items()}
     first = {item: n for n, item in enumerate(scores)}
     return sorted(scores.items(), key=lambda kv: (-kv[1], first[kv[0]]))
 
@@ -60,6 +63,8 @@ class FusedRetriever:
             raise ValueError("fusion needs at least two retrievers")
         if self.weights is not None and (len(self.weights) != len(self.parts) or not all(map(_weight_ok, self.weights))):
             raise ValueError(f"need {len(self.parts)} finite weights, none negative; got {self.weights}")
+        if not _weight_ok(self.rrf_k):  # a negative constant divides by zero (or flips signs) at the top ranks
+            raise ValueError(f"rrf_k={self.rrf_k}; need a finite number >= 0")
 
     def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
         """The fused top k per query; one query as a string gives its result alone (as `Searcher.search`)."""

@@ -73,7 +73,9 @@ class Router(Budget):
     _recent: deque = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.margin < 0 or not 0 <= self.share <= 1 or self.long_query_words < 0 or self.depth < 2 or self.window < 1:
+        # `not margin >= 0`: a NaN margin compares False with every margin, so nothing would reason
+        if (not self.margin >= 0 or not 0 <= self.share <= 1 or self.long_query_words < 0 or self.depth < 2
+                or self.window < 1):
             raise ValueError(f"{self}: need margin >= 0, 0 <= share <= 1, long_query_words >= 0, depth >= 2, window >= 1")
         self._recent = deque(maxlen=self.window)
 

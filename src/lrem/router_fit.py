@@ -31,6 +31,8 @@ def fit_router(searcher, queries: dict[str, str], qrels: dict[str, dict[str, int
     from the direct search at depth max(k, `depth`), as `auto` mode sees them. `data` names the
     queries' dataset and split in the router's record.
     """
+    from .index import model_fingerprint
+
     qids = [q for q in queries if any(r > 0 for r in qrels.get(q, {}).values())]
     if len(qids) < 10:
         raise ValueError(f"{len(qids)} queries with a relevant item ({len(queries)} given); a router needs at least 10")
@@ -45,7 +47,10 @@ def fit_router(searcher, queries: dict[str, str], qrels: dict[str, dict[str, int
     reasoned = searcher.search(texts, k=k, mode="reason", batch_size=batch_size, show_progress=show_progress)
     rr_direct = np.array([reciprocal_rank(row, rel, k) for row, rel in zip(ids, relevant)])
     rr_reason = np.array([reciprocal_rank(r.item_ids, rel, k) for r, rel in zip(reasoned, relevant)])
-    fitted = {"model": searcher.model.source, "index": getattr(searcher, "index_dir", None), "data": data,
+    # the weights whose scores it learned from: a name can come to mean other weights, and a
+    # router.json can be copied beside another model (`load_router` checks it)
+    fitted = {"model": searcher.model.source, "model_fingerprint": model_fingerprint(searcher.model),
+              "index": getattr(searcher, "index_dir", None), "data": data,
               "k": k, "label": f"reason beats direct: reciprocal rank of the first relevant item in the top {k} "
                                "(ties: direct)"}
     return learn_router(query_features(texts, scores, depth), rr_direct, rr_reason, holdout=holdout,

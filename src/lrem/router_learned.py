@@ -134,10 +134,20 @@ class LearnedRouter(Budget):
         return cls.from_dict(d, str(path))
 
 
-def load_router(model_dir) -> LearnedRouter | None:
-    """The learned router saved in a model folder (`ROUTER_FILE`), or None when it has none."""
+def load_router(model_dir, fingerprint: str | None = None) -> LearnedRouter | None:
+    """The learned router saved in a model folder (`ROUTER_FILE`), or None when it has none.
+    `fingerprint`: the folder's model's (`lrem.index.model_fingerprint`); a router fitted on other
+    weights is a ValueError (its probabilities read another model's score scale). A router from
+    before lrem recorded the fingerprint is trusted."""
     file = Path(model_dir) / ROUTER_FILE
-    return LearnedRouter.load(file) if file.is_file() else None
+    if not file.is_file():
+        return None
+    router = LearnedRouter.load(file)
+    fitted_on = router.fitted.get("model_fingerprint")
+    if fingerprint and fitted_on and fitted_on != fingerprint:
+        raise ValueError(f"{file}: fitted on other weights (model fingerprint {fitted_on}) than this model's "
+                         f"({fingerprint}); refit it (`lrem router fit --out {model_dir} --overwrite`) or remove it")
+    return router
 
 
 # ---------------------------------------------------------------- learning it
