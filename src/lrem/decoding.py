@@ -630,8 +630,9 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         if bool(done.all()):
             break
         p = p + 1
-        live = (~done).nonzero()[:, 0]
-        if step.compact is not None and len(live) <= len(tok) // 2:  # most rows have stopped: run the others only
+        # `nonzero` waits for the device: only the compact (CPU) decoder runs row subsets
+        live = (~done).nonzero()[:, 0] if step.compact is not None else None
+        if live is not None and len(live) <= len(tok) // 2:  # most rows have stopped: run the others only
             nxt = torch.full_like(tok, pad)
             nxt[live] = step(tok[live], p[live], slot + t - 1, pick, rows=live)
             tok = nxt
