@@ -46,7 +46,7 @@ class OpenAIStandIn:
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     if self.path != "/v1/chat/completions":
-                        status, text, delay = 404, '{"error": "not found"}', 0
+                        status, text, delay, *extra = 404, '{"detail": "Not Found"}', 0
                     else:
                         status, text, delay, *extra = outer.reply(body, n)
                     time.sleep(delay)

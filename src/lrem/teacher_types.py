@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 FINISHES = ("stop", "length", "refused", "malformed")
@@ -28,10 +28,13 @@ class Chat:
 
 @dataclass(frozen=True)
 class Answer:
-    """A teacher's reply. finish: stop (complete), length (hit max_tokens), refused, malformed."""
+    """A teacher's reply. finish: stop (complete), length (hit max_tokens), refused, malformed.
+    model: the model the server says answered (an alias like "gpt-4o-mini" names a dated
+    snapshot there), kept in the answer cache with the run; None when unknown."""
 
     text: str
     finish: str = "stop"
+    model: str | None = field(default=None, compare=False)
 
 
 def looks_refused(text: str) -> bool:

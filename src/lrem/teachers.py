@@ -18,8 +18,10 @@ Judges decide whether an item is relevant to a query: `qrels` (the dataset's lab
 The OpenAI client reads its key from LREM_TEACHER_KEY, else OPENAI_API_KEY (none is fine for
 local servers). Transient failures (timeouts, connection errors, 429, 5xx) are retried
 (tenacity) after the server's Retry-After where it sends one, else with exponential backoff;
-when the retries run out, or the server says 4xx (bad model, bad key), `TeacherError` stops the
-run with the endpoint and the last error.
+when the retries run out, or the server says 401/403/404 (bad key, model or URL), `TeacherError`
+stops the run with the endpoint and the last error (the key never shows). A 400/413/422 (this
+prompt exceeds the context, a filter) or a body that is no chat completion is that one query's
+`malformed` answer; 8 in a row stop the run (the endpoint or a setting is wrong for every query).
 
 The parts live in `teacher_types` (Chat, Answer, the Teacher protocol), `teacher_openai`,
 `teacher_local` and `judges`; this module wraps a teacher in its answer cache (`CachedTeacher`)
@@ -48,12 +50,17 @@ __all__ = ["FINISHES", "TeacherError", "Chat", "Answer", "looks_refused", "Teach
 
 class CachedTeacher:
     """A teacher whose answers are kept in a JSONL file keyed by sha256(model, prompt, max_tokens),
-    so a rerun (or a resumed run) never asks twice. `calls` counts answers actually requested."""
+    so a rerun (or a resumed run) never asks twice. `calls` counts answers actually requested.
+
+    Identical chats in one call are asked once. A `malformed` answer is written only once the
+    whole call has finished: when the teacher stops the run (an endpoint that answers nothing
+    usable), the rerun asks those chats again instead of keeping a failure it did not earn.
+    """
 
     def __init__(self, teacher: Teacher, path: str | os.PathLike):
         self.teacher, self.name = teacher, teacher.name
         self.log = JsonlLog(path)
-        self.cache = {r["key"]: Answer(r["text"], r["finish"]) for r in self.log.rows()}
+        self.cache = {r["key"]: Answer(r["text"], r["finish"], r.get("model")) for r in self.log.rows()}
         self.calls = self.hits = 0
 
     def key(self, chat: Chat, max_tokens: int) -> str:
@@ -62,22 +69,33 @@ class CachedTeacher:
 
     def stream(self, chats: list[Chat], max_tokens: int) -> Iterator[tuple[int, Answer]]:
         keys = [self.key(c, max_tokens) for c in chats]
-        missing = []
+        missing: dict[str, list[int]] = {}  # key -> the chats that ask it (asked once)
         for i, k in enumerate(keys):
             if k in self.cache:
                 self.hits += 1
                 yield i, self.cache[k]
             else:
-                missing.append(i)
+                missing.setdefault(k, []).append(i)
         if not missing:
             return
-        for j, answer in self.teacher.stream([chats[i] for i in missing], max_tokens):
-            i = missing[j]
+        asked = [idx[0] for idx in missing.values()]
+        held = []  # malformed answers, logged when the call ends well
+        for j, answer in self.teacher.stream([chats[i] for i in asked], max_tokens):
+            k = keys[asked[j]]
             self.calls += 1
-            if keys[i] not in self.cache:
-                self.cache[keys[i]] = answer
-                self.log.append({"key": keys[i], "text": answer.text, "finish": answer.finish})
-            yield i, answer
+            row = {"key": k, "text": answer.text, "finish": answer.finish}
+            if answer.model:  # what the server says answered: what made the CoTs of this run
+                row["model"] = answer.model
+            if answer.finish == "malformed":
+                held.append(row)
+            else:
+                self.cache[k] = answer
+                self.log.append(row)
+            for i in missing[k]:
+                yield i, answer
+        if held:
+            self.log.append(*held)
+            self.cache.update((r["key"], Answer(r["text"], r["finish"], r.get("model"))) for r in held)
 
 
 def parse_teacher(spec: str, *, batch_size: int = 16, concurrency: int = 8, timeout: float = 60.0,
