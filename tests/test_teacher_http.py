@@ -260,3 +260,14 @@ def test_a_run_killed_mid_way_resumes_without_paying_twice(standin, tmp_path, ti
     asked = collections.Counter(json.dumps(r["messages"]) for r in srv.requests)
     assert len(asked) == 2 * n  # reasoning and extraction of each query
     assert sum(c - 1 for c in asked.values()) <= 4
+
+
+def test_a_step_sends_as_many_requests_as_the_teacher_may_have_in_flight(standin, tmp_path, tiny_dir):
+    """teacher_concurrency 8 with the default batch_size 16 or a smaller one, 4: a step takes at
+    least 8 queries, so 8 requests are in flight (before, a step of 4 capped them at 4)."""
+    extract = lambda body: "From the analysis" in body["messages"][1]["content"]  # noqa: E731
+    srv = standin(lambda body, k: (200, completion("kettle, teapot" if extract(body) else "The shopper wants a kettle."),
+                                   0.2))
+    c = cfg(tiny_dir, teacher=f"openai:{srv.url}#m", keep_all=True, batch_size=4, teacher_concurrency=8)
+    stats = construct(many_queries(16), tmp_path / "run", c, **QUIET)
+    assert stats["funnel"]["done"] == 16 and srv.max_in_flight == 8

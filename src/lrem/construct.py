@@ -286,14 +286,16 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
             hard = [(q, todo[q], hr, s1) for q, (hr, s1, h) in mined.items() if h]
             n_triplets = sum(len(r.get("relevant", [])) for r in done.values())
             last_stats = time.perf_counter()
-            for s in range(0, len(hard), cfg.batch_size):
-                for outcome, rows in builder.process(hard[s:s + cfg.batch_size]):
+            # a step's queries are the requests a teacher has to run at once: never fewer than it may have in flight
+            step = max(cfg.batch_size, cfg.teacher_concurrency)
+            for s in range(0, len(hard), step):
+                for outcome, rows in builder.process(hard[s:s + step]):
                     for t in rows:
                         triplets.append(t)
                     outcomes.append(outcome)  # last: the outcome marks the query done
                     done[outcome["query_id"]] = outcome
                     n_triplets += len(rows)
-                bar.update(len(hard[s:s + cfg.batch_size]))
+                bar.update(len(hard[s:s + step]))
                 bar.set_postfix(triplets=n_triplets)
                 if time.perf_counter() - last_stats > STATS_EVERY_S:  # partial stats for a long run
                     write_json(out / STATS, compute_stats(counted, done, cfg, run))

@@ -46,7 +46,8 @@ class ConstructConfig:
         "help": "hf: torch threads while generating (None: OMP_NUM_THREADS if set, else the cores the load "
                 "average leaves free, checked every batch)."})
     teacher_dtype: str = field(default="auto", metadata={"help": "hf: auto, float32 or bfloat16."})
-    teacher_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight."})
+    teacher_concurrency: int = field(default=8, metadata={
+        "help": "openai: requests in flight (a step takes at least this many queries; see batch_size)."})
     teacher_timeout: float = field(default=60.0, metadata={"help": "openai: seconds per request."})
     teacher_retries: int = field(default=4, metadata={"help": "openai: retries of a failed request."})
     teacher_backoff: float = field(default=1.0, metadata={"help": "openai: first retry wait (s), doubled each try."})
@@ -65,7 +66,8 @@ class ConstructConfig:
                                                   "cross-encoder:PATH."})
     judge_threshold: float = field(default=0.5, metadata={"help": "cross-encoder: relevant when score >= this."})
     # Run
-    batch_size: int = field(default=16, metadata={"help": "Queries per step; outcomes are appended per batch."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Queries per step (at least teacher_concurrency); outcomes are appended per step."})
 
     # fields that do not change what a query's outcome is: free to differ when a run resumes
     RUNTIME = ("limit", "teacher_batch_size", "teacher_threads", "teacher_concurrency", "teacher_timeout", "teacher_retries",
