@@ -304,6 +304,9 @@ def test_llm_judge_through_the_http_teacher(standin, tmp_path):
     # the judge asks concurrently, so the requests arrive in any order
     assert any('Product: "coffee beans"' in r["messages"][1]["content"] for r in srv.requests)
     assert parse_yes_no(" YES, it is") is True and parse_yes_no("") is None
+    # what chat models write around the word: a label, a thinking block (closed, or cut by the budget)
+    assert parse_yes_no("Answer: Yes") is True and parse_yes_no("**Answer:** no.") is False
+    assert parse_yes_no("<think>\nthe shopper wants tea</think>\n\nNo") is False and parse_yes_no("<think>Ok") is None
 
 
 def test_judge_specs():

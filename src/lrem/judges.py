@@ -38,12 +38,18 @@ class LLMJudge:
 
 
 def parse_yes_no(text: str) -> bool | None:
-    """The first word of a judge's answer: yes -> True, no -> False, anything else -> None.
+    """The first word of a judge's answer: yes -> True, no -> False, anything else -> None. A
+    leading "Answer:" and a thinking model's closed `<think>...</think>` block are passed over.
 
     >>> parse_yes_no(" Yes."), parse_yes_no("no"), parse_yes_no("maybe")
     (True, False, None)
+    >>> parse_yes_no("Answer: No"), parse_yes_no("<think>short</think> yes"), parse_yes_no("<think>The")
+    (False, True, None)
     """
-    word = re.sub(r"[^a-z]", " ", text.lower()).split()
+    text = re.sub(r"(?s)<think>.*?</think>", " ", text.lower())
+    word = re.sub(r"[^a-z]", " ", text).split()
+    if word[:1] == ["answer"]:
+        word = word[1:]
     return {"yes": True, "no": False}.get(word[0]) if word else None
 
 
