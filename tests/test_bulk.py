@@ -101,6 +101,36 @@ def test_jsonl_queries_and_bad_rows_name_file_line_and_field(tmp_path):
             read_queries(path)
 
 
+def test_query_files_as_editors_and_other_tools_write_them(tmp_path):
+    """A byte-order mark (Windows editors) is not part of the first query, nor does it hide a query
+    log's JSON; a .txt query may start with "{"; UTF-16 and gzip are read as the data readers read
+    them; BEIR's queries.jsonl keeps its ids ("_id"), not line numbers."""
+    import gzip
+
+    bom = tmp_path / "q.txt"
+    bom.write_bytes("\ufeffsalon chair\r\nsmart table\r\n".encode("utf-8"))
+    assert read_queries(bom) == [("1", "salon chair"), ("2", "smart table")]
+    log = tmp_path / "queries.jsonl.1"  # a rotated query log, saved again by an editor that adds a mark
+    log.write_bytes('\ufeff{"query_id": "a", "text": "mug"}\n'.encode("utf-8"))
+    assert read_queries(log) == [("a", "mug")]
+    braces = tmp_path / "b.txt"
+    braces.write_text("{bracket} shelf\nlamp\n")
+    assert read_queries(braces) == [("1", "{bracket} shelf"), ("2", "lamp")]
+    wide = tmp_path / "w.txt"
+    wide.write_bytes("mug\nlamp\n".encode("utf-16"))
+    assert read_queries(wide) == [("1", "mug"), ("2", "lamp")]
+    gz = tmp_path / "queries.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"query_id": "g", "text": "rug"}\n'))
+    assert read_queries(gz) == [("g", "rug")]
+    beir = tmp_path / "queries.jsonl"
+    beir.write_text('{"_id": "q7", "text": "mug", "metadata": {}}\n{"_id": "q9", "text": "lamp", "metadata": {}}\n')
+    assert read_queries(beir) == [("q7", "mug"), ("q9", "lamp")]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"mug\nlamp \xff\n")
+    with pytest.raises(DataError, match=f"^{bad}:2: field 'text'"):
+        read_queries(bad)
+
+
 def test_query_tables_are_read_by_their_header(tmp_path):
     """A CSV/TSV/Parquet file of queries is a table: its header names the columns (WANDS' query.csv
     is tab-separated under a .csv name), not a query on line 1."""

@@ -115,6 +115,50 @@ def test_resume_skips_written_chunks_and_refuses_other_settings(tmp_path, tiny):
                       show_progress=False)
 
 
+def test_resume_refuses_edited_items_and_knows_the_model_by_its_weights(tmp_path, tiny, tiny_dir):
+    """The same ids with other titles would resume into a folder of the old titles' vectors (mixed
+    in silently); the same weights under another spelling of their path are the same model."""
+    from lrem.model import LREM
+
+    cat = catalog(20)
+    embed_catalog(tiny, cat, tmp_path / "ch", chunk_size=4, max_chunks=2, show_progress=False)
+    edited = {**cat, "i13": Item("i13", "teapot, brand new title")}
+    with pytest.raises(DataError, match=r"field 'items_sha1': the items' text changed since the earlier run"):
+        embed_catalog(tiny, edited, tmp_path / "ch", chunk_size=4, show_progress=False)
+    same = LREM.from_pretrained(str(tiny_dir) + "/", dtype="float32", log=lambda *_: None)  # `--model m/` this time
+    assert same.source != read_manifest(tmp_path / "ch")["model"]
+    again = embed_catalog(same, cat, tmp_path / "ch", chunk_size=4, show_progress=False)
+    assert (again.encoded, again.skipped) == ([2, 3, 4], [0, 1])
+
+
+def test_chunks_pin_their_run_so_foreign_chunks_are_never_mixed_in(tmp_path, tiny, lively_dir):
+    """Each chunk names its run (model, catalog, chunking) in its Parquet metadata: a chunk of
+    another run (copied in; a folder whose embed.json was deleted) is refused by `from_chunks`
+    and embedded again by a resumed `lrem embed`."""
+    import shutil
+
+    from lrem.model import LREM
+
+    other = LREM.from_pretrained(str(lively_dir("llama")), dtype="float32", log=lambda *_: None)
+    assert other.dim == tiny.dim
+    cat = catalog(12)
+    embed_catalog(tiny, cat, tmp_path / "a", chunk_size=4, show_progress=False)
+    embed_catalog(other, cat, tmp_path / "b", chunk_size=4, show_progress=False)
+    shutil.copyfile(tmp_path / "b" / CHUNKS / chunk_name(1), tmp_path / "a" / CHUNKS / chunk_name(1))
+    with pytest.raises(DataError, match=r"chunk-000001.parquet: field 'model_fingerprint': .*another run wrote"):
+        ItemIndex.from_chunks(tmp_path / "a", show_progress=False)
+    again = embed_catalog(tiny, cat, tmp_path / "a", chunk_size=4, show_progress=False)
+    assert (again.encoded, again.skipped) == ([1], [0, 2])
+    _, _, x = read_chunk(tmp_path / "a" / CHUNKS / chunk_name(1))
+    np.testing.assert_allclose(x, tiny.encode_items(list(cat.values())[4:8]), atol=1e-6)
+    assert ItemIndex.from_chunks(tmp_path / "a", show_progress=False).index.ntotal == 12
+    (tmp_path / "a" / MANIFEST).unlink()  # the manifest lost: no chunk of tiny's run is taken for other's
+    assert embed_catalog(other, cat, tmp_path / "a", chunk_size=4, show_progress=False).encoded == [0, 1, 2]
+    for c in range(3):
+        np.testing.assert_array_equal(read_chunk(tmp_path / "a" / CHUNKS / chunk_name(c))[2],
+                                      read_chunk(tmp_path / "b" / CHUNKS / chunk_name(c))[2])
+
+
 def test_float16_chunks_and_damaged_chunks(tmp_path, tiny):
     cat = catalog(10)
     embed_catalog(tiny, cat, tmp_path / "h", chunk_size=4, vector_dtype="float16", show_progress=False)
@@ -152,6 +196,11 @@ def test_two_processes_write_the_vectors_of_one(tmp_path, tiny_dir):
         a, b = read_chunk(tmp_path / "one" / CHUNKS / chunk_name(c)), read_chunk(tmp_path / "two" / CHUNKS / chunk_name(c))
         assert a[:2] == b[:2]
         np.testing.assert_allclose(a[2], b[2], atol=1e-6, rtol=0)
+    # resumed with another chunk size: each rank refuses it with the one line; none is left waiting at the
+    # barrier for rank 0, which has exited (gloo's "Connection closed by peer" and a traceback)
+    bad = subprocess.run([*cmd[:-1], "5"], capture_output=True, text=True, env=ENV, timeout=1800)
+    assert bad.returncode != 0 and "field 'chunk_size': 7 in the earlier run, 5 now" in bad.stderr
+    assert not re.search(r"\[rank\d\]: Traceback|Connection closed by peer", bad.stderr), bad.stderr[-3000:]
 
 
 def test_a_killed_run_resumes_without_encoding_a_chunk_twice(tmp_path, tiny_dir):
@@ -222,6 +271,33 @@ def test_on_disk_ivf_lists_search_like_in_memory_and_travel_with_the_folder(tmp_
         with pytest.raises(ValueError, match="cannot keep its lists on disk"):
             ItemIndex.from_chunks(tmp_path / "ch", factory=factory, show_progress=False, on_disk=tmp_path)
     assert not list(tmp_path.glob(".lrem-ivf-*"))  # refused before any scratch folder is made
+
+
+def test_a_killed_on_disk_build_leaves_no_scratch_behind_its_rerun(tmp_path, tiny):
+    """SIGKILL during `lrem index --on-disk`: its scratch folder beside OUT (the blocks, then the
+    merged lists: as big as the index) is removed by the next on-disk build there, while one that
+    a live build holds is left alone."""
+    import fcntl
+
+    embed_catalog(tiny, catalog(600), tmp_path / "ch", chunk_size=2, show_progress=False)
+    live = tmp_path / ".lrem-ivf-live"  # another build's, in progress: its lock is held
+    live.mkdir()
+    held = os.open(live / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    args = [sys.executable, "-m", "lrem.cli", "index", "--from-chunks", str(tmp_path / "ch"), "--out",
+            str(tmp_path / "idx"), "--factory", "IVF8,Flat", "--on-disk", "--threads", "1"]
+    p = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(tmp_path.glob(".lrem-ivf-*/block00010.index")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    left = [d for d in tmp_path.glob(".lrem-ivf-*") if d != live]
+    assert len(left) == 1 and not (tmp_path / "idx").exists(), "the build finished before it was killed"
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob(".lrem-ivf-*")) == [live] and ItemIndex.load(tmp_path / "idx").index.ntotal == 600
+    os.close(held)
 
 
 def test_cli_on_disk_index(tmp_path, tiny, tiny_dir):

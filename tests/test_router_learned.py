@@ -331,6 +331,14 @@ def test_a_router_fitted_on_other_weights_is_refused(plain, routed_dir, tmp_path
     assert theirs != mine
     with pytest.raises(ValueError, match=f"fitted on other weights \\(model fingerprint {mine}\\).*refit"):
         load_router(tmp_path / "retrained", theirs)
+    # what `lrem search` / `lrem serve` meet: the folder's router, or one passed in, beside other weights
+    retrained = LREM.from_pretrained(str(tmp_path / "retrained"), dtype="float32")
+    with pytest.raises(ValueError, match=f"retrained/router.json: fitted on other weights \\(model fingerprint {mine}\\)"):
+        Searcher(retrained, plain.index)
+    with pytest.raises(ValueError, match="^router: fitted on other weights"):
+        Searcher(other, plain.index, router=plain.model.router or load_router(routed_dir))
+    assert isinstance(Searcher(LREM.from_pretrained(str(routed_dir), dtype="float32"), plain.index).router,
+                      LearnedRouter)  # its own weights: taken
     # a router written before the fingerprint was recorded loads as before
     old = json.loads((routed_dir / ROUTER_FILE).read_text())
     del old["fitted"]["model_fingerprint"]

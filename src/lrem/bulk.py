@@ -7,10 +7,11 @@
     search_to_file(searcher.retriever("auto"), searcher.index.title, read_queries("queries.jsonl"),
                    "results.jsonl", k=10, settings={"mode": "auto"})
 
-Queries: JSON lines of {"query_id": ..., "text": ...} (a `.jsonl` file, or any file whose first
-line is a JSON object, such as a rotated query log; "query" is taken for "text" and "id" for
-"query_id"), a table with a header and those columns (`.csv`, `.tsv`, `.parquet`), or plain
-text, one query a line, whose ids are the line numbers (a table's rows without an id too). Results:
+Queries: JSON lines of {"query_id": ..., "text": ...} (a `.jsonl` file, or any file but `.txt`
+whose first line is a JSON object, such as a rotated or gzipped query log; "query" is taken for
+"text", and "id" or BEIR's "_id" for "query_id"), a table with a header and those columns (`.csv`,
+`.tsv`, `.parquet`), or plain text, one query a line, whose ids are the line numbers (a table's
+rows without an id too). Text is UTF-8 (a byte-order mark is dropped) or UTF-16 with its mark. Results:
 JSON lines (query_id, query, cot, items: item_id, title, score), or a TREC run (`.trec`, which
 `lrem eval -s NAME=run:FILE` scores). Queries are searched in batches and each batch is appended
 to `OUT.partial` (fsynced); a killed job rerun with the same settings searches only the queries
@@ -37,28 +38,32 @@ PARTIAL_SUFFIX = ".partial"
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
     """(query_id, text) pairs of a queries file; a `DataError` names the file, line and field of
     a bad row (no text, an id given twice, a control character)."""
-    from lrem.data.formats import EXTENSIONS, DataError, Id, read_jsonl, read_table
+    from lrem.data.formats import EXTENSIONS, DataError, Id, decode_text, read_jsonl, read_table
 
     path = Path(path)
-    if path.suffix.lower() in EXTENSIONS and path.suffix.lower() != ".jsonl":  # a table with a header, e.g. WANDS' query.csv (tab-separated)
-        table = read_table(path, {}, {"query_id": Id, "id": Id, "text": str, "query": str})
+    suffix = path.suffix.lower()
+    if suffix in EXTENSIONS and suffix != ".jsonl":  # a table with a header, e.g. WANDS' query.csv (tab-separated)
+        table = read_table(path, {}, {"query_id": Id, "id": Id, "_id": Id, "text": str, "query": str})
         text_key = next((k for k in ("text", "query") if any(r[k] is not None for r in table)), None)
         if text_key is None:
             raise DataError(path, 1, "text", "missing column (a table of queries needs 'text' or 'query')")
         found = [(r.line, {k: v for k, v in r.items() if v is not None}) for r in table]
-    elif _is_jsonl(path):
-        found, text_key = read_jsonl(path), None
     else:
-        try:
-            lines = path.read_text(encoding="utf-8").split("\n")
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # the data readers' decoding: a byte-order mark dropped (else it would start the first query), UTF-16
+            text = decode_text(path)  # with its mark, .gz; bad UTF-8 bytes kept, refused below at their line
+        except OSError as e:
             raise DataError(path, None, None, f"cannot read the queries: {e}") from None
-        found = [(n, {"text": text.rstrip("\r")}) for n, text in enumerate(lines, 1) if text.strip()]
-        text_key = "text"
+        first = next((line for line in text.split("\n") if line.strip()), "")
+        # JSON lines by name, or by content (a rotated log); a .txt is text even where a query starts with "{"
+        if suffix == ".jsonl" or (suffix != ".txt" and first.lstrip().startswith("{")):
+            found, text_key = read_jsonl(path), None
+        else:
+            found = [(n, {"text": line.rstrip("\r")}) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+            text_key = "text"
     rows = []
     for line, row in found:
         key = text_key or ("text" if "text" in row else "query")
-        qid = row.get("query_id", row.get("id", str(line)))
+        qid = row.get("query_id", row.get("id", row.get("_id", str(line))))
         if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip() or \
                 any(c.isspace() for c in str(qid)):
             raise DataError(path, line, "query_id", f"{qid!r}: expected a string or integer without spaces")
@@ -76,19 +81,6 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise DataError(path, None, None, "no queries")
     return out
-
-
-def _is_jsonl(path: Path) -> bool:
-    """JSON lines where the name says so or the first non-blank line is a JSON object (a rotated
-    query log, `queries.jsonl.1`, keeps its rows under another suffix)."""
-    if path.suffix == ".jsonl":
-        return True
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            first = next((line for line in f if line.strip()), "")
-    except OSError:
-        return False
-    return first.lstrip().startswith("{")
 
 
 def output_format(out: str | Path, fmt: str | None = None) -> str:

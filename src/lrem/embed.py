@@ -15,7 +15,8 @@ processes), encodes only the chunks that are missing. A chunk is encoded by the 
 The folder (docs/chunks.md):
     embed.json               manifest: format, model, dim, n_items, chunk_size, n_chunks, vector_dtype, ...
     chunks/chunk-000012.parquet   columns item_id (string), title (string),
-                             vector (fixed_size_list<float32 or float16>[dim], unit length)
+                             vector (fixed_size_list<float32 or float16>[dim], unit length);
+                             schema metadata "lrem": the run it belongs to (`chunk_pin`)
 """
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ FORMAT = "lrem-chunks"
 VERSION = 1
 DIGEST = "digest"  # optional column: `lrem.index.item_digest` per item (what `--update` compares)
 VECTOR_DTYPES = ("float32", "float16")
-# what must agree between the run that started a folder and the one that resumes it
-_SAME_ON_RESUME = (*MODEL_KEYS, "n_items", "catalog_sha1", "chunk_size", "vector_dtype")
+# what must agree between the run that started a folder and the one that resumes it. The model is
+# its weights' fingerprint, not the name it was loaded by (`./m`, `m/` and a copy on another node
+# are one model); the name is compared only where a manifest has no fingerprint.
+_SAME_ON_RESUME = (*(k for k in MODEL_KEYS if k != "model"), "n_items", "catalog_sha1", "items_sha1", "chunk_size",
+                   "vector_dtype")
+_SINCE = ("items_sha1",)  # keys a folder of an older lrem lacks: compared where its manifest has them
+PIN = b"lrem"  # a chunk's Parquet metadata key: the run it belongs to
 
 
 def chunk_name(c: int) -> str:
@@ -52,6 +58,40 @@ def catalog_fingerprint(item_ids: list[str]) -> str:
     for i in item_ids:
         h.update(i.encode("utf-8") + b"\n")
     return h.hexdigest()
+
+
+def items_fingerprint(digests: list[str]) -> str:
+    """sha1 of the items' `lrem.index.item_digest`s in catalog order: what was embedded (the filled
+    item template), so a catalog whose titles changed under the same ids is not resumed into."""
+    return catalog_fingerprint(digests)
+
+
+def chunk_pin(manifest: dict, c: int) -> dict:
+    """What ties chunk c to its run: the manifest's `_SAME_ON_RESUME` values and c. Kept in the
+    chunk's Parquet metadata, so a chunk another run wrote (another model, catalog or chunking:
+    a folder whose embed.json was deleted or replaced, a file copied in) is embedded again on
+    resume and refused by `iter_chunks`, never mixed in."""
+    return {**{k: manifest.get(k) for k in _SAME_ON_RESUME}, "chunk": c}
+
+
+def read_pin(path: str | os.PathLike) -> dict | None:
+    """A chunk's pin (`chunk_pin`), or None where it has none (written by an older lrem)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_metadata(path).metadata or {}).get(PIN)
+    try:
+        pin = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return {}  # unreadable: matches no run
+    return pin if isinstance(pin, dict) or pin is None else {}
+
+
+def pin_mismatch(pin: dict | None, want: dict) -> str | None:
+    """The first field where a chunk's pin differs from its run's (None: it matches, or the chunk
+    has no pin)."""
+    if pin is None:
+        return None
+    return next((k for k in want if pin.get(k) != want[k]), None)
 
 
 def shard(n_chunks: int, rank: int, world: int) -> list[int]:
@@ -86,18 +126,32 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 def start_manifest(folder: Path, meta: dict) -> dict:
     """Write the manifest of a new run, or check that an earlier run's matches (resume)."""
+    old = check_manifest(folder, meta)
+    if old is not None:
+        return old
+    write_json(folder / MANIFEST, meta)
+    return meta
+
+
+def check_manifest(folder: Path, meta: dict) -> dict | None:
+    """The earlier run's manifest where there is one (None: a new folder); a DataError where it does
+    not match `meta` (another model, catalog or chunking)."""
     from .data import DataError
 
     path = folder / MANIFEST
     if path.exists():
         old = read_manifest(folder)
-        for name in _SAME_ON_RESUME:
+        names = [n for n in _SAME_ON_RESUME if n in old or n not in _SINCE]
+        if old.get("model_fingerprint") is None:
+            names.insert(0, "model")
+        for name in names:
             if old.get(name) != meta.get(name):
-                raise DataError(path, None, name, f"{old.get(name)!r} in the earlier run, {meta.get(name)!r} now; "
-                                "resume with the same model, catalog and chunking, or use a new --out")
+                what = ("the items' text changed since the earlier run (the same ids, other titles or fields)"
+                        if name == "items_sha1" else f"{old.get(name)!r} in the earlier run, {meta.get(name)!r} now")
+                raise DataError(path, None, name, f"{what}; resume with the same model, catalog and chunking, or use "
+                                "a new --out")
         return old
-    write_json(path, meta)
-    return meta
+    return None
 
 
 @dataclass
@@ -118,9 +172,9 @@ class EmbedStats:
 
 
 def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarray, digests: list[str] | None = None,
-                facets: dict[str, list] | None = None) -> None:
+                facets: dict[str, list] | None = None, pin: dict | None = None) -> None:
     """One chunk as Parquet (item_id, title, vector; and, where given, each item's digest and its
-    filter fields: `lrem.index.item_digest`, `item_facets`), atomically."""
+    filter fields: `lrem.index.item_digest`, `item_facets`; its run's `chunk_pin`), atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,8 +184,11 @@ def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarr
     if digests is not None:
         columns[DIGEST] = pa.array(digests, pa.string())
     columns.update({name: pa.array(values, pa.string()) for name, values in (facets or {}).items()})
+    table = pa.table(columns)
+    if pin is not None:
+        table = table.replace_schema_metadata({PIN: json.dumps(pin)})
     with atomic_write(path, "wb") as f:
-        pq.write_table(pa.table(columns), f)
+        pq.write_table(table, f)
 
 
 def read_chunk_fields(path: str | os.PathLike) -> tuple[list[str] | None, dict[str, list]]:
@@ -161,11 +218,12 @@ def chunk_fields(folder: str | os.PathLike) -> tuple[list[str] | None, dict[str,
     return digests, {name: c for name, c in columns.items() if any(v is not None for v in c)}
 
 
-def _chunk_ok(path: Path, n: int) -> bool:
-    """Whether a chunk file is there whole (its Parquet footer readable, n rows): a copy cut short
-    or damaged outside lrem is embedded again (lrem's own writes are atomic)."""
+def _chunk_ok(path: Path, n: int, pin: dict) -> bool:
+    """Whether a chunk file is there whole (its Parquet footer readable, n rows) and of this run
+    (`chunk_pin`): a copy cut short or damaged outside lrem, or a chunk another run wrote, is
+    embedded again (lrem's own writes are atomic)."""
     try:
-        return path.is_file() and _rows(path) == n
+        return path.is_file() and _rows(path) == n and pin_mismatch(read_pin(path), pin) is None
     except Exception:  # noqa: BLE001 - pyarrow's errors for a bad footer vary (ArrowInvalid, OSError)
         return False
 
@@ -216,7 +274,7 @@ def chunk_files(folder: str | os.PathLike, meta: dict | None = None) -> list[Pat
 
 def iter_chunks(folder: str | os.PathLike, show_progress: bool = True) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
     """(ids, titles, vectors) per chunk, in catalog order, one chunk in memory at a time; each
-    checked against the manifest (rows, dim, finite unit vectors)."""
+    checked against the manifest (its run's pin, rows, dim, finite unit vectors)."""
     from tqdm.auto import tqdm
 
     from .data import DataError
@@ -225,6 +283,11 @@ def iter_chunks(folder: str | os.PathLike, show_progress: bool = True) -> Iterat
     meta = read_manifest(folder)
     for c, f in enumerate(tqdm(chunk_files(folder, meta), desc="chunks", unit="chunk", disable=not show_progress)):
         ids, titles, x = read_chunk(f, meta["dim"])
+        pin = read_pin(f)
+        field = pin_mismatch(pin, chunk_pin(meta, c))
+        if field is not None:
+            raise DataError(f, None, field, f"{pin.get(field)!r}, but {MANIFEST} has {chunk_pin(meta, c)[field]!r}: "
+                            "another run wrote this chunk; rerun `lrem embed` into this folder to embed it again")
         want = min(meta["chunk_size"], meta["n_items"] - c * meta["chunk_size"])
         if len(ids) != want:
             raise DataError(f, None, None, f"{len(ids)} rows; expected {want} (chunk {c} of {meta['n_items']} items "
@@ -258,18 +321,23 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
     ids, items = list(catalog), list(catalog.values())
     titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
     n_chunks = -(-len(ids) // chunk_size)
+    digests = [item_digest(model, x) for x in items]
     manifest = {"format": FORMAT, "version": VERSION, **model_identity(model), "n_items": len(ids),
-                "catalog_sha1": catalog_fingerprint(ids), "chunk_size": chunk_size, "n_chunks": n_chunks,
-                "vector_dtype": vector_dtype, **meta}
-    if rank == 0:
+                "catalog_sha1": catalog_fingerprint(ids), "items_sha1": items_fingerprint(digests),
+                "chunk_size": chunk_size, "n_chunks": n_chunks, "vector_dtype": vector_dtype, **meta}
+    if rank != 0:
+        # a resume with other settings: every rank stops here with rank 0's error, rather than
+        # waiting at the barrier for a rank that has exited (a gloo/NCCL error and a traceback)
+        check_manifest(out, manifest)
+    else:
         claim_dir(out)
         (out / CHUNKS).mkdir(exist_ok=True)
         start_manifest(out, manifest)
     barrier()
-    if rank != 0:
-        start_manifest(out, manifest)  # the same check, so every rank stops on a mismatch
+    run = check_manifest(out, manifest)  # every rank: the manifest in force (the earlier run's on resume)
     mine = shard(n_chunks, rank, world)
-    done = [c for c in mine if _chunk_ok(out / CHUNKS / chunk_name(c), min(chunk_size, len(ids) - c * chunk_size))]
+    done = [c for c in mine if _chunk_ok(out / CHUNKS / chunk_name(c), min(chunk_size, len(ids) - c * chunk_size),
+                                         chunk_pin(run, c))]
     todo = [c for c in mine if c not in set(done)][:max_chunks]
     t0, n = time.perf_counter(), 0
     bar = tqdm(todo, desc=f"rank {rank} chunks" if world > 1 else "chunks", unit="chunk", disable=not show_progress,
@@ -280,7 +348,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
         emb = model.encode_items(items[lo:hi], batch_size=batch_size, truncate=truncate)  # (hi - lo, dim) float32
         write_chunk(out / CHUNKS / chunk_name(c), ids[lo:hi], titles[lo:hi], emb.astype(vector_dtype),
-                    [item_digest(model, x) for x in items[lo:hi]], item_facets(items[lo:hi]))
+                    digests[lo:hi], item_facets(items[lo:hi]), chunk_pin(run, c))
         n += hi - lo
     seconds = time.perf_counter() - t0
     stats = EmbedStats(rank, world, todo, done, n, seconds, stopped=len(done) + len(todo) < len(mine))

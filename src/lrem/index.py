@@ -13,6 +13,7 @@ search-time knobs go through `search_params` ("efSearch=128", "nprobe=32").
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -40,6 +41,8 @@ FILTER_CACHE_BYTES = 512 * 2**20  # what the recent filters keep in all: positio
 BRUTE_FORCE_FILTER_UP_TO = 10_000
 EXACT_FILTER_UP_TO = 50_000  # a filter matching at most this many items is scored exactly where FAISS fell short
 LISTS_FILE = "lists.ivfdata"  # an on-disk IVF index's inverted lists (`ItemIndex.from_chunks(on_disk=...)`)
+SCRATCH_PREFIX = ".lrem-ivf-"  # an on-disk build's scratch folder (blocks, then the merged lists) beside OUT
+SCRATCH_LOCK = ".lock"  # in a scratch folder: flock'd by the build using it, released when its process ends
 
 
 def build_index(emb: np.ndarray, factory: str = "Flat", search_params: str = "", max_train: int = 100_000,
@@ -270,6 +273,7 @@ class ItemIndex:
     meta: dict = field(default_factory=dict)  # model, factory, dim, n_items, seconds, ...
     lists_file: Path | None = None  # on-disk inverted lists, memory-mapped
     lists_scratch: bool = False  # lists_file lies in from_chunks' scratch folder, removed once `save` has a copy
+    scratch_lock: int | None = field(default=None, repr=False)  # that folder's lock (`_lock_scratch`), held till then
     digests: list[str] | None = None  # per item, `item_digest` of what was embedded (None: not known)
     facets: dict[str, list] = field(default_factory=dict)  # FILTER_FIELDS present: field -> value per item
 
@@ -472,7 +476,11 @@ class ItemIndex:
             sample = [x[rng.random(len(x)) < share] for _, _, x in iter_chunks(folder, show_progress)]
             _train_or_raise(index, np.concatenate(sample), factory)
         ids, titles, blocks = [], [], []
-        scratch = Path(tempfile.mkdtemp(prefix=".lrem-ivf-", dir=on_disk)) if on_disk is not None else None
+        scratch, lock = None, None
+        if on_disk is not None:
+            _clear_stale_scratch(Path(on_disk))
+            scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=on_disk))
+            lock = _lock_scratch(scratch)
         try:
             for chunk_ids, chunk_titles, x in iter_chunks(folder, show_progress):
                 if scratch is None:
@@ -499,13 +507,14 @@ class ItemIndex:
         except BaseException:  # a failed or interrupted build leaves no scratch behind (a rerun starts over)
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+                os.close(lock)
             raise
         if search_params:
             set_search_params(index, search_params)
         keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
         meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder),
                 "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
-        out = cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None)
+        out = cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None, scratch_lock=lock)
         out.digests, out.facets = chunk_fields(folder)  # where the chunks keep them (an older lrem's do not)
         return out
 
@@ -602,6 +611,9 @@ class ItemIndex:
         if self.lists_file is not None:
             if self.lists_scratch:
                 shutil.rmtree(Path(self.lists_file).parent, ignore_errors=True)
+                if self.scratch_lock is not None:
+                    os.close(self.scratch_lock)
+                    self.scratch_lock = None
             self.lists_file, self.lists_scratch = Path(out) / LISTS_FILE, False
 
     def _row(self, n: int) -> dict:
@@ -906,6 +918,34 @@ def _check_on_disk(index: faiss.Index, factory: str) -> None:
     if ivf is None or isinstance(index, faiss.IndexRefine) or isinstance(ivf, faiss.IndexIVFFastScan):
         raise ValueError(f"FAISS factory {factory!r} cannot keep its lists on disk: use an IVF factory without "
                          "fast-scan codes or a refine stage, e.g. IVF4096,Flat, IVF4096,PQ64 or IVF4096,SQ8")
+
+
+def _lock_scratch(scratch: Path) -> int:
+    """Mark a scratch folder as in use: an exclusive flock on its lock file, which the OS drops when
+    this process ends, however it ends. Returns the lock's descriptor (closing it unlocks)."""
+    fd = os.open(scratch / SCRATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _clear_stale_scratch(parent: Path) -> None:
+    """Remove the scratch folders that killed on-disk builds left in `parent` (their blocks and
+    half-merged lists: as big as the index, and nothing else removes them): those whose lock no
+    live build holds. One without a lock file (an older lrem's) is left alone."""
+    for folder in parent.glob(SCRATCH_PREFIX + "*"):
+        try:
+            fd = os.open(folder / SCRATCH_LOCK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a build in progress (another process) holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:

@@ -124,6 +124,15 @@ class LearnedRouter(Budget):
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 
+    def check_fitted_on(self, fingerprint, where: str = "the learned router") -> None:
+        """A ValueError where the router was fitted on other weights than those `fingerprint()`
+        gives (`lrem.index.model_fingerprint`, called only when the router recorded its own):
+        its probabilities would read another model's score scale."""
+        fitted_on = self.fitted.get("model_fingerprint")
+        if fitted_on and fitted_on != (now := fingerprint()):
+            raise ValueError(f"{where}: fitted on other weights (model fingerprint {fitted_on}) than this model's "
+                             f"({now}); refit it (`lrem router fit --out MODEL_DIR --overwrite`) or remove it")
+
     @classmethod
     def load(cls, path) -> "LearnedRouter":
         """Read a router file; a ValueError names the file and what is wrong with it."""
@@ -143,10 +152,8 @@ def load_router(model_dir, fingerprint: str | None = None) -> LearnedRouter | No
     if not file.is_file():
         return None
     router = LearnedRouter.load(file)
-    fitted_on = router.fitted.get("model_fingerprint")
-    if fingerprint and fitted_on and fitted_on != fingerprint:
-        raise ValueError(f"{file}: fitted on other weights (model fingerprint {fitted_on}) than this model's "
-                         f"({fingerprint}); refit it (`lrem router fit --out {model_dir} --overwrite`) or remove it")
+    if fingerprint:
+        router.check_fitted_on(lambda: fingerprint, f"{file}")
     return router
 
 

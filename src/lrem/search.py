@@ -73,6 +73,10 @@ class Searcher:
         self.model = model
         self.index = index
         self.router = router or getattr(model, "router", None) or Router()
+        if isinstance(self.router, LearnedRouter):  # a router.json copied beside other weights misroutes silently
+            self.router.check_fitted_on(lambda: model_fingerprint(model),
+                                        f"{model.source}/router.json" if self.router is getattr(model, "router", None)
+                                        else "router")
         self.truncate = truncate  # queries over the model's max_query_tokens: cut and counted, or an error
 
     @classmethod

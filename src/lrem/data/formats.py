@@ -188,7 +188,7 @@ def read_table(path, required: dict[str, type], optional: dict[str, type], *,
     return rows
 
 
-def _decode(path: Path) -> str:
+def decode_text(path: Path) -> str:
     """File text with undecodable bytes kept as surrogates, so the bad field can be named later.
     A `.gz` file is decompressed first (committed triplet sets are gzipped JSONL)."""
     data = Path(path).read_bytes()
@@ -212,7 +212,7 @@ def _decode(path: Path) -> str:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; DataError on bad UTF-8, bad JSON or a non-object."""
     out = []
-    for line_no, line in enumerate(_decode(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+    for line_no, line in enumerate(decode_text(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
             continue
         try:
@@ -232,7 +232,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _read_delimited(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
     """CSV or TSV (by extension, or tabs in the header); line numbers count the header as 1."""
     csv.field_size_limit(sys.maxsize)
-    text = _decode(path)
+    text = decode_text(path)
     header_line = text.split("\n", 1)[0]
     tabbed = path.suffix.lower() == ".tsv" or header_line.count("\t") > header_line.count(",")
     # strict: an unterminated quote (a truncated file) is an error, not a field that swallows the
