@@ -119,7 +119,8 @@ def _search_file(index_dir, from_file, out, fmt, overwrite, k, mode, where, hybr
     prepare_file_output(out, (from_file, local), overwrite, also=[f"{out}{PARTIAL_SUFFIX}"])
     searcher, retriever, label = _retriever(index_dir, runtime, truncate, mode, where, hybrid, lexical_weight)
     settings = {"index": _index_identity(index_dir, searcher.index), "mode": label, "filter": where or None,
-                "lexical_weight": lexical_weight if hybrid else None, "queries": str(from_file)}
+                "lexical_weight": lexical_weight if hybrid else None,
+                "queries": str(Path(from_file).resolve())}  # however it is spelt, from any folder
     info = search_to_file(retriever, searcher.index.title, queries, out, k=k, fmt=fmt, settings=settings,
                           batch_size=batch_size, overwrite=overwrite)
     typer.echo(f"wrote {info['queries']} queries' top {k} to {out} ({fmt}; {info['searched']} searched now, "
