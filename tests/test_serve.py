@@ -522,9 +522,9 @@ def test_clients_that_hang_up_are_not_computed_and_count_as_499(searcher):
         assert httpx.get(base + "/info").json()["cache"]["entries"] == computed + 1  # a computed row kept, caller or not
 
 
-def test_max_requests_is_a_503_that_spares_health_checks(searcher):
+def test_max_requests_is_a_503_that_spares_health_checks_and_metrics(searcher):
     """One request in flight (its body still coming) with max_requests=1: the next gets a 503 in
-    the error shape with Retry-After, /health still answers, and the held one then completes."""
+    the error shape with Retry-After, /health and /metrics still answer, and the held one then completes."""
     with background_server(create_app(searcher, ServeConfig(max_requests=1))) as base:
         body = json.dumps({"query": "a mug", "k": 2, "mode": "direct"}).encode()
         host, port = base.removeprefix("http://").split(":")
@@ -535,6 +535,9 @@ def test_max_requests_is_a_503_that_spares_health_checks(searcher):
                 assert r.status_code == 200 and time.monotonic() < deadline, r.text
             assert "max_requests=1" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
             assert httpx.get(base + "/info").status_code == 503
+            # monitoring sees the overload: a scrape refused by it would read as the server down
+            text = httpx.get(base + "/metrics").text
+            assert metric(text, "lrem_http_requests_total", path="/search", status="503") >= 1
             for path in ("/health", "/healthz"):
                 assert httpx.get(base + path).status_code == 200 and httpx.head(base + path).status_code == 200
             held.sendall(body[5:])

@@ -32,6 +32,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
+import signal
 import threading
 import time
 import uuid
@@ -158,11 +160,15 @@ def create_app(searcher, config: ServeConfig | None = None):
             query_log.start()
         service.batcher.start()
         yield
+        await service.finish_reloads()
         await service.batcher.stop()
         if query_log is not None:
             query_log.stop()
         if cfg.cache_path:
-            service.cache.save(cfg.cache_path, service.model_id)
+            try:
+                service.cache.save(cfg.cache_path, service.model_id)
+            except OSError as e:  # a cache is disposable: one line, not uvicorn's "shutdown failed" traceback
+                logging.getLogger("lrem").warning(f"cache {cfg.cache_path}: not saved ({e})")
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files it ships
     # (served under /static-offline-docs), not from a CDN, so they work on a machine offline.
@@ -428,6 +434,10 @@ def load_searcher(index_dir: str | Path, config: ServeConfig, log=print):
     return Searcher.load(index_dir, log=log, mmap=config.mmap_index)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
     """Load the index and its model, then serve until interrupted (what `lrem serve` runs)."""
     import faulthandler
@@ -436,7 +446,13 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
 
     faulthandler.enable()  # a fatal signal (SIGBUS from a mapped index overwritten in place) says where, on stderr
     config.check_paths(index_dir)  # before the port and the model: a minute's load, then a refusal, helps no one
+    config.key()  # a blank key refused now, too
     sock = listen(config.host, config.port)
+    # SIGTERM (docker stop, Kubernetes, systemd) is a normal stop, as Ctrl-C: uvicorn drains the
+    # requests in flight, then raises the signal again once its own handler is gone, which by
+    # default kills the process (exit 143 after a clean shutdown); here it ends as SIGINT does
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         searcher = load_searcher(index_dir, config, log)
         log(f"serving {redact(str(index_dir))} ({len(searcher.index.item_ids)} items, model {searcher.model.source}) "
@@ -447,5 +463,7 @@ def serve(index_dir: str | Path, config: ServeConfig, log=print) -> None:
         return
     finally:
         sock.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if not server.started:
         raise SystemExit(3)  # uvicorn has logged why (port in use, ...), and exits 3 itself so

@@ -65,7 +65,8 @@ class ServeConfig:
         "help": "Time a connection may take to send a request's headers (closed after)."})
     body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
     max_requests: int = field(default=256, metadata={
-        "help": "Requests in progress beyond this get a 503 in the error shape, with Retry-After (/health(z) exempt)."})
+        "help": "Requests in progress beyond this get a 503 in the error shape, with Retry-After (/health(z) and "
+                "/metrics exempt)."})
     max_connections: int = field(default=1024, metadata={
         "help": "Open connections beyond this get uvicorn's own plain-text 503, health checks included (a backstop "
                 "above max_requests: a proxy in front should cap connections)."})
@@ -90,10 +91,11 @@ class ServeConfig:
             if want not in (str, bool) and v < 0:
                 raise ValueError(f"{f.name}={v}; must be >= 0")
         for name in ("max_batch", "max_query_chars", "max_item_chars", "max_k", "max_inputs", "max_body_bytes",
-                     "max_queue", "max_requests", "max_connections", "keep_alive_s"):
+                     "max_queue", "max_requests", "max_connections", "keep_alive_s",
+                     "query_log_backups"):  # 0: Python's rotating handler never rotates, and the log grows unbounded
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
-        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "query_log_max_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}; must be > 0")
         if self.port > 65535:
@@ -155,8 +157,18 @@ class ServeConfig:
         return Router(margin=self.router_margin, share=self.router_share, long_query_words=self.router_long_words)
 
     def key(self) -> str:
-        """The API key in force: `api_key`, else $LREM_API_KEY, else '' (none)."""
-        return self.api_key or os.environ.get("LREM_API_KEY", "")
+        """The API key in force: `api_key`, else $LREM_API_KEY, else '' (none). Whitespace around it
+        is dropped: a key read from a file (a Kubernetes secret, `--env-file`) often ends in a
+        newline, which no client can send in its header, so every request would be refused. A key
+        of whitespace only is a ValueError, not "no key": that would open the server.
+
+        >>> ServeConfig(api_key="k3y\\n").key()
+        'k3y'
+        """
+        named, raw = ("api_key", self.api_key) if self.api_key else ("LREM_API_KEY", os.environ.get("LREM_API_KEY", ""))
+        if raw and not raw.strip():
+            raise ValueError(f"{named} is blank (whitespace only); set a key, or unset it to serve without one")
+        return raw.strip()
 
     def public(self) -> dict:
         """The settings, with the API key hidden (for /info and logs)."""

@@ -25,13 +25,16 @@ def is_json(content_type: bytes | None) -> bool:
 
 
 class RequestGuard:
-    """ASGI middleware: checks the API key, refuses requests beyond `max_requests` in progress,
-    rejects slow, oversized or non-UTF-8 bodies before parsing, has every body read as JSON, stops
-    a request whose client has gone; counts and times requests."""
+    """ASGI middleware: checks the API key, refuses requests beyond `max_requests` in progress
+    (health checks and /metrics exempt), rejects slow, oversized or non-UTF-8 bodies before
+    parsing, has every body read as JSON, stops a request whose client has gone; counts and times
+    requests."""
 
     PATHS = ("/search", "/v1/embeddings", "/rerank", "/v1/rerank", "/v1/models", "/health", "/healthz", "/info",
              "/metrics", "/docs", "/redoc", "/openapi.json", "/admin/reload")
     OPEN = ("/health", "/healthz")  # for load balancers: no key, no max_requests, and they say nothing but "ok"
+    # Not held to max_requests either (but keyed): monitoring must see an overload, not a scrape failed by it
+    UNLIMITED = OPEN + ("/metrics",)
     # The API's description, open as vLLM keeps it: a browser loading /docs sends no key for the
     # page's schema and scripts, so with a key they would not load
     DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
@@ -56,7 +59,7 @@ class RequestGuard:
         from starlette.responses import JSONResponse
 
         t0, status, finished = time.perf_counter(), [0], [False]
-        holds = scope["path"] not in self.OPEN  # counts toward max_requests; health checks answer whatever the load
+        holds = scope["path"] not in self.UNLIMITED  # counts toward max_requests (health, metrics: whatever the load)
 
         async def send_counted(message):
             if message["type"] == "http.response.start":

@@ -26,8 +26,8 @@ class QueryLog:
     def __init__(self, path: str | Path, max_mb: float = 100.0, backups: int = 5):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(self.path, maxBytes=int(max_mb * 2**20), backupCount=backups,
-                                                       encoding="utf-8", delay=True)
+        handler = _RotatingFile(self.path, maxBytes=max(1, int(max_mb * 2**20)), backupCount=backups, encoding="utf-8",
+                                delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._listener = logging.handlers.QueueListener(self._queue, handler)
@@ -43,6 +43,8 @@ class QueryLog:
         self._listener.stop()  # writes the rows still queued, then ends the thread
         for h in self._listener.handlers:
             h.close()
+            if h.lost:
+                _warn(f"query log {self.path}: {h.lost} rows could not be written")
 
     def write(self, request: dict, result: dict) -> None:
         """Log one answered search: `request` the /search body's fields, `result` its answer."""
@@ -52,3 +54,24 @@ class QueryLog:
                "items": [[h["item_id"], round(float(h["score"]), 6)] for h in result["items"]],
                "ms": result["timings_ms"].get("total")}
         self._logger.info(json.dumps(row, ensure_ascii=False))
+
+
+def _warn(message: str) -> None:
+    logging.getLogger("lrem").warning(message)
+
+
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """A row that cannot be written (disk full, folder removed) is counted, and the first one
+    warned of in one line: logging's default prints a traceback per row, which on a full disk
+    would pour tracebacks into the server's own log at the request rate."""
+
+    lost = 0
+
+    def handleError(self, record) -> None:
+        import sys
+
+        self.lost += 1
+        if self.lost == 1:
+            error = sys.exc_info()[1]
+            _warn(f"query log {self.baseFilename}: cannot write ({type(error).__name__}: {error}); rows are dropped "
+                  "and counted until it can (the server answers on)")

@@ -127,6 +127,7 @@ class SearchService:
         if config.hybrid:
             searcher.lexical()  # BM25 over the titles, built now, not at the first hybrid query
         self._reloading = asyncio.Lock()
+        self._reloads: set[asyncio.Task] = set()  # reloads under way, their clients gone or not
 
     @property
     def reasoned_share(self) -> float:
@@ -266,11 +267,29 @@ class SearchService:
                 fresh.lexical()
             return fresh
 
-        async with self._reloading:  # one reload at a time
-            t0, before = time.perf_counter(), len(self.searcher.index.item_ids)
-            fresh = await asyncio.to_thread(load)
-            self.searcher = fresh
-        # redacted: a milvus: spec may hold a password
-        return {"index": redact(str(path)), "items": len(fresh.index.item_ids), "previous_items": before,
-                "last_update": (fresh.index.meta.get("updates") or [None])[-1],
-                "seconds": round(time.perf_counter() - t0, 3)}
+        async def swap() -> dict:
+            async with self._reloading:  # one reload at a time
+                t0, before = time.perf_counter(), len(self.searcher.index.item_ids)
+                fresh = await asyncio.to_thread(load)
+                self.searcher = fresh
+            # redacted: a milvus: spec may hold a password
+            return {"index": redact(str(path)), "items": len(fresh.index.item_ids), "previous_items": before,
+                    "last_update": (fresh.index.meta.get("updates") or [None])[-1],
+                    "seconds": round(time.perf_counter() - t0, 3)}
+
+        # A reload once asked for is carried out whoever waits for it: a client that gives up (curl -m,
+        # a proxy's timeout) cancels only its wait, not the swap (the index would be read, then dropped)
+        task = asyncio.ensure_future(swap())
+        self._reloads.add(task)  # a strong reference: the loop keeps only weak ones to tasks
+        task.add_done_callback(self._reload_done)
+        return await asyncio.shield(task)
+
+    def _reload_done(self, task: asyncio.Task) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed reload nobody waited for is no "never retrieved" warning
+
+    async def finish_reloads(self) -> None:
+        """Wait for reloads under way (at shutdown: their clients may be gone)."""
+        if self._reloads:
+            await asyncio.wait(set(self._reloads))
