@@ -545,3 +545,33 @@ def test_a_run_file_with_tied_scores_keeps_lrems_order_for_trec_tools(tmp_path):
     qrels = [ir_measures.Qrel("q1", "b", 1), ir_measures.Qrel("q2", "y", 1)]
     mrr = ir_measures.calc_aggregate([ir_measures.RR], qrels, ir_measures.read_trec_run(str(path)))[ir_measures.RR]
     assert mrr == (1 / 2 + 1 / 2) / 2  # lrem's ranks: b second, y second (ties by id would put b, y first)
+
+
+def test_a_report_never_goes_into_a_folder_lrem_did_not_write_or_another_commands(toy, systems, tmp_path):
+    """write_report, construct and embed_catalog (the library, not only the CLI) refuse a user's
+    non-empty folder, which they would otherwise mark as lrem's for a later --overwrite to delete,
+    and another command's output."""
+    from lrem._io import MARKER, OutputError
+    from lrem.construct import construct
+    from lrem.embed import embed_catalog
+
+    result = evaluate_systems(toy, "test", {"bm25": systems["bm25"]}, log=lambda *_: None)
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(OutputError, match="not written by lrem"):
+        write_report(result, mine, toy)
+    with pytest.raises(OutputError, match="not written by lrem"):
+        construct(toy, mine)
+    with pytest.raises(OutputError, match="not a chunk folder"):
+        embed_catalog(None, {"a": "tea"}, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["cat.jpg"]  # not marked, nothing written
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / MARKER).write_text("{}\n")
+    (model / "config.json").write_text("{}\n")
+    with pytest.raises(OutputError, match="not a `lrem eval` report"):
+        write_report(result, model, toy)
+    with pytest.raises(OutputError, match="not a `lrem construct` run"):
+        construct(toy, model)
+    assert sorted(p.name for p in model.iterdir()) == sorted([MARKER, "config.json"])

@@ -60,11 +60,17 @@ def is_lrem_output(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def claim_dir(folder: str | os.PathLike) -> Path:
-    """Create `folder` (a resumable run folder, written in place) and mark it as lrem's."""
+def claim_dir(folder: str | os.PathLike, adopt: bool = False) -> Path:
+    """Create `folder` (a resumable run folder, written in place) and mark it as lrem's. A folder
+    that holds files but no marker is someone else's: an `OutputError`, since once marked a later
+    `--overwrite` would delete it; `adopt` marks it anyway (a folder lrem wrote before it marked
+    its folders, which the caller has recognised)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not is_lrem_output(folder):
+        if not adopt and any(folder.iterdir()):
+            raise OutputError(f"{folder}: folder is not empty and was not written by lrem (no {MARKER}); "
+                              "choose a new folder")
         write_marker(folder)
     return folder
 

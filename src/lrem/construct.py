@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lrem._io import JsonlLog, claim_dir, is_unstarted, write_json, write_jsonl
+from lrem._io import JsonlLog, OutputError, claim_dir, is_lrem_output, is_unstarted, write_json, write_jsonl
 from lrem.construct_config import DEFAULT_BAN, ConstructConfig
 from lrem.construct_stats import (FUNNEL_LABELS, STATUS_WHY, STATUSES, compute_stats, distribution, format_stats,
                                   why_empty)
@@ -251,7 +251,9 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
 
     cfg = cfg or ConstructConfig()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    out = claim_dir(out)  # marked as lrem's: a rerun resumes it
+    if is_lrem_output(out) and not is_construct_run(out):  # another command's output (an index, a model)
+        raise OutputError(f"{out}: an lrem output, but not a `lrem construct` run; use a new folder")
+    out = claim_dir(out)  # marked as lrem's: a rerun resumes it (a foreign folder is refused)
     check_config(out, cfg)
     queries = select_queries(ds, cfg)
     outcomes, triplets = JsonlLog(out / OUTCOMES), JsonlLog(out / TRIPLETS)

@@ -190,7 +190,7 @@ def materialise(name: str, folder: Path | None = None, log=print) -> Path:
     model.config = PromptConfig.from_dict(meta["prompts"])
     model.source, model.base, model.stages = name, meta["base"], meta.get("training", [])
     if (out / "delta_stamp").exists():
-        claim_dir(out)  # our own cache folder, built before lrem marked its folders: replaceable
+        claim_dir(out, adopt=True)  # our own cache folder, built before lrem marked its folders: replaceable
     model.save_pretrained(out)
     (out / "delta_stamp").write_text(stamp)
     _sync_files(folder, out)

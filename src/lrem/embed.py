@@ -299,6 +299,18 @@ def iter_chunks(folder: str | os.PathLike, show_progress: bool = True) -> Iterat
         yield ids, titles, x
 
 
+def check_chunk_folder(out: Path) -> None:
+    """Refuse an `out` that holds another command's lrem output (an index, a model): chunks are
+    never mixed into it. Its own files: the manifest, the chunks, the marker and temp files."""
+    from ._io import OutputError
+
+    other = sorted(p.name for p in Path(out).iterdir() if p.name[:1] != "." and p.name not in (MANIFEST, CHUNKS)) \
+        if Path(out).is_dir() else []
+    if other:
+        raise OutputError(f"--out {out}: holds {', '.join(other[:3])}, not a chunk folder of `lrem embed`; "
+                          "choose a new folder")
+
+
 def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int = 4096, rank: int = 0,
                   world: int = 1, vector_dtype: str = "float32", batch_size: int = 64, max_chunks: int | None = None,
                   truncate: bool = True, show_progress: bool = True, barrier=None, **meta) -> EmbedStats:
@@ -318,6 +330,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
         raise ValueError(f"vector_dtype={vector_dtype!r}; expected one of {VECTOR_DTYPES}")
     barrier = barrier or (lambda: None)
     out = Path(out)
+    check_chunk_folder(out)
     ids, items = list(catalog), list(catalog.values())
     titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
     n_chunks = -(-len(ids) // chunk_size)

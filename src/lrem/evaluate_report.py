@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lrem._io import atomic_write, is_unstarted, write_json, write_jsonl
+from lrem._io import OutputError, atomic_write, claim_dir, is_lrem_output, is_unstarted, write_json, write_jsonl
 from lrem.evaluate_charts import bar_chart, quality_cost_chart
 from lrem.evaluate_metrics import PRIMARY_METRIC, RANDOMIZATION_ROUNDS, query_metrics, trec_qrels_lines, trec_run_lines
 from lrem.runfile import trec_files
@@ -227,13 +227,18 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
     """Write metrics.json, runs.jsonl (top 10 and CoT per query), runs/<system>.trec (depth k,
     scores), qrels.trec, report.md, overall.png, slices.png and quality.png into out_dir.
 
-    Every file is written atomically. `ds` (optional) adds query texts and item titles;
+    `out_dir` is new, empty, or an earlier report (else an `OutputError`). Every file is written
+    atomically. `ds` (optional) adds query texts and item titles;
     `figures` (PNG paths, e.g. a trainer's curves.png) are copied in and shown in report.md, named
     after their parent folder ("runs/rl/curves.png" -> "rl-curves.png").
     """
     out = Path(out_dir)
     check_figures(figures)
+    if is_lrem_output(out) and not is_eval_output(out):  # another command's output (a model, an index)
+        raise OutputError(f"{out}: an lrem output, but not a `lrem eval` report; use a new folder (an earlier "
+                          "report is refreshed in place)")
     files = trec_files(result.get("runs", {}))  # before any write: no system's file replaces another's
+    claim_dir(out)  # a folder lrem did not write is refused
     names = [f"{fig.parent.name}-{fig.name}" for fig in map(Path, figures)]
     earlier = _earlier_figures(out)
     # metrics.json first: an interrupted report is still recognised as one (`is_eval_output`); it

@@ -226,7 +226,6 @@ def eval_(
     truncate: Truncate = True,
 ):
     """Score systems on a split: HitRate/Precision/nDCG/MRR overall and per slice; writes a report."""
-    from lrem._io import claim_dir
     from lrem._threads import set_threads
     from lrem.data import load_dataset
     from lrem.evaluate import N_EXAMPLES, evaluate_systems, format_examples, format_table, write_report
@@ -258,7 +257,7 @@ def eval_(
     result["command"] = shlex.join(["lrem", *sys.argv[1:]])  # report.md records how it was made
     for name, spec in specs.items():
         result["systems"][name]["spec"] = spec
-    write_report(result, claim_dir(out), ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
+    write_report(result, out, ds, n_examples=examples or N_EXAMPLES, figures=figure or ())  # the examples printed
     typer.echo(format_table(result))
     if examples:
         typer.echo(format_examples(result, ds, examples))
