@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -175,3 +176,25 @@ def test_auto_searches_directly_where_a_filter_matches_fewer_items_than_the_rout
     results, reasoned = searcher.search_auto(QUERIES, k=5, router=router, where=narrow)
     assert reasoned == [False] * len(QUERIES) and all(set(r.item_ids) == matching(narrow) for r in results)
     assert all(searcher.search_auto(QUERIES, k=5, router=router, where={"category": "home"})[1])
+
+
+def test_a_filter_of_many_values_reads_the_column_once():
+    """np.isin over a column of strings compared the whole column once per value: a filter of 100
+    brands took 3 s at 1M items. Counted here as the string comparisons the column's values make."""
+    compared = []
+
+    class Counted(str):
+        def __eq__(self, other):
+            compared.append(1)
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    n, brands = 2_000, [Counted(f"b{j}") for j in range(200)]
+    column = [brands[j % 200] if j % 7 else None for j in range(n)]
+    index = ItemIndex(faiss.IndexFlatIP(4), [f"i{j}" for j in range(n)], [""] * n, facets={"brand": column})
+    for wanted in (brands[:150] + ["nobody"], brands[150:], "b3"):
+        compared.clear()
+        got = index.allowed({"brand": wanted}).tolist()
+        assert len(compared) <= n  # at most one per item (np.isin: one per item and value, 257,000)
+        assert got == [j for j in range(n) if column[j] in ({wanted} if isinstance(wanted, str) else set(wanted))]

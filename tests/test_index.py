@@ -344,3 +344,25 @@ def test_a_pq_factory_with_more_centroids_than_items_is_refused_before_embedding
     check_factory("IVF4,PQ8x4fs,RFlat", "", 64, 200)  # 4-bit codes: 16 centroids
     assert pq_centroids(faiss.index_factory(64, "IVF4,PQ8x4fs,RFlat")) == 16
     assert pq_centroids(faiss.index_factory(64, "HNSW16,Flat")) is None
+
+
+def test_an_index_records_a_relative_model_folder_as_absolute(tmp_path, tiny_dir, monkeypatch):
+    """`lrem index --model runs/m` recorded "runs/m": `lrem search`, `serve` and `index --update` load
+    the model the index names, and from another folder found none there."""
+    from lrem.index import model_identity
+    from lrem.model import LREM
+    from lrem.search import Searcher
+
+    monkeypatch.chdir(tiny_dir.parent)
+    model = LREM.from_pretrained(tiny_dir.name, dtype="float32", log=lambda *_: None)
+    ItemIndex.build(model, KITCHEN, show_progress=False).save(tmp_path / "idx")
+    assert model.source == tiny_dir.name  # the name as given: the index made it absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    searcher = Searcher.load(tmp_path / "idx", log=lambda *_: None)
+    assert searcher.index.meta["model"] == str(tiny_dir)
+    assert searcher.search("a cup", k=3, mode="direct").item_ids == \
+        ItemIndex.load(tmp_path / "idx").search(model.encode_queries("a cup", mode="direct").embeddings, 3)[1][0]
+    model.source = "lrem-wordnet-135m"  # a built-in (or hub) name, no folder here: stays a name
+    assert model_identity(model)["model"] == "lrem-wordnet-135m"

@@ -258,8 +258,13 @@ MODEL_KEYS = ("model", "model_fingerprint", "item_template", "dim")
 
 
 def model_identity(model) -> dict:
-    """`MODEL_KEYS` of `model`: its source, weight fingerprint, item template and dim."""
-    return {"model": getattr(model, "source", "") or "", "model_fingerprint": model_fingerprint(model),
+    """`MODEL_KEYS` of `model`: its source, weight fingerprint, item template and dim. A local
+    folder is recorded as an absolute path: `lrem search`, `serve` and `index --update` load the
+    model an index names, and `--model runs/m` named no folder when run from elsewhere."""
+    source = getattr(model, "source", "") or ""
+    if source and Path(source).exists():  # (what `resolve_backbone` loads first: a built-in name stays a name)
+        source = os.path.abspath(source)
+    return {"model": source, "model_fingerprint": model_fingerprint(model),
             "item_template": model.config.item_template, "dim": int(model.dim)}
 
 
@@ -332,7 +337,7 @@ class ItemIndex:
         case or spacing: filters match exactly, so "acme" finds no "Acme", silently otherwise."""
         hints = []
         for name, values in where.items():
-            have = {v for v in self.facets.get(name, ()) if v is not None}
+            have = {v for v in self._coded(name)[1] if v is not None} if name in self.facets else set()
             folded: dict[str, list[str]] = {}
             for v in have:
                 folded.setdefault(" ".join(v.casefold().split()), []).append(v)
@@ -346,11 +351,21 @@ class ItemIndex:
     def _match(self, where: dict) -> np.ndarray:
         keep = np.ones(len(self.item_ids), dtype=bool)
         for name, values in where.items():
-            column = vars(self).setdefault("_columns", {}).get(name)
-            if column is None:
-                column = self._columns[name] = np.array(self.facets[name], dtype=object)
-            keep &= np.isin(column, [values] if isinstance(values, str) else list(values))
+            codes, lookup = self._coded(name)
+            wanted = [lookup[v] for v in ([values] if isinstance(values, str) else values) if v in lookup]
+            keep &= np.isin(codes, np.array(wanted, np.int32))
         return np.flatnonzero(keep).astype(np.int64)
+
+    def _coded(self, name: str) -> tuple[np.ndarray, dict]:
+        """A facet column as integer codes (n,) and its value -> code map, made once: np.isin over
+        strings compares the whole column once per value (3 s for 100 brands at 1M items), over
+        codes it is one pass."""
+        coded = vars(self).setdefault("_coded_columns", {})
+        if name not in coded:
+            column = self.facets[name]
+            lookup = {v: j for j, v in enumerate(dict.fromkeys(column))}
+            coded[name] = np.fromiter(map(lookup.__getitem__, column), np.int32, len(column)), lookup
+        return coded[name]
 
     @classmethod
     def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
