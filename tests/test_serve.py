@@ -925,3 +925,12 @@ def post_free_search(searcher, query: str) -> list[dict]:
     [r] = searcher.search([query], k=3, mode="reason")
     return [{"item_id": h.item_id, "title": searcher.index.title(h.item_id), "score": pytest.approx(h.score, abs=1e-5)}
             for h in r.hits]
+
+
+def test_the_example_serve_config_loads_and_holds_the_defaults():
+    """configs/serve.yaml (the README's --config example) is a valid ServeConfig at its defaults."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+    loaded, default = ServeConfig.from_yaml(path), ServeConfig()
+    assert loaded == default and "max_batch: 32" in path.read_text()

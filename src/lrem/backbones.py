@@ -174,7 +174,10 @@ def resolve_backbone(name_or_path: str, log=print) -> str:
 
     if name_or_path in shipped():
         return str(materialise(name_or_path, log=log))
-    return hub_snapshot(str(name_or_path), log=log)
+    name = str(name_or_path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, never a hub name (ORG/NAME)
+        raise FileNotFoundError(f"{name}: no such model folder")
+    return hub_snapshot(name, log=log)
 
 
 def hub_snapshot(name: str, log=print) -> str:
@@ -182,9 +185,13 @@ def hub_snapshot(name: str, log=print) -> str:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    local = (f"use a local model folder (--model PATH: one with config.json and the tokenizer, e.g. from "
+    from .delta import shipped
+
+    parent = Path(name).parent
+    missing = f"there is no folder {name} here ({parent}/ exists); " if str(parent) != "." and parent.is_dir() else ""
+    local = (f"{missing}use a local model folder (--model PATH: one with config.json and the tokenizer, e.g. from "
              f"`hf download {name} --local-dir PATH` where the hub is reachable) or a built-in "
-             f"({', '.join(BUILTINS)})")
+             f"({', '.join([*shipped(), *BUILTINS])})")
     try:
         return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True)
     except HFValidationError:
