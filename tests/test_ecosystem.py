@@ -22,9 +22,9 @@ ITEMS = ["corkscrew, bottle screw", "teapot", "wine glass", "Mama Koala One Size
          "wooden puzzle", "Nike Air Zoom Pegasus", "65W USB-C GaN charger", "cheddar", "fishing rod", "  spaced  "]
 
 
-def lrem_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+def lrem_cli(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lrem.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, cwd=cwd)
 
 
 # ---------------------------------------------------------------- 1. the Python API
@@ -223,6 +223,20 @@ def test_a_hub_name_fails_fast_in_one_line_when_the_hub_is_unreachable(tmp_path)
     off = lrem_cli("export", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x"),
                    env={**env, "HF_HUB_OFFLINE": "1"})
     assert len(off.stderr.strip().splitlines()) == 1 and "HF_HUB_OFFLINE=1" in off.stderr
+
+
+def test_a_missing_model_folder_is_named_as_one(tmp_path):
+    """A model path that names no folder: a path is never asked of the hub; a relative one whose
+    parent exists says so; the built-ins listed include the shipped trained models."""
+    from lrem.backbones import resolve_backbone
+
+    for path in (tmp_path / "gone", "./gone", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            resolve_backbone(str(path))
+    (tmp_path / "runs").mkdir()
+    p = lrem_cli("export", "--model", "runs/coldstart", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert p.returncode != 0 and "there is no folder runs/coldstart here (runs/ exists)" in p.stderr, p.stderr[-2000:]
+    assert "lrem-wordnet-135m" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_a_local_folder_loads_without_the_hub(tiny_dir, tmp_path):
