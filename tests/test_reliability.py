@@ -467,6 +467,32 @@ def test_temp_folder_of_a_killed_writer_is_cleaned_on_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
+def test_a_writer_killed_inside_the_swap_leaves_the_old_output_restored(tmp_path):
+    """Killed between setting the old output aside and renaming its own into place, a writer leaves
+    no output at all: the next run puts the old one back instead of removing it with the temps."""
+    from lrem._io import clean_stale_temps
+
+    out = tmp_path / "idx"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from lrem._io import atomic_dir
+        with atomic_dir({str(out)!r}) as tmp:
+            (tmp / "index.faiss").write_text("v1")
+        replace = os.replace
+        def dying(src, dst):  # the first rename (the output set aside) happens, then the process dies
+            replace(src, dst)
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = dying
+        with atomic_dir({str(out)!r}) as tmp:
+            (tmp / "index.faiss").write_text("v2")
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == -signal.SIGKILL and not out.exists()
+    assert len(list(tmp_path.glob(".idx.*.old"))) == 1 and len(list(tmp_path.glob(".idx.*.tmp"))) == 1
+    clean_stale_temps(out)
+    assert (out / "index.faiss").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
 def test_a_live_writers_temp_folder_is_left_alone(tmp_path):
     with atomic_dir(tmp_path / "idx") as first:
         with atomic_dir(tmp_path / "idx") as second:  # same process: alive

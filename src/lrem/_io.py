@@ -166,6 +166,8 @@ def clean_stale_temps(path: Path) -> list[Path]:
     loss): those whose marker names a process of this host that no longer runs (a replaced
     output's, set aside as `.NAME.*.old`, names its own long-gone writer)."""
     removed = []
+    if not path.exists():
+        _restore_set_aside(path)
     for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.*.old")]:
         if tmp.suffix == ".old":
             # an empty one is a name a writer reserved: safe to drop even while it runs (its rename
@@ -173,15 +175,34 @@ def clean_stale_temps(path: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 tmp.rmdir()
                 continue
-        try:
-            info = json.loads((tmp / MARKER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or a writer that has not written its marker yet
-        if isinstance(info, dict) and info.get("host") == socket.gethostname() \
-                and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+        if _dead_writer(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def _restore_set_aside(path: Path) -> None:
+    """A writer killed inside `_swap_in`, between setting the output aside (`.NAME.*.old`) and
+    renaming its own into place, leaves no `path`: put the output set aside back, rather than
+    remove it with the temps. Only when every writer beside it is dead: a live one may be between
+    its own two renames right now (its output lands next)."""
+    with contextlib.suppress(OSError):  # folders vanish under us where other writers run
+        if not all(_dead_writer(t) for t in path.parent.glob(f".{path.name}.*.tmp")):
+            return
+        olds = [o for o in path.parent.glob(f".{path.name}.*.old") if _dead_writer(o) and any(o.iterdir())]
+        if olds:
+            os.replace(max(olds, key=lambda o: o.stat().st_mtime), path)
+
+
+def _dead_writer(folder: Path) -> bool:
+    """Whether `folder`'s marker names a process of this host that no longer runs (False where it
+    has no marker yet, or is not ours)."""
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(info, dict) and info.get("host") == socket.gethostname()
+            and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]))
 
 
 def _foreign(path: Path, tries: int = 3) -> bool:
