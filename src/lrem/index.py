@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from ._io import atomic_dir, write_json, write_jsonl
-from .search_types import check_k  # noqa: F401  (re-exported: lrem.search and users import it from here)
+from .search_types import check_k, top_k  # noqa: F401  check_k re-exported: users import it from here
 
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.jsonl", "meta.json"
 FILTER_FIELDS = ("category", "brand", "color")  # catalog fields kept per item, to filter searches on
@@ -547,7 +547,7 @@ class ItemIndex:
             k = min(k, len(allowed))
             vectors = self._filter_vectors(found) if len(allowed) <= BRUTE_FORCE_FILTER_UP_TO else None
             if vectors is not None:  # few match: score them all, exact and cheaper than searching the index
-                scores, idx = _top_k(q, vectors, allowed, k)
+                scores, idx = exact_top_k(q, vectors, allowed, k)
                 return scores, [[self.item_ids[j] for j in row] for row in idx]
             try:
                 scores, idx = self.index.search(q, k, params=selector_params(self.index, found.selector))
@@ -560,7 +560,7 @@ class ItemIndex:
                 # (their vectors read once and cached with the filter, within FILTER_CACHE_BYTES)
                 vectors = self._filter_vectors(found)
                 if vectors is not None:
-                    scores[short], idx[short] = _top_k(q[short], vectors, allowed, k)
+                    scores[short], idx[short] = exact_top_k(q[short], vectors, allowed, k)
         else:
             scores, idx = self.index.search(q, min(k, len(self.item_ids)))  # (n, k) each
         ids = [[self.item_ids[j] for j in row if j >= 0] for row in idx]
@@ -713,15 +713,11 @@ class _Filter:
         return self.allowed.nbytes * 2 + (0 if self.vectors is None else self.vectors.nbytes)  # the selector copies ids
 
 
-def _top_k(q: np.ndarray, vectors: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(q: np.ndarray, vectors: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute force: the k best of `vectors` (the items at `positions`, k <= len(positions)) per
     query, by inner product, ties in position order. Returns (scores (n, k), positions (n, k))."""
     sims = q @ vectors.T  # (n, len(positions))
-    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]  # (n,) the k-th best score per query
-    top = np.empty((len(q), k), np.int64)
-    for r in range(len(q)):
-        near = np.flatnonzero(sims[r] >= kth[r])  # the top k and all tied with the k-th, in position order
-        top[r] = near[np.argsort(-sims[r, near], kind="stable")[:k]]
+    top = np.stack([top_k(row, k) for row in sims]) if len(q) else np.zeros((0, k), np.int64)
     return np.take_along_axis(sims, top, axis=1), positions[top]
 
 

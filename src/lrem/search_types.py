@@ -18,6 +18,26 @@ GROUNDED_MODES = {"grounded": "reason", "grounded-direct": "direct"}
 DEFAULT_CANDIDATES_K = 10  # K for a model not trained grounded (`PromptConfig.candidates_k` 0)
 
 
+def top_k(scores, k: int):
+    """Positions of the `k` highest of `scores` (1-D), best first, equal scores in position order
+    (as a stable sort gives, and FAISS's Flat), also those tied at the k-th place.
+
+    >>> import numpy as np
+    >>> top_k(np.array([1.0, 3.0, 3.0, 2.0, 3.0]), 2).tolist()
+    [1, 2]
+    """
+    import numpy as np  # here: the CLI reads this module for its help, without numpy
+
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if k < len(scores):  # the k-th best, then all that reach it: argpartition alone keeps any of the tied
+        near = np.flatnonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])
+    else:
+        near = np.arange(len(scores))
+    return near[np.argsort(-scores[near], kind="stable")[:k]]
+
+
 def grounded_inputs(kind: str, texts: list) -> tuple[list[str], list | None]:
     """An embed call's (queries, candidates): a grounded kind's texts are (query, titles) pairs.
 
