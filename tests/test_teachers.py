@@ -247,6 +247,11 @@ def test_file_cots(tmp_path):
         FileCoTs(path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         parse_teacher(f"file:{tmp_path / 'missing.jsonl'}")
+    path.write_bytes(b'{"query_id": "q1", "cot": "a"}\n{"query_id": "q2", "cot": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=r"cots.jsonl:2: field 'cot': not valid UTF-8"):
+        FileCoTs(path)
+    path.write_bytes(b'\xef\xbb\xbf{"query_id": "q1", "cot": "a"}\n')  # a byte-order mark (Windows editors)
+    assert FileCoTs(path).lookup("q1", "") == "a"
 
 
 # ---------------------------------------------------------------- local HF teacher

@@ -3,7 +3,6 @@ from a file (`FileCoTs`) and CoTs built from the dataset's labels (`LabelCoTs`).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -110,24 +109,20 @@ class FileCoTs:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from lrem.data import DataError
+        from lrem.data import DataError, read_jsonl
 
         self.path, self.name = Path(path), f"file:{path}"
         if not self.path.is_file():
             raise FileNotFoundError(f"CoT file {self.path} does not exist")
         self.by_id: dict[str, str] = {}
         self.by_text: dict[str, str] = {}
-        for n, line in enumerate(self.path.read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(self.path, n, None, f"malformed JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise DataError(self.path, n, None, "expected a JSON object")
+        for n, row in read_jsonl(self.path):  # its lines named on bad JSON; a byte-order mark and .gz read
             if not isinstance(row.get("cot"), str):
                 raise DataError(self.path, n, "cot", "missing or not a string")
+            try:  # a byte that was not UTF-8 is kept as a surrogate by the reader, to be named here
+                row["cot"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(self.path, n, "cot", "not valid UTF-8") from None
             key_field = "query_id" if "query_id" in row else "query" if "query" in row else None
             if key_field is None or not isinstance(row[key_field], str) or not row[key_field]:
                 raise DataError(self.path, n, key_field or "query_id", "need a non-empty query_id or query")
