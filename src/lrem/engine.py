@@ -90,7 +90,7 @@ class EngineConfig:
         switches applied."""
         return cls(word_drafts=int(env.get("LREM_WORD_DRAFTS", cls.word_drafts)),
                    cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
-                   vllm_memory=float(env.get("LREM_VLLM_MEMORY", "0.3")))
+                   vllm_memory=float(env.get("LREM_VLLM_MEMORY", cls.vllm_memory)))
 
 
 # a GPU forward of a few tokens is launch-bound (Qwen2.5-3B, batch 1: ~43 ms eagerly, an H200):

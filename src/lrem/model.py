@@ -35,15 +35,14 @@ import torch.nn.functional as F
 
 from ._io import atomic_dir, write_json
 from ._text import check_query
-from .backbones import default_dtype, load_backbone, resolve_backbone
+from .backbones import BASE_MODEL, default_dtype, load_backbone, resolve_backbone
 from .decoding import kv_cache, shared_prefix_len
 from .engine import EngineConfig, QueryEncoding, QueryEngine, check_batch_size
 from .prompts import InputTooLong, PromptConfig, TemplateMixin  # noqa: F401  InputTooLong: users catch it from here
 from .prompts import item_fields
-from .router import load_router
+from .router_learned import load_router  # the router's file only (lrem.router is search's)
 
 LREM_CONFIG = "lrem_config.json"
-BASE_MODEL = "smollm2-135m-instruct"  # the backbone lrem trains from (SFTConfig.model)
 TRAINED_MODEL = "lrem-wordnet-135m"  # the shipped reasoning model (a delta on BASE_MODEL, lrem.delta)
 
 

@@ -42,6 +42,9 @@ ITEM_FIELDS = ("title", "category", "text", "brand", "color", "bullets", "descri
 CANDIDATES_TEMPLATE = "\nCandidates: {candidates}"
 
 
+COT_MAX_TOKENS = 16  # l in the paper: the CoT budget (tokens generated at most); construct and training default to it
+
+
 @dataclass
 class PromptConfig:
     """Everything that decides the token sequences; saved in `lrem_config.json` with the model."""
@@ -53,7 +56,7 @@ class PromptConfig:
     think_token: str = THINK_TOKEN
     think_end_token: str = THINK_END_TOKEN
     emb_token: str = EMB_TOKEN
-    cot_max_tokens: int = 16  # l in the paper: the CoT budget (tokens generated at most)
+    cot_max_tokens: int = COT_MAX_TOKENS
     max_query_tokens: int = 64  # longer queries: an error, or cut (and counted) with truncate=True
     max_item_tokens: int = 64  # the same for an item's text as the item template fills it in
     candidates_k: int = 0  # K: first-stage titles a grounded query is shown; 0: the model is not grounded

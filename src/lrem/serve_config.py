@@ -35,7 +35,7 @@ class ServeConfig:
     router_kind: str = field(default="model", metadata={
         "help": "model: the model folder's learned router (router.json, `lrem router fit`) when it has one, else "
                 "the margin router; margin: the margin router (router_margin, router_long_words) always."})
-    router_margin: float = field(default=0.02, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
+    router_margin: float = field(default=Router.margin, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
     router_share: float = field(default=0.0, metadata={
         "help": "0: fixed router_margin (or the learned router's threshold). Else a budget: reason on about this "
                 "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data import DataError, Pair, read_jsonl  # Pair: one training example (lrem.data, shared with the judges)
+from ..prompts import COT_MAX_TOKENS
 
 RL_PAIRS = "rl_pairs.jsonl"  # the pairs held back for `lrem train rl`
 REQUIRED = ("query_id", "query", "item_id", "item_title")
@@ -26,7 +27,7 @@ def cot_tokens(tokenizer, cot: str) -> int:
     return len(tokenizer(cot.strip(), add_special_tokens=False)["input_ids"])
 
 
-def load_triplets(path, tokenizer=None, cot_max_tokens: int = 16, dataset=None, split: str | None = None) -> list[Pair]:
+def load_triplets(path, tokenizer=None, cot_max_tokens: int = COT_MAX_TOKENS, dataset=None, split: str | None = None) -> list[Pair]:
     """Read `triplets.jsonl` ({query_id, query, cot, item_id, item_title} per line, from `lrem construct`;
     optional `candidates`, a grounded query's first-stage titles, from `lrem.grounding.mine_candidates`).
 
@@ -95,7 +96,7 @@ def rl_holdout(query_ids, share: float, seed: int = 0) -> set[str]:
     return {q for q in query_ids if u(q) < share}
 
 
-def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=None, cot_max_tokens: int = 16,
+def build_pairs(triplets=None, dataset=None, split: str = "train", tokenizer=None, cot_max_tokens: int = COT_MAX_TOKENS,
                 use_cot: bool = True, rl_share: float = 0.0, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, RL pairs): the triplet file's pairs, then the split's qrels pairs of the
     queries it lacks; of those qrels-only queries a share `rl_share` is held back for stage 2

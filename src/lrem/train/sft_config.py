@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lrem.backbones import BASE_MODEL
 from lrem.train.base_config import TrainingConfig
 
 
@@ -15,7 +16,7 @@ class SFTConfig(TrainingConfig):
     `TrainingConfig`'s (its defaults are stage 1's)."""
 
     # Model and objective (LREM_SPEC, "Stage 1: cold start")
-    model: str = field(default="smollm2-135m-instruct", metadata={
+    model: str = field(default=BASE_MODEL, metadata={
         "help": "Base: a built-in name, an HF folder or hub name, or an LREM folder."})
     use_cot: bool = field(default=True, metadata={
         "help": "Train the query side on the teacher CoT (`<think> cot </think><emb>`); false = the direct "
