@@ -934,3 +934,24 @@ def test_the_example_serve_config_loads_and_holds_the_defaults():
     path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
     loaded, default = ServeConfig.from_yaml(path), ServeConfig()
     assert loaded == default and "max_batch: 32" in path.read_text()
+
+
+def test_a_query_cache_belongs_to_the_weights_and_prompts_not_a_path(searcher, tiny_dir, tmp_path):
+    """The same weights loaded from another folder (an index rebuilt elsewhere, a reload) keep
+    their cache file; other weights or other prompts do not."""
+    import shutil
+
+    import torch
+
+    from lrem.model import LREM
+    from lrem.serve_service import cache_model_id
+
+    shutil.copytree(tiny_dir, tmp_path / "copy")
+    same = LREM.from_pretrained(str(tmp_path / "copy"), dtype="float32")
+    assert cache_model_id(Searcher(same, searcher.index)) == cache_model_id(searcher)
+    same.config.query_instruction = "Find the product."
+    assert cache_model_id(Searcher(same, searcher.index)) != cache_model_id(searcher)
+    other = LREM.from_pretrained(str(tmp_path / "copy"), dtype="float32")
+    with torch.no_grad():
+        next(m for m in other.lm.modules() if isinstance(m, torch.nn.Linear)).weight[0] += 0.5
+    assert cache_model_id(Searcher(other, searcher.index)) != cache_model_id(searcher)

@@ -8,6 +8,8 @@ needs (the same direct -> route -> reason steps as `lrem eval`'s auto mode).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 
 import numpy as np
@@ -26,10 +28,15 @@ CACHED_KINDS = WARM_KINDS  # what the server caches: query embeddings that depen
 
 
 def cache_model_id(searcher) -> str:
-    """What a cache file's entries belong to: the model and the index's model (a file of another
-    is not loaded)."""
+    """What a cache file's entries belong to (a file of another is not loaded): the weights, by
+    their fingerprint, and the prompts, which shape a CoT and an embedding as much. Not the model's
+    path or name: the same weights named another way (an index rebuilt from another folder, a
+    reload) keep their cache."""
+    from .index import model_fingerprint
+
     model = searcher.model
-    return f"{model.source or type(model.lm).__name__}|dim={model.dim}|index={searcher.index.meta.get('model', '')}"
+    prompts = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{model_fingerprint(model)}|dim={model.dim}|prompts={prompts}"
 
 
 def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size: int = 32, save_every_s: float = 60.0,
