@@ -84,6 +84,12 @@ def test_top10_equals_faiss_flat_and_reupload_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="model='m', this upload model='other'; pass --overwrite"):
         MilvusWriter(spec, {**meta, "model": "other"})
     MilvusWriter(spec, {**meta, "model": "other"}, overwrite=True)  # lrem's own collection: replaced
+    # where both record the weights' fingerprint, the model's name or path is not compared
+    printed = f"milvus:{tmp_path / 'r.db'}/printed"
+    MilvusWriter(printed, {**meta, "model_fingerprint": "abc"})
+    MilvusWriter(printed, {**meta, "model": "./m", "model_fingerprint": "abc"})
+    with pytest.raises(ValueError, match="model_fingerprint='abc', this upload model_fingerprint='xyz'"):
+        MilvusWriter(printed, {**meta, "model_fingerprint": "xyz"})
     with pytest.raises(ValueError, match="upload to this collection did not finish"):
         MilvusIndex.open(spec)
     with pytest.raises(ValueError, match="no collection 'absent'"):

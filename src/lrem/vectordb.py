@@ -270,8 +270,11 @@ class MilvusWriter:
         if old is not None:
             from .index import MODEL_KEYS
 
+            # the weights by their fingerprint where both record one: the same model under another
+            # path or name ("m", "./m", a copied folder) is the same model
+            fingerprinted = bool(old.get("model_fingerprint") and meta.get("model_fingerprint"))
             for key in MODEL_KEYS:
-                if old.get(key) != meta.get(key):
+                if old.get(key) != meta.get(key) and not (key == "model" and fingerprinted):
                     raise ValueError(f"{shown}: the collection holds {key}={old.get(key)!r}, this upload "
                                      f"{key}={meta.get(key)!r}; pass --overwrite to replace it")
             if not updating and old.get("complete"):

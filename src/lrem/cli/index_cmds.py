@@ -166,7 +166,7 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
                          f"--backend {redact(spec)}`")
     catalog = load_catalog(data)
     lrem = LREM.from_pretrained(model or old.get("model"), dtype=dtype, log=echo_err)
-    meta = {**model_identity(lrem), "model": lrem.source or model or old.get("model"), "dataset": str(data)}
+    meta = {**model_identity(lrem), "dataset": str(data)}  # a local model folder recorded absolute
     counts = update(spec, lrem, catalog, meta, upload_batch=upload_batch, batch_size=batch_size,
                     truncate=truncate)
     typer.echo(f"updated {redact(spec)}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
@@ -215,7 +215,7 @@ def _index_to_milvus(spec, data, from_chunks, model, milvus_index, milvus_params
 
         ids, items = list(catalog), list(catalog.values())
         digests = [item_digest(lrem, x) for x in items]  # what tells this catalog's unfinished upload from another's
-        meta = {**model_identity(lrem), "model": lrem.source or model, "dataset": str(data),
+        meta = {**model_identity(lrem), "dataset": str(data),
                 CATALOG: catalog_digest(catalog_fingerprint(ids), digests)}
 
         def batches():
