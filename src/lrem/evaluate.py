@@ -115,8 +115,9 @@ def evaluate_systems(ds, split: str, systems: dict[str, Retriever], limit: int |
     qids = sample_query_ids(list(judged), limit, seed)
     queries = {q: judged[q].text for q in qids}
     slices = slices_for({q: judged[q] for q in qids})
-    log(f"{ds.name}/{split}: {len(qids)} queries scored ({len(judged)} judged of {len(ds.split_queries(split))}), "
-        f"{len(ds.catalog)} items")
+    sampled = f", a seeded sample (limit {limit})" if len(qids) < len(judged) else ""
+    log(f"{ds.name}/{split}: {len(qids)} of {len(judged)} judged queries scored{sampled} ({len(ds.split_queries(split))} "
+        f"in the split), {len(ds.catalog)} items")
     if k < max(KS):  # the metrics' cutoffs are fixed: deeper ones count only what the runs hold
         log(f"note: k={k} retrieves less than the metrics' deepest cutoff; "
             f"{', '.join(f'@{c}' for c in KS if c > k)} count only the top {k}")

@@ -83,7 +83,7 @@ def construct(
                                       "earlier run folder, which it resumes.")],
     config: Annotated[Optional[Path], typer.Option(help="YAML file of ConstructConfig values (configs/construct.yaml).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split to take queries from (default train).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="openai:BASE_URL#MODEL, hf:NAME_OR_PATH or file:PATH.jsonl.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="openai:BASE_URL#MODEL, hf:NAME_OR_PATH, file:PATH.jsonl or labels.")] = None,
     judge: Annotated[Optional[str], typer.Option(help="qrels, llm, llm:TEACHER_SPEC or cross-encoder:PATH.")] = None,
     retriever: Annotated[Optional[str], typer.Option(help="The direct retriever: bm25, minilm or MODEL:direct.")] = None,
     hint: Annotated[Optional[str], typer.Option(help="none (the paper) or gold (teacher sees one relevant item).")] = None,
