@@ -55,6 +55,15 @@ def check_search(queries: list[str], k: int) -> int:
     return k
 
 
+def other_weights(index, model) -> tuple[str, str] | None:
+    """(the fingerprint the index's items were embedded by, `model`'s) where they differ, else
+    None; an index that records none is trusted (an older lrem's)."""
+    built_by = index.meta.get("model_fingerprint")
+    if built_by and built_by != (now := model_fingerprint(model)):
+        return built_by, now
+    return None
+
+
 class Searcher:
     """An LREM model and the item index it built; `search` embeds queries and asks FAISS.
 
@@ -102,9 +111,9 @@ class Searcher:
             searcher = cls(model, index)
         except ValueError as e:
             raise ValueError(f"{index_dir}: {e}") from None
-        built_by = index.meta.get("model_fingerprint")
-        now = model_fingerprint(model) if built_by else None
-        if built_by and built_by != now:
+        other = other_weights(index, model)
+        if other:
+            built_by, now = other
             msg = (f"{index_dir}: its items were embedded by other weights than this {model.source!r} "
                    f"(model fingerprint {built_by}, now {now})")
             if where:  # the model the index names has changed (e.g. a newer built-in): its scores would be wrong

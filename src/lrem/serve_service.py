@@ -255,8 +255,8 @@ class SearchService:
         the next query on; queries under way finish on the index they started with. The index must
         hold this model's embeddings (its model fingerprint), else a ValueError and the old one stays.
         The query cache stays: query embeddings depend on the model, not on the items."""
-        from .index import model_fingerprint, open_index
-        from .search import Searcher
+        from .index import open_index
+        from .search import Searcher, other_weights
 
         path = getattr(self.searcher, "index_dir", None)
         if not path:
@@ -264,10 +264,10 @@ class SearchService:
 
         def load():
             index = open_index(path, mmap=self.config.mmap_index)
-            now, built_by = model_fingerprint(self.searcher.model), index.meta.get("model_fingerprint")
-            if built_by and built_by != now:  # as `Searcher.load`: an index without a fingerprint is trusted
-                raise ValueError(f"{path}: its items were embedded by other weights (model fingerprint {built_by}, "
-                                 f"the served model's {now}); restart the server to serve another model")
+            other = other_weights(index, self.searcher.model)
+            if other:
+                raise ValueError(f"{path}: its items were embedded by other weights (model fingerprint {other[0]}, "
+                                 f"the served model's {other[1]}); restart the server to serve another model")
             fresh = Searcher(self.searcher.model, index, router=self.searcher.router, truncate=self.searcher.truncate)
             fresh.index_dir = path
             if self.config.hybrid:
