@@ -755,3 +755,26 @@ def test_client_gone_mid_body_counts_as_499_not_500(strict):
     text = httpx.get(strict + "/metrics").text
     assert 'lrem_http_requests_total{path="/search",status="499"} 1.0' in text
     assert 'status="500"' not in text
+
+
+def test_overwrite_refuses_a_folder_holding_files_lrem_did_not_write(tmp_path):
+    """An output folder records what lrem wrote into it; --overwrite (which replaces the whole
+    folder) refuses one that also holds a user's files, naming them, and takes one that does
+    not, or whose extra file another lrem command recorded (a model's router.json)."""
+    from lrem._io import MARKER, OutputError, prepare_output
+    from lrem.router import LearnedRouter
+
+    out = tmp_path / "idx"
+    with atomic_dir(out) as tmp:
+        (tmp / "index.faiss").write_text("x")
+        (tmp / "meta.json").write_text("{}")
+    assert json.loads((out / MARKER).read_text())["files"] == ["index.faiss", "meta.json"]
+    assert prepare_output(out, overwrite=True) == out.resolve()
+    (out / "notes.md").write_text("my notes")
+    (out / ".DS_Store").write_text("")  # hidden entries are not the user's work
+    with pytest.raises(OutputError, match=r"holds notes.md, which lrem did not write; move them out first"):
+        prepare_output(out, overwrite=True)
+    (out / "notes.md").unlink()
+    LearnedRouter(["margin"], [0.0], [1.0], [1.0], 0.0).save(out / "router.json")  # what `lrem router fit` writes
+    assert prepare_output(out, overwrite=True) == out.resolve()
+    assert (out / "router.json").exists()

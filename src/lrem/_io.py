@@ -56,6 +56,40 @@ def write_marker(folder: Path) -> None:
     (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
 
 
+def record_files(folder: Path, *names: str) -> None:
+    """Note in `folder`'s marker the top-level entries lrem wrote there: all of them now (no
+    `names`: `atomic_dir`, before its folder goes into place), or `names` added to the record (a
+    file a later command writes into an output, e.g. a model's router.json). An --overwrite then
+    refuses a folder that holds entries lrem did not write (`unrecorded`)."""
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(info, dict):
+        return
+    if names:
+        if not isinstance(info.get("files"), list):
+            return  # a folder written in place (a run folder): nothing recorded, nothing to add to
+        info["files"] = sorted(set(info["files"]) | set(names))
+    else:
+        info["files"] = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    (folder / MARKER).write_text(json.dumps(info) + "\n")
+
+
+def unrecorded(folder: Path) -> list[str]:
+    """Top-level entries of an lrem output folder that its marker does not list as lrem's (a user's
+    notes, a plot): none where the marker lists nothing (a run folder written in place, an older
+    lrem's). Names starting with "." are left out (temp files, editors' and systems' own)."""
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return []
+    listed = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(listed, list):
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name[:1] != "." and p.name not in listed)
+
+
 def is_lrem_output(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
 
@@ -113,6 +147,10 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
                           f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")
     if not (overwrite or resume):
         raise OutputError(f"--out {given}: exists (an earlier lrem output); pass --overwrite to replace it")
+    extra = unrecorded(out) if overwrite else []
+    if extra:  # replacing the folder would delete them
+        raise OutputError(f"--out {given}: holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}, which lrem "
+                          "did not write; move them out first (--overwrite replaces the whole folder)")
     if legacy_run and not is_lrem_output(out):
         write_marker(out)  # recognised as lrem's: mark it, so the writers that check the marker accept it
     return out
@@ -237,6 +275,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         write_marker(tmp)
         yield tmp
+        record_files(tmp)  # what lrem wrote: an --overwrite later refuses a folder holding more
         os.chmod(tmp, 0o777 & ~_UMASK)
         _swap_in(tmp, path)
     except BaseException:

@@ -178,7 +178,7 @@ def resolve_backbone(name_or_path: str, log=print) -> str:
         return str(materialise(name_or_path, log=log))
     name = str(name_or_path)
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, never a hub name (ORG/NAME)
-        raise FileNotFoundError(f"{name}: no such model folder")
+        raise FileNotFoundError(f"{name!r} is not a folder: no such model folder here")
     return hub_snapshot(name, log=log)
 
 

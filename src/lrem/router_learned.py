@@ -103,9 +103,10 @@ class LearnedRouter(Budget):
 
     def save(self, path) -> None:
         """Write the router as JSON, atomically (a model folder's `router.json`, or any file)."""
-        from ._io import write_json
+        from ._io import record_files, write_json
 
         write_json(path, self.to_dict())
+        record_files(Path(path).parent, Path(path).name)  # a model folder's own file now: --overwrite may replace it
 
     @classmethod
     def from_dict(cls, d, where: str = "router") -> "LearnedRouter":
