@@ -152,10 +152,21 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def name_arg(ap, default: str | None) -> None:
+    """The `--name` option of every benchmark: a trial run must be able to write elsewhere than
+    over the committed results."""
+    ap.add_argument("--name", default=default, help="results file: benchmarks/results/NAME.json, or NAME.json "
+                    "where NAME is a path (e.g. /tmp/try)")
+
+
 def write(name: str, payload: dict) -> Path:
-    """Write `payload` plus the machine facts to benchmarks/results/{name}.json."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write `payload` plus the machine facts to benchmarks/results/{name}.json (`name` may be a
+    path: absolute, or relative to the results folder), and print the load average with it."""
     out = RESULTS / f"{name}.json"
-    write_json(out, {"machine": machine(), **payload})
-    print(f"wrote {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    now = machine()
+    write_json(out, {"machine": now, **payload})
+    start = (payload.get("machine") or {}).get("load_average_1m")
+    print(f"wrote {out}; load average (1 min): {now['load_average_1m']}"
+          + (f" now, {start} at the start" if start is not None and start != now["load_average_1m"] else ""))
     return out

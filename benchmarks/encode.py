@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from _common import interleaved, machine, matmul_gflops, setup, table, write
+from _common import interleaved, machine, matmul_gflops, name_arg, setup, table, write
 
 ADJ = ["stainless steel", "wooden", "vintage", "waterproof", "organic cotton", "cordless", "ceramic", "folding"]
 NOUN = ["corkscrew", "teapot", "garden hose", "running shoe", "desk lamp", "baby blanket", "chef knife", "backpack"]
@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    name_arg(ap, "encode")
     args = ap.parse_args()
     setup(args.threads)
     info = machine()
@@ -88,7 +89,7 @@ def main() -> None:
     for x in runs:
         diff = x["max_abs_diff_fast_vs_plain"]
         print(f"{x['rows'][0]['dtype']}: tokens {x['tokens']}, max |fast - plain| = {diff:.1e}")
-    write("encode", {"machine": info, "model": args.model, "batch_size": args.batch_size, "runs": runs,
+    write(args.name, {"machine": info, "model": args.model, "batch_size": args.batch_size, "runs": runs,
                      "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 

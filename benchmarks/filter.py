@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 import lrem.index
-from _common import machine, table, write
+from _common import machine, name_arg, table, write
 from index import unit_vectors
 from lrem.index import ItemIndex, build_index, ivf_lists
 
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
     ap.add_argument("--brute-force-up-to", type=int, default=None,
                     help="override lrem.index.BRUTE_FORCE_FILTER_UP_TO (0: FAISS's selector search only)")
+    name_arg(ap, None)  # default: filter, or filter-selector-only with --brute-force-up-to 0
     args = ap.parse_args()
     if args.brute_force_up_to is not None:
         lrem.index.BRUTE_FORCE_FILTER_UP_TO = args.brute_force_up_to
@@ -128,7 +129,7 @@ def main() -> None:
             "post x100 short", "first ms"]
     print()
     print(table(rows, cols))
-    write("filter" if args.brute_force_up_to != 0 else "filter-selector-only",
+    write(args.name or ("filter" if args.brute_force_up_to != 0 else "filter-selector-only"),
           {"machine": info, "brute_force_up_to": lrem.index.BRUTE_FORCE_FILTER_UP_TO, "items": args.items,
            "dim": args.dim, "queries": args.queries, "faiss": faiss.__version__,
            "omp_threads": faiss.omp_get_max_threads(), "rows": rows, "load_average_end": round(os.getloadavg()[0], 2),

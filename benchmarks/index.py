@@ -17,7 +17,7 @@ import time
 import faiss
 import numpy as np
 
-from _common import machine, table, write
+from _common import machine, name_arg, table, write
 from lrem.index import auto_recipe, build_index, ivf_lists, set_search_params
 
 # factory, search parameters: HNSW with M=32 and a wide beam; IVF with ~4 sqrt(n) lists and 64
@@ -184,10 +184,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all cores)")
     ap.add_argument("--recipes", type=int, metavar="N", help="instead: the large-catalog recipes (RECIPES) at N "
                     "items, each built once and its search parameters swept -> index_recipes.json")
+    name_arg(ap, None)  # default: index_recipes with --recipes, else index_DATA
     args = ap.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     info, t0 = machine(), time.perf_counter()
+    name = args.name or ("index_recipes" if args.recipes else f"index_{args.data}")
     if args.recipes:
         cols = ["items", "index", "search params", "build s", "MB", "bytes/item", "p50 ms", "p99 ms", "recall@100",
                 "peak RSS GB"]
@@ -195,11 +197,10 @@ def main() -> None:
         rows = bench_recipes(args.recipes, args.dim, args.queries, args.data)
         print()
         print(table(rows, cols))
-        write("index_recipes", {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
-                                "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
-                                "auto": {str(n): auto_recipe(n, args.dim) for n in (10_000, 100_000, 1_000_000,
-                                                                                     10_000_000)},
-                                "wall_seconds": round(time.perf_counter() - t0, 1)})
+        write(name, {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
+                     "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
+                     "auto": {str(n): auto_recipe(n, args.dim) for n in (10_000, 100_000, 1_000_000, 10_000_000)},
+                     "wall_seconds": round(time.perf_counter() - t0, 1)})
         return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     cols = ["items", "index", "search params", "build s", "MB", "bytes/item", "p50 ms", "p99 ms", "recall@100"]
@@ -207,9 +208,9 @@ def main() -> None:
     rows = [r for n in sizes for r in bench(n, args.dim, args.queries, args.data)]
     print()
     print(table(rows, cols))
-    write(f"index_{args.data}", {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
-                                 "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
-                                 "wall_seconds": round(time.perf_counter() - t0, 1)})
+    write(name, {"machine": info, "dim": args.dim, "queries": args.queries, "data": args.data,
+                 "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(), "rows": rows,
+                 "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

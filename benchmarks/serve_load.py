@@ -48,13 +48,21 @@ FALLBACK = ["salon chair", "smart coffee table", "dinosaur", "turquoise pillows"
 
 
 def load_queries(path: Path | None) -> tuple[list[str], str]:
-    """Distinct query texts from a WANDS query.csv (tab-separated), else the built-in list."""
-    if path and path.exists():
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = csv.DictReader(f, delimiter="\t")
-            texts = list(dict.fromkeys(r["query"].strip() for r in rows if (r.get("query") or "").strip()))
-        return texts, str(path)
-    return FALLBACK, "built-in list"
+    """Distinct query texts from a WANDS query.csv (tab-separated): `path`, else the shared copy
+    where present, else the built-in list. A `path` given but missing or without queries is an
+    error, not a silent switch to the built-in list (the figures would be for other queries)."""
+    if path is None:
+        if not WANDS.exists():
+            return FALLBACK, "built-in list"
+        path = WANDS
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (--queries)")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t")
+        texts = list(dict.fromkeys(r["query"].strip() for r in rows if (r.get("query") or "").strip()))
+    if not texts:
+        raise ValueError(f"{path}: no queries in a tab-separated 'query' column (--queries)")
+    return texts, str(path)
 
 
 def free_port() -> int:
@@ -153,7 +161,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(args) -> dict:
-    queries, source = load_queries(args.queries)
+    try:
+        queries, source = load_queries(args.queries)
+    except ValueError as e:  # bad input: one line, exit 2, before a server starts
+        print(f"serve_load.py: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     n, n_warm = args.requests, MIN_SAMPLES if args.router_share > 0 else 0
     if len(queries) < 3 * n + n_warm:
         queries = (queries * ((3 * n + n_warm) // len(queries) + 1))  # short list: reuse, cold phases overlap
@@ -186,10 +198,13 @@ def main(args) -> dict:
         proc.terminate()
         proc.wait(timeout=60)
     print_table(rows)
+    load_end = os.getloadavg()
+    print(f"load average (1 min): {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; "
+          f"cores: {os.cpu_count()}")
     result = {"index": args.index, "queries": source, "requests_per_phase": n, "concurrency": args.concurrency,
               "k": args.k, "server_settings": sets, "model": health["model"], "items": health["items"],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+              "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in load_end]},
               "phases": rows}
     write_json(out, result)
     print(f"wrote {out}")
@@ -199,7 +214,9 @@ def main(args) -> dict:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--index", required=True, help="Index folder from `lrem index`.")
-    p.add_argument("--queries", type=Path, default=WANDS, help="WANDS query.csv (tab-separated).")
+    p.add_argument("--queries", type=Path, default=None,
+                   help="WANDS query.csv (tab-separated; default: the shared copy where present, "
+                   "else a built-in list).")
     p.add_argument("--requests", type=int, default=32, help="Requests per phase.")
     p.add_argument("--concurrency", type=int, default=8, help="Concurrent clients.")
     p.add_argument("--max-seconds", type=float, default=120.0, help="Time limit per phase.")

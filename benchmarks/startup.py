@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import QUERIES, table, write
+from _common import QUERIES, name_arg, table, write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 QUERY = "a device for pulling corks"
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="Another source tree to time side by side (its `src` folder).")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--index", type=Path, help="An index folder to search (default: build a small one).")
+    name_arg(ap, "startup")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # both trees alike; the machine's cores are shared
 
@@ -121,7 +122,7 @@ def main() -> None:
     print("\n`lrem search` (reason) by phase, in one process, medians:")
     print(table([{"tree": t, **p} for t, p in phases.items()], ["tree", *next(iter(phases.values()))]))
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; cores: {os.cpu_count()}")
-    write("startup", {"rows": out, "runs_s": {f"{r} | {t}": v for (r, t), v in times.items()}, "phases_s": phases,
+    write(args.name, {"rows": out, "runs_s": {f"{r} | {t}": v for (r, t), v in times.items()}, "phases_s": phases,
                       "repeat": args.repeat, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
                       "baseline": str(args.baseline) if args.baseline else None,
                       "load_average_1m": {"before": load_before, "after": load_after},

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from _common import QUERIES, setup, table, write
+from _common import QUERIES, name_arg, setup, table, write
 
 
 def titles(n: int) -> dict[str, str]:
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto", help="auto (as `lrem index`), float32 or bfloat16")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    name_arg(ap, "threads")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.items, args.repeat, args.batch_size, args.dtype)))
@@ -74,7 +75,10 @@ def main() -> None:
             env["OMP_WAIT_POLICY"] = policy
         cmd = [sys.executable, __file__, "--worker", "--items", str(args.items), "--repeat", str(args.repeat),
                "--batch-size", str(args.batch_size), "--dtype", args.dtype]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:  # its stderr says why; CalledProcessError alone would not
+            sys.exit(f"{out.stderr.rstrip()}\nthreads.py: the worker ({policy} OMP wait policy) failed, "
+                     f"exit status {out.returncode}")
         runs[policy] = res = json.loads(out.stdout.splitlines()[-1])
         batches = -(-args.items // args.batch_size)
         for n in ("1", "2"):
@@ -87,7 +91,7 @@ def main() -> None:
     print(f"{args.items} items, batch {args.batch_size}, {runs['default']['dtype']}, {os.cpu_count()} cores; load average "
           f"{load_before:.2f} before, {load_after:.2f} after (vs 1 thread: >1 means faster than 1 thread)")
     print(table(rows, cols))
-    write("threads", {"items": args.items, "batch_size": args.batch_size, "repeat": args.repeat,
+    write(args.name, {"items": args.items, "batch_size": args.batch_size, "repeat": args.repeat,
                       "dtype": runs["default"]["dtype"],
                       "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
                       "rows": rows, "runs": runs})

@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="--shape's tokenizer folder (default: SmolLM2's)")
     ap.add_argument("--name", default="train", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
+    if args.rl_steps and args.rl_queries < 2:  # else every RL row fails after minutes of stage-1 steps
+        ap.error("--rl-queries must be at least 2: the RL reward ranks each query's item among the batch's items")
     setup(args.threads)
 
     t0 = time.perf_counter()

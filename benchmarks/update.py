@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from _common import setup, table, write
+from _common import name_arg, setup, table, write
 from encode import titles
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--model", default="lrem-wordnet-135m-direct")
     ap.add_argument("--factory", default="Flat")
     ap.add_argument("--threads", type=int, default=None)
+    name_arg(ap, "update")
     args = ap.parse_args()
     setup(args.threads)
 
@@ -54,7 +55,7 @@ def main() -> None:
              "speedup": round(full_s / update_s, 1)}]
     print(table(rows, ["way", "items embedded", "seconds", "speedup"]))
     print(f"counts {counts}; largest vector difference to the rebuild {diff:.2e}")
-    write("update", {"args": vars(args), "counts": counts, "max_abs_vector_diff": diff, "rows": rows})
+    write(args.name, {"args": vars(args), "counts": counts, "max_abs_vector_diff": diff, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -49,3 +49,53 @@ def test_train_benchmark_keeps_the_other_settings_when_one_fails(tmp_path):
     assert len(failed) == 2 and all("lora_r=-1" in r["error"] for r in failed)
     assert set(out["speedups"]) == {r["path"] for r in ok} and out["speedup_lora"] is None
     assert out["rl"] == "not run (--rl-steps 0)"
+
+
+def _results_state() -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").glob("*.json")}
+
+
+def test_benchmarks_write_where_name_says_and_print_the_load_average(tmp_path, tiny_dir):
+    """A trial run at tiny settings must not overwrite the committed results: every script takes
+    --name (here a path), and prints the load average with its figures."""
+    before = _results_state()
+    runs = {"update": ["benchmarks/update.py", "--items", "20", "--changed", "0.1", "--model", str(tiny_dir)],
+            "index": ["benchmarks/index.py", "--sizes", "1000", "--dim", "64", "--queries", "5"]}
+    for name, cmd in runs.items():
+        res = subprocess.run([sys.executable, *cmd, "--threads", "1", "--name", str(tmp_path / name)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "load average (1 min): " in res.stdout, res.stdout[-2000:]
+        assert "load_average_1m" in json.loads((tmp_path / f"{name}.json").read_text())["machine"]
+    assert _results_state() == before
+
+
+def test_serve_load_rejects_a_queries_file_it_cannot_use(tmp_path):
+    """A mistyped --queries path used to switch silently to the built-in list (figures for other
+    queries), and a file without a 'query' column died dividing by zero: one line, exit 2."""
+    bad = tmp_path / "q.csv"
+    bad.write_text("id\ttext\n1\tsofa\n")
+    for path, why in ((tmp_path / "missing.csv", "no such file"), (bad, "no queries")):
+        res = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--index", str(tmp_path), "--queries",
+                              str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert str(path) in res.stderr and why in res.stderr
+
+
+def test_threads_benchmark_shows_why_its_worker_failed(tmp_path):
+    """The worker runs in a fresh process with its output captured: its error must reach the user,
+    not only "CalledProcessError ... exit status 1"."""
+    res = subprocess.run([sys.executable, "benchmarks/threads.py", "--items", "4", "--repeat", "1", "--dtype", "fp99",
+                          "--name", str(tmp_path / "t")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "CalledProcessError" not in res.stderr, res.stderr[-2000:]
+    assert "fp99" in res.stderr and "the worker (default OMP wait policy) failed" in res.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_train_benchmark_refuses_rl_queries_below_two_before_any_step(tmp_path):
+    """One query per RL step cannot be ranked among the batch's items: every RL row used to fail
+    after the stage-1 rows had run; now the arguments are refused at once."""
+    res = subprocess.run([sys.executable, "benchmarks/train.py", "--shape", "tiny", "--rl-queries", "1",
+                          "--name", str(tmp_path / "t")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--rl-queries must be at least 2" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "t.json").exists()
