@@ -70,6 +70,11 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     # prompts of its own: the fidelity is measured with them (it was measured with the base's: 0.97)
     tuned.config = PromptConfig(item_template="Product: {title}", query_system="You find products for shoppers.")
     tuned.save_pretrained(tmp_path / "trained")
+    # a learned router fitted on the trained folder (`lrem router fit --out MODEL`) ships with its delta
+    from lrem.router import LearnedRouter
+
+    LearnedRouter(("margin", "words"), mean=[0.1, 3.0], scale=[0.1, 2.0], weights=[-3.0, 0.0], bias=0.0,
+                  threshold=0.5).save(tmp_path / "trained" / "router.json")
     r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "trained"),
                         "--out", str(tmp_path / "delta"), "--rank", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -84,10 +89,12 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     rebuilt = LREM.from_pretrained(str(folder), dtype="float32")
     np.testing.assert_allclose(rebuilt.encode_queries(TEXTS, mode="direct").embeddings,
                                tuned.encode_queries(TEXTS, mode="direct").embeddings, atol=5e-3)
+    assert rebuilt.router is not None and (tmp_path / "delta" / "README.md").is_file()
     assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt twice")) == folder
+    (tmp_path / "delta" / "router.json").unlink()  # gone there: gone here (below, a router added back)
+    materialise("lrem-test", tmp_path / "delta", log=lambda *a: None)
+    assert LREM.from_pretrained(str(folder), dtype="float32").router is None
     # a learned router shipped beside the delta reaches the built model without a rebuild
-    from lrem.router import LearnedRouter
-
     LearnedRouter(("margin", "words"), mean=[0.1, 3.0], scale=[0.1, 2.0], weights=[-3.0, 0.0], bias=0.0,
                   threshold=0.5).save(tmp_path / "delta" / "router.json")
     assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt for a router")) == folder

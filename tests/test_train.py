@@ -279,9 +279,13 @@ def test_overwrite_starts_a_finished_run_over(tmp_path, tiny_dir, triplets):
     train(cfg, tmp_path / "run", triplets=triplets, log=lambda *_: None)
     with pytest.raises(ValueError, match="--overwrite"):
         train(cfg, tmp_path / "run", triplets=triplets, log=lambda *_: None)
-    (tmp_path / "run" / "stale.txt").write_text("from the first run")
+    (tmp_path / "run" / "notes.txt").write_text("the user's")  # --overwrite never deletes what lrem did not write
+    with pytest.raises(ValueError, match="notes.txt"):
+        train(cfg, tmp_path / "run", triplets=triplets, overwrite=True, log=lambda *_: None)
+    assert (tmp_path / "run" / "notes.txt").exists()
+    (tmp_path / "run" / "notes.txt").unlink()
     state = train(cfg, tmp_path / "run", triplets=triplets, overwrite=True, log=lambda *_: None)
-    assert state["step"] == 2 and not (tmp_path / "run" / "stale.txt").exists()
+    assert state["step"] == 2
     with pytest.raises(ValueError, match="is the input"):
         train(_cfg(tmp_path / "run", max_steps=2), tmp_path / "run", triplets=triplets, overwrite=True,
               log=lambda *_: None)

@@ -149,12 +149,14 @@ def save_delta(model_path: str, out, base: str | None = None, rank: int = 32, lo
             "prompts": model.config.to_dict(), "training": saved.get("training", []),
             "fidelity": fidelity(model, ref, PROBE_QUERIES, PROBE_TITLES),
             "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
-    card = Path(model_path) / "README.md"
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": str(FORMAT), "base": base})
         write_json(tmp / DELTA_JSON, meta)
-        if card.exists():
-            (tmp / "README.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+        # the card, and the learned router `lrem router fit --out MODEL` wrote: without it `auto`
+        # falls back to the margin router once the delta is loaded
+        for name in SHIPPED_FILES:
+            if (folder / name).exists():
+                (tmp / name).write_text((folder / name).read_text(encoding="utf-8"), encoding="utf-8")
     meta["bytes"] = (Path(out) / DELTA_WEIGHTS).stat().st_size
     return meta
 

@@ -32,7 +32,7 @@ class DevEval:
         if not sample.queries:
             raise ValueError(f"eval_steps: {dataset.name} has no judged {split!r} queries to evaluate on")
         self.queries = {q: v.text for q, v in sample.queries.items()}
-        self.titles = {i: item.title for i, item in sample.catalog.items()}
+        self.titles = dict(sample.catalog)  # the items themselves: the item template may name other fields
         self.qrels = sample.qrels
         self.mode, self.batch_size = mode, batch_size
 

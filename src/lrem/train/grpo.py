@@ -30,14 +30,15 @@ from ..prompts import PromptConfig
 from .grpo_config import RLConfig
 from .lora import lora_settings
 from .loop import Run
-from .pairs import Pair, batch_indices, examples_sha256, load_rl_pairs, pad
+from .pairs import Pair, batch_indices, examples_sha256, item_inputs, load_rl_pairs, pad
 from .rank_pool import RankPool, load_catalog
 
 HISTORY, SAMPLES, CURVES = "history.jsonl", "samples.jsonl", "curves.png"
 
 
-def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConfig) -> dict:
-    """Tensors for `GRPOLoss` plus the token-level rewards' inputs, from G sampled rows per pair.
+def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConfig, catalog=None) -> dict:
+    """Tensors for `GRPOLoss` plus the token-level rewards' inputs, from G sampled rows per pair;
+    `catalog` (item_id -> `lrem.data.Item`) fills the item template's other fields (`item_inputs`).
 
     Row r is pair r // G. Its query side is prompt + the sampled CoT (up to the first stop id)
     + `</think><emb>`: what inference embeds. The log-prob targets are the sampled ids, the stop
@@ -60,7 +61,7 @@ def collate_rollouts(model, pairs: list[Pair], gen: list[list[int]], cfg: RLConf
         cot_tokens.append(len(cot))
         cots.append(tok.decode(cot, skip_special_tokens=True))
     ids, mask = pad(seqs, tok.pad_token_id)
-    d_ids, d_mask = pad(tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"],
+    d_ids, d_mask = pad(tok(model.item_texts(item_inputs(pairs, catalog)), add_special_tokens=False)["input_ids"],
                         tok.pad_token_id)
     qid, iid = [p.query_id for p in pairs], [p.item_id for p in pairs]
     exclude = torch.tensor([[qid[r // g_n] == qid[j] or iid[r // g_n] == iid[j] for j in range(len(pairs))]
@@ -129,7 +130,8 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
     say(f"{len(data)} RL pairs from {data_path}, {world} process(es) x {bs} queries x G={g_n}, "
         f"{total} steps, config {json.dumps(cfg.to_dict())}")
 
-    pool = RankPool(cfg.rank_pool, data, load_catalog(cfg.rank_data) if cfg.rank_data else None,
+    catalog = load_catalog(cfg.rank_data) if cfg.rank_data else None  # the bank's items and the batch's: same fields
+    pool = RankPool(cfg.rank_pool, data, catalog,
                     cfg.hard_negatives, cfg.refresh_steps, cfg.pool_items, g_n, cfg.seed)
     say(f"r_acc ranks among: {pool}")
     dev = run.dev_eval(None, "reason")
@@ -152,7 +154,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
         rows = model.sample_cots([p.query for p in batch_pairs], g_n, cfg.sampling_temperature,
                                  cfg.top_p, cfg.rollout_max_tokens, generator=gen)
         model.lm.train()
-        batch = collate_rollouts(model, batch_pairs, rows, cfg)
+        batch = collate_rollouts(model, batch_pairs, rows, cfg, catalog)
         tensors = {k: v.to(acc.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         t_sample = time.time() - t_step
         ref_logp = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data import DataError, Pair, read_jsonl  # Pair: one training example (lrem.data, shared with the judges)
-from ..prompts import COT_MAX_TOKENS
+from ..prompts import COT_MAX_TOKENS, item_fields
 
 RL_PAIRS = "rl_pairs.jsonl"  # the pairs held back for `lrem train rl`
 REQUIRED = ("query_id", "query", "item_id", "item_title")
@@ -79,6 +79,21 @@ def pairs_from_qrels(dataset, split: str = "train") -> list[Pair]:
     queries = dataset.split_queries(split)
     return [Pair(qid, q.text, iid, dataset.catalog[iid].title)
             for qid, q in sorted(queries.items()) for iid in sorted(dataset.relevant(qid))]
+
+
+def item_inputs(pairs: list[Pair], catalog=None) -> list:
+    """What each pair's item is embedded from: its title, or with `catalog` (item_id -> `lrem.data.Item`,
+    the `--data` catalog) the item's catalog fields under the pair's title, so an item template naming
+    `{brand}` or `{text}` is filled in training as `lrem index` fills it for search.
+
+    >>> from lrem.data import Item
+    >>> item_inputs([Pair("q", "mug?", "i", "mug")], {"i": Item("i", "mug", brand="Acme")})[0]["brand"]
+    'Acme'
+    """
+    if not catalog:
+        return [p.item_title for p in pairs]
+    return [{**item_fields(catalog[p.item_id]), "title": p.item_title} if p.item_id in catalog else p.item_title
+            for p in pairs]
 
 
 def rl_holdout(query_ids, share: float, seed: int = 0) -> set[str]:

@@ -27,12 +27,13 @@ from .loop import Run, warmup_steps
 # tests and older callers import them from here (their homes are .loop and .pairs)
 from .loop import lr_factor, mixed_precision  # noqa: F401
 from .pairs import (RL_PAIRS, BatchSampler, Pair, batch_indices, build_pairs, examples_sha256,  # noqa: F401
-                    grounded, load_triplets, pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
+                    grounded, item_inputs, load_triplets, pad, pairs_from_qrels, rl_holdout, without_cots, write_pairs)
 from .sft_config import SFTConfig
 
 
-def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
-    """Right-padded token batches for `LREMLoss` (see its docstring for the columns).
+def collate(model, pairs: list[Pair], catalog=None) -> dict[str, torch.Tensor]:
+    """Right-padded token batches for `LREMLoss` (see its docstring for the columns); `catalog`
+    (item_id -> `lrem.data.Item`) fills the item template's other fields (`item_inputs`).
 
     The SFT targets are the tokens after `<think>`: the CoT, `</think>` and `<emb>`; everything
     before (system prompt, instruction, query) is not a target. Pairs without a CoT get none.
@@ -42,7 +43,7 @@ def collate(model, pairs: list[Pair]) -> dict[str, torch.Tensor]:
     prompt_ids = tok(prompt_texts, add_special_tokens=False)["input_ids"]
     q_ids = tok([t + close_cot(p.cot or "", cfg) for t, p in zip(prompt_texts, pairs)],
                 add_special_tokens=False)["input_ids"]
-    d_ids = tok(model.item_texts([p.item_title for p in pairs]), add_special_tokens=False)["input_ids"]
+    d_ids = tok(model.item_texts(item_inputs(pairs, catalog)), add_special_tokens=False)["input_ids"]
     pos, tgt = [], []
     for p, prompt, full in zip(pairs, prompt_ids, q_ids):
         p_pos, p_tgt = sft_targets(len(prompt), full) if p.cot is not None else ([0], [IGNORE])
@@ -106,6 +107,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
         if cfg.grounded_share > 0:
             model.config.candidates_k = cfg.candidates_k
     dev = run.dev_eval(dataset, "reason" if cfg.use_cot else "direct")
+    catalog = dataset.catalog if dataset is not None else None  # the fields the item template may name
 
     total = cfg.max_steps or sampler.steps_per_epoch(world) * cfg.num_epochs
     say(f"{len(pairs)} pairs ({sum(p.cot is not None for p in pairs)} with a CoT, "
@@ -127,7 +129,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
 
     def sft_step(step: int):
         idx = sampler(step, world, run.rank)
-        batch = {k: v.to(acc.device) for k, v in collate(model, [pairs[i] for i in idx]).items()}
+        batch = {k: v.to(acc.device) for k, v in collate(model, [pairs[i] for i in idx], catalog).items()}
         with acc.autocast():
             parts = run.wrapped(batch)
         loss = sum(loss_fn.weights[k] * v for k, v in parts.items())
