@@ -112,6 +112,10 @@ def test_lrem_delta_ships_a_trained_default_model(tmp_path, monkeypatch, real_mo
     folder2 = materialise("lrem-test", other, log=lambda *a: None)
     assert folder2 != folder and folder2.parent == folder.parent
     assert materialise("lrem-test", tmp_path / "delta", log=lambda *a: pytest.fail("rebuilt over")) == folder
+    # the delta folder itself loads by its path (lrem index --model DELTA_DIR), the same weights
+    by_path = LREM.from_pretrained(str(tmp_path / "delta"), dtype="float32")
+    np.testing.assert_allclose(by_path.encode_queries(TEXTS, mode="direct").embeddings,
+                               rebuilt.encode_queries(TEXTS, mode="direct").embeddings, atol=1e-6)
 
 
 def test_a_lora_trained_model_is_held_whole_by_its_delta_at_rank_r(tmp_path, tiny_dir):

@@ -778,3 +778,18 @@ def test_overwrite_refuses_a_folder_holding_files_lrem_did_not_write(tmp_path):
     LearnedRouter(["margin"], [0.0], [1.0], [1.0], 0.0).save(out / "router.json")  # what `lrem router fit` writes
     assert prepare_output(out, overwrite=True) == out.resolve()
     assert (out / "router.json").exists()
+
+
+def test_saved_weights_are_readable_as_the_umask_allows(tiny, tmp_path):
+    """safetensors writes through a temp file created 0600; a saved model (and every file of an
+    lrem output folder) gets the usual umask permissions, so a server running as another user
+    (TEI, vLLM in a container) can read it."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)  # the process's own, which lrem read at import
+    if umask & 0o044:
+        pytest.skip(f"umask {umask:o} keeps others from reading: nothing to tell apart")
+    tiny.save_pretrained(tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == (0o666 & ~umask if f.is_file() else 0o777 & ~umask), f.name

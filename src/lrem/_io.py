@@ -276,6 +276,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         write_marker(tmp)
         yield tmp
         record_files(tmp)  # what lrem wrote: an --overwrite later refuses a folder holding more
+        # the usual umask permissions for what is inside too: safetensors writes its files 0600
+        # (through a temp file), so a server running as another user (TEI, vLLM) could not read them
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~_UMASK)
         os.chmod(tmp, 0o777 & ~_UMASK)
         _swap_in(tmp, path)
     except BaseException:

@@ -168,7 +168,12 @@ def resolve_backbone(name_or_path: str, log=print) -> str:
     unreachable hub is one clear error (FileNotFoundError) in about a second, not a minute of
     retries and a traceback. A snapshot already in the HF cache loads offline.
     """
-    if Path(name_or_path).exists():
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "delta.json").is_file() and not (path / "config.json").exists():
+        from .delta import materialise  # a delta folder (`lrem delta --out`): base + delta, built once
+
+        return str(materialise(path.resolve().name, path, log=log))
+    if path.exists():
         return str(name_or_path)
     if name_or_path in BUILTINS:
         return str(builtin_path(name_or_path, log=log))
