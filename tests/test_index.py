@@ -317,11 +317,20 @@ def test_cli_update_in_place(tmp_path, tiny_dir):
     a = write_dataset(tmp_path / "a", KITCHEN)
     b = write_dataset(tmp_path / "b", _changed(KITCHEN))
     idx = tmp_path / "idx"
-    assert lrem("index", "--data", str(a), "--out", str(idx), "--model", str(tiny_dir)).returncode == 0
+    # built in the dtype `auto` does not pick here: the update embeds its items in it too
+    import torch
+
+    from lrem.backbones import default_dtype
+
+    dtype = "float32" if default_dtype() == torch.bfloat16 else "bfloat16"
+    assert lrem("index", "--data", str(a), "--out", str(idx), "--model", str(tiny_dir), "--dtype",
+                dtype).returncode == 0
+    assert ItemIndex.load(idx).meta["dtype"] == dtype
     p = lrem("index", "--data", str(b), "--out", str(idx), "--update")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "1 added, 1 changed, 1 removed, 38 kept (40 items; embedded 2" in p.stdout
     loaded = ItemIndex.load(idx)
+    assert loaded.meta["dtype"] == dtype
     assert loaded.item_ids == list(_changed(KITCHEN)) and loaded.title("k5") == "cast iron skillet"
     assert loaded.meta["dataset"] == str(b) and len(loaded.meta["updates"]) == 1
     # a folder that is not lrem's index is refused, untouched

@@ -258,14 +258,16 @@ MODEL_KEYS = ("model", "model_fingerprint", "item_template", "dim")
 
 
 def model_identity(model) -> dict:
-    """`MODEL_KEYS` of `model`: its source, weight fingerprint, item template and dim. A local
+    """`MODEL_KEYS` of `model` (its source, weight fingerprint, item template and dim) and its dtype. A local
     folder is recorded as an absolute path: `lrem search`, `serve` and `index --update` load the
     model an index names, and `--model runs/m` named no folder when run from elsewhere."""
     source = getattr(model, "source", "") or ""
     if source and Path(source).exists():  # (what `resolve_backbone` loads first: a built-in name stays a name)
         source = os.path.abspath(source)
     return {"model": source, "model_fingerprint": model_fingerprint(model),
-            "item_template": model.config.item_template, "dim": int(model.dim)}
+            "item_template": model.config.item_template, "dim": int(model.dim),
+            # what the items were embedded in: an --update embeds its items the same way by default
+            "dtype": str(next(model.lm.parameters()).dtype).removeprefix("torch.")}
 
 
 @dataclass
@@ -526,7 +528,7 @@ class ItemIndex:
             raise
         if search_params:
             set_search_params(index, search_params)
-        keep = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
+        keep = {k: man[k] for k in (*MODEL_KEYS, "dtype", "dataset") if k in man}
         meta = {"factory": factory, "search_params": search_params, "n_items": len(ids), **keep, "chunks": str(folder),
                 "index_seconds": round(time.perf_counter() - t0, 3), **({"on_disk": True} if lists else {}), **meta}
         out = cls(index, ids, titles, meta, lists_file=lists, lists_scratch=lists is not None, scratch_lock=lock)

@@ -125,6 +125,15 @@ def index(
     echo_truncated(lrem)
 
 
+def _recorded_dtype(dtype: str, meta: dict) -> str:
+    """An update's dtype: the one asked for, else ("auto") the one the index's items were embedded in,
+    so that new items are not embedded in bfloat16 beside float32 ones (or the other way)."""
+    recorded = meta.get("dtype")
+    if dtype == "auto" and isinstance(recorded, str) and recorded in ("float32", "bfloat16", "float16"):
+        return recorded
+    return dtype
+
+
 def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> None:
     """`lrem index --update`: embed the new and changed items of --data's catalog into the index OUT."""
     from lrem._io import is_lrem_output
@@ -141,7 +150,7 @@ def _update_index(out, data, model, batch_size, dtype, threads, truncate) -> Non
         raise ValueError(f"{out}/meta.json: field 'factory' is missing; rebuild the index")
     catalog = load_catalog(data)
     set_threads(threads, log=echo_err)
-    lrem = LREM.from_pretrained(model or idx.meta.get("model"), dtype=dtype, log=echo_err)
+    lrem = LREM.from_pretrained(model or idx.meta.get("model"), dtype=_recorded_dtype(dtype, idx.meta), log=echo_err)
     new, counts = idx.updated(lrem, catalog, batch_size=batch_size, truncate=truncate, dataset=str(data))
     new.save(out)
     typer.echo(f"updated {out}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
@@ -165,7 +174,7 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
         raise ValueError(f"{redact(spec)}: no collection to update; create it with `lrem index --data ... "
                          f"--backend {redact(spec)}`")
     catalog = load_catalog(data)
-    lrem = LREM.from_pretrained(model or old.get("model"), dtype=dtype, log=echo_err)
+    lrem = LREM.from_pretrained(model or old.get("model"), dtype=_recorded_dtype(dtype, old), log=echo_err)
     meta = {**model_identity(lrem), "dataset": str(data)}  # a local model folder recorded absolute
     counts = update(spec, lrem, catalog, meta, upload_batch=upload_batch, batch_size=batch_size,
                     truncate=truncate)
