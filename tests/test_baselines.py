@@ -104,3 +104,10 @@ def test_bm25_top_k_keeps_its_tie_rule_at_the_kth_place():
     scores = np.random.default_rng(0).integers(0, 20, 5000).astype(np.float64)
     assert top_k(scores, 50).tolist() == np.argsort(-scores, kind="stable")[:50].tolist()
     assert top_k(scores, 0).tolist() == [] and top_k(scores[:3], 10).tolist() == np.argsort(-scores[:3], kind="stable").tolist()
+
+
+def test_bm25_over_a_catalog_of_stopwords_finds_nothing_instead_of_failing():
+    from lrem.baselines import BM25Retriever
+
+    r = BM25Retriever({"a": "the", "b": "a an"}, show_progress=False)
+    assert r.search("the thing", k=2).hits == [] and [x.hits for x in r.search(["x", "y"], k=2)] == [[], []]

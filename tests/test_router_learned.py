@@ -344,3 +344,12 @@ def test_a_router_fitted_on_other_weights_is_refused(plain, routed_dir, tmp_path
     del old["fitted"]["model_fingerprint"]
     (tmp_path / "retrained" / ROUTER_FILE).write_text(json.dumps(old))
     assert isinstance(load_router(tmp_path / "retrained", theirs), LearnedRouter)
+
+
+def test_a_router_file_with_a_fractional_depth_is_refused(tmp_path):
+    """depth 2.5 in router.json was read as 2; a count must be whole."""
+    d = LearnedRouter(["margin"], [0.0], [1.0], [1.0], 0.0).to_dict()
+    for bad in (2.5, float("inf"), True, "10"):
+        with pytest.raises(ValueError, match=r"depth="):
+            LearnedRouter.from_dict({**d, "depth": bad}, "r.json")
+    assert LearnedRouter.from_dict({**d, "depth": 12.0}, "r.json").depth == 12

@@ -39,8 +39,11 @@ class BM25Retriever:
         corpus_tokens = bm25s.tokenize(
             [catalog[i] for i in self.item_ids], stopwords="en", show_progress=show_progress
         )
-        self.bm25 = bm25s.BM25(k1=k1, b=b)
-        self.bm25.index(corpus_tokens, show_progress=show_progress)
+        # a catalog of stopwords and single letters only has no vocabulary (bm25s's index fails on
+        # it): every query then finds nothing, as a query of unknown words does
+        self.bm25 = bm25s.BM25(k1=k1, b=b) if corpus_tokens.vocab else None
+        if self.bm25 is not None:
+            self.bm25.index(corpus_tokens, show_progress=show_progress)
 
     def describe(self) -> dict:
         """What the eval report records."""
@@ -54,7 +57,7 @@ class BM25Retriever:
         return [t for t in self.bm25.get_tokens_ids(tokens) if t != self.bm25.vocab_dict.get("")]
 
     def _search_one(self, query: str, k: int, allowed: np.ndarray | None = None) -> SearchResult:
-        ids = self._token_ids(query)
+        ids = self._token_ids(query) if self.bm25 is not None else []
         if not ids or k <= 0:
             return SearchResult(hits=[])
         scores = np.asarray(self.bm25.get_scores_from_ids(ids), dtype=np.float64)  # (n_items,)

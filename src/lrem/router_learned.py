@@ -121,7 +121,8 @@ class LearnedRouter(Budget):
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         try:
             return cls(d["features"], d["mean"], d["scale"], d["weights"], float(d["bias"]),
-                       threshold=float(d["threshold"]), depth=int(d["depth"]), fitted=dict(d.get("fitted") or {}))
+                       threshold=float(d["threshold"]), depth=_whole(d["depth"], "depth"),
+                       fitted=dict(d.get("fitted") or {}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -142,6 +143,13 @@ class LearnedRouter(Budget):
         except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: malformed JSON ({e})") from None
         return cls.from_dict(d, str(path))
+
+
+def _whole(value, name: str) -> int:
+    """A count read from JSON: a whole number (2.5 was read as 2), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{name}={value!r}; need a whole number")
+    return int(value)
 
 
 def load_router(model_dir, fingerprint: str | None = None) -> LearnedRouter | None:
