@@ -270,8 +270,7 @@ def embed(
 
     from lrem._threads import set_threads
     from lrem.data import load_catalog
-    from lrem._io import OutputError
-    from lrem.embed import CHUNKS, MANIFEST, VECTOR_DTYPES, embed_catalog
+    from lrem.embed import MANIFEST, VECTOR_DTYPES, check_chunk_folder, embed_catalog
     from lrem.model import LREM, default_model
 
     if vector_dtype not in VECTOR_DTYPES:
@@ -279,19 +278,20 @@ def embed(
                                  param_hint="--vector-dtype")
     model = model or default_model()
     check_output(out, data, model if Path(model).exists() else None, resume=True, run_files=(MANIFEST,))
-    other = sorted(p.name for p in out.iterdir() if p.name[:1] != "." and p.name not in (MANIFEST, CHUNKS)) \
-        if out.is_dir() else []  # (".": the marker, temp files of a rank writing the manifest)
-    if other:  # another command's lrem output (an index, a model): never mixed with chunks
-        raise OutputError(f"--out {out}: holds {', '.join(other[:3])}, not a chunk folder of `lrem embed`; "
-                          "choose a new folder")
+    check_chunk_folder(out)  # another command's lrem output (an index, a model): never mixed with chunks
     catalog = load_catalog(data)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))  # ranks wait for the slowest
     rank, world = state.process_index, state.num_processes
     set_threads(threads, log=echo_err if rank == 0 else None)
     lrem = LREM.from_pretrained(model, dtype=dtype, device=str(state.device), log=echo_err if rank == 0 else (lambda *_: None))
-    stats = embed_catalog(lrem, catalog, out, chunk_size=chunk_size, rank=rank, world=world,
-                          vector_dtype=vector_dtype, batch_size=batch_size, max_chunks=max_chunks, truncate=truncate,
-                          barrier=state.wait_for_everyone, dataset=str(data))
+    try:
+        stats = embed_catalog(lrem, catalog, out, chunk_size=chunk_size, rank=rank, world=world,
+                              vector_dtype=vector_dtype, batch_size=batch_size, max_chunks=max_chunks,
+                              truncate=truncate, barrier=state.wait_for_everyone, dataset=str(data))
+    except (ValueError, OSError):
+        if rank != 0:  # every rank refuses a mismatched resume alike: rank 0 says why, once
+            raise SystemExit(2)
+        raise
     echo_err(f"rank {rank}/{world}: encoded {len(stats.encoded)} chunks ({stats.items} items) in {stats.seconds:.1f} s "
           f"({stats.items_per_second:.1f} items/s); skipped {len(stats.skipped)} written earlier"
           + ("; stopped at --max-chunks" if stats.stopped else ""))
