@@ -310,15 +310,17 @@ def test_trec_files_rescore_with_ir_measures_and_significance_is_in_the_report(t
                                                  for i, sc in result["runs"]["bm25+cot"]["q1"]]
     assert [int(r[3]) for r in q1] == list(range(1, len(q1) + 1)) and {r[1] for r in q1} == {"Q0"}
     assert q1[0][2] == "k1" and q1[0][5] == "bm25+cot" and float(q1[0][4]) >= float(q1[1][4])
-    assert "q4 0 k3 3" in (tmp_path / "qrels.trec").read_text().splitlines()
+    assert "q4 0 k3 7" in (tmp_path / "qrels.trec").read_text().splitlines()  # grade 3 as its gain 2^3 - 1
     assert "q7" not in (tmp_path / "qrels.trec").read_text()  # only the scored queries
 
     qrels = list(ir_measures.read_trec_qrels(str(tmp_path / "qrels.trec")))
     for name in systems:
         # trec_eval ranks by score (ties by id): BM25 has no ties in the top 10 here
         run = list(ir_measures.read_trec_run(str(tmp_path / "runs" / f"{name}.trec")))
-        [r10] = ir_measures.calc_aggregate([ir_measures.R @ 10], qrels, run).values()
-        assert r10 == pytest.approx(result["systems"][name]["overall"]["hitrate@10"])
+        agg = ir_measures.calc_aggregate([ir_measures.R @ 10, ir_measures.nDCG @ 10], qrels, run)
+        assert agg[ir_measures.R @ 10] == pytest.approx(result["systems"][name]["overall"]["hitrate@10"])
+        # q4's grades 3 and 2: trec_eval's linear gains on qrels.trec give the report's exponential nDCG
+        assert agg[ir_measures.nDCG @ 10] == pytest.approx(result["systems"][name]["overall"]["ndcg@10"])
 
     sig = {(r["a"], r["b"], r["metric"]): r for r in result["significance"]}
     assert set(sig) == {("bm25", "bm25+cot", "hitrate@10"), ("bm25", "bm25+cot", "ndcg@10")}

@@ -23,14 +23,21 @@ def _dedupe(ranked: list[str]) -> list[str]:
     return list(dict.fromkeys(ranked))
 
 
+def gain(rel: int) -> int:
+    """The gain of a grade: 2**rel - 1 for a relevant one, 0 for 0 and below (a negative grade,
+    such as TREC's -2 for spam, costs nothing, as in trec_eval: nDCG stays in [0, 1])."""
+    return 2 ** rel - 1 if rel > 0 else 0
+
+
 def ndcg_at(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
-    """nDCG@k with graded gains 2**rel - 1 and a log2(rank + 1) discount.
+    """nDCG@k with graded gains 2**rel - 1 (`gain`) and a log2(rank + 1) discount; a repeated id
+    counts at its first place only.
 
     The ideal ranking is built from all judged relevances of the query, not just retrieved ones.
     """
-    dcg = sum((2 ** rels.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
-    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
-    idcg = sum((2 ** r - 1) / math.log2(i + 2) for i, r in enumerate(ideal))
+    dcg = sum(gain(rels.get(d, 0)) / math.log2(i + 2) for i, d in enumerate(_dedupe(ranked)[:k]))
+    ideal = sorted((gain(r) for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
 
 
@@ -94,7 +101,11 @@ def evaluate_slices(run, qrels, slices: dict[str, list[str]], ks=KS) -> dict[str
 
 
 def trec_qrels_lines(qrels: dict[str, dict[str, int]]) -> list[str]:
-    return [f"{q} 0 {item} {rel}" for q, rels in qrels.items() for item, rel in rels.items()]
+    """TREC qrels lines "qid 0 item gain", the grades written as their gains 2**rel - 1 (`gain`:
+    1 -> 1, 2 -> 3, 3 -> 7; 0 and below -> 0): trec_eval, ir_measures and ranx weigh nDCG's gains
+    linearly, so on these lines their nDCG@10 is the report's, and every measure that asks only
+    whether an item is relevant (rel > 0) is unchanged."""
+    return [f"{q} 0 {item} {gain(rel)}" for q, rels in qrels.items() for item, rel in rels.items()]
 
 
 def per_query_values(run: dict[str, list], qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
@@ -110,8 +121,7 @@ def per_query_values(run: dict[str, list], qrels: dict[str, dict[str, int]]) -> 
               for q, hits in run.items()}
     out: dict[str, dict[str, float]] = {}
     for metric, measure in SIGNIFICANCE_METRICS.items():
-        rels = qrels if metric != "ndcg@10" else {q: {i: 2 ** r - 1 if r > 0 else 0 for i, r in rr.items()}
-                                                    for q, rr in qrels.items()}
+        rels = qrels if metric != "ndcg@10" else {q: {i: gain(r) for i, r in rr.items()} for q, rr in qrels.items()}
         vals = {m.query_id: m.value for m in ir_measures.iter_calc([ir_measures.parse_measure(measure)], rels, ranked)}
         out[metric] = {q: float(vals.get(q, 0.0)) for q in qrels}
     return out

@@ -182,7 +182,7 @@ def _systems_md(result: dict) -> list[str]:
              str(s.get("mode", ""))] for name, s in result["systems"].items()]
     return ["## Systems", "", *_md_table(["system", "spec", "model", "index", "mode"], rows), "",
             f"Run files (TREC, depth {result.get('k')}, with scores): `runs/<system>.trec`; "
-            "judgements: `qrels.trec`.", ""]
+            "judgements: `qrels.trec` (grades written as gains 2^rel - 1, so that trec_eval's nDCG is ndcg@10 here).", ""]
 
 
 def _significance_md(result: dict) -> list[str]:
