@@ -40,9 +40,12 @@ if TYPE_CHECKING:
 
 
 def check_batch_size(batch_size) -> None:
-    """A batch size below 1 would embed nothing (range() with a negative step) and leave zero rows."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; must be >= 1")
+    """A whole number >= 1: below 1 would embed nothing (range() with a negative step) and leave zero
+    rows; 2.5, "4" or None failed inside torch with a TypeError that named nothing."""
+    import numbers
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; must be a whole number >= 1")
 
 
 @dataclass

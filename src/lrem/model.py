@@ -97,6 +97,9 @@ def as_batch(texts, name: str = "texts") -> tuple[list, bool]:
     """
     if isinstance(texts, str):
         return [texts], True
+    if hasattr(texts, "columns") and hasattr(texts, "iterrows"):  # list() of a DataFrame gives its column names
+        raise TypeError(f"{name}: expected a list (or one string), got a {type(texts).__name__}; pass one column "
+                        f"(df['title']) or, for items with more fields, df.to_dict('records')")
     if isinstance(texts, Mapping):  # list() would give its keys: a catalog {id: title} would embed the ids
         raise TypeError(f"{name}: expected a list (or one string), got a {type(texts).__name__}; for a catalog "
                         f"{{id: item}} pass list(catalog.values())")
@@ -139,6 +142,8 @@ def st_options(show_progress: bool, show_progress_bar: bool | None, normalize_em
     if not normalize_embeddings:
         raise ValueError("normalize_embeddings=False: lrem's embeddings are always L2-normalised (the model is "
                          "trained for cosine = inner product); there are no unnormalised ones")
+    if precision is None:  # sentence-transformers reads None as no quantisation
+        precision = "float32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; one of {', '.join(map(repr, PRECISIONS))}")
     return STOptions(show_progress if show_progress_bar is None else bool(show_progress_bar),
@@ -351,6 +356,8 @@ class LREM(TemplateMixin, torch.nn.Module):
 
     def _move(self, device) -> None:
         """sentence-transformers' `device=`: run there (the engine rebuilds its caches for moved weights)."""
+        if isinstance(device, (list, tuple)):  # sentence-transformers' multi-process pool
+            raise ValueError(f"device={device!r}: lrem encodes in this process on one device; pass one (or None)")
         if device is not None and torch.device(device) != self.device:
             self.lm.to(device)
 
@@ -408,10 +415,19 @@ class LREM(TemplateMixin, torch.nn.Module):
             candidates = None if candidates is None else [candidates]
         elif isinstance(cots, str):
             raise ValueError("cots: a list of strings, one per query (a string is the CoT of one query given as a string)")
+        elif cots is not None:  # as the queries: a generator, a Series; a dict {query: cot} would give its keys
+            cots = as_batch(cots, "cots")[0]
         for i, t in enumerate(texts):
             check_query(t, "query" if one else f"texts[{i}]")
         if cots is not None and len(cots) != len(texts):
             raise ValueError(f"{len(cots)} cots for {len(texts)} queries")
+        for i, c in enumerate(cots or ()):  # "" is a CoT (direct); anything else but a string failed at .strip()
+            if not isinstance(c, str):
+                raise ValueError(f"cots[{i}] is not a string ({type(c).__name__})")
+        for i, titles in enumerate(candidates or ()):  # a string would be shown as its characters, "t; e; a"
+            if isinstance(titles, str):
+                raise ValueError(f"candidates[{i}]: {titles!r:.60} is a string; give each query a list of titles "
+                                 f"(or None)")
         self._move(device)
         if not texts:
             enc = QueryEncoding(np.zeros((0, self.dim), dtype=np.float32), [])

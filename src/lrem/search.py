@@ -30,7 +30,7 @@ from .index import ItemIndex, check_k, model_fingerprint, open_index
 from .model import LREM, as_batch
 from .router import LearnedRouter, Router
 from .search_types import (DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult,
-                           grounded_inputs)
+                           grounded_inputs, query_batch)
 
 __all__ = ["MODES", "Hit", "Retriever", "Routed", "SearchResult", "Searcher", "random_cot"]
 
@@ -147,6 +147,8 @@ class Searcher:
         `LREM.encode_queries` gives its encoding), no queries []."""
         queries, one = as_batch(queries, "queries")
         if one and cots is not None:
+            if not isinstance(cots, str):  # wrapped, a list became one "CoT" that failed at .strip()
+                raise ValueError(f"one query (a string) takes one CoT as a string, got {type(cots).__name__}")
             cots = [cots]
         k = check_search(queries, k)
         mode = mode or ("reason" if cots is not None else "auto")
@@ -544,9 +546,11 @@ class _GivenCotRetriever(_ModeRetriever):
         super().__init__(searcher, "reason")
         self.cots, self.path = cots, path
 
-    def search(self, queries: list[str], k: int = 10) -> list[SearchResult]:
+    def search(self, queries: list[str] | str, k: int = 10) -> list[SearchResult] | SearchResult:
+        queries, one = query_batch(queries)  # one string: its result alone, not one CoT per character
         self.n_queries += len(queries)
-        return self.searcher.search(queries, k=k, mode="reason", cots=[self.cots.get(q, "") for q in queries])
+        out = self.searcher.search(queries, k=k, mode="reason", cots=[self.cots.get(q, "") for q in queries])
+        return out[0] if one else out
 
     def describe(self) -> dict:
         return {**super().describe(), "mode": f"cots={self.path}"}
