@@ -114,3 +114,14 @@ def test_a_batch_size_that_is_no_whole_number_is_named(tiny):
         with pytest.raises(ValueError, match=f"batch_size={bad!r}; must be a whole number >= 1"):
             tiny.encode_items(["teapot"], batch_size=bad)
     assert tiny.encode_items(["teapot"], batch_size=np.int64(2)).shape == (1, tiny.dim)
+
+
+def test_a_catalog_as_a_pandas_series_indexes_as_its_dict(tiny):
+    """ItemIndex.build on a Series indexed by item id failed inside ('ArrowStringArray' object is
+    not callable); a list, whose ids are unknown, is refused with what to pass."""
+    pd = pytest.importorskip("pandas")
+    from_series = ItemIndex.build(tiny, pd.Series(CATALOG), show_progress=False)
+    from_dict = ItemIndex.build(tiny, CATALOG, show_progress=False)
+    assert from_series.item_ids == from_dict.item_ids and from_series.titles == from_dict.titles
+    with pytest.raises(ValueError, match=r"catalog: expected a mapping of item id -> title or item, got a list"):
+        ItemIndex.build(tiny, list(CATALOG.values()), show_progress=False)

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write, write_json
-from .index import FILTER_FIELDS, MODEL_KEYS, item_digest, item_facets, model_identity
+from .index import FILTER_FIELDS, MODEL_KEYS, catalog_items, item_digest, item_facets, model_identity
 
 MANIFEST = "embed.json"
 CHUNKS = "chunks"
@@ -331,7 +331,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
     barrier = barrier or (lambda: None)
     out = Path(out)
     check_chunk_folder(out)
-    ids, items = list(catalog), list(catalog.values())
+    ids, items = catalog_items(catalog)
     titles = [x if isinstance(x, str) else (x.get("title") if isinstance(x, dict) else x.title) for x in items]
     n_chunks = -(-len(ids) // chunk_size)
     digests = [item_digest(model, x) for x in items]

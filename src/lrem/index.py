@@ -257,6 +257,21 @@ def model_fingerprint(model) -> str:
 MODEL_KEYS = ("model", "model_fingerprint", "item_template", "dim")
 
 
+def catalog_items(catalog) -> tuple[list[str], list]:
+    """(item ids, items) of a catalog: a mapping item_id -> title / Item / dict, or anything with
+    `.items()` giving such pairs (a pandas Series indexed by id). A list, whose ids are unknown,
+    is a ValueError that says what to pass."""
+    pairs = getattr(catalog, "items", None)
+    if not callable(pairs):
+        raise ValueError(f"catalog: expected a mapping of item id -> title or item, got a {type(catalog).__name__}; "
+                         "e.g. dict(zip(ids, titles))")
+    ids, items = [], []
+    for i, x in pairs():
+        ids.append(i)
+        items.append(x)
+    return ids, items
+
+
 def model_identity(model) -> dict:
     """`MODEL_KEYS` of `model` (its source, weight fingerprint, item template and dim) and its dtype. A local
     folder is recorded as an absolute path: `lrem search`, `serve` and `index --update` load the
@@ -389,9 +404,7 @@ class ItemIndex:
         model's item template may name) with `model.encode_items` and index it. `truncate`: item
         texts over the model's `max_item_tokens` are cut (their count is `meta["truncated_items"]`)
         or an error."""
-        if not hasattr(catalog, "values"):
-            raise ValueError(f"catalog: expected a mapping of item id -> title or item, got {type(catalog).__name__}")
-        ids, items = list(catalog), list(catalog.values())
+        ids, items = catalog_items(catalog)
         check_item_ids(ids)  # before the embedding, not after
         factory, search_params = resolve_factory(factory, search_params, len(ids), model.dim)
         check_factory(factory, search_params, model.dim, len(ids))  # fail now, not after embedding
@@ -431,7 +444,7 @@ class ItemIndex:
             raise ValueError(f"{e}; rebuild the index with a smaller factory (`lrem index --overwrite --factory "
                              "...`)") from None
         vectors = stored_vectors(self.index)  # (n_old, dim), before any work
-        ids, items = list(catalog), list(catalog.values())
+        ids, items = catalog_items(catalog)
         pos = {i: n for n, i in enumerate(self.item_ids)}
         digests, same = unchanged_items(model, items, [
             None if i not in pos else (None if self.digests is None else self.digests[pos[i]], self.titles[pos[i]])

@@ -424,7 +424,7 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
     Every step is idempotent, so a killed update rerun finishes it. Returns the counts."""
     from tqdm.auto import tqdm
 
-    from .index import item_facets, unchanged_items
+    from .index import catalog_items, item_facets, unchanged_items
     from .prompts import item_fields
 
     t0 = time.perf_counter()
@@ -436,7 +436,7 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
         writer.meta = {**writer.previous, **writer.meta}  # keeps what the upload recorded (its seconds, ...)
         fields = ["item_id", "title"] + ([DIGEST] if writer.has_digests else [])
         have = {r["item_id"]: r for r in iter_rows(writer.client, writer.name, fields)}
-        ids, items = list(catalog), list(catalog.values())
+        ids, items = catalog_items(catalog)
         digests, same = unchanged_items(model, items, [
             None if i not in have else (have[i].get(DIGEST), have[i]["title"]) for i in ids])
         todo = [n for n, kept in enumerate(same) if not kept]
