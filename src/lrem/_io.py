@@ -56,16 +56,22 @@ def write_marker(folder: Path) -> None:
     (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
 
 
+def _read_marker(folder: Path) -> dict | None:
+    """The JSON object in `folder`'s marker (writer, files), or None: no marker, or not one lrem wrote."""
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def record_files(folder: Path, *names: str) -> None:
     """Note in `folder`'s marker the top-level entries lrem wrote there: all of them now (no
     `names`: `atomic_dir`, before its folder goes into place), or `names` added to the record (a
     file a later command writes into an output, e.g. a model's router.json). An --overwrite then
     refuses a folder that holds entries lrem did not write (`unrecorded`)."""
-    try:
-        info = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(info, dict):
+    info = _read_marker(folder)
+    if info is None:
         return
     if names:
         if not isinstance(info.get("files"), list):
@@ -80,11 +86,7 @@ def unrecorded(folder: Path) -> list[str]:
     """Top-level entries of an lrem output folder that its marker does not list as lrem's (a user's
     notes, a plot): none where the marker lists nothing (a run folder written in place, an older
     lrem's). Names starting with "." are left out (temp files, editors' and systems' own)."""
-    try:
-        info = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return []
-    listed = info.get("files") if isinstance(info, dict) else None
+    listed = (_read_marker(folder) or {}).get("files")
     if not isinstance(listed, list):
         return []
     return sorted(p.name for p in folder.iterdir() if p.name[:1] != "." and p.name not in listed)
@@ -235,12 +237,8 @@ def _restore_set_aside(path: Path) -> None:
 def _dead_writer(folder: Path) -> bool:
     """Whether `folder`'s marker names a process of this host that no longer runs (False where it
     has no marker yet, or is not ours)."""
-    try:
-        info = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(info, dict) and info.get("host") == socket.gethostname()
-            and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]))
+    info = _read_marker(folder) or {}
+    return info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"])
 
 
 def _foreign(path: Path, tries: int = 3) -> bool:

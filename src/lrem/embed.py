@@ -78,7 +78,12 @@ def read_pin(path: str | os.PathLike) -> dict | None:
     """A chunk's pin (`chunk_pin`), or None where it has none (written by an older lrem)."""
     import pyarrow.parquet as pq
 
-    raw = (pq.read_metadata(path).metadata or {}).get(PIN)
+    return _pin_of(pq.read_metadata(path))
+
+
+def _pin_of(metadata) -> dict | None:
+    """The pin in a chunk's Parquet file metadata (`read_pin`)."""
+    raw = (metadata.metadata or {}).get(PIN)
     try:
         pin = json.loads(raw) if raw is not None else None
     except ValueError:
@@ -222,8 +227,13 @@ def _chunk_ok(path: Path, n: int, pin: dict) -> bool:
     """Whether a chunk file is there whole (its Parquet footer readable, n rows) and of this run
     (`chunk_pin`): a copy cut short or damaged outside lrem, or a chunk another run wrote, is
     embedded again (lrem's own writes are atomic)."""
+    import pyarrow.parquet as pq
+
     try:
-        return path.is_file() and _rows(path) == n and pin_mismatch(read_pin(path), pin) is None
+        if not path.is_file():
+            return False
+        metadata = pq.read_metadata(path)  # the footer once: its rows and its pin
+        return metadata.num_rows == n and pin_mismatch(_pin_of(metadata), pin) is None
     except Exception:  # noqa: BLE001 - pyarrow's errors for a bad footer vary (ArrowInvalid, OSError)
         return False
 
