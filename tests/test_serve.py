@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -523,27 +525,54 @@ def test_clients_that_hang_up_are_not_computed_and_count_as_499(searcher):
 
 
 def test_max_requests_is_a_503_that_spares_health_checks_and_metrics(searcher):
-    """One request in flight (its body still coming) with max_requests=1: the next gets a 503 in
-    the error shape with Retry-After, /health and /metrics still answer, and the held one then completes."""
+    """max_requests=1 with requests kept in progress (two clients posting reason batches of new
+    texts): another gets a 503 in the error shape with Retry-After, /health and /metrics still
+    answer, and once the load stops requests succeed again."""
     with background_server(create_app(searcher, ServeConfig(max_requests=1))) as base:
-        body = json.dumps({"query": "a mug", "k": 2, "mode": "direct"}).encode()
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as held:
-            held.sendall(raw_request("/search", body[:5], declared=len(body)))
-            deadline = time.monotonic() + 30
-            while (r := post(base, "/search", {"query": "a lamp"})).status_code != 503:  # once the held one is in
+        stop, sent = threading.Event(), itertools.count()
+
+        def busy():
+            with httpx.Client(timeout=60) as client:
+                while not stop.is_set():  # new texts each time: the cache must not answer them
+                    client.post(base + "/v1/embeddings", json={"model": "lrem-query-reason",
+                                                               "input": [f"a gift idea {next(sent)}" for _ in range(8)]})
+
+        workers = [threading.Thread(target=busy) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            deadline = time.monotonic() + 60
+            while (r := post(base, "/search", {"query": "a lamp", "mode": "direct"})).status_code != 503:
                 assert r.status_code == 200 and time.monotonic() < deadline, r.text
             assert "max_requests=1" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
-            assert httpx.get(base + "/info").status_code == 503
             # monitoring sees the overload: a scrape refused by it would read as the server down
             text = httpx.get(base + "/metrics").text
             assert metric(text, "lrem_http_requests_total", path="/search", status="503") >= 1
             for path in ("/health", "/healthz"):
                 assert httpx.get(base + path).status_code == 200 and httpx.head(base + path).status_code == 200
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+        assert post(base, "/search", {"query": "a lamp", "mode": "direct"}).status_code == 200
+
+
+def test_a_client_still_sending_its_body_holds_no_request_slot(searcher):
+    """max_requests=1 and a client that has sent half its body: other requests are served (it
+    holds a connection, not one of the requests in progress), and it is answered once the rest
+    arrives."""
+    with background_server(create_app(searcher, ServeConfig(max_requests=1))) as base:
+        body = json.dumps({"query": "a mug", "k": 2, "mode": "direct"}).encode()
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as held:
+            held.sendall(raw_request("/search", body[:5], declared=len(body)))
+            time.sleep(0.3)  # its headers and first bytes are in
+            for q in ("a lamp", "a teapot", "a sofa"):
+                r = post(base, "/search", {"query": q, "k": 2, "mode": "direct"})
+                assert r.status_code == 200, r.text
+            assert httpx.get(base + "/info").status_code == 200
             held.sendall(body[5:])
             assert held.recv(65536).startswith(b"HTTP/1.1 200")
-        assert post(base, "/search", {"query": "a lamp", "mode": "direct"}).status_code == 200
-        assert metric(httpx.get(base + "/metrics").text, "lrem_http_requests_total", path="/search", status="503") >= 1
 
 
 def test_a_forwarded_client_is_not_local(url):

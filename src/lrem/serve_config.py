@@ -65,8 +65,8 @@ class ServeConfig:
         "help": "Time a connection may take to send a request's headers (closed after)."})
     body_timeout_s: float = field(default=10.0, metadata={"help": "Time a client may take to send a body (408 after)."})
     max_requests: int = field(default=256, metadata={
-        "help": "Requests in progress beyond this get a 503 in the error shape, with Retry-After (/health(z) and "
-                "/metrics exempt)."})
+        "help": "Requests in progress (counted once their body has arrived) beyond this get a 503 in the error "
+                "shape, with Retry-After (/health(z) and /metrics exempt)."})
     max_connections: int = field(default=1024, metadata={
         "help": "Open connections beyond this get uvicorn's own plain-text 503, health checks included (a backstop "
                 "above max_requests: a proxy in front should cap connections)."})

@@ -26,7 +26,7 @@ def is_json(content_type: bytes | None) -> bool:
 
 class RequestGuard:
     """ASGI middleware: checks the API key, refuses requests beyond `max_requests` in progress
-    (health checks and /metrics exempt), rejects slow, oversized or non-UTF-8 bodies before
+    (counted once their body has arrived; health checks and /metrics exempt), rejects slow, oversized or non-UTF-8 bodies before
     parsing, has every body read as JSON, stops a request whose client has gone; counts and times
     requests."""
 
@@ -72,13 +72,21 @@ class RequestGuard:
             if not self.authorized(scope):
                 return await JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)"),
                                           401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
+            # the body first: a client still sending it (up to body_timeout_s) holds a connection,
+            # which max_connections bounds, but not one of the max_requests the model's work is held to
+            body, problem = await self._read_body(scope, receive)
+            if body is None:  # the client went away mid-body
+                status[0] = 499
+                return
+            if problem:
+                return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send_counted)
             if holds and self.in_progress >= self.max_requests:
                 message = f"server busy: {self.in_progress} requests in progress (max_requests={self.max_requests})"
                 return await JSONResponse(error_body(503, message), 503, headers={"Retry-After": "1"})(
                     scope, receive, send_counted)
             self.in_progress += holds
             try:
-                await self._serve(scope, receive, send_counted, status, finished)
+                await self._serve(scope, body, receive, send_counted, status, finished)
             finally:
                 self.in_progress -= holds
         finally:
@@ -87,18 +95,10 @@ class RequestGuard:
             self.metrics.requests.labels(path, str(status[0] or 500)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
 
-    async def _serve(self, scope, receive, send, status: list, finished: list) -> None:
-        """Read the body, then run the app while watching the client: one gone before its answer
+    async def _serve(self, scope, body: bytes, receive, send, status: list, finished: list) -> None:
+        """Run the app on the body read, while watching the client: one gone before its answer
         cancels the app (the batcher then drops its queued texts) and counts as 499 (nginx's
         "client closed")."""
-        from starlette.responses import JSONResponse
-
-        body, problem = await self._read_body(scope, receive)
-        if body is None:  # the client went away mid-body
-            status[0] = 499
-            return
-        if problem:
-            return await JSONResponse(error_body(*problem), problem[0])(scope, receive, send)
         if body and not is_json(dict(scope["headers"]).get(b"content-type")):
             # curl -d sends application/x-www-form-urlencoded, other clients text/plain or nothing,
             # and FastAPI then leaves the body unparsed (every field "missing"): read it as JSON
