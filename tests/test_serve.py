@@ -369,8 +369,28 @@ def test_health_info_openapi_and_metrics(url, tiny):
                  "lrem_cache_hit_rate", "lrem_router_reason_share", "lrem_queue_depth"):
         assert name in r.text, name
     assert metric(r.text, "lrem_http_requests_total", path="/search", status="200") >= 1
-    assert metric(r.text, "lrem_queries_total", mode="auto", mode_used="direct") + metric(
-        r.text, "lrem_queries_total", mode="auto", mode_used="reason") >= 1
+    searched = [metric(r.text, "lrem_queries_total", endpoint="search", mode="auto", mode_used=m)
+                for m in ("direct", "reason")]
+    assert sum(searched) >= 1
+
+
+def test_queries_are_counted_by_endpoint(searcher):
+    """lrem_queries_total: a search, an embedding and a rerank each count under their own endpoint
+    (an auto embedding routes through a search of the index, and is still an embedding)."""
+    with background_server(create_app(searcher, ServeConfig())) as base:
+        post(base, "/search", {"query": "a kettle", "k": 2, "mode": "direct"})
+        for model in ("lrem-query-auto", "lrem-query-direct"):
+            assert post(base, "/v1/embeddings", {"model": model, "input": ["a kettle"]}).status_code == 200
+        assert post(base, "/rerank", {"query": "a kettle", "texts": ["teapot", "mug"]}).status_code == 200
+        text = httpx.get(base + "/metrics").text
+
+        def count(endpoint, mode):
+            return sum(metric(text, "lrem_queries_total", endpoint=endpoint, mode=mode, mode_used=m)
+                       for m in ("direct", "reason"))
+
+        assert count("search", "direct") == 1 and count("search", "auto") == 0
+        assert count("embeddings", "auto") == 1 and count("embeddings", "direct") == 1
+        assert count("rerank", "auto") + count("rerank", "direct") + count("rerank", "reason") == 1
 
 
 def test_what_other_clients_send_and_ask(url, tiny):

@@ -310,7 +310,7 @@ def create_app(searcher, config: ServeConfig | None = None):
         async def one(text):
             if kind == "item":
                 return (await service.embed(kind, text))[:2]
-            return (await service.embed_query(text, kind))[:2]
+            return (await service.embed_query(text, kind, "embeddings"))[:2]
 
         done = await limited(asyncio.gather(*(one(t) for t in texts)))
         if req.dimensions not in (None, dim):

@@ -101,7 +101,8 @@ class ServeMetrics:
                                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.cache = Counter("lrem_cache_lookups", "Cache lookups by kind and result (hit, miss).",
                              ["kind", "result"], registry=r)
-        self.queries = Counter("lrem_queries", "Searches by requested mode and mode used.", ["mode", "mode_used"],
+        self.queries = Counter("lrem_queries", "Queries embedded, by endpoint (search, embeddings, rerank), requested "
+                               "mode and mode used.", ["endpoint", "mode", "mode_used"],
                                registry=r)
         self.truncated = Counter("lrem_truncated_inputs", "Texts cut to the model's token limit when embedded, by "
                                  "side (query, item).", ["side"], registry=r)
@@ -179,11 +180,12 @@ class SearchService:
         return cot, emb, False
 
     async def query(self, text: str, mode: str, k: int, lexical_weight: float | None = None,
-                    where: dict | None = None) -> dict:
+                    where: dict | None = None, endpoint: str = "search") -> dict:
         """Embed (direct, reason, or direct then routed: `Searcher.route`), search; a
         `SearchResponse` as a dict, plus the embedding the items were found with. `lexical_weight`
         not None: hybrid search, the dense top `FUSION_DEPTH` fused with BM25's (`lrem.fusion`).
-        `where`: a filter (`ItemIndex.allowed`) both keep to."""
+        `where`: a filter (`ItemIndex.allowed`) both keep to. `endpoint`: the metrics' label of
+        the caller (an auto or grounded query embedded for /v1/embeddings or rerank searches too)."""
         if lexical_weight is not None and not self.config.hybrid:
             raise ValueError(HYBRID_OFF)
         t_start, hits, searcher = time.perf_counter(), [], self.searcher  # one index per query, reloads or not
@@ -207,20 +209,22 @@ class SearchService:
         if mode == "auto":
             self.n_auto += 1
             self.n_auto_reasoned += reasoned
-        self.metrics.queries.labels(mode, mode_used).inc()
+        self.metrics.queries.labels(endpoint, mode, mode_used).inc()
         title = searcher.index.title
         items = [{"item_id": h.item_id, "title": title(h.item_id), "score": h.score} for h in result.hits]
         return {"query": text, "cot": result.cot, "mode_used": mode_used, "cached": all(hits), "items": items,
                 "embedding": routed.embeddings[0],
                 "timings_ms": {**timings, "total": round(1000.0 * (time.perf_counter() - t_start), 3)}}
 
-    async def embed_query(self, text: str, mode: str) -> tuple[str, np.ndarray, str]:
+    async def embed_query(self, text: str, mode: str, endpoint: str) -> tuple[str, np.ndarray, str]:
         """(cot, embedding, mode used) of a normalised query in any mode: direct and reason from the
-        cache or the batcher; auto and grounded search the index first (`query`)."""
+        cache or the batcher; auto and grounded search the index first (`query`). `endpoint`:
+        the caller, for the metrics."""
         if mode in ("direct", "reason"):
             cot, emb, _ = await self.embed(mode, text)
+            self.metrics.queries.labels(endpoint, mode, mode).inc()
             return cot, emb, mode
-        r = await self.query(text, mode, 1)
+        r = await self.query(text, mode, 1, endpoint=endpoint)
         return r["cot"], r["embedding"], r["mode_used"]
 
     async def rerank(self, query: str, mode: str, texts: list[str] | None = None,
@@ -241,7 +245,7 @@ class SearchService:
                 raise ValueError("this index does not keep its items' vectors as added (compressed codes): send "
                                  "the candidates as texts")
             titles = [searcher.index.title(i) for i in item_ids]
-        cot, q, mode_used = await self.embed_query(query, mode)
+        cot, q, mode_used = await self.embed_query(query, mode, "rerank")
         t_query = time.perf_counter()
         if item_ids is None:
             rows = await asyncio.gather(*(self.batcher.submit("item", t) for t in texts))  # batched, not one by one
