@@ -30,7 +30,8 @@ import numpy as np
 import lrem.index
 from _common import machine, name_arg, table, write
 from index import unit_vectors
-from lrem.index import ItemIndex, build_index, ivf_lists
+from lrem.index import ItemIndex, build_index
+from lrem.index_base import ivf_lists
 
 # (factory, search params): the recipes `--factory auto` picks (Flat; IVF-PQ fast-scan re-ranked)
 # and HNSW; params as in README "Index recipes"

@@ -18,7 +18,8 @@ import faiss
 import numpy as np
 
 from _common import machine, name_arg, table, write
-from lrem.index import auto_recipe, build_index, ivf_lists, set_search_params
+from lrem.index import auto_recipe, build_index, set_search_params
+from lrem.index_base import ivf_lists
 
 # factory, search parameters: HNSW with M=32 and a wide beam; IVF with ~4 sqrt(n) lists and 64
 # 4-bit PQ codes (fast-scan; 8-bit "PQ64" trains 64 k-means of 9-d points, which takes faiss

@@ -14,9 +14,9 @@ if [ "$workers" -gt 1 ]; then
   par=(-n "$workers" --dist loadfile)
   # the built-in models' caches ($LREM_HOME: the GGUF converted once, the shipped deltas applied),
   # made before the workers start rather than by each of them at once
-  HF_HUB_OFFLINE=1 "$py" -c "from lrem import backbones, delta
+  HF_HUB_OFFLINE=1 "$py" -c "from lrem import backbones, delta, model
 backbones.builtin_path('smollm2-135m-instruct')
 for name in delta.shipped():
-    delta.materialise(name)"
+    model.materialise(name)"
 fi
 exec "$py" -m pytest ${par[@]+"${par[@]}"} "${@:--q}"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, apply_delta, make_delta, materialise
-from lrem.model import LREM
+from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, apply_delta, make_delta
+from lrem.model import LREM, materialise
 
 TEXTS = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea"]
 
@@ -156,3 +156,33 @@ def test_lrem_delta_refuses_a_folder_that_is_not_a_trained_lrem_model_before_loa
                         "--out", str(tmp_path / "delta")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a trained lrem model (no lrem_config.json)" in r.stderr, r.stderr
     assert "Errno" not in r.stderr and not (tmp_path / "delta").exists()
+
+
+def test_lrem_delta_of_a_run_still_training_says_so_before_loading(tmp_path, tiny_dir):
+    """A run folder mid-training holds checkpoints but no model yet: `lrem delta` says that training
+    has not finished (it said the folder was not one `lrem train` wrote), and writes nothing."""
+    from lrem.train import SFTConfig, train
+
+    triplets = tmp_path / "t.jsonl"
+    triplets.write_text("".join(json.dumps({"query_id": f"q{i}", "query": f"something like a {w}", "cot": w,
+                                            "item_id": f"i{i}", "item_title": w}) + "\n"
+                                for i, w in enumerate(["corkscrew", "chair", "coffee", "teapot"])))
+    cfg = SFTConfig(model=str(tiny_dir), batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, save_steps=1,
+                    max_steps=3, lora_r=4)
+    train(cfg, tmp_path / "run", triplets=triplets, stop_after_step=1, log=lambda *_: None)  # as if killed
+    r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "delta")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "run: training has not finished there (checkpoints up to step-0000001, no final model yet)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "delta").exists()
+
+
+def test_lrem_delta_against_a_base_it_was_not_trained_from_names_both(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "trained")  # its base: the tiny folder, of another width than SmolLM2
+    r = subprocess.run([sys.executable, "-m", "lrem.cli", "delta", "--model", str(tmp_path / "trained"), "--out",
+                        str(tmp_path / "delta"), "--base", "smollm2-135m-instruct"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{tmp_path / 'trained'} against the base smollm2-135m-instruct: model.embed_tokens.weight: shape" in r.stderr
+    assert "not a fine-tune of it; pass the backbone it was trained from as --base" in r.stderr
+    assert not (tmp_path / "delta").exists()

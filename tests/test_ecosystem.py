@@ -228,7 +228,7 @@ def test_a_hub_name_fails_fast_in_one_line_when_the_hub_is_unreachable(tmp_path)
 def test_a_missing_model_folder_is_named_as_one(tmp_path):
     """A model path that names no folder: a path is never asked of the hub; a relative one whose
     parent exists says so; the built-ins listed include the shipped trained models."""
-    from lrem.backbones import resolve_backbone
+    from lrem.model import resolve_backbone
 
     for path in (tmp_path / "gone", "./gone", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="no such model folder"):
@@ -269,6 +269,37 @@ def test_export_of_a_multi_field_template_takes_the_filled_template(tiny, tmp_pa
     cli = lrem_cli("index", "--data", str(tmp_path / "catalog.jsonl"), "--out", str(tmp_path / "idx"), "--model",
                    str(tmp_path / "st"), "--threads", "1")
     assert cli.returncode == 2 and "a sentence-transformers export" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_an_export_names_its_modules_as_vllm_reads_them_and_its_card_says_what_it_does(tiny, tmp_path):
+    """vLLM finds an export's pooling and normalisation in modules.json by the classic module names
+    (`sentence_transformers.models.Pooling`, `...Normalize`); under sentence-transformers 6's new
+    names it found neither. The card of an export states what the folder does, not what lrem does:
+    sentence-transformers cuts only at max_seq_length, and `lrem eval` measures the LREM folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from lrem.export import export_sentence_transformers, read_export
+
+    export_sentence_transformers(tiny, tmp_path / "st", log=lambda *_: None)
+    modules = json.loads((tmp_path / "st" / "modules.json").read_text())
+    # the lookup of vLLM's get_pooling_config: exact type names, then the flags set to true
+    pooling = [m for m in modules if m["type"] == "sentence_transformers.models.Pooling"]
+    assert len(pooling) == 1 and any(m["type"] == "sentence_transformers.models.Normalize" for m in modules)
+    flags = json.loads((tmp_path / "st" / pooling[0]["path"] / "config.json").read_text())
+    assert [k for k, v in flags.items() if v is True and k.startswith("pooling_mode_")] == ["pooling_mode_lasttoken"]
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")  # sentence-transformers 6 loads the classic names
+    assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Normalize"]
+    assert (st.encode_document(ITEMS[:3]) * tiny.encode_items(ITEMS[:3])).sum(1).min() >= 0.9999
+    # an item over lrem's limit but within max_seq_length: lrem cuts it, sentence-transformers does not
+    long = " ".join(f"word{i}" for i in range(30))
+    n = len(tiny.tokenizer(tiny.item_texts([long])[0])["input_ids"])
+    assert len(tiny.tokenizer(long)["input_ids"]) > tiny.config.max_item_tokens and n < st.max_seq_length
+    assert (st.encode_document([long]) * tiny.encode_items([long])).sum() < 0.9999
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "sentence-transformers cuts an input only at `max_seq_length`" in card
+    assert "or refused, as the caller's `truncate` option says" not in card  # lrem's rule, not the folder's
+    assert "measures the LREM folder it was exported from (`source` in `lrem_export.json`)" in card
+    assert read_export(tmp_path / "st")["source"] == tiny.source
 
 
 def test_cli_index_takes_a_bare_catalog(tiny_dir, tmp_path):

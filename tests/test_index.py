@@ -130,7 +130,8 @@ def test_an_index_whose_named_model_changed_weights_is_refused(tmp_path, tiny_di
 
     import torch
 
-    from lrem.index import ItemIndex, model_fingerprint
+    from lrem.index import ItemIndex
+    from lrem.index_base import model_fingerprint
     from lrem.model import LREM
     from lrem.search import Searcher
 
@@ -157,9 +158,11 @@ def test_auto_recipe_by_catalog_size():
     import doctest
 
     import lrem.index
+    import lrem.index_base
     from lrem.index import auto_recipe, resolve_factory
 
     assert doctest.testmod(lrem.index).failed == 0
+    assert doctest.testmod(lrem.index_base).failed == 0  # ivf_lists
     assert auto_recipe(50_000, 576) == ("Flat", "")
     assert auto_recipe(60_000, 576) == ("IVF512,PQ64x4fs,RFlat", lrem.index.IVFPQ_PARAMS)
     assert auto_recipe(20_000_000, 100) == ("IVF16384,PQ50x4fs,RFlat", lrem.index.IVFPQ_PARAMS)
@@ -358,7 +361,7 @@ def test_a_pq_factory_with_more_centroids_than_items_is_refused_before_embedding
 def test_an_index_records_a_relative_model_folder_as_absolute(tmp_path, tiny_dir, monkeypatch):
     """`lrem index --model runs/m` recorded "runs/m": `lrem search`, `serve` and `index --update` load
     the model the index names, and from another folder found none there."""
-    from lrem.index import model_identity
+    from lrem.index_base import model_identity
     from lrem.model import LREM
     from lrem.search import Searcher
 

@@ -51,7 +51,7 @@ def outputs(model: LREM) -> dict:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_native_equals_transformers(lrem_dirs, arch, dtype):
-    from lrem.index import model_fingerprint
+    from lrem.index_base import model_fingerprint
     from lrem.network import CausalLM
 
     hf = LREM.from_pretrained(str(lrem_dirs[arch]), dtype=dtype)

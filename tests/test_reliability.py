@@ -294,7 +294,7 @@ def test_version_and_short_help():
 
 
 def test_bad_embeddings_never_reach_an_index(tiny):
-    from lrem.index import check_embeddings
+    from lrem.index_base import check_embeddings
 
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -316,7 +316,7 @@ def test_router_fit_command_writes_router_json_and_refuses_bad_outputs(tiny, tmp
 def test_a_router_fitted_on_other_weights_is_refused(plain, routed_dir, tmp_path):
     """router.json records the weights it was fitted on; beside another model (copied into a retrained
     folder or a delta's), loading it with that model's fingerprint is an error, not a silent misroute."""
-    from lrem.index import model_fingerprint
+    from lrem.index_base import model_fingerprint
     from lrem.router import load_router
 
     mine = model_fingerprint(plain.model)

@@ -168,7 +168,7 @@ def test_update_embeds_only_what_changed_and_searches_like_a_fresh_build(tmp_pat
     """`lrem.vectordb.update`: the collection equals a fresh upload of the new catalog; only new
     and changed items are embedded; a rerun has nothing to do."""
     from lrem.data import Item
-    from lrem.index import item_digest, item_facets
+    from lrem.index_base import item_digest, item_facets
     from lrem.search import Searcher
     from lrem.vectordb import update
 
@@ -337,7 +337,7 @@ def test_any_id_is_looked_up_resumed_updated_and_deleted(tmp_path, tiny):
     """Ids (and filter values) with quotes, backslashes, control characters: Milvus expressions
     are written with its own escapes (`milvus_string`), never pymilvus's unescaped get/delete."""
     from lrem.data import Item
-    from lrem.index import item_digest, item_facets
+    from lrem.index_base import item_digest, item_facets
     from lrem.vectordb import milvus_string, update
 
     kinds = ["mug", "teapot", "kettle", "sofa", "rug", "lamp"]

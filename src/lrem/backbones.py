@@ -1,5 +1,6 @@
-"""Backbones: the built-in models shipped in registry wheels (GGUF, converted once), how a name
-resolves to a folder, the dtype the hardware runs fastest, and the new tokens' first embeddings."""
+"""Backbones: the built-in models shipped in registry wheels (GGUF, converted once), hub models'
+local snapshots, the dtype the hardware runs fastest, and the new tokens' first embeddings. Which
+folder a model name means, shipped trained models included, is `lrem.model.resolve_backbone`."""
 from __future__ import annotations
 
 import hashlib
@@ -159,36 +160,8 @@ def builtin_path(name: str, log=print) -> Path:
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
 
-def resolve_backbone(name_or_path: str, log=print) -> str:
-    """A local folder -> itself; a built-in name -> its converted folder (no hub); a shipped trained
-    model (`lrem.delta`) -> its folder, built from its base and delta once; anything else is a
-    Hugging Face hub name -> its local snapshot, downloaded when the hub is reachable.
-
-    The hub is asked only for hub names, once, with a short timeout and no retries, so an
-    unreachable hub is one clear error (FileNotFoundError) in about a second, not a minute of
-    retries and a traceback. A snapshot already in the HF cache loads offline.
-    """
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "delta.json").is_file() and not (path / "config.json").exists():
-        from .delta import materialise  # a delta folder (`lrem delta --out`): base + delta, built once
-
-        return str(materialise(path.resolve().name, path, log=log))
-    if path.exists():
-        return str(name_or_path)
-    if name_or_path in BUILTINS:
-        return str(builtin_path(name_or_path, log=log))
-    from .delta import materialise, shipped
-
-    if name_or_path in shipped():
-        return str(materialise(name_or_path, log=log))
-    name = str(name_or_path)
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, never a hub name (ORG/NAME)
-        raise FileNotFoundError(f"{name!r} is not a folder: no such model folder here")
-    return hub_snapshot(name, log=log)
-
-
 def hub_snapshot(name: str, log=print) -> str:
-    """The local folder of hub model `name` (see `resolve_backbone`)."""
+    """The local folder of hub model `name` (see `lrem.model.resolve_backbone`)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -283,7 +256,7 @@ def native_supported(path: str, add_special_tokens: bool, device: str = "cpu") -
 
 def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: bool, runtime: str = "transformers",
                   device: str = "cpu"):
-    """(causal LM, tokenizer) from `path`, a model folder or hub name (`resolve_backbone(name)`;
+    """(causal LM, tokenizer) from `path`, a model folder or hub name (`lrem.model.resolve_backbone(name)`;
     errors name `name`). With `add_special_tokens` (a backbone, not an LREM folder) the LREM
     special tokens are added and the embedding matrix grows by their rows (`init_special_embeddings`).
 

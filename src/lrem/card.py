@@ -31,15 +31,13 @@ def card_facts(model, training: list[dict] | None = None) -> dict:
     (and the hub model a built-in comes from), where the weights were loaded from, dimension,
     training stages (each as lrem_config.json records it) and their total steps, query modes,
     CoT budget, token limits and the prompt config."""
-    from .model import QUERY_MODES  # here: lrem.model imports this module
-
     cfg = model.config
     training = model.stages if training is None else training
     base = model.base or model.source or "unknown"
     builtin = BUILTINS.get(base)
     return {"base_model": base, "base_model_origin": builtin.origin if builtin else base, "source": model.source,
             "dim": model.dim, "training": [dict(s) for s in training],
-            "training_steps": sum(s.get("steps") or 0 for s in training), "query_modes": list(QUERY_MODES),
+            "training_steps": sum(s.get("steps") or 0 for s in training), "query_modes": list(prompts.QUERY_MODES),
             "cot_max_tokens": cfg.cot_max_tokens, "max_query_tokens": cfg.max_query_tokens,
             "max_item_tokens": cfg.max_item_tokens, "prompts": cfg.to_dict()}
 
@@ -71,14 +69,26 @@ def model_card(model, training: list[dict] | None = None, metrics: dict | None =
     if metrics:
         lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in metrics.items())]
     else:
-        lines += ["None recorded with this folder; `lrem eval --system NAME=FOLDER:reason ...` measures it."]
-    lines += ["", "## Prompts", "",
-              f"Saved with the model (`{'lrem_export.json' if export else 'lrem_config.json'}`, "
-              "`lrem.prompts.PromptConfig`); the backbone's chat template wraps them.",
-              "", "```json", json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False), "```", "",
-              f"A query over {cfg.max_query_tokens} tokens, or an item text over {cfg.max_item_tokens}, is cut "
-              "(and counted) or refused, as the caller's `truncate` option says. The item template may name "
-              f"{', '.join('{' + f + '}' for f in prompts.ITEM_FIELDS)}.", "",
+        # lrem refuses an export folder: the measure is taken on the LREM folder it came from
+        lines += ["None recorded with this folder; `lrem eval --system NAME=FOLDER:reason ...` measures "
+                  + ("the LREM folder it was exported from (`source` in `lrem_export.json`)." if export else "it.")]
+    lines += ["", "## Prompts", ""]
+    if export:
+        lines += ["Saved in `lrem_export.json` (`lrem.prompts.PromptConfig`, and each side's text as a plain "
+                  "prefix and suffix); the folder's chat template renders them around the text.",
+                  "", "```json", json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False), "```", "",
+                  # sentence-transformers cuts the whole rendered prompt, not the text at lrem's limits
+                  f"lrem cuts (or refuses) a query over {cfg.max_query_tokens} tokens and an item text over "
+                  f"{cfg.max_item_tokens}; this folder does not: sentence-transformers cuts an input only at "
+                  "`max_seq_length` (`sentence_bert_config.json`, prompt included; it keeps `<emb>`), so a text "
+                  "over lrem's limit embeds otherwise than in lrem unless the caller cuts it first."]
+    else:
+        lines += ["Saved with the model (`lrem_config.json`, `lrem.prompts.PromptConfig`); the backbone's chat "
+                  "template wraps them.", "", "```json", json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False),
+                  "```", "",
+                  f"A query over {cfg.max_query_tokens} tokens, or an item text over {cfg.max_item_tokens}, is cut "
+                  "(and counted) or refused, as the caller's `truncate` option says."]
+    lines += [f"The item template may name {', '.join('{' + f + '}' for f in prompts.ITEM_FIELDS)}.", "",
               "## Intended use", "",
               "First-stage dense retrieval for product search: embed the catalog once (items), then each "
               "query, and rank items by cosine similarity (FAISS). Queries that need interpretation "

@@ -85,7 +85,7 @@ class TripletBuilder:
         from transformers import AutoTokenizer
 
         from lrem.search import build_systems
-        from lrem.backbones import resolve_backbone
+        from lrem.model import resolve_backbone
         from lrem.teachers import CachedTeacher, LabelCoTs, parse_judge, parse_teacher
 
         self.ds, self.cfg = ds, cfg

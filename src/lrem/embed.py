@@ -31,13 +31,14 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write, write_json
-from .index import FILTER_FIELDS, MODEL_KEYS, catalog_items, item_digest, item_facets, model_identity
+from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_embeddings, item_digest, item_facets,
+                         model_identity)
 
 MANIFEST = "embed.json"
 CHUNKS = "chunks"
 FORMAT = "lrem-chunks"
 VERSION = 1
-DIGEST = "digest"  # optional column: `lrem.index.item_digest` per item (what `--update` compares)
+DIGEST = "digest"  # optional column: `lrem.index_base.item_digest` per item (what `--update` compares)
 VECTOR_DTYPES = ("float32", "float16")
 # what must agree between the run that started a folder and the one that resumes it. The model is
 # its weights' fingerprint, not the name it was loaded by (`./m`, `m/` and a copy on another node
@@ -61,7 +62,7 @@ def catalog_fingerprint(item_ids: list[str]) -> str:
 
 
 def items_fingerprint(digests: list[str]) -> str:
-    """sha1 of the items' `lrem.index.item_digest`s in catalog order: what was embedded (the filled
+    """sha1 of the items' `lrem.index_base.item_digest`s in catalog order: what was embedded (the filled
     item template), so a catalog whose titles changed under the same ids is not resumed into."""
     return catalog_fingerprint(digests)
 
@@ -179,7 +180,7 @@ class EmbedStats:
 def write_chunk(path: Path, ids: list[str], titles: list[str], vectors: np.ndarray, digests: list[str] | None = None,
                 facets: dict[str, list] | None = None, pin: dict | None = None) -> None:
     """One chunk as Parquet (item_id, title, vector; and, where given, each item's digest and its
-    filter fields: `lrem.index.item_digest`, `item_facets`; its run's `chunk_pin`), atomically."""
+    filter fields: `lrem.index_base.item_digest`, `item_facets`; its run's `chunk_pin`), atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -288,7 +289,6 @@ def iter_chunks(folder: str | os.PathLike, show_progress: bool = True) -> Iterat
     from tqdm.auto import tqdm
 
     from .data import DataError
-    from .index import check_embeddings
 
     meta = read_manifest(folder)
     for c, f in enumerate(tqdm(chunk_files(folder, meta), desc="chunks", unit="chunk", disable=not show_progress)):

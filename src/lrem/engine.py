@@ -25,7 +25,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,9 +33,6 @@ from tqdm.auto import tqdm
 
 from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, check_branch, common_prefix_len, decode,
                        kv_cache, lookup_decode, padded_width, prefill, prefill_tree, prefix_kv, sample_top_p)
-
-if TYPE_CHECKING:
-    from .model import LREM
 
 
 def check_batch_size(batch_size) -> None:
@@ -154,7 +150,7 @@ class QueryEngine:
                                "that which who whom whose what when where how does do can i my me you your it "
                                "its this these those some something someone any".split())
 
-    def __init__(self, model: "LREM", config: EngineConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig.from_env()
         self.cache: dict = {}  # valid for one `_weights_key`

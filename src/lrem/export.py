@@ -126,7 +126,21 @@ def classic_keys(folder: Path, max_seq_length: int) -> None:
     """Add the keys of the sentence-transformers layout before 6.0 beside the new ones, which 6.x
     also reads: servers and older readers (TEI among them) take the pooling from the
     `pooling_mode_*` flags and the cut from `max_seq_length`; without them they may pool
-    otherwise and cut at the model's 8,192 positions, not where lrem cuts."""
+    otherwise and cut at the model's 8,192 positions, not where lrem cuts. The modules keep their
+    classic names (`sentence_transformers.models.Pooling`, ...), which 6.x still loads: vLLM finds
+    the pooling and normalisation by those exact names, and skips both under 6.x's new ones."""
+    from sentence_transformers.util import import_from_string
+
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    for m in modules:
+        classic = "sentence_transformers.models." + m["type"].rsplit(".", 1)[-1]
+        try:
+            same = import_from_string(classic) is import_from_string(m["type"])
+        except ImportError:  # a sentence-transformers without that alias: keep the name it wrote
+            same = False
+        if same:
+            m["type"] = classic
+    write_json(folder / "modules.json", modules)
     pooling = folder / "1_Pooling" / "config.json"
     cfg = json.loads(pooling.read_text(encoding="utf-8"))
     if cfg.get("pooling_mode") != "lasttoken":

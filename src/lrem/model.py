@@ -16,9 +16,11 @@ Query side (LREM_SPEC): chat prompt + `<think>` + CoT + `</think><emb>`; the CoT
 greedily (at most `cot_max_tokens` tokens) in `reason` mode, empty in `direct` mode, or given.
 Item side: chat prompt + `<emb>`, no reasoning. Embedding = last-layer hidden state at `<emb>`.
 
-Here: the network, loading and saving, and the `<emb>` read-out; the templates are
-`lrem.prompts.TemplateMixin`, and the fast paths (prompt-prefix KV cache, greedy decoding with
-drafts, CUDA graphs, vLLM) are `model.engine`, an `lrem.engine.QueryEngine`.
+Here: the network, loading and saving, the `<emb>` read-out, and which folder a model name means
+(`resolve_backbone`: a folder, a built-in backbone, a hub model, or a shipped trained model, built
+once by `materialise` from its delta (`lrem.delta`) and its base, loaded here as an LREM); the
+templates are `lrem.prompts.TemplateMixin`, and the fast paths (prompt-prefix KV cache, greedy
+decoding with drafts, CUDA graphs, vLLM) are `model.engine`, an `lrem.engine.QueryEngine`.
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_dir, write_json
+from ._io import atomic_dir, atomic_write, claim_dir, write_json
 from ._text import check_query
-from .backbones import BASE_MODEL, default_dtype, load_backbone, resolve_backbone
+from .backbones import BASE_MODEL, BUILTINS, builtin_path, default_dtype, hub_snapshot, load_backbone, lrem_home
 from .decoding import kv_cache, shared_prefix_len
+from .delta import DELTA_JSON, DELTA_WEIGHTS, FORMAT, SHIPPED_FILES, apply_delta, shipped
 from .engine import EngineConfig, QueryEncoding, QueryEngine, check_batch_size
 from .prompts import InputTooLong, PromptConfig, TemplateMixin  # noqa: F401  InputTooLong: users catch it from here
-from .prompts import item_fields
+from .prompts import QUERY_MODES, item_fields
 from .router_learned import load_router  # the router's file only (lrem.router is search's)
 
 LREM_CONFIG = "lrem_config.json"
@@ -49,13 +52,84 @@ TRAINED_MODEL = "lrem-wordnet-135m"  # the shipped reasoning model (a delta on B
 def default_model() -> str:
     """What a user gets without naming a model: the shipped trained model, or the untrained base
     where a checkout lacks it (an untrained model returns near-identical items for every query)."""
-    from .delta import shipped
-
     return TRAINED_MODEL if TRAINED_MODEL in shipped() else BASE_MODEL
 
 
+def resolve_backbone(name_or_path: str, log=print) -> str:
+    """A local folder -> itself; a built-in name -> its converted folder (no hub); a shipped trained
+    model (`lrem.delta`) -> its folder, built from its base and delta once; anything else is a
+    Hugging Face hub name -> its local snapshot, downloaded when the hub is reachable.
+
+    The hub is asked only for hub names, once, with a short timeout and no retries, so an
+    unreachable hub is one clear error (FileNotFoundError) in about a second, not a minute of
+    retries and a traceback. A snapshot already in the HF cache loads offline.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "delta.json").is_file() and not (path / "config.json").exists():
+        # a delta folder (`lrem delta --out`): base + delta, built once
+        return str(materialise(path.resolve().name, path, log=log))
+    if path.exists():
+        return str(name_or_path)
+    if name_or_path in BUILTINS:
+        return str(builtin_path(name_or_path, log=log))
+    if name_or_path in shipped():
+        return str(materialise(name_or_path, log=log))
+    name = str(name_or_path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, never a hub name (ORG/NAME)
+        raise FileNotFoundError(f"{name!r} is not a folder: no such model folder here")
+    return hub_snapshot(name, log=log)
+
+
+def materialise(name: str, folder: Path | None = None, log=print) -> Path:
+    """The full model folder of a shipped delta: base + delta, written once (atomically) under
+    `$LREM_HOME/models/NAME@DIGEST` and reused while the delta file is unchanged.
+
+    The folder is named by the delta's content (the first 12 hex digits of its SHA-256): two lrem
+    installs that share `$LREM_HOME` but ship different deltas under one name (an upgrade beside
+    an older venv, two checkouts) each keep their own model instead of rebuilding over the other's,
+    which gave a process the other's weights."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    folder = folder or shipped()[name]
+    meta = json.loads((folder / DELTA_JSON).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder / DELTA_JSON}: delta format {meta.get('format')!r}, this lrem reads {FORMAT}")
+    with open(folder / DELTA_WEIGHTS, "rb") as f:
+        stamp = hashlib.file_digest(f, "sha256").hexdigest()  # ~20 ms for a 23 MB delta
+    out = lrem_home() / "models" / f"{name}@{stamp[:12]}"
+    if (out / "delta_stamp").exists() and (out / "delta_stamp").read_text() == stamp:
+        _sync_files(folder, out)
+        return out
+    log(f"building {name} from {meta['base']} + {folder / DELTA_WEIGHTS} -> {out} (once)")
+    model = LREM.from_pretrained(meta["base"], dtype="float32", log=log)
+    apply_delta(model, load_file(str(folder / DELTA_WEIGHTS)))
+    model.config = PromptConfig.from_dict(meta["prompts"])
+    model.source, model.base, model.stages = name, meta["base"], meta.get("training", [])
+    if (out / "delta_stamp").exists():
+        claim_dir(out, adopt=True)  # our own cache folder, built before lrem marked its folders: replaceable
+    model.save_pretrained(out)
+    (out / "delta_stamp").write_text(stamp)
+    _sync_files(folder, out)
+    return out
+
+
+def _sync_files(folder: Path, out: Path) -> None:
+    """Copy the delta folder's card and learned router (`lrem router fit --out .../router.json`,
+    fitted on this very delta's scores) into the built model folder; one removed there goes here."""
+    for name in SHIPPED_FILES:
+        src, dst = folder / name, out / name
+        if src.exists():
+            text = src.read_text(encoding="utf-8")
+            if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+                with atomic_write(dst, "w") as f:
+                    f.write(text)
+        elif name == "router.json":
+            dst.unlink(missing_ok=True)
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUERY_MODES = ("reason", "direct")
 
 
 def emb_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, emb_id: int) -> torch.Tensor:

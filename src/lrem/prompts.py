@@ -40,6 +40,9 @@ ITEM_FIELDS = ("title", "category", "text", "brand", "color", "bullets", "descri
 # Grounded queries (issue 22, beyond the paper): the first-stage top-K titles follow the query in
 # the user turn, so the reasoning and the `<emb>` state see what a direct search already found.
 CANDIDATES_TEMPLATE = "\nCandidates: {candidates}"
+# How the model embeds a query (`LREM.encode_queries`' modes, the model card's `query_modes`): after
+# the CoT it generates (`reason`) or after an empty one, `<think></think><emb>` (`direct`)
+QUERY_MODES = ("reason", "direct")
 
 
 COT_MAX_TOKENS = 16  # l in the paper: the CoT budget (tokens generated at most); construct and training default to it

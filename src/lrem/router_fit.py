@@ -31,7 +31,7 @@ def fit_router(searcher, queries: dict[str, str], qrels: dict[str, dict[str, int
     from the direct search at depth max(k, `depth`), as `auto` mode sees them. `data` names the
     queries' dataset and split in the router's record.
     """
-    from .index import model_fingerprint
+    from .index_base import model_fingerprint
 
     qids = [q for q in queries if any(r > 0 for r in qrels.get(q, {}).values())]
     if len(qids) < 10:

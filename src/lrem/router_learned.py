@@ -128,7 +128,7 @@ class LearnedRouter(Budget):
 
     def check_fitted_on(self, fingerprint, where: str = "the learned router") -> None:
         """A ValueError where the router was fitted on other weights than those `fingerprint()`
-        gives (`lrem.index.model_fingerprint`, called only when the router recorded its own):
+        gives (`lrem.index_base.model_fingerprint`, called only when the router recorded its own):
         its probabilities would read another model's score scale."""
         fitted_on = self.fitted.get("model_fingerprint")
         if fitted_on and fitted_on != (now := fingerprint()):
@@ -154,7 +154,7 @@ def _whole(value, name: str) -> int:
 
 def load_router(model_dir, fingerprint: str | None = None) -> LearnedRouter | None:
     """The learned router saved in a model folder (`ROUTER_FILE`), or None when it has none.
-    `fingerprint`: the folder's model's (`lrem.index.model_fingerprint`); a router fitted on other
+    `fingerprint`: the folder's model's (`lrem.index_base.model_fingerprint`); a router fitted on other
     weights is a ValueError (its probabilities read another model's score scale). A router from
     before lrem recorded the fingerprint is trusted."""
     file = Path(model_dir) / ROUTER_FILE

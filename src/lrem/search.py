@@ -26,7 +26,8 @@ import numpy as np
 
 from ._text import check_query
 from .fusion import LEXICAL_WEIGHT, FusedRetriever, parse_fused
-from .index import ItemIndex, check_k, model_fingerprint, open_index
+from .index import ItemIndex, check_k, open_index
+from .index_base import model_fingerprint
 from .model import LREM, as_batch
 from .router import LearnedRouter, Router
 from .search_types import (DEFAULT_CANDIDATES_K, GROUNDED_MODES, MODES, Hit, Retriever, SearchResult,

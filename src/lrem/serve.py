@@ -44,7 +44,7 @@ from starlette.requests import Request  # at module level: FastAPI reads the end
 
 from ._text import check_query, normalize_query
 from .batching import Overloaded
-from .index import check_filter
+from .index_base import check_filter
 from .serve_config import ROUTER_KINDS, ServeConfig
 from .serve_http import RequestGuard, listen, uvicorn_config
 from .serve_log import QueryLog

@@ -32,7 +32,7 @@ def cache_model_id(searcher) -> str:
     their fingerprint, and the prompts, which shape a CoT and an embedding as much. Not the model's
     path or name: the same weights named another way (an index rebuilt from another folder, a
     reload) keep their cache."""
-    from .index import model_fingerprint
+    from .index_base import model_fingerprint
 
     model = searcher.model
     prompts = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

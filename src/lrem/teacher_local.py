@@ -31,7 +31,8 @@ class HFTeacher:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lrem.backbones import default_dtype, resolve_backbone
+        from lrem.backbones import default_dtype
+        from lrem.model import resolve_backbone
 
         path = resolve_backbone(name_or_path)
         self.name, self.batch_size, self.device = f"hf:{name_or_path}", batch_size, device

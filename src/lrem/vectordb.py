@@ -12,7 +12,7 @@ The spec is `milvus:URI/COLLECTION`: URI a Milvus Lite path (`*.db`, a folder Mi
 creates; same process, no server) or `http://host:port` of a Milvus server or cluster (the same
 code). The collection has `item_id` (VARCHAR primary key), `title`, `vector` (FLOAT_VECTOR, inner
 product on unit vectors = cosine) and the filter fields `category`, `brand` and `color` (nullable
-VARCHARs, `lrem.index.FILTER_FIELDS`; `search(q, k, where=...)` turns a filter into a Milvus
+VARCHARs, `lrem.index_base.FILTER_FIELDS`; `search(q, k, where=...)` turns a filter into a Milvus
 boolean expression, so Milvus filters inside its own search), and the index metadata (model, dim, item template, ...) as
 the collection property `lrem.meta` (JSON), from which `lrem search` / `serve` / `eval` load
 the model as they do from an index folder's meta.json. Uploads are batched, resumable and
@@ -20,6 +20,8 @@ idempotent: each batch asks which of its ids the collection holds, and upserts (
 only the others, so a killed upload rerun writes each item once. A complete collection is never
 uploaded to again (`update` brings it up to date; `overwrite` replaces it), and an unfinished
 one only by the same catalog (its `catalog_digest`, of the ids and item digests, is kept).
+`upload_catalog` (a catalog, embedded here) and `upload_chunks` (the chunks of `lrem embed`)
+make `upload`'s batches; `check_upload` and `check_update` refuse before a model loads.
 
 Ids are looked up and deleted through filter expressions this module writes (`milvus_string`:
 any string, quotes, backslashes and control characters included). Credentials in a URI
@@ -36,12 +38,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .index import FILTER_FIELDS, check_filter, fill_missing
+from .embed import catalog_fingerprint, chunk_files, iter_chunks, read_chunk_fields, read_manifest
+from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_filter, fill_missing, item_digest, item_facets,
+                         item_title, ivf_lists, model_identity, unchanged_items)
 
 PREFIX = "milvus:"
 META_PROPERTY = "lrem.meta"
 MAX_ID, MAX_TITLE, MAX_FACET = 512, 65535, 1024  # VARCHAR lengths (bytes); 65535 is Milvus's limit
-DIGEST = "digest"  # per item, `lrem.index.item_digest` of what was embedded: what `update` compares
+DIGEST = "digest"  # per item, `lrem.index_base.item_digest` of what was embedded: what `update` compares
 MILVUS_INDEXES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")  # the types Milvus Lite and servers both know
 # the parameters `--milvus-params` takes per index type: "build" (creating the index) or "search" (each query)
 MILVUS_PARAMS = {"FLAT": {}, "AUTOINDEX": {}, "IVF_FLAT": {"nlist": "build", "nprobe": "search"},
@@ -113,7 +117,7 @@ def ids_filter(ids: Iterable[str]) -> str:
 
 def catalog_digest(ids_sha1: str, digests: Iterable[str | None] | None) -> str:
     """A fingerprint of a catalog: `lrem.embed.catalog_fingerprint` of its ids (in order) and the
-    items' `lrem.index.item_digest`s (None: not known, as in chunks of an older lrem). Kept in a
+    items' `lrem.index_base.item_digest`s (None: not known, as in chunks of an older lrem). Kept in a
     collection's meta, so a rerun finishes an unfinished upload only of the same catalog."""
     import hashlib
 
@@ -145,11 +149,9 @@ def parse_params(text: str, index_type: str | None = None) -> dict[str, int]:
 
 def default_params(index_type: str, n_items: int | None, given: dict | None = None) -> dict[str, int]:
     """The parameters a new index gets: `given`, and for IVF_FLAT nlist ~4 sqrt(n) (FAISS's
-    guideline, `lrem.index.ivf_lists`) and nprobe min(nlist, IVF_NPROBE) where not given."""
+    guideline, `lrem.index_base.ivf_lists`) and nprobe min(nlist, IVF_NPROBE) where not given."""
     out = dict(given or {})
     if index_type == "IVF_FLAT":
-        from .index import ivf_lists
-
         out.setdefault("nlist", min(65536, ivf_lists(n_items or 0)))
         out.setdefault("nprobe", min(out["nlist"], IVF_NPROBE))
     return out
@@ -243,6 +245,18 @@ def check_upload(spec: str, overwrite: bool = False) -> None:
         raise ValueError(complete_message(spec, old))
 
 
+def check_update(spec: str) -> dict:
+    """The metadata of the collection an `update` brings up to date, read before a model loads (it
+    names the model, and the dtype its items were embedded in); a ValueError where there is none."""
+    uri, name = parse_spec(spec)
+    with milvus_errors(spec):
+        old = read_meta(connect(uri), name, spec)
+    if old is None:
+        raise ValueError(f"{redact(spec)}: no collection to update; create it with `lrem index --data ... "
+                         f"--backend {redact(spec)}`")
+    return old
+
+
 class MilvusWriter:
     """Create (or reopen, to resume or update) an lrem collection and upsert items in batches.
 
@@ -268,8 +282,6 @@ class MilvusWriter:
             self.client.drop_collection(self.name)  # lrem's own (read_meta checked), as --overwrite asks
             old = None
         if old is not None:
-            from .index import MODEL_KEYS
-
             # the weights by their fingerprint where both record one: the same model under another
             # path or name ("m", "./m", a copied folder) is the same model
             fingerprinted = bool(old.get("model_fingerprint") and meta.get("model_fingerprint"))
@@ -348,7 +360,7 @@ class MilvusWriter:
     def upsert(self, ids: list[str], titles: list[str], vectors: np.ndarray, facets: dict | None = None,
                digests: list[str] | None = None) -> None:
         """Write items; `facets`: FILTER_FIELDS field -> value per item (None where one lacks it),
-        as `lrem.index.item_facets` gives them; `digests`: `lrem.index.item_digest` per item."""
+        as `lrem.index_base.item_facets` gives them; `digests`: `lrem.index_base.item_digest` per item."""
         facets = {f: column for f, column in (facets or {}).items() if f in self.facet_fields}
         rows = [{"item_id": i, "title": t, "vector": v} for i, t, v in zip(ids, titles, vectors.astype(np.float32).tolist())]
         for n, row in enumerate(rows):
@@ -383,8 +395,8 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, list |
     """Upload items to the collection of `spec`, skipping those it holds; returns its metadata.
 
     `batches` yields (ids, titles, facets, digests, vectors_of): `facets` the batch's filter
-    fields (`lrem.index.item_facets`; {} where they are not known, as in chunks), `digests` its
-    `lrem.index.item_digest`s (None where not known), and `vectors_of(positions)` the unit vectors
+    fields (`lrem.index_base.item_facets`; {} where they are not known, as in chunks), `digests` its
+    `lrem.index_base.item_digest`s (None where not known), and `vectors_of(positions)` the unit vectors
     (len(positions), dim) of those rows of the batch, so a resumed upload encodes (or reads) only
     the items it still needs. A complete collection is refused (`update` it, or `overwrite`), and
     so is an unfinished one of another catalog: `meta[CATALOG]` (`catalog_digest`) differs, an
@@ -415,18 +427,76 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, list |
     return out
 
 
-def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000, batch_size: int = 64,
-           truncate: bool = True, show_progress: bool = True) -> dict:
+def upload_catalog(spec: str, model, catalog: dict, upload_batch: int = 1000, batch_size: int = 64,
+                   truncate: bool = True, overwrite: bool = False, index_type: str | None = None,
+                   index_params: dict | None = None, show_progress: bool = True, log=print,
+                   dataset: str | None = None) -> dict:
+    """`upload` a catalog (item_id -> title / `lrem.data.Item`), `upload_batch` items per request,
+    embedded by `model` (`encode_items`, `batch_size` at a time) only where the collection lacks
+    them. The collection records the model (`model_identity`), `dataset`, and the catalog
+    (`CATALOG`: its ids and item digests), which tells a rerun of this upload from another
+    catalog's. Returns the collection's metadata, with the items written and skipped."""
+    ids, items = catalog_items(catalog)
+    digests = [item_digest(model, x) for x in items]  # what tells this catalog's unfinished upload from another's
+    meta = {**model_identity(model), "dataset": dataset,
+            CATALOG: catalog_digest(catalog_fingerprint(ids), digests)}
+
+    def batches():
+        for s in range(0, len(ids), upload_batch):
+            part = items[s:s + upload_batch]
+            yield (ids[s:s + upload_batch], [item_title(x) for x in part], item_facets(part),
+                   digests[s:s + upload_batch],
+                   lambda pos, part=part: model.encode_items([part[j] for j in pos], batch_size=batch_size,
+                                                             truncate=truncate))
+
+    return upload(spec, batches(), meta, len(ids), overwrite=overwrite, index_type=index_type,
+                  index_params=index_params, show_progress=show_progress, log=log)
+
+
+def upload_chunks(spec: str, folder, upload_batch: int = 1000, overwrite: bool = False,
+                  index_type: str | None = None, index_params: dict | None = None, show_progress: bool = True,
+                  log=print) -> dict:
+    """`upload` a chunk folder of `lrem embed` (`lrem.embed`: every chunk there before anything is
+    uploaded), `upload_batch` items per request, with the items' digests and filter fields where
+    the chunks keep them. The collection records the chunks' model (`MODEL_KEYS`), dataset and
+    catalog (`CATALOG`). Returns the collection's metadata, with the items written and skipped."""
+    man = read_manifest(folder)
+    files = chunk_files(folder, man)  # all there, before any upload
+    meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
+    if man.get("catalog_sha1"):  # the chunks' catalog: their ids, and the items' digests where all have them
+        every: list | None = []
+        for f in files:
+            d = read_chunk_fields(f)[0]
+            every = None if every is None or d is None else every + d
+        meta[CATALOG] = catalog_digest(man["catalog_sha1"], every)
+
+    def batches():
+        for (ids, titles, x), f in zip(iter_chunks(folder, show_progress=False), chunk_files(folder, man)):
+            digests, facets = read_chunk_fields(f)  # where the chunks keep them
+            for s in range(0, len(ids), upload_batch):
+                cut = slice(s, s + upload_batch)
+                yield (ids[cut], titles[cut], {k: v[cut] for k, v in facets.items()},
+                       None if digests is None else digests[cut], (lambda pos, s=s, x=x: x[s:][pos]))
+
+    return upload(spec, batches(), meta, man["n_items"], overwrite=overwrite, index_type=index_type,
+                  index_params=index_params, show_progress=show_progress, log=log)
+
+
+def update(spec: str, model, catalog: dict, meta: dict | None = None, upload_batch: int = 1000, batch_size: int = 64,
+           truncate: bool = True, show_progress: bool = True, dataset: str | None = None) -> dict:
     """Bring the collection of `spec` up to date with `catalog` (item_id -> `lrem.data.Item`),
     as `lrem.index.ItemIndex.updated` does a FAISS index: embed and upsert the new and changed
     items, delete the removed ones. Changed: its `item_digest` differs (a collection without
     digests compares titles, or re-embeds all where the item template names other fields).
-    Every step is idempotent, so a killed update rerun finishes it. Returns the counts."""
+    `meta`: the model and dataset the collection is to record (None: `model`'s `model_identity`
+    and `dataset`). Every step is idempotent, so a killed update rerun finishes it. Returns the
+    counts."""
     from tqdm.auto import tqdm
 
-    from .index import catalog_items, item_facets, unchanged_items
     from .prompts import item_fields
 
+    if meta is None:
+        meta = {**model_identity(model), "dataset": dataset}  # a local model folder recorded absolute
     t0 = time.perf_counter()
     with milvus_errors(spec):
         writer = MilvusWriter(spec, meta, updating=True)  # refuses a collection of another model (MODEL_KEYS)
@@ -441,8 +511,6 @@ def update(spec: str, model, catalog: dict, meta: dict, upload_batch: int = 1000
             None if i not in have else (have[i].get(DIGEST), have[i]["title"]) for i in ids])
         todo = [n for n, kept in enumerate(same) if not kept]
         removed = sorted(set(have) - set(ids))
-        from .embed import catalog_fingerprint
-
         writer.meta[CATALOG] = catalog_digest(catalog_fingerprint(ids), digests)  # the catalog it now holds
         with tqdm(total=len(todo), desc="update", unit="item", disable=not show_progress) as bar:
             for s in range(0, len(todo), upload_batch):

@@ -29,7 +29,7 @@ from lrem.cli.search_cmds import cache, delta, eval_, export, search, serve
 from lrem.cli.train_cmds import ground, router_fit, train_coldstart, train_direct, train_rl
 
 # No HF_HUB_OFFLINE here: built-in names and folders never ask the hub, hub names do
-# (`lrem.backbones.resolve_backbone`, which fails in a second with one line when it is unreachable).
+# (`lrem.model.resolve_backbone`, which fails in a second with one line when it is unreachable).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(help="LREM: reason about a query, then embed it. Dense retrieval for product search.",

@@ -163,21 +163,14 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
     """`lrem index --backend milvus:... --update`: embed and upsert --data's new and changed items,
     delete the removed ones."""
     from lrem.data import load_catalog
-    from lrem.index import model_identity
     from lrem.model import LREM
-    from lrem.vectordb import connect, milvus_errors, parse_spec, read_meta, redact, update
+    from lrem.vectordb import check_update, redact, update
 
-    uri, name = parse_spec(spec)
-    with milvus_errors(spec):
-        old = read_meta(connect(uri), name, spec)
-    if old is None:
-        raise ValueError(f"{redact(spec)}: no collection to update; create it with `lrem index --data ... "
-                         f"--backend {redact(spec)}`")
+    old = check_update(spec)  # the collection names its model: read before any model loads
     catalog = load_catalog(data)
     lrem = LREM.from_pretrained(model or old.get("model"), dtype=_recorded_dtype(dtype, old), log=echo_err)
-    meta = {**model_identity(lrem), "dataset": str(data)}  # a local model folder recorded absolute
-    counts = update(spec, lrem, catalog, meta, upload_batch=upload_batch, batch_size=batch_size,
-                    truncate=truncate)
+    counts = update(spec, lrem, catalog, upload_batch=upload_batch, batch_size=batch_size, truncate=truncate,
+                    dataset=str(data))
     typer.echo(f"updated {redact(spec)}: {counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, "
                f"{counts['kept']} kept")
     echo_truncated(lrem)
@@ -186,57 +179,23 @@ def _update_milvus(spec, data, model, upload_batch, batch_size, dtype, truncate)
 def _index_to_milvus(spec, data, from_chunks, model, milvus_index, milvus_params, upload_batch, batch_size, dtype,
                      overwrite, truncate) -> None:
     """`lrem index --backend milvus:...`: embed (only the items the collection lacks) or read chunks, upload."""
-    from lrem.vectordb import CATALOG, catalog_digest, check_upload, redact, upload
+    from lrem.vectordb import check_upload, redact, upload_catalog, upload_chunks
 
     check_upload(spec, overwrite)  # a complete collection: refused before any model loads
     if from_chunks is not None:
-        from lrem.embed import chunk_files, iter_chunks, read_chunk_fields, read_manifest
-        from lrem.index import MODEL_KEYS
-
-        man = read_manifest(from_chunks)
-        files = chunk_files(from_chunks, man)  # all there, before any upload
-        meta = {k: man[k] for k in (*MODEL_KEYS, "dataset") if k in man}
-        if man.get("catalog_sha1"):  # the chunks' catalog: their ids, and the items' digests where all have them
-            every: list | None = []
-            for f in files:
-                d = read_chunk_fields(f)[0]
-                every = None if every is None or d is None else every + d
-            meta[CATALOG] = catalog_digest(man["catalog_sha1"], every)
-
-        def batches():
-            for (ids, titles, x), f in zip(iter_chunks(from_chunks, show_progress=False), chunk_files(from_chunks, man)):
-                digests, facets = read_chunk_fields(f)  # where the chunks keep them
-                for s in range(0, len(ids), upload_batch):
-                    cut = slice(s, s + upload_batch)
-                    yield (ids[cut], titles[cut], {k: v[cut] for k, v in facets.items()},
-                           None if digests is None else digests[cut], (lambda pos, s=s, x=x: x[s:][pos]))
-
-        total, lrem = man["n_items"], None
+        info = upload_chunks(spec, from_chunks, upload_batch=upload_batch, overwrite=overwrite,
+                             index_type=milvus_index, index_params=milvus_params, log=echo_err)
+        lrem = None
     else:
         from lrem.data import load_catalog
-        from lrem.embed import catalog_fingerprint
         from lrem.model import LREM, default_model
 
         model = model or default_model()
         catalog = load_catalog(data)
         lrem = LREM.from_pretrained(model, dtype=dtype, log=echo_err)
-        from lrem.index import item_digest, item_facets, model_identity
-
-        ids, items = list(catalog), list(catalog.values())
-        digests = [item_digest(lrem, x) for x in items]  # what tells this catalog's unfinished upload from another's
-        meta = {**model_identity(lrem), "dataset": str(data),
-                CATALOG: catalog_digest(catalog_fingerprint(ids), digests)}
-
-        def batches():
-            for s in range(0, len(ids), upload_batch):
-                part = items[s:s + upload_batch]
-                yield (ids[s:s + upload_batch], [x.title for x in part], item_facets(part), digests[s:s + upload_batch],
-                       lambda pos, part=part: lrem.encode_items([part[j] for j in pos], batch_size=batch_size,
-                                                                truncate=truncate))
-
-        total = len(ids)
-    info = upload(spec, batches(), meta, total, overwrite=overwrite, index_type=milvus_index,
-                  index_params=milvus_params, log=echo_err)
+        info = upload_catalog(spec, lrem, catalog, upload_batch=upload_batch, batch_size=batch_size, truncate=truncate,
+                              overwrite=overwrite, index_type=milvus_index, index_params=milvus_params, log=echo_err,
+                              dataset=str(data))
     params = ",".join(f"{k}={v}" for k, v in info["milvus_params"].items())
     typer.echo(f"uploaded {info['written']} items to {redact(spec)} ({info['skipped']} already there; "
                f"{info['n_items']} in all, dim {info['dim']}, {info['milvus_index']}{' ' + params if params else ''}) "

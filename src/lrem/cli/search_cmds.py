@@ -141,7 +141,7 @@ def _index_identity(index_dir: str, index) -> dict | str:
 
 def _parse_filters(items: list[str]) -> dict[str, list[str]]:
     """--filter FIELD=VALUE[|VALUE...], repeated -> {field: [values]}."""
-    from lrem.index import FILTER_FIELDS
+    from lrem.index_base import FILTER_FIELDS
 
     where: dict[str, list[str]] = {}
     for item in items:
@@ -298,7 +298,8 @@ def delta(
 ):
     """Store a trained model as a small delta from its built-in backbone (a folder under
     src/lrem/models/ ships as a built-in model name)."""
-    from lrem.delta import DELTA_JSON, DELTA_WEIGHTS, save_delta
+    from lrem.delta import DELTA_JSON, DELTA_WEIGHTS
+    from lrem.delta_save import save_delta
 
     check_output(out, model, overwrite=overwrite, run_files=(DELTA_JSON, DELTA_WEIGHTS))  # also a delta of an older lrem
 
