@@ -778,7 +778,128 @@ def test_overwrite_refuses_a_folder_holding_files_lrem_did_not_write(tmp_path):
     LearnedRouter(["margin"], [0.0], [1.0], [1.0], 0.0).save(out / "router.json")  # what `lrem router fit` writes
     assert prepare_output(out, overwrite=True) == out.resolve()
     assert (out / "router.json").exists()
+    (out / ".meta.json.k2j4x9.tmp").write_text("")  # a writer killed mid-write: lrem's own leftover
+    assert prepare_output(out, overwrite=True) == out.resolve()
+    (out / ".git").mkdir()  # a model folder pushed to the hub by git: the user's, dot or not
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs")
+    with pytest.raises(OutputError, match=r"holds \.git, \.gitattributes, which lrem did not write"):
+        prepare_output(out, overwrite=True)
 
+
+def _recorded(folder: Path) -> list[str]:
+    """The top-level entries `folder`'s marker lists as lrem's."""
+    return sorted(json.loads((folder / MARKER).read_text())["files"])
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name[:1] != ".")
+
+
+def test_an_eval_report_records_what_it_writes_so_overwrite_keeps_a_users_file(tmp_path):
+    """An eval report is written in place, file by file; its marker lists each one, so another
+    command's --overwrite (which replaces the whole folder) refuses the report once it also
+    holds a user's notes, where it deleted them before."""
+    data = write_dataset(tmp_path / "t")
+    report = tmp_path / "eval"
+    figure = tmp_path / "rl" / "curves.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"\x89PNG")
+    p = lrem("eval", "--data", str(data), "--split", "dev", "-s", "bm25", "--figure", str(figure), "--out", str(report))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _recorded(report) == _listing(report)
+    assert {"metrics.json", "report.md", "runs", "rl-curves.png"} <= set(_listing(report))
+    (report / "notes.txt").write_text("mine")
+    assert_clean_error(lrem("data", "sample", "--data", str(data), "--out", str(report), "--overwrite"),
+                       "holds notes.txt, which lrem did not write; move them out first")
+    assert (report / "notes.txt").read_text() == "mine"
+    # `lrem eval --overwrite` refreshes the report's own files in place: the notes stay, unrecorded
+    p = lrem("eval", "--data", str(data), "--split", "dev", "-s", "bm25", "--out", str(report), "--overwrite")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (report / "notes.txt").read_text() == "mine" and "notes.txt" not in _recorded(report)
+    assert not (report / "rl-curves.png").exists()  # the earlier report's figure, which this one lacks
+    (report / "notes.txt").unlink()
+    p = lrem("data", "sample", "--data", str(data), "--out", str(report), "--overwrite")  # lrem's files only
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not (report / "report.md").exists()
+
+
+def test_a_training_run_records_what_it_writes_so_overwrite_keeps_a_users_file(tmp_path, tiny_dir):
+    """An interrupted training run (checkpoints, tb/, rl_pairs.jsonl, written in place) lists them in
+    its marker: `lrem train --overwrite` refuses it once a user's file is in it, where it deleted
+    the folder before. The resumed run's final model folder keeps that file, still not lrem's."""
+    from lrem._io import OutputError, prepare_output
+    from lrem.data import Dataset, Item, Query
+    from lrem.train import SFTConfig, train
+
+    words = ["corkscrew", "chair", "coffee", "teapot", "hammer", "lamp", "spoon", "blanket"]
+    triplets = tmp_path / "triplets.jsonl"
+    triplets.write_text("".join(json.dumps({"query_id": f"q{i}", "query": f"something like a {w}", "cot": w,
+                                            "item_id": f"i{i}", "item_title": w}) + "\n" for i, w in enumerate(words)))
+    # queries the triplets lack: a share of them is held back for RL (rl_pairs.jsonl)
+    ds = Dataset({f"i{i}": Item(f"i{i}", w) for i, w in enumerate(words)},
+                 {f"{q}{i}": Query(f"{q}{i}", f"{q} {w}", "c", "train") for i, w in enumerate(words) for q in "qh"},
+                 {f"{q}{i}": {f"i{i}": 1} for i in range(len(words)) for q in "qh"}, "shop")
+    cfg = SFTConfig(model=str(tiny_dir), batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1,
+                    save_steps=1, max_steps=2, rl_holdout=0.5)
+    run = tmp_path / "run"
+    train(cfg, run, triplets=triplets, dataset=ds, stop_after_step=1, log=lambda *_: None)
+    assert _recorded(run) == _listing(run) == ["checkpoints", "rl_pairs.jsonl", "tb"]
+    (run / "notes.txt").write_text("mine")
+    assert_clean_error(lrem("train", "coldstart", "--triplets", str(triplets), "--model", str(tiny_dir), "--out",
+                            str(run), "--max-steps", "2", "--overwrite"),
+                       "holds notes.txt, which lrem did not write; move them out first")
+    train(cfg, run, triplets=triplets, dataset=ds, resume=True, log=lambda *_: None)  # to the final model
+    assert (run / "config.json").is_file() and (run / "notes.txt").read_text() == "mine"
+    assert _recorded(run) == [n for n in _listing(run) if n != "notes.txt"]
+    with pytest.raises(OutputError, match="holds notes.txt"):
+        prepare_output(run, overwrite=True)
+    (run / "notes.txt").unlink()
+    assert prepare_output(run, overwrite=True) == run.resolve()
+
+
+def test_an_rl_run_records_its_logs_and_curves(tmp_path, tiny_dir):
+    """Stage 2's run folder: checkpoints, tb/, history and samples as it goes, then curves.png."""
+    from lrem._io import OutputError, prepare_output
+    from lrem.train import RLConfig, train_rl
+
+    words = ["corkscrew", "wool socks", "espresso", "night cream", "toddler shirt", "shift dress", "spatula", "shoe"]
+    pairs = tmp_path / "rl_pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query_id": f"q{i}", "query": f"something like a {w}", "item_id": f"i{i}",
+                                         "item_title": w, "cot": ""}) + "\n" for i, w in enumerate(words)))
+    cfg = RLConfig(num_generations=2, batch_size=4, rollout_max_tokens=6, cot_max_tokens=4, max_steps=2,
+                   learning_rate=1e-3, warmup_ratio=0.0, save_steps=1, logging_steps=1)
+    run = tmp_path / "rl"
+    train_rl(cfg, tiny_dir, run, pairs=pairs, stop_after_step=1, log=lambda *_: None)
+    assert _recorded(run) == _listing(run) == ["checkpoints", "history.jsonl", "samples.jsonl", "tb"]
+    (run / "plot.png").write_text("mine")
+    with pytest.raises(OutputError, match="holds plot.png"):
+        prepare_output(run, overwrite=True)
+    train_rl(cfg, tiny_dir, run, pairs=pairs, resume=True, log=lambda *_: None)
+    assert "curves.png" in _recorded(run) and _recorded(run) == [n for n in _listing(run) if n != "plot.png"]
+
+
+def test_a_construct_run_records_what_it_writes(tmp_path, tiny_dir):
+    """A construct run (config, outcomes, triplets, the teacher's cache, stats) lists them in its
+    marker as it writes them, a rerun adding to the same list; a user's file is then refused
+    by --overwrite. A run folder of an older lrem (a marker without a list) resumes as before."""
+    from lrem._io import OutputError, prepare_output
+    from lrem.construct import ConstructConfig, construct
+
+    data = write_dataset(tmp_path / "t")
+    cfg = ConstructConfig(student=str(tiny_dir), teacher=f"hf:{tiny_dir}", reason_max_tokens=4, extract_max_tokens=4,
+                          keep_all=True, k_mine=2, k_gain=2, split="dev")
+    run = tmp_path / "run"
+    construct(data, run, cfg, log=lambda *a: None, show_progress=False)
+    assert _recorded(run) == _listing(run) == ["config.json", "outcomes.jsonl", "stats.json", "teacher_cache.jsonl",
+                                               "triplets.jsonl"]
+    (run / "notes.txt").write_text("mine")
+    construct(data, run, cfg, log=lambda *a: None, show_progress=False)  # a rerun resumes: nothing to do
+    with pytest.raises(OutputError, match="holds notes.txt"):
+        prepare_output(run, overwrite=True)
+    (run / MARKER).write_text("{}\n")  # an older lrem's marker: what the folder holds is unknown
+    construct(data, run, cfg, log=lambda *a: None, show_progress=False)
+    assert "files" not in json.loads((run / MARKER).read_text())  # not recorded now: the notes would count as lrem's
+    assert prepare_output(run, overwrite=True) == run.resolve()  # as before the record
 
 def test_saved_weights_are_readable_as_the_umask_allows(tiny, tmp_path):
     """safetensors writes through a temp file created 0600; a saved model (and every file of an

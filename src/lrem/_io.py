@@ -51,9 +51,13 @@ class OutputError(ValueError):
     """An output path lrem refuses to write (an input, a file, someone else's folder)."""
 
 
-def write_marker(folder: Path) -> None:
-    """Mark `folder` as lrem's; the pid lets a later run tell a dead writer's temp folder."""
-    (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+def write_marker(folder: Path, files: list[str] | None = None) -> None:
+    """Mark `folder` as lrem's; the pid lets a later run tell a dead writer's temp folder. `files`
+    starts the record of what lrem wrote there (`record_files`; None: unknown, nothing refused)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname()}
+    if files is not None:
+        info["files"] = sorted(files)
+    (folder / MARKER).write_text(json.dumps(info) + "\n")
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -67,15 +71,20 @@ def _read_marker(folder: Path) -> dict | None:
 
 def record_files(folder: Path, *names: str) -> None:
     """Note in `folder`'s marker the top-level entries lrem wrote there: all of them now (no
-    `names`: `atomic_dir`, before its folder goes into place), or `names` added to the record (a
-    file a later command writes into an output, e.g. a model's router.json). An --overwrite then
-    refuses a folder that holds entries lrem did not write (`unrecorded`)."""
+    `names`: `atomic_dir`, before its folder goes into place), or `names` added to the record (an
+    entry a run folder gets as it goes, `claim_dir`; a file a later command writes into an output,
+    e.g. a model's router.json). An --overwrite then refuses a folder that holds entries lrem did
+    not write (`unrecorded`). Writers in place record an entry before creating it: a kill between
+    the two leaves a name without its entry, never an entry nobody recorded."""
+    folder = Path(folder)
     info = _read_marker(folder)
     if info is None:
         return
     if names:
         if not isinstance(info.get("files"), list):
-            return  # a folder written in place (a run folder): nothing recorded, nothing to add to
+            return  # an older lrem's folder: what else it holds is unknown, so nothing is recorded
+        if set(names) <= set(info["files"]):
+            return  # a resumed run's entries, recorded already: the marker is not rewritten
         info["files"] = sorted(set(info["files"]) | set(names))
     else:
         info["files"] = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
@@ -84,30 +93,50 @@ def record_files(folder: Path, *names: str) -> None:
 
 def unrecorded(folder: Path) -> list[str]:
     """Top-level entries of an lrem output folder that its marker does not list as lrem's (a user's
-    notes, a plot): none where the marker lists nothing (a run folder written in place, an older
-    lrem's). Names starting with "." are left out (temp files, editors' and systems' own)."""
+    notes, a plot): none where the marker lists nothing (an older lrem's folder, whose contents
+    are unknown). Left out: the marker, lrem's own temp entries (`.NAME.*.tmp` / `.old`, a writer
+    killed mid-write) and `.DS_Store`; a user's other dot-entries count (a `.git` of a model folder
+    pushed to the hub by git)."""
     listed = (_read_marker(folder) or {}).get("files")
     if not isinstance(listed, list):
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name[:1] != "." and p.name not in listed)
+    return sorted(p.name for p in folder.iterdir() if p.name not in listed and not _ours_or_junk(p.name))
+
+
+def _ours_or_junk(name: str) -> bool:
+    """Whether a top-level entry an output folder's record omits is nobody's work: the marker, a
+    temp entry of lrem's atomic writers, or macOS's folder metadata."""
+    return name in (MARKER, ".DS_Store") or (name[:1] == "." and name.endswith((".tmp", ".old")) and name.count(".") >= 3)
 
 
 def is_lrem_output(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def claim_dir(folder: str | os.PathLike, adopt: bool = False) -> Path:
+def claim_dir(folder: str | os.PathLike, adopt: bool = False, files: Iterable[str] | None = None) -> Path:
     """Create `folder` (a resumable run folder, written in place) and mark it as lrem's. A folder
     that holds files but no marker is someone else's: an `OutputError`, since once marked a later
     `--overwrite` would delete it; `adopt` marks it anyway (a folder lrem wrote before it marked
-    its folders, which the caller has recognised)."""
+    its folders, which the caller has recognised).
+
+    `files`: the top-level entries the run writes, recorded in the marker now (the caller adds
+    more with `record_files` before writing them), so that an `--overwrite` refuses the folder
+    once it also holds a user's (`unrecorded`). A new or empty folder starts the record; an
+    adopted one, or an older lrem's that holds files, keeps none (its contents are unknown:
+    nothing is refused). None: the caller records nothing, so none is started.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not is_lrem_output(folder):
         if not adopt and any(folder.iterdir()):
             raise OutputError(f"{folder}: folder is not empty and was not written by lrem (no {MARKER}); "
                               "choose a new folder")
-        write_marker(folder)
+        write_marker(folder, [] if files is not None and not any(folder.iterdir()) else None)
+    elif files is not None and is_unstarted(folder) and not isinstance((_read_marker(folder) or {}).get("files"), list):
+        write_marker(folder, [])  # an older lrem's marker on a folder that holds nothing yet: all is known
+    files = list(files or ())
+    if files:  # (no names would record everything the folder holds: a user's files too)
+        record_files(folder, *files)
     return folder
 
 
@@ -118,7 +147,7 @@ def is_unstarted(folder: str | os.PathLike) -> bool:
 
 
 def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
-                   resume: bool = False, run_files: Iterable[str] = ()) -> Path:
+                   resume: bool = False, run_files: Iterable[str] = (), in_place: bool = False) -> Path:
     """Check, before any work, that `out` may be written; returns it resolved.
 
     Allowed: a path that does not exist, an empty folder, or a folder lrem wrote when
@@ -126,7 +155,8 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
     output that is an input or holds one, a file, a foreign non-empty folder, or `/`.
     `run_files`: names that together identify an output of this command written before lrem marked
     its folders; with `resume` or `overwrite`, such a folder counts as lrem's (an interrupted run
-    stays resumable, a report can be refreshed).
+    stays resumable, a report can be refreshed). `in_place`: the command refreshes its own files
+    in the folder and leaves the rest (`lrem eval`), so a user's entries there are kept, not refused.
     """
     given = str(out)
     out = Path(out).resolve()
@@ -149,7 +179,7 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable = (), overwrite: boo
                           f"choose a new folder (if an older lrem wrote it, delete it or add an empty {MARKER})")
     if not (overwrite or resume):
         raise OutputError(f"--out {given}: exists (an earlier lrem output); pass --overwrite to replace it")
-    extra = unrecorded(out) if overwrite else []
+    extra = unrecorded(out) if overwrite and not in_place else []
     if extra:  # replacing the folder would delete them
         raise OutputError(f"--out {given}: holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}, which lrem "
                           "did not write; move them out first (--overwrite replaces the whole folder)")
@@ -256,13 +286,15 @@ def _foreign(path: Path, tries: int = 3) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, carry: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` as a whole.
 
     Used for outputs made of several files (a dataset, an index, a model), so a reader never
     sees a mix of old and new files. The result holds the lrem marker; an existing `path` is
     replaced only if it is empty or lrem's own (an `OutputError` otherwise, before any work).
-    Temp folders of writers that died are removed first.
+    Temp folders of writers that died are removed first. `carry`: top-level entries of `path`
+    lrem did not write (`unrecorded`: a user's notes in a run folder the final model replaces),
+    moved into the result as they are and left out of its record.
     """
     path = Path(path).resolve()  # "." has no name to put a temp folder beside
     if _foreign(path):
@@ -270,6 +302,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    carried = []
     try:
         write_marker(tmp)
         yield tmp
@@ -282,8 +315,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             for f in files:
                 os.chmod(os.path.join(root, f), 0o666 & ~_UMASK)
         os.chmod(tmp, 0o777 & ~_UMASK)
+        for name in carry:  # last, after the record and the permissions: they stay as the user left them
+            if os.path.lexists(tmp / name):
+                continue  # lrem's own entry of that name wins, as it did before any were carried
+            try:
+                os.replace(path / name, tmp / name)
+            except OSError:  # removed meanwhile, or a mount point
+                continue
+            carried.append(name)
         _swap_in(tmp, path)
     except BaseException:
+        for name in carried:  # back where they were, before the temp folder goes
+            with contextlib.suppress(OSError):
+                os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

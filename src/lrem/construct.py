@@ -35,7 +35,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lrem._io import JsonlLog, OutputError, claim_dir, is_lrem_output, is_unstarted, write_json, write_jsonl
+from lrem._io import (JsonlLog, OutputError, claim_dir, is_lrem_output, is_unstarted, record_files, write_json,
+                      write_jsonl)
 from lrem.construct_config import DEFAULT_BAN, ConstructConfig
 from lrem.construct_stats import (FUNNEL_LABELS, STATUS_WHY, STATUSES, compute_stats, distribution, format_stats,
                                   why_empty)
@@ -97,7 +98,10 @@ class TripletBuilder:
             if spec == "labels":
                 return LabelCoTs(ds.qrels, ds.catalog, seed=cfg.seed)
             t = parse_teacher(spec, **kw)
-            return t if hasattr(t, "lookup") else CachedTeacher(t, cache_path)
+            if hasattr(t, "lookup"):
+                return t
+            record_files(Path(cache_path).parent, Path(cache_path).name)  # the run folder's, before it is written
+            return CachedTeacher(t, cache_path)
 
         self.teacher = make_teacher(cfg.teacher)
         self.judge = parse_judge(cfg.judge, ds.qrels, self.teacher, make_teacher, threshold=cfg.judge_threshold)
@@ -253,7 +257,9 @@ def construct(data, out, cfg: ConstructConfig | None = None, log=print, show_pro
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     if is_lrem_output(out) and not is_construct_run(out):  # another command's output (an index, a model)
         raise OutputError(f"{out}: an lrem output, but not a `lrem construct` run; use a new folder")
-    out = claim_dir(out)  # marked as lrem's: a rerun resumes it (a foreign folder is refused)
+    # marked as lrem's: a rerun resumes it (a foreign folder is refused); the files it writes are
+    # recorded first, so that an --overwrite refuses the folder once it also holds a user's
+    out = claim_dir(out, files=(CONFIG, OUTCOMES, TRIPLETS, STATS))
     check_config(out, cfg)
     queries = select_queries(ds, cfg)
     outcomes, triplets = JsonlLog(out / OUTCOMES), JsonlLog(out / TRIPLETS)

@@ -353,7 +353,7 @@ def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int 
         # waiting at the barrier for a rank that has exited (a gloo/NCCL error and a traceback)
         check_manifest(out, manifest)
     else:
-        claim_dir(out)
+        claim_dir(out, files=(CHUNKS, MANIFEST))  # recorded before they are written (`lrem._io.record_files`)
         (out / CHUNKS).mkdir(exist_ok=True)
         start_manifest(out, manifest)
     barrier()

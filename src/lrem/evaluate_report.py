@@ -238,8 +238,12 @@ def write_report(result: dict, out_dir, ds=None, n_examples: int = N_EXAMPLES, f
         raise OutputError(f"{out}: an lrem output, but not a `lrem eval` report; use a new folder (an earlier "
                           "report is refreshed in place)")
     files = trec_files(result.get("runs", {}))  # before any write: no system's file replaces another's
-    claim_dir(out)  # a folder lrem did not write is refused
     names = [f"{fig.parent.name}-{fig.name}" for fig in map(Path, figures)]
+    # a folder lrem did not write is refused; what this report writes is recorded before it is
+    # written, so that an --overwrite refuses the folder once it also holds a user's files
+    claim_dir(out, files=[METRICS_JSON, *names, *(["runs"] if files else []),
+                          *(["qrels.trec"] if "qrels" in result else []),
+                          "runs.jsonl", "overall.png", "slices.png", "quality.png", "report.md"])
     earlier = _earlier_figures(out)
     # metrics.json first: an interrupted report is still recognised as one (`is_eval_output`); it
     # lists the copied figures, so that a later --overwrite removes those this report lacks

@@ -26,11 +26,12 @@ def _dtype(value: str) -> str:
 Dtype = Annotated[str, typer.Option(callback=_dtype, help="auto, float32, bfloat16 or float16.")]
 
 
-def check_output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, run_files=()) -> Path:
+def check_output(out: Path, *inputs, overwrite: bool = False, resume: bool = False, run_files=(),
+                 in_place: bool = False) -> Path:
     """Refuse, before any work, an --out that is an input, a file or a folder lrem did not write."""
     from lrem._io import prepare_output
 
-    return prepare_output(out, inputs, overwrite=overwrite, resume=resume, run_files=run_files)
+    return prepare_output(out, inputs, overwrite=overwrite, resume=resume, run_files=run_files, in_place=in_place)
 
 
 Truncate = Annotated[bool, typer.Option("--truncate/--no-truncate", help="Inputs over the model's token limits "

@@ -243,7 +243,8 @@ def eval_(
     parts = [part for spec in specs.values() for part in system_parts(spec)]
     models = [part.rpartition(":")[0] for part in parts]
     check_output(out, data, *[m for m in models if m and Path(m).exists()], *(figure or ()), overwrite=overwrite,
-            run_files=(METRICS_JSON, "report.md"))  # a report of an older lrem can be refreshed too
+            run_files=(METRICS_JSON, "report.md"),  # a report of an older lrem can be refreshed too
+            in_place=True)  # a refresh replaces the report's own files only: a user's notes stay
     if not is_eval_output(out):  # another command's output (a model, an index): not to be written into
         raise ValueError(f"--out {out}: an lrem output, but not a `lrem eval` report; use a new --out "
                          "(--overwrite replaces only an earlier report)")

@@ -2,10 +2,12 @@
 
     OUT/checkpoints/step-0000100/   model/ (or adapter/ with LoRA), trainer.pt, [extra.pt], train_state.json
     OUT/                            at the end: the LREM model folder, train_state.json; checkpoints,
-                                    tb/ and the stage's logs moved into it
+                                    tb/ and the stage's logs moved into it (and a user's files kept)
 
 Every folder is written atomically (`lrem._io.atomic_dir`), so a kill leaves the last complete
-checkpoint; `last_checkpoint` finds it and `load_checkpoint` refuses one from another run.
+checkpoint; `last_checkpoint` finds it and `load_checkpoint` refuses one from another run. OUT's
+marker records each entry the run writes there before it is written (`lrem._io.record_files`), so
+`--overwrite` refuses a run folder that also holds a user's files.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import OutputError, atomic_dir, claim_dir, is_unstarted, prepare_output, write_json
+from .._io import (OutputError, atomic_dir, claim_dir, is_unstarted, prepare_output, record_files, unrecorded,
+                   write_json)
 from .base_config import RESUME_FREE
 from .lora import ADAPTER, lora_settings, save_adapter
 from .pairs import RL_PAIRS
@@ -57,7 +60,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
     (checkpoints go into it as training goes), deleting an earlier run there for `overwrite`."""
     if overwrite and not resume and out.exists():
         shutil.rmtree(out)
-    claim_dir(out)
+    claim_dir(out, files=())  # the run records each entry before writing it (`record_files`)
 
 
 def last_checkpoint(out) -> Path | None:
@@ -74,6 +77,7 @@ def save_checkpoint(out, model, optimizer, scheduler, state: dict, keep: int, ad
     `load_checkpoint_extra`; `weights`: a sharded run's gathered model weights) and delete all but
     the newest `keep`."""
     path = Path(out) / "checkpoints" / f"step-{state['step']:07d}"
+    record_files(Path(out), "checkpoints")  # before atomic_dir makes it
     with atomic_dir(path) as tmp:
         if adapter is not None:
             save_adapter(adapter, tmp / ADAPTER)  # the base is the run's own: a few MB instead of the model
@@ -174,9 +178,10 @@ def training_stage(state: dict) -> dict:
 
 def save_final(out: Path, model, state: dict, keep: tuple[str, ...] = ("checkpoints", "tb", RL_PAIRS),
                weights: dict | None = None) -> None:
-    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it.
+    """Replace `out` atomically by the model folder; checkpoints, logs and the `keep` files move into it,
+    and so do the entries lrem did not write there (a user's notes), which stay unrecorded.
     `weights`: a sharded run's gathered model weights (in place of the main process's shard)."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, carry=unrecorded(out)) as tmp:
         model.save_pretrained(tmp, stage=training_stage(state), state_dict=weights)
         write_json(tmp / TRAIN_STATE, state)
         for sub in keep:

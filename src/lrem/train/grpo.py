@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import rewards as R
-from .._io import JsonlLog, append_jsonl, write_jsonl
+from .._io import JsonlLog, append_jsonl, record_files, write_jsonl
 from ..losses import IGNORE, GRPOLoss, group_advantages
 from ..prompts import PromptConfig
 from .grpo_config import RLConfig
@@ -204,6 +204,7 @@ def train_rl(cfg: RLConfig, init, out, pairs=None, resume: bool = False, stop_af
                       "loss": f"{vals['loss/total']:.4f}"}
 
     def on_claim(start: int):
+        record_files(out, HISTORY, SAMPLES)  # before the first step appends to them
         for name in (HISTORY, SAMPLES):
             if start == 0:  # a fresh run: no history of an earlier one
                 (out / name).unlink(missing_ok=True)
@@ -253,6 +254,7 @@ def plot_curves(history: Path, png: Path) -> None:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
+    record_files(png.parent, png.name)  # a run folder's own file (when `png` is in one)
     with atomic_write(png, "wb", encoding=None) as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .._io import record_files
 from .checkpoint import (base_identity, check_output, check_resume, claim_output, load_checkpoint,
                          load_checkpoint_extra, resume_source, save_checkpoint, save_final)
 from .dev_eval import log_dev, make_dev_eval
@@ -207,6 +208,7 @@ class Run:
             claim_output(out, self.resume, self.overwrite)
             if on_claim is not None:
                 on_claim(start)
+            record_files(out, "tb")  # before SummaryWriter makes it
             # a resume drops the events an interrupted run logged after its checkpoint (they come again)
             writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
         state["step"] = start

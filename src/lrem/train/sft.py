@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .._io import record_files
 from ..losses import IGNORE, LREMLoss
 from ..prompts import close_cot
 from .lora import lora_settings
@@ -152,6 +153,7 @@ def train(cfg: SFTConfig, out, triplets=None, dataset=None, split: str = "train"
 
     def on_claim(start: int):
         if held:
+            record_files(run.out, RL_PAIRS)  # before it is written: lrem's, for a later --overwrite
             write_pairs(run.out / RL_PAIRS, held)  # stage 2's pairs, never seen here
 
     return run.fit(model, loss_fn, total, state, sft_step, log_step, "train", dev=dev,
