@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lrem.card import SHIPPED_HEADING
+
 
 def table(metrics: dict, names: list[str]) -> list[str]:
     systems = metrics["systems"]
@@ -45,11 +47,11 @@ def main() -> None:
     meta = json.loads((delta / "delta.json").read_text())
     metrics = json.loads(Path(args.eval).read_text())
     card = (delta / "README.md").read_text(encoding="utf-8") if (delta / "README.md").exists() else ""
-    card = card.split("\n## Shipped with lrem", 1)[0].rstrip() + "\n"
+    card = card.split("\n" + SHIPPED_HEADING, 1)[0].rstrip() + "\n"
     f = meta["fidelity"]
     size = (delta / "delta.safetensors").stat().st_size / 1e6
     n = metrics.get("n_queries") or metrics.get("queries")
-    lines = ["", f"## Shipped with lrem as `{delta.name}`", "", args.about, "",
+    lines = ["", f"{SHIPPED_HEADING} as `{delta.name}`", "", args.about, "",
              "```python", "from lrem.model import LREM",
              f"model = LREM.from_pretrained(\"{delta.name}\")   # offline: {meta['base']} + this delta, built once",
              "```", "",

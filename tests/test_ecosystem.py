@@ -94,6 +94,25 @@ def test_sentence_transformers_loads_the_export_with_lrem_embeddings(real_model,
     assert "max_item_tokens" in card and "## Intended use" in card
 
 
+def test_an_export_of_a_shipped_model_keeps_its_shipped_section_and_a_further_trained_one_does_not(tiny, tmp_path):
+    """A shipped model's card ends with what it was trained on, its dev table and its limits
+    (`scripts/ship_card.py`): an export of the same weights carries that section over (it was
+    lost), a model saved after more training does not (its figures would be another model's)."""
+    from lrem.card import SHIPPED_HEADING
+    from lrem.export import export_sentence_transformers
+
+    tiny.save_pretrained(tmp_path / "m")
+    section = f"{SHIPPED_HEADING} as `tiny-shop`\n\nTrained on 3 toy pairs.\n\n| system | hitrate@10 |\n|---|---|\n| x | 0.5 |\n"
+    card = tmp_path / "m" / "README.md"
+    card.write_text(card.read_text() + "\n" + section)
+    shipped = LREM.from_pretrained(str(tmp_path / "m"), dtype="float32")
+    export_sentence_transformers(shipped, tmp_path / "st", log=lambda *_: None)
+    exported = (tmp_path / "st" / "README.md").read_text()
+    assert "sentence-transformers export" in exported and exported.rstrip().endswith(section.rstrip())
+    shipped.save_pretrained(tmp_path / "m2", stage={"stage": "rl", "steps": 3})
+    assert SHIPPED_HEADING not in (tmp_path / "m2" / "README.md").read_text()
+
+
 def test_every_saved_model_has_a_model_card(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "m", stage={"stage": "coldstart", "steps": 7, "examples": 42,
                                                 "data": "runs/triplets.jsonl", "batch_size": 8,

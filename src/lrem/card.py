@@ -3,6 +3,7 @@ outputs, `lrem export`), so a folder says what it is, where it came from and how
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from . import prompts
 from .backbones import BUILTINS
@@ -10,6 +11,21 @@ from .backbones import BUILTINS
 _STAGES = {"coldstart": "stage 1, cold start: 0.1 L_SFT (teacher CoT) + 1.0 L_InfoNCE",
            "direct": "direct-embedding baseline: InfoNCE only, no CoT",
            "rl": "stage 2, RL: 1.0 L_GRPO (rank reward) + 0.1 L_InfoNCE"}
+
+
+SHIPPED_HEADING = "## Shipped with lrem"  # a shipped model's own section (`scripts/ship_card.py`)
+
+
+def shipped_section(folder: str) -> str:
+    """The section of `folder`'s model card that describes a shipped model (its data, the dev table,
+    its limits: `SHIPPED_HEADING` to the end), or "" where it has none. An export of the same
+    weights carries it over; a model trained further does not (its figures would be another's)."""
+    try:
+        card = (Path(folder) / "README.md").read_text(encoding="utf-8") if folder else ""
+    except OSError:
+        return ""
+    at = card.find("\n" + SHIPPED_HEADING)
+    return card[at + 1 :].rstrip() + "\n" if at >= 0 else ""
 
 
 def _stage_rows(training: list[dict]) -> list[str]:

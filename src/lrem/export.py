@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import prompts
 from ._io import atomic_dir, write_json
-from .card import model_card
+from .card import model_card, shipped_section
 
 EXPORT_FILE = "lrem_export.json"
 FORMATS = ("sentence-transformers",)
@@ -117,7 +117,8 @@ def export_sentence_transformers(model, out, log=print) -> Path:
         write_json(folder / EXPORT_FILE, {"format": "sentence-transformers", "source": model.source,
                                           "base_model": model.base, "prompts": model.config.to_dict(),
                                           "max_seq_length": transformer.max_seq_length, **sides})
-        (folder / "README.md").write_text(model_card(model, export="sentence-transformers"), encoding="utf-8")
+        card, shipped = model_card(model, export="sentence-transformers"), shipped_section(model.folder)
+        (folder / "README.md").write_text(card + ("\n" + shipped if shipped else ""), encoding="utf-8")
     log(f"exported {model.source} -> {out} (sentence-transformers: items, and queries in direct mode)")
     return Path(out)
 

@@ -281,6 +281,7 @@ class LREM(TemplateMixin, torch.nn.Module):
             raise ValueError("the tokenizer lacks the LREM special tokens; use LREM.from_pretrained")
         self.think_id, self.think_end_id, self.emb_id = ids
         self.source = ""  # where it was loaded from (recorded in index metadata)
+        self.folder = ""  # the local folder it was loaded from (for a name, the folder it resolved to)
         self.base = ""  # the backbone these weights started from (model card)
         # the training stages behind these weights (lrem_config.json, model card); not `training`,
         # which is nn.Module's train/eval flag (`.train()` would overwrite the list with a bool)
@@ -328,6 +329,7 @@ class LREM(TemplateMixin, torch.nn.Module):
         config = PromptConfig.from_dict(saved["prompts"]) if saved is not None else PromptConfig()
         model = cls(lm.to(device).eval(), tok, config)
         model.source = model.base = str(name_or_path)
+        model.folder = str(path)
         if saved is not None:
             model.stages = list(saved.get("training", []))
             model.base = saved.get("base_model") or saved.get("base") or model.source
