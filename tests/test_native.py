@@ -164,3 +164,137 @@ def test_review_edge_cases(lrem_dirs, tmp_path):
     hf = LREM.from_pretrained(str(lrem_dirs["llama"]), dtype="float32")
     nat.engine.config.compact_decoder = False
     assert nat.generate_cots(QUERIES) == hf.generate_cots(QUERIES)
+
+
+def _copy(src, dst, config=None, tokenizer_config=None):
+    """A copy of the LREM folder `src` with config.json / tokenizer_config.json keys set."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name, edit in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if edit:
+            cfg = json.loads((dst / name).read_text())
+            (dst / name).write_text(json.dumps({**cfg, **edit}))
+    return dst
+
+
+def test_checkpoint_head_and_shapes_as_transformers_loads_them(lrem_dirs, tmp_path):
+    """tie_word_embeddings with its own, different lm_head in the file: transformers 5 keeps that
+    head (the config is taken to be wrong), so the native network must too; shapes config.json does
+    not give are a one-line ValueError (so `auto` falls back) rather than torch's RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    from lrem.network import CausalLM
+
+    folder = _copy(lrem_dirs["llama"], tmp_path / "head")
+    state = load_file(folder / "model.safetensors")
+    torch.manual_seed(1)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + torch.randn_like(state["model.embed_tokens.weight"])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    hf = LREM.from_pretrained(str(folder), dtype="float32")
+    nat = LREM.from_pretrained(str(folder), dtype="float32", runtime="native")
+    assert hf.lm.lm_head.weight is not hf.lm.model.embed_tokens.weight  # what transformers does with such a file
+    assert nat.generate_cots(QUERIES) == hf.generate_cots(QUERIES)
+    np.testing.assert_array_equal(nat.encode_queries(QUERIES).embeddings, hf.encode_queries(QUERIES).embeddings)
+    # the head equal to the embeddings (older saves wrote both): tied, as transformers ties it
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    lm = CausalLM.from_folder(folder)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+
+    bad = _copy(lrem_dirs["llama"], tmp_path / "kv", config={"num_key_value_heads": 4})
+    with pytest.raises(ValueError, match=r"model.safetensors: weights do not match config.json \(size mismatch"):
+        LREM.from_pretrained(str(bad), dtype="float32", runtime="native")
+
+
+def test_tokenizer_config_transformers_honours(lrem_dirs, tmp_path):
+    """tokenizer_config.json settings transformers applies: `split_special_tokens` (the native
+    tokenizer applies it too), a tokenizer class transformers rebuilds the pipeline of and
+    `add_prefix_space` (left to transformers under auto): the ids are transformers' either way."""
+    from lrem import tokenizer
+    from lrem.network import CausalLM
+
+    texts = ["e\u0301 café", "<think> a </think><emb><|im_end|>", " Hello  world 12345", "don't"]
+    cases = {"split": ({"split_special_tokens": True}, True),
+             "qwen2-class": ({"tokenizer_class": "Qwen2Tokenizer"}, False),
+             "prefix-space": ({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True}, False)}
+    for name, (edit, native) in cases.items():
+        folder = _copy(lrem_dirs["llama"], tmp_path / name, tokenizer_config=edit)
+        hf = LREM.from_pretrained(str(folder), dtype="float32")
+        auto = LREM.from_pretrained(str(folder), dtype="float32", runtime="auto")
+        assert tokenizer.supports(folder) is native and isinstance(auto.lm, CausalLM) is native, name
+        assert (auto.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                == hf.tokenizer(texts, add_special_tokens=False)["input_ids"]), name
+    # an older folder's special_tokens_map.json names another pad token: it wins, as in transformers
+    folder = _copy(lrem_dirs["llama"], tmp_path / "map")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    hf = LREM.from_pretrained(str(folder), dtype="float32")
+    nat = LREM.from_pretrained(str(folder), dtype="float32", runtime="native")
+    assert nat.tokenizer.pad_token_id == hf.tokenizer.pad_token_id != hf.tokenizer.eos_token_id
+    assert ({k: v.tolist() for k, v in nat.tokenize(nat.item_texts(ITEMS)).items()}
+            == {k: v.tolist() for k, v in hf.tokenize(hf.item_texts(ITEMS)).items()})
+    # transformers always rebuilds a qwen2 model's tokenizer; lrem's own save wrote that pipeline: native
+    assert tokenizer.supports(lrem_dirs["qwen2"])
+    folder = _copy(lrem_dirs["qwen2"], tmp_path / "qwen2-prefix", tokenizer_config={"add_prefix_space": True})
+    assert not tokenizer.supports(folder)
+
+
+def test_chat_template_variables_and_namespace_as_transformers(lrem_dirs, tmp_path):
+    """Every special token transformers names is a template variable (sep, cls, mask too), and its
+    namespace refuses underscore names: the template renders, or fails, alike."""
+    from jinja2.exceptions import SecurityError
+
+    folder = _copy(lrem_dirs["llama"], tmp_path / "t", tokenizer_config={
+        "sep_token": "<|endoftext|>", "cls_token": "<|im_start|>", "mask_token": "<think>"})
+    template = (folder / "chat_template.jinja").read_text()
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q {{ x }} é"}]
+    (folder / "chat_template.jinja").write_text("[{{ sep_token }}|{{ cls_token }}|{{ mask_token }}]" + template)
+    hf = LREM.from_pretrained(str(folder), dtype="float32")
+    nat = LREM.from_pretrained(str(folder), dtype="float32", runtime="native")
+    rendered = nat.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    assert rendered.startswith("[<|endoftext|>|<|im_start|>|<think>]")
+    assert rendered == hf.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert nat.query_prompts(QUERIES) == hf.query_prompts(QUERIES)
+    (folder / "chat_template.jinja").write_text("{% set ns = namespace(_seen=0) %}" + template)
+    for model in (LREM.from_pretrained(str(folder), dtype="float32"),
+                  LREM.from_pretrained(str(folder), dtype="float32", runtime="native")):
+        with pytest.raises(SecurityError, match="underscore"):
+            model.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_folder_with_an_adapter_is_left_to_transformers(lrem_dirs, tmp_path):
+    """A PEFT adapter saved into the model folder: transformers loads it on top of the weights, so
+    `auto` must not run the bare weights natively."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lrem.network import CausalLM
+
+    folder = _copy(lrem_dirs["llama"], tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(0)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                        ).save_pretrained(folder)
+    hf = LREM.from_pretrained(str(folder), dtype="float32")
+    auto = LREM.from_pretrained(str(folder), dtype="float32", runtime="auto")
+    assert not isinstance(auto.lm, CausalLM)
+    np.testing.assert_array_equal(auto.encode_queries(QUERIES, mode="direct").embeddings,
+                                  hf.encode_queries(QUERIES, mode="direct").embeddings)
+    with pytest.raises(ValueError, match="runtime 'native' runs LREM folders"):
+        LREM.from_pretrained(str(folder), dtype="float32", runtime="native")
+
+
+def test_rope_scaling_next_to_rope_parameters_is_transformers(lrem_dirs, tmp_path):
+    """A v4-style `rope_scaling` added to a v5 config that has default `rope_parameters`:
+    transformers scales by it (it wins), so the native runtime must not run plain rotary embeddings."""
+    from lrem import network
+    from lrem.network import CausalLM
+
+    folder = _copy(lrem_dirs["llama"], tmp_path / "rope", config={"rope_scaling": {"type": "linear", "factor": 4.0}})
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"
+    assert not network.supports(folder)
+    hf = LREM.from_pretrained(str(folder), dtype="float32")
+    auto = LREM.from_pretrained(str(folder), dtype="float32", runtime="auto")
+    assert not isinstance(auto.lm, CausalLM)
+    assert auto.generate_cots(QUERIES) == hf.generate_cots(QUERIES)

@@ -280,8 +280,8 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
             from .network import ARCHS
 
             raise ValueError(f"model {name}: runtime 'native' runs LREM folders of {', '.join(ARCHS)} "
-                             "models on the CPU (plain rotary embeddings, one model.safetensors, tokenizer.json); "
-                             "use runtime 'transformers'")
+                             "models on the CPU (plain rotary embeddings, one model.safetensors, tokenizer.json "
+                             "as transformers reads it, no adapter); use runtime 'transformers'")
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

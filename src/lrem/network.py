@@ -28,23 +28,26 @@ WEIGHTS = "model.safetensors"
 
 
 def _rope(cfg: dict) -> dict | None:
-    """The rope parameters of a config, transformers 5's `rope_parameters` or the older flat keys."""
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    """The rope parameters of a config, transformers 5's `rope_parameters` or the older flat keys
+    (an older `rope_scaling` wins where both are set, as transformers reads them)."""
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
     kind = rope.get("rope_type") or rope.get("type") or "default"  # older configs name it "type"
     return {"rope_theta": cfg.get("rope_theta", 10000.0), **rope} if kind == "default" else None
 
 
 def supports(folder: str | Path) -> bool:
     """Whether `folder` holds a model this module runs: an architecture of `ARCHS` with plain
-    rotary embeddings and full attention, weights in one safetensors file."""
+    rotary embeddings and full attention, weights in one safetensors file, no adapter."""
     folder = Path(folder)
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
     windowed = cfg.get("use_sliding_window", cfg.get("model_type") == "mistral") and cfg.get("sliding_window")
+    # a PEFT adapter saved in the folder: transformers (with peft installed) loads it on top of the weights
     return (cfg.get("model_type") in ARCHS and _rope(cfg) is not None and not windowed
-            and cfg.get("hidden_act", "silu") == "silu" and (folder / WEIGHTS).is_file())
+            and cfg.get("hidden_act", "silu") == "silu" and (folder / WEIGHTS).is_file()
+            and not (folder / "adapter_config.json").exists())
 
 
 class Linear(nn.Linear):
@@ -216,15 +219,25 @@ class CausalLM(nn.Module):
             raise ValueError(f"{folder / WEIGHTS}: unreadable weights ({e}); a truncated copy? copy it again") from e
         with torch.device("meta"):
             lm = cls(cfg)
+            # a head in the checkpoint that differs from the embeddings stays untied, tie_word_embeddings
+            # or not: transformers 5 loads it so (the config is taken to be wrong), and its logits are the head's
+            head, emb = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+            tie = lm.config.tie_word_embeddings and (head is None or emb is None or torch.equal(head, emb))
+            if lm.config.tie_word_embeddings and not tie:
+                lm.lm_head.weight = nn.Parameter(torch.empty_like(lm.lm_head.weight))
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints kept it
-        if lm.config.tie_word_embeddings:
+        if tie:
             state.pop("lm_head.weight", None)
-        missing, unexpected = lm.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (m == "lm_head.weight" and lm.config.tie_word_embeddings)]
+        try:
+            missing, unexpected = lm.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as e:  # shapes config.json does not give (a ValueError, so `auto` falls back)
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ValueError(f"{folder / WEIGHTS}: weights do not match config.json ({detail})") from None
+        missing = [m for m in missing if not (m == "lm_head.weight" and tie)]
         if missing or unexpected:
             raise ValueError(f"{folder / WEIGHTS}: weights do not match config.json "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        if lm.config.tie_word_embeddings:
+        if tie:
             lm.lm_head.weight = lm.model.embed_tokens.weight
         return lm.to(dtype).eval()
 

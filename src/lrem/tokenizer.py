@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers' named special tokens: each one set is a variable of the chat template
+SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# the classes transformers 5 loads tokenizer.json into as it is; others rebuild its pipeline (`_same_pipeline`)
+VERBATIM = ("TokenizersBackend", "PreTrainedTokenizer")
 
 
 def supports(folder: str | Path) -> bool:
-    """Whether `folder` has what this tokenizer reads: tokenizer.json, and one chat template (if
-    any) as text that compiles here (transformers' `{% generation %}` extension is not)."""
+    """Whether `folder` has what this tokenizer reads: tokenizer.json, in a tokenizer transformers
+    runs as it is (`_same_pipeline`), and one chat template (if any) as text that compiles here
+    (transformers' `{% generation %}` extension is not)."""
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file() or (folder / "chat_templates").is_dir():
         return False
@@ -30,7 +34,7 @@ def supports(folder: str | Path) -> bool:
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(cfg.get("chat_template", ""), str):
+    if not isinstance(cfg.get("chat_template", ""), str) or not _same_pipeline(folder, cfg):
         return False
     template = _template_text(folder, cfg)
     if template:
@@ -39,6 +43,41 @@ def supports(folder: str | Path) -> bool:
         except Exception:  # noqa: BLE001 - jinja2's syntax errors: transformers renders this one
             return False
     return True
+
+
+def _same_pipeline(folder: Path, cfg: dict) -> bool:
+    """Whether the tokenizer transformers loads for `folder` runs tokenizer.json's pipeline as it
+    is. Its GPT2 and Qwen2 classes (every qwen2 model's, whatever the class named) rebuild the
+    normalizer and pre-tokenizer, with tokenizer_config.json's `add_prefix_space`: the same only
+    where tokenizer.json has that pipeline (as transformers saved it); Llama's sentencepiece-style
+    class, remote code and others are left to transformers."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    if cfg.get("auto_map"):
+        return False
+    cls = (cfg.get("tokenizer_class") or VERBATIM[0]).removesuffix("Fast")
+    if model_type != "qwen2" and cls in VERBATIM:
+        return True  # the common case, without reading tokenizer.json's ~2 MB here (~0.2 s of a cold start)
+    try:
+        tj = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte = [p for p in parts if p.get("type") == "ByteLevel"]
+    if model_type == "qwen2":
+        cls = "Qwen2Tokenizer"
+    elif cls == "LlamaTokenizer" and byte and model_type != "mistral":
+        return True  # a ByteLevel tokenizer.json (Llama 3's) loads as TokenizersBackend
+    spaced = len(byte) == 1 and byte[0].get("add_prefix_space") == bool(cfg.get("add_prefix_space"))
+    if cls == "GPT2Tokenizer":
+        return spaced and len(parts) == 1 and byte[0].get("use_regex", True)
+    if cls == "Qwen2Tokenizer":
+        return (spaced and [p.get("type") for p in parts] == ["Split", "ByteLevel"]
+                and (tj.get("normalizer") or {}).get("type") == "NFC")
+    return False
 
 
 def _template_text(folder: Path, cfg: dict) -> str | None:
@@ -62,7 +101,34 @@ def _environment():
         json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = _namespace_class()
     return env
+
+
+def _namespace_class():
+    """transformers' `namespace`: one that refuses underscore names, so a template storing one
+    fails here as it does there rather than rendering."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.utils import Namespace
+
+    def check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"Chat templates cannot store underscore-prefixed attributes on a namespace, "
+                                f"but got {name!r}. Please rename the attribute.")
+
+    class TemplateNamespace(Namespace):
+        def __init__(*args, **kwargs):  # Namespace's own signature trick, so namespace(self=...) works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                check(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            check(name)
+            Namespace.__setitem__(self, name, value)
+
+    return TemplateNamespace
 
 
 def _content(tok) -> str | None:
@@ -78,12 +144,14 @@ class Tokenizer:
         self.backend.no_padding()
         self.backend.no_truncation()
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        try:  # older folders keep the special tokens here; tokenizer_config.json wins where both name one
+        # special tokens' text encoded as plain text where the folder asks so, as transformers does
+        self.backend.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
+        try:  # older folders keep the special tokens here; it wins where both name one, as in transformers
             extra = json.loads((folder / "special_tokens_map.json").read_text())
         except (OSError, ValueError):
             extra = {}
         for name in SPECIAL:
-            setattr(self, name, _content(cfg.get(name) or extra.get(name)))
+            setattr(self, name, _content(extra.get(name) or cfg.get(name)))
         self.chat_template = _template_text(folder, cfg)
         self.padding_side = cfg.get("padding_side", "right")
 
