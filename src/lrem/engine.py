@@ -87,8 +87,11 @@ class EngineConfig:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "EngineConfig":
         """The defaults, with the LREM_WORD_DRAFTS, LREM_CUDA_GRAPHS, LREM_VLLM and LREM_VLLM_MEMORY
         switches applied."""
+        def switch(name: str, default: bool) -> bool:  # unset: the field's default; "0": off, else on
+            return env[name] != "0" if name in env else default
+
         return cls(word_drafts=int(env.get("LREM_WORD_DRAFTS", cls.word_drafts)),
-                   cuda_graphs=env.get("LREM_CUDA_GRAPHS", "1") != "0", vllm=env.get("LREM_VLLM", "1") != "0",
+                   cuda_graphs=switch("LREM_CUDA_GRAPHS", cls.cuda_graphs), vllm=switch("LREM_VLLM", cls.vllm),
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", cls.vllm_memory)))
 
 

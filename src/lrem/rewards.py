@@ -21,7 +21,7 @@ import re
 import torch
 from torch import Tensor
 
-from .prompts import EMB_TOKEN, THINK_END_TOKEN, THINK_TOKEN
+from .prompts import COT_MAX_TOKENS, EMB_TOKEN, THINK_END_TOKEN, THINK_TOKEN
 
 
 def r_format(completions: list[str], think_end: str = THINK_END_TOKEN, emb: str = EMB_TOKEN,
@@ -43,7 +43,7 @@ def r_format(completions: list[str], think_end: str = THINK_END_TOKEN, emb: str 
     return out
 
 
-def r_length(cot_tokens: list[int], cot_max_tokens: int = 16, **_) -> list[float]:
+def r_length(cot_tokens: list[int], cot_max_tokens: int = COT_MAX_TOKENS, **_) -> list[float]:
     """1.0 if the CoT has at most l = `cot_max_tokens` tokens (the closing token not counted).
 
     >>> r_length([3, 16, 17], cot_max_tokens=16)

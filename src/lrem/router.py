@@ -35,12 +35,12 @@ This module holds the margin `Router`; the learned router is `lrem.router_learne
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .router_base import FEATURES, MIN_SAMPLES, QUESTION_WORDS, Budget, check_scores, finite, query_features
+from .router_base import (DEPTH, FEATURES, MIN_SAMPLES, QUESTION_WORDS, WINDOW, Budget, check_scores, finite,
+                          query_features)
 from .router_fit import fit_router, judged_sample, reciprocal_rank, router_target
 from .router_learned import FORMAT, ROUTER_FILE, VERSION, LearnedRouter, fit_logistic, learn_router, load_router
 
@@ -68,29 +68,28 @@ class Router(Budget):
     margin: float = 0.02
     share: float = 0.0
     long_query_words: int = 0
-    depth: int = 10
-    window: int = 1000
-    _recent: deque = field(init=False, repr=False, compare=False)
+    depth: int = DEPTH
+    window: int = WINDOW
 
     def __post_init__(self):
         # `not margin >= 0`: a NaN margin compares False with every margin, so nothing would reason
         if (not self.margin >= 0 or not 0 <= self.share <= 1 or self.long_query_words < 0 or self.depth < 2
                 or self.window < 1):
             raise ValueError(f"{self}: need margin >= 0, 0 <= share <= 1, long_query_words >= 0, depth >= 2, window >= 1")
-        self._recent = deque(maxlen=self.window)
+        self.reset_window()
 
     def threshold(self) -> float:
         """The margin below which a query reasons now (adapts when `share` is set)."""
         if self.share >= 1:
             return float("inf")
-        adaptive = self._quantile(self.share) if self.share > 0 else None
+        adaptive = self.recent_quantile(self.share) if self.share > 0 else None
         return self.margin if adaptive is None else adaptive
 
     def describe(self) -> dict:
         """Settings and current threshold (None with share 1: every query reasons), for logs and /info."""
         return {"kind": "margin", "margin": self.margin, "share": self.share,
                 "long_query_words": self.long_query_words, "depth": self.depth, "threshold": finite(self.threshold()),
-                "margins_seen": len(self._recent)}
+                "margins_seen": self.seen()}
 
     def margins(self, direct_scores: np.ndarray) -> np.ndarray:
         """Top-1 minus top-`depth` score per query (n,); with fewer hits, minus the last one.
@@ -112,7 +111,7 @@ class Router(Budget):
             raise ValueError(f"{len(queries)} queries for {len(direct_scores)} rows of scores")
         m = self.margins(direct_scores)
         if self.share > 0:
-            self._recent.extend(m.tolist())
+            self.remember(m.tolist())
         ambiguous = m < self.threshold()
         long = [self.long_query_words > 0 and len(q.split()) >= self.long_query_words for q in queries]
         return [bool(a or b) for a, b in zip(ambiguous, long)]

@@ -4,11 +4,14 @@ budget (`Budget`: a window of recent values and one of its quantiles)."""
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import replace
 
 import numpy as np
 
 MIN_SAMPLES = 20  # with `share`, the fixed margin (threshold) is used until this many queries were seen
+DEPTH = 10  # how deep the direct scores a router reads go (the top-1 minus top-DEPTH margin), by default
+WINDOW = 1000  # recent values the `share` quantile is taken over, by default
 
 # The features a learned router may use, all free once the direct embedding has been searched.
 FEATURES = {
@@ -32,7 +35,7 @@ def check_scores(direct_scores) -> np.ndarray:
     return s
 
 
-def query_features(queries: list[str], direct_scores: np.ndarray, depth: int = 10,
+def query_features(queries: list[str], direct_scores: np.ndarray, depth: int = DEPTH,
                    names=tuple(FEATURES)) -> np.ndarray:
     """The named `FEATURES` of each query, (n, len(names)) float64.  direct_scores (n, >= 1), best
     first; with fewer than `depth` columns, the last one stands for top-`depth`.
@@ -73,9 +76,25 @@ def finite(x: float) -> float | None:
 
 
 class Budget:
-    """The `share` budget both routers keep: a window of recent values and one of its quantiles."""
+    """The `share` budget both routers keep: a window of recent values and one of its quantiles.
 
-    def _quantile(self, q: float) -> float | None:
+    A router (a dataclass with `share` and `window` fields) calls `reset_window` in its
+    `__post_init__`, `remember` with the values it decides on, and `recent_quantile` for its cut;
+    the window itself is this class's own."""
+
+    def reset_window(self) -> None:
+        """An empty window of the last `window` values."""
+        self._recent = deque(maxlen=self.window)
+
+    def remember(self, values) -> None:
+        """Add these values (margins or probabilities) to the window."""
+        self._recent.extend(values)
+
+    def seen(self) -> int:
+        """How many values the window holds."""
+        return len(self._recent)
+
+    def recent_quantile(self, q: float) -> float | None:
         """The q-quantile of the recent values, None until MIN_SAMPLES were seen."""
         return float(np.quantile(np.asarray(self._recent), q)) if len(self._recent) >= MIN_SAMPLES else None
 

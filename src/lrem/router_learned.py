@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .router_base import FEATURES, Budget, finite, query_features, sigmoid
+from .router_base import DEPTH, FEATURES, WINDOW, Budget, finite, query_features, sigmoid
 
 ROUTER_FILE = "router.json"  # a learned router, in the model folder it was fitted for
 FORMAT, VERSION = "lrem-router", 1
@@ -42,10 +41,9 @@ class LearnedRouter(Budget):
     bias: float
     threshold: float = 0.5
     share: float = 0.0
-    depth: int = 10
-    window: int = 1000
+    depth: int = DEPTH
+    window: int = WINDOW
     fitted: dict = field(default_factory=dict, compare=False)
-    _recent: deque = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.features = tuple(self.features)
@@ -63,7 +61,7 @@ class LearnedRouter(Budget):
         if not 0 <= self.threshold <= 1 or not 0 <= self.share <= 1 or self.depth < 2 or self.window < 1:
             raise ValueError(f"threshold={self.threshold}, share={self.share}, depth={self.depth}, window={self.window}: "
                              "need 0 <= threshold <= 1, 0 <= share <= 1, depth >= 2, window >= 1")
-        self._recent = deque(maxlen=self.window)
+        self.reset_window()
 
     def proba(self, queries: list[str], direct_scores: np.ndarray) -> np.ndarray:
         """P(reasoning beats direct) per query (n,).  direct_scores (n, >= depth), best first."""
@@ -76,14 +74,14 @@ class LearnedRouter(Budget):
         """The probability above which a query reasons now (adapts when `share` is set)."""
         if self.share >= 1:
             return -math.inf
-        adaptive = self._quantile(1.0 - self.share) if self.share > 0 else None
+        adaptive = self.recent_quantile(1.0 - self.share) if self.share > 0 else None
         return self.threshold if adaptive is None else adaptive
 
     def decide(self, queries: list[str], direct_scores: np.ndarray) -> list[bool]:
         """True where the query should be reasoned about.  direct_scores (n, >= depth), best first."""
         p = self.proba(queries, direct_scores)
         if self.share > 0:
-            self._recent.extend(p.tolist())
+            self.remember(p.tolist())
         return (p > self.cutoff()).tolist()
 
     def describe(self) -> dict:
@@ -91,7 +89,7 @@ class LearnedRouter(Budget):
         logs and /info."""
         return {"kind": "learned", "features": list(self.features), "threshold": self.threshold,
                 "share": self.share, "depth": self.depth, "cutoff": finite(self.cutoff()),
-                "probabilities_seen": len(self._recent),
+                "probabilities_seen": self.seen(),
                 "fitted": self.fitted}
 
     # ---- router.json ---------------------------------------------------------------------
@@ -209,8 +207,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 
 
 
 def learn_router(x: np.ndarray, rr_direct: np.ndarray, rr_reason: np.ndarray, features=tuple(FEATURES),
-                 holdout: float = 0.25, threshold: float = 0.5, l2: float = 1.0, seed: int = 0, depth: int = 10,
-                 fitted: dict | None = None) -> LearnedRouter:
+                 holdout: float = 0.25, threshold: float = LearnedRouter.threshold, l2: float = 1.0, seed: int = 0,
+                 depth: int = LearnedRouter.depth, fitted: dict | None = None) -> LearnedRouter:
     """Fit a `LearnedRouter` on per-query features x (n, f) and the reciprocal ranks each mode got.
 
     Label: reasoning wins (rr_reason > rr_direct; ties go to direct, the cheaper). A seeded

@@ -35,12 +35,14 @@ class ServeConfig:
     router_kind: str = field(default="model", metadata={
         "help": "model: the model folder's learned router (router.json, `lrem router fit`) when it has one, else "
                 "the margin router; margin: the margin router (router_margin, router_long_words) always."})
-    router_margin: float = field(default=Router.margin, metadata={"help": "Reason when top-1 minus top-10 direct score < this."})
-    router_share: float = field(default=0.0, metadata={
+    router_margin: float = field(default=Router.margin, metadata={
+        "help": f"Reason when top-1 minus top-{Router.depth} direct score < this."})
+    router_share: float = field(default=Router.share, metadata={
         "help": "0: fixed router_margin (or the learned router's threshold). Else a budget: reason on about this "
                 "share (0..1) of auto queries, the most ambiguous by margin or the likeliest to gain by the learned "
                 "router, tracking that quantile of recent queries (score scales differ between models)."})
-    router_long_words: int = field(default=0, metadata={"help": "Also reason for queries of >= this many words; 0: off."})
+    router_long_words: int = field(default=Router.long_query_words, metadata={
+        "help": "Also reason for queries of >= this many words; 0: off."})
     # Hybrid search
     hybrid: bool = field(default=False, metadata={
         "help": "Build BM25 over the index's titles at start, so /search requests may ask for hybrid: true "

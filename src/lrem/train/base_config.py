@@ -36,6 +36,10 @@ class TrainingConfig(LoraOptions):
     num_epochs: int = field(default=1, metadata={"help": "Passes over the data (paper: 1), unless max_steps."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps (overrides epochs)."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order (same seed -> same batches)."})
+    # Objective (both stages: in-batch InfoNCE)
+    temperature: float = field(default=0.05, metadata={
+        "help": "InfoNCE temperature on cosine similarity, stage 1 and stage 2 alike (paper: not given). 0.05 = "
+                "scale 20, the sentence-transformers default."})
     # Precision
     bf16: bool | None = field(default=None, metadata={
         "help": "bfloat16 autocast. None (auto): where the hardware computes bfloat16 natively (CUDA; CPUs with "

@@ -18,7 +18,6 @@ class RLConfig(TrainingConfig):
     grpo_weight: float = field(default=1.0, metadata={"help": "Weight of L_GRPO (paper: 1.0)."})
     infonce_weight: float = field(default=0.1, metadata={
         "help": "Weight of L_InfoNCE over all N*G rollout embeddings (paper: 0.1)."})
-    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (as in stage 1)."})
     format_weight: float = field(default=0.5, metadata={"help": "Weight of r_format (paper: 0.5)."})
     length_weight: float = field(default=0.2, metadata={"help": "Weight of r_length (paper: 0.2)."})
     acc_weight: float = field(default=1.0, metadata={"help": "Weight of r_acc = 1 - log(rank)/log(N) (paper: 1.0)."})
@@ -56,14 +55,15 @@ class RLConfig(TrainingConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW lr (paper: 1e-6)."})
     batch_size: int = field(default=16, metadata={
         "help": "Queries per process per step (N: their positives are the items r_acc ranks among)."})
-    num_epochs: int = field(default=1, metadata={"help": "Passes over the RL pairs (paper: 1), unless max_steps."})
-    seed: int = field(default=0, metadata={"help": "Seeds the data order and the sampling."})
+    num_epochs: int = field(default=TrainingConfig.num_epochs, metadata={
+        "help": "Passes over the RL pairs (paper: 1), unless max_steps."})
+    seed: int = field(default=TrainingConfig.seed, metadata={"help": "Seeds the data order and the sampling."})
     logging_steps: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps."})
     save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps; 0 = off."})
-    eval_steps: int = field(default=0, metadata={
+    eval_steps: int = field(default=TrainingConfig.eval_steps, metadata={
         "help": "Every N steps (and at the end), dev hitrate@10 and nDCG@10 on a small fixed sample go to "
                 "TensorBoard (dev/...) and train_state.json; 0 = off. Needs eval_data."})
-    eval_data: str | None = field(default=None, metadata={"help": "Dataset folder for eval_steps."})
+    eval_data: str | None = field(default=TrainingConfig.eval_data, metadata={"help": "Dataset folder for eval_steps."})
     samples_per_log: int = field(default=4, metadata={"help": "Rollouts (query, CoT, reward) written to samples.jsonl per log."})
 
     def __post_init__(self):

@@ -23,9 +23,6 @@ class SFTConfig(TrainingConfig):
                 "baseline, `<think></think><emb>` for every query."})
     sft_weight: float = field(default=0.1, metadata={"help": "Weight of L_SFT (paper: 0.1); 0 = InfoNCE only."})
     infonce_weight: float = field(default=1.0, metadata={"help": "Weight of L_InfoNCE (paper: 1.0)."})
-    temperature: float = field(default=0.05, metadata={
-        "help": "InfoNCE temperature on cosine similarity (paper: not given). 0.05 = scale 20, the "
-                "sentence-transformers default."})
     cot_max_tokens: int | None = field(default=None, metadata={
         "help": "l in the paper: the CoT budget. None: the model's own (`PromptConfig.cot_max_tokens`, 16 for a "
                 "backbone); a value is written into the trained model, which then generates at most that many "
