@@ -471,7 +471,7 @@ def upload_chunks(spec: str, folder, upload_batch: int = 1000, overwrite: bool =
         meta[CATALOG] = catalog_digest(man["catalog_sha1"], every)
 
     def batches():
-        for (ids, titles, x), f in zip(iter_chunks(folder, show_progress=False), chunk_files(folder, man)):
+        for (ids, titles, x), f in zip(iter_chunks(folder, show_progress=False), files):
             digests, facets = read_chunk_fields(f)  # where the chunks keep them
             for s in range(0, len(ids), upload_batch):
                 cut = slice(s, s + upload_batch)
