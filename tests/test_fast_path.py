@@ -402,13 +402,14 @@ def steered(lively, q: str, cot: str):
     return model, seq
 
 
-@pytest.mark.parametrize("cot,forwards", [("device", 2), ("device for pulling corks", 2), ("device for", 3)])
-def test_single_query_closes_before_or_after_its_drafts(lively, monkeypatch, cot, forwards):
+@pytest.mark.parametrize("cot,forwards", [("device", 2), ("device for pulling corks", 2), ("device for", 2),
+                                         ("device pulling", 3)])
+def test_single_query_closes_before_after_or_inside_its_drafts(lively, monkeypatch, cot, forwards):
     """The query's own words are drafted after a CoT token that copies one (" device" -> " for
     pulling corks"), with the closing tokens after the drafts and, beside them, the closing tokens
-    should the CoT end before the drafts: a CoT that stops either way embeds from that forward
-    (the chain's end or the branch's), one that stops inside the drafts needs one more; each
-    embedding is the plain path's."""
+    should the CoT end before any one of the drafts: a CoT that stops before, inside or after
+    the drafts embeds from that forward (the chain's end or a branch's); one that leaves them
+    (" pulling" after " device") needs one more; each embedding is the plain path's."""
     q = QUERIES[:1]  # "a device for pulling corks"
     model, seq = steered(lively, q[0], cot)
     model.engine.config.word_drafts = 0  # the drafts after the first CoT token alone (not in the prefill)
@@ -418,6 +419,28 @@ def test_single_query_closes_before_or_after_its_drafts(lively, monkeypatch, cot
     assert enc.cots == [cot] and len(widths) == forwards
     plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+
+
+def test_single_query_goes_on_from_the_drafted_word_its_cot_begins_with(lively, monkeypatch):
+    """A CoT that begins with a word drafted in the prefill but goes on ("device pulling" after the
+    drafted "device"): that forward's pick after the draft is the CoT's next token, so decoding
+    goes on from there with the draft's keys and values, one forward fewer than without word
+    drafts; the CoT and embedding are the plain path's."""
+    q, cot = QUERIES[:1], "device pulling"
+    forwards = {}
+    for drafts in (0, 3):
+        model, _ = steered(lively, q[0], cot)
+        model.engine.config.word_drafts = drafts
+        model.engine.draft_hits.clear()
+        assert model.generate_cots(q, fast=False) == [cot]
+        widths = forward_widths(monkeypatch)
+        enc = model.encode_queries(q, mode="reason")
+        assert enc.cots == [cot]
+        forwards[drafts] = len(widths)
+        plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+        np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+    assert forwards == {0: 3, 3: 2}
+    assert list(model.engine.draft_hits["first"]) == [False]  # not the whole CoT: a miss all the same
 
 
 def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
@@ -578,8 +601,9 @@ def test_generate_prefix_cache_stays_bounded_and_exact(lively):
     assert len(cache) == PREFIX_CACHE_SIZE
 
 
-@pytest.mark.parametrize("cot,where,drafts", [("device", "first", 3), ("corks", "last", 3),
-                                              ("pulling corks", "last two", 4)])
+@pytest.mark.parametrize("cot,where,drafts", [("device", {"first"}, 3), ("corks", {"last"}, 3),
+                                              ("pulling corks", {"last two", "second two"}, 4),
+                                              ("device pulling", {"first two"}, 5)])
 def test_single_query_whose_cot_is_one_of_its_words_reasons_in_its_prefill_forward(lively, monkeypatch, cot, where,
                                                                                    drafts):
     """A single query's prefill forward also runs its words at `WORD_POSITIONS` (up to
@@ -595,9 +619,10 @@ def test_single_query_whose_cot_is_one_of_its_words_reasons_in_its_prefill_forwa
     widths = forward_widths(monkeypatch)
     enc = model.encode_queries(q, mode="reason")
     assert enc.cots == [cot] and len(widths) == 1
-    tried = model.engine.WORD_POSITIONS[:drafts]
-    assert {k: list(v) for k, v in model.engine.draft_hits.items()} == {
-        k: [k == where] if k in tried else [] for k in model.engine.WORD_POSITIONS}
+    tries = {k: list(model.engine.draft_hits.get(k, [])) for k in model.engine.WORD_POSITIONS}
+    assert {k for k, v in tries.items() if v == [True]} == where  # the positions whose words the CoT is
+    assert all(v in ([], [False]) for k, v in tries.items() if k not in where)
+    assert len({k for k, v in tries.items() if v} - where) >= drafts - 1  # the other words drafted: misses
     plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
@@ -627,5 +652,7 @@ def test_word_drafts_that_keep_missing_are_tried_only_to_explore(lively, monkeyp
         drafted.append(widths[0] > len(seq) - len(model.template_prefixes()[0]))
     assert drafted[0] and not any(drafted[2 * every : 3 * every - 1])
     assert all(drafted[k * every - 1] for k in (1, 2, 3))  # exploring
-    assert all(len(engine.draft_hits[k]) > 0 for k in engine.WORD_POSITIONS)  # each position had its turn
+    # each position had its turn (but "whole": five words are too many to draft whole)
+    assert all(len(engine.draft_hits[k]) > 0 for k in engine.WORD_POSITIONS if k != "whole")
+    assert "whole" not in engine.draft_hits
     assert not any(hit for tries in engine.draft_hits.values() for hit in tries)

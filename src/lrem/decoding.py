@@ -599,6 +599,17 @@ def prefill_tree(step: GreedyStep, n: int, kv, seq: list[int], branches: list[li
     return h[0], w
 
 
+def move_slots(step: GreedyStep, src: int, dst: int, count: int) -> None:
+    """Copy the keys and values of cache slots [src, src + count) to [dst, dst + count) in every
+    layer of `step`'s compact decoder (`StaticDecoder`), and attend to the copies: a drafted
+    branch's tokens the model took, moved to where decoding goes on after them."""
+    dec = step.compact
+    for k, v in zip(dec.k, dec.v):
+        k[:, :, dst : dst + count] = k[:, :, src : src + count].clone()
+        v[:, :, dst : dst + count] = v[:, :, src : src + count].clone()
+    step.mask[:, dst : dst + count] = 1
+
+
 def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list[int], max_new: int, close
                  ) -> list[int] | None:
     """Whether the model writes `draft` as its CoT and stops where `tail` (the full text's closing
@@ -658,7 +669,7 @@ def agreed(tokens: list[int], picks: list[int], stop: list[int], limit: int | No
     return a
 
 
-def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: int, max_new: int,
+def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot: int, pos: int, max_new: int,
                   stop: list[int], k: int, past: list[int] | None = None, close=None
                   ) -> tuple[list[int], int, torch.Tensor | None]:
     """Greedy decoding of one sequence `seq` (batch 1), several tokens per forward where its own
@@ -668,7 +679,8 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
     and keeps the drafts up to the first the model would not have picked, plus the model's own
     next token: the same tokens as one-at-a-time greedy decoding, while each forward reads the
     weights once. `first` is the first generated token, to be fed at cache slot `slot` and
-    position `pos`.
+    position `pos`; or the tokens generated so far, all but the last already in the cache from
+    `slot` (a drafted word the model began its CoT with: `QueryEngine` runs them in the prefill).
 
     `close(gen)`, if given, says how the full text reads should the CoT end after `seq + gen`:
     (keep, tokens, ends): it shares gen's first `keep` tokens, then has `tokens` (up to
@@ -676,12 +688,16 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
     Where keep is all of gen and the drafts, `tokens` are drafted after them. Where the text reads
     gen differently (the model wrote "chair" where the text has " chair"), `ends` are drafted
     after them, and `tokens` run in the same forward as a branch from gen[:keep], attending to
-    the prompt and those tokens only. Either way, where the model stops right there, that forward
-    has already run the full text's closing tokens: their last hidden state comes back, and no
-    further forward is needed to embed.
+    the prompt and those tokens only. Beside the drafts, the closing tokens (as last read, a " "
+    and `</think><emb>`) run as branches after gen and after each of the drafts but the last,
+    should the CoT end inside them ("La Mer" drafted " La Mer dupe"). Wherever the model stops
+    on tokens that ran, that forward has already run the full text's closing tokens: their last
+    hidden state comes back, and no further forward is needed to embed.
     Returns (generated ids, cache slots filled, that hidden state (D,) or None)."""
-    gen, dev, past = [first], step.mask.device, past or []
+    gen, dev, past = list(first) if isinstance(first, list) else [first], step.mask.device, past or []
     slot0, pos0 = slot, pos
+    slot, pos = slot + len(gen) - 1, pos + len(gen) - 1
+    closing = None  # the text's closing tokens, as last read: drafted wherever the CoT may end in the drafts
     while gen[-1] not in stop and len(gen) < max_new:
         room = min(k, max_new - len(gen) - 1)
         # one-token matches too, cut at a stop id: a trained model's CoT often copies a phrase of the
@@ -690,38 +706,50 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
         draft = lookup_draft(past + seq + gen, k=room) or lookup_draft(seq + gen, k=room, min_ngram=1)
         draft = draft[: next((i for i, t in enumerate(draft) if t in stop), len(draft))]
         keep, toks, ends = close(gen + draft) if close else (0, None, [])
-        tail, branch, own_close = [], [], False
+        tail, rerun = [], []
         if toks is not None and keep == len(gen) + len(draft):
             tail = toks  # the text goes on from the drafts
+            closing = toks if ends else closing  # after a word (" " before `</think>`): the branches' guess
         elif toks is not None and keep < len(gen):
-            tail, branch = ends, toks  # the text reads the CoT differently: run it again beside the chain
-        if draft and not branch and close:  # and the text should the CoT end before the drafts
+            tail, rerun = ends, toks  # the text reads the CoT differently: run it again beside the chain
+        if draft and not rerun and close and closing is None:
             keep0, toks0, _ = close(gen)
-            if toks0 is not None and keep0 == len(gen):
-                branch, keep, own_close = toks0, len(gen), True
+            closing = toks0 if toks0 is not None and keep0 == len(gen) else None
         chain = 1 + len(draft) + len(tail)
-        ids = [gen[-1], *draft, *tail, *branch]
+        # beside the drafts, the closing tokens should the CoT end before draft c (the model writes
+        # "La Mer" and stops where the query goes on " dupe"): a guess, read again where it is taken
+        ats = list(range(len(draft))) if draft and closing and not rerun else []
+        if slot + chain + len(rerun) + len(ats) * len(closing or []) > step.length:
+            ats = []  # no room in the cache (a long CoT near its budget): the chain alone
+        ids = [gen[-1], *draft, *tail, *rerun, *(closing * len(ats) if ats else [])]
         step.mask[:, slot : slot + len(ids)] = 1
-        at = pos + torch.arange(chain, device=dev)
+        at = [pos + torch.arange(chain, device=dev)]
         attend = None
-        if branch:  # the chain causal; the branch after gen[:keep] (in the cache, or gen[-1] in this block)
-            at = torch.cat([at, pos0 + keep + torch.arange(len(branch), device=dev)])
+        if rerun or ats:  # a tree: each row attends to the cache before `lim`, the chain up to `upto`, and its own block
+            lim, upto, start = [slot] * chain, [-1] * chain, [slot] * chain
+            if rerun:  # after gen[:keep]
+                at.append(pos0 + keep + torch.arange(len(rerun), device=dev))
+                lim, upto, start = lim + [slot0 + keep] * len(rerun), upto + [-1] * len(rerun), start + [slot + chain] * len(rerun)
+            for i, c in enumerate(ats):  # after gen and draft[:c]
+                at.append(pos + 1 + c + torch.arange(len(closing), device=dev))
+                b0 = slot + chain + i * len(closing)
+                lim, upto, start = lim + [slot] * len(closing), upto + [c] * len(closing), start + [b0] * len(closing)
             end = slot + len(ids)
             slots, own = torch.arange(end, device=dev), slot + torch.arange(len(ids), device=dev)[:, None]
-            in_chain = own < slot + chain
+            lim, upto, start = (torch.tensor(x, device=dev)[:, None] for x in (lim, upto, start))
             cached = step.mask[0, :end] > 0
-            before = cached & (slots < torch.where(in_chain | own_close, slot, slot0 + keep))
-            block = (slots >= torch.where(in_chain, slot, slot + chain)) & (slots <= own)
-            attend = (before | block | (own_close & (slots == slot)))[None]  # (1, T, end)
-        h = step.run(torch.tensor([ids], device=dev), at[None], slot, attend=attend)
-        picked = chain + (len(branch) - 1 if own_close else 0)  # positions whose next token is checked
-        best = step.logits(h[0, :picked]).argmax(-1).tolist()  # the model's pick after each such token
+            attend = ((cached & (slots < lim)) | ((slots >= slot) & (slots <= slot + upto))
+                      | ((slots >= start) & (slots <= own)))[None]  # (1, T, end)
+        h = step.run(torch.tensor([ids], device=dev), torch.cat(at)[None], slot, attend=attend)
+        best = step.logits(h[0]).argmax(-1).tolist()  # the model's pick after each token fed
         a = agreed(draft, best, stop)
-        if own_close and a == 0:  # the model ends its CoT before the drafts: the branch is its closing
-            after = [best[0], *best[chain:]]  # its picks after gen[-1], then after each branch token
-            j = agreed(branch, after, stop, min(len(branch) - 1, max_new - len(gen) - 1))
-            if after[j] in stop and close(gen + branch[:j])[:2] == (len(gen) + j, branch[j:]):
-                return gen + branch[:j] + [after[j]], slot + len(ids), h[0, -1]
+        if a < len(draft) and a in ats:  # the model leaves the drafts at a: does it close there?
+            b0 = chain + ats.index(a) * len(closing)
+            after = [best[a], *best[b0 : b0 + len(closing)]]  # its picks after draft[:a], then after each closing token
+            j = agreed(closing, after, stop, min(len(closing) - 1, max_new - len(gen) - a - 1))
+            done = gen + draft[:a] + closing[:j]
+            if after[j] in stop and close(done)[:2] == (len(done), closing[j:]):
+                return done + [after[j]], slot + len(ids), h[0, b0 + len(closing) - 1]
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
             # closing tokens the model itself picks (" " before `</think>`) are part of the CoT, within
             # the generated tokens the budget still allows
@@ -729,9 +757,9 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: 
             if best[a + j] in stop:  # the CoT ends here: is the rest of its full text what ran?
                 done = gen + draft + tail[:j]
                 kept, rest, _ = close(done)
-                rerun = branch and not own_close  # the embedding is the branch's, else the chain's
-                if (kept, rest) == ((keep, branch) if rerun else (len(done), tail[j:])):
-                    return done + [best[a + j]], slot + len(ids), h[0, -1 if rerun else chain - 1]
+                if (kept, rest) == ((keep, rerun) if rerun else (len(done), tail[j:])):
+                    # the embedding is the rerun's last token's, else the chain's
+                    return done + [best[a + j]], slot + len(ids), h[0, chain + len(rerun) - 1]
             a += j
             draft = draft + tail[:j]
         step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts and branches

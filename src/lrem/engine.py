@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .decoding import (GreedyStep, Linear, StaticDecoder, block_linears, check_branch, common_prefix_len, decode,
-                       kv_cache, lookup_decode, padded_width, prefill, prefill_tree, prefix_kv, sample_top_p)
+from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
+                       decode, kv_cache, lookup_decode, move_slots, padded_width, prefill, prefill_tree, prefix_kv,
+                       sample_top_p)
 
 
 def check_batch_size(batch_size) -> None:
@@ -146,8 +147,11 @@ class QueryEngine:
     # where a single query's CoT may be one of its words (`_word_drafts`): its first and second content
     # word, its last word, its last two. Measured on the shipped model's CoTs: a definition's first
     # content word for 53 of 80 WordNet queries ("a device for ..."), the last word for 22 of 64 WANDS
-    # keyword queries ("salon chair"), the first or second content word for 23 of 32 shop questions
-    WORD_POSITIONS = ("first", "second", "last", "last two")
+    # keyword queries ("salon chair"), the first or second content word for 23 of 32 shop questions.
+    # Or two of its content words, a compound noun ("phone case that is not plastic" -> "phone case"),
+    # or the whole of a short query ("pillow for neck pain")
+    WORD_POSITIONS = ("first", "second", "last", "last two", "first two", "second two", "whole")
+    WHOLE_WORDS = 4  # the longest query drafted whole
     # words skipped when counting content words: English articles, prepositions, pronouns and the like
     FUNCTION_WORDS = frozenset("a an the of for to in on at by with from into as and or but not no is are was be "
                                "that which who whom whose what when where how does do can i my me you your it "
@@ -523,7 +527,9 @@ class QueryEngine:
         words = [w for w in words if any(c.isalnum() for c in w)]  # not "-", "&", "/"
         content = [w for w in words if w.lower() not in self.FUNCTION_WORDS]
         at = {"first": content[:1], "second": content[1:2], "last": words[-1:],
-              "last two": words[-2:] if len(words) > 2 else []}
+              "last two": words[-2:] if len(words) > 2 else [], "first two": content[:2] if len(content) > 1 else [],
+              "second two": content[1:3] if len(content) > 2 else [],
+              "whole": words if 2 < len(words) <= self.WHOLE_WORDS else []}
         phrases: dict[str, list[str]] = {}
         for where in self.WORD_POSITIONS:
             if at[where]:
@@ -556,16 +562,20 @@ class QueryEngine:
         closing tokens), see `_word_drafts`) run in the prefill forward itself (`prefill_tree`)."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
-        slot = None
+        slot, first = None, None
         if single and drafts:
             hs, w = prefill_tree(step, n, kv, seqs[0], [d + t for _, d, t in drafts])
             logits, last = step.logits(hs[w - 1])[None], torch.tensor([n + w - 1])
             tok, at = int(logits.argmax(-1)), w
+            began = None  # (tokens taken, slot, picks) of the draft the model's CoT begins with, if any
             for j, (where, d, t) in enumerate(drafts):
                 gen = None
                 if d[0] == tok:  # the model's first CoT token: check the rest of this draft
                     picks = [tok, *step.logits(hs[at : at + len(d) + len(t) - 1]).argmax(-1).tolist()]
                     gen = check_branch(d, t, picks, stop, max_new, close)
+                    a = agreed(d, picks, stop)
+                    if began is None or a > began[0]:
+                        began = (a, n + at, picks)
                 for key in where:
                     self.draft_hits[key].append(gen is not None)
                 if gen is not None:
@@ -578,13 +588,19 @@ class QueryEngine:
                 at += len(d) + len(t)
             slot = n + len(hs)
             step.mask[:, n + w : slot] = 0  # no draft was the CoT: decode after their slots
+            if began is not None and began[2][began[0]] not in stop:
+                # the CoT begins with a draft's first tokens ("warm" of "warm boot"): keep their keys and
+                # values and the model's next pick, so decoding goes on from there (a forward saved)
+                a, src, picks = began
+                move_slots(step, src, slot, a)
+                first = picks[: a + 1]
         else:
             logits, last, w = prefill(step, n, kv, seqs, pad)
         tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
         if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
-            gen, used, h = lookup_decode(step, seqs[0], int(tok), slot or n + w, int(last[0]) + 1, max_new, stop, k,
-                                         past, close)
+            gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
+                                         stop, k, past, close)
             self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], slot or n + w, used, h
         gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)

@@ -1,0 +1,104 @@
+"""Forwards and rows per reasoned query at batch 1 on real shop queries, served one at a time in
+order as a server sees them (the engine's CoT history and word-draft hit rates build up as they go).
+
+    .venv/bin/python benchmarks/draft_counts.py [--model lrem-wordnet-135m] [--wands 120] [--esci 80] [--threads 2]
+
+`benchmarks/query_latency.py` times 32 hand-written shop questions; this is the check on queries
+nobody wrote for it: the first WANDS queries and ESCI queries of ../shared/data (real fixtures).
+For each set: reason mode with the engine's defaults, then again with no word drafts in the
+prefill (`EngineConfig.word_drafts=0`, a fresh engine), and direct mode. Forwards and rows (tokens
+run) come from the compact decoder's calls, so they are the same on any CPU of the same dtype;
+the times (direct and reason in turns, query by query; medians, and the ratio of means) are this
+machine's.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+from _common import machine, name_arg, setup, table, write
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shop_queries(data: Path, n_wands: int, n_esci: int) -> dict[str, list[str]]:
+    """The first n WANDS queries and the first n distinct ESCI queries of `data` (../shared/data)."""
+    with open(data / "wands_queries" / "query.csv", newline="") as f:
+        wands = [r["query"] for r in csv.DictReader(f, delimiter="\t")][:n_wands]
+    with open(data / "esci_sample200" / "esci.csv", newline="") as f:
+        esci = list(dict.fromkeys(r["query"] for r in csv.DictReader(f)))[:n_esci]
+    return {"wands": wands, "esci": esci}
+
+
+def served(model, queries: list[str], word_drafts: int | None) -> dict:
+    """Each query reasoned alone, in order, on a fresh engine state (`word_drafts`: None keeps the
+    config's); direct mode timed in turns with it. Returns per-query means."""
+    from lrem.decoding import StaticDecoder
+    from lrem.engine import QueryEngine
+
+    model.engine = QueryEngine(model, model.engine.config)
+    keep = model.engine.config.word_drafts
+    if word_drafts is not None:
+        model.engine.config.word_drafts = word_drafts
+    calls: list[int] = []
+    run = StaticDecoder.__call__
+
+    def counted(self, ids, *args, **kwargs):
+        calls.append(ids.shape[-1])
+        return run(self, ids, *args, **kwargs)
+
+    forwards, rows, reason_s, direct_s = [], [], [], []
+    model.encode_queries(queries[:1], mode="direct", batch_size=1)  # warm-up of the direct path
+    StaticDecoder.__call__ = counted
+    try:
+        for q in queries:
+            calls.clear()
+            t = time.perf_counter()
+            model.encode_queries([q], mode="reason", batch_size=1)
+            reason_s.append(time.perf_counter() - t)
+            forwards.append(len(calls))
+            rows.append(sum(calls))
+            t = time.perf_counter()
+            model.encode_queries([q], mode="direct", batch_size=1)
+            direct_s.append(time.perf_counter() - t)
+    finally:
+        StaticDecoder.__call__ = run
+        model.engine.config.word_drafts = keep
+    return {"forwards": statistics.mean(forwards), "rows": statistics.mean(rows),
+            "one_forward": sum(f == 1 for f in forwards), "n": len(queries),
+            "reason_ms": 1000 * statistics.median(reason_s), "direct_ms": 1000 * statistics.median(direct_s),
+            "reason_over_direct": statistics.median(reason_s) / statistics.median(direct_s),
+            "reason_over_direct_of_means": statistics.mean(reason_s) / statistics.mean(direct_s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lrem-wordnet-135m")
+    ap.add_argument("--wands", type=int, default=120, help="first WANDS queries")
+    ap.add_argument("--esci", type=int, default=80, help="first distinct ESCI queries")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", type=Path, default=DATA, help="the folder of wands_queries/ and esci_sample200/")
+    name_arg(ap, "draft_counts")
+    args = ap.parse_args()
+    if not (args.data / "wands_queries").is_dir():
+        ap.error(f"{args.data}: no wands_queries/ there; pass --data (the project's shared/data folder)")
+    setup(args.threads)
+    info = machine()
+    from lrem.model import LREM
+
+    model = LREM.from_pretrained(args.model, device="cpu", log=lambda *a: None)
+    out = []
+    for name, qs in shop_queries(args.data, args.wands, args.esci).items():
+        for label, drafts in (("defaults", None), ("no word drafts", 0)):
+            out.append({"queries": name, "variant": label, **served(model, qs, drafts)})
+            print(f"{name}, {label}: {out[-1]['forwards']:.3f} forwards a query", flush=True)
+    print(table(out, ["queries", "variant", "forwards", "rows", "one_forward", "reason_ms", "direct_ms",
+                      "reason_over_direct", "reason_over_direct_of_means"]))
+    write(args.name, {"machine": info, "model": args.model, "dtype": str(model.lm.dtype), "rows": out})
+
+
+if __name__ == "__main__":
+    main()
