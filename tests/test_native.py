@@ -208,6 +208,17 @@ def test_checkpoint_head_and_shapes_as_transformers_loads_them(lrem_dirs, tmp_pa
         LREM.from_pretrained(str(bad), dtype="float32", runtime="native")
 
 
+@pytest.mark.parametrize("runtime", ["auto", "transformers"])
+def test_a_head_the_checkpoint_lacks_is_refused_not_started_random(lrem_dirs, tmp_path, runtime):
+    """config.json unties the head (tie_word_embeddings false) of a checkpoint saved tied (no
+    lm_head.weight): transformers would start the head random and only warn, so every load would
+    reason differently. Both runtimes refuse it in one line that says what to fix."""
+    folder = _copy(lrem_dirs["llama"], tmp_path / "untied", config={"tie_word_embeddings": False})
+    with pytest.raises(ValueError, match=r"lacks weights its config.json asks for \(lm_head.weight\).*"
+                                         r"set tie_word_embeddings to true"):
+        LREM.from_pretrained(str(folder), dtype="float32", runtime=runtime)
+
+
 def test_tokenizer_config_transformers_honours(lrem_dirs, tmp_path):
     """tokenizer_config.json settings transformers applies: `split_special_tokens` (the native
     tokenizer applies it too), a tokenizer class transformers rebuilds the pipeline of and

@@ -295,12 +295,26 @@ def load_backbone(path: str, name: str, dtype: torch.dtype, add_special_tokens: 
         raise ValueError(f"model {name!r}: no such folder, not a built-in name ({', '.join(BUILTINS)}) "
                          "and not a hub model in the local cache") from e
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except SafetensorError as e:  # neither an OSError nor a ValueError: say which folder, in one line
         raise ValueError(f"model {name}: unreadable weights in {path} ({e}); a truncated copy? copy it again") from e
+    check_loaded(name, path, sorted(info.get("missing_keys") or []))
     if add_special_tokens:
         add_lrem_tokens(lm, tok)
     return lm, tok
+
+
+def check_loaded(name: str, path: str, missing: list[str]) -> None:
+    """Refuse weights transformers would have started at random (it only warns): a model whose
+    head or layers are noise reasons and embeds as noise, and two loads of it differ. The common
+    case is a config that unties the head (tie_word_embeddings false) of a checkpoint saved tied."""
+    if not missing:
+        return
+    listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    fix = ("if its head is the input embeddings, set tie_word_embeddings to true in config.json"
+           if missing == ["lm_head.weight"] else "a partial copy? copy it again")
+    raise ValueError(f"model {name}: {path} lacks weights its config.json asks for ({listed}); they would start "
+                     f"random: {fix}")
 
 
 def add_lrem_tokens(lm, tokenizer) -> None:
