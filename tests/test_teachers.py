@@ -365,7 +365,7 @@ def test_hf_teacher_fast_path_gives_generate_s_tokens(lively_dir, arch):
     chats = [reason_chat(q) for q in ("a device for pulling corks", "mug", "a drink stronger than tea",
                                       "what does a 1.5-year-old boy wear to a summer wedding", "x")]
     fast = generate(t, chats, max_tokens=12)
-    assert t._prefixes  # the system prompt's KV was kept for the next batch
+    assert t.prefix_cache  # the system prompt's KV was kept for the next batch
     t.fast = False
     plain = generate(t, chats, max_tokens=12)
     assert fast == plain and len({a.text for a in fast}) > 3
@@ -390,8 +390,8 @@ def test_hf_teacher_threads_follow_the_setting_then_the_environment(lively_dir, 
     before = torch.get_num_threads()
     t = HFTeacher(str(lively_dir("qwen2")), batch_size=2, dtype="float32", threads=1)
     generate(t, [Chat("s", "mug"), Chat("s", "a drink stronger than tea")], max_tokens=4)
-    assert set(t._linears) == {1} and torch.get_num_threads() == before
+    assert set(t.linears) == {1} and torch.get_num_threads() == before
     t.threads = None
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     generate(t, [Chat("s", "teapot")], max_tokens=4)
-    assert set(t._linears) == {1, 2} and torch.get_num_threads() == before
+    assert set(t.linears) == {1, 2} and torch.get_num_threads() == before

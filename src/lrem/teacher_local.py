@@ -46,8 +46,9 @@ class HFTeacher:
         eos = self.lm.generation_config.eos_token_id
         self.stop_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                                 self.tok.eos_token_id} - {None})
-        self._prefixes: dict = {}  # prompt prefix -> KV (`lrem.decoding.generate`), for these weights
-        self._linears: dict = {}  # thread count -> the compact decoder's blocked weight views
+        # kept across batches for these weights (clear both after changing them in place)
+        self.prefix_cache: dict = {}  # prompt prefix -> KV (`lrem.decoding.generate`)
+        self.linears: dict = {}  # thread count -> the compact decoder's blocked weight views
 
     def prompt(self, chat: Chat) -> str:
         if getattr(self.tok, "chat_template", None):
@@ -71,11 +72,11 @@ class HFTeacher:
         linears = None
         if self.device == "cpu":
             n = torch.get_num_threads()
-            if n not in self._linears:
-                self._linears[n] = block_linears(self.lm, n)
-            linears = self._linears[n]
+            if n not in self.linears:
+                self.linears[n] = block_linears(self.lm, n)
+            linears = self.linears[n]
         return generate(self.lm, seqs, max_tokens, self.stop_ids, self.tok.pad_token_id, linears=linears,
-                        prefix_cache=self._prefixes)
+                        prefix_cache=self.prefix_cache)
 
     def stream(self, chats: list[Chat], max_tokens: int) -> Iterator[tuple[int, Answer]]:
         import torch
