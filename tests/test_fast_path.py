@@ -54,6 +54,21 @@ def forward_widths(monkeypatch) -> list[int]:
     return widths
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_ids_are_argmax_ties_included(dtype):
+    """`greedy_ids` (max's indices on the CPU, where bfloat16's argmax is slow) picks what argmax
+    picks, the first of tied logits too: rounded logits tie often."""
+    from lrem.decoding import greedy_ids
+
+    torch.manual_seed(0)
+    for rows in (1, 7, 32):
+        logits = (torch.randn(rows, 49155) * 2).round().to(dtype)
+        assert torch.equal(greedy_ids(logits), logits.float().argmax(-1))
+    tied = torch.zeros(2, 10, dtype=dtype)
+    tied[:, [3, 7]] = 1
+    assert greedy_ids(tied).tolist() == [3, 3]
+
+
 def test_greedy_matches_generate_token_for_token(lively):
     stop = [lively.think_end_id, lively.emb_id, lively.tokenizer.eos_token_id]
     ref = plain_generate(lively, QUERIES, stop)

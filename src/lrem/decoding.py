@@ -25,6 +25,14 @@ def sample_top_p(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy pick over the last dim: the first index of the largest logit, as argmax. On the
+    CPU through `max`, whose indices are the same (ties included, tested): bfloat16's argmax kernel
+    is ~12x slower there (20 x 49k logits, 2 threads: 6.1 ms against 0.5 ms), a tenth of a
+    reasoned query's time."""
+    return logits.max(-1).indices if logits.device.type == "cpu" else logits.argmax(-1)
+
+
 def head_dim(cfg) -> int:
     """Width of one attention head of a (text) model config."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -503,14 +511,14 @@ class GreedyStep:
         if rows is not None:
             self.mask[rows, slot] = 1
             logits = self.logits(self.compact(ids[:, None], pos[:, None], slot, rows)[:, -1])
-            return pick(logits) if pick is not None else logits.argmax(-1)
+            return pick(logits) if pick is not None else greedy_ids(logits)
         self.ids.copy_(ids[:, None])
         self.pos.copy_(pos[:, None])
         self.mask[:, slot] = 1
         if pick is not None:
             return pick(self._logits(slot))
         if self.graph is None:
-            return self._logits(slot).argmax(-1)
+            return greedy_ids(self._logits(slot))
         self.graph.replay()
         return self.out.clone()
 
@@ -741,7 +749,7 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
             attend = ((cached & (slots < lim)) | ((slots >= slot) & (slots <= slot + upto))
                       | ((slots >= start) & (slots <= own)))[None]  # (1, T, end)
         h = step.run(torch.tensor([ids], device=dev), torch.cat(at)[None], slot, attend=attend)
-        best = step.logits(h[0]).argmax(-1).tolist()  # the model's pick after each token fed
+        best = greedy_ids(step.logits(h[0])).tolist()  # the model's pick after each token fed
         a = agreed(draft, best, stop)
         if a < len(draft) and a in ats:  # the model leaves the drafts at a: does it close there?
             b0 = chain + ats.index(a) * len(closing)
@@ -802,4 +810,4 @@ def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int,
     length = n + max(len(x) - n for x in seqs) + max_new
     step = GreedyStep(lm, len(seqs), length, graph=False, linears=linears)
     logits, pos, w = prefill(step, n, kv, seqs, pad)
-    return decode(step, logits.argmax(-1), pos, n + w, max_new, stop, pad)
+    return decode(step, greedy_ids(logits), pos, n + w, max_new, stop, pad)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
-                       decode, kv_cache, lookup_decode, move_slots, padded_width, prefill, prefill_tree, prefix_kv,
-                       sample_top_p)
+                       decode, greedy_ids, kv_cache, lookup_decode, move_slots, padded_width, prefill, prefill_tree,
+                       prefix_kv, sample_top_p)
 
 
 def check_batch_size(batch_size) -> None:
@@ -566,12 +566,12 @@ class QueryEngine:
         if single and drafts:
             hs, w = prefill_tree(step, n, kv, seqs[0], [d + t for _, d, t in drafts])
             logits, last = step.logits(hs[w - 1])[None], torch.tensor([n + w - 1])
-            tok, at = int(logits.argmax(-1)), w
+            tok, at = int(greedy_ids(logits)), w
             began = None  # (tokens taken, slot, picks) of the draft the model's CoT begins with, if any
             for j, (where, d, t) in enumerate(drafts):
                 gen = None
                 if d[0] == tok:  # the model's first CoT token: check the rest of this draft
-                    picks = [tok, *step.logits(hs[at : at + len(d) + len(t) - 1]).argmax(-1).tolist()]
+                    picks = [tok, *greedy_ids(step.logits(hs[at : at + len(d) + len(t) - 1])).tolist()]
                     gen = check_branch(d, t, picks, stop, max_new, close)
                     a = agreed(d, picks, stop)
                     if began is None or a > began[0]:
@@ -596,7 +596,7 @@ class QueryEngine:
                 first = picks[: a + 1]
         else:
             logits, last, w = prefill(step, n, kv, seqs, pad)
-        tok = pick(logits) if pick else logits.argmax(-1)  # (B,)
+        tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
         if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
