@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
                        decode, greedy_ids, kv_cache, lookup_decode, move_slots, padded_width, prefill, prefill_tree,
                        prefix_kv, sample_top_p)
+from .prompts import close_cot
 
 
 def check_batch_size(batch_size) -> None:
@@ -491,6 +492,13 @@ class QueryEngine:
         model, head = self.model, seqs[0]
         decode, stops = model.tokenizer.decode, set(model.stop_ids)
         seen: dict[tuple[int, ...], tuple] = {}  # a forward may ask twice (drafts, then the CoT that ran)
+        # the full text is the prompt's then the CoT part's (`query_texts`): made once, and where the
+        # first read shows its tokens to be the prompt's then the CoT part's alone (the part begins
+        # after the special `<think>`, where the tokenizer splits), only that part is tokenized again
+        prompt, apart = model.query_prompts(texts, candidates=candidates)[0], []
+
+        def ids(text: str) -> list[int]:
+            return model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         def close(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
             if tuple(gen) not in seen:
@@ -498,8 +506,13 @@ class QueryEngine:
             return seen[tuple(gen)]
 
         def reads(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
-            full = model.tokenizer(model.query_texts(texts, [model.decode_cot(gen)], candidates=candidates),
-                                   add_special_tokens=False)["input_ids"][0]
+            part = close_cot(model.decode_cot(gen), model.config)
+            if apart == [True]:
+                full = head + ids(part)
+            else:
+                full = ids(prompt + part)
+                if not apart:
+                    apart.append(full == head + ids(part))
             if full[: len(head)] != head:
                 return 0, None, []
             keep = common_prefix_len([full[len(head) :], gen + [-1]])
@@ -565,13 +578,18 @@ class QueryEngine:
         slot, first = None, None
         if single and drafts:
             hs, w = prefill_tree(step, n, kv, seqs[0], [d + t for _, d, t in drafts])
-            logits, last = step.logits(hs[w - 1])[None], torch.tensor([n + w - 1])
-            tok, at = int(greedy_ids(logits)), w
+            # the picks after the prompt and along every draft (but its last token) from one pass of the
+            # LM head: its cost is flat up to 16 rows, about what three drafts need
+            starts = np.cumsum([w] + [len(d) + len(t) for _, d, t in drafts]).tolist()
+            need = [w - 1, *(i for s0, (_, d, t) in zip(starts, drafts) for i in range(s0, s0 + len(d) + len(t) - 1))]
+            picked = dict(zip(need, greedy_ids(step.logits(hs[need])).tolist()))
+            tok, at, last = picked[w - 1], w, torch.tensor([n + w - 1])
+            logits = None
             began = None  # (tokens taken, slot, picks) of the draft the model's CoT begins with, if any
             for j, (where, d, t) in enumerate(drafts):
                 gen = None
                 if d[0] == tok:  # the model's first CoT token: check the rest of this draft
-                    picks = [tok, *greedy_ids(step.logits(hs[at : at + len(d) + len(t) - 1])).tolist()]
+                    picks = [tok, *(picked[i] for i in range(at, at + len(d) + len(t) - 1))]
                     gen = check_branch(d, t, picks, stop, max_new, close)
                     a = agreed(d, picks, stop)
                     if began is None or a > began[0]:
@@ -596,7 +614,8 @@ class QueryEngine:
                 first = picks[: a + 1]
         else:
             logits, last, w = prefill(step, n, kv, seqs, pad)
-        tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
+        if logits is not None:
+            tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
         if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
