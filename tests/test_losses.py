@@ -137,3 +137,21 @@ def test_doctests():
     for mod in (lrem.losses, lrem.train.sft):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_loss_defaults_are_the_training_configs(tiny):
+    """A loss made without weights takes its stage config's defaults (the paper's constants have
+    one owner, the config); given values win."""
+    from lrem.losses import GRPOLoss, LREMLoss
+    from lrem.train import RLConfig, SFTConfig
+
+    sft, rl = SFTConfig(), RLConfig()
+    assert LREMLoss(tiny).get_config_dict() == {"sft_weight": sft.sft_weight, "infonce_weight": sft.infonce_weight,
+                                                "temperature": sft.temperature} == {"sft_weight": 0.1,
+                                                                                    "infonce_weight": 1.0,
+                                                                                    "temperature": 0.05}
+    assert LREMLoss(tiny, sft_weight=0.0).weights == {"infonce": 1.0}
+    g = GRPOLoss(tiny)
+    assert (g.grpo_weight, g.infonce_weight, g.kl_coef, g.temperature, g.clip_eps, g.sampling_temperature) == (
+        rl.grpo_weight, rl.infonce_weight, rl.kl_coef, rl.temperature, rl.clip_eps, rl.sampling_temperature)
+    assert GRPOLoss(tiny, kl_coef=0.05).weights == {"grpo": rl.grpo_weight, "infonce": rl.infonce_weight, "kl": 0.05}

@@ -119,6 +119,11 @@ def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return per_token.sum() / n_samples
 
 
+def defaults(config: type, **given: float | None) -> dict[str, float]:
+    """`given`, each None replaced by the training config's default of that name."""
+    return {k: getattr(config, k) if v is None else v for k, v in given.items()}
+
+
 class LREMLoss(nn.Module):
     """L = sft_weight * L_SFT + infonce_weight * L_InfoNCE over a batch from `lrem.train.sft.collate`.
 
@@ -137,14 +142,18 @@ class LREMLoss(nn.Module):
         infonce_weight: weight of L_InfoNCE (paper 1.0).
         temperature: InfoNCE temperature (`scale = 1 / temperature`).
         share_prefix: see `LREM.hidden_states`.
+    The weights and temperature left None are `lrem.train.SFTConfig`'s defaults (their one owner).
     """
 
-    def __init__(self, model, sft_weight: float = 0.1, infonce_weight: float = 1.0, temperature: float = 0.05,
-                 share_prefix: bool = True):
+    def __init__(self, model, sft_weight: float | None = None, infonce_weight: float | None = None,
+                 temperature: float | None = None, share_prefix: bool = True):
+        from .train.sft_config import SFTConfig  # at call time: lrem.train imports this module
+
         super().__init__()
         self.model = model
         self.share_prefix = share_prefix  # run the batch's common prompt prefix once (same values, less work)
-        self.sft_weight, self.infonce_weight, self.temperature = sft_weight, infonce_weight, temperature
+        self.sft_weight, self.infonce_weight, self.temperature = defaults(
+            SFTConfig, sft_weight=sft_weight, infonce_weight=infonce_weight, temperature=temperature).values()
 
     @property
     def weights(self) -> dict[str, float]:
@@ -191,14 +200,22 @@ class GRPOLoss(nn.Module):
         model: an `lrem.model.LREM` (the policy).
         sampling_temperature: the rollouts' sampling temperature; log-probs are taken at the same
             temperature (as TRL does), so that the ratio compares like with like.
+    The weights, temperatures, clip_eps and kl_coef left None are `lrem.train.RLConfig`'s defaults
+    (their one owner).
     """
 
-    def __init__(self, model, grpo_weight: float = 1.0, infonce_weight: float = 0.1, temperature: float = 0.05,
-                 clip_eps: float = 0.2, kl_coef: float = 0.0, sampling_temperature: float = 1.0):
+    def __init__(self, model, grpo_weight: float | None = None, infonce_weight: float | None = None,
+                 temperature: float | None = None, clip_eps: float | None = None, kl_coef: float | None = None,
+                 sampling_temperature: float | None = None):
+        from .train.grpo_config import RLConfig  # at call time: lrem.train imports this module
+
         super().__init__()
         self.model = model
-        self.grpo_weight, self.infonce_weight, self.kl_coef = grpo_weight, infonce_weight, kl_coef
-        self.temperature, self.clip_eps, self.sampling_temperature = temperature, clip_eps, sampling_temperature
+        given = defaults(RLConfig, grpo_weight=grpo_weight, infonce_weight=infonce_weight, kl_coef=kl_coef,
+                         temperature=temperature, clip_eps=clip_eps, sampling_temperature=sampling_temperature)
+        self.grpo_weight, self.infonce_weight, self.kl_coef = given["grpo_weight"], given["infonce_weight"], given["kl_coef"]
+        self.temperature, self.clip_eps = given["temperature"], given["clip_eps"]
+        self.sampling_temperature = given["sampling_temperature"]
 
     @property
     def weights(self) -> dict[str, float]:
