@@ -44,6 +44,14 @@ class OpenAIStandIn:
                     n = len(outer.requests)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                done = False
+
+                def leave():  # the request stops counting as in flight (once)
+                    nonlocal done
+                    with outer.lock:
+                        outer.in_flight -= 0 if done else 1
+                        done = True
+
                 try:
                     if self.path != "/v1/chat/completions":
                         status, text, delay, *extra = 404, '{"detail": "Not Found"}', 0
@@ -57,12 +65,14 @@ class OpenAIStandIn:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
+                    # before the body's last bytes: once the client has them it may send its next
+                    # request, which could arrive before this thread counted this one out
+                    leave()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
                 finally:
-                    with outer.lock:
-                        outer.in_flight -= 1
+                    leave()
 
             def log_message(self, *args):
                 pass
