@@ -417,6 +417,23 @@ def steered(lively, q: str, cot: str):
     return model, seq
 
 
+def reason_steered(lively, monkeypatch, cot: str, drafts: int):
+    """Reason QUERIES[0] on a copy of `lively` steered to write `cot` (`steered`), with `drafts`
+    word drafts: the CoT and embedding must be the plain path's. Returns (model, the widths of
+    the compact decoder's forwards)."""
+    q = QUERIES[:1]
+    model, _ = steered(lively, q[0], cot)
+    model.engine.config.word_drafts = drafts
+    model.engine.draft_hits.clear()
+    assert model.generate_cots(q, fast=False) == [cot]
+    widths = forward_widths(monkeypatch)
+    enc = model.encode_queries(q, mode="reason")
+    assert enc.cots == [cot]
+    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+    return model, widths
+
+
 @pytest.mark.parametrize("cot,forwards", [("device", 2), ("device for pulling corks", 2), ("device for", 2),
                                          ("device pulling", 3)])
 def test_single_query_closes_before_after_or_inside_its_drafts(lively, monkeypatch, cot, forwards):
@@ -425,15 +442,9 @@ def test_single_query_closes_before_after_or_inside_its_drafts(lively, monkeypat
     should the CoT end before any one of the drafts: a CoT that stops before, inside or after
     the drafts embeds from that forward (the chain's end or a branch's); one that leaves them
     (" pulling" after " device") needs one more; each embedding is the plain path's."""
-    q = QUERIES[:1]  # "a device for pulling corks"
-    model, seq = steered(lively, q[0], cot)
-    model.engine.config.word_drafts = 0  # the drafts after the first CoT token alone (not in the prefill)
-    assert model.generate_cots(q, fast=False) == [cot]
-    widths = forward_widths(monkeypatch)
-    enc = model.encode_queries(q, mode="reason")
-    assert enc.cots == [cot] and len(widths) == forwards
-    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
-    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+    # "a device for pulling corks"; no word drafts: the drafts after the first CoT token alone
+    _, widths = reason_steered(lively, monkeypatch, cot, drafts=0)
+    assert len(widths) == forwards
 
 
 def test_single_query_goes_on_from_the_drafted_word_its_cot_begins_with(lively, monkeypatch):
@@ -441,19 +452,10 @@ def test_single_query_goes_on_from_the_drafted_word_its_cot_begins_with(lively, 
     drafted "device"): that forward's pick after the draft is the CoT's next token, so decoding
     goes on from there with the draft's keys and values, one forward fewer than without word
     drafts; the CoT and embedding are the plain path's."""
-    q, cot = QUERIES[:1], "device pulling"
     forwards = {}
     for drafts in (0, 3):
-        model, _ = steered(lively, q[0], cot)
-        model.engine.config.word_drafts = drafts
-        model.engine.draft_hits.clear()
-        assert model.generate_cots(q, fast=False) == [cot]
-        widths = forward_widths(monkeypatch)
-        enc = model.encode_queries(q, mode="reason")
-        assert enc.cots == [cot]
+        model, widths = reason_steered(lively, monkeypatch, "device pulling", drafts)
         forwards[drafts] = len(widths)
-        plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
-        np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
     assert forwards == {0: 3, 3: 2}
     assert list(model.engine.draft_hits["first"]) == [False]  # not the whole CoT: a miss all the same
 
@@ -626,20 +628,13 @@ def test_single_query_whose_cot_is_one_of_its_words_reasons_in_its_prefill_forwa
     beside the prompt: where the model writes one of them, the query is reasoned and embedded in
     that one forward (as in direct mode), with the plain path's CoT and embedding; the hit is
     counted for that word's position, a miss for the others drafted."""
-    q = QUERIES[:1]  # "a device for pulling corks": first content word "device", then "pulling"; last "corks"
-    model, _ = steered(lively, q[0], cot)
-    model.engine.config.word_drafts = drafts
-    model.engine.draft_hits.clear()
-    assert model.generate_cots(q, fast=False) == [cot]
-    widths = forward_widths(monkeypatch)
-    enc = model.encode_queries(q, mode="reason")
-    assert enc.cots == [cot] and len(widths) == 1
+    # "a device for pulling corks": first content word "device", then "pulling"; last "corks"
+    model, widths = reason_steered(lively, monkeypatch, cot, drafts)
+    assert len(widths) == 1
     tries = {k: list(model.engine.draft_hits.get(k, [])) for k in model.engine.WORD_POSITIONS}
     assert {k for k, v in tries.items() if v == [True]} == where  # the positions whose words the CoT is
     assert all(v in ([], [False]) for k, v in tries.items() if k not in where)
     assert len({k for k, v in tries.items() if v} - where) >= drafts - 1  # the other words drafted: misses
-    plain = model.engine.embed_texts(model.query_texts(q, enc.cots), 8, "q", False, prefix_cache=False)
-    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
 def test_word_drafts_follow_the_environment_switch():
