@@ -145,6 +145,10 @@ class QueryEngine:
 
     HISTORY_CONTEXT = 3  # prompt tokens kept before each CoT in `history` (the CoT's first n-grams)
     EXPLORE_EVERY = 8  # every so many single queries try all word drafts, whatever their recent hit rate
+    # what a word draft the CoT began with but went on from counts for in its position's hit rate:
+    # decoding goes on from the prefill's pick after it, often a forward saved. Counting it as a miss
+    # dropped such positions: WANDS 2.08 forwards a query against 1.92 with it (draft_counts.py)
+    BEGAN = 0.5
     # where a single query's CoT may be one of its words (`_word_drafts`): its first and second content
     # word, its last word, its last two. Measured on the shipped model's CoTs: a definition's first
     # content word for 53 of 80 WordNet queries ("a device for ..."), the last word for 22 of 64 WANDS
@@ -163,7 +167,8 @@ class QueryEngine:
         self.config = config or EngineConfig.from_env()
         self.cache: dict = {}  # valid for one `_weights_key`
         self.history: collections.deque[list[int]] = collections.deque(maxlen=self.config.history)
-        self.draft_hits: dict[str, collections.deque[bool]] = {}  # word position -> hits of its recent 16 tries
+        # word position -> the worth of its recent 16 tries: 1 the CoT, BEGAN a CoT that began with it, else 0
+        self.draft_hits: dict[str, collections.deque[float]] = {}
         self.n_drafted = 0  # single queries `_word_drafts` was asked for
         self._local = threading.local()  # `same_weights`' pinned cache, per thread
         self._building = threading.Lock()  # held while a CUDA decode step is made (`step`)
@@ -529,7 +534,8 @@ class QueryEngine:
         """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
         at `WORD_POSITIONS`, each as (its positions, CoT tokens, the full text's closing tokens
         after them), where its full text reads them as drafted and the draft pays: the recent hit
-        rate of its positions (`draft_hits`, prior 1/2) times a saved forward (`ROW_COST` tokens)
+        rate of its positions (`draft_hits`, prior 1/2; a CoT that only began with the draft counts
+        `BEGAN`: its next token came with the prefill) times a saved forward (`ROW_COST` tokens)
         at least its tokens; the likeliest first. Why: each drafted token costs ~1/40 of the
         forward a hit saves, and which word the CoT copies depends on the queries' form (a
         definition's head noun comes first, a keyword query's last). Every `EXPLORE_EVERY`-th query
@@ -595,11 +601,11 @@ class QueryEngine:
                     if began is None or a > began[0]:
                         began = (a, n + at, picks)
                 for key in where:
-                    self.draft_hits[key].append(gen is not None)
+                    self.draft_hits[key].append(1.0 if gen is not None else self.BEGAN if d[0] == tok else 0.0)
                 if gen is not None:
                     for rest, _, _ in drafts[j + 1 :]:  # the other drafts were not the CoT
                         for key in rest:
-                            self.draft_hits[key].append(False)
+                            self.draft_hits[key].append(0.0)
                     self._remember(seqs, [gen], stop)
                     end = at + len(d) + len(t)
                     return [gen + [pad] * (max_new - len(gen))], n + at, n + end, hs[end - 1]
