@@ -756,8 +756,8 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
         for i, t in zip(need, greedy_ids(step.logits(h[0, need])).tolist()):
             best[i] = t
         a = agreed(draft, best, stop)
-        if a < len(draft) and a in ats:  # the model leaves the drafts at a: does it close there?
-            b0 = chain + ats.index(a) * len(closing)
+        if ats and a < len(draft):  # the model leaves the drafts at a: does it close there (branch a)?
+            b0 = chain + a * len(closing)
             after = [best[a], *best[b0 : b0 + len(closing)]]  # its picks after draft[:a], then after each closing token
             j = agreed(closing, after, stop, min(len(closing) - 1, max_new - len(gen) - a - 1))
             done = gen + draft[:a] + closing[:j]

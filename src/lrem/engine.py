@@ -500,7 +500,7 @@ class QueryEngine:
         # the full text is the prompt's then the CoT part's (`query_texts`): made once, and where the
         # first read shows its tokens to be the prompt's then the CoT part's alone (the part begins
         # after the special `<think>`, where the tokenizer splits), only that part is tokenized again
-        prompt, apart = model.query_prompts(texts, candidates=candidates)[0], []
+        prompt, apart = model.query_prompts(texts, candidates=candidates)[0], None
 
         def ids(text: str) -> list[int]:
             return model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -511,13 +511,14 @@ class QueryEngine:
             return seen[tuple(gen)]
 
         def reads(gen: list[int]) -> tuple[int, list[int] | None, list[int]]:
+            nonlocal apart
             part = close_cot(model.decode_cot(gen), model.config)
-            if apart == [True]:
+            if apart:
                 full = head + ids(part)
             else:
                 full = ids(prompt + part)
-                if not apart:
-                    apart.append(full == head + ids(part))
+                if apart is None:
+                    apart = full == head + ids(part)
             if full[: len(head)] != head:
                 return 0, None, []
             keep = common_prefix_len([full[len(head) :], gen + [-1]])
@@ -590,7 +591,6 @@ class QueryEngine:
             need = [w - 1, *(i for s0, (_, d, t) in zip(starts, drafts) for i in range(s0, s0 + len(d) + len(t) - 1))]
             picked = dict(zip(need, greedy_ids(step.logits(hs[need])).tolist()))
             tok, at, last = picked[w - 1], w, torch.tensor([n + w - 1])
-            logits = None
             began = None  # (tokens taken, slot, picks) of the draft the model's CoT begins with, if any
             for j, (where, d, t) in enumerate(drafts):
                 gen = None
@@ -620,7 +620,6 @@ class QueryEngine:
                 first = picks[: a + 1]
         else:
             logits, last, w = prefill(step, n, kv, seqs, pad)
-        if logits is not None:
             tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
         if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
