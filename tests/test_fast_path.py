@@ -203,9 +203,9 @@ def test_blocked_linear_equals_f_linear(rows, bias):
         torch.testing.assert_close(Linear(mod, parts)(x), mod(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (32, False), (40, True)])
+@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (32, False), (40, True), (300, False)])
 def test_bfloat16_linear_runs_packed_weights_as_f_linear(rows, bias):
-    """Bfloat16 CPU weights are also kept in oneDNN's packed layout, used for up to MAX_ROWS rows
+    """Bfloat16 CPU weights are also kept in oneDNN's packed layout, used for up to PACKED_ROWS rows
     outside autograd: the same products as F.linear; under autograd F.linear runs (gradients flow)."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(64, 101, bias=bias).to(torch.bfloat16)
@@ -219,10 +219,10 @@ def test_bfloat16_linear_runs_packed_weights_as_f_linear(rows, bias):
     assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rows,bias", [(1, False), (7, True), (40, True)])
+@pytest.mark.parametrize("rows,bias", [(1, False), (7, True), (40, True), (300, True)])
 def test_fused_products_are_each_linears(rows, bias):
     """A layer's q, k and v projections (with Qwen2's biases, or none) run as one packed product
-    for up to MAX_ROWS rows: each output is that `Linear`'s own, bit for bit; above it, and under
+    for up to PACKED_ROWS rows: each output is that `Linear`'s own, bit for bit; above it, and under
     autograd, each runs apart (gradients flow)."""
     torch.manual_seed(0)
     mods = [torch.nn.Linear(64, n, bias=bias).to(torch.bfloat16) for n in (96, 32, 32)]

@@ -77,13 +77,17 @@ class Linear:
     Bfloat16 weights on the CPU are instead kept once more in oneDNN's packed layout (or, stacked
     with the others of one input, in a `Fused` product's: `pack=False`) (`mkldnn
     ._reorder_linear_weight`, as inductor's weight prepacking does), used outside autograd: the
-    same products (equal to F.linear's here), 1.2-2.6x faster at 1-32 rows (the 135M model's
+    same products (equal to F.linear's here), 1.2-2.6x faster at 1-32 rows, 1.4-1.6x at 48-256 on an
+    AMX CPU (the 135M model's
     576 x 1536 layer at one row: 0.098 -> 0.037 ms; its LM head 4.8 -> 2.9 ms). That copy does not
     follow in-place updates: callers rebuild `block_linears` when the weights change, as
     `QueryEngine` does.
     """
 
-    MAX_ROWS = 32  # above it F.linear is as fast (measured up to 512 rows)
+    MAX_ROWS = 32  # above it F.linear is as fast (float32 blocks; measured up to 512 rows)
+    # the packed bfloat16 product up to this many rows: on an AMX CPU it was 1.4-1.6x faster than
+    # F.linear from 48 to 256 rows (the 135M model's products, 2 threads), as fast at 384-512
+    PACKED_ROWS = 256
     TRANSPOSED_ROWS = 8  # up to it W_block @ x.T
 
     def __init__(self, mod: torch.nn.Linear, parts: int, pack: bool = True):
@@ -117,7 +121,7 @@ class Linear:
 class Fused:
     """`Linear`s of one input (a layer's q, k and v projections; gate and up) as one product:
     `fused(x)` is the tuple of their outputs. Where the packed path applies (bfloat16 CPU weights,
-    up to MAX_ROWS rows, outside autograd) their weights are packed once, stacked, and multiplied
+    up to PACKED_ROWS rows, outside autograd) their weights are packed once, stacked, and multiplied
     in one call, whose outputs are split (views): one call and one pass over x instead of two or
     three, and the small k and v weights read as part of a larger one (the 135M model's 30 layers:
     ~1.5 ms less a forward at 1-12 rows; the same products, bit for bit). Elsewhere each `Linear`
@@ -138,11 +142,11 @@ class Fused:
 
 
 def runs_packed(x: torch.Tensor, packed: torch.Tensor | None, linears: list[Linear]) -> bool:
-    """Whether x (up to `Linear.MAX_ROWS` rows, in the weights' dtype) runs through `packed`, the
+    """Whether x (up to `Linear.PACKED_ROWS` rows, in the weights' dtype) runs through `packed`, the
     packed copy of `linears`' weights: only outside autograd, or where none of their weights and
     biases needs gradients (the packed product has no backward)."""
     w = linears[0].w
-    return (packed is not None and x.numel() <= Linear.MAX_ROWS * w.shape[1] and x.dtype == w.dtype
+    return (packed is not None and x.numel() <= Linear.PACKED_ROWS * w.shape[1] and x.dtype == w.dtype
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                      for lin in linears for t in (lin.w, lin.bias))))
 

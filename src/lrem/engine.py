@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
-                       decode, greedy_ids, kv_cache, lookup_decode, move_slots, padded_width, prefill, prefill_tree,
-                       prefix_kv, sample_top_p)
+                       decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width, prefill,
+                       prefill_tree, prefix_kv, sample_top_p)
 from .prompts import close_cot
 
 
@@ -73,9 +73,11 @@ class EngineConfig:
     # followed by the closing tokens: where the model writes one of them (a trained model's CoT often
     # copies the query's head noun: "a device for pulling corks" -> "device", "salon chair" -> "chair"),
     # the query is reasoned and embedded in that one forward, as in direct mode. Which words: those at
-    # the positions (`WORD_POSITIONS`) whose drafts hit most often lately. 0 (LREM_WORD_DRAFTS=0): off,
-    # for the plain path's CoTs in bfloat16 too (a branch's larger forward may break a near-tie otherwise)
-    word_drafts: int = 3
+    # the positions (`WORD_POSITIONS`) whose drafts hit most often lately, while their hit rate pays for
+    # their rows: 7, all positions (3 ran 2.0-2.1x direct's time on the shop questions, 7 ran 1.6-1.7x,
+    # bfloat16 and float32 alike). 0 (LREM_WORD_DRAFTS=0): off, for the plain path's CoTs in bfloat16
+    # too (a branch's larger forward may break a near-tie otherwise)
+    word_drafts: int = 7
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
     # widths (tokens a row) that forwards of several tokens (a prompt's suffix, closing tokens, a
     # direct query) on transformers' decoder pad to, each captured in a graph (`GreedyStep.widths`),
@@ -347,13 +349,14 @@ class QueryEngine:
         b = ids.shape[0]
         full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=dev), mask], dim=1)
         position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
-        few = (self.config.compact_decoder and ids.numel() <= Linear.MAX_ROWS and dev.type == "cpu"
-               and self.plain_layers())
+        rows = Linear.PACKED_ROWS if packs(next(model.lm.parameters())) else Linear.MAX_ROWS
+        few = self.config.compact_decoder and ids.numel() <= rows and dev.type == "cpu" and self.plain_layers()
         widths = self.widths(b)
         wide = padded_width(widths, width)  # one of widths, or width itself where none holds it
         if few and StaticDecoder.supports(model.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
-            # one query); larger batches run as fast through transformers
+            # one query), or its packed bfloat16 products run (up to 256 rows); larger batches run as
+            # fast through transformers
             dec = StaticDecoder(model.lm, b, n_prefix + width, self.linears())
             dec.fill(kv, n_prefix)
             dec.mask.copy_(full_mask)
