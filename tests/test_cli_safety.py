@@ -231,3 +231,34 @@ def test_config_errors_name_the_file_or_flag_a_value_came_from(tmp_path):
     assert_clean_error(lrem("construct", "--data", str(data), "--config", str(tmp_path / "c.yaml"), "--out",
                             str(tmp_path / "run")), f"{tmp_path / 'c.yaml'}: hint='maybe'")
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_options_default_to_the_library_functions_they_call():
+    """Each shared default has one owner (`lrem._defaults`): an option the CLI passes on to a
+    library function defaults to that function's own default, so `lrem` and the API agree."""
+    import inspect
+
+    from lrem import vectordb
+    from lrem.bulk import search_to_file
+    from lrem.cli import index_cmds, search_cmds, train_cmds
+    from lrem.embed import embed_catalog
+    from lrem.evaluate import run_system
+    from lrem.grounding import mine_candidates
+    from lrem.router import LearnedRouter, fit_router
+    from lrem.search import build_systems
+    from lrem.serve_service import warm_cache
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    pairs = [(index_cmds.index, "factory", ItemIndex.build), (index_cmds.index, "batch_size", ItemIndex.build),
+             (index_cmds.index, "upload_batch", vectordb.upload_catalog),
+             (index_cmds.index, "batch_size", vectordb.upload_catalog),
+             *((index_cmds.embed, name, embed_catalog) for name in ("chunk_size", "vector_dtype", "batch_size")),
+             (search_cmds.search, "batch_size", search_to_file), (search_cmds.cache, "batch_size", warm_cache),
+             (search_cmds.eval_, "batch_size", build_systems), (search_cmds.eval_, "batch_size", run_system),
+             *((train_cmds.router_fit, name, fit_router) for name in ("k", "holdout", "l2", "batch_size")),
+             (train_cmds.ground, "batch_size", mine_candidates)]
+    for cli, name, lib in pairs:
+        assert default(cli, name) == default(lib, name), (cli.__name__, name, lib.__name__)
+    assert default(train_cmds.router_fit, "threshold") == LearnedRouter.threshold

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Callable, TextIO
 
+from lrem._defaults import QUERY_BATCH
 from lrem._io import JsonlLog, atomic_write, prepare_file_output
 from lrem._text import check_query
 from lrem.runfile import trec_run_lines
@@ -107,8 +108,8 @@ def _format_rows(rows: list[dict], fmt: str, tag: str) -> list[str]:
 
 
 def search_to_stream(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
-                     stream: TextIO, k: int = 10, fmt: str | None = None, tag: str = "lrem", batch_size: int = 32,
-                     show_progress: bool = True) -> dict:
+                     stream: TextIO, k: int = 10, fmt: str | None = None, tag: str = "lrem",
+                     batch_size: int = QUERY_BATCH, show_progress: bool = True) -> dict:
     """`search_to_file` into an open text stream (`lrem search --out -`: standard output, for a
     pipe), each batch written and flushed as it is searched, in the input's order. Nothing is
     kept to resume from. `fmt`: jsonl (default) or trec. `tag` names a TREC run. Returns counts as
@@ -128,7 +129,7 @@ def search_to_stream(retriever: Retriever, title: Callable[[str], str], queries:
 
 def search_to_file(retriever: Retriever, title: Callable[[str], str], queries: list[tuple[str, str]],
                    out: str | Path, k: int = 10, fmt: str | None = None, settings: dict | None = None,
-                   batch_size: int = 32, overwrite: bool = False, show_progress: bool = True) -> dict:
+                   batch_size: int = QUERY_BATCH, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Search `queries` ((id, text) pairs) with `retriever` and write the results to `out`.
 
     `title(item_id)` gives the titles of JSON lines. `settings` (index, mode, filter, ...) are

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ._defaults import ITEM_BATCH, CHUNK_SIZE, VECTOR_DTYPE
 from ._io import atomic_write, write_json
 from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_embeddings, item_digest, item_facets,
                          model_identity)
@@ -321,8 +322,9 @@ def check_chunk_folder(out: Path) -> None:
                           "choose a new folder")
 
 
-def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int = 4096, rank: int = 0,
-                  world: int = 1, vector_dtype: str = "float32", batch_size: int = 64, max_chunks: int | None = None,
+def embed_catalog(model, catalog: dict, out: str | os.PathLike, chunk_size: int = CHUNK_SIZE, rank: int = 0,
+                  world: int = 1, vector_dtype: str = VECTOR_DTYPE, batch_size: int = ITEM_BATCH,
+                  max_chunks: int | None = None,
                   truncate: bool = True, show_progress: bool = True, barrier=None, **meta) -> EmbedStats:
     """Encode this rank's shard of `catalog` (item_id -> title / Item) into `out`, chunk by chunk.
 

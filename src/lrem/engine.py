@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._defaults import QUERY_BATCH, ITEM_BATCH, ROLLOUT_BATCH
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
                        decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width, prefill,
                        prefill_tree, prefix_kv, sample_top_p)
@@ -316,8 +317,8 @@ class QueryEngine:
         return (n if len(seqs) > 1 else m), kv
 
     @torch.inference_mode()
-    def embed_texts(self, texts: list[str], batch_size: int = 64, desc: str = "texts", show_progress: bool = False,
-                    prefix_cache: bool = True) -> np.ndarray:
+    def embed_texts(self, texts: list[str], batch_size: int = ITEM_BATCH, desc: str = "texts",
+                    show_progress: bool = False, prefix_cache: bool = True) -> np.ndarray:
         """Embeddings (n, dim) of full texts (templates filled, ending `<emb>`), in length-sorted
         batches (less padding), returned in input order.
 
@@ -379,7 +380,7 @@ class QueryEngine:
 
     # ---- reasoning -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_cots(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
+    def generate_cots(self, texts: list[str], batch_size: int = QUERY_BATCH, show_progress: bool = False,
                       max_new_tokens: int | None = None, fast: bool = True,
                       candidates: list | None = None) -> list[str]:
         """`LREM.generate_cots`: greedy CoTs, batched (`candidates`: per query, a grounded query's
@@ -407,7 +408,7 @@ class QueryEngine:
     @torch.inference_mode()
     def sample_cots(self, texts: list[str], num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                     max_new_tokens: int | None = None, generator: torch.Generator | None = None,
-                    batch_size: int = 64, candidates: list | None = None) -> list[list[int]]:
+                    batch_size: int = ROLLOUT_BATCH, candidates: list | None = None) -> list[list[int]]:
         """`LREM.sample_cots`: the greedy fast path with top-p sampling at `temperature` in place of argmax."""
         model = self.model
         max_new = max_new_tokens or model.config.cot_max_tokens
@@ -421,7 +422,7 @@ class QueryEngine:
                 for row in self.greedy(rows[s : s + batch_size], max_new, model.stop_ids, pick=pick)]
 
     @torch.inference_mode()
-    def reason(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
+    def reason(self, texts: list[str], batch_size: int = QUERY_BATCH, show_progress: bool = False,
                candidates: list | None = None) -> QueryEncoding:
         """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache
         (`candidates`: per query, a grounded query's titles, or None)."""

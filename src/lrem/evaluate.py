@@ -21,6 +21,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from lrem._defaults import QUERY_BATCH
 from lrem.data import sample_query_ids
 from lrem.evaluate_metrics import (KS, PRIMARY_METRIC, RANDOMIZATION_ROUNDS, SIGNIFICANCE_METRICS, evaluate,
                                    evaluate_slices, ndcg_at, per_query_values, query_metrics, significance, trec_name,
@@ -74,7 +75,7 @@ def slices_for(queries: dict) -> dict[str, list[str]]:
     return slices
 
 
-def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batch_size: int = 32,
+def run_system(retriever: Retriever, queries: dict[str, str], k: int = 100, batch_size: int = QUERY_BATCH,
                desc: str = "search") -> tuple[dict[str, list[str]], dict[str, str | None], float,
                                               dict[str, list[float]]]:
     """Search all queries in batches with a progress bar.

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ._defaults import QUERY_BATCH
 from .data import Pair
 from .search import Searcher
 
 
-def mine_candidates(searcher: Searcher, pairs: list[Pair], k: int, batch_size: int = 32,
+def mine_candidates(searcher: Searcher, pairs: list[Pair], k: int, batch_size: int = QUERY_BATCH,
                     show_progress: bool = False) -> list[Pair]:
     """The pairs with `candidates`: the top-`k` titles of a direct search of each query (each
     distinct query searched once) over `searcher`'s index."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ._defaults import ITEM_BATCH, FACTORY
 from ._io import atomic_dir, write_json, write_jsonl
 from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_embeddings, check_filter, fill_missing,
                          item_digest, item_facets, item_title, ivf_lists, model_identity, unchanged_items)
@@ -48,7 +49,7 @@ SCRATCH_PREFIX = ".lrem-ivf-"  # an on-disk build's scratch folder (blocks, then
 SCRATCH_LOCK = ".lock"  # in a scratch folder: flock'd by the build using it, released when its process ends
 
 
-def build_index(emb: np.ndarray, factory: str = "Flat", search_params: str = "", max_train: int = 100_000,
+def build_index(emb: np.ndarray, factory: str = FACTORY, search_params: str = "", max_train: int = 100_000,
                 seed: int = 0) -> faiss.Index:
     """A FAISS inner-product index over `emb` (n, dim) float32, trained first if it needs it, on
     a seeded sample of at most `max_train` vectors (as `ItemIndex.from_chunks`: k-means over all
@@ -306,7 +307,7 @@ class ItemIndex:
         return coded[name]
 
     @classmethod
-    def from_embeddings(cls, emb, item_ids, titles, factory="Flat", search_params="", **meta) -> "ItemIndex":
+    def from_embeddings(cls, emb, item_ids, titles, factory=FACTORY, search_params="", **meta) -> "ItemIndex":
         """An index of these embeddings (n, dim), one per item id (distinct strings) and title."""
         if len(item_ids) != emb.shape[0] or len(titles) != emb.shape[0]:
             raise ValueError(f"{emb.shape[0]} embeddings for {len(item_ids)} ids and {len(titles)} titles")
@@ -319,7 +320,7 @@ class ItemIndex:
         return cls(index, list(item_ids), list(titles), meta)
 
     @classmethod
-    def build(cls, model, catalog: dict, factory="Flat", search_params="", batch_size=64,
+    def build(cls, model, catalog: dict, factory=FACTORY, search_params="", batch_size=ITEM_BATCH,
               show_progress=True, truncate: bool = True, **meta) -> "ItemIndex":
         """Embed `catalog` (item_id -> title, or -> `lrem.data.Item` / mapping, whose fields the
         model's item template may name) with `model.encode_items` and index it. `truncate`: item
@@ -339,7 +340,7 @@ class ItemIndex:
         out.digests, out.facets = [item_digest(model, x) for x in items], item_facets(items)
         return out
 
-    def updated(self, model, catalog: dict, batch_size=64, show_progress=True, truncate: bool = True,
+    def updated(self, model, catalog: dict, batch_size=ITEM_BATCH, show_progress=True, truncate: bool = True,
                 **meta) -> tuple["ItemIndex", dict]:
         """This index brought up to date with `catalog` (as `build` takes it), embedding only the
         items that are new or changed: (the new index, counts of added, changed, removed and kept
@@ -395,7 +396,7 @@ class ItemIndex:
         return out, counts
 
     @classmethod
-    def from_chunks(cls, folder, factory="Flat", search_params="", max_train: int = 100_000, seed: int = 0,
+    def from_chunks(cls, folder, factory=FACTORY, search_params="", max_train: int = 100_000, seed: int = 0,
                     show_progress: bool = True, on_disk: str | os.PathLike | None = None, **meta) -> "ItemIndex":
         """Index a chunk folder of `lrem embed` (`lrem.embed`), adding chunk by chunk: one chunk of
         vectors in memory besides the index. An index that needs training (IVF, PQ) is trained

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._defaults import QUERY_BATCH, ITEM_BATCH, ROLLOUT_BATCH
 from ._io import atomic_dir, atomic_write, claim_dir, write_json
 from ._text import check_query
 from .backbones import BASE_MODEL, BUILTINS, builtin_path, default_dtype, hub_snapshot, load_backbone, lrem_home
@@ -405,7 +406,7 @@ class LREM(TemplateMixin, torch.nn.Module):
                   past_key_values=kv_cache(self.lm, kv), use_cache=True).last_hidden_state
         return torch.cat([pre.last_hidden_state.expand(b, -1, -1), out], dim=1)
 
-    def encode_items(self, items, batch_size: int = 64, show_progress: bool = False, truncate: bool = True, *,
+    def encode_items(self, items, batch_size: int = ITEM_BATCH, show_progress: bool = False, truncate: bool = True, *,
                      show_progress_bar: bool | None = None, normalize_embeddings: bool = True,
                      convert_to_numpy: bool = True, convert_to_tensor: bool = False, precision: str = "float32",
                      device: str | torch.device | None = None) -> np.ndarray:
@@ -460,7 +461,7 @@ class LREM(TemplateMixin, torch.nn.Module):
     similarity = staticmethod(similarity)
 
     def encode_queries(self, texts: list[str] | str, mode: str = "reason", cots: list[str] | str | None = None,
-                       batch_size: int = 32, show_progress: bool = False, fast: bool = True,
+                       batch_size: int = QUERY_BATCH, show_progress: bool = False, fast: bool = True,
                        truncate: bool = True, candidates: list | None = None, *, show_progress_bar: bool | None = None,
                        normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                        convert_to_tensor: bool = False, precision: str = "float32",
@@ -528,7 +529,7 @@ class LREM(TemplateMixin, torch.nn.Module):
         return QueryEncoding(emb, cots)
 
     # ---- reasoning (decoded by `self.engine`) ---------------------------------------------
-    def generate_cots(self, texts: list[str], batch_size: int = 32, show_progress: bool = False,
+    def generate_cots(self, texts: list[str], batch_size: int = QUERY_BATCH, show_progress: bool = False,
                       max_new_tokens: int | None = None, fast: bool = True) -> list[str]:
         """Greedy CoTs of at most `cot_max_tokens` tokens, batched.
 
@@ -542,7 +543,7 @@ class LREM(TemplateMixin, torch.nn.Module):
 
     def sample_cots(self, texts: list[str], num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                     max_new_tokens: int | None = None, generator: torch.Generator | None = None,
-                    batch_size: int = 64) -> list[list[int]]:
+                    batch_size: int = ROLLOUT_BATCH) -> list[list[int]]:
         """`num_samples` sampled continuations of each query prompt (RL rollouts), as token ids.
 
         Returns len(texts) * num_samples rows (query i's samples at rows i*num_samples ...), each

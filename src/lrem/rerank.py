@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrem._defaults import QUERY_BATCH
 from lrem.search_types import Hit, Retriever, SearchResult, check_k, query_batch
 
 RERANK_DEPTH = 100  # candidates taken from the first stage, as hybrid search's FUSION_DEPTH
@@ -46,7 +47,7 @@ class RerankRetriever:
     top `depth` follow in its own order (Elasticsearch's rescore window), scored -2, -3, ... (below
     any cosine, so a run file sorted by score keeps that order)."""
 
-    def __init__(self, first: Retriever, searcher, mode: str, depth: int = RERANK_DEPTH, batch_size: int = 32):
+    def __init__(self, first: Retriever, searcher, mode: str, depth: int = RERANK_DEPTH, batch_size: int = QUERY_BATCH):
         if mode not in RERANK_MODES:
             raise ValueError(f"rerank mode {mode!r}: one of {', '.join(RERANK_MODES)} (one embedding per query)")
         if not hasattr(searcher.index, "vectors_of"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._defaults import QUERY_BATCH, ROUTER_K, ROUTER_HOLDOUT, ROUTER_L2
 from .router_base import query_features
 from .router_learned import ROUTER_FILE, LearnedRouter, learn_router
 
@@ -21,10 +22,11 @@ def reciprocal_rank(ranked: list[str], relevant: set[str], k: int) -> float:
     return next((1.0 / (i + 1) for i, d in enumerate(ranked[:k]) if d in relevant), 0.0)
 
 
-def fit_router(searcher, queries: dict[str, str], qrels: dict[str, dict[str, int]], k: int = 10,
-               depth: int = LearnedRouter.depth, holdout: float = 0.25, threshold: float = LearnedRouter.threshold,
-               l2: float = 1.0, seed: int = 0, batch_size: int = 32, data: str = "", show_progress: bool = False,
-               log=print) -> LearnedRouter:
+def fit_router(searcher, queries: dict[str, str], qrels: dict[str, dict[str, int]], k: int = ROUTER_K,
+               depth: int = LearnedRouter.depth, holdout: float = ROUTER_HOLDOUT,
+               threshold: float = LearnedRouter.threshold,
+               l2: float = ROUTER_L2, seed: int = 0, batch_size: int = QUERY_BATCH, data: str = "",
+               show_progress: bool = False, log=print) -> LearnedRouter:
     """Search `queries` (id -> text; those with a relevant item in `qrels`) in both modes with an
     `lrem.search.Searcher`, and fit a router on when reasoning won (`learn_router`).
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._defaults import ROUTER_HOLDOUT, ROUTER_L2, ROUTER_THRESHOLD
 from .router_base import DEPTH, FEATURES, WINDOW, Budget, finite, query_features, sigmoid
 
 ROUTER_FILE = "router.json"  # a learned router, in the model folder it was fitted for
@@ -39,7 +40,7 @@ class LearnedRouter(Budget):
     scale: np.ndarray
     weights: np.ndarray
     bias: float
-    threshold: float = 0.5
+    threshold: float = ROUTER_THRESHOLD
     share: float = 0.0
     depth: int = DEPTH
     window: int = WINDOW
@@ -167,7 +168,7 @@ def load_router(model_dir, fingerprint: str | None = None) -> LearnedRouter | No
 # ---------------------------------------------------------------- learning it
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 100) -> tuple[np.ndarray, float]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = ROUTER_L2, max_iter: int = 100) -> tuple[np.ndarray, float]:
     """Weights (f,) and bias of an L2-penalised logistic regression of y (n,) in {0, 1} on x (n, f).
 
     Minimises sum(log(1 + e^z) - y z) + l2/2 |w|^2 over z = x w + b (the bias is not penalised):
@@ -207,8 +208,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 
 
 
 def learn_router(x: np.ndarray, rr_direct: np.ndarray, rr_reason: np.ndarray, features=tuple(FEATURES),
-                 holdout: float = 0.25, threshold: float = LearnedRouter.threshold, l2: float = 1.0, seed: int = 0,
-                 depth: int = LearnedRouter.depth, fitted: dict | None = None) -> LearnedRouter:
+                 holdout: float = ROUTER_HOLDOUT, threshold: float = LearnedRouter.threshold, l2: float = ROUTER_L2,
+                 seed: int = 0, depth: int = LearnedRouter.depth, fitted: dict | None = None) -> LearnedRouter:
     """Fit a `LearnedRouter` on per-query features x (n, f) and the reciprocal ranks each mode got.
 
     Label: reasoning wins (rr_reason > rr_direct; ties go to direct, the cheaper). A seeded

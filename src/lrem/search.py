@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
+from ._defaults import QUERY_BATCH
 from ._text import check_query
 from .fusion import LEXICAL_WEIGHT, FusedRetriever, parse_fused
 from .index import ItemIndex, check_k, open_index
@@ -138,7 +139,7 @@ class Searcher:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
     def search(self, queries: list[str] | str, k: int = 10, mode: str | None = None,
-               cots: list[str] | str | None = None, batch_size: int = 32, show_progress: bool = False,
+               cots: list[str] | str | None = None, batch_size: int = QUERY_BATCH, show_progress: bool = False,
                where: dict | None = None) -> list[SearchResult] | SearchResult:
         """Top-k items per query, best first, with the CoT each query was embedded after.
         `mode`: one of MODES; by default `auto` (as `lrem search` and `lrem serve`: the router
@@ -185,7 +186,7 @@ class Searcher:
                              "fields) or a Milvus collection lrem made")
         return self.index
 
-    def candidates(self, queries: list[str] | str, k: int | None = None, batch_size: int = 32,
+    def candidates(self, queries: list[str] | str, k: int | None = None, batch_size: int = QUERY_BATCH,
                    show_progress: bool = False) -> list[list[str]] | list[str]:
         """A grounded query's first stage: the titles of each query's top-`k` items in a direct
         search (default: the model's `candidates_k`, else `DEFAULT_CANDIDATES_K`), best first.
@@ -205,7 +206,7 @@ class Searcher:
         return self.model.config.candidates_k or DEFAULT_CANDIDATES_K
 
     def search_auto(self, queries: list[str] | str, k: int = 10, router: Router | LearnedRouter | None = None,
-                    batch_size: int = 32, show_progress: bool = False,
+                    batch_size: int = QUERY_BATCH, show_progress: bool = False,
                     where: dict | None = None) -> tuple[list[SearchResult], list[bool]] | tuple[SearchResult, bool]:
         """`auto` mode: embed every query directly, search, let the router (default `self.router`)
         pick the queries reasoning should help (from the direct scores and the query), and reason
@@ -222,7 +223,7 @@ class Searcher:
                                      router=router, where=where))
         return (routed.results[0], routed.reasoned[0]) if one else (routed.results, routed.reasoned)
 
-    def embedder(self, batch_size: int = 32, show_progress: bool = False) -> Embed:
+    def embedder(self, batch_size: int = QUERY_BATCH, show_progress: bool = False) -> Embed:
         """`route`'s default `embed`: this searcher's model, in batches of `batch_size`. A
         coroutine that never waits, so `search_auto` runs `route` without an event loop."""
         async def embed(kind: str, texts: list) -> tuple[list[str], np.ndarray]:
@@ -429,7 +430,7 @@ def system_parts(spec: str) -> list[str]:
     return [spec] if fused is None else [p for _, part in fused for p in system_parts(part)]
 
 
-def build_systems(specs: dict[str, str], ds, batch_size: int = 32, log=print,
+def build_systems(specs: dict[str, str], ds, batch_size: int = QUERY_BATCH, log=print,
                   truncate: bool = True) -> dict[str, Retriever]:
     """Turn {name: spec} into retrievers over `ds.catalog` (titles).
 

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ._defaults import QUERY_BATCH
 from .batching import Batcher, EmbeddingCache
 from .fusion import FUSION_DEPTH, fuse
 from .rerank import rank_by_cosine
@@ -39,8 +40,8 @@ def cache_model_id(searcher) -> str:
     return f"{model_fingerprint(model)}|dim={model.dim}|prompts={prompts}"
 
 
-def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size: int = 32, save_every_s: float = 60.0,
-               show_progress: bool = True) -> dict:
+def warm_cache(searcher, queries: list[str], path, kinds=WARM_KINDS, batch_size: int = QUERY_BATCH,
+               save_every_s: float = 60.0, show_progress: bool = True) -> dict:
     """Precompute the query cache of `lrem serve` (`cache_path`) for `queries`, say the head of a
     query log: each query's CoT and embedding for each of `kinds`, keyed as the server keys them
     (`normalize_query`). Queries the file at `path` already holds are skipped, and the file is

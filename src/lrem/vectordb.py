@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ._defaults import ITEM_BATCH, UPLOAD_BATCH
 from .embed import catalog_fingerprint, chunk_files, iter_chunks, read_chunk_fields, read_manifest
 from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_filter, fill_missing, item_digest, item_facets,
                          item_title, ivf_lists, model_identity, unchanged_items)
@@ -427,7 +428,7 @@ def upload(spec: str, batches: Iterable[tuple[list[str], list[str], dict, list |
     return out
 
 
-def upload_catalog(spec: str, model, catalog: dict, upload_batch: int = 1000, batch_size: int = 64,
+def upload_catalog(spec: str, model, catalog: dict, upload_batch: int = UPLOAD_BATCH, batch_size: int = ITEM_BATCH,
                    truncate: bool = True, overwrite: bool = False, index_type: str | None = None,
                    index_params: dict | None = None, show_progress: bool = True, log=print,
                    dataset: str | None = None) -> dict:
@@ -453,7 +454,7 @@ def upload_catalog(spec: str, model, catalog: dict, upload_batch: int = 1000, ba
                   index_params=index_params, show_progress=show_progress, log=log)
 
 
-def upload_chunks(spec: str, folder, upload_batch: int = 1000, overwrite: bool = False,
+def upload_chunks(spec: str, folder, upload_batch: int = UPLOAD_BATCH, overwrite: bool = False,
                   index_type: str | None = None, index_params: dict | None = None, show_progress: bool = True,
                   log=print) -> dict:
     """`upload` a chunk folder of `lrem embed` (`lrem.embed`: every chunk there before anything is
@@ -482,7 +483,8 @@ def upload_chunks(spec: str, folder, upload_batch: int = 1000, overwrite: bool =
                   index_params=index_params, show_progress=show_progress, log=log)
 
 
-def update(spec: str, model, catalog: dict, meta: dict | None = None, upload_batch: int = 1000, batch_size: int = 64,
+def update(spec: str, model, catalog: dict, meta: dict | None = None, upload_batch: int = UPLOAD_BATCH,
+           batch_size: int = ITEM_BATCH,
            truncate: bool = True, show_progress: bool = True, dataset: str | None = None) -> dict:
     """Bring the collection of `spec` up to date with `catalog` (item_id -> `lrem.data.Item`),
     as `lrem.index.ItemIndex.updated` does a FAISS index: embed and upsert the new and changed

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lrem._defaults import CHUNK_SIZE, FACTORY, ITEM_BATCH, UPLOAD_BATCH, VECTOR_DTYPE
 from lrem.cli.options import BatchSize, Dtype, Threads, Truncate, check_output, echo_err, echo_truncated
 
 
@@ -25,7 +26,7 @@ def index(
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
                                                  "(default: the shipped trained model lrem-wordnet-135m).")] = None,
     factory: Annotated[str, typer.Option(help='FAISS index_factory string: "Flat", "HNSW32,Flat", "IVF1024,PQ64"; '
-                                         '"auto": a recipe by catalog size (lrem.index.auto_recipe).')] = "Flat",
+                                         '"auto": a recipe by catalog size (lrem.index.auto_recipe).')] = FACTORY,
     search_params: Annotated[str, typer.Option(help='FAISS search-time parameters, e.g. "efSearch=128" or "nprobe=32".')] = "",
     milvus_index: Annotated[Optional[str], typer.Option(help="Milvus index type of a new --backend collection: FLAT "
                                                         "(exact; the default), HNSW, IVF_FLAT, AUTOINDEX. An existing "
@@ -34,8 +35,8 @@ def index(
                                                '"nlist=1024,nprobe=64" (default nlist ~4 sqrt(n), nprobe '
                                                'min(nlist, 256)), HNSW "M=16,efConstruction=200,ef=64"; kept in '
                                                'its metadata.')] = "",
-    upload_batch: Annotated[int, typer.Option(min=1, help="Items per Milvus request with --backend.")] = 1000,
-    batch_size: BatchSize = 64,
+    upload_batch: Annotated[int, typer.Option(min=1, help="Items per Milvus request with --backend.")] = UPLOAD_BATCH,
+    batch_size: BatchSize = ITEM_BATCH,
     dtype: Dtype = "auto",
     threads: Threads = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (or the --backend collection) if lrem "
@@ -211,11 +212,13 @@ def embed(
                                       "earlier run folder, which it resumes (only missing chunks are encoded).")],
     model: Annotated[Optional[str], typer.Option(help="LREM folder, HF folder or hub name, or a built-in name "
                                                  "(default: the shipped trained model lrem-wordnet-135m).")] = None,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Items per chunk file (the most vectors a process holds).")] = 4096,
-    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the disk; values rounded to ~1e-3 relative).")] = "float32",
+    chunk_size: Annotated[int, typer.Option(min=1, help="Items per chunk file (the most vectors a process "
+                                            "holds).")] = CHUNK_SIZE,
+    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the disk; values rounded to ~1e-3 "
+                                              "relative).")] = VECTOR_DTYPE,
     max_chunks: Annotated[Optional[int], typer.Option(min=1, help="Stop after encoding N chunks in each process "
                                                       "(rerun to continue).")] = None,
-    batch_size: BatchSize = 64,
+    batch_size: BatchSize = ITEM_BATCH,
     dtype: Dtype = "auto",
     threads: Threads = None,
     truncate: Truncate = True,

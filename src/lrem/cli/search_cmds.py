@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lrem._defaults import QUERY_BATCH
 from lrem.cli.options import (BatchSize, DataDir, Out, Overwrite, Threads, Truncate, check_output, echo_err,
                               echo_truncated)
 from lrem.fusion import LEXICAL_WEIGHT
@@ -50,7 +51,7 @@ def search(
     fmt: Annotated[Optional[str], typer.Option("--format", help="With --from-file: jsonl or trec (default: by "
                                                "--out's extension).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call with --from-file.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call with --from-file.")] = QUERY_BATCH,
 ):
     """Search the index: prints the generated CoT and the top items with scores (or, with
     --from-file, writes every query's results to --out)."""
@@ -178,7 +179,7 @@ def cache(
     out: Annotated[Path, typer.Option("--out", "-o", help="The cache file (.npz) for `lrem serve --set "
                                       "cache_path=OUT`; an earlier one of the same model is resumed.")],
     kinds: Annotated[str, typer.Option(help="Comma-separated: direct, reason (auto mode needs both).")] = "direct,reason",
-    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per model call.")] = QUERY_BATCH,
     runtime: Annotated[str, typer.Option(help="auto, transformers or native (as lrem search).")] = "auto",
 ):
     """Precompute `lrem serve`'s query cache for a file of queries (the head of a query log), so
@@ -216,7 +217,7 @@ def eval_(
     min_relevance: Annotated[int, typer.Option(min=1, help="Count only judgements of at least N as relevant (ESCI: "
                                                "3 Exact, 2 Substitute, 1 Complement); nDCG keeps their grades.")] = 1,
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Depth retrieved per query (metrics use 1, 10, 100).")] = 100,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = QUERY_BATCH,
     examples: Annotated[int, typer.Option(min=0, help="Print (and put in report.md) this many example queries with "
                                           "CoTs and top items, spread over the slices (report.md: 5 when 0).")] = 0,
     figure: Annotated[Optional[list[Path]], typer.Option(help="A PNG to add to report.md (e.g. OUT/curves.png of "

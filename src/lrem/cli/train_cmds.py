@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lrem._defaults import QUERY_BATCH, ROUTER_HOLDOUT, ROUTER_K, ROUTER_L2, ROUTER_THRESHOLD
 from lrem.cli.options import BatchSize, DataDir, Out, Overwrite, Threads, check_output, echo_err
 
 
@@ -113,14 +114,15 @@ def router_fit(
     queries: Annotated[int, typer.Option(min=10, help="A fixed, seeded sample of N queries with a relevant item; "
                                          "each is searched directly and with reasoning.")] = 400,
     k: Annotated[int, typer.Option("-k", min=1, help="Label depth: reasoning wins when it ranks the first relevant "
-                                   "item higher within the top k (reciprocal rank; ties: direct).")] = 10,
+                                   "item higher within the top k (reciprocal rank; ties: direct).")] = ROUTER_K,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the queries held out to measure "
-                                           "it.")] = 0.25,
-    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Reason where P(reasoning wins) > this.")] = 0.5,
+                                           "it.")] = ROUTER_HOLDOUT,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Reason where P(reasoning wins) > "
+                                             "this.")] = ROUTER_THRESHOLD,
     l2: Annotated[float, typer.Option(callback=_positive, help="L2 penalty on the weights (> 0; "
-                                      "scikit-learn's 1/C).")] = 1.0,
+                                      "scikit-learn's 1/C).")] = ROUTER_L2,
     seed: int = 0,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = QUERY_BATCH,
     threads: Threads = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a router file lrem wrote earlier.")] = False,
 ):
@@ -160,7 +162,7 @@ def ground(
                                        "trained on these queries (its direct search is the first stage).")],
     k: Annotated[int, typer.Option("-k", min=1, help="Titles per query (training shows its model's candidates_k "
                                    "of them).")] = 20,
-    batch_size: BatchSize = 32, threads: Threads = None, overwrite: Overwrite = False,
+    batch_size: BatchSize = QUERY_BATCH, threads: Threads = None, overwrite: Overwrite = False,
 ):
     """Mine first-stage candidates for grounded training: OUT/pairs.jsonl is PAIRS with each query's top-k titles."""
     import time

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .._defaults import QUERY_BATCH
+
 
 class DevEval:
     """`dev(model)` -> {"hitrate@10": ..., "ndcg@10": ...} on the fixed sample.
@@ -22,7 +24,7 @@ class DevEval:
     """
 
     def __init__(self, dataset, split: str, n_queries: int, n_distractors: int, seed: int, mode: str,
-                 batch_size: int = 32):
+                 batch_size: int = QUERY_BATCH):
         from ..data import sample_dataset
 
         judged = {q: qr for q, qr in dataset.qrels.items() if any(r > 0 for r in qr.values())}

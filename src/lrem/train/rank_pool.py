@@ -20,6 +20,7 @@ import random
 import torch
 
 from .. import rewards as R
+from .._defaults import ITEM_BATCH
 
 POOLS = ("batch", "mined", "catalog")
 
@@ -86,7 +87,7 @@ class RankPool:
             return False
         was_training = model.lm.training
         model.lm.eval()
-        self.bank = torch.from_numpy(model.encode_items(self.items, batch_size=64, show_progress=show_progress))
+        self.bank = torch.from_numpy(model.encode_items(self.items, batch_size=ITEM_BATCH, show_progress=show_progress))
         model.lm.train(was_training)
         self.bank_step = step
         return True
@@ -128,7 +129,7 @@ class RankPool:
             return R.positive_ranks(q @ d.T, labels, exclude), d.shape[0]
         was_training = model.lm.training
         model.lm.eval()
-        extra = torch.from_numpy(model.encode_items([self.items[self.row[i]] for i in mined], batch_size=64))
+        extra = torch.from_numpy(model.encode_items([self.items[self.row[i]] for i in mined], batch_size=ITEM_BATCH))
         model.lm.train(was_training)
         pool = torch.cat([d, extra])  # (N + M', D)
         qids = [pairs[r // self.g_n].query_id for r in range(len(q))]
