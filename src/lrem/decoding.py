@@ -77,11 +77,10 @@ class Linear:
     Bfloat16 weights on the CPU are instead kept once more in oneDNN's packed layout (or, stacked
     with the others of one input, in a `Fused` product's: `pack=False`) (`mkldnn
     ._reorder_linear_weight`, as inductor's weight prepacking does), used outside autograd: the
-    same products (equal to F.linear's here), 1.2-2.6x faster at 1-32 rows, 1.4-1.6x at 48-256 on an
-    AMX CPU (the 135M model's
-    576 x 1536 layer at one row: 0.098 -> 0.037 ms; its LM head 4.8 -> 2.9 ms). That copy does not
-    follow in-place updates: callers rebuild `block_linears` when the weights change, as
-    `QueryEngine` does.
+    same products (equal to F.linear's here), 1.2-2.6x faster at 1-32 rows (the 135M model's 576 x
+    1536 layer at one row: 0.098 -> 0.037 ms; its LM head 4.8 -> 2.9 ms), 1.4-1.6x at 48-256 rows on
+    an AMX CPU (`PACKED_ROWS`). That copy does not follow in-place updates: callers rebuild
+    `block_linears` when the weights change, as `QueryEngine` does.
     """
 
     MAX_ROWS = 32  # above it F.linear is as fast (float32 blocks; measured up to 512 rows)

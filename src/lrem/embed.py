@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ._defaults import ITEM_BATCH, CHUNK_SIZE, VECTOR_DTYPE
+from ._defaults import CHUNK_SIZE, ITEM_BATCH, VECTOR_DTYPE
 from ._io import atomic_write, write_json
 from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_embeddings, item_digest, item_facets,
                          model_identity)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._defaults import QUERY_BATCH, ITEM_BATCH, ROLLOUT_BATCH
+from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
                        decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width, prefill,
                        prefill_tree, prefix_kv, sample_top_p)

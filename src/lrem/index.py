@@ -31,7 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ._defaults import ITEM_BATCH, FACTORY
+from ._defaults import FACTORY, ITEM_BATCH
 from ._io import atomic_dir, write_json, write_jsonl
 from .index_base import (FILTER_FIELDS, MODEL_KEYS, catalog_items, check_embeddings, check_filter, fill_missing,
                          item_digest, item_facets, item_title, ivf_lists, model_identity, unchanged_items)

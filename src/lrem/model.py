@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._defaults import QUERY_BATCH, ITEM_BATCH, ROLLOUT_BATCH
+from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
 from ._io import atomic_dir, atomic_write, claim_dir, write_json
 from ._text import check_query
 from .backbones import BASE_MODEL, BUILTINS, builtin_path, default_dtype, hub_snapshot, load_backbone, lrem_home

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._defaults import QUERY_BATCH, ROUTER_K, ROUTER_HOLDOUT, ROUTER_L2
+from ._defaults import QUERY_BATCH, ROUTER_HOLDOUT, ROUTER_K, ROUTER_L2
 from .router_base import query_features
 from .router_learned import ROUTER_FILE, LearnedRouter, learn_router
 
