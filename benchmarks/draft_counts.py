@@ -1,12 +1,15 @@
-"""Forwards and rows per reasoned query at batch 1 on real shop queries, served one at a time in
-order as a server sees them (the engine's CoT history and word-draft hit rates build up as they go).
+"""Forwards and rows per reasoned query on real shop queries: at batch 1, served one at a time in
+order as a server sees them (the engine's CoT history and word-draft hit rates build up as they
+go), and in batches of 32.
 
     .venv/bin/python benchmarks/draft_counts.py [--model lrem-wordnet-135m] [--wands 120] [--esci 80] [--threads 2]
 
 `benchmarks/query_latency.py` times 32 hand-written shop questions; this is the check on queries
 nobody wrote for it: the first WANDS queries and ESCI queries of ../shared/data (real fixtures).
 For each set: reason mode with the engine's defaults, then again with no word drafts in the
-prefill (`EngineConfig.word_drafts=0`, a fresh engine), and direct mode. Forwards and rows (tokens
+prefill (`EngineConfig.word_drafts=0`, a fresh engine), and direct mode. Then in batches of 32
+(reason and direct in turns, twice; forwards per batch), with the defaults and with no drafts
+in a batch's last rows (`EngineConfig.lookup_tokens=0`). Forwards and rows (tokens
 run) come from the compact decoder's calls, so they are the same on any CPU of the same dtype;
 the times (direct and reason in turns, query by query; medians, and the ratio of means) are this
 machine's.
@@ -74,6 +77,47 @@ def served(model, queries: list[str], word_drafts: int | None) -> dict:
             "reason_over_direct_of_means": statistics.mean(reason_s) / statistics.mean(direct_s)}
 
 
+def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, rounds: int = 2) -> dict:
+    """The queries in batches of `batch` (a whole number of them), reason and direct mode in turns,
+    `rounds` times; `lookup_tokens`: None keeps the config's (0: a batch's last rows decode one
+    token a forward, no drafts). Returns forwards per batch and ms per query (sums over batches)."""
+    from lrem.decoding import StaticDecoder
+
+    keep = model.engine.config.lookup_tokens
+    if lookup_tokens is not None:
+        model.engine.config.lookup_tokens = lookup_tokens
+    calls: list[int] = []
+    run = StaticDecoder.__call__
+
+    def counted(self, ids, *args, **kwargs):
+        calls.append(ids.shape[-1])
+        return run(self, ids, *args, **kwargs)
+
+    qs = queries[: len(queries) // batch * batch]
+    forwards, reason_s, direct_s = [], 0.0, 0.0
+    model.encode_queries(qs[:batch], mode="reason", batch_size=batch)  # warm-up: the decode step's cache
+    StaticDecoder.__call__ = counted
+    try:
+        for r in range(rounds):
+            for i in range(0, len(qs), batch):
+                calls.clear()
+                t = time.perf_counter()
+                model.encode_queries(qs[i : i + batch], mode="reason", batch_size=batch)
+                reason_s += time.perf_counter() - t
+                if r == 0:
+                    forwards.append(len(calls))
+                t = time.perf_counter()
+                model.encode_queries(qs[i : i + batch], mode="direct", batch_size=batch)
+                direct_s += time.perf_counter() - t
+    finally:
+        StaticDecoder.__call__ = run
+        model.engine.config.lookup_tokens = keep
+    n = rounds * len(qs)
+    return {"forwards": statistics.mean(forwards), "n": len(qs), "reason_ms": 1000 * reason_s / n,
+            "direct_ms": 1000 * direct_s / n, "reason_over_direct": reason_s / direct_s,
+            "forwards_per_batch": forwards}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="lrem-wordnet-135m")
@@ -95,6 +139,9 @@ def main() -> None:
         for label, drafts in (("defaults", None), ("no word drafts", 0)):
             out.append({"queries": name, "variant": label, **served(model, qs, drafts)})
             print(f"{name}, {label}: {out[-1]['forwards']:.3f} forwards a query", flush=True)
+        for label, k in (("batch 32", None), ("batch 32, no row drafts", 0)):
+            out.append({"queries": name, "variant": label, **batched(model, qs, 32, k)})
+            print(f"{name}, {label}: {out[-1]['forwards']:.1f} forwards a batch", flush=True)
     print(table(out, ["queries", "variant", "forwards", "rows", "one_forward", "reason_ms", "direct_ms",
                       "reason_over_direct", "reason_over_direct_of_means"]))
     write(args.name, {"machine": info, "model": args.model, "dtype": str(model.lm.dtype), "rows": out})

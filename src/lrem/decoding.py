@@ -639,15 +639,20 @@ def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list
 
 
 def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
-           pad: int, pick=None) -> list[list[int]]:
+           pad: int, pick=None, seqs: list[list[int]] | None = None, k: int = 0
+           ) -> tuple[list[list[int]], list[list[int]] | None]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
     one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
     that emitted a stop id keep feeding `pad`, except that on the compact decoder the rest run
     alone once at least half have stopped (sampling then draws for those rows only); stops when
-    all have or at `max_new` tokens.
-    Returns the generated ids per row, up to and including its stop id (unpadded)."""
+    all have or at `max_new` tokens. Given the prompts `seqs` and `k` > 0 (greedy, compact
+    decoder), the rows that run alone go on in `draft_rows`, several tokens a forward.
+    Returns the generated ids per row, up to and including its stop id (unpadded), and, where
+    `draft_rows` ran, the cache slot of each token each row fed (else None: token i of every row
+    sits in slot + i)."""
     stop_t = torch.tensor(stop, device=tok.device)
     out, done, p = [tok], torch.isin(tok, stop_t), pos
+    drafting = seqs is not None and k > 0 and pick is None and step.compact is not None
     for t in range(1, max_new):
         if bool(done.all()):
             break
@@ -655,6 +660,9 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         # `nonzero` waits for the device: only the compact (CPU) decoder runs row subsets
         live = (~done).nonzero()[:, 0] if step.compact is not None else None
         if live is not None and len(live) <= len(tok) // 2:  # most rows have stopped: run the others only
+            if drafting:
+                rows = torch.stack(out, 1).tolist()
+                return draft_rows(step, rows, live.tolist(), (p - 1).tolist(), slot, max_new, stop, pad, seqs, k)
             nxt = torch.full_like(tok, pad)
             nxt[live] = step(tok[live], p[live], slot + t - 1, pick, rows=live)
             tok = nxt
@@ -663,7 +671,56 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         out.append(tok)
         done |= torch.isin(tok, stop_t)
     rows = torch.stack(out, 1).tolist()  # (B, <= max_new)
-    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows], None
+
+
+DRAFT_ROWS = 32  # rows a forward of `draft_rows` may run: the cost of a forward is flat-ish up to 32 here
+
+
+def draft_rows(step: GreedyStep, rows: list[list[int]], live: list[int], pos: list[int], slot: int, max_new: int,
+               stop: list[int], pad: int, seqs: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`decode`'s last rows, several tokens a forward: `rows` are every row's tokens so far (one a
+    step, all but the last fed, from `slot` on), `live` the rows still decoding, `pos` (B,) the
+    position of each row's last token fed. Each forward feeds every live row's last token plus up
+    to k tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`; as many as `DRAFT_ROWS`
+    rows allow) into the same new slots; each row keeps its drafts up to the first the model
+    would not have picked, plus its own pick, and the slots of the others are masked: the same
+    tokens as one at a time. Why: a batch's last rows are its longest CoTs, often a phrase the
+    model repeats ("4 light 4 light 4"), each a forward of a few rows that reads all the weights.
+    Returns (the generated ids per row, up to its stop id; the slot of each token each row fed)."""
+    dev, t = step.mask.device, len(rows[0])
+    gen = [r[: next((i + 1 for i, x in enumerate(r) if x in stop), len(r))] for r in rows]
+    at = [list(range(slot, slot + t - 1)) for _ in rows]
+    pos, s = list(pos), slot + t - 1  # s: the first free slot
+    while live:
+        room = max(0, min(k, DRAFT_ROWS // len(live) - 1, step.length - s - 1))
+        drafts = [draft_for(seqs[r] + gen[r], min(room, max_new - len(gen[r]) - 1), stop) for r in live]
+        w = max(len(d) for d in drafts)
+        ids = torch.tensor([[gen[r][-1], *d, *[pad] * (w - len(d))] for r, d in zip(live, drafts)], device=dev)
+        where = torch.tensor([[pos[r] + 1 + i for i in range(w + 1)] for r in live], device=dev)
+        alive = torch.tensor(live, device=dev)
+        step.mask[alive, s : s + w + 1] = 1
+        picks = greedy_ids(step.logits(step.run(ids, where, s, rows=alive))).tolist()  # (B', 1 + w)
+        going = []
+        for r, d, row in zip(live, drafts, picks):
+            a = agreed(d, row, stop)
+            step.mask[r, s + a + 1 : s + w + 1] = 0  # the drafts it did not take
+            gen[r] += row[: a + 1]
+            at[r] += range(s, s + a + 1)
+            pos[r] += a + 1
+            if row[a] not in stop and len(gen[r]) < max_new:
+                going.append(r)
+        s, live = s + w + 1, going
+    return gen, at
+
+
+def draft_for(tokens: list[int], k: int, stop: list[int]) -> list[int]:
+    """Up to k tokens drafted after `tokens` (`lookup_draft`: 2-3-token matches, else one-token
+    matches), cut before a stop id."""
+    if k <= 0:
+        return []
+    d = lookup_draft(tokens, k=k) or lookup_draft(tokens, k=k, min_ngram=1)
+    return d[: next((i for i, x in enumerate(d) if x in stop), len(d))]
 
 
 def agreed(tokens: list[int], picks: list[int], stop: list[int], limit: int | None = None) -> int:
@@ -818,4 +875,4 @@ def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int,
     length = n + max(len(x) - n for x in seqs) + max_new
     step = GreedyStep(lm, len(seqs), length, graph=False, linears=linears)
     logits, pos, w = prefill(step, n, kv, seqs, pad)
-    return decode(step, greedy_ids(logits), pos, n + w, max_new, stop, pad)
+    return decode(step, greedy_ids(logits), pos, n + w, max_new, stop, pad)[0]

@@ -478,7 +478,7 @@ class QueryEngine:
             length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, first, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
+            gen, at, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
@@ -488,7 +488,7 @@ class QueryEngine:
                                    add_special_tokens=False)["input_ids"]
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
-            return cots, self._embed_after(step, first, used, seqs, gen, full, stop)
+            return cots, self._embed_after(step, at, used, seqs, gen, full, stop)
 
     def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
         """For one query, `close(gen)` (`lookup_decode` drafts with it): how its full text
@@ -575,12 +575,13 @@ class QueryEngine:
 
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
              stop: list[int], pick=None, close=None, drafts=()
-             ) -> tuple[list[list[int]], int, int, torch.Tensor | None]:
+             ) -> tuple[list[list[int]], list[list[int]], int, torch.Tensor | None]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
         then the word drafts' slots if any (masked out again unless one was the CoT), then one slot
-        per generated token. Returns the generated ids, the slot of the first one
-        fed, the number of cache slots filled, and the last hidden state of the closing tokens
-        where they ran while decoding (else None). `pick` (logits (B, V) -> ids (B,)) replaces
+        per generated token (drafted tokens a row did not take leave masked slots between). Returns
+        the generated ids, the slot of each generated token each row fed, the number of cache slots
+        filled, and the last hidden state of the closing tokens where they ran while decoding (else
+        None). `pick` (logits (B, V) -> ids (B,)) replaces
         argmax, e.g. to sample (`sample_cots`). A single greedy query on the compact decoder takes
         drafts from its prompt and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT,
         closing tokens), see `_word_drafts`) run in the prefill forward itself (`prefill_tree`)."""
@@ -612,7 +613,7 @@ class QueryEngine:
                             self.draft_hits[key].append(0.0)
                     self._remember(seqs, [gen], stop)
                     end = at + len(d) + len(t)
-                    return [gen + [pad] * (max_new - len(gen))], n + at, n + end, hs[end - 1]
+                    return [gen + [pad] * (max_new - len(gen))], [list(range(n + at, n + end))], n + end, hs[end - 1]
                 at += len(d) + len(t)
             slot = n + len(hs)
             step.mask[:, n + w : slot] = 0  # no draft was the CoT: decode after their slots
@@ -630,12 +631,16 @@ class QueryEngine:
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
                                          stop, k, past, close)
             self._remember(seqs, [gen], stop)
-            return [gen + [pad] * (max_new - len(gen))], slot or n + w, used, h
-        gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
+            return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, h
+        gen, at = decode(step, tok, last, n + w, max_new, stop, pad, pick, seqs, k)  # the last rows draft (greedy)
         if pick is None:
             self._remember(seqs, gen, stop)
-        used = n + w + max(len(g) for g in gen) - 1  # slots filled
-        return [row + [pad] * (max_new - len(row)) for row in gen], n + w, used, None
+        if at is None:  # one token a step: token i of every row in slot n + w + i
+            used = n + w + max(len(g) for g in gen) - 1  # slots filled
+            at = [list(range(n + w, used))] * len(gen)
+        else:
+            used = max((a[-1] + 1 for a in at if a), default=n + w)
+        return [row + [pad] * (max_new - len(row)) for row in gen], at, used, None
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
@@ -644,21 +649,22 @@ class QueryEngine:
             ends = [next((i + 1 for i, t in enumerate(g) if t in stop), len(g)) for g in gen]
             self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
 
-    def _embed_after(self, step: GreedyStep, g0: int, used: int, seqs: list[list[int]], gen: list[list[int]],
-                     full: list[list[int]], stop: list[int]) -> torch.Tensor:
+    def _embed_after(self, step: GreedyStep, at: list[list[int]], used: int, seqs: list[list[int]],
+                     gen: list[list[int]], full: list[list[int]], stop: list[int]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
-        over the first `used` cache slots `_run` filled (the generated tokens from slot `g0`): the
+        over the first `used` cache slots `_run` filled (the generated tokens each row fed in slots
+        `at[row]`): the
         prompt's KV is reused, and so is that of the generated tokens each CoT starts with, up to
         its stop id (a stopped row is not always run again: `decode` runs the others alone); the
         rest (at least `<emb>`) is run in new slots, so each token keeps the position it has in
         the plain path."""
         dev = self.model.device
-        fed = [min(used - g0, next((i for i, t in enumerate(g) if t in stop), len(g))) for g in gen]
+        fed = [min(len(a), next((i for i, t in enumerate(g) if t in stop), len(g))) for a, g in zip(at, gen)]
         keep = [common_prefix_len([f[len(x):], g[:m] + [-1]]) for x, g, f, m in zip(seqs, gen, full, fed)]
         pad = self.model.tokenizer.pad_token_id
         tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
         for r, j in enumerate(keep):
-            step.mask[r, g0 + j : used] = 0  # generated tokens this row's CoT does not keep
+            step.mask[r, at[r][j:]] = 0  # generated tokens this row's CoT does not keep
         longest = max(len(t) for t in tails)
         split = step.compact is not None and used + longest <= step.length  # a second forward needs the cache's room
         k = split_width([len(t) for t in tails]) if split else longest
