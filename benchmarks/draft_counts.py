@@ -17,6 +17,7 @@ machine's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import statistics
 import time
@@ -36,16 +37,17 @@ def shop_queries(data: Path, n_wands: int, n_esci: int) -> dict[str, list[str]]:
     return {"wands": wands, "esci": esci}
 
 
-def served(model, queries: list[str], word_drafts: int | None) -> dict:
-    """Each query reasoned alone, in order, on a fresh engine state (`word_drafts`: None keeps the
-    config's); direct mode timed in turns with it. Returns per-query means."""
+@contextlib.contextmanager
+def counted_forwards(model, **config):
+    """The compact decoder's forwards (tokens a row of each) while the block runs, with the engine's
+    `config` fields set to these values meanwhile (None keeps a field)."""
     from lrem.decoding import StaticDecoder
-    from lrem.engine import QueryEngine
 
-    model.engine = QueryEngine(model, model.engine.config)
-    keep = model.engine.config.word_drafts
-    if word_drafts is not None:
-        model.engine.config.word_drafts = word_drafts
+    cfg = model.engine.config
+    keep = {k: getattr(cfg, k) for k in config}
+    for k, v in config.items():
+        if v is not None:
+            setattr(cfg, k, v)
     calls: list[int] = []
     run = StaticDecoder.__call__
 
@@ -53,10 +55,24 @@ def served(model, queries: list[str], word_drafts: int | None) -> dict:
         calls.append(ids.shape[-1])
         return run(self, ids, *args, **kwargs)
 
-    forwards, rows, reason_s, direct_s = [], [], [], []
-    model.encode_queries(queries[:1], mode="direct", batch_size=1)  # warm-up of the direct path
     StaticDecoder.__call__ = counted
     try:
+        yield calls
+    finally:
+        StaticDecoder.__call__ = run
+        for k, v in keep.items():
+            setattr(cfg, k, v)
+
+
+def served(model, queries: list[str], word_drafts: int | None) -> dict:
+    """Each query reasoned alone, in order, on a fresh engine state (`word_drafts`: None keeps the
+    config's); direct mode timed in turns with it. Returns per-query means."""
+    from lrem.engine import QueryEngine
+
+    model.engine = QueryEngine(model, model.engine.config)
+    forwards, rows, reason_s, direct_s = [], [], [], []
+    model.encode_queries(queries[:1], mode="direct", batch_size=1)  # warm-up of the direct path
+    with counted_forwards(model, word_drafts=word_drafts) as calls:
         for q in queries:
             calls.clear()
             t = time.perf_counter()
@@ -67,9 +83,6 @@ def served(model, queries: list[str], word_drafts: int | None) -> dict:
             t = time.perf_counter()
             model.encode_queries([q], mode="direct", batch_size=1)
             direct_s.append(time.perf_counter() - t)
-    finally:
-        StaticDecoder.__call__ = run
-        model.engine.config.word_drafts = keep
     return {"forwards": statistics.mean(forwards), "rows": statistics.mean(rows),
             "one_forward": sum(f == 1 for f in forwards), "n": len(queries),
             "reason_ms": 1000 * statistics.median(reason_s), "direct_ms": 1000 * statistics.median(direct_s),
@@ -81,23 +94,10 @@ def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, ro
     """The queries in batches of `batch` (a whole number of them), reason and direct mode in turns,
     `rounds` times; `lookup_tokens`: None keeps the config's (0: a batch's last rows decode one
     token a forward, no drafts). Returns forwards per batch and ms per query (sums over batches)."""
-    from lrem.decoding import StaticDecoder
-
-    keep = model.engine.config.lookup_tokens
-    if lookup_tokens is not None:
-        model.engine.config.lookup_tokens = lookup_tokens
-    calls: list[int] = []
-    run = StaticDecoder.__call__
-
-    def counted(self, ids, *args, **kwargs):
-        calls.append(ids.shape[-1])
-        return run(self, ids, *args, **kwargs)
-
     qs = queries[: len(queries) // batch * batch]
     forwards, reason_s, direct_s = [], 0.0, 0.0
     model.encode_queries(qs[:batch], mode="reason", batch_size=batch)  # warm-up: the decode step's cache
-    StaticDecoder.__call__ = counted
-    try:
+    with counted_forwards(model, lookup_tokens=lookup_tokens) as calls:
         for r in range(rounds):
             for i in range(0, len(qs), batch):
                 calls.clear()
@@ -109,9 +109,6 @@ def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, ro
                 t = time.perf_counter()
                 model.encode_queries(qs[i : i + batch], mode="direct", batch_size=batch)
                 direct_s += time.perf_counter() - t
-    finally:
-        StaticDecoder.__call__ = run
-        model.engine.config.lookup_tokens = keep
     n = rounds * len(qs)
     return {"forwards": statistics.mean(forwards), "n": len(qs), "reason_ms": 1000 * reason_s / n,
             "direct_ms": 1000 * direct_s / n, "reason_over_direct": reason_s / direct_s,
@@ -139,7 +136,7 @@ def main() -> None:
         for label, drafts in (("defaults", None), ("no word drafts", 0)):
             out.append({"queries": name, "variant": label, **served(model, qs, drafts)})
             print(f"{name}, {label}: {out[-1]['forwards']:.3f} forwards a query", flush=True)
-        for label, k in (("batch 32", None), ("batch 32, no row drafts", 0)):
+        for label, k in (("batch 32", None), ("batch 32, no row drafts", 0)) if len(qs) >= 32 else ():
             out.append({"queries": name, "variant": label, **batched(model, qs, 32, k)})
             print(f"{name}, {label}: {out[-1]['forwards']:.1f} forwards a batch", flush=True)
     print(table(out, ["queries", "variant", "forwards", "rows", "one_forward", "reason_ms", "direct_ms",
