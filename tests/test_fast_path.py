@@ -490,11 +490,11 @@ def test_batch_runs_its_unfinished_rows_alone(lively, monkeypatch):
     np.testing.assert_allclose(emb.numpy(), plain, atol=1e-5)
 
 
-def test_draft_rows_keep_lm_generate_tokens_in_fewer_forwards(tiny, monkeypatch):
-    """`draft_rows` (a batch's last rows: each feeds tokens drafted from its prompt and CoT, in the
-    same new slots, and keeps those the model picks) gives `lm.generate`'s tokens; on `tiny`, whose
-    CoTs repeat one token, in far fewer forwards than tokens, and with the slot of each token fed."""
-    from lrem.decoding import GreedyStep, draft_rows, greedy_ids, prefill
+def test_draft_decode_keeps_lm_generate_tokens_in_fewer_forwards(tiny, monkeypatch):
+    """`draft_decode` (greedy rows, each feeding tokens drafted from its prompt and CoT into the same
+    new slots and keeping those the model picks) gives `lm.generate`'s tokens; on `tiny`, whose CoTs
+    repeat one token, in far fewer forwards than tokens, with the slot of each token fed."""
+    from lrem.decoding import GreedyStep, draft_decode, greedy_ids, prefill
 
     stop, pad = [tiny.think_end_id, tiny.emb_id, tiny.tokenizer.eos_token_id], tiny.tokenizer.pad_token_id
     ref = plain_generate(tiny, QUERIES, stop)
@@ -505,9 +505,7 @@ def test_draft_rows_keep_lm_generate_tokens_in_fewer_forwards(tiny, monkeypatch)
     widths = forward_widths(monkeypatch)
     with torch.inference_mode():
         logits, last, w = prefill(step, n, kv, seqs, pad)
-        first = greedy_ids(logits).tolist()
-        gen, at = draft_rows(step, [[t] for t in first], list(range(len(seqs))), last.tolist(), n + w, 16, stop,
-                             pad, seqs, k=4)
+        gen, at = draft_decode(step, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4)
     assert [g + [pad] * (16 - len(g)) for g in gen] == ref
     assert max(len(g) for g in gen) == 16 and len(widths) - 1 <= 8 and max(widths[1:]) > 1  # 16 tokens
     assert all(len(a) == len(g) - 1 and a == sorted(a) and a[0] == n + w for a, g in zip(at, gen))

@@ -639,20 +639,15 @@ def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list
 
 
 def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
-           pad: int, pick=None, seqs: list[list[int]] | None = None, k: int = 0
-           ) -> tuple[list[list[int]], list[list[int]] | None]:
+           pad: int, pick=None) -> list[list[int]]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
     one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
     that emitted a stop id keep feeding `pad`, except that on the compact decoder the rest run
     alone once at least half have stopped (sampling then draws for those rows only); stops when
-    all have or at `max_new` tokens. Given the prompts `seqs` and `k` > 0 (greedy, compact
-    decoder), the rows that run alone go on in `draft_rows`, several tokens a forward.
-    Returns the generated ids per row, up to and including its stop id (unpadded), and, where
-    `draft_rows` ran, the cache slot of each token each row fed (else None: token i of every row
-    sits in slot + i)."""
+    all have or at `max_new` tokens.
+    Returns the generated ids per row, up to and including its stop id (unpadded)."""
     stop_t = torch.tensor(stop, device=tok.device)
     out, done, p = [tok], torch.isin(tok, stop_t), pos
-    drafting = seqs is not None and k > 0 and pick is None and step.compact is not None
     for t in range(1, max_new):
         if bool(done.all()):
             break
@@ -660,9 +655,6 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         # `nonzero` waits for the device: only the compact (CPU) decoder runs row subsets
         live = (~done).nonzero()[:, 0] if step.compact is not None else None
         if live is not None and len(live) <= len(tok) // 2:  # most rows have stopped: run the others only
-            if drafting:
-                rows = torch.stack(out, 1).tolist()
-                return draft_rows(step, rows, live.tolist(), (p - 1).tolist(), slot, max_new, stop, pad, seqs, k)
             nxt = torch.full_like(tok, pad)
             nxt[live] = step(tok[live], p[live], slot + t - 1, pick, rows=live)
             tok = nxt
@@ -671,36 +663,43 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
         out.append(tok)
         done |= torch.isin(tok, stop_t)
     rows = torch.stack(out, 1).tolist()  # (B, <= max_new)
-    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows], None
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
 
-DRAFT_ROWS = 32  # rows a forward of `draft_rows` may run: the cost of a forward is flat-ish up to 32 here
+DRAFT_ROWS = 32  # rows a forward of `draft_decode` runs once most rows have stopped: flat-ish cost up to 32 here
+FULL_DRAFTS = 1  # drafted tokens a row while most rows still run (all B rows in each forward; 2 timed worse)
 
 
-def draft_rows(step: GreedyStep, rows: list[list[int]], live: list[int], pos: list[int], slot: int, max_new: int,
-               stop: list[int], pad: int, seqs: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
-    """`decode`'s last rows, several tokens a forward: `rows` are every row's tokens so far (one a
-    step, all but the last fed, from `slot` on), `live` the rows still decoding, `pos` (B,) the
-    position of each row's last token fed. Each forward feeds every live row's last token plus up
-    to k tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`; as many as `DRAFT_ROWS`
-    rows allow) into the same new slots; each row keeps its drafts up to the first the model
-    would not have picked, plus its own pick, and the slots of the others are masked: the same
-    tokens as one at a time. Why: a batch's last rows are its longest CoTs, often a phrase the
-    model repeats ("4 light 4 light 4"), each a forward of a few rows that reads all the weights.
-    Returns (the generated ids per row, up to its stop id; the slot of each token each row fed)."""
-    dev, t = step.mask.device, len(rows[0])
-    gen = [r[: next((i + 1 for i, x in enumerate(r) if x in stop), len(r))] for r in rows]
-    at = [list(range(slot, slot + t - 1)) for _ in rows]
-    pos, s = list(pos), slot + t - 1  # s: the first free slot
+def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, max_new: int, stop: list[int],
+                 pad: int, seqs: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`decode` for greedy rows on the compact decoder, with drafts: from the first generated
+    tokens `first` (the last prompt token of each row at `pos`), each forward feeds every running
+    row's last token plus tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`: up to k;
+    `FULL_DRAFTS` while more than half the rows run, as many as `DRAFT_ROWS` rows allow once the
+    others run alone) into the same new slots. Each row keeps its drafts up to the first the model
+    would not have picked, plus its own pick; the slots of the others are masked, so each row goes
+    on at its own pace: the same tokens as one at a time. Why: a CoT copies the query's words, and
+    a batch's last rows are its longest CoTs, often a phrase the model repeats ("4 light 4 light
+    4"), each a forward of a few rows that reads all the weights (real WANDS and ESCI batches of 32:
+    11 -> 8.5 and 17.5 -> 9.3 forwards a batch).
+    Returns (the generated ids per row, up to and including its stop id; the cache slot of each
+    token each row fed, in order)."""
+    dev = step.mask.device
+    gen, at, pos, s = [[x] for x in first], [[] for _ in first], list(pos), slot  # s: the first free slot
+    live = [r for r, x in enumerate(first) if x not in stop and max_new > 1]
     while live:
-        room = max(0, min(k, DRAFT_ROWS // len(live) - 1, step.length - s - 1))
+        every = len(live) > len(first) // 2  # most rows still run: run them all, the stopped ones on pad
+        room = max(0, min(k, FULL_DRAFTS if every else DRAFT_ROWS // len(live) - 1, step.length - s - 1))
         drafts = [draft_for(seqs[r] + gen[r], min(room, max_new - len(gen[r]) - 1), stop) for r in live]
         w = max(len(d) for d in drafts)
-        ids = torch.tensor([[gen[r][-1], *d, *[pad] * (w - len(d))] for r, d in zip(live, drafts)], device=dev)
-        where = torch.tensor([[pos[r] + 1 + i for i in range(w + 1)] for r in live], device=dev)
+        fed = {r: [gen[r][-1], *d, *[pad] * (w - len(d))] for r, d in zip(live, drafts)}
+        run = list(range(len(first))) if every else live
+        ids = torch.tensor([fed.get(r, [pad] * (w + 1)) for r in run], device=dev)
+        where = torch.tensor([[pos[r] + 1 + i for i in range(w + 1)] for r in run], device=dev)
         alive = torch.tensor(live, device=dev)
         step.mask[alive, s : s + w + 1] = 1
-        picks = greedy_ids(step.logits(step.run(ids, where, s, rows=alive))).tolist()  # (B', 1 + w)
+        h = step.run(ids, where, s, rows=None if every else alive)
+        picks = greedy_ids(step.logits(h[alive] if every else h)).tolist()  # (live, 1 + w)
         going = []
         for r, d, row in zip(live, drafts, picks):
             a = agreed(d, row, stop)
@@ -875,4 +874,4 @@ def generate(lm, seqs: list[list[int]], max_new: int, stop: list[int], pad: int,
     length = n + max(len(x) - n for x in seqs) + max_new
     step = GreedyStep(lm, len(seqs), length, graph=False, linears=linears)
     logits, pos, w = prefill(step, n, kv, seqs, pad)
-    return decode(step, greedy_ids(logits), pos, n + w, max_new, stop, pad)[0]
+    return decode(step, greedy_ids(logits), pos, n + w, max_new, stop, pad)

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
-                       decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width, prefill,
-                       prefill_tree, prefix_kv, sample_top_p)
+                       decode, draft_decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width,
+                       prefill, prefill_tree, prefix_kv, sample_top_p)
 from .prompts import close_cot
 
 
@@ -632,14 +632,15 @@ class QueryEngine:
                                          stop, k, past, close)
             self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, h
-        gen, at = decode(step, tok, last, n + w, max_new, stop, pad, pick, seqs, k)  # the last rows draft (greedy)
-        if pick is None:
-            self._remember(seqs, gen, stop)
-        if at is None:  # one token a step: token i of every row in slot n + w + i
+        if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
+            gen, at = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k)
+            used = max((a[-1] + 1 for a in at if a), default=n + w)
+        else:  # one token a step: token i of every row in slot n + w + i
+            gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
             used = n + w + max(len(g) for g in gen) - 1  # slots filled
             at = [list(range(n + w, used))] * len(gen)
-        else:
-            used = max((a[-1] + 1 for a in at if a), default=n + w)
+        if pick is None:
+            self._remember(seqs, gen, stop)
         return [row + [pad] * (max_new - len(row)) for row in gen], at, used, None
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
