@@ -511,6 +511,16 @@ def test_draft_decode_keeps_lm_generate_tokens_in_fewer_forwards(tiny, monkeypat
     assert all(len(a) == len(g) - 1 and a == sorted(a) and a[0] == n + w for a, g in zip(at, gen))
     assert all(int(step.mask[r, s]) == 1 for r, a in enumerate(at) for s in a)  # the taken tokens' slots
     assert int(step.mask.sum()) == sum(len(x) + len(a) for x, a in zip(seqs, at))  # the prompts and those only
+    # a cache with room for one token a forward only (and `reserve` kept free): no drafts, the same tokens
+    for reserve in (0, 5):
+        tight = GreedyStep(tiny.lm, len(seqs), max(map(len, seqs)) + 15 + reserve, graph=False,
+                           linears=tiny.engine.linears())
+        widths.clear()
+        with torch.inference_mode():
+            logits, last, w = prefill(tight, n, kv, seqs, pad)
+            gen, _ = draft_decode(tight, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4,
+                                  reserve=reserve)
+        assert [g + [pad] * (16 - len(g)) for g in gen] == ref and set(widths[1:]) == {1}
 
 
 def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):

@@ -671,7 +671,7 @@ FULL_DRAFTS = 1  # drafted tokens a row while most rows still run (all B rows in
 
 
 def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, max_new: int, stop: list[int],
-                 pad: int, seqs: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
+                 pad: int, seqs: list[list[int]], k: int, reserve: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """`decode` for greedy rows on the compact decoder, with drafts: from the first generated
     tokens `first` (the last prompt token of each row at `pos`), each forward feeds every running
     row's last token plus tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`: up to k;
@@ -682,6 +682,9 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
     a batch's last rows are its longest CoTs, often a phrase the model repeats ("4 light 4 light
     4"), each a forward of a few rows that reads all the weights (real WANDS and ESCI batches of 32:
     11 -> 8.5 and 17.5 -> 9.3 forwards a batch).
+    Drafts use only the cache's spare slots: those beyond what one token a forward would still
+    need (up to `max_new` tokens a row) and the last `reserve` (kept for what the caller runs after:
+    `QueryEngine._embed_after`'s closing tokens); with none spare, a forward feeds one token a row.
     Returns (the generated ids per row, up to and including its stop id; the cache slot of each
     token each row fed, in order)."""
     dev = step.mask.device
@@ -689,7 +692,8 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
     live = [r for r, x in enumerate(first) if x not in stop and max_new > 1]
     while live:
         every = len(live) > len(first) // 2  # most rows still run: run them all, the stopped ones on pad
-        room = max(0, min(k, FULL_DRAFTS if every else DRAFT_ROWS // len(live) - 1, step.length - s - 1))
+        spare = step.length - reserve - s - max(max_new - len(gen[r]) for r in live)  # a slot a token a row
+        room = max(0, min(k, FULL_DRAFTS if every else DRAFT_ROWS // len(live) - 1, spare))
         drafts = [draft_for(seqs[r] + gen[r], min(room, max_new - len(gen[r]) - 1), stop) for r in live]
         w = max(len(d) for d in drafts)
         fed = {r: [gen[r][-1], *d, *[pad] * (w - len(d))] for r, d in zip(live, drafts)}

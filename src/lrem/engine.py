@@ -471,9 +471,11 @@ class QueryEngine:
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
         widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
-        # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8)
+        # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8);
+        # greedy rows on the CPU (`draft_decode`) get max_new slots more for drafts they do not take
+        rows_draft = len(seqs) > 1 and pick is None and self.config.lookup_tokens > 0 and self.compact()
         length = (n + padded_width(widths, max(len(x) for x in sufs)) + max_new + padded_width(widths, max_new + 8)
-                  + sum(len(d) + len(t) for _, d, t in drafts))
+                  + sum(len(d) + len(t) for _, d, t in drafts) + (max_new if rows_draft else 0))
         if model.device.type == "cuda":
             length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
@@ -633,7 +635,8 @@ class QueryEngine:
             self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, h
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
-            gen, at = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k)
+            gen, at = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
+                                   reserve=max_new + 8)  # the closing tokens' room (`_greedy`)
             used = max((a[-1] + 1 for a in at if a), default=n + w)
         else:  # one token a step: token i of every row in slot n + w + i
             gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
