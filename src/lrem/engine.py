@@ -472,10 +472,11 @@ class QueryEngine:
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
         widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
         # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8);
-        # greedy rows on the CPU (`draft_decode`) get max_new slots more for drafts they do not take
-        rows_draft = len(seqs) > 1 and pick is None and self.config.lookup_tokens > 0 and self.compact()
+        # greedy rows on the CPU (`draft_decode`) get room for the drafts they do not take: at most
+        # lookup_tokens a forward (~0.7 MB a slot at batch 32 for the 135M model)
+        k = self.config.lookup_tokens if len(seqs) > 1 and pick is None and self.compact() else 0
         length = (n + padded_width(widths, max(len(x) for x in sufs)) + max_new + padded_width(widths, max_new + 8)
-                  + sum(len(d) + len(t) for _, d, t in drafts) + (max_new if rows_draft else 0))
+                  + sum(len(d) + len(t) for _, d, t in drafts) + max_new * k)
         if model.device.type == "cuda":
             length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
