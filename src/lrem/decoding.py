@@ -680,8 +680,8 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
     would not have picked, plus its own pick; the slots of the others are masked, so each row goes
     on at its own pace: the same tokens as one at a time. Why: a CoT copies the query's words, and
     a batch's last rows are its longest CoTs, often a phrase the model repeats ("4 light 4 light
-    4"), each a forward of a few rows that reads all the weights (real WANDS and ESCI batches of 32:
-    11 -> 8.5 and 17.5 -> 9.3 forwards a batch).
+    4"), each a forward of a few rows that reads all the weights (batches of 32 real WANDS and ESCI
+    queries: 12.8 -> 8.5 and 15.0 -> 9.3 forwards a batch).
     Drafts use only the cache's spare slots: those beyond what one token a forward would still
     need (up to `max_new` tokens a row) and the last `reserve` (kept for what the caller runs after:
     `QueryEngine._embed_after`'s closing tokens); with none spare, a forward feeds one token a row.
