@@ -717,12 +717,15 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
     return gen, at
 
 
-def draft_for(tokens: list[int], k: int, stop: list[int]) -> list[int]:
-    """Up to k tokens drafted after `tokens` (`lookup_draft`: 2-3-token matches, else one-token
-    matches), cut before a stop id."""
+def draft_for(tokens: list[int], k: int, stop: list[int], past: list[int] | None = None) -> list[int]:
+    """Up to k tokens drafted after `tokens` (`lookup_draft`: 2-3-token matches in `past` + tokens,
+    else one-token matches in tokens), cut before a stop id. Why one-token matches and the cut: a
+    trained model's CoT often copies a phrase of the query ("recliner" from "chair and a half
+    recliner"), and the cut stops the draft where the query (or a past CoT) ends, so the closing
+    tokens can follow it."""
     if k <= 0:
         return []
-    d = lookup_draft(tokens, k=k) or lookup_draft(tokens, k=k, min_ngram=1)
+    d = lookup_draft((past or []) + tokens, k=k) or lookup_draft(tokens, k=k, min_ngram=1)
     return d[: next((i for i, x in enumerate(d) if x in stop), len(d))]
 
 
@@ -770,12 +773,7 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
     slot, pos = slot + len(gen) - 1, pos + len(gen) - 1
     closing = None  # the text's closing tokens, as last read: drafted wherever the CoT may end in the drafts
     while gen[-1] not in stop and len(gen) < max_new:
-        room = min(k, max_new - len(gen) - 1)
-        # one-token matches too, cut at a stop id: a trained model's CoT often copies a phrase of the
-        # query ("recliner" from "chair and a half recliner"), and the cut stops the draft where the
-        # query (or a past CoT) ends, so the closing tokens can follow it
-        draft = lookup_draft(past + seq + gen, k=room) or lookup_draft(seq + gen, k=room, min_ngram=1)
-        draft = draft[: next((i for i, t in enumerate(draft) if t in stop), len(draft))]
+        draft = draft_for(seq + gen, min(k, max_new - len(gen) - 1), stop, past)
         keep, toks, ends = close(gen + draft) if close else (0, None, [])
         tail, rerun = [], []
         if toks is not None and keep == len(gen) + len(draft):

@@ -584,10 +584,11 @@ class QueryEngine:
         per generated token (drafted tokens a row did not take leave masked slots between). Returns
         the generated ids, the slot of each generated token each row fed, the number of cache slots
         filled, and the last hidden state of the closing tokens where they ran while decoding (else
-        None). `pick` (logits (B, V) -> ids (B,)) replaces
-        argmax, e.g. to sample (`sample_cots`). A single greedy query on the compact decoder takes
-        drafts from its prompt and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT,
-        closing tokens), see `_word_drafts`) run in the prefill forward itself (`prefill_tree`)."""
+        None). `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`). A
+        single greedy query on the compact decoder takes drafts from its prompt and `history`, and
+        `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see `_word_drafts`) run
+        in the prefill forward itself (`prefill_tree`); a greedy batch there decodes with drafts
+        (`draft_decode`)."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
         slot, first = None, None
@@ -658,11 +659,10 @@ class QueryEngine:
                      gen: list[list[int]], full: list[list[int]], stop: list[int]) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
         over the first `used` cache slots `_run` filled (the generated tokens each row fed in slots
-        `at[row]`): the
-        prompt's KV is reused, and so is that of the generated tokens each CoT starts with, up to
-        its stop id (a stopped row is not always run again: `decode` runs the others alone); the
-        rest (at least `<emb>`) is run in new slots, so each token keeps the position it has in
-        the plain path."""
+        `at[row]`): the prompt's KV is reused, and so is that of the generated tokens each CoT
+        starts with, up to its stop id (a stopped row is not always run again: `decode` runs the
+        others alone); the rest (at least `<emb>`) is run in new slots, so each token keeps the
+        position it has in the plain path."""
         dev = self.model.device
         fed = [min(len(a), next((i for i, t in enumerate(g) if t in stop), len(g))) for a, g in zip(at, gen)]
         keep = [common_prefix_len([f[len(x):], g[:m] + [-1]]) for x, g, f, m in zip(seqs, gen, full, fed)]
