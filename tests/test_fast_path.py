@@ -505,7 +505,7 @@ def test_draft_decode_keeps_lm_generate_tokens_in_fewer_forwards(tiny, monkeypat
     widths = forward_widths(monkeypatch)
     with torch.inference_mode():
         logits, last, w = prefill(step, n, kv, seqs, pad)
-        gen, at = draft_decode(step, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4)
+        gen, at, ends = draft_decode(step, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4)
     assert [g + [pad] * (16 - len(g)) for g in gen] == ref
     assert max(len(g) for g in gen) == 16 and len(widths) - 1 <= 8 and max(widths[1:]) > 1  # 16 tokens
     assert all(len(a) == len(g) - 1 and a == sorted(a) and a[0] == n + w for a, g in zip(at, gen))
@@ -518,7 +518,7 @@ def test_draft_decode_keeps_lm_generate_tokens_in_fewer_forwards(tiny, monkeypat
         widths.clear()
         with torch.inference_mode():
             logits, last, w = prefill(tight, n, kv, seqs, pad)
-            gen, _ = draft_decode(tight, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4,
+            gen, _, _ = draft_decode(tight, greedy_ids(logits).tolist(), last.tolist(), n + w, 16, stop, pad, seqs, k=4,
                                   reserve=reserve)
         assert [g + [pad] * (16 - len(g)) for g in gen] == ref and set(widths[1:]) == {1}
 
@@ -700,3 +700,53 @@ def test_word_drafts_that_keep_missing_are_tried_only_to_explore(lively, monkeyp
     assert all(len(engine.draft_hits[k]) > 0 for k in engine.WORD_POSITIONS if k != "whole")
     assert "whole" not in engine.draft_hits
     assert not any(hit for tries in engine.draft_hits.values() for hit in tries)
+
+
+SHOP_QUERIES = ["salon chair", "turquoise pillows", "fire pit", "wall decor", "privacy wall", "closet storage",
+                "coffee table", "drawer pull", "dinosaur", "welcome rug", "4 light vanity light", "outdoor sofa set",
+                "rooster decor", "sunflower rug", "kitchen island with seating", "desk chair with wheels"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from lrem.model import TRAINED_MODEL
+
+    return LREM.from_pretrained(TRAINED_MODEL, dtype="float32")
+
+
+def test_batch_runs_its_closing_tokens_while_it_decodes(trained, monkeypatch):
+    """The shipped model's CoTs end " </think>": a batch row that stops there runs `</think><emb>`
+    beside the rows still decoding, and once most have stopped a row whose last token is " " runs
+    them beside its drafts (a branch), so no forward follows the CoTs; the CoTs and embeddings are
+    the plain path's, in fewer forwards than with the closing forward after decoding."""
+    from lrem import decoding
+
+    model = copy.deepcopy(trained)
+    ends, attends = [], []
+    real = decoding.draft_decode
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        ends.append(len(out[2]))
+        return out
+
+    monkeypatch.setattr("lrem.engine.draft_decode", spy)
+    shapes = forward_widths(monkeypatch)
+    run = decoding.StaticDecoder.__call__
+
+    def branches(self, ids, pos, start, rows=None, attend=None):
+        attends.append(attend is not None)
+        return run(self, ids, pos, start, rows, attend)
+
+    monkeypatch.setattr(decoding.StaticDecoder, "__call__", branches)
+    enc = model.encode_queries(SHOP_QUERIES, mode="reason", batch_size=16)
+    with_closing = len(shapes)
+    assert ends == [len(SHOP_QUERIES)] and any(attends)  # every row closed while decoding, some in a branch
+    assert enc.cots == model.generate_cots(SHOP_QUERIES, fast=False) and all(enc.cots)
+    plain = model.engine.embed_texts(model.query_texts(SHOP_QUERIES, enc.cots), 16, "q", False, prefix_cache=False)
+    np.testing.assert_allclose(enc.embeddings, plain, atol=1e-4)
+    monkeypatch.setattr(type(model.engine), "_ending", lambda *a: None)  # the closing forward after the CoTs
+    shapes.clear()
+    after = model.encode_queries(SHOP_QUERIES, mode="reason", batch_size=16)
+    assert after.cots == enc.cots and len(shapes) > with_closing
+    np.testing.assert_allclose(after.embeddings, enc.embeddings, atol=1e-5)

@@ -173,6 +173,7 @@ class QueryEngine:
         # word position -> the worth of its recent 16 tries: 1 the CoT, BEGAN a CoT that began with it, else 0
         self.draft_hits: dict[str, collections.deque[float]] = {}
         self.n_drafted = 0  # single queries `_word_drafts` was asked for
+        self._blank: dict[int, bool] = {}  # token id -> whether it decodes to whitespace alone (`_ending`)
         self._local = threading.local()  # `same_weights`' pinned cache, per thread
         self._building = threading.Lock()  # held while a CUDA decode step is made (`step`)
 
@@ -466,7 +467,8 @@ class QueryEngine:
         n, kv = self.shared_prefix(seqs)
         sufs = [x[n:] for x in seqs]
         # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
-        close = None if texts is None else self._closer(seqs, texts, candidates)
+        prompts_ = None if texts is None else model.query_prompts(texts, candidates=candidates)
+        close = None if texts is None or len(seqs) != 1 else self._closer(seqs[0], prompts_[0])
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
@@ -480,34 +482,60 @@ class QueryEngine:
         if model.device.type == "cuda":
             length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
+        ending = self._ending(seqs, prompts_, stop) if texts is not None and k else None
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, at, used, last = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts)
+            gen, at, used, ends = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts, ending)
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
-            if last is not None:  # one query whose decoding already ran its closing `</think><emb>`
-                return cots, model.pool(last[None, None], torch.tensor([[model.emb_id]], device=last.device))
-            full = model.tokenizer(model.query_texts(texts, cots, candidates=candidates),
-                                   add_special_tokens=False)["input_ids"]
+            if len(ends) == len(seqs):  # every query's decoding already ran its closing `</think><emb>`
+                return cots, self._pool_ends(ends)
+            full = model.tokenizer([p + close_cot(c, model.config) for p, c in zip(prompts_, cots)],
+                                   add_special_tokens=False)["input_ids"]  # = `query_texts`
             if any(f[: len(x)] != x for f, x in zip(full, seqs)):  # the prompt tokenizes differently in context
                 return cots, None
-            return cots, self._embed_after(step, at, used, seqs, gen, full, stop)
+            return cots, self._embed_after(step, at, used, seqs, gen, full, stop, ends)
 
-    def _closer(self, seqs: list[list[int]], texts: list[str], candidates: list | None):
-        """For one query, `close(gen)` (`lookup_decode` drafts with it): how its full text
-        (`query_texts`) reads should the CoT end after the prompt `seqs[0]` + `gen`, as (keep,
-        tokens, ends): the text shares gen's first `keep` tokens, then has `tokens`; `ends` are
-        its tokens between the CoT and `</think>` (whitespace). (0, None, []) where the text does
-        not start with the prompt. None for a batch."""
-        if len(seqs) != 1:
-            return None
-        model, head = self.model, seqs[0]
+    def _ending(self, seqs: list[list[int]], prompts_: list[str], stop: list[int]):
+        """For a batch's rows, `ending(r, tokens)` (`draft_decode`): the full text's closing tokens
+        from `</think>` on (`</think><emb>`) should row r's CoT end after `tokens`, where its last
+        token is blank (" ": a CoT ends " </think>") and the text reads them as they are; else
+        None."""
+        closers: dict[int, object] = {}
+        blank = self._blank
+
+        def ending(r: int, tokens: list[int]) -> list[int] | None:
+            t = tokens[-1]
+            if t not in blank:
+                blank[t] = not self.model.tokenizer.decode([t]).strip()
+            if not blank[t]:
+                return None
+            if r not in closers:
+                closers[r] = self._closer(seqs[r], prompts_[r])
+            keep, toks, _ = closers[r](tokens)
+            return toks if toks and keep == len(tokens) and toks[0] in stop else None
+
+        return ending
+
+    def _pool_ends(self, ends: dict[int, torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        """Embeddings (len(rows), D) from these rows' hidden states at their `<emb>` (`ends`; rows:
+        0..B-1 by default)."""
+        h = torch.stack([ends[r] for r in (range(len(ends)) if rows is None else rows)])[:, None]  # (B', 1, D)
+        return self.model.pool(h, torch.full((len(h), 1), self.model.emb_id, device=h.device))
+
+    def _closer(self, seq: list[int], prompt: str):
+        """For one query, `close(gen)` (`lookup_decode` and `draft_decode` draft with it): how its
+        full text (`query_texts`) reads should the CoT end after the prompt `seq` (the tokens of
+        `prompt`) + `gen`, as (keep, tokens, ends): the text shares gen's first `keep` tokens, then
+        has `tokens`; `ends` are its tokens between the CoT and `</think>` (whitespace). (0, None,
+        []) where the text does not start with the prompt."""
+        model, head = self.model, seq
         decode, stops = model.tokenizer.decode, set(model.stop_ids)
         seen: dict[tuple[int, ...], tuple] = {}  # a forward may ask twice (drafts, then the CoT that ran)
         # the full text is the prompt's then the CoT part's (`query_texts`): made once, and where the
         # first read shows its tokens to be the prompt's then the CoT part's alone (the part begins
         # after the special `<think>`, where the tokenizer splits), only that part is tokenized again
-        prompt, apart = model.query_prompts(texts, candidates=candidates)[0], None
+        apart = None
 
         def ids(text: str) -> list[int]:
             return model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -577,18 +605,18 @@ class QueryEngine:
         return [d[1:] for d in out[: self.config.word_drafts]]
 
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
-             stop: list[int], pick=None, close=None, drafts=()
-             ) -> tuple[list[list[int]], list[list[int]], int, torch.Tensor | None]:
+             stop: list[int], pick=None, close=None, drafts=(), ending=None
+             ) -> tuple[list[list[int]], list[list[int]], int, dict[int, torch.Tensor]]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
         then the word drafts' slots if any (masked out again unless one was the CoT), then one slot
         per generated token (drafted tokens a row did not take leave masked slots between). Returns
         the generated ids, the slot of each generated token each row fed, the number of cache slots
-        filled, and the last hidden state of the closing tokens where they ran while decoding (else
-        None). `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample (`sample_cots`). A
-        single greedy query on the compact decoder takes drafts from its prompt and `history`, and
-        `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see `_word_drafts`) run
-        in the prefill forward itself (`prefill_tree`); a greedy batch there decodes with drafts
-        (`draft_decode`)."""
+        filled, and the last hidden state of the closing tokens of the rows where they ran while
+        decoding (row -> (D,)). `pick` (logits (B, V) -> ids (B,)) replaces argmax, e.g. to sample
+        (`sample_cots`). A single greedy query on the compact decoder takes drafts from its prompt
+        and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see
+        `_word_drafts`) run in the prefill forward itself (`prefill_tree`); a greedy batch there
+        decodes with drafts (`draft_decode`), and with `ending` (`_ending`) runs closing tokens."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
         slot, first = None, None
@@ -617,7 +645,7 @@ class QueryEngine:
                             self.draft_hits[key].append(0.0)
                     self._remember(seqs, [gen], stop)
                     end = at + len(d) + len(t)
-                    return [gen + [pad] * (max_new - len(gen))], [list(range(n + at, n + end))], n + end, hs[end - 1]
+                    return [gen + [pad] * (max_new - len(gen))], [list(range(n + at, n + end))], n + end, {0: hs[end - 1]}
                 at += len(d) + len(t)
             slot = n + len(hs)
             step.mask[:, n + w : slot] = 0  # no draft was the CoT: decode after their slots
@@ -635,18 +663,19 @@ class QueryEngine:
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
                                          stop, k, past, close)
             self._remember(seqs, [gen], stop)
-            return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, h
+            ends = {} if h is None else {0: h}
+            return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, ends
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
-            gen, at = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
-                                   reserve=max_new + 8)  # the closing tokens' room (`_greedy`)
+            gen, at, ends = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
+                                         reserve=max_new + 8, ending=ending)  # the closing tokens' room (`_greedy`)
             used = max((a[-1] + 1 for a in at if a), default=n + w)
         else:  # one token a step: token i of every row in slot n + w + i
             gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
             used = n + w + max(len(g) for g in gen) - 1  # slots filled
-            at = [list(range(n + w, used))] * len(gen)
+            at, ends = [list(range(n + w, used))] * len(gen), {}
         if pick is None:
             self._remember(seqs, gen, stop)
-        return [row + [pad] * (max_new - len(row)) for row in gen], at, used, None
+        return [row + [pad] * (max_new - len(row)) for row in gen], at, used, ends
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
@@ -656,25 +685,31 @@ class QueryEngine:
             self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
 
     def _embed_after(self, step: GreedyStep, at: list[list[int]], used: int, seqs: list[list[int]],
-                     gen: list[list[int]], full: list[list[int]], stop: list[int]) -> torch.Tensor:
+                     gen: list[list[int]], full: list[list[int]], stop: list[int],
+                     done: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Embeddings (B, D) of the `full` query sequences (prompt + CoT + `</think><emb>`), run
         over the first `used` cache slots `_run` filled (the generated tokens each row fed in slots
         `at[row]`): the prompt's KV is reused, and so is that of the generated tokens each CoT
         starts with, up to its stop id (a stopped row is not always run again: `decode` runs the
         others alone); the rest (at least `<emb>`) is run in new slots, so each token keeps the
-        position it has in the plain path."""
-        dev = self.model.device
+        position it has in the plain path. `done`: rows whose closing tokens already ran while
+        decoding, with the hidden state at their `<emb>` (`draft_decode`): not run again."""
+        dev, done = self.model.device, done or {}
         fed = [min(len(a), next((i for i, t in enumerate(g) if t in stop), len(g))) for a, g in zip(at, gen)]
         keep = [common_prefix_len([f[len(x):], g[:m] + [-1]]) for x, g, f, m in zip(seqs, gen, full, fed)]
         pad = self.model.tokenizer.pad_token_id
         tails = [f[len(x) + j :] for x, f, j in zip(seqs, full, keep)]
-        for r, j in enumerate(keep):
-            step.mask[r, at[r][j:]] = 0  # generated tokens this row's CoT does not keep
-        longest = max(len(t) for t in tails)
+        todo = [r for r in range(len(tails)) if r not in done]
+        for r in todo:
+            step.mask[r, at[r][keep[r]:]] = 0  # generated tokens this row's CoT does not keep
+        longest = max(len(tails[r]) for r in todo)
         split = step.compact is not None and used + longest <= step.length  # a second forward needs the cache's room
-        k = split_width([len(t) for t in tails]) if split else longest
+        k = split_width([len(tails[r]) for r in todo]) if split else longest
         out = torch.empty(len(tails), self.model.dim, device=dev)
-        rows, first = torch.arange(len(tails), device=dev), 0
+        if done:
+            out[list(done)] = self._pool_ends(done, list(done))
+        some = split and len(todo) < len(tails)  # only these rows run (the compact decoder with room)
+        rows, first = torch.tensor(todo if split else range(len(tails)), device=dev), 0
         while len(rows):  # the first k tokens of every tail, then the rest of the longer ones (those rows alone)
             part = [tails[r][first : first + k] for r in rows.tolist()]
             w = max(len(t) for t in part)
@@ -682,7 +717,7 @@ class QueryEngine:
             new = torch.tensor([[1] * len(t) + [0] * (w - len(t)) for t in part], device=dev)
             pos = torch.tensor([[len(seqs[r]) + keep[r] + first + i for i in range(w)] for r in rows.tolist()],
                                device=dev)  # (B', W)
-            h = step.extend(ids, pos, new, used + first, None if first == 0 else rows)
+            h = step.extend(ids, pos, new, used + first, None if first == 0 and not some else rows)
             ends = torch.tensor([len(tails[r]) <= first + k for r in rows.tolist()], device=dev)
             out[rows[ends]] = self.model.pool(h[ends], ids[ends])
             rows, first = rows[~ends], first + k
