@@ -750,3 +750,36 @@ def test_batch_runs_its_closing_tokens_while_it_decodes(trained, monkeypatch):
     after = model.encode_queries(SHOP_QUERIES, mode="reason", batch_size=16)
     assert after.cots == enc.cots and len(shapes) > with_closing
     np.testing.assert_allclose(after.embeddings, enc.embeddings, atol=1e-5)
+
+
+def test_closing_tokens_stay_in_the_cache_they_are_given(trained):
+    """`draft_decode` runs closing tokens only where the cache has room: in caches from exactly the
+    slots one token a forward needs (nothing kept after) to a few more, the same tokens come back,
+    and the rows that close have the same hidden states as in a roomy cache; none write past it."""
+    from lrem.decoding import GreedyStep, draft_decode, greedy_ids, prefill
+
+    m = trained
+    stop, pad = m.stop_ids, m.tokenizer.pad_token_id
+    space = m.tokenizer.convert_tokens_to_ids(m.tokenizer.tokenize(" "))[0]
+    seqs = m.tokenizer(m.query_prompts(SHOP_QUERIES), add_special_tokens=False)["input_ids"]
+    n, kv = m.engine.shared_prefix(seqs)
+    closing = [m.think_end_id, m.emb_id]
+
+    def run(max_new: int, slots: int):
+        step = GreedyStep(m.lm, len(seqs), max(map(len, seqs)) + slots, graph=False, linears=m.engine.linears())
+        with torch.inference_mode():
+            logits, last, w = prefill(step, n, kv, seqs, pad)
+            return draft_decode(step, greedy_ids(logits).tolist(), last.tolist(), n + w, max_new, stop, pad, seqs,
+                                k=4, ending=lambda r, toks: closing if toks[-1] == space else None)
+
+    gen, _, roomy = run(16, 116)
+    longest = max(len(g) for g in gen)  # its stop id ends it: it feeds longest - 1 tokens
+    assert longest < 16 and len(roomy) == len(SHOP_QUERIES)
+    closed = []
+    for slots in range(longest - 1, longest + 8):  # from none spare to more than the closing tokens need
+        tight_gen, _, tight = run(longest, slots)
+        assert tight_gen == gen
+        for r, h in tight.items():  # rows that closed in the room left
+            torch.testing.assert_close(h, roomy[r], atol=1e-4, rtol=0)
+        closed.append(len(tight))
+    assert closed[0] == 0 and max(closed) == len(SHOP_QUERIES)

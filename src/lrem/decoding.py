@@ -719,7 +719,8 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
                 if t and len(drafts[r]) + len(t) <= spare:
                     tails[r] = t
         w = max((len(drafts[r]) + len(tails.get(r, [])) for r in live), default=0)
-        pending = {r: t for r, t in pending.items() if len(t) <= max(w, spare)}  # else `_embed_after`'s
+        # within the forward's width, or with room for the stop id and them; else `_embed_after`'s
+        pending = {r: t for r, t in pending.items() if len(t) <= w or len(t) + 1 <= spare}
         if not live and not pending:
             break
         w = max(w, *(len(t) for t in pending.values())) if pending else w
