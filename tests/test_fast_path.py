@@ -532,6 +532,29 @@ def test_reason_mode_on_tiny_keeps_cots_and_embeddings(tiny):
     np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
 
 
+def test_reason_runs_length_sorted_batches_and_answers_in_input_order(lively, monkeypatch):
+    """Queries of mixed lengths reason in length-sorted batches (each batch's prompts no longer
+    than the next one's), and come back in input order: the CoTs and embeddings one query at a
+    time gives, and the CoTs `generate_cots` gives (sorted too) and plain `generate` (in order)."""
+    lengths = []
+    real = type(lively.engine).greedy
+
+    def spy(self, seqs, *a, **k):
+        lengths.append([len(x) for x in seqs])
+        return real(self, seqs, *a, **k)
+
+    monkeypatch.setattr(type(lively.engine), "greedy", spy)
+    enc = lively.encode_queries(QUERIES, mode="reason", batch_size=3)
+    given = [len(x) for x in lively.tokenizer(lively.query_prompts(QUERIES), add_special_tokens=False)["input_ids"]]
+    assert given != sorted(given)  # the queries are not in length order already
+    assert len(lengths) == 3 and all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))
+    one = [lively.encode_queries([q], mode="reason", batch_size=1) for q in QUERIES]
+    assert enc.cots == [e.cots[0] for e in one]
+    np.testing.assert_allclose(enc.embeddings, np.concatenate([e.embeddings for e in one]), atol=1e-5)
+    assert lively.generate_cots(QUERIES, batch_size=3) == enc.cots == lively.generate_cots(QUERIES, batch_size=3,
+                                                                                          fast=False)
+
+
 def test_reason_embeds_from_the_decoding_cache(lively, monkeypatch):
     """Where a CoT retokenizes to the tokens that were generated, their KV is reused and only
     the closing `</think><emb>` runs; the embedding is still the plain path's."""

@@ -393,17 +393,21 @@ class QueryEngine:
         engine = self.vllm() if fast else None
         if engine is not None:
             return [model.decode_cot(ids) for ids in self._greedy_vllm(engine, prompts_, max_new, stop)]
-        cots: list[str] = []
+        cots: list[str] = [""] * len(texts)
+        # the fast path in length-sorted batches (as `reason`), plain `generate` in input order
+        seqs = model.tokenizer(prompts_, add_special_tokens=False)["input_ids"] if fast and texts else []
+        order = np.argsort([len(x) for x in seqs], kind="stable").tolist() if fast else list(range(len(texts)))
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
+            idx = order[s : s + batch_size]
             if fast:
-                seqs = model.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
-                gen = self.greedy(seqs, max_new, stop)
+                gen = self.greedy([seqs[i] for i in idx], max_new, stop)
             else:
                 batch = model.tokenize(prompts_[s : s + batch_size])
                 out = model.lm.generate(**batch, max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
                                         pad_token_id=model.tokenizer.pad_token_id)
                 gen = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, <= max_new)
-            cots.extend(model.decode_cot(row) for row in gen)
+            for i, row in zip(idx, gen):
+                cots[i] = model.decode_cot(row)
         return cots
 
     @torch.inference_mode()
@@ -426,23 +430,28 @@ class QueryEngine:
     def reason(self, texts: list[str], batch_size: int = QUERY_BATCH, show_progress: bool = False,
                candidates: list | None = None) -> QueryEncoding:
         """`reason` mode per batch: greedy CoTs, then each query's embedding from the same cache
-        (`candidates`: per query, a grounded query's titles, or None)."""
+        (`candidates`: per query, a grounded query's titles, or None). Batches are length-sorted, as
+        `embed_texts`' are (less padding in the prefill, and queries of like length write CoTs of
+        like length, so fewer forwards run a batch's last rows alone); returned in input order."""
         model = self.model
         prompts_ = model.query_prompts(texts, candidates=candidates)
-        cots, embs = [], []
+        seqs = model.tokenizer(prompts_, add_special_tokens=False)["input_ids"] if texts else []
+        order = np.argsort([len(x) for x in seqs], kind="stable").tolist()
+        cots, embs = [""] * len(texts), np.zeros((len(texts), model.dim), np.float32)
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
-            seqs = model.tokenizer(prompts_[s : s + batch_size], add_special_tokens=False)["input_ids"]
-            batch = texts[s : s + batch_size]
-            cands = None if candidates is None else candidates[s : s + batch_size]
-            batch_cots, emb = self.greedy(seqs, model.config.cot_max_tokens, model.stop_ids, texts=batch,
-                                          candidates=cands)
+            idx = order[s : s + batch_size]
+            batch = [texts[i] for i in idx]
+            cands = None if candidates is None else [candidates[i] for i in idx]
+            batch_cots, emb = self.greedy([seqs[i] for i in idx], model.config.cot_max_tokens, model.stop_ids,
+                                          texts=batch, candidates=cands)
             if emb is None:
-                embs.append(self.embed_texts(model.query_texts(batch, batch_cots, candidates=cands), batch_size, "q",
-                                             False))
+                embs[idx] = self.embed_texts(model.query_texts(batch, batch_cots, candidates=cands), batch_size, "q",
+                                             False)
             else:
-                embs.append(emb.cpu().numpy())
-            cots += batch_cots
-        return QueryEncoding(np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32), cots)
+                embs[idx] = emb.cpu().numpy()
+            for i, c in zip(idx, batch_cots):
+                cots[i] = c
+        return QueryEncoding(embs, cots)
 
     def greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None = None,
                pick=None, candidates: list | None = None):
