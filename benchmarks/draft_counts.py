@@ -9,7 +9,8 @@ nobody wrote for it: the first WANDS queries and ESCI queries of ../shared/data 
 For each set: reason mode with the engine's defaults, then again with no word drafts in the
 prefill (`EngineConfig.word_drafts=0`, a fresh engine), and direct mode. Then in batches of 32
 (reason and direct in turns, twice; forwards per batch), with the defaults and with no drafts
-in a batch's last rows (`EngineConfig.lookup_tokens=0`). Forwards and rows (tokens
+in a batch's last rows (`EngineConfig.lookup_tokens=0`), and all the queries in one call of each
+mode (its batches length-sorted, as an eval's are). Forwards and rows (tokens
 run) come from the compact decoder's calls, so they are the same on any CPU of the same dtype;
 the times (direct and reason in turns, query by query; medians, and the ratio of means) are this
 machine's.
@@ -90,24 +91,28 @@ def served(model, queries: list[str], word_drafts: int | None) -> dict:
             "reason_over_direct_of_means": statistics.mean(reason_s) / statistics.mean(direct_s)}
 
 
-def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, rounds: int = 2) -> dict:
+def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, rounds: int = 2,
+            one_call: bool = False) -> dict:
     """The queries in batches of `batch` (a whole number of them), reason and direct mode in turns,
     `rounds` times; `lookup_tokens`: None keeps the config's (0: a batch's last rows decode one
-    token a forward, no drafts). Returns forwards per batch and ms per query (sums over batches)."""
+    token a forward, no drafts). `one_call`: all the queries in one call of each mode (its batches
+    length-sorted), else a call a batch in the given order. Returns forwards per batch and ms per
+    query (sums over batches)."""
     qs = queries[: len(queries) // batch * batch]
     forwards, reason_s, direct_s = [], 0.0, 0.0
     model.encode_queries(qs[:batch], mode="reason", batch_size=batch)  # warm-up: the decode step's cache
+    calls_of = [qs] if one_call else [qs[i : i + batch] for i in range(0, len(qs), batch)]
     with counted_forwards(model, lookup_tokens=lookup_tokens) as calls:
         for r in range(rounds):
-            for i in range(0, len(qs), batch):
+            for part in calls_of:
                 calls.clear()
                 t = time.perf_counter()
-                model.encode_queries(qs[i : i + batch], mode="reason", batch_size=batch)
+                model.encode_queries(part, mode="reason", batch_size=batch)
                 reason_s += time.perf_counter() - t
                 if r == 0:
-                    forwards.append(len(calls))
+                    forwards.append(len(calls) / (len(part) // batch))
                 t = time.perf_counter()
-                model.encode_queries(qs[i : i + batch], mode="direct", batch_size=batch)
+                model.encode_queries(part, mode="direct", batch_size=batch)
                 direct_s += time.perf_counter() - t
     n = rounds * len(qs)
     return {"forwards": statistics.mean(forwards), "n": len(qs), "reason_ms": 1000 * reason_s / n,
@@ -136,8 +141,9 @@ def main() -> None:
         for label, drafts in (("defaults", None), ("no word drafts", 0)):
             out.append({"queries": name, "variant": label, **served(model, qs, drafts)})
             print(f"{name}, {label}: {out[-1]['forwards']:.3f} forwards a query", flush=True)
-        for label, k in (("batch 32", None), ("batch 32, no row drafts", 0)) if len(qs) >= 32 else ():
-            out.append({"queries": name, "variant": label, **batched(model, qs, 32, k)})
+        variants = (("batch 32", None, False), ("batch 32, no row drafts", 0, False), ("batch 32, one call", None, True))
+        for label, k, one in variants if len(qs) >= 32 else ():
+            out.append({"queries": name, "variant": label, **batched(model, qs, 32, k, one_call=one)})
             print(f"{name}, {label}: {out[-1]['forwards']:.1f} forwards a batch", flush=True)
     print(table(out, ["queries", "variant", "forwards", "rows", "one_forward", "reason_ms", "direct_ms",
                       "reason_over_direct", "reason_over_direct_of_means"]))
