@@ -536,6 +536,11 @@ def test_reason_runs_length_sorted_batches_and_answers_in_input_order(lively, mo
     """Queries of mixed lengths reason in length-sorted batches (each batch's prompts no longer
     than the next one's), and come back in input order: the CoTs and embeddings one query at a
     time gives, and the CoTs `generate_cots` gives (sorted too) and plain `generate` (in order)."""
+    import doctest
+
+    import lrem.engine
+
+    assert doctest.testmod(lrem.engine).failed == 0  # length_order, split_width
     lengths = []
     real = type(lively.engine).greedy
 

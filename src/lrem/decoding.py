@@ -736,6 +736,7 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
         where = torch.tensor([[pos[r] + 1 + i for i in offsets.get(r, [])] + [pos[r] + 1] * (w + 1 - len(offsets.get(r, [])))
                               for r in run], device=dev)
         step.mask[torch.tensor(sorted(fed), device=dev), s : s + w + 1] = 1
+        row_of = {r: i for i, r in enumerate(run)}
         attend = None
         if any(drafts[r] for r in tails):  # closing tokens attend to the last token, not the drafts beside them
             end = s + w + 1
@@ -743,9 +744,8 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
             attend = (((step.mask[run, :end] > 0)[:, None] | (slots == own)) & (slots <= own)).clone()  # (B', T, end)
             for r in tails:
                 d = len(drafts[r])
-                attend[run.index(r), 1 + d :, s + 1 : s + 1 + d] = False
+                attend[row_of[r], 1 + d :, s + 1 : s + 1 + d] = False
         h = step.run(ids, where, s, rows=None if every else torch.tensor(run, device=dev), attend=attend)
-        row_of = {r: i for i, r in enumerate(run)}
         for r, t in pending.items():  # their closing tokens ran: the last one's hidden state
             ends[r] = h[row_of[r], len(t)]
             at[r] += range(s, s + 1 + len(t))

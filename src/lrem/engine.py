@@ -47,6 +47,16 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size={batch_size!r}; must be a whole number >= 1")
 
 
+def length_order(seqs: list[list[int]]) -> list[int]:
+    """Indices of `seqs` by token count, ties in input order: batches taken in this order pad less
+    (and queries of like length write CoTs of like length), as sentence-transformers sorts.
+
+    >>> length_order([[1, 2, 3], [1], [4, 5], [6]])
+    [1, 3, 2, 0]
+    """
+    return np.argsort([len(x) for x in seqs], kind="stable").tolist()
+
+
 @dataclass
 class QueryEncoding:
     """For a list of n queries: embeddings (n, dim) and n CoTs; for one query given as a string:
@@ -330,7 +340,7 @@ class QueryEngine:
         """
         check_batch_size(batch_size)
         seqs = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        order = np.argsort([len(s) for s in seqs], kind="stable")
+        order = length_order(seqs)
         out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
         with self.same_weights():
             n_prefix, kv = self.shared_prefix(seqs) if prefix_cache else (0, None)
@@ -396,7 +406,7 @@ class QueryEngine:
         cots: list[str] = [""] * len(texts)
         # the fast path in length-sorted batches (as `reason`), plain `generate` in input order
         seqs = model.tokenizer(prompts_, add_special_tokens=False)["input_ids"] if fast and texts else []
-        order = np.argsort([len(x) for x in seqs], kind="stable").tolist() if fast else list(range(len(texts)))
+        order = length_order(seqs) if fast else list(range(len(texts)))
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
             idx = order[s : s + batch_size]
             if fast:
@@ -436,7 +446,7 @@ class QueryEngine:
         model = self.model
         prompts_ = model.query_prompts(texts, candidates=candidates)
         seqs = model.tokenizer(prompts_, add_special_tokens=False)["input_ids"] if texts else []
-        order = np.argsort([len(x) for x in seqs], kind="stable").tolist()
+        order = length_order(seqs)
         cots, embs = [""] * len(texts), np.zeros((len(texts), model.dim), np.float32)
         for s in tqdm(range(0, len(texts), batch_size), desc="reasoning", disable=not show_progress, unit="batch"):
             idx = order[s : s + batch_size]
@@ -715,8 +725,6 @@ class QueryEngine:
         split = step.compact is not None and used + longest <= step.length  # a second forward needs the cache's room
         k = split_width([len(tails[r]) for r in todo]) if split else longest
         out = torch.empty(len(tails), self.model.dim, device=dev)
-        if done:
-            out[list(done)] = self._pool_ends(done, list(done))
         some = split and len(todo) < len(tails)  # only these rows run (the compact decoder with room)
         rows, first = torch.tensor(todo if split else range(len(tails)), device=dev), 0
         while len(rows):  # the first k tokens of every tail, then the rest of the longer ones (those rows alone)
@@ -731,6 +739,8 @@ class QueryEngine:
             out[rows[ends]] = self.model.pool(h[ends], ids[ends])
             rows, first = rows[~ends], first + k
             k = longest - first
+        if done:  # after the loop: without room for a second forward, every row ran again above
+            out[list(done)] = self._pool_ends(done, list(done))
         return out
 
     def _greedy_vllm(self, engine, prompts_: list[str], max_new: int, stop: list[int]) -> list[list[int]]:
