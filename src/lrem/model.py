@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
 from ._io import atomic_dir, atomic_write, claim_dir, write_json
+from ._malloc import keep_freed_memory
 from ._text import check_query
 from .backbones import BASE_MODEL, BUILTINS, builtin_path, default_dtype, hub_snapshot, load_backbone, lrem_home
 from .decoding import kv_cache, shared_prefix_len
@@ -320,6 +321,8 @@ class LREM(TemplateMixin, torch.nn.Module):
         if dtype == "auto":
             dtype = default_dtype(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()  # CPU forwards reuse freed memory instead of faulting pages in again
         name_or_path = name_or_path or default_model()  # recorded below: an index must name a loadable model
         path = resolve_backbone(name_or_path, log=log)
         cfg_file = Path(path) / LREM_CONFIG

@@ -31,9 +31,12 @@ class HFTeacher:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from lrem._malloc import keep_freed_memory
         from lrem.backbones import default_dtype
         from lrem.model import resolve_backbone
 
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()
         path = resolve_backbone(name_or_path)
         self.name, self.batch_size, self.device = f"hf:{name_or_path}", batch_size, device
         self.fast, self.threads = fast, threads
