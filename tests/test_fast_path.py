@@ -192,6 +192,34 @@ def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
             torch.testing.assert_close(h1, ref[:, w:], atol=1e-5, rtol=1e-5)
 
 
+def test_rows_a_forward_skips_run_again_over_the_slots_it_wrote_for_others(lively):
+    """A forward of some rows (`rows`) leaves the other rows' new slots unwritten; when those rows run
+    again, their attention reads those (masked) slots: they must not hold the NaN that uninitialised
+    memory may. Caches filled with NaN first give the hidden states of caches filled with zeros."""
+    lm, pad = lively.lm, lively.tokenizer.pad_token_id
+    seqs = lively.tokenizer(lively.query_prompts(QUERIES[:3]), add_special_tokens=False)["input_ids"]
+    w = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad] * (w - len(x)) + x for x in seqs])
+    mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in seqs])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    with torch.inference_mode():
+        for name, fill in (("nan", float("nan")), ("zeros", 0.0)):
+            dec = StaticDecoder(lm, 3, w + 6)
+            for k, v in zip(dec.k, dec.v):
+                k.fill_(fill), v.fill_(fill)
+            dec.mask[:, :w] = mask
+            dec(ids, pos, 0)
+            one = torch.tensor([1])  # row 1 alone, two tokens in slots w and w + 1
+            dec.mask[1, w : w + 2] = 1
+            dec(torch.tensor([[11, 12]]), pos[one, -1:] + torch.tensor([[1, 2]]), w, rows=one)
+            dec.mask[:, w + 2] = 1  # then every row, one token in slot w + 2
+            nxt = pos[:, -1:] + torch.tensor([[1], [3], [1]])
+            out[name] = dec(torch.tensor([[13], [14], [15]]), nxt, w + 2)
+    assert torch.isfinite(out["nan"]).all()
+    torch.testing.assert_close(out["nan"], out["zeros"], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (20, False), (40, True)])
 def test_blocked_linear_equals_f_linear(rows, bias):
     """Odd output rows (a vocabulary of 49,155) leave a remainder; up to TRANSPOSED_ROWS the blocks
