@@ -97,8 +97,12 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
             # drafts may come from recent CoTs (`engine.history`): those of the other queries (as a
             # server has seen), set before each call so no timed query drafts from its own
             model.engine.history = collections.deque(maxlen=max(len(QUERIES), model.engine.config.history))
-            model.generate_cots(QUERIES, batch_size=8)
-            seen = list(model.engine.history)  # one entry per query, in order (none where vLLM generates)
+            for q in QUERIES:  # one at a time: a batch runs length-sorted and adds its CoTs to the history in
+                model.generate_cots([q])  # that order (from 8618324 until this check, timed queries drafted from their own)
+            seen = list(model.engine.history)  # one entry per query, in QUERIES' order (none where vLLM generates)
+            ctx, prompts = model.engine.HISTORY_CONTEXT, model.tokenizer(model.query_prompts(QUERIES),
+                                                                         add_special_tokens=False)["input_ids"]
+            assert not seen or [h[:ctx] for h in seen] == [p[-ctx:] for p in prompts], "history out of QUERIES' order"
             per: dict[str, list[float]] = {}
             for i, q in enumerate(QUERIES[:n_single]):
                 fns = variants(model, [q])
