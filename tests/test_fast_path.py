@@ -163,15 +163,22 @@ def test_gpu_path_padded_to_graph_widths_keeps_cots_and_embeddings(lively, width
     assert not [w for w, cache in seen if cache is DynamicCache], seen  # `extend`'s fallback copies the cache
 
 
-def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
-    """Left-padded prompts in one forward, then one token per row: every unmasked position's
-    hidden state equals transformers' (same mask, positions and cache contents), at 1 and 2 threads."""
-    lm, pad = lively.lm, lively.tokenizer.pad_token_id
-    seqs = lively.tokenizer(lively.query_prompts(QUERIES[:3]), add_special_tokens=False)["input_ids"]
+def left_padded(model, queries):
+    """The queries' prompts left-padded to one width: ids, mask and positions (B, W)."""
+    pad = model.tokenizer.pad_token_id
+    seqs = model.tokenizer(model.query_prompts(queries), add_special_tokens=False)["input_ids"]
     w = max(len(x) for x in seqs)
     ids = torch.tensor([[pad] * (w - len(x)) + x for x in seqs])
     mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in seqs])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_compact_decoder_gives_the_hf_decoders_hidden_states(lively):
+    """Left-padded prompts in one forward, then one token per row: every unmasked position's
+    hidden state equals transformers' (same mask, positions and cache contents), at 1 and 2 threads."""
+    lm = lively.lm
+    ids, mask, pos = left_padded(lively, QUERIES[:3])
+    w = ids.shape[1]
     nxt = torch.tensor([[11], [12], [13]])
     threads = torch.get_num_threads()
     with torch.inference_mode():
@@ -196,12 +203,9 @@ def test_rows_a_forward_skips_run_again_over_the_slots_it_wrote_for_others(livel
     """A forward of some rows (`rows`) leaves the other rows' new slots unwritten; when those rows run
     again, their attention reads those (masked) slots: they must not hold the NaN that uninitialised
     memory may. Caches filled with NaN first give the hidden states of caches filled with zeros."""
-    lm, pad = lively.lm, lively.tokenizer.pad_token_id
-    seqs = lively.tokenizer(lively.query_prompts(QUERIES[:3]), add_special_tokens=False)["input_ids"]
-    w = max(len(x) for x in seqs)
-    ids = torch.tensor([[pad] * (w - len(x)) + x for x in seqs])
-    mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in seqs])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    lm = lively.lm
+    ids, mask, pos = left_padded(lively, QUERIES[:3])
+    w = ids.shape[1]
     out = {}
     with torch.inference_mode():
         for name, fill in (("nan", float("nan")), ("zeros", 0.0)):
