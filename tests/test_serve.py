@@ -513,7 +513,7 @@ def test_clients_that_hang_up_are_not_computed_and_count_as_499(searcher):
     """Reason-mode requests queued one text per model call; their clients close the connection
     after 0.3 s: the server stops those requests (499), the batcher drops their queued texts, and
     what the model did compute is cached all the same."""
-    n = 16
+    n = 48  # enough that the tiny model cannot answer them all before the 0.3 s (16 once did, ~15 ms each)
     with background_server(create_app(searcher, ServeConfig(max_batch=1))) as base:
         host, port = base.removeprefix("http://").split(":")
 
