@@ -449,13 +449,14 @@ def steered(lively, q: str, cot: str):
     return model, seq
 
 
-def reason_steered(lively, monkeypatch, cot: str, drafts: int):
+def reason_steered(lively, monkeypatch, cot: str, drafts: int, respelled: bool = True):
     """Reason QUERIES[0] on a copy of `lively` steered to write `cot` (`steered`), with `drafts`
-    word drafts: the CoT and embedding must be the plain path's. Returns (model, the widths of
-    the compact decoder's forwards)."""
+    word drafts (and drafts from the query respelled, or not): the CoT and embedding must be the
+    plain path's. Returns (model, the widths of the compact decoder's forwards)."""
     q = QUERIES[:1]
     model, _ = steered(lively, q[0], cot)
     model.engine.config.word_drafts = drafts
+    model.engine.config.respelled_drafts = respelled
     model.engine.draft_hits.clear()
     assert model.generate_cots(q, fast=False) == [cot]
     widths = forward_widths(monkeypatch)
@@ -477,6 +478,27 @@ def test_single_query_closes_before_after_or_inside_its_drafts(lively, monkeypat
     # "a device for pulling corks"; no word drafts: the drafts after the first CoT token alone
     _, widths = reason_steered(lively, monkeypatch, cot, drafts=0)
     assert len(widths) == forwards
+
+
+@pytest.mark.parametrize("cot,forwards", [("Device For Pulling", (5, 2)), ("device-for pulling", (5, 3))])
+def test_single_query_drafts_its_words_as_the_cot_may_spell_them(lively, monkeypatch, cot, forwards):
+    """A CoT that spells the query's words otherwise ("Device For Pulling", "device-for" for "a
+    device for pulling corks"): their tokens are drafted from the query respelled (Title Case,
+    neighbours hyphenated), so fewer forwards than one a token, and the CoT and embedding stay the
+    plain path's either way."""
+    got = tuple(len(reason_steered(lively, monkeypatch, cot, drafts=0, respelled=on)[1]) for on in (False, True))
+    assert got == forwards
+
+
+def test_respelled_query_tokens(lively):
+    """The spellings `respelled` drafts from: Title Case, short words in capitals, each pair of
+    neighbouring words hyphenated (up to `HYPHEN_WORDS` words); none that equals the query."""
+    engine, decode = lively.engine, lively.tokenizer.decode
+    many = " ".join(["w"] * (engine.HYPHEN_WORDS + 1))
+    navy, us, number, long = engine.respelled(["us navy sign", "US", "72.5", many])
+    assert decode(navy) == " Us Navy Sign US navy sign us-navy sign us navy-sign"
+    assert decode(us) == " Us" and number == [] and "-" not in decode(long)
+    assert engine.respelled(["72.5"]) == [[]] and engine.respelled([]) == []
 
 
 def test_single_query_goes_on_from_the_drafted_word_its_cot_begins_with(lively, monkeypatch):

@@ -48,11 +48,21 @@ def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int =
     >>> lookup_draft([5, 6, 7, 8, 5, 6], k=2)
     [7, 8]
     """
+    if len(tokens) < 2:
+        return []
+    # where the last token occurred before (list.index runs in C): the n-grams that may match end there
+    ends, e = [], -1
+    while True:
+        try:
+            e = tokens.index(tokens[-1], e + 1, len(tokens) - 1)
+        except ValueError:
+            break
+        ends.append(e)
     for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         tail, best = tokens[-n:], []
-        for i in range(len(tokens) - n - 1, -1, -1):
-            if tokens[i : i + n] == tail:
-                follow = tokens[i + n : i + n + k]
+        for e in reversed(ends):  # the latest first
+            if e >= n - 1 and tokens[e - n + 1 : e + 1] == tail:
+                follow = tokens[e + 1 : e + 1 + k]
                 if len(follow) == k:
                     return follow
                 best = max(best, follow, key=len)
@@ -678,8 +688,8 @@ FULL_DRAFTS = 1  # drafted tokens a row while most rows still run (all B rows in
 
 
 def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, max_new: int, stop: list[int],
-                 pad: int, seqs: list[list[int]], k: int, reserve: int = 0, ending=None
-                 ) -> tuple[list[list[int]], list[list[int]], dict[int, torch.Tensor]]:
+                 pad: int, seqs: list[list[int]], k: int, reserve: int = 0, ending=None,
+                 alts: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[int]], dict[int, torch.Tensor]]:
     """`decode` for greedy rows on the compact decoder, with drafts: from the first generated
     tokens `first` (the last prompt token of each row at `pos`), each forward feeds every running
     row's last token plus tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`: up to k;
@@ -718,7 +728,8 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
         # the slots one token a forward still needs, and those kept for after
         spare = step.length - reserve - s - max((max_new - len(gen[r]) for r in live), default=0)
         room = max(0, min(k, FULL_DRAFTS if every else DRAFT_ROWS // max(len(live), 1) - 1, spare))
-        drafts = {r: draft_for(seqs[r] + gen[r], min(room, max_new - len(gen[r]) - 1), stop) for r in live}
+        drafts = {r: draft_for(seqs[r] + gen[r], min(room, max_new - len(gen[r]) - 1), stop,
+                               alt=alts[r] if alts else None) for r in live}
         tails: dict[int, list[int]] = {}
         if ending and not every:  # few rows run: each may run its closing tokens beside its drafts
             for r in live:
@@ -790,15 +801,19 @@ def _closes(ending, r: int, gen: list[int], pending: dict[int, list[int]]) -> No
         pending[r] = t[1:]
 
 
-def draft_for(tokens: list[int], k: int, stop: list[int], past: list[int] | None = None) -> list[int]:
-    """Up to k tokens drafted after `tokens` (`lookup_draft`: 2-3-token matches in `past` + tokens,
-    else one-token matches in tokens), cut before a stop id. Why one-token matches and the cut: a
-    trained model's CoT often copies a phrase of the query ("recliner" from "chair and a half
-    recliner"), and the cut stops the draft where the query (or a past CoT) ends, so the closing
-    tokens can follow it."""
+def draft_for(tokens: list[int], k: int, stop: list[int], past: list[int] | None = None,
+              alt: list[int] | None = None) -> list[int]:
+    """Up to k tokens drafted after `tokens` (`lookup_draft`: 2-3-token matches in `alt` + `past` +
+    tokens, else one-token matches in alt + tokens; the latest match wins, so tokens before past
+    before alt), cut before a stop id. Why one-token matches and the cut: a trained model's CoT
+    often copies a phrase of the query ("recliner" from "chair and a half recliner"), and the cut
+    stops the draft where the query (or a past CoT) ends, so the closing tokens can follow it.
+    `alt`: other spellings of the query's words (`QueryEngine.respelled`: the model writes "Carolyn
+    Console" for "carolyn console table", whose tokens share none with it)."""
     if k <= 0:
         return []
-    d = lookup_draft((past or []) + tokens, k=k) or lookup_draft(tokens, k=k, min_ngram=1)
+    alt = alt or []
+    d = lookup_draft(alt + (past or []) + tokens, k=k) or lookup_draft(alt + tokens, k=k, min_ngram=1)
     return d[: next((i for i, x in enumerate(d) if x in stop), len(d))]
 
 
@@ -817,7 +832,7 @@ def agreed(tokens: list[int], picks: list[int], stop: list[int], limit: int | No
 
 
 def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot: int, pos: int, max_new: int,
-                  stop: list[int], k: int, past: list[int] | None = None, close=None
+                  stop: list[int], k: int, past: list[int] | None = None, close=None, alt: list[int] | None = None
                   ) -> tuple[list[int], int, torch.Tensor | None]:
     """Greedy decoding of one sequence `seq` (batch 1), several tokens per forward where its own
     tokens or `past` (earlier tokens, e.g. recent CoTs) predict them: prompt-lookup speculative
@@ -846,7 +861,7 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
     slot, pos = slot + len(gen) - 1, pos + len(gen) - 1
     closing = None  # the text's closing tokens, as last read: drafted wherever the CoT may end in the drafts
     while gen[-1] not in stop and len(gen) < max_new:
-        draft = draft_for(seq + gen, min(k, max_new - len(gen) - 1), stop, past)
+        draft = draft_for(seq + gen, min(k, max_new - len(gen) - 1), stop, past, alt)
         keep, toks, ends = close(gen + draft) if close else (0, None, [])
         tail, rerun = [], []
         if toks is not None and keep == len(gen) + len(draft):

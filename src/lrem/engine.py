@@ -89,6 +89,11 @@ class EngineConfig:
     # bfloat16 and float32 alike). 0 (LREM_WORD_DRAFTS=0): off, for the plain path's CoTs in bfloat16
     # too (a branch's larger forward may break a near-tie otherwise)
     word_drafts: int = 7
+    # greedy reasoning on the CPU also drafts from the query's words spelled otherwise
+    # (`QueryEngine.respelled`): a trained model's CoT often capitalises or hyphenates them
+    # ("carolyn console table" -> "Carolyn Console", "anti fatigue mats" -> "anti-fatigue mats"),
+    # whose tokens the query's do not predict, so each such token took a forward of its own
+    respelled_drafts: bool = True
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
     # widths (tokens a row) that forwards of several tokens (a prompt's suffix, closing tokens, a
     # direct query) on transformers' decoder pad to, each captured in a graph (`GreedyStep.widths`),
@@ -170,6 +175,8 @@ class QueryEngine:
     # or the whole of a short query ("pillow for neck pain")
     WORD_POSITIONS = ("first", "second", "last", "last two", "first two", "second two", "whole")
     WHOLE_WORDS = 4  # the longest query drafted whole
+    UPPER_LETTERS = 3  # words up to this long are also drafted in capitals (`respelled`: "US", "LED")
+    HYPHEN_WORDS = 8  # the longest query whose neighbouring words are also drafted hyphenated (`respelled`)
     # words skipped when counting content words: English articles, prepositions, pronouns and the like
     FUNCTION_WORDS = frozenset("a an the of for to in on at by with from into as and or but not no is are was be "
                                "that which who whom whose what when where how does do can i my me you your it "
@@ -491,6 +498,7 @@ class QueryEngine:
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
+        alts = self.respelled(texts) if texts is not None and self.config.respelled_drafts else None
         widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
         # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8);
         # greedy rows on the CPU (`draft_decode`) get room for the drafts they do not take: at most
@@ -503,7 +511,7 @@ class QueryEngine:
         step = self.step(len(seqs), length, graph=pick is None)
         ending = self._ending(seqs, prompts_, stop) if texts is not None and k else None
         with step.lock:  # a CUDA step (graph and cache) is shared by every call of its size
-            gen, at, used, ends = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts, ending)
+            gen, at, used, ends = self._run(step, n, kv, seqs, max_new, stop, pick, close, drafts, ending, alts)
             if texts is None:
                 return gen
             cots = [model.decode_cot(g) for g in gen]
@@ -585,6 +593,25 @@ class QueryEngine:
 
         return close
 
+    def respelled(self, texts: list[str]) -> list[list[int]]:
+        """For each text, tokens of its words spelled as a CoT may write them, as draft sources
+        (`draft_for`): in Title Case; short words (up to `UPPER_LETTERS` letters) in capitals ("us
+        navy" -> "US navy"); and, for up to `HYPHEN_WORDS` words, the text with one pair of
+        neighbouring words hyphenated, for each pair ("kitchen anti-fatigue mats"). Each spelling
+        that differs from the text, after a space; [] where none does. One tokenizer call."""
+        spellings = []
+        for text in texts:
+            words = text.split()
+            alts = [" ".join(w.title() for w in words),
+                    " ".join(w.upper() if w.isalpha() and len(w) <= self.UPPER_LETTERS else w for w in words)]
+            if len(words) <= self.HYPHEN_WORDS:
+                alts += [" ".join([*words[:i], words[i] + "-" + words[i + 1], *words[i + 2 :]])
+                         for i in range(len(words) - 1)]
+            spellings.append([" " + x for x in dict.fromkeys(alts) if x != " ".join(words)])
+        flat = [x for alts in spellings for x in alts]
+        ids = iter(self.model.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        return [[t for _ in alts for t in next(ids)] for alts in spellings]
+
     def _word_drafts(self, text: str, close, max_new: int) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
         """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
         at `WORD_POSITIONS`, each as (its positions, CoT tokens, the full text's closing tokens
@@ -624,7 +651,7 @@ class QueryEngine:
         return [d[1:] for d in out[: self.config.word_drafts]]
 
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
-             stop: list[int], pick=None, close=None, drafts=(), ending=None
+             stop: list[int], pick=None, close=None, drafts=(), ending=None, alts=None
              ) -> tuple[list[list[int]], list[list[int]], int, dict[int, torch.Tensor]]:
         """Decode `seqs` into `step`'s cache: prefix KV in slots [0, n), the suffixes in [n, n + W),
         then the word drafts' slots if any (masked out again unless one was the CoT), then one slot
@@ -635,7 +662,8 @@ class QueryEngine:
         (`sample_cots`). A single greedy query on the compact decoder takes drafts from its prompt
         and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see
         `_word_drafts`) run in the prefill forward itself (`prefill_tree`); a greedy batch there
-        decodes with drafts (`draft_decode`), and with `ending` (`_ending`) runs closing tokens."""
+        decodes with drafts (`draft_decode`), and with `ending` (`_ending`) runs closing tokens.
+        Both also draft from `alts`, each row's query respelled (`respelled`), if given."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
         slot, first = None, None
@@ -680,13 +708,14 @@ class QueryEngine:
         if single:
             past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
-                                         stop, k, past, close)
+                                         stop, k, past, close, alts[0] if alts else None)
             self._remember(seqs, [gen], stop)
             ends = {} if h is None else {0: h}
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, ends
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
             gen, at, ends = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
-                                         reserve=max_new + 8, ending=ending)  # the closing tokens' room (`_greedy`)
+                                         reserve=max_new + 8, ending=ending,  # the closing tokens' room (`_greedy`)
+                                         alts=alts)
             used = max((a[-1] + 1 for a in at if a), default=n + w)
         else:  # one token a step: token i of every row in slot n + w + i
             gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
