@@ -498,7 +498,9 @@ class QueryEngine:
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
-        alts = self.respelled(texts) if texts is not None and self.config.respelled_drafts else None
+        # where greedy rows draft (the compact decoder): the queries respelled, as draft sources too
+        alts = (self.respelled(texts) if texts is not None and pick is None and self.config.respelled_drafts
+                and self.config.lookup_tokens > 0 and self.compact() else None)
         widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
         # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8);
         # greedy rows on the CPU (`draft_decode`) get room for the drafts they do not take: at most
