@@ -491,13 +491,20 @@ def test_single_query_drafts_its_words_as_the_cot_may_spell_them(lively, monkeyp
 
 
 def test_respelled_query_tokens(lively):
-    """The spellings `respelled` drafts from: Title Case, short words in capitals, each pair of
-    neighbouring words hyphenated (up to `HYPHEN_WORDS` words); none that equals the query."""
-    engine, decode = lively.engine, lively.tokenizer.decode
+    """The spellings `respelled` drafts from, each ended by `</think>` (a stop id, where drafts are
+    cut): Title Case, short words in capitals, the singular, each pair of neighbouring words
+    hyphenated (up to `HYPHEN_WORDS` words); none that equals the query."""
+    engine, end = lively.engine, lively.think_end_id
+
+    def spellings(ids: list[int]) -> list[str]:
+        assert ids == [] or ids[-1] == end
+        return lively.tokenizer.decode(ids).split(lively.tokenizer.decode([end]))[:-1]
+
     many = " ".join(["w"] * (engine.HYPHEN_WORDS + 1))
-    navy, us, number, long = engine.respelled(["us navy sign", "US", "72.5", many])
-    assert decode(navy) == " Us Navy Sign US navy sign us-navy sign us navy-sign"
-    assert decode(us) == " Us" and number == [] and "-" not in decode(long)
+    navy, us, number, glass, long = engine.respelled(["us navy signs", "US", "72.5", "glass", many])
+    assert spellings(navy) == [" Us Navy Signs", " US navy signs", " us navy sign", " us-navy signs", " us navy-signs"]
+    assert spellings(us) == [" Us"] and number == [] and spellings(glass) == [" Glass"]
+    assert not any("-" in x for x in spellings(long))
     assert engine.respelled(["72.5"]) == [[]] and engine.respelled([]) == []
 
 

@@ -177,6 +177,7 @@ class QueryEngine:
     WHOLE_WORDS = 4  # the longest query drafted whole
     UPPER_LETTERS = 3  # words up to this long are also drafted in capitals (`respelled`: "US", "LED")
     HYPHEN_WORDS = 8  # the longest query whose neighbouring words are also drafted hyphenated (`respelled`)
+    NOT_PLURAL = ("ss", "us", "is")  # endings in "s" that `respelled` keeps ("glass", "cactus", "tennis")
     # words skipped when counting content words: English articles, prepositions, pronouns and the like
     FUNCTION_WORDS = frozenset("a an the of for to in on at by with from into as and or but not no is are was be "
                                "that which who whom whose what when where how does do can i my me you your it "
@@ -598,21 +599,26 @@ class QueryEngine:
     def respelled(self, texts: list[str]) -> list[list[int]]:
         """For each text, tokens of its words spelled as a CoT may write them, as draft sources
         (`draft_for`): in Title Case; short words (up to `UPPER_LETTERS` letters) in capitals ("us
-        navy" -> "US navy"); and, for up to `HYPHEN_WORDS` words, the text with one pair of
-        neighbouring words hyphenated, for each pair ("kitchen anti-fatigue mats"). Each spelling
-        that differs from the text, after a space; [] where none does. One tokenizer call."""
+        navy" -> "US navy"); in the singular where they end in "s" ("pancakes" -> "pancake"); and,
+        for up to `HYPHEN_WORDS` words, the text with one pair of neighbouring words hyphenated, for
+        each pair ("kitchen anti-fatigue mats"). Each spelling that differs from the text, after a
+        space and followed by `</think>` (a stop id: a draft ends where its spelling does, and the
+        closing tokens follow it); [] where none differs. One tokenizer call."""
         spellings = []
         for text in texts:
             words = text.split()
             alts = [" ".join(w.title() for w in words),
-                    " ".join(w.upper() if w.isalpha() and len(w) <= self.UPPER_LETTERS else w for w in words)]
+                    " ".join(w.upper() if w.isalpha() and len(w) <= self.UPPER_LETTERS else w for w in words),
+                    " ".join(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith(self.NOT_PLURAL) else w
+                             for w in words)]
             if len(words) <= self.HYPHEN_WORDS:
                 alts += [" ".join([*words[:i], words[i] + "-" + words[i + 1], *words[i + 2 :]])
                          for i in range(len(words) - 1)]
             spellings.append([" " + x for x in dict.fromkeys(alts) if x != " ".join(words)])
         flat = [x for alts in spellings for x in alts]
         ids = iter(self.model.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
-        return [[t for _ in alts for t in next(ids)] for alts in spellings]
+        end = self.model.think_end_id
+        return [[t for _ in alts for t in [*next(ids), end]] for alts in spellings]
 
     def _word_drafts(self, text: str, close, max_new: int) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
         """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
