@@ -692,9 +692,9 @@ def draft_decode(step: GreedyStep, first: list[int], pos: list[int], slot: int, 
                  alts: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[int]], dict[int, torch.Tensor]]:
     """`decode` for greedy rows on the compact decoder, with drafts: from the first generated
     tokens `first` (the last prompt token of each row at `pos`), each forward feeds every running
-    row's last token plus tokens drafted from its prompt `seqs[r]` and CoT (`draft_for`: up to k;
-    `FULL_DRAFTS` while more than half the rows run, as many as `DRAFT_ROWS` rows allow once the
-    others run alone) into the same new slots. Each row keeps its drafts up to the first the model
+    row's last token plus tokens drafted from its prompt `seqs[r]`, its CoT and `alts[r]` (its
+    query respelled, if given) (`draft_for`: up to k; `FULL_DRAFTS` while more than half the rows
+    run, as many as `DRAFT_ROWS` rows allow once the others run alone) into the same new slots. Each row keeps its drafts up to the first the model
     would not have picked, plus its own pick; the slots of the others are masked, so each row goes
     on at its own pace: the same tokens as one at a time. Why: a CoT copies the query's words, and
     a batch's last rows are its longest CoTs, often a phrase the model repeats ("4 light 4 light
@@ -835,9 +835,9 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
                   stop: list[int], k: int, past: list[int] | None = None, close=None, alt: list[int] | None = None
                   ) -> tuple[list[int], int, torch.Tensor | None]:
     """Greedy decoding of one sequence `seq` (batch 1), several tokens per forward where its own
-    tokens or `past` (earlier tokens, e.g. recent CoTs) predict them: prompt-lookup speculative
-    decoding (a CoT's phrases often repeat the query's or the instruction's words, and other
-    queries' CoTs). Each forward feeds the last token plus up to `k` drafted ones (`lookup_draft`)
+    tokens, `past` (earlier tokens, e.g. recent CoTs) or `alt` (the query respelled) predict them
+    (`draft_for`): prompt-lookup speculative decoding (a CoT's phrases often repeat the query's or
+    the instruction's words, and other queries' CoTs). Each forward feeds the last token plus up to `k` drafted ones (`lookup_draft`)
     and keeps the drafts up to the first the model would not have picked, plus the model's own
     next token: the same tokens as one-at-a-time greedy decoding, while each forward reads the
     weights once. `first` is the first generated token, to be fed at cache slot `slot` and
