@@ -9,6 +9,8 @@
 #   there:       device run, carry [".gpu"], timeout_s 480, command: bash benchmarks/gpu.sh
 #   rehearsal:   bash benchmarks/gpu.sh --rehearse    (the same steps on this CPU, tiny shapes,
 #                                                       seconds; tests/test_gpu_script.py runs it)
+#   latency:     bash benchmarks/gpu.sh --latency     (there: the graph check and query latency,
+#                                                       then batch 1 with the decode step compiled)
 #
 # Each step has its own time limit, and a failed step does not stop the next. Results:
 # $OUT/gpu-*.json and $OUT/gpu.log ($OUT: the device tool's, else benchmarks/results). Where the
@@ -65,6 +67,7 @@ else
   # the whole, from the script's start, under the call's timeout_s (480), whatever fails; the
   # machine's start comes on top, and a drawn task has 900 s of device time in all
   limit=(180 90 90 150); budget="${GPU_BUDGET_S:-440}"
+  [ "$mode" = --latency ] && limit[0]=200  # more variants (heads folded or not); no training steps after
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
   [ -f .gpu/tokenizer/tokenizer.json.gz ] || { echo "no .gpu/: run 'bash benchmarks/gpu.sh --prepare' here and carry .gpu"; exit 2; }
   gunzip -kf .gpu/tokenizer/tokenizer.json.gz
@@ -118,8 +121,15 @@ if crashed $rc; then  # the CUDA-graph decoder is the likeliest casualty of a fi
     --shape "$big" "${ql[@]}" --n-single 8 --name "$OUT/gpu-query_latency-nographs"; rc=$?
 fi
 [ $rc -eq 0 ] || failed+=(query_latency)
-shapes=("$small" "$big")
-for k in 0 1; do
+if [ "$mode" = --latency ]; then  # torch.compile over the decode step (LREM_COMPILE), batch 1: what fusing buys
+  LREM_COMPILE=1 step "query_latency, compiled decode step" 400 benchmarks/query_latency.py --model none \
+    --shape "$big" "${ql[@]}" --gpu-batches 1 --n-single 8 --name "$OUT/gpu-query_latency-compiled" \
+    || failed+=("query_latency compiled")
+  shapes=()
+else
+  shapes=("$small" "$big")
+fi
+for k in "${!shapes[@]}"; do
   shape=${shapes[$k]}; i=1; more=()
   # a rehearsal has one shape: the second pass would run the same step again
   [ $k = 1 ] && [ "$big" = "$small" ] && break

@@ -73,10 +73,23 @@ def variants(model, qs: list[str]) -> dict:
     }
     if b > 1 or model.device.type != "cpu":  # drafts from the prompt serve one query on the CPU only
         del out["generate (prompt drafts)"], out["generate (no lookup)"]
-    if model.device.type == "cuda":  # before the several-token forwards had graphs: the decode step's only
+    # a compiled decode step compiles again for each variant's attention and widths: time it alone
+    if model.device.type == "cuda" and not model.engine.config.compile_decode:
+        # before the several-token forwards had graphs: the decode step's only
         for k in ("direct", "reason"):
             out[f"{k} (decode graph only)"] = functools.partial(narrow, model, out[k])
+        for k in ("reason", "generate"):  # before the grouped heads were folded: keys and values repeated
+            out[f"{k} (kv repeated)"] = functools.partial(unfolded, model, out[k])
     return out
+
+
+def unfolded(model, fn):
+    """fn() with transformers' own SDPA, which repeats keys and values per head (`EngineConfig.fold_heads`)."""
+    keep, model.engine.config.fold_heads = model.engine.config.fold_heads, False
+    try:
+        return fn()
+    finally:
+        model.engine.config.fold_heads = keep
 
 
 def narrow(model, fn):
@@ -135,6 +148,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                      "reason_speedup": t["reason (plain)"] / t["reason"],
                      **({f"{k}_speedup_wide_graphs": t[f"{k} (decode graph only)"] / t[k] for k in ("direct", "reason")}
                         if "reason (decode graph only)" in t else {}),
+                     **({f"{k}_speedup_folded_heads": t[f"{k} (kv repeated)"] / t[k] for k in ("generate", "reason")}
+                        if "reason (kv repeated)" in t else {}),
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      **counts,
@@ -256,6 +271,9 @@ def report(name: str, out: dict) -> None:
         if "reason_speedup_wide_graphs" in c:
             print(f"batch {b}: graphs for several-token forwards too, over the decode step's only: direct "
                   f"{c['direct_speedup_wide_graphs']:.2f}x, reason {c['reason_speedup_wide_graphs']:.2f}x faster")
+        if "reason_speedup_folded_heads" in c:
+            print(f"batch {b}: grouped heads folded, over keys and values repeated: generate "
+                  f"{c['generate_speedup_folded_heads']:.2f}x, reason {c['reason_speedup_folded_heads']:.2f}x faster")
         if "reason_forwards_per_query" in c:
             print(f"batch {b}: forwards / rows per query: reason {c['reason_forwards_per_query']:.2f} / "
                   f"{c['reason_rows_per_query']:.1f}, direct {c['direct_forwards_per_query']:.2f} / "
@@ -310,8 +328,9 @@ def main() -> None:
         shaped = shaped_model(args.shape, device, torch.bfloat16, args.tokenizer)
         cuda = device.startswith("cuda")
         graphs = "CUDA graph" if shaped.engine.config.cuda_graphs else "no CUDA graph (LREM_CUDA_GRAPHS=0)"
+        compiled = " + torch.compile'd decode step" if shaped.engine.config.compile_decode else ""
         engine = "vllm" if shaped.engine.vllm() is not None else (
-            f"hf static cache + {graphs}" if cuda else "lrem CPU fast path")
+            f"hf static cache + {graphs}{compiled}" if cuda else "lrem CPU fast path")
         where = torch.cuda.get_device_name() if cuda else device
         part = "gpu" if cuda else "shaped"
         head = {"model": f"{args.shape}-shaped (random weights)", "device": where, "dtype": "bfloat16",

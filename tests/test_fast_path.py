@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import collections
 import copy
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from lrem.decoding import Fused, Linear, StaticDecoder, block_linears, lookup_draft
+from lrem.decoding import FOLDED, Fused, Linear, StaticDecoder, block_linears, folded_attention, folded_sdpa, lookup_draft
 from lrem.model import LREM
 
 QUERIES = ["a device for pulling corks", "something warm for the feet", "a drink stronger than tea", "La Mer dupe",
@@ -135,11 +136,11 @@ def test_gpu_path_padded_to_graph_widths_keeps_cots_and_embeddings(lively, width
     plain = lively.generate_cots(QUERIES, fast=False)
     reason = lively.encode_queries(QUERIES, mode="reason")
     direct = lively.encode_queries(QUERIES, mode="direct").embeddings
-    seen = []  # (width, cache type) of each forward of the decoder
+    seen = []  # (width, cache type, attention) of each forward of the decoder
 
     def hook(module, args, kwargs, out):
         ids = kwargs.get("input_ids")
-        seen.append((ids.shape[1], type(kwargs.get("past_key_values"))))
+        seen.append((ids.shape[1], type(kwargs.get("past_key_values")), lively.lm.config._attn_implementation))
 
     cfg = lively.engine.config
     handle = lively.lm.get_decoder().register_forward_hook(hook, with_kwargs=True)
@@ -158,9 +159,53 @@ def test_gpu_path_padded_to_graph_widths_keeps_cots_and_embeddings(lively, width
     np.testing.assert_allclose(enc.embeddings, reason.embeddings, atol=1e-5)
     np.testing.assert_allclose(one.embeddings, reason.embeddings[:2], atol=1e-5)
     np.testing.assert_allclose(dir_, direct, atol=1e-5)
-    wide = [w for w, cache in seen if cache is StaticCache and w > 1]
+    wide = [w for w, cache, _ in seen if cache is StaticCache and w > 1]
     assert wide and set(wide) <= set(widths)  # every several-token forward over the step's cache was padded
-    assert not [w for w, cache in seen if cache is DynamicCache], seen  # `extend`'s fallback copies the cache
+    assert not [w for w, cache, _ in seen if cache is DynamicCache], seen  # `extend`'s fallback copies the cache
+    # the step's forwards attend with grouped heads folded (no keys and values repeated); the model
+    # as loaded keeps transformers' SDPA
+    assert {a for _, cache, a in seen if cache is StaticCache} == {FOLDED}
+    assert lively.lm.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("t, mask_rows", [(1, 3), (5, 3), (5, 1)])
+def test_folded_attention_matches_transformers_sdpa(lively, t, mask_rows):
+    """`folded_sdpa` (grouped query heads folded into the query length) against transformers' own
+    SDPA, which repeats the keys and values: the same output for one token and several, padded
+    slots masked, and a mask of one row broadcast over the batch."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = lively.lm.get_decoder().layers[0].self_attn
+    cfg = lively.lm.config
+    h, hkv, d, slots = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 12
+    assert h // hkv == layer.num_key_value_groups > 1
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(3, h, t, d, generator=g)
+    k, v = torch.randn(3, hkv, slots, d, generator=g), torch.randn(3, hkv, slots, d, generator=g)
+    mask = torch.rand(mask_rows, 1, t, slots, generator=g) > 0.4
+    mask[..., 0] = True  # every row attends somewhere
+    want, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=layer.scaling)
+    got, _ = folded_sdpa(layer, q, k, v, mask, scaling=layer.scaling)
+    assert got.shape == want.shape == (3, t, h, d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_attention_is_scoped_and_nests(lively):
+    """`folded_attention` switches a model from "sdpa" to the folded function only while held
+    (nested holders: until the last leaves), and leaves other implementations alone."""
+    cfg = lively.lm.config
+    with folded_attention(lively.lm):
+        assert cfg._attn_implementation == FOLDED
+        with folded_attention(lively.lm):
+            assert cfg._attn_implementation == FOLDED
+        assert cfg._attn_implementation == FOLDED
+    assert cfg._attn_implementation == "sdpa"
+    cfg._attn_implementation = "eager"
+    try:
+        with folded_attention(lively.lm):
+            assert cfg._attn_implementation == "eager"
+    finally:
+        cfg._attn_implementation = "sdpa"
 
 
 def left_padded(model, queries):
@@ -872,3 +917,32 @@ def test_closing_tokens_stay_in_the_cache_they_are_given(trained):
             torch.testing.assert_close(h, roomy[r], atol=1e-4, rtol=0)
         closed.append(len(tight))
     assert closed[0] == 0 and max(closed) == len(SHOP_QUERIES)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_decode_step_keeps_tokens(lively):
+    """`GreedyStep(compile=True)` (`EngineConfig.compile_decode`, LREM_COMPILE: the decode step's
+    forward through torch.compile, on CUDA before its graph is captured) against the same step
+    uncompiled, on transformers' decoder in float32: the same greedy tokens after a padded prefill,
+    and the same hidden states for closing tokens after them."""
+    from lrem.decoding import GreedyStep, decode, prefill
+
+    lm, cfg = lively.lm, lively.lm.config
+    g = torch.Generator().manual_seed(3)
+    n = 5
+    kv = [(torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim, generator=g),
+           torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim, generator=g)) for _ in range(cfg.num_hidden_layers)]
+    seqs = [[1] * n + torch.randint(2, 400, (k,), generator=g).tolist() for k in (4, 9)]
+    closing = torch.randint(2, 400, (2, 3), generator=g)
+    out = []
+    with torch.inference_mode():
+        for compiled in (False, True):
+            step = GreedyStep(lm, len(seqs), 64, graph=False, widths=(4, 8, 16), compile=compiled)
+            logits, last, w = prefill(step, n, kv, seqs, pad=0)
+            gen = decode(step, logits.argmax(-1), last, n + w, 8, stop=[0], pad=0)
+            used = n + w + max(map(len, gen)) - 1
+            pos = last[:, None] + 9 + torch.arange(3)
+            out.append((gen, step.extend(closing, pos, torch.ones_like(closing), used)))
+    (plain, h_plain), (comp, h_comp) = out
+    assert comp == plain and len(plain[0]) > 1
+    torch.testing.assert_close(h_comp, h_plain, atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ in the style of gpt-fast). `lrem.engine.QueryEngine` and the local teacher
 (`lrem.teachers.HFTeacher`) drive them."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 import weakref
@@ -344,6 +345,80 @@ def padded_width(widths, w: int) -> int:
     return min((x for x in widths if x >= w), default=w)
 
 
+FOLDED = "lrem_folded_sdpa"  # the attention implementation `folded_attention` registers
+_folding_lock = threading.Lock()
+_folding: dict[int, list] = {}  # id(config) -> [config, its implementation before, holders]
+
+
+def folded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                is_causal=None, **kwargs):
+    """transformers' SDPA attention with grouped-query heads folded into the query length rather
+    than keys and values repeated: query (B, H, T, d) runs as (B, Hkv, G*T, d) against the cache's
+    (B, Hkv, L, d), the mask repeated G times along its rows. transformers before 5.2x repeats the
+    keys and values G times over the whole static cache in every layer whenever there is a mask
+    (always, over a static cache), and 5.2x still does for forwards of several tokens: at batch 256
+    on a GPU those copies were 55% of a generation's kernel time (Qwen2.5-3B's shape, G=8). The
+    same products, the same result (tested). Anything else goes to transformers' own SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups == 1 or attention_mask is None or attention_mask.ndim != 4 or attention_mask.shape[1] != 1
+            or attention_mask.shape[2] != query.shape[2]
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or dropout):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, groups * t, d)  # head h = kv * G + g: rows (g, t) of kv head `kv`
+    mb, _, mt, ml = attention_mask.shape  # a mask of one row broadcasts over the batch
+    mask = attention_mask.expand(-1, groups, -1, -1).reshape(mb, 1, groups * mt, ml)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, t, d).transpose(1, 2).contiguous(), None
+
+
+class folded_attention:
+    """Within it, `lm` attends through `folded_sdpa` where it would through transformers' SDPA
+    ("sdpa"); outside it, as it did. The engine's own forwards over a static cache (and their CUDA
+    graph captures) run inside; the model as loaded stays as transformers made it. Several threads
+    may hold it at once: the last to leave restores the implementation."""
+
+    def __init__(self, lm):
+        self.config = lm.config
+
+    def __enter__(self):
+        with _folding_lock:
+            held = _folding.get(id(self.config))
+            if held is None:
+                before = self.config._attn_implementation
+                if before != "sdpa":  # eager, flash, a user's own: theirs to keep
+                    return self
+                _register_folded()
+                held = _folding[id(self.config)] = [self.config, before, 0]
+                self.config._attn_implementation = FOLDED
+            held[2] += 1
+            self.held = held
+        return self
+
+    def __exit__(self, *exc):
+        held = getattr(self, "held", None)
+        if held is not None:
+            with _folding_lock:
+                held[2] -= 1
+                if held[2] == 0:
+                    held[0]._attn_implementation = held[1]
+                    del _folding[id(self.config)]
+            del self.held
+        return False
+
+
+def _register_folded() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FOLDED, folded_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FOLDED, sdpa_mask)  # the masks SDPA gets
+
+
 class GreedyStep:
     """Decoding state for one batch shape: a KV cache of `length` slots, the mask over them,
     and the decode step, (B,) ids -> (B,) next ids.
@@ -362,9 +437,15 @@ class GreedyStep:
     its captured decode step took.
     """
 
-    def __init__(self, lm, batch: int, length: int, graph: bool, linears=None, widths: tuple[int, ...] = ()):
+    def __init__(self, lm, batch: int, length: int, graph: bool, linears=None, widths: tuple[int, ...] = (),
+                 fold: bool = True, compile: bool = False):
         p = next(lm.parameters())
         self.lm, self.length = lm, length
+        # the HF decoder's attention: grouped heads folded (`folded_sdpa`), or transformers' as loaded
+        self.fold = fold
+        # the decode step's forward through torch.compile (fused norms, rotary, activations: a
+        # GPU's batch-1 step is ~45 small kernels a layer); compiled on the first step, per size
+        self.decoder = torch.compile(lm.get_decoder(), dynamic=False) if compile else lm.get_decoder()
         self.compact = None
         native = getattr(lm, "native", False)  # lrem.network: no transformers cache classes, so always compact
         if native and linears is None:
@@ -437,8 +518,10 @@ class GreedyStep:
         return self._decoder(ids, pos)
 
     def _decoder(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                                     past_key_values=self.cache, use_cache=True).last_hidden_state
+        decoder = self.decoder if ids.shape[1] == 1 else self.lm.get_decoder()  # compiled: the decode step
+        with folded_attention(self.lm) if self.fold else contextlib.nullcontext():
+            return decoder(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                           past_key_values=self.cache, use_cache=True).last_hidden_state
 
     def extend(self, ids: torch.Tensor, pos: torch.Tensor, new: torch.Tensor, used: int,
                rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -462,9 +545,10 @@ class GreedyStep:
             self.mask[:, used : used + w] = F.pad(new, (0, more))
             return self.run(ids, pos, used)[:, :k]
         mask = torch.cat([self.mask[:, :used], new], 1)  # (B, used + K)
-        return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                     past_key_values=kv_cache(self.lm, self.kv(used)),
-                                     use_cache=True).last_hidden_state
+        with folded_attention(self.lm) if self.fold else contextlib.nullcontext():
+            return self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                         past_key_values=kv_cache(self.lm, self.kv(used)),
+                                         use_cache=True).last_hidden_state
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.compact is not None:

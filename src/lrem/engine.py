@@ -95,6 +95,12 @@ class EngineConfig:
     # whose tokens the query's do not predict, so each such token took a forward of its own
     respelled_drafts: bool = True
     cuda_graphs: bool = True  # capture each CUDA decode step in a graph (LREM_CUDA_GRAPHS=0: off)
+    # transformers' decoder (CUDA, other backbones) attends with grouped query heads folded into
+    # the query length (`lrem.decoding.folded_sdpa`), not keys and values repeated per head
+    fold_heads: bool = True
+    # the CUDA decode step's forward through torch.compile before its graph is captured (LREM_COMPILE=1;
+    # compiling takes a minute or more per batch size for a 3B model)
+    compile_decode: bool = False
     # widths (tokens a row) that forwards of several tokens (a prompt's suffix, closing tokens, a
     # direct query) on transformers' decoder pad to, each captured in a graph (`GreedyStep.widths`),
     # up to `GRAPH_TOKENS` a forward. None: `GRAPH_WIDTHS` where the decode step is captured (CUDA),
@@ -105,13 +111,14 @@ class EngineConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "EngineConfig":
-        """The defaults, with the LREM_WORD_DRAFTS, LREM_CUDA_GRAPHS, LREM_VLLM and LREM_VLLM_MEMORY
-        switches applied."""
+        """The defaults, with the LREM_WORD_DRAFTS, LREM_CUDA_GRAPHS, LREM_COMPILE, LREM_VLLM and
+        LREM_VLLM_MEMORY switches applied."""
         def switch(name: str, default: bool) -> bool:  # unset: the field's default; "0": off, else on
             return env[name] != "0" if name in env else default
 
         return cls(word_drafts=int(env.get("LREM_WORD_DRAFTS", cls.word_drafts)),
                    cuda_graphs=switch("LREM_CUDA_GRAPHS", cls.cuda_graphs), vllm=switch("LREM_VLLM", cls.vllm),
+                   compile_decode=switch("LREM_COMPILE", cls.compile_decode),
                    vllm_memory=float(env.get("LREM_VLLM_MEMORY", cls.vllm_memory)))
 
 
@@ -257,22 +264,24 @@ class QueryEngine:
     def step(self, batch: int, length: int, graph: bool = True) -> GreedyStep:
         """A decode step over a KV cache of `length` slots; on CUDA kept per size, and captured in
         graphs where `captures(graph)`."""
-        lm, widths = self.model.lm, self.widths(batch, graph)
+        lm, widths, fold = self.model.lm, self.widths(batch, graph), self.config.fold_heads
         if self.model.device.type != "cuda":
             return GreedyStep(lm, batch, length, graph=False, linears=self.linears() if self.compact() else None,
-                              widths=widths)
+                              widths=widths, fold=fold)
         graph = self.captures(graph)
-        steps = self._state()["steps"]
+        compiled = graph and self.config.compile_decode
+        key, steps = (batch, length, graph, widths, fold, compiled), self._state()["steps"]
         with self._building:  # one capture at a time: two server threads may ask for the same size
-            if (batch, length, graph, widths) not in steps:
-                steps[(batch, length, graph, widths)] = GreedyStep(lm, batch, length, graph=graph, widths=widths)
-        return steps[(batch, length, graph, widths)]
+            if key not in steps:
+                steps[key] = GreedyStep(lm, batch, length, graph=graph, widths=widths, fold=fold, compile=compiled)
+        return steps[key]
 
     def roomy_step(self, batch: int, length: int) -> GreedyStep:
         """A greedy step of `batch` rows with at least `length` slots: on CUDA the shortest already
         built (its graphs captured) rather than a new size, else `step`."""
         if self.model.device.type == "cuda":
-            key = (self.captures(True), self.widths(batch))
+            key = (self.captures(True), self.widths(batch), self.config.fold_heads,
+                   self.captures(True) and self.config.compile_decode)
             built = [k for k in self._state()["steps"] if k[0] == batch and k[1] >= length and k[2:] == key]
             if built:
                 return self._state()["steps"][min(built)]
