@@ -354,11 +354,11 @@ def folded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                 is_causal=None, **kwargs):
     """transformers' SDPA attention with grouped-query heads folded into the query length rather
     than keys and values repeated: query (B, H, T, d) runs as (B, Hkv, G*T, d) against the cache's
-    (B, Hkv, L, d), the mask repeated G times along its rows. transformers before 5.2x repeats the
-    keys and values G times over the whole static cache in every layer whenever there is a mask
-    (always, over a static cache), and 5.2x still does for forwards of several tokens: at batch 256
-    on a GPU those copies were 55% of a generation's kernel time (Qwen2.5-3B's shape, G=8). The
-    same products, the same result (tested). Anything else goes to transformers' own SDPA."""
+    (B, Hkv, L, d), the mask repeated G times along its rows. transformers 5.17 copies the keys
+    and values G times over the whole static cache in every layer whenever there is a mask (always,
+    over a static cache), and 5.23 still does for forwards of several tokens: at batch 256 on an
+    H200 those copies were 55% of a generation's kernel time (Qwen2.5-3B's shape, G=8). The same
+    products, the same result (tested). Anything else goes to transformers' own SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
