@@ -80,7 +80,18 @@ def variants(model, qs: list[str]) -> dict:
             out[f"{k} (decode graph only)"] = functools.partial(narrow, model, out[k])
         for k in ("reason", "generate"):  # before the grouped heads were folded: keys and values repeated
             out[f"{k} (kv repeated)"] = functools.partial(unfolded, model, out[k])
+        for k in ("reason", "generate"):  # before the stop check lagged: the host waits for each step
+            out[f"{k} (sync each step)"] = functools.partial(synced, model, out[k])
     return out
+
+
+def synced(model, fn):
+    """fn() with every decode step's stop check read at once (`EngineConfig.decode_lag` 0)."""
+    keep, model.engine.config.decode_lag = model.engine.config.decode_lag, 0
+    try:
+        return fn()
+    finally:
+        model.engine.config.decode_lag = keep
 
 
 def unfolded(model, fn):
@@ -150,6 +161,8 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                         if "reason (decode graph only)" in t else {}),
                      **({f"{k}_speedup_folded_heads": t[f"{k} (kv repeated)"] / t[k] for k in ("generate", "reason")}
                         if "reason (kv repeated)" in t else {}),
+                     **({f"{k}_speedup_lagged_stop_check": t[f"{k} (sync each step)"] / t[k] for k in ("generate", "reason")}
+                        if "reason (sync each step)" in t else {}),
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      **counts,
@@ -274,6 +287,9 @@ def report(name: str, out: dict) -> None:
         if "reason_speedup_folded_heads" in c:
             print(f"batch {b}: grouped heads folded, over keys and values repeated: generate "
                   f"{c['generate_speedup_folded_heads']:.2f}x, reason {c['reason_speedup_folded_heads']:.2f}x faster")
+        if "reason_speedup_lagged_stop_check" in c:
+            print(f"batch {b}: stop check a step late, over each step synced: generate "
+                  f"{c['generate_speedup_lagged_stop_check']:.2f}x, reason {c['reason_speedup_lagged_stop_check']:.2f}x faster")
         if "reason_forwards_per_query" in c:
             print(f"batch {b}: forwards / rows per query: reason {c['reason_forwards_per_query']:.2f} / "
                   f"{c['reason_rows_per_query']:.1f}, direct {c['direct_forwards_per_query']:.2f} / "

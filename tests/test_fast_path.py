@@ -919,30 +919,60 @@ def test_closing_tokens_stay_in_the_cache_they_are_given(trained):
     assert closed[0] == 0 and max(closed) == len(SHOP_QUERIES)
 
 
-@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on the CPU needs a C compiler")
-def test_compiled_decode_step_keeps_tokens(lively):
-    """`GreedyStep(compile=True)` (`EngineConfig.compile_decode`, LREM_COMPILE: the decode step's
-    forward through torch.compile, on CUDA before its graph is captured) against the same step
-    uncompiled, on transformers' decoder in float32: the same greedy tokens after a padded prefill,
-    and the same hidden states for closing tokens after them."""
+def hf_step_decoding(lm, stop: list[int], compile: bool = False, lag: int = 0, max_new: int = 8):
+    """On transformers' decoder (`GreedyStep` without the compact decoder; widths padded as a
+    GPU's): a random prefix's KV, a padded prefill of two prompts, greedy decoding, then three
+    closing tokens in place. (tokens per row, (slots filled after decoding, slots the CoTs fill),
+    the closing tokens' hidden states, the step, the decoder's forwards)."""
     from lrem.decoding import GreedyStep, decode, prefill
 
-    lm, cfg = lively.lm, lively.lm.config
+    cfg = lm.config
     g = torch.Generator().manual_seed(3)
     n = 5
     kv = [(torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim, generator=g),
            torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim, generator=g)) for _ in range(cfg.num_hidden_layers)]
     seqs = [[1] * n + torch.randint(2, 400, (k,), generator=g).tolist() for k in (4, 9)]
     closing = torch.randint(2, 400, (2, 3), generator=g)
-    out = []
-    with torch.inference_mode():
-        for compiled in (False, True):
-            step = GreedyStep(lm, len(seqs), 64, graph=False, widths=(4, 8, 16), compile=compiled)
+    forwards = []
+    handle = lm.get_decoder().register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with torch.inference_mode():
+            step = GreedyStep(lm, len(seqs), 64, graph=False, widths=(4, 8, 16), compile=compile)
             logits, last, w = prefill(step, n, kv, seqs, pad=0)
-            gen = decode(step, logits.argmax(-1), last, n + w, 8, stop=[0], pad=0)
+            gen = decode(step, logits.argmax(-1), last, n + w, max_new, stop=stop, pad=0, lag=lag)
             used = n + w + max(map(len, gen)) - 1
-            pos = last[:, None] + 9 + torch.arange(3)
-            out.append((gen, step.extend(closing, pos, torch.ones_like(closing), used)))
-    (plain, h_plain), (comp, h_comp) = out
+            filled = step.filled()
+            pos = last[:, None] + max_new + 1 + torch.arange(3)
+            hidden = step.extend(closing, pos, torch.ones_like(closing), used)
+    finally:
+        handle.remove()
+    return gen, (filled, used), hidden, step, len(forwards)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_decode_step_keeps_tokens(lively):
+    """`GreedyStep(compile=True)` (`EngineConfig.compile_decode`, LREM_COMPILE: the decode step's
+    forward through torch.compile, on CUDA before its graph is captured) against the same step
+    uncompiled, on transformers' decoder in float32: the same greedy tokens after a padded prefill,
+    and the same hidden states for closing tokens after them."""
+    plain, _, h_plain, _, _ = hf_step_decoding(lively.lm, stop=[0])
+    comp, _, h_comp, step, _ = hf_step_decoding(lively.lm, stop=[0], compile=True)
+    assert hasattr(step.decoder, "_orig_mod")  # torch.compile's wrapper
     assert comp == plain and len(plain[0]) > 1
     torch.testing.assert_close(h_comp, h_plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_decode_reading_stops_late_forgets_the_extra_steps(lively, lag):
+    """`decode(lag=...)` (`EngineConfig.decode_lag`, on CUDA graph steps) reads whether every row
+    has stopped `lag` steps late, so it runs steps past the last stop: the tokens are the same, the
+    cache is set back to the slots the CoTs filled, and closing tokens run after them in place
+    give the same hidden states. The stops: the third token of one row, the fourth of the other."""
+    free, _, _, _, _ = hf_step_decoding(lively.lm, stop=[-1])  # no stop: what each row writes
+    stop = [free[0][2], free[1][3]]
+    want, (filled0, used0), h_want, _, n0 = hf_step_decoding(lively.lm, stop=stop)
+    got, (filled, used), h_got, _, n = hf_step_decoding(lively.lm, stop=stop, lag=lag)
+    assert got == want and max(map(len, want)) <= 4  # both rows stopped early
+    assert n == n0 + lag  # `lag` steps ran past the last stop ...
+    assert filled0 == used0 == filled == used  # ... and were forgotten
+    torch.testing.assert_close(h_got, h_want)

@@ -493,6 +493,14 @@ class GreedyStep:
         """Slots the HF decoder's static cache has written since `reset` (where its next tokens go)."""
         return int(self.cache.layers[0].cumulative_length)
 
+    def rewind(self, used: int) -> None:
+        """Forget the slots from `used` on: masked, and on the HF decoder's static cache written
+        next (its count set back in place, so a captured graph still reads it)."""
+        self.mask[:, used:] = 0
+        if self.compact is None:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(used)
+
     def kv(self, used: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (key, value) of the first `used` slots."""
         if self.compact is not None:
@@ -740,17 +748,25 @@ def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list
 
 
 def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
-           pad: int, pick=None) -> list[list[int]]:
+           pad: int, pick=None, lag: int = 0) -> list[list[int]]:
     """From the first generated tokens `tok` (B,) (the last prompt token at positions `pos`),
     one token per step into cache slots slot, slot + 1, ...: argmax, or `pick(logits)`. Rows
     that emitted a stop id keep feeding `pad`, except that on the compact decoder the rest run
     alone once at least half have stopped (sampling then draws for those rows only); stops when
     all have or at `max_new` tokens.
+
+    `lag` (transformers' decoder only): whether every row has stopped is read `lag` steps late.
+    Reading it waits for the device, so on a GPU the host then queues the next step while the
+    device still runs the one before, rather than each step's launch waiting for the last to end.
+    The up to `lag` steps run after the last stop are forgotten (`GreedyStep.rewind`): the cache
+    ends where it would without the lag.
     Returns the generated ids per row, up to and including its stop id (unpadded)."""
     stop_t = torch.tensor(stop, device=tok.device)
     out, done, p = [tok], torch.isin(tok, stop_t), pos
+    lag = lag if step.compact is None else 0
+    finished = [done.all()]  # per token: whether every row had stopped by it, read `lag` tokens late
     for t in range(1, max_new):
-        if bool(done.all()):
+        if t > lag and bool(finished[t - 1 - lag]):
             break
         p = p + 1
         # `nonzero` waits for the device: only the compact (CPU) decoder runs row subsets
@@ -763,8 +779,13 @@ def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, ma
             tok = torch.where(done, pad, step(tok, p, slot + t - 1, pick))  # (B,)
         out.append(tok)
         done |= torch.isin(tok, stop_t)
+        finished.append(done.all())
     rows = torch.stack(out, 1).tolist()  # (B, <= max_new)
-    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+    gen = [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+    longest = max(map(len, gen))
+    if longest < len(rows[0]):  # steps run past every row's stop (`lag`): slot + longest - 1 filled
+        step.rewind(slot + longest - 1)
+    return gen
 
 
 DRAFT_ROWS = 32  # rows a forward of `draft_decode` runs once most rows have stopped: flat-ish cost up to 32 here

@@ -98,6 +98,10 @@ class EngineConfig:
     # transformers' decoder (CUDA, other backbones) attends with grouped query heads folded into
     # the query length (`lrem.decoding.folded_sdpa`), not keys and values repeated per head
     fold_heads: bool = True
+    # on a CUDA graph step, whether every row has stopped is read this many steps late
+    # (`lrem.decoding.decode`), so the host queues a step while the GPU runs the one before; as many
+    # steps may run past the last stop (then forgotten)
+    decode_lag: int = 1
     # the CUDA decode step's forward through torch.compile before its graph is captured (LREM_COMPILE=1):
     # batch-1 reasoning 109 -> 81 ms for Qwen2.5-3B's shape on an H200, but each batch size compiles
     # on its first call (tens of seconds), so it is off by default
@@ -736,7 +740,8 @@ class QueryEngine:
                                          alts=alts)
             used = max((a[-1] + 1 for a in at if a), default=n + w)
         else:  # one token a step: token i of every row in slot n + w + i
-            gen = decode(step, tok, last, n + w, max_new, stop, pad, pick)
+            lag = self.config.decode_lag if step.graph is not None and pick is None else 0
+            gen = decode(step, tok, last, n + w, max_new, stop, pad, pick, lag=lag)
             used = n + w + max(len(g) for g in gen) - 1  # slots filled
             at, ends = [list(range(n + w, used))] * len(gen), {}
         if pick is None:
