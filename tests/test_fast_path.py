@@ -168,6 +168,33 @@ def test_gpu_path_padded_to_graph_widths_keeps_cots_and_embeddings(lively, width
     assert lively.lm.config._attn_implementation == "sdpa"
 
 
+def test_gpu_path_rounds_batches_up_to_captured_sizes(lively):
+    """On the GPU path a call runs at one of the batch sizes its graphs are made for
+    (`EngineConfig.graph_batches`), its last row repeated: batches of 3 and 5 run as 4 and 8 rows,
+    with the same CoTs and embeddings as the compact decoder's, and only the call's own rows come
+    back."""
+    plain = lively.generate_cots(QUERIES[:5], fast=False)
+    reason = lively.encode_queries(QUERIES[:5], mode="reason")
+    direct = lively.encode_queries(QUERIES[:5], mode="direct").embeddings
+    rows = set()  # rows of each forward of the decoder
+    cfg = lively.engine.config
+    handle = lively.lm.get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: rows.add(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    cfg.compact_decoder, cfg.graph_widths, cfg.graph_batches = False, (4, 8, 16, 32, 64), (1, 4, 8)
+    try:
+        assert [lively.engine.rows(b) for b in (1, 2, 3, 4, 5, 9)] == [1, 4, 4, 4, 8, 9]
+        cots3, cots5 = lively.generate_cots(QUERIES[:3], batch_size=3), lively.generate_cots(QUERIES[:5], batch_size=5)
+        enc = lively.encode_queries(QUERIES[:5], mode="reason", batch_size=3)  # batches of 3 and 2
+        dir_ = lively.encode_queries(QUERIES[:5], mode="direct", batch_size=3).embeddings
+    finally:
+        cfg.compact_decoder, cfg.graph_widths, cfg.graph_batches = True, None, None
+        handle.remove()
+    assert cots3 == plain[:3] and cots5 == plain and enc.cots == plain
+    assert rows <= {1, 4, 8} and {4, 8} <= rows, rows  # (1: the prompt prefix, run once)
+    np.testing.assert_allclose(enc.embeddings, reason.embeddings, atol=1e-5)
+    np.testing.assert_allclose(dir_, direct, atol=1e-5)
+
+
 @pytest.mark.parametrize("t, mask_rows", [(1, 3), (5, 3), (5, 1)])
 def test_folded_attention_matches_transformers_sdpa(lively, t, mask_rows):
     """`folded_sdpa` (grouped query heads folded into the query length) against transformers' own

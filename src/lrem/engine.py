@@ -111,6 +111,11 @@ class EngineConfig:
     # up to `GRAPH_TOKENS` a forward. None: `GRAPH_WIDTHS` where the decode step is captured (CUDA),
     # none elsewhere; a tuple applies on the CPU too (the CPU check of the GPU path)
     graph_widths: tuple[int, ...] | None = None
+    # batch sizes that steps with CUDA graphs are made for (`QueryEngine.rows`): a call of another
+    # size runs at the next one up, the extra rows repeating its last (their results dropped). None:
+    # `GRAPH_BATCHES` where the decode step is captured (CUDA), none elsewhere; a tuple applies on
+    # the CPU too (the CPU check of the GPU path)
+    graph_batches: tuple[int, ...] | None = None
     vllm: bool = True  # generate with vLLM where installed and the model is on CUDA (LREM_VLLM=0: off)
     vllm_memory: float = 0.3  # the GPU memory share vLLM takes (LREM_VLLM_MEMORY)
 
@@ -134,6 +139,11 @@ class EngineConfig:
 # at 2,048 tokens for a 3B model (an estimate), about what the step's static cache takes
 GRAPH_WIDTHS = (4, 8, 16, 32, 64)
 GRAPH_TOKENS = 2048
+# up to here a GPU's decode step costs about the same whatever its rows (Qwen2.5-3B on an H200: a
+# step reads 5.75 GB of weights, ~1.6 ms, while 128 rows' products take ~1 ms), so a call pads its
+# rows up to one of these sizes: a server whose batches come in every size from 1 to 32 captures
+# graphs for 6 sizes rather than 32, each with its own cache
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def cuda_length(length: int) -> int:
@@ -299,6 +309,14 @@ class QueryEngine:
         copy indices from the host, which a capture cannot hold)."""
         return graph and self.config.cuda_graphs and self.plain_layers()
 
+    def rows(self, batch: int, graph: bool = True) -> int:
+        """The rows a greedy call of `batch` rows runs at: the smallest of `config.graph_batches`
+        that holds it, or `batch` itself."""
+        sizes = self.config.graph_batches
+        if sizes is None:
+            sizes = GRAPH_BATCHES if self.model.device.type == "cuda" and self.captures(graph) else ()
+        return padded_width(sizes, batch)
+
     def widths(self, batch: int, graph: bool = True) -> tuple[int, ...]:
         """The widths a step of `batch` rows pads several-token forwards to (`config.graph_widths`)."""
         widths = self.config.graph_widths
@@ -385,7 +403,8 @@ class QueryEngine:
         position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
         rows = Linear.PACKED_ROWS if packs(next(model.lm.parameters())) else Linear.MAX_ROWS
         few = self.config.compact_decoder and ids.numel() <= rows and dev.type == "cpu" and self.plain_layers()
-        widths = self.widths(b)
+        rows = self.rows(b)
+        widths = self.widths(rows)
         wide = padded_width(widths, width)  # one of widths, or width itself where none holds it
         if few and StaticDecoder.supports(model.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
@@ -399,12 +418,14 @@ class QueryEngine:
             # a few tokens a row (a GPU): a step's captured forward at the padded width (`widths`)
             more = wide - width
             ids, mask = F.pad(ids, (0, more), value=pad), F.pad(mask, (0, more))
-            position_ids = n_prefix + torch.arange(wide, device=dev).expand(b, -1)
-            step = self.roomy_step(b, n_prefix + wide + 1)  # a width is captured where the cache has room after it
+            # the step's rows (`rows`): the last row repeated, its copies' results dropped
+            rep = torch.cat([torch.arange(b, device=dev), torch.full((rows - b,), b - 1, device=dev)])
+            position_ids = n_prefix + torch.arange(wide, device=dev).expand(rows, -1)
+            step = self.roomy_step(rows, n_prefix + wide + 1)  # a width is captured where the cache has room after it
             with step.lock:
                 step.reset(kv, n_prefix)
-                step.mask[:, n_prefix : n_prefix + wide] = mask
-                hidden = step.run(ids, position_ids, n_prefix)
+                step.mask[:, n_prefix : n_prefix + wide] = mask[rep]
+                hidden = step.run(ids[rep], position_ids, n_prefix)[:b]
         else:
             cache = kv_cache(model.lm, [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             hidden = model.lm.get_decoder()(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
@@ -500,7 +521,17 @@ class QueryEngine:
         batch has stopped, then the others run alone (`lrem.decoding.decode`).
         """
         with self.same_weights():
-            return self._greedy(seqs, max_new, stop, texts, pick, candidates)
+            n, rows = len(seqs), self.rows(len(seqs), pick is None)
+            if rows == n:
+                return self._greedy(seqs, max_new, stop, texts, pick, candidates)
+            # a size with captured graphs (`rows`): the last row repeated, its copies' results dropped
+            more = rows - n
+            out = self._greedy(seqs + [seqs[-1]] * more, max_new, stop, texts and texts + [texts[-1]] * more,
+                               pick, candidates and candidates + [candidates[-1]] * more)
+            if texts is None:
+                return out[:n]
+            cots, emb = out
+            return cots[:n], None if emb is None else emb[:n]
 
     def _greedy(self, seqs: list[list[int]], max_new: int, stop: list[int], texts: list[str] | None,
                 pick, candidates: list | None):
@@ -753,7 +784,8 @@ class QueryEngine:
         tokens, as draft sources for later single queries (`history`)."""
         if self.history.maxlen:
             ends = [next((i + 1 for i, t in enumerate(g) if t in stop), len(g)) for g in gen]
-            self.history.extend(x[-self.HISTORY_CONTEXT :] + g[:e] for x, g, e in zip(seqs, gen, ends))
+            kept = {tuple(x[-self.HISTORY_CONTEXT :] + g[:e]): None for x, g, e in zip(seqs, gen, ends)}
+            self.history.extend(list(h) for h in kept)  # each once: a batch's rows may repeat (`rows`)
 
     def _embed_after(self, step: GreedyStep, at: list[list[int]], used: int, seqs: list[list[int]],
                      gen: list[list[int]], full: list[list[int]], stop: list[int],
