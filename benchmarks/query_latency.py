@@ -13,7 +13,9 @@ GPU machine). Variants:
   generate        generate_cots() (fast path; vLLM on a GPU if installed)
   generate (prompt drafts)  the same with drafts from the query's own prompt only (batch 1 on
                   the CPU only; "generate" also drafts from the CoTs of the queries not timed)
-  generate (no lookup)  the same with no drafted tokens (batch 1 on the CPU only)
+  generate (no lookup)  the same with no drafted tokens (batch 1)
+  reason (no lookup)  reason mode so (batch 1 on a GPU: one query drafts in chains there,
+                  `chain_decode`; random weights' CoTs rarely follow a draft)
   generate (plain) generate_cots(fast=False): lm.generate on the left-padded prompts
 The paper reports reason/direct = 50 ms / 15 ms = 3.3x online (Qwen2.5-3B, its serving stack).
 At batch 1 each forward reads every weight once, so decoding one token per forward cannot beat
@@ -49,11 +51,7 @@ def variants(model, qs: list[str]) -> dict:
         return model.engine.embed_texts(model.query_texts(qs, cots), b, "q", False, prefix_cache=False)
 
     def no_lookup():
-        keep, model.engine.config.lookup_tokens = model.engine.config.lookup_tokens, 0
-        try:
-            return model.generate_cots(qs, batch_size=b)
-        finally:
-            model.engine.config.lookup_tokens = keep
+        return without_drafts(model, lambda: model.generate_cots(qs, batch_size=b))
 
     def prompt_drafts():
         keep, model.engine.history = model.engine.history, collections.deque(maxlen=0)
@@ -71,8 +69,11 @@ def variants(model, qs: list[str]) -> dict:
         "generate (no lookup)": no_lookup,
         "generate (plain)": lambda: model.generate_cots(qs, batch_size=b, fast=False),
     }
-    if b > 1 or model.device.type != "cpu":  # drafts from the prompt serve one query on the CPU only
+    if b > 1:  # drafts serve one query (on a GPU's path: `chain_decode`, from the prompt and recent CoTs)
         del out["generate (prompt drafts)"], out["generate (no lookup)"]
+    elif model.device.type != "cpu":
+        del out["generate (prompt drafts)"]
+        out["reason (no lookup)"] = functools.partial(without_drafts, model, out["reason"])
     # a compiled decode step compiles again for each variant's attention and widths: time it alone
     if model.device.type == "cuda" and not model.engine.config.compile_decode:
         # before the several-token forwards had graphs: the decode step's only
@@ -92,6 +93,15 @@ def synced(model, fn):
         return fn()
     finally:
         model.engine.config.decode_lag = keep
+
+
+def without_drafts(model, fn):
+    """fn() decoding one token a forward (`EngineConfig.lookup_tokens` 0)."""
+    keep, model.engine.config.lookup_tokens = model.engine.config.lookup_tokens, 0
+    try:
+        return fn()
+    finally:
+        model.engine.config.lookup_tokens = keep
 
 
 def unfolded(model, fn):
@@ -153,9 +163,11 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
         checks[b] = {"same_cots": fast == plain, "cots_differing": sum(a != c for a, c in zip(fast, plain)),
                      "max_abs_embedding_diff": float(np.abs(enc.embeddings - ref).max()),
                      "generate_speedup": t["generate (plain)"] / t["generate"],
-                     **({"generate_speedup_no_lookup": t["generate (plain)"] / t["generate (no lookup)"],
-                         "generate_speedup_prompt_drafts": t["generate (plain)"] / t["generate (prompt drafts)"]}
+                     **({"generate_speedup_no_lookup": t["generate (plain)"] / t["generate (no lookup)"]}
                         if "generate (no lookup)" in t else {}),
+                     **({"generate_speedup_prompt_drafts": t["generate (plain)"] / t["generate (prompt drafts)"]}
+                        if "generate (prompt drafts)" in t else {}),
+                     **({"reason_speedup_drafts": t["reason (no lookup)"] / t["reason"]} if "reason (no lookup)" in t else {}),
                      "reason_speedup": t["reason (plain)"] / t["reason"],
                      **({f"{k}_speedup_wide_graphs": t[f"{k} (decode graph only)"] / t[k] for k in ("direct", "reason")}
                         if "reason (decode graph only)" in t else {}),
@@ -274,8 +286,9 @@ def report(name: str, out: dict) -> None:
               f"{out['batch1_generate_of_floor']:.0%} of that speed"
               + (f" ({out['batch1_no_lookup_of_floor']:.0%} without drafts)" if out.get("batch1_no_lookup_of_floor") else ""))
     for b, c in out["checks"].items():
-        nl = (f" ({c['generate_speedup_prompt_drafts']:.2f}x with prompt drafts only, "
-              f"{c['generate_speedup_no_lookup']:.2f}x without drafts)" if "generate_speedup_no_lookup" in c else "")
+        nl = ((f" ({c['generate_speedup_prompt_drafts']:.2f}x with prompt drafts only, "
+               if "generate_speedup_prompt_drafts" in c else " (")
+              + f"{c['generate_speedup_no_lookup']:.2f}x without drafts)" if "generate_speedup_no_lookup" in c else "")
         print(f"batch {b}: generate fast/plain speedup {c['generate_speedup']:.2f}x{nl}, reason speedup "
               f"{c['reason_speedup']:.2f}x, reason/direct {c['reason_over_direct']:.2f}x"
               + (f" (of means {c['reason_over_direct_mean']:.2f}x)" if "reason_over_direct_mean" in c else "") + " "
@@ -287,6 +300,8 @@ def report(name: str, out: dict) -> None:
         if "reason_speedup_folded_heads" in c:
             print(f"batch {b}: grouped heads folded, over keys and values repeated: generate "
                   f"{c['generate_speedup_folded_heads']:.2f}x, reason {c['reason_speedup_folded_heads']:.2f}x faster")
+        if "reason_speedup_drafts" in c:
+            print(f"batch {b}: reason drafting in chains, over one token a forward: {c['reason_speedup_drafts']:.2f}x faster")
         if "reason_speedup_lagged_stop_check" in c:
             print(f"batch {b}: stop check a step late, over each step synced: generate "
                   f"{c['generate_speedup_lagged_stop_check']:.2f}x, reason {c['reason_speedup_lagged_stop_check']:.2f}x faster")

@@ -562,6 +562,37 @@ def test_single_query_drafts_its_words_as_the_cot_may_spell_them(lively, monkeyp
     assert got == forwards
 
 
+def test_gpu_path_single_query_drafts_in_chains(lively):
+    """On transformers' decoder with captured widths (a GPU's path), one query drafts its CoT's
+    tokens from its own words in chains (`chain_decode`): a CoT that copies the query ("device for
+    pulling corks") takes fewer forwards than one a token, the CoT and embedding are the plain
+    path's, and no forward copies the cache (the rejected drafts' slots are written over)."""
+    from transformers import DynamicCache
+
+    q, cot = QUERIES[:1], "device for pulling corks"
+    model, _ = steered(lively, q[0], cot)
+    cfg = model.engine.config
+    cfg.compact_decoder, cfg.graph_widths, cfg.word_drafts = False, (4, 8, 16, 32, 64), 0
+    caches, out = [], {}
+    handle = model.lm.get_decoder().register_forward_hook(
+        lambda module, args, kwargs, o: caches.append(type(kwargs.get("past_key_values"))), with_kwargs=True)
+    try:
+        for k in (0, 4):
+            cfg.lookup_tokens = k
+            model.engine.history.clear()
+            caches.clear()
+            enc = model.encode_queries(q, mode="reason", batch_size=1)
+            out[k] = (enc, len(caches))
+            assert DynamicCache not in caches
+    finally:
+        handle.remove()
+    plain = model.engine.embed_texts(model.query_texts(q, [cot]), 8, "q", False, prefix_cache=False)
+    for enc, _ in out.values():
+        assert enc.cots == [cot]
+        np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
+    assert out[4][1] < out[0][1], {k: n for k, (_, n) in out.items()}
+
+
 def test_respelled_query_tokens(lively):
     """The spellings `respelled` drafts from, each ended by `</think>` (a stop id, where drafts are
     cut): Title Case, short words in capitals, the singular, each pair of neighbouring words

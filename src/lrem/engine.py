@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
-from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, check_branch, common_prefix_len,
-                       decode, draft_decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width,
+from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, chain_decode, check_branch,
+                       common_prefix_len, decode, draft_decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width,
                        prefill, prefill_tree, prefix_kv, sample_top_p)
 from .prompts import close_cot
 
@@ -544,9 +544,10 @@ class QueryEngine:
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
         drafts = self._word_drafts(texts[0], close, max_new) if fast else []
-        # where greedy rows draft (the compact decoder): the queries respelled, as draft sources too
+        # where greedy rows draft (the compact decoder; a single query on a GPU's path too): the
+        # queries respelled, as draft sources too
         alts = (self.respelled(texts) if texts is not None and pick is None and self.config.respelled_drafts
-                and self.config.lookup_tokens > 0 and self.compact() else None)
+                and self.config.lookup_tokens > 0 and (self.compact() or len(seqs) == 1) else None)
         widths = self.widths(len(seqs), pick is None)  # `prefill` and `extend` pad to them
         # the suffix, the CoT, then the closing tokens (or a CoT that retokenizes differently, up to max_new + 8);
         # greedy rows on the CPU (`draft_decode`) get room for the drafts they do not take: at most
@@ -716,7 +717,9 @@ class QueryEngine:
         and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see
         `_word_drafts`) run in the prefill forward itself (`prefill_tree`); a greedy batch there
         decodes with drafts (`draft_decode`), and with `ending` (`_ending`) runs closing tokens.
-        Both also draft from `alts`, each row's query respelled (`respelled`), if given."""
+        On transformers' decoder with captured widths (a GPU), a single greedy query drafts in one
+        chain a forward (`chain_decode`). All of them also draft from `alts`, each query respelled
+        (`respelled`), if given."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
         slot, first = None, None
@@ -765,6 +768,12 @@ class QueryEngine:
             self._remember(seqs, [gen], stop)
             ends = {} if h is None else {0: h}
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, ends
+        if len(seqs) == 1 and pick is None and k > 0 and step.widths:  # one greedy query on transformers' decoder
+            past = [t for h in list(self.history) for t in h]
+            gen, used, h = chain_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past,
+                                        close, alts[0] if alts else None)
+            self._remember(seqs, [gen], stop)
+            return [gen + [pad] * (max_new - len(gen))], [list(range(n + w, used))], used, {} if h is None else {0: h}
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
             gen, at, ends = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
                                          reserve=max_new + 8, ending=ending,  # the closing tokens' room (`_greedy`)
