@@ -51,7 +51,7 @@ def variants(model, qs: list[str]) -> dict:
         return model.engine.embed_texts(model.query_texts(qs, cots), b, "q", False, prefix_cache=False)
 
     def no_lookup():
-        return without_drafts(model, lambda: model.generate_cots(qs, batch_size=b))
+        return configured(model, lambda: model.generate_cots(qs, batch_size=b), lookup_tokens=0)
 
     def prompt_drafts():
         keep, model.engine.history = model.engine.history, collections.deque(maxlen=0)
@@ -73,53 +73,33 @@ def variants(model, qs: list[str]) -> dict:
         del out["generate (prompt drafts)"], out["generate (no lookup)"]
     elif model.device.type != "cpu":
         del out["generate (prompt drafts)"]
-        out["reason (no lookup)"] = functools.partial(without_drafts, model, out["reason"])
+        out["reason (no lookup)"] = functools.partial(configured, model, out["reason"], lookup_tokens=0)
     # a compiled decode step compiles again for each variant's attention and widths: time it alone
     if model.device.type == "cuda" and not model.engine.config.compile_decode:
         # before the several-token forwards had graphs: the decode step's only
         for k in ("direct", "reason"):
-            out[f"{k} (decode graph only)"] = functools.partial(narrow, model, out[k])
+            out[f"{k} (decode graph only)"] = functools.partial(configured, model, out[k], graph_widths=())
         for k in ("reason", "generate"):  # before the grouped heads were folded: keys and values repeated
-            out[f"{k} (kv repeated)"] = functools.partial(unfolded, model, out[k])
+            out[f"{k} (kv repeated)"] = functools.partial(configured, model, out[k], fold_heads=False)
         for k in ("reason", "generate"):  # before the stop check lagged: the host waits for each step
-            out[f"{k} (sync each step)"] = functools.partial(synced, model, out[k])
+            out[f"{k} (sync each step)"] = functools.partial(configured, model, out[k], decode_lag=0)
     return out
 
 
-def synced(model, fn):
-    """fn() with every decode step's stop check read at once (`EngineConfig.decode_lag` 0)."""
-    keep, model.engine.config.decode_lag = model.engine.config.decode_lag, 0
+def configured(model, fn, **fields):
+    """fn() with these fields of the engine's config (`EngineConfig`) set meanwhile: a variant that
+    turns one speed-up off (graph_widths=(): no several-token forward captured; fold_heads=False:
+    transformers' SDPA, keys and values repeated per head; decode_lag=0: each step's stop check
+    read at once; lookup_tokens=0: one token a forward)."""
+    cfg = model.engine.config
+    keep = {k: getattr(cfg, k) for k in fields}
+    for k, v in fields.items():
+        setattr(cfg, k, v)
     try:
         return fn()
     finally:
-        model.engine.config.decode_lag = keep
-
-
-def without_drafts(model, fn):
-    """fn() decoding one token a forward (`EngineConfig.lookup_tokens` 0)."""
-    keep, model.engine.config.lookup_tokens = model.engine.config.lookup_tokens, 0
-    try:
-        return fn()
-    finally:
-        model.engine.config.lookup_tokens = keep
-
-
-def unfolded(model, fn):
-    """fn() with transformers' own SDPA, which repeats keys and values per head (`EngineConfig.fold_heads`)."""
-    keep, model.engine.config.fold_heads = model.engine.config.fold_heads, False
-    try:
-        return fn()
-    finally:
-        model.engine.config.fold_heads = keep
-
-
-def narrow(model, fn):
-    """fn() with no several-token forward padded and graph-captured (`EngineConfig.graph_widths`)."""
-    keep, model.engine.config.graph_widths = model.engine.config.graph_widths, ()
-    try:
-        return fn()
-    finally:
-        model.engine.config.graph_widths = keep
+        for k, v in keep.items():
+            setattr(cfg, k, v)
 
 
 def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) -> dict:
