@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from lrem.decoding import GreedyStep, decode, prefill
+from lrem.decoding import GreedyStep, chain_decode, decode, prefill
 
 WIDTHS = (4, 8, 16, 32, 64)
 N_PREFIX, LENGTH, LAYERS, KV_HEADS, HEAD_DIM = 7, 192, 4, 2, 32
@@ -89,6 +89,19 @@ def main() -> int:
                   f"{'ok' if ok else 'MISMATCH'}")
             bad += not ok
             stop = sorted({row[min(3, len(row) - 1)] for row in ge})  # the next pass: every row stops by its 4th token
+        # one query drafting in chains (`chain_decode`, the engine's batch-1 path on a GPU) on a
+        # captured step, against the eager step one token at a time; its drafts come from `past`
+        # holding that CoT, so whole chains are taken and the captured widths replay in place
+        single, ref_step = GreedyStep(lm, 1, LENGTH, graph=cuda, widths=WIDTHS), GreedyStep(lm, 1, LENGTH, graph=False)
+        logits, last, w = prefill(ref_step, N_PREFIX, kv, seqs[:1], pad=0)
+        ref = decode(ref_step, logits.argmax(-1), last, N_PREFIX + w, 12, stop=[511], pad=0)[0]
+        logits, last, w = prefill(single, N_PREFIX, kv, seqs[:1], pad=0)
+        gen, used, _ = chain_decode(single, seqs[0], int(logits.argmax(-1)[0]), N_PREFIX + w, int(last[0]) + 1, 12,
+                                    [511], 4, past=seqs[0][-3:] + ref)
+        ok = gen == ref and single.filled() == used
+        print(f"one query in chains: same tokens {gen == ref}, cache filled to {single.filled()} of {used} "
+              f"slots: {'ok' if ok else 'MISMATCH'}")
+        bad += not ok
     missing = cuda and (sorted(graphed.wide) != list(WIDTHS) or graphed.graph is None)
     if cuda:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
