@@ -81,8 +81,12 @@ def variants(model, qs: list[str]) -> dict:
             out[f"{k} (decode graph only)"] = functools.partial(configured, model, out[k], graph_widths=())
         for k in ("reason", "generate"):  # before the grouped heads were folded: keys and values repeated
             out[f"{k} (kv repeated)"] = functools.partial(configured, model, out[k], fold_heads=False)
-        for k in ("reason", "generate"):  # before the stop check lagged: the host waits for each step
-            out[f"{k} (sync each step)"] = functools.partial(configured, model, out[k], decode_lag=0)
+        if b == 1:  # one query drafts in chains, which read every forward's picks: the lag serves `decode`
+            out["reason (no lookup, sync each step)"] = functools.partial(configured, model, out["reason"],
+                                                                          lookup_tokens=0, decode_lag=0)
+        else:  # before the stop check lagged: the host waits for each step
+            for k in ("reason", "generate"):
+                out[f"{k} (sync each step)"] = functools.partial(configured, model, out[k], decode_lag=0)
     return out
 
 
@@ -155,6 +159,9 @@ def bench(model, batches: list[int], repeat: int, n_single: int, progress=None) 
                         if "reason (kv repeated)" in t else {}),
                      **({f"{k}_speedup_lagged_stop_check": t[f"{k} (sync each step)"] / t[k] for k in ("generate", "reason")}
                         if "reason (sync each step)" in t else {}),
+                     **({"reason_no_lookup_speedup_lagged_stop_check":
+                         t["reason (no lookup, sync each step)"] / t["reason (no lookup)"]}
+                        if "reason (no lookup, sync each step)" in t else {}),
                      "reason_over_direct": t["reason"] / t["direct"],
                      **({"reason_over_direct_mean": means["reason"] / means["direct"]} if means else {}),
                      **counts,
@@ -282,6 +289,9 @@ def report(name: str, out: dict) -> None:
                   f"{c['generate_speedup_folded_heads']:.2f}x, reason {c['reason_speedup_folded_heads']:.2f}x faster")
         if "reason_speedup_drafts" in c:
             print(f"batch {b}: reason drafting in chains, over one token a forward: {c['reason_speedup_drafts']:.2f}x faster")
+        if "reason_no_lookup_speedup_lagged_stop_check" in c:
+            print(f"batch {b}: one token a forward, stop check a step late over each step synced: reason "
+                  f"{c['reason_no_lookup_speedup_lagged_stop_check']:.2f}x faster")
         if "reason_speedup_lagged_stop_check" in c:
             print(f"batch {b}: stop check a step late, over each step synced: generate "
                   f"{c['generate_speedup_lagged_stop_check']:.2f}x, reason {c['reason_speedup_lagged_stop_check']:.2f}x faster")
