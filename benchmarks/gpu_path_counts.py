@@ -1,6 +1,7 @@
 """Forwards per reasoned query, one query at a time, on the path a GPU takes (transformers' decoder
 over a static cache, several-token forwards padded to the widths a CUDA graph is captured for),
-run here on the CPU: drafting in chains (`lrem.decoding.chain_decode`) against one token a forward.
+run here on the CPU: drafting (the likeliest word draft in the prefill's forward, then chains:
+`lrem.decoding.prefill_chain`, `chain_decode`) against one token a forward.
 
     .venv/bin/python benchmarks/gpu_path_counts.py [--model lrem-wordnet-135m] [--wands 60] [--esci 40] [--threads 2]
 
@@ -23,12 +24,23 @@ from _common import name_arg, setup, table, write
 
 
 def counted(model, queries: list[str], lookup_tokens: int) -> dict:
-    """Each query reasoned alone, in order, from a fresh history: the decoder's forwards, CoTs and
-    embeddings."""
-    cfg, calls = model.engine.config, []
+    """Each query reasoned alone, in order, from a fresh engine (no CoT history, no word-draft hit
+    rates): the decoder's forwards over the step's static cache, CoTs and embeddings, and the
+    forwards that ran over a copy of the cache (a slow path the GPU's would not capture: none
+    expected)."""
+    from transformers import DynamicCache
+
+    from lrem.engine import QueryEngine
+
+    model.engine = QueryEngine(model, model.engine.config)
+    cfg, calls, copies = model.engine.config, [], []
     keep, cfg.lookup_tokens = cfg.lookup_tokens, lookup_tokens
-    model.engine.history.clear()
-    handle = model.lm.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+
+    def hook(module, args, kwargs, out):
+        calls.append(1)
+        copies.extend([1] if isinstance(kwargs.get("past_key_values"), DynamicCache) else [])
+
+    handle = model.lm.get_decoder().register_forward_hook(hook, with_kwargs=True)
     forwards, cots, embs = [], [], []
     try:
         for q in queries:
@@ -40,7 +52,7 @@ def counted(model, queries: list[str], lookup_tokens: int) -> dict:
     finally:
         handle.remove()
         cfg.lookup_tokens = keep
-    return {"forwards": forwards, "cots": cots, "embeddings": np.array(embs)}
+    return {"forwards": forwards, "cots": cots, "embeddings": np.array(embs), "cache_copies": len(copies)}
 
 
 def main() -> None:
@@ -76,8 +88,9 @@ def main() -> None:
                      "ratio": statistics.mean(one["forwards"]) / statistics.mean(chains["forwards"]),
                      "same CoTs": one["cots"] == chains["cots"],
                      "max |emb diff|": float(np.abs(one["embeddings"] - chains["embeddings"]).max()),
+                     "cache copies": one["cache_copies"] + chains["cache_copies"],
                      "forwards (chains)": chains["forwards"]})
-    print(table(rows, ["queries", "n", "one a forward", "chains", "ratio", "same CoTs", "max |emb diff|"]))
+    print(table(rows, ["queries", "n", "one a forward", "chains", "ratio", "same CoTs", "max |emb diff|", "cache copies"]))
     write(args.name, {"model": args.model, "dtype": "float32", "widths": list(GRAPH_WIDTHS),
                       "lookup_tokens": cfg.lookup_tokens, "rows": rows})
 

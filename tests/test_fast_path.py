@@ -562,27 +562,36 @@ def test_single_query_drafts_its_words_as_the_cot_may_spell_them(lively, monkeyp
     assert got == forwards
 
 
-def test_gpu_path_single_query_drafts_in_chains(lively):
+@pytest.mark.parametrize("cot, forwards", [("device for pulling corks", {"none": 7, "chains": 2, "word": 2}),
+                                           ("device", {"none": 3, "chains": 3, "word": 1}),
+                                           ("corks", {"none": 4, "chains": 2, "word": 2})])
+def test_gpu_path_single_query_drafts_in_chains(lively, cot, forwards):
     """On transformers' decoder with captured widths (a GPU's path), one query drafts its CoT's
-    tokens from its own words in chains (`chain_decode`): a CoT that copies the query ("device for
-    pulling corks") takes fewer forwards than one a token, the CoT and embedding are the plain
-    path's, and no forward copies the cache (the rejected drafts' slots are written over)."""
-    from transformers import DynamicCache
+    tokens from its own words in chains (`chain_decode`), and its likeliest word draft runs after
+    the prompt in the prefill's forward (`prefill_chain`): a CoT that copies the query ("device for
+    pulling corks": 7 forwards one token at a time, 2 in chains). A CoT that is the drafted word
+    ("device", the first content word) is embedded by the prefill alone; chains do not help it, as
+    it stops inside the query's words they draft (closing there needs the compact decoder's
+    branches). One that is another word ("corks") gains from the chains only. The CoT and
+    embedding are the plain path's every way, and no forward copies the cache (rejected drafts'
+    slots are written over)."""
+    from transformers import DynamicCache, StaticCache
 
-    q, cot = QUERIES[:1], "device for pulling corks"
+    q = QUERIES[:1]  # "a device for pulling corks"
     model, _ = steered(lively, q[0], cot)
     cfg = model.engine.config
-    cfg.compact_decoder, cfg.graph_widths, cfg.word_drafts = False, (4, 8, 16, 32, 64), 0
+    cfg.compact_decoder, cfg.graph_widths = False, (4, 8, 16, 32, 64)
     caches, out = [], {}
     handle = model.lm.get_decoder().register_forward_hook(
         lambda module, args, kwargs, o: caches.append(type(kwargs.get("past_key_values"))), with_kwargs=True)
     try:
-        for k in (0, 4):
-            cfg.lookup_tokens = k
+        for name, k, words in (("none", 0, 0), ("chains", 4, 0), ("word", 4, 1)):
+            cfg.lookup_tokens, cfg.word_drafts = k, words
             model.engine.history.clear()
+            model.engine.draft_hits.clear()
             caches.clear()
             enc = model.encode_queries(q, mode="reason", batch_size=1)
-            out[k] = (enc, len(caches))
+            out[name] = (enc, caches.count(StaticCache))
             assert DynamicCache not in caches
     finally:
         handle.remove()
@@ -590,7 +599,7 @@ def test_gpu_path_single_query_drafts_in_chains(lively):
     for enc, _ in out.values():
         assert enc.cots == [cot]
         np.testing.assert_allclose(enc.embeddings, plain, atol=1e-5)
-    assert out[4][1] < out[0][1], {k: n for k, (_, n) in out.items()}
+    assert {name: n for name, (_, n) in out.items()} == forwards
 
 
 def test_respelled_query_tokens(lively):

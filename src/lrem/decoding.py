@@ -723,6 +723,24 @@ def prefill_tree(step: GreedyStep, n: int, kv, seq: list[int], branches: list[li
     return h[0], w
 
 
+def prefill_chain(step: GreedyStep, n: int, kv, seq: list[int], chain: list[int], pad: int) -> tuple[torch.Tensor, int]:
+    """`prefill` for one sequence on transformers' decoder, with `chain` (drafted tokens) run after
+    its suffix `seq[n:]` in the same forward, the two left-padded together to `step.width`: the
+    chain's hidden states are those of the prompt followed by it (a linear `prefill_tree`, which
+    needs the compact decoder's per-row attention). Returns (hidden states (S + C, D) of the
+    suffix's S tokens and the chain's C, the slot of chain[0]: where decoding goes on, the chain's
+    slots masked again, should the model not write it)."""
+    suf, dev = seq[n:], step.mask.device
+    total = len(suf) + len(chain)
+    w = step.width(total)
+    step.reset(kv, n)
+    mask = torch.tensor([[0] * (w - total) + [1] * total], device=dev)
+    step.mask[:, n : n + w] = mask
+    pos = n + (mask.cumsum(-1) - 1).clamp(min=0)
+    h = step.run(torch.tensor([[pad] * (w - total) + suf + chain], device=dev), pos, n)
+    return h[0, w - total :], n + w - len(chain)
+
+
 def move_slots(step: GreedyStep, src: int, dst: int, count: int) -> None:
     """Copy the keys and values of cache slots [src, src + count) to [dst, dst + count) in every
     layer of `step`'s compact decoder (`StaticDecoder`), and attend to the copies: a drafted
@@ -1039,7 +1057,7 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
     return gen, slot, None
 
 
-def chain_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: int, max_new: int,
+def chain_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot: int, pos: int, max_new: int,
                  stop: list[int], k: int, past: list[int] | None = None, close=None, alt: list[int] | None = None
                  ) -> tuple[list[int], int, torch.Tensor | None]:
     """`lookup_decode` for transformers' decoder (a GPU's path), batch 1: each forward feeds the
@@ -1048,12 +1066,15 @@ def chain_decode(step: GreedyStep, seq: list[int], first: int, slot: int, pos: i
     have picked plus its own next token: the same tokens as one at a time. `close` (see
     `lookup_decode`): where the full text goes on from the drafts, its closing tokens (up to
     `<emb>`) end the chain, and where the model stops there, that forward has embedded the query.
+    `first`: the first generated token, to be fed at cache slot `slot` and position `pos`; or the
+    tokens generated so far, all but the last already in the cache from `slot` (`prefill_chain`).
     No branches (they need the compact decoder's per-row attention); where nothing is drafted and
     nothing closes, the captured decode step runs. Why: at batch 1 a GPU forward of a 3B model
     costs about the same for 1 token or 8, so each drafted token the model takes is a forward
     saved. Returns (generated ids, cache slots filled, the closing tokens' last hidden state (D,)
     or None); the cache is set back to those slots."""
-    gen, dev, past = [first], step.mask.device, past or []
+    gen, dev, past = list(first) if isinstance(first, list) else [first], step.mask.device, past or []
+    slot, pos = slot + len(gen) - 1, pos + len(gen) - 1
     while gen[-1] not in stop and len(gen) < max_new:
         draft = draft_for(seq + gen, min(k, max_new - len(gen) - 1), stop, past, alt)
         keep, toks, _ = close(gen + draft) if close else (0, None, [])

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ._defaults import ITEM_BATCH, QUERY_BATCH, ROLLOUT_BATCH
 from .decoding import (GreedyStep, Linear, StaticDecoder, agreed, block_linears, chain_decode, check_branch,
                        common_prefix_len, decode, draft_decode, greedy_ids, kv_cache, lookup_decode, move_slots, packs, padded_width,
-                       prefill, prefill_tree, prefix_kv, sample_top_p)
+                       prefill, prefill_chain, prefill_tree, prefix_kv, sample_top_p)
 from .prompts import close_cot
 
 
@@ -542,8 +542,11 @@ class QueryEngine:
         prompts_ = None if texts is None else model.query_prompts(texts, candidates=candidates)
         close = None if texts is None or len(seqs) != 1 else self._closer(seqs[0], prompts_[0])
         # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
-        fast = close is not None and pick is None and self.config.lookup_tokens > 0 and self.compact()
-        drafts = self._word_drafts(texts[0], close, max_new) if fast else []
+        fast = close is not None and pick is None and self.config.lookup_tokens > 0
+        # transformers' decoder with captured widths (a GPU) runs one word draft, in a chain after the prompt
+        chained = fast and not self.compact() and bool(self.widths(1))
+        drafts = (self._word_drafts(texts[0], close, max_new, 1 if chained else None)
+                  if fast and (self.compact() or chained) else [])
         # where greedy rows draft (the compact decoder; a single query on a GPU's path too): the
         # queries respelled, as draft sources too
         alts = (self.respelled(texts) if texts is not None and pick is None and self.config.respelled_drafts
@@ -553,8 +556,10 @@ class QueryEngine:
         # greedy rows on the CPU (`draft_decode`) get room for the drafts they do not take: at most
         # lookup_tokens a forward (~0.7 MB a slot at batch 32 for the 135M model)
         k = self.config.lookup_tokens if len(seqs) > 1 and pick is None and self.compact() else 0
-        length = (n + padded_width(widths, max(len(x) for x in sufs)) + max_new + padded_width(widths, max_new + 8)
-                  + sum(len(d) + len(t) for _, d, t in drafts) + max_new * k)
+        drafted = sum(len(d) + len(t) for _, d, t in drafts)  # after the suffix: padded with it where chained
+        prefill_w = padded_width(widths, max(len(x) for x in sufs) + (drafted if chained else 0))
+        length = (n + prefill_w + max_new + padded_width(widths, max_new + 8) + (0 if chained else drafted)
+                  + max_new * k)
         if model.device.type == "cuda":
             length = cuda_length(length)
         step = self.step(len(seqs), length, graph=pick is None)
@@ -666,7 +671,8 @@ class QueryEngine:
         end = self.model.think_end_id
         return [[t for _ in alts for t in [*next(ids), end]] for alts in spellings]
 
-    def _word_drafts(self, text: str, close, max_new: int) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
+    def _word_drafts(self, text: str, close, max_new: int, most: int | None = None
+                     ) -> list[tuple[tuple[str, ...], list[int], list[int]]]:
         """A single query's drafted CoTs for its prefill (`config.word_drafts`): words of the query
         at `WORD_POSITIONS`, each as (its positions, CoT tokens, the full text's closing tokens
         after them), where its full text reads them as drafted and the draft pays: the recent hit
@@ -675,8 +681,10 @@ class QueryEngine:
         at least its tokens; the likeliest first. Why: each drafted token costs ~1/40 of the
         forward a hit saves, and which word the CoT copies depends on the queries' form (a
         definition's head noun comes first, a keyword query's last). Every `EXPLORE_EVERY`-th query
-        tries them whatever their hit rate, the least tried first."""
-        if not self.config.word_drafts:
+        tries them whatever their hit rate, the least tried first. `most`: at most so many (else
+        `config.word_drafts`)."""
+        most = self.config.word_drafts if most is None else min(most, self.config.word_drafts)
+        if not most:
             return []
         words = [w.strip(",.;:!?\"()") for w in text.split()]
         words = [w for w in words if any(c.isalnum() for c in w)]  # not "-", "&", "/"
@@ -702,7 +710,7 @@ class QueryEngine:
             if explore or rate * ROW_COST >= len(draft) + len(toks):
                 out.append(((min(len(t) for t in tries) if explore else 0, -rate), tuple(where), draft, toks))
         out.sort(key=lambda d: d[0])
-        return [d[1:] for d in out[: self.config.word_drafts]]
+        return [d[1:] for d in out[:most]]
 
     def _run(self, step: GreedyStep, n: int, kv, seqs: list[list[int]], max_new: int,
              stop: list[int], pick=None, close=None, drafts=(), ending=None, alts=None
@@ -758,7 +766,7 @@ class QueryEngine:
                 a, src, picks = began
                 move_slots(step, src, slot, a)
                 first = picks[: a + 1]
-        else:
+        elif not (drafts and step.compact is None):  # (a word draft on transformers' decoder: `_chain_drafted`)
             logits, last, w = prefill(step, n, kv, seqs, pad)
             tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
         if single:
@@ -769,11 +777,18 @@ class QueryEngine:
             ends = {} if h is None else {0: h}
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, ends
         if len(seqs) == 1 and pick is None and k > 0 and step.widths:  # one greedy query on transformers' decoder
+            if drafts:
+                gen, at, used, ends = self._chain_drafted(step, n, kv, seqs[0], max_new, stop, close, drafts[0])
+                if ends:
+                    return [gen + [pad] * (max_new - len(gen))], [at], used, ends
+                first, slot = gen, at
+            else:
+                first, slot = [int(tok)], n + w
             past = [t for h in list(self.history) for t in h]
-            gen, used, h = chain_decode(step, seqs[0], int(tok), n + w, int(last[0]) + 1, max_new, stop, k, past,
+            gen, used, h = chain_decode(step, seqs[0], first, slot, len(seqs[0]), max_new, stop, k, past,
                                         close, alts[0] if alts else None)
             self._remember(seqs, [gen], stop)
-            return [gen + [pad] * (max_new - len(gen))], [list(range(n + w, used))], used, {} if h is None else {0: h}
+            return [gen + [pad] * (max_new - len(gen))], [list(range(slot, used))], used, {} if h is None else {0: h}
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
             gen, at, ends = draft_decode(step, tok.tolist(), last.tolist(), n + w, max_new, stop, pad, seqs, k,
                                          reserve=max_new + 8, ending=ending,  # the closing tokens' room (`_greedy`)
@@ -787,6 +802,29 @@ class QueryEngine:
         if pick is None:
             self._remember(seqs, gen, stop)
         return [row + [pad] * (max_new - len(row)) for row in gen], at, used, ends
+
+    def _chain_drafted(self, step: GreedyStep, n: int, kv, seq: list[int], max_new: int, stop: list[int], close,
+                       draft: tuple) -> tuple[list[int], int | list[int], int, dict[int, torch.Tensor]]:
+        """One query's prefill on transformers' decoder with its likeliest word draft (positions, CoT
+        tokens, closing tokens; `_word_drafts`) run after the prompt in the same forward
+        (`prefill_chain`). Where the CoT is the draft and stops where the closing tokens begin, that
+        forward has embedded the query: (CoT ids, the slots they and the closing tokens fill, used,
+        {0: hidden state}). Else (the tokens generated so far: the draft's first tokens the model
+        took and its own next pick, the slot of the first, 0, {}), the draft's other slots masked."""
+        where, d, t = draft
+        hs, slot = prefill_chain(step, n, kv, seq, d + t, self.model.tokenizer.pad_token_id)
+        s = len(seq) - n
+        picks = greedy_ids(step.logits(hs[s - 1 : s + len(d) + len(t) - 1])).tolist()  # picks[i]: where chain[i] is
+        gen = check_branch(d, t, picks, stop, max_new, close)
+        for key in where:
+            self.draft_hits[key].append(1.0 if gen is not None else self.BEGAN if d[0] == picks[0] else 0.0)
+        if gen is not None:
+            self._remember([seq], [gen], stop)
+            used = slot + len(d) + len(t)
+            return gen, list(range(slot, used)), used, {0: hs[-1]}
+        a = agreed(d, picks, stop)
+        step.mask[:, slot + a :] = 0  # the draft's tokens after those the model took
+        return d[:a] + [picks[a]], slot, 0, {}
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
