@@ -403,8 +403,8 @@ class QueryEngine:
         position_ids = n_prefix + torch.arange(width, device=dev).expand(b, -1)  # (B, S)
         rows = Linear.PACKED_ROWS if packs(next(model.lm.parameters())) else Linear.MAX_ROWS
         few = self.config.compact_decoder and ids.numel() <= rows and dev.type == "cpu" and self.plain_layers()
-        rows = self.rows(b)
-        widths = self.widths(rows)
+        height = self.rows(b)  # the step's rows, where graphs are captured
+        widths = self.widths(height)
         wide = padded_width(widths, width)  # one of widths, or width itself where none holds it
         if few and StaticDecoder.supports(model.lm, n_prefix + width):
             # a query or a few: the compact decoder's blocked matmuls use every core (measured 1.6x at
@@ -419,9 +419,9 @@ class QueryEngine:
             more = wide - width
             ids, mask = F.pad(ids, (0, more), value=pad), F.pad(mask, (0, more))
             # the step's rows (`rows`): the last row repeated, its copies' results dropped
-            rep = torch.cat([torch.arange(b, device=dev), torch.full((rows - b,), b - 1, device=dev)])
-            position_ids = n_prefix + torch.arange(wide, device=dev).expand(rows, -1)
-            step = self.roomy_step(rows, n_prefix + wide + 1)  # a width is captured where the cache has room after it
+            rep = torch.cat([torch.arange(b, device=dev), torch.full((height - b,), b - 1, device=dev)])
+            position_ids = n_prefix + torch.arange(wide, device=dev).expand(height, -1)
+            step = self.roomy_step(height, n_prefix + wide + 1)  # a width is captured where the cache has room after it
             with step.lock:
                 step.reset(kv, n_prefix)
                 step.mask[:, n_prefix : n_prefix + wide] = mask[rep]
@@ -541,7 +541,8 @@ class QueryEngine:
         # + room for `_embed_after`: `</think><emb>`, or a CoT that retokenizes differently, run again whole
         prompts_ = None if texts is None else model.query_prompts(texts, candidates=candidates)
         close = None if texts is None or len(seqs) != 1 else self._closer(seqs[0], prompts_[0])
-        # word drafts run where a single greedy query decodes on the compact decoder (`_run`)
+        # word drafts run in a single greedy query's prefill: on the compact decoder as branches
+        # (`prefill_tree`), on transformers' decoder the likeliest one as a chain (`prefill_chain`)
         fast = close is not None and pick is None and self.config.lookup_tokens > 0
         # transformers' decoder with captured widths (a GPU) runs one word draft, in a chain after the prompt
         chained = fast and not self.compact() and bool(self.widths(1))
@@ -725,9 +726,10 @@ class QueryEngine:
         and `history`, and `close` (`_closer`); its `drafts` ((positions, CoT, closing tokens), see
         `_word_drafts`) run in the prefill forward itself (`prefill_tree`); a greedy batch there
         decodes with drafts (`draft_decode`), and with `ending` (`_ending`) runs closing tokens.
-        On transformers' decoder with captured widths (a GPU), a single greedy query drafts in one
-        chain a forward (`chain_decode`). All of them also draft from `alts`, each query respelled
-        (`respelled`), if given."""
+        On transformers' decoder with captured widths (a GPU), a single greedy query runs its word
+        draft, if any, after the prompt (`_chain_drafted`), then drafts in one chain a forward
+        (`chain_decode`). All of them also draft from `alts`, each query respelled (`respelled`), if
+        given."""
         pad, k = self.model.tokenizer.pad_token_id, self.config.lookup_tokens
         single = len(seqs) == 1 and pick is None and step.compact is not None and k > 0
         slot, first = None, None
