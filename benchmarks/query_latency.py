@@ -263,6 +263,16 @@ def gpu_profile(model, queries: list[str], mode: str = "reason") -> dict:
             "top_host_ops_self_ms": {e.key[:80]: e.self_cpu_time_total / 1000 for e in host}}
 
 
+# the report's comparison lines: (what a speed-up is over, its checks' key suffix, the kinds it has)
+COMPARISONS = [
+    ("graphs for several-token forwards too, over the decode step's only", "speedup_wide_graphs", ("direct", "reason")),
+    ("grouped heads folded, over keys and values repeated", "speedup_folded_heads", ("generate", "reason")),
+    ("drafts, over one token a forward", "speedup_drafts", ("reason",)),
+    ("stop check a step late, over each step synced", "speedup_lagged_stop_check", ("reason_no_lookup",)),
+    ("stop check a step late, over each step synced", "speedup_lagged_stop_check", ("generate", "reason")),
+]
+
+
 def report(name: str, out: dict) -> None:
     print(f"\n## {name}")
     print(table(out["rows"], ["batch", "variant", "ms/query", "mean ms/query", "queries/s"]))
@@ -281,20 +291,11 @@ def report(name: str, out: dict) -> None:
               + (f" (of means {c['reason_over_direct_mean']:.2f}x)" if "reason_over_direct_mean" in c else "") + " "
               f"(paper {c['paper_reason_over_direct']}x), same CoTs {c['same_cots']}, "
               f"max |emb diff| {c['max_abs_embedding_diff']:.1e}")
-        if "reason_speedup_wide_graphs" in c:
-            print(f"batch {b}: graphs for several-token forwards too, over the decode step's only: direct "
-                  f"{c['direct_speedup_wide_graphs']:.2f}x, reason {c['reason_speedup_wide_graphs']:.2f}x faster")
-        if "reason_speedup_folded_heads" in c:
-            print(f"batch {b}: grouped heads folded, over keys and values repeated: generate "
-                  f"{c['generate_speedup_folded_heads']:.2f}x, reason {c['reason_speedup_folded_heads']:.2f}x faster")
-        if "reason_speedup_drafts" in c:
-            print(f"batch {b}: reason drafting in chains, over one token a forward: {c['reason_speedup_drafts']:.2f}x faster")
-        if "reason_no_lookup_speedup_lagged_stop_check" in c:
-            print(f"batch {b}: one token a forward, stop check a step late over each step synced: reason "
-                  f"{c['reason_no_lookup_speedup_lagged_stop_check']:.2f}x faster")
-        if "reason_speedup_lagged_stop_check" in c:
-            print(f"batch {b}: stop check a step late, over each step synced: generate "
-                  f"{c['generate_speedup_lagged_stop_check']:.2f}x, reason {c['reason_speedup_lagged_stop_check']:.2f}x faster")
+        for label, suffix, kinds in COMPARISONS:
+            keys = [f"{k}_{suffix}" for k in kinds]
+            if all(key in c for key in keys):
+                print(f"batch {b}: {label}: " + ", ".join(f"{k.replace('_', ' ')} {c[key]:.2f}x"
+                                                           for k, key in zip(kinds, keys)) + " faster")
         if "reason_forwards_per_query" in c:
             print(f"batch {b}: forwards / rows per query: reason {c['reason_forwards_per_query']:.2f} / "
                   f"{c['reason_rows_per_query']:.1f}, direct {c['direct_forwards_per_query']:.2f} / "
