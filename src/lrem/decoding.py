@@ -689,6 +689,12 @@ def prefill(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tu
     suffix `seqs[i][n:]` after it, left-padded in the middle (mask 0; positions counted from the
     mask, so every token sits where it would unpadded). Returns (last logits (B, V), last
     positions (B,), suffix width W, padded to `step.width`): the first generated token goes to slot n + W."""
+    h, pos, w = prefill_hidden(step, n, kv, seqs, pad)
+    return step.logits(h[:, -1]), pos[:, -1], w
+
+
+def prefill_hidden(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`prefill`'s forward: (hidden states (B, W, D), positions (B, W), W)."""
     sufs = [x[n:] for x in seqs]
     w, dev = step.width(max(len(x) for x in sufs)), step.mask.device  # a captured width: more padding
     step.reset(kv, n)
@@ -696,7 +702,7 @@ def prefill(step: GreedyStep, n: int, kv, seqs: list[list[int]], pad: int) -> tu
     mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in sufs], device=dev)  # (B, W)
     step.mask[:, n : n + w] = mask
     pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
-    return step.logits(step.run(ids, pos, n)[:, -1]), pos[:, -1], w
+    return step.run(ids, pos, n), pos, w
 
 
 def prefill_tree(step: GreedyStep, n: int, kv, seq: list[int], branches: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -730,14 +736,8 @@ def prefill_chain(step: GreedyStep, n: int, kv, seq: list[int], chain: list[int]
     needs the compact decoder's per-row attention). Returns (hidden states (S + C, D) of the
     suffix's S tokens and the chain's C, the slot of chain[0]: where decoding goes on, the chain's
     slots masked again, should the model not write it)."""
-    suf, dev = seq[n:], step.mask.device
-    total = len(suf) + len(chain)
-    w = step.width(total)
-    step.reset(kv, n)
-    mask = torch.tensor([[0] * (w - total) + [1] * total], device=dev)
-    step.mask[:, n : n + w] = mask
-    pos = n + (mask.cumsum(-1) - 1).clamp(min=0)
-    h = step.run(torch.tensor([[pad] * (w - total) + suf + chain], device=dev), pos, n)
+    h, _, w = prefill_hidden(step, n, kv, [seq + chain], pad)
+    total = len(seq) - n + len(chain)
     return h[0, w - total :], n + w - len(chain)
 
 
@@ -762,11 +762,20 @@ def check_branch(draft: list[int], tail: list[int], picks: list[int], stop: list
     a = agreed(draft, picks, stop)
     if a < len(draft):
         return None
-    j = agreed(tail, picks[a:], stop, max_new - a - 1)
-    if picks[a + j] not in stop:
-        return None
-    done = draft + tail[:j]
-    return done + [picks[a + j]] if close(done)[:2] == (len(done), tail[j:]) else None
+    j, ended = closing_taken(draft, tail, picks[a:], stop, max_new - a - 1, close)
+    return draft + tail[:j] + [picks[a + j]] if ended else None
+
+
+def closing_taken(done: list[int], tail: list[int], picks: list[int], stop: list[int], limit: int, close,
+                  expect: tuple | None = None) -> tuple[int, bool]:
+    """After the generated tokens `done`, with the full text's closing tokens `tail` fed right
+    after them (`picks[i]`: the model's pick where tail[i] was fed): how many of them the model
+    picks itself, up to `limit` (" " before `</think>` is part of the CoT), and whether it stops
+    right after those with the full text reading the rest of tail from there (`close`; or reading
+    `expect`, close's (kept, tokens), where a rerun ran instead): then what ran embeds the query."""
+    j = agreed(tail, picks, stop, limit)
+    want = expect if expect is not None else (len(done) + j, tail[j:])
+    return j, picks[j] in stop and close(done + tail[:j])[:2] == want
 
 
 def decode(step: GreedyStep, tok: torch.Tensor, pos: torch.Tensor, slot: int, max_new: int, stop: list[int],
@@ -1040,15 +1049,11 @@ def lookup_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot
             if after[j] in stop and close(done)[:2] == (len(done), closing[j:]):
                 return done + [after[j]], slot + len(ids), h[0, b0 + len(closing) - 1]
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
-            # closing tokens the model itself picks (" " before `</think>`) are part of the CoT, within
-            # the generated tokens the budget still allows
-            j = agreed(tail, best[a:], stop, max_new - len(gen) - len(draft) - 1)
-            if best[a + j] in stop:  # the CoT ends here: is the rest of its full text what ran?
-                done = gen + draft + tail[:j]
-                kept, rest, _ = close(done)
-                if (kept, rest) == ((keep, rerun) if rerun else (len(done), tail[j:])):
-                    # the embedding is the rerun's last token's, else the chain's
-                    return done + [best[a + j]], slot + len(ids), h[0, chain + len(rerun) - 1]
+            # (closing tokens the model picks itself, within the generated tokens the budget still allows)
+            j, ended = closing_taken(gen + draft, tail, best[a:], stop, max_new - len(gen) - len(draft) - 1, close,
+                                     (keep, rerun) if rerun else None)
+            if ended:  # the embedding is the rerun's last token's, else the chain's
+                return gen + draft + tail[:j] + [best[a + j]], slot + len(ids), h[0, chain + len(rerun) - 1]
             a += j
             draft = draft + tail[:j]
         step.mask[:, slot + a + 1 : slot + len(ids)] = 0  # slots of rejected drafts and branches
@@ -1091,13 +1096,10 @@ def chain_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot:
         best = greedy_ids(step.logits(h[0])).tolist()
         a = agreed(draft, best, stop)
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
-            # closing tokens the model itself picks (" " before `</think>`) are part of the CoT
-            j = agreed(tail, best[a:], stop, max_new - len(gen) - len(draft) - 1)
-            if best[a + j] in stop:  # the CoT ends here: is the rest of its full text what ran?
-                done = gen + draft + tail[:j]
-                if close(done)[:2] == (len(done), tail[j:]):
-                    step.rewind(slot + ids.shape[1])
-                    return done + [best[a + j]], slot + ids.shape[1], h[0, -1]
+            j, ended = closing_taken(gen + draft, tail, best[a:], stop, max_new - len(gen) - len(draft) - 1, close)
+            if ended:
+                step.rewind(slot + ids.shape[1])
+                return gen + draft + tail[:j] + [best[a + j]], slot + ids.shape[1], h[0, -1]
             a += j
             draft = draft + tail[:j]
         step.mask[:, slot + a + 1 :] = 0  # slots of rejected drafts (and the width's padding)
