@@ -1080,19 +1080,23 @@ def chain_decode(step: GreedyStep, seq: list[int], first: int | list[int], slot:
     or None); the cache is set back to those slots."""
     gen, dev, past = list(first) if isinstance(first, list) else [first], step.mask.device, past or []
     slot, pos = slot + len(gen) - 1, pos + len(gen) - 1
+    filled = None  # where the cache writes next, where known here (a seek is a kernel per layer)
     while gen[-1] not in stop and len(gen) < max_new:
         draft = draft_for(seq + gen, min(k, max_new - len(gen) - 1), stop, past, alt)
         keep, toks, _ = close(gen + draft) if close else (0, None, [])
         tail = toks if toks is not None and keep == len(gen) + len(draft) else []
         if slot + step.width(1 + len(draft) + len(tail)) > step.length:  # no room to run the chain in place
             draft, tail = [], []
-        step.seek(slot)  # rejected drafts of the last forward are overwritten
+        if filled != slot:
+            step.seek(slot)  # rejected drafts of the last forward are overwritten
         if not draft and not tail:
             gen.append(int(step(torch.tensor([gen[-1]], device=dev), torch.tensor([pos], device=dev), slot)[0]))
             slot, pos = slot + 1, pos + 1
+            filled = slot
             continue
         ids = torch.tensor([[gen[-1], *draft, *tail]], device=dev)
         h = step.extend(ids, pos + torch.arange(ids.shape[1], device=dev)[None], torch.ones_like(ids), slot)
+        filled = slot + step.width(ids.shape[1])  # `extend` ran in place at the padded width
         best = greedy_ids(step.logits(h[0])).tolist()
         a = agreed(draft, best, stop)
         if a == len(draft) and tail:  # every draft taken: the closing tokens were fed right after them
