@@ -750,12 +750,10 @@ class QueryEngine:
                     a = agreed(d, picks, stop)
                     if began is None or a > began[0]:
                         began = (a, n + at, picks)
-                for key in where:
-                    self.draft_hits[key].append(1.0 if gen is not None else self.BEGAN if d[0] == tok else 0.0)
+                self._tried(where, gen is not None, d[0] == tok)
                 if gen is not None:
                     for rest, _, _ in drafts[j + 1 :]:  # the other drafts were not the CoT
-                        for key in rest:
-                            self.draft_hits[key].append(0.0)
+                        self._tried(rest, False)
                     self._remember(seqs, [gen], stop)
                     end = at + len(d) + len(t)
                     return [gen + [pad] * (max_new - len(gen))], [list(range(n + at, n + end))], n + end, {0: hs[end - 1]}
@@ -772,23 +770,22 @@ class QueryEngine:
             logits, last, w = prefill(step, n, kv, seqs, pad)
             tok = pick(logits) if pick else greedy_ids(logits)  # (B,)
         if single:
-            past = [t for h in list(self.history) for t in h]  # oldest first: the query's own tokens win ties
             gen, used, h = lookup_decode(step, seqs[0], first or int(tok), slot or n + w, int(last[0]) + 1, max_new,
-                                         stop, k, past, close, alts[0] if alts else None)
+                                         stop, k, self._past(), close, alts[0] if alts else None)
             self._remember(seqs, [gen], stop)
             ends = {} if h is None else {0: h}
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot or n + w, used))], used, ends
         if len(seqs) == 1 and pick is None and k > 0 and step.widths:  # one greedy query on transformers' decoder
+            h = None
             if drafts:
-                gen, at, used, ends = self._chain_drafted(step, n, kv, seqs[0], max_new, stop, close, drafts[0])
-                if ends:
-                    return [gen + [pad] * (max_new - len(gen))], [at], used, ends
-                first, slot = gen, at
+                gen, slot, h = self._chain_drafted(step, n, kv, seqs[0], max_new, stop, close, drafts[0])
             else:
-                first, slot = [int(tok)], n + w
-            past = [t for h in list(self.history) for t in h]
-            gen, used, h = chain_decode(step, seqs[0], first, slot, len(seqs[0]), max_new, stop, k, past,
-                                        close, alts[0] if alts else None)
+                gen, slot = [int(tok)], n + w
+            if h is None:
+                gen, used, h = chain_decode(step, seqs[0], gen, slot, len(seqs[0]), max_new, stop, k, self._past(),
+                                            close, alts[0] if alts else None)
+            else:  # the word draft was the CoT: it and its closing tokens ran
+                used = slot + len(drafts[0][1]) + len(drafts[0][2])
             self._remember(seqs, [gen], stop)
             return [gen + [pad] * (max_new - len(gen))], [list(range(slot, used))], used, {} if h is None else {0: h}
         if pick is None and step.compact is not None and k > 0:  # greedy on the CPU: rows with drafts
@@ -806,27 +803,36 @@ class QueryEngine:
         return [row + [pad] * (max_new - len(row)) for row in gen], at, used, ends
 
     def _chain_drafted(self, step: GreedyStep, n: int, kv, seq: list[int], max_new: int, stop: list[int], close,
-                       draft: tuple) -> tuple[list[int], int | list[int], int, dict[int, torch.Tensor]]:
+                       draft: tuple) -> tuple[list[int], int, torch.Tensor | None]:
         """One query's prefill on transformers' decoder with its likeliest word draft (positions, CoT
         tokens, closing tokens; `_word_drafts`) run after the prompt in the same forward
-        (`prefill_chain`). Where the CoT is the draft and stops where the closing tokens begin, that
-        forward has embedded the query: (CoT ids, the slots they and the closing tokens fill, used,
-        {0: hidden state}). Else (the tokens generated so far: the draft's first tokens the model
-        took and its own next pick, the slot of the first, 0, {}), the draft's other slots masked."""
+        (`prefill_chain`). Returns (tokens, the slot of the draft's first, hidden state): where the CoT
+        is the draft and stops where the closing tokens begin, the CoT's ids and the closing tokens'
+        last hidden state (that forward has embedded the query); else the tokens generated so far
+        (the draft's first tokens the model took, then its own pick) and None, the draft's other
+        slots masked."""
         where, d, t = draft
         hs, slot = prefill_chain(step, n, kv, seq, d + t, self.model.tokenizer.pad_token_id)
         s = len(seq) - n
         picks = greedy_ids(step.logits(hs[s - 1 : s + len(d) + len(t) - 1])).tolist()  # picks[i]: where chain[i] is
         gen = check_branch(d, t, picks, stop, max_new, close)
-        for key in where:
-            self.draft_hits[key].append(1.0 if gen is not None else self.BEGAN if d[0] == picks[0] else 0.0)
+        self._tried(where, gen is not None, d[0] == picks[0])
         if gen is not None:
-            self._remember([seq], [gen], stop)
-            used = slot + len(d) + len(t)
-            return gen, list(range(slot, used)), used, {0: hs[-1]}
+            return gen, slot, hs[-1]
         a = agreed(d, picks, stop)
         step.mask[:, slot + a :] = 0  # the draft's tokens after those the model took
-        return d[:a] + [picks[a]], slot, 0, {}
+        return d[:a] + [picks[a]], slot, None
+
+    def _tried(self, where, hit: bool, began: bool = False) -> None:
+        """A word draft's try, in its positions' recent hit rates (`draft_hits`): 1 where it was the
+        CoT, `BEGAN` where the CoT began with it, else 0."""
+        for key in where:
+            self.draft_hits[key].append(1.0 if hit else self.BEGAN if began else 0.0)
+
+    def _past(self) -> list[int]:
+        """The recent CoTs' tokens (`history`) as one draft source, oldest first: the query's own
+        tokens, searched after them, win ties."""
+        return [t for h in list(self.history) for t in h]
 
     def _remember(self, seqs: list[list[int]], gen: list[list[int]], stop: list[int]) -> None:
         """Keep greedy CoTs (up to and including their stop token), each after its prompt's last
