@@ -120,13 +120,18 @@ def batched(model, queries: list[str], batch: int, lookup_tokens: int | None, ro
             "forwards_per_batch": forwards}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shop_args(ap: argparse.ArgumentParser, wands: int, esci: int) -> None:
+    """The options of a benchmark over the model and the first shop queries (`shop_queries`)."""
     ap.add_argument("--model", default="lrem-wordnet-135m")
-    ap.add_argument("--wands", type=int, default=120, help="first WANDS queries")
-    ap.add_argument("--esci", type=int, default=80, help="first distinct ESCI queries")
+    ap.add_argument("--wands", type=int, default=wands, help="first WANDS queries")
+    ap.add_argument("--esci", type=int, default=esci, help="first distinct ESCI queries")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", type=Path, default=DATA, help="the folder of wands_queries/ and esci_sample200/")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shop_args(ap, wands=120, esci=80)
     name_arg(ap, "draft_counts")
     args = ap.parse_args()
     if not (args.data / "wands_queries").is_dir():

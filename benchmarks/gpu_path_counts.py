@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import numpy as np
 
 from _common import name_arg, setup, table, write
+from draft_counts import shop_args, shop_queries
 
 
 def counted(model, queries: list[str], lookup_tokens: int) -> dict:
@@ -57,15 +57,10 @@ def counted(model, queries: list[str], lookup_tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="lrem-wordnet-135m")
-    ap.add_argument("--wands", type=int, default=60, help="first WANDS queries")
-    ap.add_argument("--esci", type=int, default=40, help="first distinct ESCI queries")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--data", type=Path, default=None, help="the folder of wands_queries/ and esci_sample200/")
+    shop_args(ap, wands=60, esci=40)
     name_arg(ap, "gpu_path_counts")
     args = ap.parse_args()
     setup(args.threads)
-    from draft_counts import DATA, shop_queries
     from query_latency import QUERIES
 
     from lrem.engine import GRAPH_WIDTHS
@@ -75,10 +70,9 @@ def main() -> None:
     model.lm.float()  # one dtype for both ways: bfloat16's near-ties would part them
     cfg = model.engine.config
     cfg.compact_decoder, cfg.graph_widths = False, GRAPH_WIDTHS  # the GPU's path, run eagerly
-    data = args.data or DATA
     sets = {"questions": QUERIES}
-    if (data / "wands_queries").is_dir():
-        sets.update(shop_queries(data, args.wands, args.esci))
+    if (args.data / "wands_queries").is_dir():  # else the questions only
+        sets.update(shop_queries(args.data, args.wands, args.esci))
     rows = []
     for name, queries in sets.items():
         one, chains = counted(model, queries, 0), counted(model, queries, cfg.lookup_tokens)
